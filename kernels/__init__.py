@@ -1,0 +1,21 @@
+"""cmc-fast's kernels: fused Triton ops with a PyTorch reference beside each (DESIGN section 3).
+
+Imports nothing from ``cmc_fast`` or ``data_pipeline``. Set ``TRITON_INTERPRET=1`` *before* importing this
+package to run the Triton paths on CPU tensors.
+"""
+
+from kernels.block import block_merge
+from kernels.dispatch import kernel_mode, use_triton
+from kernels.nce import bank_update_, nce_loss, nce_partition
+from kernels.reference import block_chunk_sizes, block_flat_offsets
+
+__all__ = [
+    "nce_loss",
+    "nce_partition",
+    "bank_update_",
+    "block_merge",
+    "block_chunk_sizes",
+    "block_flat_offsets",
+    "kernel_mode",
+    "use_triton",
+]

@@ -1,0 +1,152 @@
+"""PyTorch references for every kernel op, with the exact signatures of the Triton versions.
+
+These are the ground truth the Triton kernels are tested against, and the implementation that runs on
+CPU tensors (and whenever ``CMC_FAST_KERNELS=reference``). They are written for clarity first; they
+still avoid Python loops over the batch so they are usable as the eager baseline in benchmarks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "nce_loss_reference",
+    "nce_partition_reference",
+    "bank_update_reference_",
+    "block_merge_reference",
+    "block_chunk_sizes",
+    "block_flat_offsets",
+    "last_occurrence_mask",
+]
+
+
+# --------------------------------------------------------------------------------------------- NCE
+def _nce_scores(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, tau: float) -> torch.Tensor:
+    """s_ij = <a_i, M[idx_ij]> / tau in float32, shape [B, K+1]. Materialises the [B, K+1, d] gather."""
+    rows = bank[idx].float()  # [B, K+1, d]; banks take no gradient (the caller passes a plain tensor)
+    return torch.bmm(rows, anchor.float().unsqueeze(2)).squeeze(2) / tau
+
+
+def nce_loss_reference(
+    anchor: torch.Tensor,
+    bank: torch.Tensor,
+    idx: torch.Tensor,
+    *,
+    tau: float,
+    z: float | torch.Tensor,
+    n_data: int,
+    eps: float = 1e-7,
+) -> torch.Tensor:
+    """CRD's NCE loss for one direction (DESIGN section 1), a float32 scalar differentiable in ``anchor``.
+
+    anchor [B, d], bank [N, d], idx [B, K+1] int64 with column 0 the positive; z the frozen partition.
+    """
+    if idx.dim() != 2 or idx.shape[0] != anchor.shape[0]:
+        raise ValueError(f"idx must be [B, K+1] with B={anchor.shape[0]}, got {tuple(idx.shape)}")
+    k = idx.shape[1] - 1
+    noise = k / n_data  # K * P_n with the uniform noise distribution P_n = 1/N
+    p = torch.exp(_nce_scores(anchor, bank.detach(), idx, tau)) / z
+    log_pos = torch.log(p[:, 0] / (p[:, 0] + noise + eps))
+    log_neg = torch.log(noise / (p[:, 1:] + noise + eps)).sum(1)
+    return -(log_pos + log_neg).mean()
+
+
+def nce_partition_reference(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, *, tau: float,
+                            n_data: int) -> float:
+    """The first-batch estimate Z = mean(exp(s)) * N (CRD's ``Z_v``), returned as a Python float."""
+    with torch.no_grad():
+        return float(torch.exp(_nce_scores(anchor, bank, idx, tau)).mean().item() * n_data)
+
+
+def last_occurrence_mask(index: torch.Tensor) -> torch.Tensor:
+    """True at the last position of each distinct value of ``index`` (1-D). Used to make the bank update
+    deterministic: when an index repeats in a batch, the last occurrence wins."""
+    n = index.numel()
+    if n == 0:
+        return torch.zeros(0, dtype=torch.bool, device=index.device)
+    pos = torch.arange(n, device=index.device)
+    # stable sort by index: within equal values positions stay ascending, so the run's last is the winner
+    order = torch.sort(index, stable=True).indices
+    sorted_idx = index[order]
+    is_last_sorted = torch.ones(n, dtype=torch.bool, device=index.device)
+    is_last_sorted[:-1] = sorted_idx[1:] != sorted_idx[:-1]
+    mask = torch.zeros(n, dtype=torch.bool, device=index.device)
+    mask[order[is_last_sorted]] = True
+    del pos
+    return mask
+
+
+def bank_update_reference_(bank: torch.Tensor, index: torch.Tensor, feats: torch.Tensor, momentum: float) -> None:
+    """In place: M[i] <- normalize(m * M[i] + (1 - m) * f_i) for each i in ``index``.
+
+    Every row is computed from the bank as it was before the call; when ``index`` repeats, the last
+    occurrence in the batch is the one written (deterministic, unlike a plain ``index_copy_``).
+    Arithmetic in float32, stored in the bank's dtype.
+    """
+    with torch.no_grad():
+        index = index.reshape(-1)
+        keep = last_occurrence_mask(index)
+        index, feats = index[keep], feats.detach()[keep]
+        mixed = bank[index].float() * momentum + feats.float() * (1.0 - momentum)
+        bank[index] = F.normalize(mixed, dim=1).to(bank.dtype)
+
+
+# ------------------------------------------------------------------------------------------- BLOCK
+def block_chunk_sizes(dim: int, chunks: int) -> list[int]:
+    """block.bootstrap.pytorch's ``get_sizes_list``: ceil(dim/chunks) each, the last takes the rest."""
+    if chunks < 1 or dim < chunks:
+        raise ValueError(f"BLOCK needs 1 <= chunks <= mm_dim, got mm_dim={dim}, chunks={chunks}")
+    split = (dim + chunks - 1) // chunks
+    sizes = [split] * chunks
+    sizes[-1] -= sum(sizes) - dim
+    if sizes[-1] <= 0:
+        raise ValueError(
+            f"mm_dim={dim} cannot be cut into {chunks} chunks of ceil({dim}/{chunks})={split} with a positive "
+            f"last chunk; choose chunks so that (chunks-1)*ceil(mm_dim/chunks) < mm_dim")
+    return sizes
+
+
+def block_flat_offsets(sizes: list[int], rank: int) -> tuple[list[int], list[int]]:
+    """Offsets of each chunk inside the flat weight and flat bias (see ``block_merge_reference``)."""
+    w_off, b_off, w, b = [], [], 0, 0
+    for s in sizes:
+        w_off.append(w)
+        b_off.append(b)
+        w += rank * s * s
+        b += rank * s
+    return w_off, b_off
+
+
+def block_merge_reference(
+    x0: torch.Tensor,
+    x1: torch.Tensor,
+    w0: torch.Tensor,
+    b0: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    *,
+    sizes: list[int],
+    rank: int,
+) -> torch.Tensor:
+    """BLOCK's block-superdiagonal merge for all chunks: out [B, mm] with mm = sum(sizes).
+
+    Weight layout ("flat stacked"): chunk c has ``merge_linears0.<c>`` = Linear(s_c, s_c * rank), i.e. a
+    weight [rank * s_c, s_c] and bias [rank * s_c]. ``w0`` is the concatenation of every chunk's weight
+    flattened row-major (length sum_c rank * s_c^2), ``b0`` the concatenation of the biases (length
+    rank * mm); likewise ``w1``/``b1`` for ``merge_linears1``. Per chunk:
+    m = (W0_c x0_c + b0_c) * (W1_c x1_c + b1_c); z = m.view(B, rank, s).sum(1) (rank-major as in the
+    original); z = sqrt(relu(z)) - sqrt(relu(-z)); z = z / max(||z||_2, 1e-12).
+    """
+    w_off, b_off = block_flat_offsets(sizes, rank)
+    outs, col = [], 0
+    for s, wo, bo in zip(sizes, w_off, b_off):
+        n_w, n_b = rank * s * s, rank * s
+        x0c, x1c = x0[:, col:col + s], x1[:, col:col + s]
+        y0 = F.linear(x0c, w0[wo:wo + n_w].view(n_b, s), b0[bo:bo + n_b])
+        y1 = F.linear(x1c, w1[wo:wo + n_w].view(n_b, s), b1[bo:bo + n_b])
+        z = (y0 * y1).view(-1, rank, s).sum(1)
+        z = torch.sqrt(F.relu(z)) - torch.sqrt(F.relu(-z))
+        outs.append(F.normalize(z, p=2, dim=1))
+        col += s
+    return torch.cat(outs, dim=1)
