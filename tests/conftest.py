@@ -1,0 +1,21 @@
+"""Run the Triton kernels in the interpreter on machines without a GPU. This must happen before any
+``kernels`` module is imported, which is why it sits at the top of the root conftest."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+
+
+@pytest.fixture
+def shared_data() -> str:
+    path = os.path.abspath(SHARED_DATA)
+    if not os.path.isdir(path):
+        pytest.skip(f"real data not found at {path} (../shared/data beside the checkout)")
+    return path
