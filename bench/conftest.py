@@ -1,0 +1,86 @@
+"""Shared benchmark plumbing: run with ``pytest bench --benchmark-only``.
+
+Each benchmark calls ``record(benchmark, group=..., provider=..., floor_s=..., **extra)`` after timing;
+at the end of the session every row is written, with the device's name, to
+``bench/results/<device>.json`` and a readable ``<device>.md`` (mean time, measured/floor, peak memory).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import re
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
+_ROWS: list[dict] = []
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"cpu-{platform.machine()}-{os.cpu_count()}cores"
+
+
+def bench_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def peak_memory(fn, device: torch.device) -> int | None:
+    """Peak extra device memory (bytes) of one call of ``fn``, on CUDA; None on CPU (not measured there)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+@pytest.fixture
+def record():
+    def _record(benchmark, *, group: str, provider: str, floor_s: float | None = None, **extra) -> None:
+        stats = benchmark.stats.stats if benchmark.stats is not None else None
+        if stats is None:  # --benchmark-disable: nothing was timed
+            return
+        row = {"group": group, "provider": provider, "mean_s": stats.mean, "median_s": stats.median,
+               "min_s": stats.min, "rounds": stats.rounds, "floor_s": floor_s,
+               "measured_over_floor": (stats.median / floor_s) if floor_s else None, **extra}
+        benchmark.extra_info.update({k: v for k, v in row.items() if k not in ("mean_s", "median_s", "min_s")})
+        _ROWS.append(row)
+
+    return _record
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if not _ROWS:
+        return
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    name = device_name()
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
+    payload = {"device": name, "torch": torch.__version__, "date": _dt.datetime.now().isoformat(timespec="seconds"),
+               "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"), "rows": _ROWS}
+    with open(os.path.join(RESULTS_DIR, f"{slug}.json"), "w") as f:
+        json.dump(payload, f, indent=2)
+    lines = [f"# Benchmarks on {name}", "", f"torch {torch.__version__}, {payload['date']}", ""]
+    for group in dict.fromkeys(r["group"] for r in _ROWS):
+        rows = [r for r in _ROWS if r["group"] == group]
+        lines += [f"## {group}", "", "| provider | median ms | floor ms | measured/floor | peak MiB |",
+                  "|---|---:|---:|---:|---:|"]
+        for r in rows:
+            floor = f"{r['floor_s'] * 1e3:.4f}" if r.get("floor_s") else "-"
+            ratio = f"{r['measured_over_floor']:.1f}x" if r.get("measured_over_floor") else "-"
+            peak = f"{r['peak_bytes'] / 2**20:.1f}" if r.get("peak_bytes") is not None else "-"
+            lines.append(f"| {r['provider']} | {r['median_s'] * 1e3:.3f} | {floor} | {ratio} | {peak} |")
+        lines.append("")
+    with open(os.path.join(RESULTS_DIR, f"{slug}.md"), "w") as f:
+        f.write("\n".join(lines))
