@@ -17,8 +17,47 @@ def _synthetic(root: str | None, *, seed: int = 0, **_: object) -> DatasetSplits
     return generate(seed=seed, root=root)
 
 
-# name -> loader(root, *, seed, ...) -> DatasetSplits. Readers for real layouts register here.
-DATASETS: dict[str, Callable[..., DatasetSplits]] = {"synthetic": _synthetic}
+def _weibo(root: str | None, *, seed: int = 0, **options: object) -> DatasetSplits:
+    from data_pipeline.readers.weibo import read_weibo
+
+    return read_weibo(root, **options)
+
+
+def _politifact(root: str | None, *, seed: int = 0, **options: object) -> DatasetSplits:
+    from data_pipeline.readers.spotfake import read_spotfake
+
+    return read_spotfake("politifact", root, **options)
+
+
+def _gossipcop(root: str | None, *, seed: int = 0, **options: object) -> DatasetSplits:
+    from data_pipeline.readers.spotfake import read_spotfake
+
+    return read_spotfake("gossipcop", root, **options)
+
+
+def _fakenewsnet(root: str | None, *, seed: int = 0, **options: object) -> DatasetSplits:
+    from data_pipeline.readers.fakenewsnet import read_fakenewsnet
+
+    return read_fakenewsnet(root, **options)
+
+
+def _manifest(root: str | None, *, seed: int = 0, **options: object) -> DatasetSplits:
+    from data_pipeline.readers.manifest import read_manifest
+
+    return read_manifest(root, **options)
+
+
+# name -> loader(root, *, seed, ...) -> DatasetSplits. Readers for real layouts register here. Seeded
+# train/test splits (fakenewsnet, CSVs without a test file) use the ``split_seed`` option (default 0), not
+# the training ``seed``, so runs with different seeds are evaluated on the same test posts.
+DATASETS: dict[str, Callable[..., DatasetSplits]] = {
+    "synthetic": _synthetic,
+    "weibo": _weibo,
+    "politifact": _politifact,
+    "gossipcop": _gossipcop,
+    "fakenewsnet": _fakenewsnet,
+    "manifest": _manifest,
+}
 
 
 def load_dataset(name: str, root: str | None = None, **options: object) -> DatasetSplits:

@@ -20,8 +20,11 @@ from data_pipeline.records import DatasetSplits, Record
 
 _FAKE_WORDS = ["shocking", "secret", "miracle", "banned", "exposed", "hoax", "conspiracy", "unbelievable"]
 _REAL_WORDS = ["reported", "official", "according", "statement", "confirmed", "agency", "published", "data"]
-_NEUTRAL = ("city people today week news said year time new first world market police school local health "
-            "government team water road park weather food family price event river train game").split()
+_NEUTRAL = [
+    'city', 'people', 'today', 'week', 'news', 'said', 'year', 'time', 'new', 'first', 'world', 'market',
+    'police', 'school', 'local', 'health', 'government', 'team', 'water', 'road', 'park', 'weather', 'food',
+    'family', 'price', 'event', 'river', 'train', 'game',
+]
 _VERSION = "v1"
 
 

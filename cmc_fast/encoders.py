@@ -1,0 +1,148 @@
+"""Text and image encoders. Each returns pooled features [B, out_dim]; heads live in the trainer.
+
+Pretrained weights are only ever read from local files or caches: nothing here downloads. A missing
+checkpoint raises ``UsageError`` naming what is missing and the two ways to provide it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from cmc_fast.errors import UsageError
+
+
+# ------------------------------------------------------------------------------------------- text
+class TextEncoder(nn.Module):
+    """A Hugging Face encoder. ``pooling``: "pooler" (BERT's pooled output, as the paper) or "mean" (masked
+    mean of the last hidden states; the better choice for a randomly initialised model)."""
+
+    def __init__(self, model: nn.Module, pooling: str = "pooler"):
+        super().__init__()
+        self.model, self.pooling = model, pooling
+        self.out_dim = int(model.config.hidden_size)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        if self.pooling == "pooler" and getattr(out, "pooler_output", None) is not None:
+            return out.pooler_output
+        hidden = out.last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
+def tiny_text_encoder(vocab_size: int, max_len: int, dim: int = 64, layers: int = 2) -> TextEncoder:
+    """A small BERT, randomly initialised, for tests and the synthetic job."""
+    from transformers import BertConfig, BertModel
+
+    heads = max(1, dim // 32)
+    cfg = BertConfig(vocab_size=vocab_size, hidden_size=dim, num_hidden_layers=layers, num_attention_heads=heads,
+                     intermediate_size=dim * 2, max_position_embeddings=max(max_len, 8), hidden_dropout_prob=0.1,
+                     attention_probs_dropout_prob=0.1, pad_token_id=0)
+    return TextEncoder(BertModel(cfg, add_pooling_layer=False), pooling="mean")
+
+
+def _missing_text_model(name: str, why: str) -> UsageError:
+    return UsageError(
+        f"--text-model: no local checkpoint for {name!r} ({why}). Provide it one of two ways: pass a local "
+        f"directory holding config.json, the weights and the tokenizer (--text-model /path/to/{Path(name).name}), "
+        f"or put the hub id in the Hugging Face cache on a machine with network (huggingface-cli download {name}) "
+        f"and copy the cache to $HF_HOME here. Use --text-model tiny for a small randomly initialised BERT.")
+
+
+def load_text_model(name: str) -> tuple[TextEncoder, object]:
+    """(encoder, tokenizer) from a local directory or a hub id already in the local cache. Offline only."""
+    from transformers import AutoModel, AutoTokenizer
+
+    local = Path(name).expanduser()
+    if name.startswith((".", "/", "~")) and not local.is_dir():
+        raise _missing_text_model(name, f"directory {local} does not exist")
+    source = str(local) if local.is_dir() else name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+        model = AutoModel.from_pretrained(source, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise _missing_text_model(name, first[:200]) from None
+    return TextEncoder(model, pooling="pooler"), tokenizer
+
+
+# ------------------------------------------------------------------------------------------ image
+class TinyCNN(nn.Module):
+    def __init__(self, width: int = 32):
+        super().__init__()
+        layers, c_in = [], 3
+        for c_out in (width // 2, width, width * 2):
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_out),
+                       nn.ReLU(inplace=True)]
+            c_in = c_out
+        self.features = nn.Sequential(*layers)
+        self.out_dim = c_in
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x).mean((2, 3))
+
+
+class TorchvisionEncoder(nn.Module):
+    """VGG19 (flattened pool5, the authors' feature) or ResNet-50 (global-average-pooled)."""
+
+    def __init__(self, name: str, image_size: tuple[int, int]):
+        super().__init__()
+        import torchvision
+
+        self.name = name
+        if name == "vgg19":
+            self.net = torchvision.models.vgg19(weights=None).features
+            self.out_dim = 512 * (image_size[0] // 32) * (image_size[1] // 32)
+        elif name == "resnet50":
+            net = torchvision.models.resnet50(weights=None)
+            net.fc = nn.Identity()
+            self.net, self.out_dim = net, 2048
+        else:
+            raise UsageError(f"--image-model: unknown model {name!r}; choose one of tiny, vgg19, resnet50")
+        if self.out_dim == 0:
+            raise UsageError(f"--image-size {image_size} is too small for vgg19 (needs H, W >= 32)")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).flatten(1)
+
+
+_TORCHVISION_WEIGHTS = {"vgg19": "VGG19_Weights.IMAGENET1K_V1", "resnet50": "ResNet50_Weights.IMAGENET1K_V1"}
+
+
+def imagenet_weights_path(name: str) -> Path:
+    """Where torchvision keeps the ImageNet checkpoint of ``name`` ($TORCH_HOME/hub/checkpoints/...)."""
+    import torchvision
+
+    url = torchvision.models.get_weight(_TORCHVISION_WEIGHTS[name]).url
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+
+
+def build_image_encoder(name: str, weights: str | None, image_size: tuple[int, int]) -> nn.Module:
+    if name == "tiny":
+        if weights not in (None, "", "none"):
+            raise UsageError("--image-weights: the tiny CNN has no pretrained weights; pass --image-weights none")
+        return TinyCNN()
+    encoder = TorchvisionEncoder(name, image_size)
+    if weights in (None, "", "none"):
+        return encoder
+    path = imagenet_weights_path(name) if weights == "imagenet" else Path(weights).expanduser()
+    if not path.is_file():
+        raise UsageError(
+            f"--image-weights: {name} ImageNet weights not found at {path}. Provide them one of two ways: copy "
+            f"torchvision's file {path.name} into {path.parent} (TORCH_HOME), or pass --image-weights "
+            f"/path/to/file.pth; --image-weights none trains from random init.")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    # torchvision checkpoints hold the whole classifier; keep the convolutional trunk we use.
+    if name == "vgg19":
+        state = {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}
+        missing, _ = encoder.net.load_state_dict(state, strict=False)
+    else:
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        missing, _ = encoder.net.load_state_dict(state, strict=False)
+    if missing:
+        raise UsageError(f"--image-weights: {path} is not a {name} checkpoint (missing {missing[:3]}...)")
+    return encoder

@@ -1,0 +1,470 @@
+"""The CMC trainer: every stage and variant of the paper, in one file.
+
+    finetune-t / finetune-v   one modality, cross-entropy only
+    stage 1 (cmc-t, cmc-v)    both networks trained mutually: L_T = CE_T + alpha L_{V->T}, L_V = CE_V + beta L_{T->V}
+    stage 2 (cmc)             both networks frozen, BLOCK fusion trained on their features
+    cmc-shared                encoders and BLOCK trained jointly, in one stage
+
+Every stage selects its checkpoint on a validation split carved from the training set and scores the test
+split once, at the end. Each epoch writes an atomic checkpoint; a killed run resumes from the last one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from cmc_fast.checkpoint import load_checkpoint, save_checkpoint, write_json, write_text
+from cmc_fast.config import Config
+from cmc_fast.data import PreparedData, SplitData, prepare
+from cmc_fast.distill import CrossModalNCE
+from cmc_fast.encoders import TextEncoder, build_image_encoder, load_text_model, tiny_text_encoder
+from cmc_fast.errors import UsageError
+from cmc_fast.fusion import Block
+from cmc_fast.metrics import classification_metrics
+from cmc_fast.report import markdown_report, text_table
+
+log = logging.getLogger("cmc_fast")
+IMAGE_VARIANTS = ("finetune-v", "cmc-t", "cmc-v", "cmc", "cmc-shared")
+
+
+class Classifier(nn.Module):
+    """An encoder with a linear fake/real head; returns (logits, pooled features)."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(encoder.out_dim, 2)
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feat = self.encoder(*inputs)
+        return self.head(feat), feat
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return torch.device(name)
+
+
+def batches(n: int, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None,
+            drop_last: bool = False) -> list[torch.Tensor]:
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    out = list(order.split(batch_size))
+    # A ragged last batch recompiles a compiled step and gives BatchNorm a tiny batch: drop it when training.
+    if drop_last and len(out) > 1 and out[-1].numel() < batch_size:
+        out.pop()
+    return out
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: str | Path, *, resume: bool = False, evaluate_only: bool = False):
+        self.cfg = cfg.validate()
+        self.run_dir = Path(run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.resume, self.evaluate_only = resume or evaluate_only, evaluate_only
+        self.device = resolve_device(cfg.device)
+        self.amp_dtype = torch.bfloat16 if cfg.amp else None
+        self.results: dict[str, dict] = {}
+        self.timings: dict[str, dict] = {}
+        self.notes: list[str] = []
+        self.data: PreparedData | None = None
+        self.text_tokenizer = None
+
+    # --------------------------------------------------------------------------------------- setup
+    def _autocast(self):
+        enabled = self.amp_dtype is not None
+        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=enabled)
+
+    def _maybe_compile(self, fn: Callable) -> Callable:
+        return torch.compile(fn) if self.cfg.compile else fn
+
+    def _setup(self) -> None:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.ckpt_dir.mkdir(exist_ok=True)
+        self._setup_logging()
+        write_json(_config_dict(cfg), self.run_dir / "config.json")
+        if cfg.text_model != "tiny":
+            self._pretrained_text = load_text_model(cfg.text_model)  # fail fast, before decoding anything
+            self.text_tokenizer = self._pretrained_text[1]
+        # surface a missing image checkpoint before any data work
+        if any(v in IMAGE_VARIANTS for v in cfg.variants()):
+            build_image_encoder(cfg.image_model, cfg.image_weights, tuple(cfg.image_size))
+        t0 = time.perf_counter()
+        use_images = any(v in IMAGE_VARIANTS for v in cfg.variants())
+        self.data = prepare(cfg, tokenizer=self.text_tokenizer, use_images=use_images)
+        self.text_tokenizer = self.data.tokenizer
+        log.info("data ready in %.1fs: %s", time.perf_counter() - t0, self.data.summary)
+        write_json([vars(s) for s in self.data.skipped], self.run_dir / "skipped.json")
+        if self.data.skipped:
+            log.info("%d posts skipped or dropped for image variants; see %s", len(self.data.skipped),
+                     self.run_dir / "skipped.json")
+        dev = self.device
+        self.text_splits = {s.name: s.to(dev) for s in (self.data.fit, self.data.val, self.data.test)}
+        if use_images:
+            self.mm_splits = {n: s.with_images().to(dev) for n, s in self.text_splits.items()}
+            for name, split in self.mm_splits.items():
+                if len(split) == 0 or (name == "fit" and split.labels.unique().numel() < 2):
+                    raise UsageError(
+                        f"--dataset {cfg.dataset}: the {name} split has {len(split)} posts with a decodable image "
+                        f"(and needs both labels for training); image variants cannot run. Run a text-only variant "
+                        f"(--variant finetune-t) or provide the images (see `cmc-fast data check`).")
+
+    def _setup_logging(self) -> None:
+        log.setLevel(logging.INFO)
+        for h in list(log.handlers):
+            if getattr(h, "_cmc_run", False):
+                log.removeHandler(h)
+        fh = logging.FileHandler(self.run_dir / "log.txt", encoding="utf-8")
+        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        fh._cmc_run = True
+        log.addHandler(fh)
+
+    def _text_encoder(self) -> TextEncoder:
+        cfg = self.cfg
+        if cfg.text_model == "tiny":
+            return tiny_text_encoder(len(self.text_tokenizer), cfg.max_len, cfg.tiny_text_dim, cfg.tiny_text_layers)
+        # a fresh copy per stage: stages must not share (and silently co-train) one set of weights
+        return load_text_model(cfg.text_model)[0]
+
+    def _text_net(self) -> Classifier:
+        return Classifier(self._text_encoder()).to(self.device)
+
+    def _image_net(self) -> Classifier:
+        cfg = self.cfg
+        encoder = build_image_encoder(cfg.image_model, cfg.image_weights, tuple(cfg.image_size))
+        return Classifier(encoder).to(self.device)
+
+    def _text_optimizer(self, params) -> torch.optim.Optimizer:
+        return torch.optim.Adam(params, lr=self.cfg.text_lr)
+
+    def _image_optimizer(self, params) -> torch.optim.Optimizer:
+        c = self.cfg
+        return torch.optim.SGD(params, lr=c.image_lr, momentum=c.image_momentum, weight_decay=c.image_weight_decay)
+
+    # -------------------------------------------------------------------------------- generic loop
+    def _run_stage(self, name: str, modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
+                   train_split: SplitData, loss_fn: Callable, evaluate: Callable[[SplitData], dict[str, dict]],
+                   select: tuple[str, ...], epochs: int) -> dict[str, float]:
+        """Train ``modules`` for ``epochs`` on ``train_split``; keep a best checkpoint per key in ``select``
+        (scored by validation accuracy), then load each best state. Returns the best validation accuracies.
+
+        ``loss_fn(rows) -> (loss, logs)`` computes the loss of one batch of row indices."""
+        last_path = self.ckpt_dir / f"{name}.last.pt"
+        best_paths = {k: self.ckpt_dir / f"{name}.best-{k}.pt" for k in select}
+        best = {k: -1.0 for k in select}
+        start, gen = 0, torch.Generator().manual_seed(self.cfg.seed * 1000 + zlib.crc32(name.encode()) % 1000)
+        if self.resume and last_path.exists():
+            state = load_checkpoint(last_path)
+            for key, mod in modules.items():
+                mod.load_state_dict(state["modules"][key])
+            for key, opt in optimizers.items():
+                opt.load_state_dict(state["optimizers"][key])
+            start, best = state["epoch"], state["best"]
+            gen.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])
+            if torch.cuda.is_available() and state.get("cuda_rng") is not None:
+                torch.cuda.set_rng_state_all(state["cuda_rng"])
+            if start < epochs:
+                log.info("%s: resuming at epoch %d/%d", name, start + 1, epochs)
+        elif self.evaluate_only:
+            raise UsageError(f"--run {self.run_dir}: stage {name} has no checkpoint; finish it with "
+                             f"`cmc-fast train --resume {self.run_dir}`")
+        if self.evaluate_only and start < epochs:
+            raise UsageError(f"--run {self.run_dir}: stage {name} stopped at epoch {start}/{epochs}; finish it with "
+                             f"`cmc-fast train --resume {self.run_dir}`")
+        step_times: list[float] = []
+        t_stage = time.perf_counter()
+        for epoch in range(start, epochs):
+            for mod in modules.values():
+                mod.train()
+            rows_list = batches(len(train_split), self.cfg.batch_size, shuffle=True, generator=gen, drop_last=True)
+            bar = tqdm(rows_list, desc=f"{name} {epoch + 1}/{epochs}", leave=False, disable=not self.cfg.progress,
+                       dynamic_ncols=True)
+            running, seen = 0.0, 0
+            for rows in bar:
+                t0 = time.perf_counter()
+                for opt in optimizers.values():
+                    opt.zero_grad(set_to_none=True)
+                loss, logs = loss_fn(rows.to(self.device))
+                loss.backward()
+                for opt in optimizers.values():
+                    opt.step()
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                step_times.append(time.perf_counter() - t0)
+                lv = float(loss.detach())
+                if not math.isfinite(lv):
+                    raise FloatingPointError(f"{name}: loss became {lv} at epoch {epoch + 1}; lower the learning rate")
+                running, seen = running + lv, seen + 1
+                bar.set_postfix(loss=f"{running / seen:.4f}", **{k: f"{float(v):.3f}" for k, v in logs.items()})
+            for mod in modules.values():
+                mod.eval()
+            val = evaluate(self._split_like(train_split, "val"))
+            for key in select:
+                if val[key]["accuracy"] > best[key]:
+                    best[key] = val[key]["accuracy"]
+                    save_checkpoint({"modules": {k: m.state_dict() for k, m in modules.items()}, "epoch": epoch + 1,
+                                     "val": val[key]}, best_paths[key])
+            log.info("%s epoch %d/%d: train loss %.4f, val %s", name, epoch + 1, epochs, running / max(seen, 1),
+                     ", ".join(f"{k} acc {v['accuracy']:.4f}" for k, v in val.items()))
+            save_checkpoint({
+                "modules": {k: m.state_dict() for k, m in modules.items()},
+                "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+                "epoch": epoch + 1, "best": best, "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            }, last_path)
+        if step_times:
+            steady = sorted(step_times[1:])[len(step_times[1:]) // 2] if len(step_times) > 1 else step_times[0]
+            self.timings[name] = {"train_seconds": time.perf_counter() - t_stage, "steps": len(step_times),
+                                  "first_step_s": step_times[0], "steady_step_s": steady,
+                                  "compile_s_est": max(0.0, step_times[0] - steady) if self.cfg.compile else 0.0}
+        return best
+
+    def _split_like(self, train_split: SplitData, name: str) -> SplitData:
+        splits = self.mm_splits if train_split.name.endswith("+image") else self.text_splits
+        return splits[name]
+
+    def _load_best(self, name: str, key: str, modules: dict[str, nn.Module]) -> dict:
+        state = load_checkpoint(self.ckpt_dir / f"{name}.best-{key}.pt", map_location=self.device)
+        for k, mod in modules.items():
+            mod.load_state_dict(state["modules"][k])
+            mod.eval()
+        return state
+
+    # ------------------------------------------------------------------------------------- scoring
+    @torch.no_grad()
+    def _predict(self, split: SplitData, forward: Callable[[torch.Tensor], dict[str, torch.Tensor]]) -> dict[str, dict]:
+        preds: dict[str, list[torch.Tensor]] = {}
+        for rows in batches(len(split), max(64, self.cfg.batch_size), shuffle=False):
+            with self._autocast():
+                out = forward(rows.to(self.device))
+            for key, logits in out.items():
+                preds.setdefault(key, []).append(logits.argmax(1).cpu())
+        return {k: classification_metrics(torch.cat(v), split.labels.cpu()) for k, v in preds.items()}
+
+    def _text_forward(self, split: SplitData, net: Classifier, rows: torch.Tensor):
+        return net(split.ids[rows], split.mask[rows])
+
+    def _image_forward(self, split: SplitData, net: Classifier, rows: torch.Tensor, train: bool):
+        return net(split.pixels(rows, train=train))
+
+    def _record(self, variant: str, test: dict, val_acc: float, stage: str) -> None:
+        self.results[variant] = {"test": test, "val_accuracy": val_acc,
+                                 "train_seconds": self.timings.get(stage, {}).get("train_seconds", float("nan")),
+                                 "stage": stage}
+        log.info("%s: test accuracy %.4f (n=%d)", variant, test["accuracy"], test["n"])
+
+    # -------------------------------------------------------------------------------------- stages
+    def finetune(self, modality: str) -> None:
+        """finetune-t / finetune-v: one network, cross-entropy only."""
+        name = "finetune-t" if modality == "text" else "finetune-v"
+        splits = self.text_splits if modality == "text" else self.mm_splits
+        fit = splits["fit"]
+        if modality == "text":
+            net = self._text_net()
+            opt = self._text_optimizer(net.parameters())
+            fwd = lambda split, rows, train: self._text_forward(split, net, rows)  # noqa: E731
+        else:
+            net = self._image_net()
+            opt = self._image_optimizer(net.parameters())
+            fwd = lambda split, rows, train: self._image_forward(split, net, rows, train)  # noqa: E731
+
+        def compute(rows):
+            with self._autocast():
+                logits, _ = fwd(fit, rows, True)
+            return F.cross_entropy(logits.float(), fit.labels[rows]), {}
+
+        compute = self._maybe_compile(compute)
+        evaluate = lambda split: self._predict(split, lambda rows: {modality: fwd(split, rows, False)[0]})  # noqa: E731
+        best = self._run_stage(name, {"net": net}, {"opt": opt}, fit, compute, evaluate, (modality,), self.cfg.epochs)
+        self._load_best(name, modality, {"net": net})
+        self._record(name, evaluate(splits["test"])[modality], best[modality], name)
+
+    def stage1(self) -> tuple[Classifier, Classifier]:
+        """Mutual training with cross-modal NCE distillation; returns the text and image networks, each at
+        its own best validation epoch."""
+        cfg, splits = self.cfg, self.mm_splits
+        fit = splits["fit"]
+        text_net, image_net = self._text_net(), self._image_net()
+        distiller = CrossModalNCE(text_net.encoder.out_dim, image_net.encoder.out_dim, fit.labels,
+                                  proj_dim=cfg.proj_dim, k=min(cfg.nce_k, len(fit) - 1), tau=cfg.nce_t,
+                                  momentum=cfg.nce_momentum, negatives=cfg.negatives).to(self.device)
+        if cfg.nce_k > len(fit) - 1:
+            self.notes.append(f"nce_k lowered from {cfg.nce_k} to {len(fit) - 1}: the bank holds {len(fit)} samples")
+        opt_t = self._text_optimizer([*text_net.parameters(), *distiller.embed_t.parameters()])
+        opt_v = self._image_optimizer([*image_net.parameters(), *distiller.embed_v.parameters()])
+
+        def compute(rows):
+            with self._autocast():
+                t_logits, t_feat = self._text_forward(fit, text_net, rows)
+                v_logits, v_feat = self._image_forward(fit, image_net, rows, True)
+            y = fit.labels[rows]
+            ce_t, ce_v = F.cross_entropy(t_logits.float(), y), F.cross_entropy(v_logits.float(), y)
+            # NCE in float32 outside autocast: exp(s / tau) reaches ~1.6e6
+            l_v2t, l_t2v = distiller(t_feat.float(), v_feat.float(), rows)
+            # each term's gradient reaches only its own network, so one backward of the sum is exact
+            loss = ce_t + cfg.alpha * l_v2t + ce_v + cfg.beta * l_t2v
+            return loss, {"ce_t": ce_t.detach(), "ce_v": ce_v.detach(), "nce": (l_v2t + l_t2v).detach()}
+
+        compiled = self._maybe_compile(compute)
+
+        def compute_with_partition(rows):
+            if not distiller.partition_ready:  # first batch: estimate Z once, eagerly, then freeze it
+                with torch.no_grad(), self._autocast():
+                    _, t_feat = self._text_forward(fit, text_net, rows)
+                    _, v_feat = self._image_forward(fit, image_net, rows, False)
+                distiller.init_partition(t_feat.float(), v_feat.float(), rows)
+            return compiled(rows)
+
+        def evaluate(split):
+            return self._predict(split, lambda rows: {"text": self._text_forward(split, text_net, rows)[0],
+                                                      "image": self._image_forward(split, image_net, rows, False)[0]})
+
+        modules = {"text": text_net, "image": image_net, "distiller": distiller}
+        best = self._run_stage("stage1", modules, {"text": opt_t, "image": opt_v}, fit, compute_with_partition,
+                               evaluate, ("text", "image"), cfg.epochs)
+        self._load_best("stage1", "text", {"text": text_net})
+        self._load_best("stage1", "image", {"image": image_net})
+        test = evaluate(splits["test"])
+        self._record("cmc-t", test["text"], best["text"], "stage1")
+        self._record("cmc-v", test["image"], best["image"], "stage1")
+        return text_net, image_net
+
+    @torch.no_grad()
+    def _features(self, text_net: Classifier, image_net: Classifier, split: SplitData) -> tuple[torch.Tensor, ...]:
+        ts, vs = [], []
+        for rows in batches(len(split), max(64, self.cfg.batch_size), shuffle=False):
+            rows = rows.to(self.device)
+            with self._autocast():
+                ts.append(self._text_forward(split, text_net, rows)[1].float())
+                vs.append(self._image_forward(split, image_net, rows, False)[1].float())
+        return torch.cat(ts), torch.cat(vs), split.labels
+
+    def _block(self, text_dim: int, image_dim: int) -> Block:
+        c = self.cfg
+        return Block([text_dim, image_dim], 2, mm_dim=c.mm_dim, chunks=c.chunks, rank=c.rank,
+                     dropout_input=c.fusion_dropout).to(self.device)
+
+    def stage2(self, text_net: Classifier, image_net: Classifier) -> None:
+        """BLOCK fusion on frozen stage-1 networks. Their features are computed once (eval mode, no
+        augmentation): the encoders are frozen, so recomputing them every epoch would change nothing but time."""
+        for net in (text_net, image_net):
+            net.eval().requires_grad_(False)
+        feats = {n: self._features(text_net, image_net, s) for n, s in self.mm_splits.items()}
+        fit_t, fit_v, fit_y = feats["fit"]
+        block = self._block(fit_t.shape[1], fit_v.shape[1])
+        opt = torch.optim.Adam(block.parameters(), lr=self.cfg.fusion_lr)
+
+        def compute(rows):
+            with self._autocast():
+                logits = block([fit_t[rows], fit_v[rows]])
+            return F.cross_entropy(logits.float(), fit_y[rows]), {}
+
+        compute = self._maybe_compile(compute)
+
+        def evaluate(split):
+            t, v, _ = feats[split.name.split("+")[0]]
+            return self._predict(split, lambda rows: {"fused": block([t[rows], v[rows]])})
+
+        best = self._run_stage("stage2", {"block": block}, {"fusion": opt}, self.mm_splits["fit"], compute,
+                               evaluate, ("fused",), self.cfg.fusion_epochs)
+        self._load_best("stage2", "fused", {"block": block})
+        self._record("cmc", evaluate(self.mm_splits["test"])["fused"], best["fused"], "stage2")
+
+    def shared(self) -> None:
+        """cmc-shared: both encoders, the distillation and BLOCK trained jointly in one stage, with
+        L = CE_fused + CE_T + alpha L_{V->T} + CE_V + beta L_{T->V}."""
+        cfg, splits = self.cfg, self.mm_splits
+        fit = splits["fit"]
+        text_net, image_net = self._text_net(), self._image_net()
+        distiller = CrossModalNCE(text_net.encoder.out_dim, image_net.encoder.out_dim, fit.labels,
+                                  proj_dim=cfg.proj_dim, k=min(cfg.nce_k, len(fit) - 1), tau=cfg.nce_t,
+                                  momentum=cfg.nce_momentum, negatives=cfg.negatives).to(self.device)
+        block = self._block(text_net.encoder.out_dim, image_net.encoder.out_dim)
+        opt_t = self._text_optimizer([*text_net.parameters(), *distiller.embed_t.parameters()])
+        opt_v = self._image_optimizer([*image_net.parameters(), *distiller.embed_v.parameters()])
+        opt_f = torch.optim.Adam(block.parameters(), lr=cfg.fusion_lr)
+
+        def compute(rows):
+            with self._autocast():
+                t_logits, t_feat = self._text_forward(fit, text_net, rows)
+                v_logits, v_feat = self._image_forward(fit, image_net, rows, True)
+                fused = block([t_feat, v_feat])
+            y = fit.labels[rows]
+            ce_f = F.cross_entropy(fused.float(), y)
+            ce_t, ce_v = F.cross_entropy(t_logits.float(), y), F.cross_entropy(v_logits.float(), y)
+            l_v2t, l_t2v = distiller(t_feat.float(), v_feat.float(), rows)
+            loss = ce_f + ce_t + cfg.alpha * l_v2t + ce_v + cfg.beta * l_t2v
+            return loss, {"ce_fused": ce_f.detach()}
+
+        compiled = self._maybe_compile(compute)
+
+        def compute_with_partition(rows):
+            if not distiller.partition_ready:
+                with torch.no_grad(), self._autocast():
+                    _, t_feat = self._text_forward(fit, text_net, rows)
+                    _, v_feat = self._image_forward(fit, image_net, rows, False)
+                distiller.init_partition(t_feat.float(), v_feat.float(), rows)
+            return compiled(rows)
+
+        def evaluate(split):
+            def fwd(rows):
+                _, t = self._text_forward(split, text_net, rows)
+                _, v = self._image_forward(split, image_net, rows, False)
+                return {"fused": block([t, v])}
+            return self._predict(split, fwd)
+
+        modules = {"text": text_net, "image": image_net, "distiller": distiller, "block": block}
+        best = self._run_stage("cmc-shared", modules, {"text": opt_t, "image": opt_v, "fusion": opt_f}, fit,
+                               compute_with_partition, evaluate, ("fused",), cfg.epochs)
+        self._load_best("cmc-shared", "fused", modules)
+        self._record("cmc-shared", evaluate(splits["test"])["fused"], best["fused"], "cmc-shared")
+
+    # ---------------------------------------------------------------------------------------- run
+    def run(self) -> dict[str, dict]:
+        t0 = time.perf_counter()
+        self._setup()
+        variants = self.cfg.variants()
+        if "finetune-t" in variants:
+            self.finetune("text")
+        if "finetune-v" in variants:
+            self.finetune("image")
+        if {"cmc-t", "cmc-v", "cmc"} & set(variants):
+            text_net, image_net = self.stage1()
+            if "cmc" in variants:
+                self.stage2(text_net, image_net)
+        if "cmc-shared" in variants:
+            self.shared()
+        self.results = {v: r for v, r in self.results.items() if v in variants}
+        self._write_outputs(time.perf_counter() - t0)
+        return self.results
+
+    def _write_outputs(self, seconds: float) -> None:
+        name = "evaluate" if self.evaluate_only else "metrics"
+        payload = {"results": self.results, "timings": self.timings, "data": self.data.summary,
+                   "device": str(self.device), "wall_seconds": seconds, "notes": self.notes}
+        write_json(payload, self.run_dir / f"{name}.json")
+        if not self.evaluate_only:
+            write_text(markdown_report(_config_dict(self.cfg), self.results, self.data.summary, self.notes),
+                       self.run_dir / "report.md")
+        log.info("done in %.1fs\n%s", seconds, text_table(self.results))
+
+
+def _config_dict(cfg: Config) -> dict:
+    from dataclasses import asdict
+
+    return asdict(cfg)

@@ -1,0 +1,317 @@
+"""``cmc-fast data check``: is a dataset usable, and what is wrong with it.
+
+Loads the dataset with its reader, then reports counts per split and label; posts parsed, kept, dropped
+and why (with ``file:line``); posts with no local image; every referenced image file checked — missing
+on disk, empty, unreadable (each one decoded with ``decode_uint8``) or not what its extension says
+(magic bytes sniffed: PNG or GIF data named .jpg, an HTML page saved as .jpg); empty texts; duplicate
+ids (and ids in both train and test). A human-readable table by default, JSON with ``--json``.
+
+Exit status: 0 usable; 1 not usable (no posts, empty train split, a class missing from train; with
+``--require-images`` also: no decodable image for a class of the train split or for the test split);
+2 usage error (unknown dataset, missing path, a root without the layout's files).
+
+The lead wires ``add_arguments`` / ``run`` into ``cmc-fast data check``; ``python -m data_pipeline.check``
+runs it stand-alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import inspect
+import json
+import os
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+from data_pipeline import DATASETS, load_dataset
+from data_pipeline.records import FAKE, DatasetSplits, Record
+
+DECODE_SIZE = (64, 64)  # decoding proves readability; the resize target only has to be cheap
+BATCH = 32
+_EXT_FORMAT = {".jpg": "JPEG", ".jpeg": "JPEG", ".jpe": "JPEG", ".jfif": "JPEG", ".png": "PNG", ".gif": "GIF",
+               ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF"}
+_THREAD_SAFE_BACKENDS = (None, "pil", "torchvision")
+
+
+def sniff(head: bytes) -> str | None:
+    """Image format from the first bytes of a file, ``None`` when not a known image format."""
+    if head.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    if head[:2] == b"BM":
+        return "BMP"
+    if head[:4] in (b"II*\x00", b"MM\x00*"):
+        return "TIFF"
+    return None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", required=True, metavar="NAME",
+                        help="dataset reader: " + ", ".join(sorted(DATASETS)))
+    parser.add_argument("--data-root", default=None, metavar="PATH",
+                        help="the dataset's directory (or manifest file); not needed for synthetic")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--image-backend", default=None, metavar="NAME",
+                        help="decoder to check images with (pil, torchvision, dali, auto; default: the decoder's)")
+    parser.add_argument("--no-decode", action="store_true",
+                        help="check images by existence and magic bytes only, without decoding them")
+    parser.add_argument("--require-images", action="store_true",
+                        help="also exit 1 when image variants cannot train (no decodable image for a train class "
+                             "or for the test split)")
+    parser.add_argument("--show", type=int, default=5, metavar="N",
+                        help="examples listed per problem in the table (default 5; --json lists all)")
+
+
+def _decoder(backend: str | None):
+    """``decode_uint8`` with ``backend=`` when the decoder has that parameter; a note when it had to be ignored."""
+    from data_pipeline.images import decode_uint8
+
+    params = inspect.signature(decode_uint8).parameters
+    if backend is None:
+        return decode_uint8, None
+    if "backend" in params:
+        return (lambda paths, size: decode_uint8(paths, size, backend=backend)), None
+    return decode_uint8, f"--image-backend {backend} ignored: this decode_uint8 has no backend= parameter (used PIL)"
+
+
+def check_images(paths: Sequence[str], backend: str | None = None, decode: bool = True) -> dict:
+    """Existence, size, magic bytes and (``decode``) a full decode of each path. Returns per-path findings."""
+    missing, empty, mismatch, unreadable, no_eoi = [], [], [], [], []
+    to_decode: list[str] = []
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                head = f.read(16)
+                if head.startswith(b"\xff\xd8\xff"):
+                    f.seek(max(16, os.fstat(f.fileno()).st_size - 1024))
+                    if b"\xff\xd9" not in f.read():
+                        no_eoi.append(path)
+        except FileNotFoundError:
+            missing.append(path)
+            continue
+        except OSError as exc:
+            unreadable.append({"path": path, "error": f"{type(exc).__name__}: {exc.strerror or exc}"})
+            continue
+        if not head:
+            empty.append(path)
+            continue
+        fmt = sniff(head)
+        ext = os.path.splitext(path)[1].lower()
+        expected = _EXT_FORMAT.get(ext)
+        if fmt is None:
+            mismatch.append({"path": path, "extension": ext, "format": "unknown", "starts_with": repr(head[:8])})
+        elif expected is not None and fmt != expected:
+            mismatch.append({"path": path, "extension": ext, "format": fmt})
+        to_decode.append(path)
+    note = None
+    if decode and to_decode:
+        fn, note = _decoder(backend)
+        batches = [to_decode[i:i + BATCH] for i in range(0, len(to_decode), BATCH)]
+
+        def one(batch: list[str]) -> list[tuple[str, str]]:
+            result = fn(batch, DECODE_SIZE)
+            return [(batch[pos], err) for pos, err in sorted(result.errors.items())]
+
+        with warnings.catch_warnings():  # torch's one-time note about read-only numpy arrays is not a finding
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            if backend in _THREAD_SAFE_BACKENDS and len(batches) > 1:
+                with ThreadPoolExecutor(max_workers=min(4, (os.cpu_count() or 1) + 1)) as pool:
+                    results = list(pool.map(one, batches))
+            else:
+                results = [one(b) for b in batches]
+        for errs in results:
+            for path, err in errs:
+                prefix = f"{path}: "
+                unreadable.append({"path": path, "error": err[len(prefix):] if err.startswith(prefix) else err})
+    failed = {u["path"] for u in unreadable}
+    for path in no_eoi:  # a lenient decoder (LOAD_TRUNCATED_IMAGES, DALI) may fill in a truncated JPEG
+        if path not in failed:
+            unreadable.append({"path": path, "error": "truncated JPEG: no end-of-image marker in its last 1024 bytes"})
+    return {"checked": len(paths), "missing": missing, "empty": empty, "unreadable": unreadable,
+            "extension_mismatch": mismatch, "decoded": decode, "note": note}
+
+
+def _split_stats(records: list[Record], bad_paths: set[str]) -> dict:
+    fake = sum(r.label == FAKE for r in records)
+    with_image = [r for r in records if r.image_paths]
+    usable = [r for r in with_image if any(p not in bad_paths for p in r.image_paths)]
+    return {
+        "posts": len(records), "fake": fake, "real": len(records) - fake,
+        "with_image": len(with_image), "no_image": len(records) - len(with_image),
+        "with_usable_image": len(usable),
+        "with_usable_image_fake": sum(r.label == FAKE for r in usable),
+        "with_usable_image_real": sum(r.label != FAKE for r in usable),
+        "empty_text": sum(not r.text.strip() for r in records),
+    }
+
+
+def check_dataset(name: str, root: str | None, *, backend: str | None = None, decode: bool = True,
+                  require_images: bool = False, **options: object) -> dict:
+    """Load ``name`` from ``root`` and build the report (a JSON-able dict). Raises what the loader raises
+    (ValueError, FileNotFoundError) for an unknown dataset or a root without the layout."""
+    t0 = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        splits: DatasetSplits = load_dataset(name, root, **options)
+    notes = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    t_load = time.perf_counter() - t0
+    records = splits.train + splits.test
+    paths = list(dict.fromkeys(p for r in records for p in r.image_paths))
+    images = check_images(paths, backend=backend, decode=decode)
+    if images["note"]:
+        notes.append(images["note"])
+    bad = set(images["missing"]) | set(images["empty"]) | {u["path"] for u in images["unreadable"]}
+
+    by_reason = collections.Counter(s.reason.split(":", 1)[0] for s in splits.skipped)
+    ids = collections.defaultdict(list)
+    for r in records:
+        ids[r.id].append(r)
+    duplicates = {i: [f"{r.split} {r.source}" for r in rs] for i, rs in ids.items() if len(rs) > 1}
+    in_both = sorted(i for i, rs in ids.items() if {r.split for r in rs} >= {"train", "test"})
+    train_texts = {r.text for r in splits.train if r.text.strip()}
+    same_text = sum(1 for r in splits.test if r.text.strip() and r.text in train_texts)
+
+    stats = {"train": _split_stats(splits.train, bad), "test": _split_stats(splits.test, bad)}
+    problems, warn = [], []
+    if not records:
+        problems.append("no posts were kept")
+    elif not splits.train:
+        problems.append("the train split is empty")
+    else:
+        for label, word in ((FAKE, "fake"), (1 - FAKE, "real")):
+            if not any(r.label == label for r in splits.train):
+                problems.append(f"the train split has no {word} posts")
+    if records and not splits.test:
+        warn.append("the test split is empty: no final evaluation possible")
+    elif splits.test and len({r.label for r in splits.test}) < 2:
+        warn.append("the test split has one class only")
+    image_ok = (stats["train"]["with_usable_image_fake"] > 0 and stats["train"]["with_usable_image_real"] > 0
+                and stats["test"]["with_usable_image"] > 0)
+    if records and not image_ok:
+        msg = "image variants cannot train: no decodable image for a train class or for the test split"
+        (problems if require_images else warn).append(msg)
+    if splits.skipped:
+        warn.append(f"{len(splits.skipped)} posts dropped (see 'dropped')")
+    for key, what in (("missing", "missing on disk"), ("empty", "empty (0 bytes)"), ("unreadable", "unreadable"),
+                      ("extension_mismatch", "not what their extension says")):
+        if images[key]:
+            warn.append(f"{len(images[key])} images {what}")
+    if duplicates:
+        warn.append(f"{len(duplicates)} duplicate ids ({len(in_both)} in both train and test)")
+    if same_text:
+        warn.append(f"{same_text} test posts have a text identical to a train post's")
+
+    no_image = [{"id": r.id, "split": r.split, "source": r.source,
+                 "reason": "no image listed" if not r.image_paths else "no listed image is usable"}
+                for r in records if not r.image_paths or all(p in bad for p in r.image_paths)]
+    return {
+        "dataset": name, "root": splits.root or (root or ""), "usable": not problems,
+        "usable_for": {"text": not problems, "image": not problems and image_ok},
+        "problems": problems, "warnings": warn, "reader_notes": notes,
+        "splits": stats,
+        "posts": {"parsed": len(records) + len(splits.skipped), "kept": len(records), "dropped": len(splits.skipped),
+                  "dropped_by_reason": dict(by_reason.most_common())},
+        "dropped": [{"id": s.id, "reason": s.reason, "source": s.source} for s in splits.skipped],
+        "images": {"referenced": len(paths), "found": len(paths) - len(images["missing"]),
+                   "missing": len(images["missing"]), "empty": len(images["empty"]),
+                   "unreadable": len(images["unreadable"]), "extension_mismatch": len(images["extension_mismatch"]),
+                   "decoded": images["decoded"],
+                   "missing_paths": images["missing"], "empty_paths": images["empty"],
+                   "unreadable_list": images["unreadable"], "extension_mismatch_list": images["extension_mismatch"]},
+        "posts_without_usable_image": no_image,
+        "empty_texts": [{"id": r.id, "split": r.split, "source": r.source} for r in records if not r.text.strip()],
+        "duplicate_ids": duplicates, "ids_in_train_and_test": in_both,
+        "test_texts_also_in_train": same_text,
+        "seconds": {"load": round(t_load, 3), "total": round(time.perf_counter() - t0, 3)},
+    }
+
+
+def format_report(rep: dict, show: int = 5) -> str:
+    out = [f"data check: {rep['dataset']} at {rep['root']}  ({rep['seconds']['total']:.2f} s)", ""]
+    cols = ("posts", "fake", "real", "with_image", "no_image", "with_usable_image", "empty_text")
+    heads = ("posts", "fake", "real", "with image", "no image", "usable image", "empty text")
+    out.append(f"{'split':<6}" + "".join(f"{h:>14}" for h in heads))
+    for split in ("train", "test"):
+        s = rep["splits"][split]
+        out.append(f"{split:<6}" + "".join(f"{s[c]:>14}" for c in cols))
+    p = rep["posts"]
+    out += ["", f"posts: parsed {p['parsed']}, kept {p['kept']}, dropped {p['dropped']}"]
+    for reason, n in p["dropped_by_reason"].items():
+        out.append(f"  dropped {n:>6}  {reason}")
+        for d in [d for d in rep["dropped"] if d["reason"].split(":", 1)[0] == reason][:show]:
+            out.append(f"      {d['source']}  id={d['id'] or '?'}  {d['reason']}")
+    im = rep["images"]
+    out.append(f"images: {im['referenced']} referenced, {im['found']} found, {im['missing']} missing, "
+               f"{im['empty']} empty, {im['unreadable']} unreadable, {im['extension_mismatch']} not what their "
+               f"extension says" + ("" if im["decoded"] else " (not decoded: --no-decode)"))
+    for path in im["missing_paths"][:show]:
+        out.append(f"      missing     {path}")
+    for path in im["empty_paths"][:show]:
+        out.append(f"      empty       {path}")
+    for u in im["unreadable_list"][:show]:
+        out.append(f"      unreadable  {u['path']}: {u['error']}")
+    for m in im["extension_mismatch_list"][:show]:
+        out.append(f"      mismatch    {m['path']}: {m['format']} data named {m['extension'] or '(no extension)'}")
+    n_no = len(rep["posts_without_usable_image"])
+    out.append(f"posts without a usable local image: {n_no}")
+    for d in rep["posts_without_usable_image"][:show]:
+        out.append(f"      {d['source']}  id={d['id']}  {d['reason']}")
+    out.append(f"empty texts: {len(rep['empty_texts'])}")
+    for d in rep["empty_texts"][:show]:
+        out.append(f"      {d['source']}  id={d['id']}")
+    out.append(f"duplicate ids: {len(rep['duplicate_ids'])} ({len(rep['ids_in_train_and_test'])} in both train "
+               f"and test); test texts also in train: {rep['test_texts_also_in_train']}")
+    for i, where in list(rep["duplicate_ids"].items())[:show]:
+        out.append(f"      {i}: {'; '.join(where)}")
+    for title, items in (("reader notes", rep["reader_notes"]), ("warnings", rep["warnings"]),
+                         ("PROBLEMS", rep["problems"])):
+        if items:
+            out.append(f"{title}:")
+            out += [f"  - {x}" for x in items]
+    usable = [k for k, v in rep["usable_for"].items() if v]
+    verdict = (f"USABLE for {' and '.join(usable)} variants" if rep["usable"] else "NOT USABLE")
+    out.append(f"result: {verdict} (exit {0 if rep['usable'] else 1})")
+    return "\n".join(out)
+
+
+def _usage_error(message: str) -> int:
+    print(f"cmc-fast data check: {message}", file=sys.stderr)
+    return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.dataset not in DATASETS:
+        return _usage_error(f"unknown dataset {args.dataset!r}; choose one of: {', '.join(sorted(DATASETS))}")
+    if args.data_root is None and args.dataset != "synthetic":
+        return _usage_error(f"--data-root is required for {args.dataset}")
+    if args.data_root is not None and not os.path.exists(args.data_root):
+        return _usage_error(f"--data-root {args.data_root} does not exist")
+    try:
+        rep = check_dataset(args.dataset, args.data_root, backend=args.image_backend, decode=not args.no_decode,
+                            require_images=args.require_images)
+    except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
+        return _usage_error(str(exc).replace("\n", " "))
+    if args.json:
+        print(json.dumps(rep, ensure_ascii=False, indent=1))
+    else:
+        print(format_report(rep, show=args.show))
+    return 0 if rep["usable"] else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m data_pipeline.check", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""What every reader shares: label parsing, streaming decoding with line numbers, column-name variants,
+the seeded split for sources that publish none, and the warning type for kept-but-noteworthy conditions.
+
+Conventions (the data check groups on them):
+- ``Skipped.reason`` is ``"<kind>: <details>"``; ``kind`` (the part before the first colon) is stable,
+  e.g. ``"too few metadata fields: 3 of 15"``, ``"label outside {0,1}: '2'"``, ``"invalid UTF-8: ..."``.
+- ``Skipped.source`` and ``Record.source`` are ``"path:line"`` (1-based line of the post's first line).
+- Conditions that keep the posts but deserve a look (no image column, a seeded split, image folders
+  absent) are emitted as ``DatasetWarning`` through :mod:`warnings`, so a training run shows them on
+  stderr and the data check collects them.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+
+from data_pipeline.records import FAKE, REAL, DatasetSplits, Record, Skipped
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp")
+
+_FAKE_WORDS = {"1", "fake", "rumor", "rumour"}
+_REAL_WORDS = {"0", "real", "nonrumor", "non-rumor", "nonrumour", "non-rumour"}
+# "true"/"false" and booleans are refused: they may mean "is fake" or "is true news".
+
+
+class DatasetWarning(UserWarning):
+    """A condition a reader kept going through but that the user should know about."""
+
+
+def warn(message: str) -> None:
+    warnings.warn(message, DatasetWarning, stacklevel=3)
+
+
+def where(path: str | os.PathLike, line: int) -> str:
+    return f"{os.fspath(path)}:{line}"
+
+
+def parse_label(value: object) -> int | None:
+    """1 = fake, 0 = real. Accepts 0/1 (int, float 0.0/1.0, or string) and fake/real (rumor/non-rumor)
+    words, any case; ``None`` otherwise (the caller records the post as skipped)."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int | float):
+        return int(value) if value in (0, 1) else None
+    text = str(value).strip().lower()
+    if text in _FAKE_WORDS:
+        return FAKE
+    if text in _REAL_WORDS:
+        return REAL
+    try:
+        number = float(text)
+    except ValueError:
+        return None
+    return int(number) if number in (0.0, 1.0) else None
+
+
+def label_reason(value: object) -> str:
+    return f"label outside {{0,1}}: {value!r} (expected 0/1 or fake/real; 1 = fake)"
+
+
+def utf8_error(raw: bytes) -> str | None:
+    """``None`` when ``raw`` is valid UTF-8, else a short description of the first bad byte."""
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return f"invalid UTF-8: byte 0x{raw[exc.start]:02x} at byte {exc.start + 1}"
+    return None
+
+
+def surrogate_error(text: str, what: str) -> str | None:
+    """For text read with ``errors="surrogateescape"``: describe the first undecodable byte, if any."""
+    for i, ch in enumerate(text):
+        if "\udc80" <= ch <= "\udcff":
+            return f"invalid UTF-8: byte 0x{ord(ch) - 0xDC00:02x} at character {i + 1} of {what}"
+    return None
+
+
+def read_lines(path: str | os.PathLike) -> Iterator[tuple[int, bytes, bool]]:
+    """Stream ``(line_number, raw_line_without_newline, had_newline)``; a UTF-8 BOM on line 1 is removed."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            had_newline = raw.endswith(b"\n")
+            raw = raw.rstrip(b"\n").rstrip(b"\r")
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            yield number, raw, had_newline
+
+
+def natural_key(name: str) -> list:
+    return [int(p) if p.isdigit() else p.lower() for p in re.split(r"(\d+)", name)]
+
+
+def resolve_column(header: Sequence[str], variants: Sequence[str]) -> str | None:
+    """The first header name matching one of ``variants`` (case, spaces and dashes ignored)."""
+    norm = {re.sub(r"[\s\-]+", "_", h.strip().lower()): h for h in header}
+    for v in variants:
+        if v in norm:
+            return norm[v]
+    return None
+
+
+def stratified_split(records: list[Record], test_fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
+    """Deterministic label-stratified train/test split for sources without a published one.
+
+    Depends only on the records' order, ``test_fraction`` and ``seed`` (not on the training seed), so
+    runs with different training seeds evaluate on the same test posts."""
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    rng = random.Random(seed)
+    test_ids: set[int] = set()
+    for label in (FAKE, REAL):
+        group = [i for i, r in enumerate(records) if r.label == label]
+        rng.shuffle(group)
+        n_test = round(len(group) * test_fraction) if len(group) > 1 else 0
+        test_ids.update(group[:n_test])
+    train, test = [], []
+    for i, r in enumerate(records):
+        if i in test_ids:
+            r.split = "test"
+            test.append(r)
+        else:
+            r.split = "train"
+            train.append(r)
+    return train, test
+
+
+def require_dir(root: str | os.PathLike | None, dataset: str, layout: str) -> str:
+    if root is None or str(root) == "":
+        raise ValueError(f"{dataset}: --data-root is required (expected {layout})")
+    path = os.fspath(root)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{dataset}: data root {path} does not exist (expected {layout})")
+    return path
+
+
+def image_files_in(folder: str) -> list[str]:
+    """Image files directly in ``folder``, natural order; ``[]`` when it is absent."""
+    try:
+        names = [e.name for e in os.scandir(folder) if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return [os.path.join(folder, n) for n in sorted(names, key=natural_key)]
+
+
+def has_local_image(record: Record) -> bool:
+    return any(os.path.isfile(p) for p in record.image_paths)
+
+
+def drop_posts_without_images(splits: DatasetSplits) -> DatasetSplits:
+    """For image-using variants: move posts with no image file on disk into ``skipped`` (reason
+    ``"no local image: ..."``). Text-only variants keep ``splits`` as loaded."""
+    kept: dict[str, list[Record]] = {"train": [], "test": []}
+    skipped = list(splits.skipped)
+    for split in ("train", "test"):
+        for r in getattr(splits, split):
+            if has_local_image(r):
+                kept[split].append(r)
+            else:
+                detail = "no image listed" if not r.image_paths else "none of " + ", ".join(r.image_paths) + " exists"
+                skipped.append(Skipped(r.id, f"no local image: {detail}", r.source))
+    return DatasetSplits(splits.name, kept["train"], kept["test"], skipped, splits.root)
+
+
+def first_existing(candidates: Iterable[str]) -> str | None:
+    for c in candidates:
+        if os.path.isfile(c):
+            return c
+    return None
