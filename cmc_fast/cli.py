@@ -21,12 +21,12 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _size(text: str) -> tuple[int, int]:
+def _pair(text: str) -> tuple[int, int]:
     try:
-        h, w = (int(x) for x in text.lower().replace("x", ",").split(","))
+        a, b = (int(x) for x in text.lower().replace("x", ",").split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected H,W (e.g. 256,128), got {text!r}") from None
-    return h, w
+        raise argparse.ArgumentTypeError(f"expected two integers A,B (e.g. 256,128), got {text!r}") from None
+    return a, b
 
 
 # CLI flag -> Config field, for flags whose value is copied over the preset when given
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--negatives", choices=None, help=f"one of {', '.join(NEGATIVES)}")
     tr.add_argument("--nce-k", type=int, help="negatives per anchor")
     tr.add_argument("--max-len", type=int, help="text tokens kept (head + tail)")
-    tr.add_argument("--image-size", type=_size, help="H,W of the training images")
+    tr.add_argument("--image-size", type=_pair, help="H,W of the training images")
     tr.add_argument("--image-backend", help="auto, dali, torchvision or pil")
     tr.add_argument("--text-lr", type=float)
     tr.add_argument("--image-lr", type=float)
@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--config", help="JSON file of config keys, applied over the dataset's preset")
     tr.add_argument("--seed", type=int)
     tr.add_argument("--resume", metavar="DIR", help="continue the killed run in DIR with its saved config")
+    tr.add_argument("--synthetic-n", type=_pair, metavar="TRAIN,TEST", help="posts generated for --dataset synthetic")
     tr.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     ev = sub.add_parser("evaluate", help="re-score a finished run's checkpoints on its test split")
@@ -103,6 +104,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
             setattr(cfg, name, value)
     if args.dataset:
         cfg.dataset = args.dataset
+    if args.synthetic_n:
+        cfg.synthetic_train, cfg.synthetic_test = args.synthetic_n
     cfg.amp = cfg.amp or args.amp
     cfg.compile = cfg.compile or args.compile
     cfg.progress = not args.no_progress and sys.stderr.isatty()

@@ -27,6 +27,8 @@ class Config:
     max_len: int = 250
     image_size: tuple[int, int] = (256, 128)  # (H, W), the authors' direct bicubic resize
     image_backend: str = "auto"
+    synthetic_train: int = 1200  # posts generated for --dataset synthetic
+    synthetic_test: int = 400
     # models
     text_model: str = "tiny"  # "tiny", a local Hugging Face directory, or a hub id already in the local cache
     image_model: str = "vgg19"  # "tiny", "vgg19", "resnet50"

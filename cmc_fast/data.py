@@ -13,6 +13,8 @@ from data_pipeline import Record, Skipped, load_dataset, split_validation
 from data_pipeline.images import decode_uint8, normalize
 from data_pipeline.text import VocabTokenizer, encode_texts
 
+from cmc_fast.errors import UsageError
+
 
 @dataclass
 class SplitData:
@@ -70,7 +72,7 @@ def decode_images(records: list[Record], size: tuple[int, int], backend: str) ->
     paths = [list(r.image_paths) for r in records]
     if CachedImages is not None:
         src = CachedImages.build(paths, size=size, backend=backend)
-        return src.pixels_uint8, src.ok, dict(src.errors)
+        return src.pixels, src.ok, dict(src.errors)
     batch = decode_uint8([p[0] if p else None for p in paths], size)
     return batch.pixels, batch.ok, batch.errors
 
@@ -78,7 +80,11 @@ def decode_images(records: list[Record], size: tuple[int, int], backend: str) ->
 def prepare(cfg, tokenizer=None, use_images: bool = True) -> PreparedData:
     """Load, split (seeded validation carved from train), tokenise and decode. ``tokenizer=None`` builds the
     tiny model's vocabulary from the fit split."""
-    ds = load_dataset(cfg.dataset, cfg.data_root, seed=cfg.seed)
+    try:
+        ds = load_dataset(cfg.dataset, cfg.data_root, seed=cfg.seed, n_train=cfg.synthetic_train,
+                          n_test=cfg.synthetic_test)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UsageError(f"--data-root: {exc}") from None
     if not ds.train:
         raise ValueError(f"dataset {cfg.dataset!r} at {ds.root or cfg.data_root}: no training posts")
     if not ds.test:

@@ -11,10 +11,11 @@ from collections.abc import Callable
 from data_pipeline.records import FAKE, REAL, DatasetSplits, Record, Skipped, split_validation
 
 
-def _synthetic(root: str | None, *, seed: int = 0, **_: object) -> DatasetSplits:
+def _synthetic(root: str | None, *, seed: int = 0, n_train: int = 1200, n_test: int = 400,
+               **_: object) -> DatasetSplits:
     from data_pipeline.synthetic import generate
 
-    return generate(seed=seed, root=root)
+    return generate(n_train=n_train, n_test=n_test, seed=seed, root=root)
 
 
 def _weibo(root: str | None, *, seed: int = 0, **options: object) -> DatasetSplits:

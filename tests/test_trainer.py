@@ -1,0 +1,128 @@
+"""The trainer end to end on a tiny synthetic configuration: the CLI, the run directory, resume, stage 2."""
+
+import json
+
+import pytest
+import torch
+
+from cmc_fast import trainer as trainer_mod
+from cmc_fast.cli import main
+from cmc_fast.config import Config, preset
+from cmc_fast.trainer import Trainer
+
+TINY = ["--synthetic-n", "96,40", "--epochs", "1", "--fusion-epochs", "2", "--batch-size", "16", "--nce-k", "16",
+        "--max-len", "16", "--image-size", "32,32", "--mm-dim", "32", "--chunks", "4", "--rank", "3", "--no-progress"]
+
+
+def tiny_config(tmp_path, **overrides) -> Config:
+    cfg = preset("synthetic")
+    values = dict(synthetic_train=96, synthetic_test=40, epochs=1, fusion_epochs=2, batch_size=16, nce_k=16,
+                  max_len=16, image_size=(32, 32), mm_dim=32, chunks=4, rank=3, progress=False,
+                  data_root=str(tmp_path / "data"))
+    values.update(overrides)
+    for k, v in values.items():
+        setattr(cfg, k, v)
+    return cfg.validate()
+
+
+def test_cli_end_to_end_writes_a_complete_run_directory(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["train", *TINY, "--data-root", str(tmp_path / "data"), "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    for variant in ("finetune-t", "finetune-v", "cmc-t", "cmc-v", "cmc-shared", "cmc"):
+        assert variant in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["results"]) == {"finetune-t", "finetune-v", "cmc-t", "cmc-v", "cmc-shared", "cmc"}
+    for r in metrics["results"].values():
+        assert 0.0 <= r["test"]["accuracy"] <= 1.0 and r["test"]["n"] == 40
+    report = (out / "report.md").read_text()
+    assert "| cmc |" in report and "Fake F1" in report
+    assert json.loads((out / "config.json").read_text())["epochs"] == 1
+    assert (out / "log.txt").stat().st_size > 0
+    assert (out / "checkpoints" / "stage1.best-text.pt").exists()
+    # evaluate re-scores the finished run to the same numbers
+    assert main(["evaluate", "--run", str(out)]) == 0
+    again = json.loads((out / "evaluate.json").read_text())["results"]
+    for variant, r in metrics["results"].items():
+        assert again[variant]["test"] == r["test"]
+
+
+def test_resume_after_an_interrupted_run_matches_an_uninterrupted_one(tmp_path, monkeypatch):
+    args = [*TINY, "--variant", "finetune-t", "--epochs", "3", "--data-root", str(tmp_path / "data")]
+    assert main(["train", *args, "--out", str(tmp_path / "straight")]) == 0
+
+    real_save, calls = trainer_mod.save_checkpoint, {"n": 0}
+
+    def killed_after_first_epoch(state, path):
+        real_save(state, path)
+        if str(path).endswith(".last.pt"):
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer_mod, "save_checkpoint", killed_after_first_epoch)
+    broken = tmp_path / "broken"
+    assert main(["train", *args, "--out", str(broken)]) == 130
+    assert not (broken / "metrics.json").exists()
+    monkeypatch.setattr(trainer_mod, "save_checkpoint", real_save)
+    assert main(["train", "--resume", str(broken)]) == 0
+    assert "resuming at epoch 2/3" in (broken / "log.txt").read_text()
+    straight = json.loads((tmp_path / "straight" / "metrics.json").read_text())["results"]["finetune-t"]
+    resumed = json.loads((broken / "metrics.json").read_text())["results"]["finetune-t"]
+    assert resumed["test"] == straight["test"] and resumed["val_accuracy"] == straight["val_accuracy"]
+    assert (broken / "report.md").exists()
+
+
+def test_stage2_leaves_the_frozen_encoders_bit_identical(tmp_path):
+    tr = Trainer(tiny_config(tmp_path, variant="cmc"), tmp_path / "run")
+    tr._setup()
+    text_net, image_net = tr.stage1()
+    before = {k: v.clone() for k, v in {**text_net.state_dict(prefix="t."), **image_net.state_dict(prefix="v.")}.items()}
+    tr.stage2(text_net, image_net)
+    after = {**text_net.state_dict(prefix="t."), **image_net.state_dict(prefix="v.")}
+    assert before.keys() == after.keys()
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+    assert "cmc" in tr.results
+
+
+def test_stage1_trains_both_networks_and_the_projections(tmp_path):
+    tr = Trainer(tiny_config(tmp_path, variant="cmc-t,cmc-v"), tmp_path / "run")
+    tr._setup()
+    torch.manual_seed(0)
+    fresh_t, fresh_v = tr._text_net(), tr._image_net()
+    text_net, image_net = tr.stage1()
+    state = torch.load(tmp_path / "run" / "checkpoints" / "stage1.last.pt", weights_only=False)
+    dist = state["modules"]["distiller"]
+    assert dist["z_v2t"] > 0 and dist["z_t2v"] > 0  # Z estimated once and saved with the checkpoint
+    assert not torch.equal(text_net.head.weight, fresh_t.head.weight)
+    assert not torch.equal(image_net.head.weight, fresh_v.head.weight)
+    assert set(tr.results) == {"cmc-t", "cmc-v"}
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["train", "--dataset", "nope"], "--dataset"),
+    (["train", "--variant", "cmc,bogus"], "--variant"),
+    (["train", "--image-model", "alexnet"], "--image-model"),
+    (["train", "--negatives", "hard"], "--negatives"),
+    (["train", "--epochs", "0"], "--epochs"),
+    (["train", "--dataset", "weibo", "--text-model", "tiny", "--image-model", "tiny", "--image-weights", "none",
+      "--data-root", "/definitely/not/here"], "/definitely/not/here"),
+    (["train", "--text-model", "/no/such/checkpoint"], "--text-model"),
+    (["train", "--config", "/no/such/config.json"], "--config"),
+    (["evaluate", "--run", "/no/such/run"], "--run"),
+    (["train", "--resume", "/no/such/run"], "--resume"),
+])
+def test_user_mistakes_exit_2_with_one_line(argv, needle, capsys, tmp_path):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and needle in err and "Traceback" not in err
+
+
+def test_config_file_with_an_unknown_key_is_a_usage_error(tmp_path, capsys):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"epochs": 2, "learning_rate": 1}))
+    assert main(["train", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "learning_rate" in err and "valid keys" in err
