@@ -9,11 +9,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from cmc_fast.errors import UsageError
 from data_pipeline import Record, Skipped, load_dataset, split_validation
 from data_pipeline.images import decode_uint8, normalize
 from data_pipeline.text import VocabTokenizer, encode_texts
-
-from cmc_fast.errors import UsageError
 
 
 @dataclass

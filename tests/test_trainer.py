@@ -78,9 +78,12 @@ def test_stage2_leaves_the_frozen_encoders_bit_identical(tmp_path):
     tr = Trainer(tiny_config(tmp_path, variant="cmc"), tmp_path / "run")
     tr._setup()
     text_net, image_net = tr.stage1()
-    before = {k: v.clone() for k, v in {**text_net.state_dict(prefix="t."), **image_net.state_dict(prefix="v.")}.items()}
+    def states():
+        return {**text_net.state_dict(prefix="t."), **image_net.state_dict(prefix="v.")}
+
+    before = {k: v.clone() for k, v in states().items()}
     tr.stage2(text_net, image_net)
-    after = {**text_net.state_dict(prefix="t."), **image_net.state_dict(prefix="v.")}
+    after = states()
     assert before.keys() == after.keys()
     for k in before:
         assert torch.equal(before[k], after[k]), k
