@@ -16,6 +16,7 @@ import math
 import time
 import zlib
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -66,6 +67,40 @@ def batches(n: int, batch_size: int, *, shuffle: bool, generator: torch.Generato
     if drop_last and len(out) > 1 and out[-1].numel() < batch_size:
         out.pop()
     return out
+
+
+@dataclass
+class Stage:
+    """One training stage: what it trains, how one batch's loss is computed and how it is scored.
+
+    ``loss_fn(rows) -> (loss, logs)`` for a batch of row indices of ``train_split``; ``evaluate(split)`` ->
+    {head: metrics}; ``select``: the heads that each keep a best-on-validation checkpoint; ``heads`` maps each
+    head to the modules its checkpoint restores."""
+
+    name: str
+    modules: dict[str, nn.Module]
+    optimizers: dict[str, torch.optim.Optimizer]
+    train_split: SplitData
+    val_split: SplitData
+    test_split: SplitData
+    loss_fn: Callable
+    evaluate: Callable[[SplitData], dict[str, dict]]
+    select: tuple[str, ...]
+    epochs: int
+    heads: dict[str, set[str]] = field(default_factory=dict)
+
+    def step(self, rows: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        loss, logs = self.loss_fn(rows)
+        loss.backward()
+        for opt in self.optimizers.values():
+            opt.step()
+        return loss.detach(), logs
+
+    def best_modules(self, head: str) -> dict[str, nn.Module]:
+        keep = self.heads.get(head, set(self.modules))
+        return {k: m for k, m in self.modules.items() if k in keep}
 
 
 class Trainer:
@@ -156,16 +191,12 @@ class Trainer:
         return torch.optim.SGD(params, lr=c.image_lr, momentum=c.image_momentum, weight_decay=c.image_weight_decay)
 
     # -------------------------------------------------------------------------------- generic loop
-    def _run_stage(self, name: str, modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
-                   train_split: SplitData, loss_fn: Callable, evaluate: Callable[[SplitData], dict[str, dict]],
-                   select: tuple[str, ...], epochs: int) -> dict[str, float]:
-        """Train ``modules`` for ``epochs`` on ``train_split``; keep a best checkpoint per key in ``select``
-        (scored by validation accuracy), then load each best state. Returns the best validation accuracies.
-
-        ``loss_fn(rows) -> (loss, logs)`` computes the loss of one batch of row indices."""
+    def run_stage(self, stage: Stage) -> dict[str, float]:
+        """Train ``stage`` for its epochs; keep a best checkpoint per head in ``stage.select`` (scored by
+        validation accuracy) and load each best state at the end. Returns the best validation accuracies."""
+        name, modules, optimizers, epochs = stage.name, stage.modules, stage.optimizers, stage.epochs
         last_path = self.ckpt_dir / f"{name}.last.pt"
-        best_paths = {k: self.ckpt_dir / f"{name}.best-{k}.pt" for k in select}
-        best = {k: -1.0 for k in select}
+        best = {k: -1.0 for k in stage.select}
         start, gen = 0, torch.Generator().manual_seed(self.cfg.seed * 1000 + zlib.crc32(name.encode()) % 1000)
         if self.resume and last_path.exists():
             state = load_checkpoint(last_path)
@@ -180,9 +211,6 @@ class Trainer:
                 torch.cuda.set_rng_state_all(state["cuda_rng"])
             if start < epochs:
                 log.info("%s: resuming at epoch %d/%d", name, start + 1, epochs)
-        elif self.evaluate_only:
-            raise UsageError(f"--run {self.run_dir}: stage {name} has no checkpoint; finish it with "
-                             f"`cmc-fast train --resume {self.run_dir}`")
         if self.evaluate_only and start < epochs:
             raise UsageError(f"--run {self.run_dir}: stage {name} stopped at epoch {start}/{epochs}; finish it with "
                              f"`cmc-fast train --resume {self.run_dir}`")
@@ -191,34 +219,28 @@ class Trainer:
         for epoch in range(start, epochs):
             for mod in modules.values():
                 mod.train()
-            rows_list = batches(len(train_split), self.cfg.batch_size, shuffle=True, generator=gen, drop_last=True)
+            rows_list = batches(len(stage.train_split), self.cfg.batch_size, shuffle=True, generator=gen,
+                                drop_last=True)
             bar = tqdm(rows_list, desc=f"{name} {epoch + 1}/{epochs}", leave=False, disable=not self.cfg.progress,
                        dynamic_ncols=True)
             running, seen = 0.0, 0
             for rows in bar:
                 t0 = time.perf_counter()
-                for opt in optimizers.values():
-                    opt.zero_grad(set_to_none=True)
-                loss, logs = loss_fn(rows.to(self.device))
-                loss.backward()
-                for opt in optimizers.values():
-                    opt.step()
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize()
+                loss, logs = stage.step(rows.to(self.device))
+                lv = float(loss)  # synchronises, so the step time below is the real one
                 step_times.append(time.perf_counter() - t0)
-                lv = float(loss.detach())
                 if not math.isfinite(lv):
                     raise FloatingPointError(f"{name}: loss became {lv} at epoch {epoch + 1}; lower the learning rate")
                 running, seen = running + lv, seen + 1
                 bar.set_postfix(loss=f"{running / seen:.4f}", **{k: f"{float(v):.3f}" for k, v in logs.items()})
             for mod in modules.values():
                 mod.eval()
-            val = evaluate(self._split_like(train_split, "val"))
-            for key in select:
+            val = stage.evaluate(stage.val_split)
+            for key in stage.select:
                 if val[key]["accuracy"] > best[key]:
                     best[key] = val[key]["accuracy"]
                     save_checkpoint({"modules": {k: m.state_dict() for k, m in modules.items()}, "epoch": epoch + 1,
-                                     "val": val[key]}, best_paths[key])
+                                     "val": val[key]}, self.ckpt_dir / f"{name}.best-{key}.pt")
             log.info("%s epoch %d/%d: train loss %.4f, val %s", name, epoch + 1, epochs, running / max(seen, 1),
                      ", ".join(f"{k} acc {v['accuracy']:.4f}" for k, v in val.items()))
             save_checkpoint({
@@ -232,18 +254,19 @@ class Trainer:
             self.timings[name] = {"train_seconds": time.perf_counter() - t_stage, "steps": len(step_times),
                                   "first_step_s": step_times[0], "steady_step_s": steady,
                                   "compile_s_est": max(0.0, step_times[0] - steady) if self.cfg.compile else 0.0}
+        for key in stage.select:
+            self._load_best(name, key, stage.best_modules(key))
         return best
 
-    def _split_like(self, train_split: SplitData, name: str) -> SplitData:
-        splits = self.mm_splits if train_split.name.endswith("+image") else self.text_splits
-        return splits[name]
-
-    def _load_best(self, name: str, key: str, modules: dict[str, nn.Module]) -> dict:
-        state = load_checkpoint(self.ckpt_dir / f"{name}.best-{key}.pt", map_location=self.device)
+    def _load_best(self, name: str, key: str, modules: dict[str, nn.Module]) -> None:
+        path = self.ckpt_dir / f"{name}.best-{key}.pt"
+        if not path.exists():
+            raise UsageError(f"--run {self.run_dir}: stage {name} has no checkpoint {path.name}; finish it with "
+                             f"`cmc-fast train --resume {self.run_dir}`")
+        state = load_checkpoint(path, map_location=self.device)
         for k, mod in modules.items():
             mod.load_state_dict(state["modules"][k])
             mod.eval()
-        return state
 
     # ------------------------------------------------------------------------------------- scoring
     @torch.no_grad()
@@ -268,10 +291,11 @@ class Trainer:
                                  "stage": stage}
         log.info("%s: test accuracy %.4f (n=%d)", variant, test["accuracy"], test["n"])
 
-    # -------------------------------------------------------------------------------------- stages
-    def finetune(self, modality: str) -> None:
+    # ------------------------------------------------------------------------------- stage plans
+    # Each *_stage method builds a Stage (models, optimizers, loss, evaluation) without training it, so
+    # benchmarks and the profiler can run the very same step the trainer runs.
+    def finetune_stage(self, modality: str) -> Stage:
         """finetune-t / finetune-v: one network, cross-entropy only."""
-        name = "finetune-t" if modality == "text" else "finetune-v"
         splits = self.text_splits if modality == "text" else self.mm_splits
         fit = splits["fit"]
         if modality == "text":
@@ -288,23 +312,42 @@ class Trainer:
                 logits, _ = fwd(fit, rows, True)
             return F.cross_entropy(logits.float(), fit.labels[rows]), {}
 
-        compute = self._maybe_compile(compute)
-        evaluate = lambda split: self._predict(split, lambda rows: {modality: fwd(split, rows, False)[0]})  # noqa: E731
-        best = self._run_stage(name, {"net": net}, {"opt": opt}, fit, compute, evaluate, (modality,), self.cfg.epochs)
-        self._load_best(name, modality, {"net": net})
-        self._record(name, evaluate(splits["test"])[modality], best[modality], name)
+        def evaluate(split):
+            return self._predict(split, lambda rows: {modality: fwd(split, rows, False)[0]})
 
-    def stage1(self) -> tuple[Classifier, Classifier]:
-        """Mutual training with cross-modal NCE distillation; returns the text and image networks, each at
-        its own best validation epoch."""
+        name = "finetune-t" if modality == "text" else "finetune-v"
+        return Stage(name, {"net": net}, {"opt": opt}, fit, splits["val"], splits["test"],
+                     self._maybe_compile(compute), evaluate, (modality,), self.cfg.epochs,
+                     heads={modality: {"net"}})
+
+    def _distiller(self, text_net: Classifier, image_net: Classifier, fit: SplitData) -> CrossModalNCE:
+        cfg = self.cfg
+        k = min(cfg.nce_k, len(fit) - 1)
+        if k < cfg.nce_k and not any("nce_k lowered" in n for n in self.notes):
+            self.notes.append(f"nce_k lowered from {cfg.nce_k} to {k}: the bank holds {len(fit)} samples")
+        return CrossModalNCE(text_net.encoder.out_dim, image_net.encoder.out_dim, fit.labels, proj_dim=cfg.proj_dim,
+                             k=k, tau=cfg.nce_t, momentum=cfg.nce_momentum,
+                             negatives=cfg.negatives).to(self.device)
+
+    def _with_partition(self, compiled: Callable, distiller: CrossModalNCE, text_net: Classifier,
+                        image_net: Classifier, fit: SplitData) -> Callable:
+        """Estimate Z once, eagerly, on the first batch (CRD), then run the (possibly compiled) loss."""
+        def loss_fn(rows):
+            if not distiller.partition_ready:
+                with torch.no_grad(), self._autocast():
+                    _, t_feat = self._text_forward(fit, text_net, rows)
+                    _, v_feat = self._image_forward(fit, image_net, rows, False)
+                distiller.init_partition(t_feat.float(), v_feat.float(), rows)
+            return compiled(rows)
+        return loss_fn
+
+    def stage1_stage(self) -> Stage:
+        """Mutual training with cross-modal NCE distillation; the text and image heads are each selected at
+        their own best validation epoch."""
         cfg, splits = self.cfg, self.mm_splits
         fit = splits["fit"]
         text_net, image_net = self._text_net(), self._image_net()
-        distiller = CrossModalNCE(text_net.encoder.out_dim, image_net.encoder.out_dim, fit.labels,
-                                  proj_dim=cfg.proj_dim, k=min(cfg.nce_k, len(fit) - 1), tau=cfg.nce_t,
-                                  momentum=cfg.nce_momentum, negatives=cfg.negatives).to(self.device)
-        if cfg.nce_k > len(fit) - 1:
-            self.notes.append(f"nce_k lowered from {cfg.nce_k} to {len(fit) - 1}: the bank holds {len(fit)} samples")
+        distiller = self._distiller(text_net, image_net, fit)
         opt_t = self._text_optimizer([*text_net.parameters(), *distiller.embed_t.parameters()])
         opt_v = self._image_optimizer([*image_net.parameters(), *distiller.embed_v.parameters()])
 
@@ -320,29 +363,14 @@ class Trainer:
             loss = ce_t + cfg.alpha * l_v2t + ce_v + cfg.beta * l_t2v
             return loss, {"ce_t": ce_t.detach(), "ce_v": ce_v.detach(), "nce": (l_v2t + l_t2v).detach()}
 
-        compiled = self._maybe_compile(compute)
-
-        def compute_with_partition(rows):
-            if not distiller.partition_ready:  # first batch: estimate Z once, eagerly, then freeze it
-                with torch.no_grad(), self._autocast():
-                    _, t_feat = self._text_forward(fit, text_net, rows)
-                    _, v_feat = self._image_forward(fit, image_net, rows, False)
-                distiller.init_partition(t_feat.float(), v_feat.float(), rows)
-            return compiled(rows)
-
         def evaluate(split):
             return self._predict(split, lambda rows: {"text": self._text_forward(split, text_net, rows)[0],
                                                       "image": self._image_forward(split, image_net, rows, False)[0]})
 
-        modules = {"text": text_net, "image": image_net, "distiller": distiller}
-        best = self._run_stage("stage1", modules, {"text": opt_t, "image": opt_v}, fit, compute_with_partition,
-                               evaluate, ("text", "image"), cfg.epochs)
-        self._load_best("stage1", "text", {"text": text_net})
-        self._load_best("stage1", "image", {"image": image_net})
-        test = evaluate(splits["test"])
-        self._record("cmc-t", test["text"], best["text"], "stage1")
-        self._record("cmc-v", test["image"], best["image"], "stage1")
-        return text_net, image_net
+        loss_fn = self._with_partition(self._maybe_compile(compute), distiller, text_net, image_net, fit)
+        return Stage("stage1", {"text": text_net, "image": image_net, "distiller": distiller},
+                     {"text": opt_t, "image": opt_v}, fit, splits["val"], splits["test"], loss_fn, evaluate,
+                     ("text", "image"), cfg.epochs, heads={"text": {"text"}, "image": {"image"}})
 
     @torch.no_grad()
     def _features(self, text_net: Classifier, image_net: Classifier, split: SplitData) -> tuple[torch.Tensor, ...]:
@@ -352,48 +380,44 @@ class Trainer:
             with self._autocast():
                 ts.append(self._text_forward(split, text_net, rows)[1].float())
                 vs.append(self._image_forward(split, image_net, rows, False)[1].float())
-        return torch.cat(ts), torch.cat(vs), split.labels
+        return torch.cat(ts), torch.cat(vs)
 
     def _block(self, text_dim: int, image_dim: int) -> Block:
         c = self.cfg
         return Block([text_dim, image_dim], 2, mm_dim=c.mm_dim, chunks=c.chunks, rank=c.rank,
                      dropout_input=c.fusion_dropout).to(self.device)
 
-    def stage2(self, text_net: Classifier, image_net: Classifier) -> None:
+    def stage2_stage(self, text_net: Classifier, image_net: Classifier) -> Stage:
         """BLOCK fusion on frozen stage-1 networks. Their features are computed once (eval mode, no
         augmentation): the encoders are frozen, so recomputing them every epoch would change nothing but time."""
         for net in (text_net, image_net):
             net.eval().requires_grad_(False)
-        feats = {n: self._features(text_net, image_net, s) for n, s in self.mm_splits.items()}
-        fit_t, fit_v, fit_y = feats["fit"]
+        feats = {s.name: self._features(text_net, image_net, s) for s in self.mm_splits.values()}
+        fit = self.mm_splits["fit"]
+        fit_t, fit_v = feats[fit.name]
         block = self._block(fit_t.shape[1], fit_v.shape[1])
         opt = torch.optim.Adam(block.parameters(), lr=self.cfg.fusion_lr)
 
         def compute(rows):
             with self._autocast():
                 logits = block([fit_t[rows], fit_v[rows]])
-            return F.cross_entropy(logits.float(), fit_y[rows]), {}
-
-        compute = self._maybe_compile(compute)
+            return F.cross_entropy(logits.float(), fit.labels[rows]), {}
 
         def evaluate(split):
-            t, v, _ = feats[split.name.split("+")[0]]
+            t, v = feats[split.name]
             return self._predict(split, lambda rows: {"fused": block([t[rows], v[rows]])})
 
-        best = self._run_stage("stage2", {"block": block}, {"fusion": opt}, self.mm_splits["fit"], compute,
-                               evaluate, ("fused",), self.cfg.fusion_epochs)
-        self._load_best("stage2", "fused", {"block": block})
-        self._record("cmc", evaluate(self.mm_splits["test"])["fused"], best["fused"], "stage2")
+        return Stage("stage2", {"block": block}, {"fusion": opt}, fit, self.mm_splits["val"], self.mm_splits["test"],
+                     self._maybe_compile(compute), evaluate, ("fused",), self.cfg.fusion_epochs,
+                     heads={"fused": {"block"}})
 
-    def shared(self) -> None:
+    def shared_stage(self) -> Stage:
         """cmc-shared: both encoders, the distillation and BLOCK trained jointly in one stage, with
         L = CE_fused + CE_T + alpha L_{V->T} + CE_V + beta L_{T->V}."""
         cfg, splits = self.cfg, self.mm_splits
         fit = splits["fit"]
         text_net, image_net = self._text_net(), self._image_net()
-        distiller = CrossModalNCE(text_net.encoder.out_dim, image_net.encoder.out_dim, fit.labels,
-                                  proj_dim=cfg.proj_dim, k=min(cfg.nce_k, len(fit) - 1), tau=cfg.nce_t,
-                                  momentum=cfg.nce_momentum, negatives=cfg.negatives).to(self.device)
+        distiller = self._distiller(text_net, image_net, fit)
         block = self._block(text_net.encoder.out_dim, image_net.encoder.out_dim)
         opt_t = self._text_optimizer([*text_net.parameters(), *distiller.embed_t.parameters()])
         opt_v = self._image_optimizer([*image_net.parameters(), *distiller.embed_v.parameters()])
@@ -411,16 +435,6 @@ class Trainer:
             loss = ce_f + ce_t + cfg.alpha * l_v2t + ce_v + cfg.beta * l_t2v
             return loss, {"ce_fused": ce_f.detach()}
 
-        compiled = self._maybe_compile(compute)
-
-        def compute_with_partition(rows):
-            if not distiller.partition_ready:
-                with torch.no_grad(), self._autocast():
-                    _, t_feat = self._text_forward(fit, text_net, rows)
-                    _, v_feat = self._image_forward(fit, image_net, rows, False)
-                distiller.init_partition(t_feat.float(), v_feat.float(), rows)
-            return compiled(rows)
-
         def evaluate(split):
             def fwd(rows):
                 _, t = self._text_forward(split, text_net, rows)
@@ -429,29 +443,38 @@ class Trainer:
             return self._predict(split, fwd)
 
         modules = {"text": text_net, "image": image_net, "distiller": distiller, "block": block}
-        best = self._run_stage("cmc-shared", modules, {"text": opt_t, "image": opt_v, "fusion": opt_f}, fit,
-                               compute_with_partition, evaluate, ("fused",), cfg.epochs)
-        self._load_best("cmc-shared", "fused", modules)
-        self._record("cmc-shared", evaluate(splits["test"])["fused"], best["fused"], "cmc-shared")
+        loss_fn = self._with_partition(self._maybe_compile(compute), distiller, text_net, image_net, fit)
+        return Stage("cmc-shared", modules, {"text": opt_t, "image": opt_v, "fusion": opt_f}, fit, splits["val"],
+                     splits["test"], loss_fn, evaluate, ("fused",), cfg.epochs, heads={"fused": set(modules)})
 
     # ---------------------------------------------------------------------------------------- run
     def run(self) -> dict[str, dict]:
         t0 = time.perf_counter()
         self._setup()
         variants = self.cfg.variants()
-        if "finetune-t" in variants:
-            self.finetune("text")
-        if "finetune-v" in variants:
-            self.finetune("image")
+        for modality, variant in (("text", "finetune-t"), ("image", "finetune-v")):
+            if variant in variants:
+                stage = self.finetune_stage(modality)
+                best = self.run_stage(stage)
+                self._record(variant, stage.evaluate(stage.test_split)[modality], best[modality], stage.name)
         if {"cmc-t", "cmc-v", "cmc"} & set(variants):
-            text_net, image_net = self.stage1()
+            stage = self.run_stage_and_score(self.stage1_stage(), {"text": "cmc-t", "image": "cmc-v"})
             if "cmc" in variants:
-                self.stage2(text_net, image_net)
+                self.run_stage_and_score(self.stage2_stage(stage.modules["text"], stage.modules["image"]),
+                                         {"fused": "cmc"})
         if "cmc-shared" in variants:
-            self.shared()
+            self.run_stage_and_score(self.shared_stage(), {"fused": "cmc-shared"})
         self.results = {v: r for v, r in self.results.items() if v in variants}
         self._write_outputs(time.perf_counter() - t0)
         return self.results
+
+    def run_stage_and_score(self, stage: Stage, variants: dict[str, str]) -> Stage:
+        """Train (or, resumed, reload) a stage and score each of its heads once on the test split."""
+        best = self.run_stage(stage)
+        test = stage.evaluate(stage.test_split)
+        for head, variant in variants.items():
+            self._record(variant, test[head], best[head], stage.name)
+        return stage
 
     def _write_outputs(self, seconds: float) -> None:
         name = "evaluate" if self.evaluate_only else "metrics"

@@ -77,12 +77,14 @@ def test_resume_after_an_interrupted_run_matches_an_uninterrupted_one(tmp_path, 
 def test_stage2_leaves_the_frozen_encoders_bit_identical(tmp_path):
     tr = Trainer(tiny_config(tmp_path, variant="cmc"), tmp_path / "run")
     tr._setup()
-    text_net, image_net = tr.stage1()
+    stage1 = tr.run_stage_and_score(tr.stage1_stage(), {"text": "cmc-t", "image": "cmc-v"})
+    text_net, image_net = stage1.modules["text"], stage1.modules["image"]
+
     def states():
         return {**text_net.state_dict(prefix="t."), **image_net.state_dict(prefix="v.")}
 
     before = {k: v.clone() for k, v in states().items()}
-    tr.stage2(text_net, image_net)
+    tr.run_stage_and_score(tr.stage2_stage(text_net, image_net), {"fused": "cmc"})
     after = states()
     assert before.keys() == after.keys()
     for k in before:
@@ -95,7 +97,8 @@ def test_stage1_trains_both_networks_and_the_projections(tmp_path):
     tr._setup()
     torch.manual_seed(0)
     fresh_t, fresh_v = tr._text_net(), tr._image_net()
-    text_net, image_net = tr.stage1()
+    stage = tr.run_stage_and_score(tr.stage1_stage(), {"text": "cmc-t", "image": "cmc-v"})
+    text_net, image_net = stage.modules["text"], stage.modules["image"]
     state = torch.load(tmp_path / "run" / "checkpoints" / "stage1.last.pt", weights_only=False)
     dist = state["modules"]["distiller"]
     assert dist["z_v2t"] > 0 and dist["z_t2v"] > 0  # Z estimated once and saved with the checkpoint

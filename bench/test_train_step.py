@@ -1,0 +1,45 @@
+"""Training step time of each stage: eager vs torch.compile, with and without AMP, kernels vs reference.
+
+CPU runs use the synthetic preset's tiny encoders (a smoke-sized measurement); on CUDA the same step runs on
+the GPU. The first (compiling) step is excluded: pytest-benchmark's warm-up round takes it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from conftest import bench_device
+
+from cmc_fast.config import preset
+from cmc_fast.stages import build_stage
+
+ON_GPU = bench_device().type == "cuda"
+VARIANTS = [("eager", False, False), ("compile", True, False)]
+if ON_GPU:
+    VARIANTS += [("amp", False, True), ("amp+compile", True, True)]
+
+
+@pytest.mark.parametrize("stage_name", ["stage1", "stage2"])
+@pytest.mark.parametrize("kernels_mode", ["auto", "reference"] if ON_GPU else ["auto"])
+@pytest.mark.parametrize("label, compiled, amp", VARIANTS, ids=[v[0] for v in VARIANTS])
+def test_train_step(benchmark, record, tmp_path, monkeypatch, stage_name, kernels_mode, label, compiled, amp):
+    monkeypatch.setenv("CMC_FAST_KERNELS", kernels_mode)
+    cfg = preset("synthetic")
+    cfg.compile, cfg.amp, cfg.data_root = compiled, amp, os.environ.get("CMC_FAST_BENCH_DATA")
+    torch._dynamo.reset()
+    tr, stage = build_stage(cfg, stage_name, str(tmp_path / "run"))
+    for mod in stage.modules.values():
+        mod.train()
+    gen = torch.Generator().manual_seed(0)
+    n = len(stage.train_split)
+
+    def step():
+        rows = torch.randperm(n, generator=gen)[: cfg.batch_size].to(tr.device)
+        loss, _ = stage.step(rows)
+        return float(loss)  # synchronise
+
+    benchmark.pedantic(step, rounds=10 if not ON_GPU else 30, warmup_rounds=2, iterations=1)
+    record(benchmark, group=f"train step {stage_name} (synthetic preset, batch {cfg.batch_size})",
+           provider=f"{label}, kernels={kernels_mode}")
