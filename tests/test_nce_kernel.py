@@ -1,0 +1,418 @@
+"""The fused NCE kernels (kernels/nce.py) against the PyTorch reference and against float64 from the formula.
+
+Without CUDA the Triton path runs in the interpreter (tests/conftest.py sets TRITON_INTERPRET=1), forced by
+CMC_FAST_KERNELS=triton or by calling the launchers directly. Inputs are fresh random tensors per test from a
+seeded generator (never zeros). Shapes cover K+1 in {1, 17, 1501}, d in {16, 96, 128}, B in {1, 3, 64} with a
+covering set rather than the full product (the interpreter costs ~30 ms a program).
+
+Tolerances, per bank dtype (the bank is cast to float32 exactly inside the kernel and the float64 check uses the
+bank's stored values, so the bank's dtype changes what is gathered, not the arithmetic; the anchor's dtype, which
+the gradient is returned in, sets the gradient tolerance):
+  loss  vs float64:  rtol 2e-6 (kernel, log-space with an accurate log1p); for the reference rtol 3e-5 plus
+                     atol (K+1) * 1.2e-7: its log(noise / (P + noise + eps)) and log(P / (P + c)) take the log of a
+                     float32 ratio near 1, so each term carries up to ~1 ulp of 1.0 (2^-23) absolute error
+  grad  vs float64:  max |err| <= GRAD_TOL[dtype] * max |grad|  (float32 anchors 1e-5, float16 2e-3, bfloat16 1e-2)
+  bank update:       max |err| <= BANK_TOL[dtype]  (float32 1e-6; float16 1e-3, bfloat16 8e-3: one rounding)
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+from kernels import nce as nce_mod
+from kernels.reference import bank_update_reference_, nce_loss_reference, nce_partition_reference
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+TAU, EPS = 0.07, 1e-7
+
+LOSS_RTOL_KERNEL, LOSS_RTOL_REFERENCE = 2e-6, 3e-5
+GRAD_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+BANK_TOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+needs_triton_path = pytest.mark.skipif(not CUDA and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
+                                       reason="no CUDA and TRITON_INTERPRET is not set")
+BANK_DTYPES = [
+    torch.float32,
+    torch.float16,
+    pytest.param(torch.bfloat16, marks=pytest.mark.skipif(not CUDA, reason="no bfloat16 in the Triton interpreter")),
+]
+
+
+@pytest.fixture
+def triton_path(monkeypatch):
+    if not CUDA and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        pytest.skip("no CUDA and TRITON_INTERPRET is not set")
+    monkeypatch.setenv("CMC_FAST_KERNELS", "triton")
+
+
+@pytest.fixture
+def reference_path(monkeypatch):
+    monkeypatch.setenv("CMC_FAST_KERNELS", "reference")
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def make_inputs(b, d, k1, n, seed, *, bank_dtype=torch.float32, anchor_dtype=torch.float32, pool=None):
+    """Unit anchors and bank rows, idx [b, k1] with column 0 a distinct positive per row; negatives uniform over
+    ``pool`` slots (default all n; a small pool forces repeated indices within a row)."""
+    g = torch.Generator().manual_seed(seed)
+    anchor = F.normalize(torch.randn(b, d, generator=g), dim=1).to(anchor_dtype)
+    bank = F.normalize(torch.randn(n, d, generator=g), dim=1).to(bank_dtype)
+    pos = torch.randperm(n, generator=g)[:b] if b <= n else torch.randint(0, n, (b,), generator=g)
+    neg = torch.randint(0, pool or n, (b, k1 - 1), generator=g)
+    idx = torch.cat([pos[:, None], neg], dim=1)
+    return anchor.to(DEVICE), bank.to(DEVICE), idx.to(DEVICE)
+
+
+def z_of(anchor, bank, idx, n):
+    """A realistic frozen partition: the first-batch estimate (computed in float64 from the formula)."""
+    s = (bank.detach().double()[idx] @ anchor.detach().double().unsqueeze(2)).squeeze(2) / TAU
+    return float(torch.exp(s).mean() * n)
+
+
+def loss64(anchor, bank, idx, *, z, n, tau=TAU, eps=EPS):
+    """(loss, dL/danchor) in float64, straight from DESIGN section 1, on the stored values of anchor and bank."""
+    a = anchor.detach().double().cpu().requires_grad_()
+    rows = bank.detach().double().cpu()[idx.cpu()]
+    s = (rows @ a.unsqueeze(2)).squeeze(2) / tau
+    z = z.double().cpu() if isinstance(z, torch.Tensor) else z
+    p = torch.exp(s) / z
+    noise = (idx.shape[1] - 1) / n
+    log_pos = torch.log(p[:, 0] / (p[:, 0] + noise + eps))
+    log_neg = torch.log(noise / (p[:, 1:] + noise + eps)).sum(1)
+    loss = -(log_pos + log_neg).mean()
+    (g,) = torch.autograd.grad(loss, a)
+    return loss.detach(), g
+
+
+def run_public(anchor, bank, idx, *, z, n, upstream=1.0):
+    """kernels.nce_loss forward + backward (scaled by ``upstream``); returns (loss, anchor.grad)."""
+    a = anchor.detach().clone().requires_grad_()
+    loss = kernels.nce_loss(a, bank, idx, tau=TAU, z=z, n_data=n)
+    (loss * upstream).backward()
+    return loss.detach(), a.grad
+
+
+def assert_grad_close(got, want, dtype, what="", atol=0.0):
+    got, want = got.detach().double().cpu(), want.detach().double().cpu()
+    assert got.shape == want.shape
+    assert torch.isfinite(got).all(), f"{what}: non-finite gradient"
+    scale = want.abs().max().item()
+    err = (got - want).abs().max().item()
+    assert err <= GRAD_TOL[dtype] * scale + atol, f"{what}: max |grad err| {err:.3g} > {GRAD_TOL[dtype]} * {scale:.3g}"
+
+
+def assert_loss_close(got, want, rtol, what="", atol=0.0):
+    got, want = float(torch.as_tensor(got).detach()), float(torch.as_tensor(want).detach())
+    assert abs(got - want) <= rtol * abs(want) + atol, f"{what}: loss {got!r} vs {want!r} ({abs(got - want):.3g})"
+
+
+def ref_atol(k1):
+    """The reference's absolute loss error budget (see the module docstring)."""
+    return k1 * 1.2e-7
+
+
+def ref_grad_atol(b, k1):
+    """The same ~2^-23 per term, through dL/ds (1/B each) and ds/da = M/tau with unit bank rows."""
+    return k1 * 1.2e-7 / (b * TAU)
+
+
+# ----------------------------------------------------------------------------------- loss and gradient
+# A covering set of (B, d, K+1): every value of each axis appears, and each pair of axes a few times.
+SHAPES = [(1, 16, 1), (3, 96, 17), (64, 128, 1501), (1, 128, 17), (3, 16, 1501), (64, 96, 1), (3, 128, 1)]
+
+
+@pytest.mark.parametrize("b,d,k1", SHAPES, ids=[f"B{b}-d{d}-K1_{k}" for b, d, k in SHAPES])
+def test_loss_and_grad_match_reference_and_float64(triton_path, b, d, k1):
+    n = 7531 if k1 == 1501 else 500
+    anchor, bank, idx = make_inputs(b, d, k1, n, seed=1000 * b + 10 * d + k1)
+    z = torch.tensor(z_of(anchor, bank, idx, n), device=DEVICE)
+    loss, grad = run_public(anchor, bank, idx, z=z, n=n)
+    want_loss, want_grad = loss64(anchor, bank, idx, z=z, n=n)
+
+    a_ref = anchor.clone().requires_grad_()
+    ref = nce_loss_reference(a_ref, bank, idx, tau=TAU, z=z, n_data=n)
+    ref.backward()
+
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    assert_loss_close(loss, want_loss, LOSS_RTOL_KERNEL, "kernel vs float64")
+    assert_loss_close(loss, ref, LOSS_RTOL_REFERENCE, "kernel vs reference", atol=ref_atol(k1))
+    assert_grad_close(grad, want_grad, torch.float32, "kernel vs float64")
+    assert_grad_close(grad, a_ref.grad, torch.float32, "kernel vs reference", atol=ref_grad_atol(b, k1))
+
+
+@pytest.mark.parametrize("b,d,k1", [(3, 96, 1501), (64, 128, 1501), (3, 16, 17)])
+def test_reference_itself_matches_float64(b, d, k1):
+    n = 7531
+    anchor, bank, idx = make_inputs(b, d, k1, n, seed=7 + b + d + k1)
+    z = z_of(anchor, bank, idx, n)
+    a = anchor.clone().requires_grad_()
+    ref = nce_loss_reference(a, bank, idx, tau=TAU, z=z, n_data=n)
+    ref.backward()
+    want_loss, want_grad = loss64(anchor, bank, idx, z=z, n=n)
+    assert_loss_close(ref, want_loss, LOSS_RTOL_REFERENCE, "reference vs float64", atol=ref_atol(k1))
+    assert_grad_close(a.grad, want_grad, torch.float32, "reference vs float64", atol=ref_grad_atol(b, k1))
+    assert abs(nce_partition_reference(anchor, bank, idx, tau=TAU, n_data=n) - z) <= 1e-5 * z
+
+
+@pytest.mark.parametrize("splits,block_k", [(3, 16), (7, 32), (1, 16)])
+def test_several_splits_and_tiles(triton_path, splits, block_k):
+    """Split boundaries and tile tails that do not line up with K+1 (launcher called directly)."""
+    b, d, k1, n = 3, 96, 1501, 7531
+    anchor, bank, idx = make_inputs(b, d, k1, n, seed=splits * 100 + block_k)
+    z = torch.tensor(z_of(anchor, bank, idx, n), device=DEVICE)
+    loss, grad = nce_mod.nce_fwd_triton(anchor, bank, idx, z, TAU, n, EPS, True, block_k=block_k, splits=splits)
+    want_loss, want_grad = loss64(anchor, bank, idx, z=z, n=n)
+    assert_loss_close(loss, want_loss, LOSS_RTOL_KERNEL, f"splits={splits}")
+    assert_grad_close(grad, want_grad, torch.float32, f"splits={splits}")
+
+
+def test_repeated_indices_within_a_row(triton_path):
+    b, d, k1, n = 3, 96, 17, 50
+    anchor, bank, idx = make_inputs(b, d, k1, n, seed=11, pool=4)  # 16 negatives from 4 slots
+    idx[:, 5] = idx[:, 0]  # the positive's own slot also drawn as a negative
+    assert all(len(set(r.tolist())) < k1 for r in idx)
+    z = torch.tensor(z_of(anchor, bank, idx, n), device=DEVICE)
+    loss, grad = run_public(anchor, bank, idx, z=z, n=n)
+    want_loss, want_grad = loss64(anchor, bank, idx, z=z, n=n)
+    assert_loss_close(loss, want_loss, LOSS_RTOL_KERNEL)
+    assert_grad_close(grad, want_grad, torch.float32)
+
+
+@pytest.mark.parametrize("z", [1.0, "batch"], ids=["z1", "zbatch"])
+def test_scores_at_the_exp_limit(triton_path, z):
+    """anchor == its positive bank row (and that row drawn as negatives too): s = 1/0.07 = 14.3, exp(s) = 1.6e6.
+    With z = 1, P = 1.6e6 saturates the weights (w -> 1) -- the float32 edge of the formula."""
+    b, d, k1, n = 3, 128, 17, 200
+    anchor, bank, idx = make_inputs(b, d, k1, n, seed=21)
+    anchor = bank[idx[:, 0]].clone()
+    idx[:, 1:4] = idx[:, :1]
+    z = z_of(anchor, bank, idx, n) if z == "batch" else z
+    loss, grad = run_public(anchor, bank, idx, z=z, n=n)
+    want_loss, want_grad = loss64(anchor, bank, idx, z=z, n=n)
+    s_max = (bank[idx] @ anchor.unsqueeze(2)).max().item() / TAU
+    assert s_max > 14.28
+    assert_loss_close(loss, want_loss, LOSS_RTOL_KERNEL)
+    assert_grad_close(grad, want_grad, torch.float32)
+    ref = nce_loss_reference(anchor, bank, idx, tau=TAU, z=z, n_data=n)
+    assert_loss_close(loss, ref, LOSS_RTOL_REFERENCE, atol=ref_atol(k1))
+
+
+def test_past_float32_exp_overflow_stays_finite(triton_path):
+    """Unnormalised anchors push s past 88 where exp overflows in float32: the reference's loss is inf; the
+    kernel works in log space and still matches float64."""
+    b, d, k1, n = 3, 16, 17, 100
+    anchor, bank, idx = make_inputs(b, d, k1, n, seed=31)
+    anchor = bank[idx[:, 0]].clone() * 7.0  # s_pos = 7 / 0.07 = 100
+    idx[:, 2] = idx[:, 0]
+    z = 50.0
+    assert not torch.isfinite(nce_loss_reference(anchor, bank, idx, tau=TAU, z=z, n_data=n))
+    loss, grad = run_public(anchor, bank, idx, z=z, n=n)
+    want_loss, want_grad = loss64(anchor, bank, idx, z=z, n=n)
+    assert_loss_close(loss, want_loss, LOSS_RTOL_KERNEL)
+    assert_grad_close(grad, want_grad, torch.float32)
+
+
+@pytest.mark.parametrize("bank_dtype", BANK_DTYPES)
+def test_half_banks(triton_path, bank_dtype):
+    """float16 (and, on CUDA, bfloat16) banks and anchors: float32 accumulation, gradient in the anchor's dtype."""
+    b, d, k1, n = 3, 96, 1501, 7531
+    anchor, bank, idx = make_inputs(b, d, k1, n, seed=41, bank_dtype=bank_dtype, anchor_dtype=bank_dtype)
+    z = torch.tensor(z_of(anchor, bank, idx, n), device=DEVICE)
+    loss, grad = run_public(anchor, bank, idx, z=z, n=n)
+    assert loss.dtype == torch.float32 and grad.dtype == bank_dtype
+    want_loss, want_grad = loss64(anchor, bank, idx, z=z, n=n)
+    assert_loss_close(loss, want_loss, LOSS_RTOL_KERNEL)
+    assert_grad_close(grad, want_grad, bank_dtype)
+    a_ref = anchor.clone().requires_grad_()
+    nce_loss_reference(a_ref, bank, idx, tau=TAU, z=z, n_data=n).backward()
+    assert_grad_close(grad, a_ref.grad, bank_dtype, "kernel vs reference", atol=ref_grad_atol(b, k1))
+
+
+def test_upstream_gradient_noncontiguous_inputs_int32_and_float_z(triton_path):
+    """Backward scales by grad_output; a transposed (non-contiguous) anchor, a strided bank view, int32 idx and a
+    Python-float z all give the same numbers as the plain case."""
+    b, d, k1, n = 3, 16, 17, 300
+    anchor, bank, idx = make_inputs(b, d, k1, n, seed=51)
+    z = z_of(anchor, bank, idx, n)
+    base_loss, base_grad = run_public(anchor, bank, idx, z=torch.tensor(z, device=DEVICE), n=n)
+
+    anchor_t = anchor.t().contiguous().t()  # same values, column-major
+    wide = torch.randn(n, 2 * d, device=DEVICE)
+    wide[:, ::2] = bank  # bank view with strides (2d, 2)
+    bank_view = wide[:, ::2]
+    assert not anchor_t.is_contiguous() and not bank_view.is_contiguous()
+    loss, grad = run_public(anchor_t, bank_view, idx.int(), z=z, n=n, upstream=-2.5)
+    assert_loss_close(loss, base_loss, 1e-6)
+    assert_grad_close(grad, -2.5 * base_grad, torch.float32)
+
+
+def test_no_grad_and_z_float_vs_tensor(triton_path):
+    b, d, k1, n = 3, 128, 17, 400
+    anchor, bank, idx = make_inputs(b, d, k1, n, seed=61)
+    z = z_of(anchor, bank, idx, n)
+    with torch.no_grad():
+        l_nograd = kernels.nce_loss(anchor.clone().requires_grad_(), bank, idx, tau=TAU, z=z, n_data=n)
+    l_tensor = kernels.nce_loss(anchor, bank, idx, tau=TAU, z=torch.tensor(z, device=DEVICE), n_data=n)
+    want, _ = loss64(anchor, bank, idx, z=z, n=n)
+    assert not l_nograd.requires_grad
+    assert_loss_close(l_nograd, want, LOSS_RTOL_KERNEL)
+    assert_loss_close(l_tensor, want, LOSS_RTOL_KERNEL)
+
+
+def test_reference_path_closed_form_gradient_matches_autograd(reference_path):
+    """The op's reference implementation returns the gradient in closed form (autograd cannot run inside a
+    custom op): it must equal autograd through nce_loss_reference."""
+    b, d, k1, n = 3, 96, 1501, 7531
+    anchor, bank, idx = make_inputs(b, d, k1, n, seed=71)
+    z = z_of(anchor, bank, idx, n)
+    loss, grad = run_public(anchor, bank, idx, z=z, n=n, upstream=0.3)
+    a = anchor.clone().requires_grad_()
+    ref = nce_loss_reference(a, bank, idx, tau=TAU, z=z, n_data=n)
+    (ref * 0.3).backward()
+    assert float(loss) == float(ref.detach())  # same arithmetic, bit for bit
+    assert_grad_close(grad, a.grad, torch.float32, atol=ref_grad_atol(b, k1))
+
+
+def test_bad_arguments_raise():
+    anchor, bank, idx = make_inputs(3, 16, 17, 100, seed=81)
+    with pytest.raises(ValueError):
+        kernels.nce_loss(anchor, bank, idx[:2], tau=TAU, z=1.0, n_data=100)
+    with pytest.raises(ValueError):
+        kernels.nce_loss(anchor[:, :8], bank, idx, tau=TAU, z=1.0, n_data=100)
+    with pytest.raises(TypeError):
+        kernels.nce_loss(anchor, bank, idx.float(), tau=TAU, z=1.0, n_data=100)
+    with pytest.raises(ValueError):
+        kernels.bank_update_(bank, idx[:, 0], anchor[:2], 0.5)
+
+
+# ------------------------------------------------------------------------------------------- partition
+@pytest.mark.parametrize("b,d,k1,splits", [(3, 96, 1501, 5), (1, 16, 1, None), (64, 128, 17, None)])
+def test_partition(triton_path, b, d, k1, splits):
+    n = 7531
+    anchor, bank, idx = make_inputs(b, d, k1, n, seed=91 + k1)
+    want = z_of(anchor, bank, idx, n)
+    got_kernel = nce_mod.nce_partition_triton(anchor, bank, idx, TAU, n, splits=splits)
+    got_public = kernels.nce_partition(anchor, bank, idx, tau=TAU, n_data=n)
+    assert isinstance(got_public, float)
+    assert abs(float(got_kernel) - want) <= 2e-6 * want
+    assert abs(got_public - want) <= 2e-6 * want
+    assert abs(nce_partition_reference(anchor, bank, idx, tau=TAU, n_data=n) - want) <= 1e-5 * want
+
+
+# ----------------------------------------------------------------------------------------- bank update
+def bank_case(n, d, idx_list, seed, dtype):
+    g = torch.Generator().manual_seed(seed)
+    bank = F.normalize(torch.randn(n, d, generator=g), dim=1).to(dtype).to(DEVICE)
+    index = torch.tensor(idx_list, dtype=torch.int64, device=DEVICE)
+    feats = F.normalize(torch.randn(len(idx_list), d, generator=g), dim=1).to(DEVICE)
+    return bank, index, feats
+
+
+@pytest.mark.parametrize("dtype", BANK_DTYPES)
+@pytest.mark.parametrize("d", [16, 96, 128])
+def test_bank_update_matches_reference_with_repeats(triton_path, dtype, d):
+    idx_list = [3, 7, 3, 11, 7, 7, 0, 19]  # 3 and 7 repeat: the last occurrence (positions 2 and 5) wins
+    bank, index, feats = bank_case(20, d, idx_list, seed=d, dtype=dtype)
+    before = bank.clone()
+    ref = bank.clone()
+    bank_update_reference_(ref, index, feats, 0.5)
+    kernels.bank_update_(bank, index, feats, 0.5)
+    tol = BANK_TOL[dtype]
+    assert (bank.float() - ref.float()).abs().max().item() <= tol
+    # explicit: rows from the pre-call bank, last occurrence wins, untouched rows unchanged
+    for row, pos in [(3, 2), (7, 5), (11, 3), (0, 6), (19, 7)]:
+        want = F.normalize(0.5 * before[row].float() + 0.5 * feats[pos].float(), dim=0)
+        assert (bank[row].float() - want).abs().max().item() <= tol, f"row {row}"
+    untouched = [r for r in range(20) if r not in idx_list]
+    assert torch.equal(bank[untouched], before[untouched])
+    # a loser's value is not what landed
+    loser = F.normalize(0.5 * before[3].float() + 0.5 * feats[0].float(), dim=0)
+    assert (bank[3].float() - loser).abs().max().item() > 10 * tol
+
+
+def test_bank_update_deterministic_and_strided(triton_path):
+    g = torch.Generator().manual_seed(5)
+    index = torch.randint(0, 40, (64,), generator=g).to(DEVICE)  # many repeats
+    assert index.unique().numel() < 64
+    bank, _, feats = bank_case(40, 96, [0] * 64, seed=6, dtype=torch.float32)
+    results = []
+    for _ in range(3):
+        b = bank.clone()
+        kernels.bank_update_(b, index, feats, 0.5)
+        results.append(b)
+    assert torch.equal(results[0], results[1]) and torch.equal(results[1], results[2])
+    ref = bank.clone()
+    bank_update_reference_(ref, index, feats, 0.5)
+    assert (results[0] - ref).abs().max().item() <= BANK_TOL[torch.float32]
+    # a strided view of a wider buffer is updated in place, its neighbours untouched
+    wide = torch.randn(40, 2 * 96, device=DEVICE)
+    wide[:, 1::2] = bank
+    keep = wide[:, ::2].clone()
+    kernels.bank_update_(wide[:, 1::2], index, feats, 0.5)
+    assert (wide[:, 1::2] - ref).abs().max().item() <= BANK_TOL[torch.float32]
+    assert torch.equal(wide[:, ::2], keep)
+
+
+# ------------------------------------------------------------------------------- torch.library / compile
+def test_opcheck_registrations():
+    """Schema, fake (meta) and autograd registrations of the ops are consistent (torch.library.opcheck)."""
+    anchor, bank, idx = make_inputs(3, 16, 17, 100, seed=101)
+    anchor.requires_grad_()
+    z = torch.tensor(z_of(anchor, bank, idx, 100), device=DEVICE)
+    torch.library.opcheck(torch.ops.cmc_fast.nce_fwd.default, (anchor, bank, idx, z, TAU, 100, EPS, True),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    torch.library.opcheck(torch.ops.cmc_fast.bank_update_.default, (bank.clone(), idx[:, 0], anchor.detach(), 0.5),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+class _Step(torch.nn.Module):
+    def __init__(self, n, d_in, d, seed):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.proj = torch.nn.Linear(d_in, d)
+        with torch.no_grad():
+            self.proj.weight.copy_(torch.randn(d, d_in, generator=g) * 0.2)
+            self.proj.bias.copy_(torch.randn(d, generator=g) * 0.1)
+        self.register_buffer("bank", F.normalize(torch.randn(n, d, generator=g), dim=1))
+        self.register_buffer("z", torch.tensor(float(n)))
+
+    def forward(self, x, index, idx):
+        a = F.normalize(self.proj(x), dim=1)
+        loss = kernels.nce_loss(a, self.bank, idx, tau=TAU, z=self.z, n_data=self.bank.shape[0])
+        kernels.bank_update_(self.bank, index, a.detach(), 0.5)
+        return loss
+
+
+@pytest.mark.parametrize("mode", ["auto", "triton"])
+def test_compiled_step_fullgraph_matches_eager(monkeypatch, mode):
+    """torch.compile(fullgraph=True) of a step with nce_loss and bank_update_ compiles without graph breaks --
+    fullgraph raises on any -- and its loss, AOT-compiled backward and bank update match eager, twice in a row
+    (step 2 reads the bank step 1 updated). auto: the ops' reference implementation on CPU, Triton on CUDA;
+    triton: the Triton launchers, in the interpreter on CPU (the op is opaque to the compiler either way)."""
+    if mode == "triton" and not CUDA and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        pytest.skip("no CUDA and TRITON_INTERPRET is not set")
+    monkeypatch.setenv("CMC_FAST_KERNELS", mode)
+    n, d_in, d, b, k1 = 64, 24, 16, 6, 17
+    eager, compiled = _Step(n, d_in, d, seed=3).to(DEVICE), _Step(n, d_in, d, seed=3).to(DEVICE)
+    fwd = torch.compile(compiled, fullgraph=True)
+    g = torch.Generator().manual_seed(4)
+    for _ in range(2):
+        x = torch.randn(b, d_in, generator=g).to(DEVICE)
+        index = torch.tensor([1, 5, 9, 5, 20, 33], device=DEVICE)  # a repeat: last occurrence wins in both
+        idx = torch.cat([index[:, None], torch.randint(0, n, (b, k1 - 1), generator=g).to(DEVICE)], dim=1)
+        for m in (eager, compiled):
+            m.zero_grad(set_to_none=True)
+        l_eager = eager(x, index, idx)
+        l_eager.backward()
+        l_comp = fwd(x, index, idx)
+        l_comp.backward()
+        assert torch.allclose(l_eager, l_comp, rtol=1e-5, atol=0), (l_eager, l_comp)
+        assert torch.allclose(eager.proj.weight.grad, compiled.proj.weight.grad, rtol=1e-4, atol=1e-6)
+        assert torch.allclose(eager.bank, compiled.bank, rtol=0, atol=1e-6)
+    assert not torch.equal(eager.bank, _Step(n, d_in, d, seed=3).to(DEVICE).bank)  # the bank did move
