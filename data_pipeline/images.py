@@ -12,13 +12,13 @@ Contract (every backend, every device)
 - ``fallback``: position -> why PIL decoded it instead of the fast backend (informational).
 
 Geometry: the authors' direct resize of the whole image to ``size = (H, W)`` (no crop, aspect ratio not
-kept), bicubic with antialiasing (a = -0.5 Keys kernel widened by the scale factor when shrinking) in all
+kept), bicubic with antialiasing (the cubic kernel widened by the scale factor when shrinking) in all
 three: PIL ``Image.BICUBIC``, torchvision ``InterpolationMode.BICUBIC, antialias=True``, DALI
 ``INTERP_CUBIC, antialias=True``. No EXIF orientation is applied (PIL's ``Image.open`` does not; DALI is told
-``adjust_orientation=False``). Greyscale is replicated to three channels. On the 268 real Weibo JPEGs at
-224x224 torchvision matches PIL to ~0.04 and DALI to ~0.13 mean absolute difference in 0-255 units; the
-maxima (~15-18) sit on a few sharp edges where the JPEG decoders' IDCT / chroma upsampling round
-differently (see tests/test_images.py for the asserted tolerances).
+``adjust_orientation=False``). Greyscale is replicated to three channels. On the 268 real Weibo JPEGs the three
+CPU decoders (libjpeg-turbo / libjpeg) agree bit-exactly before resizing; after the resize to 224x224
+torchvision matches PIL to 0.035 and DALI to 0.13 mean absolute difference in 0-255 units (max 15 and 18, on a
+few sharp edges), all of it from the resamplers' kernels and rounding (tests/test_images.py asserts tolerances).
 
 Backends
 --------
@@ -31,7 +31,9 @@ Backends
   ``fn.transpose`` to CHW (uint8) or ``fn.crop_mirror_normalize`` (float, ImageNet statistics inside the
   pipeline). Built once per (size, chunk size, device, output kind) and reused; GPU output goes to torch
   device-to-device (``feed_ndarray``), never through the host. Optional: ``pip install cmc-fast[dali]``.
-- ``auto``: ``dali`` when it is importable, else ``torchvision`` (else ``pil``).
+- ``auto``: on CUDA ``dali`` when it is importable, else ``torchvision``; on the CPU ``torchvision`` (else ``pil``).
+  DALI's CPU pipeline is not chosen automatically: its bicubic ``fn.resize`` costs more CPU than decoding, and
+  on the 2-core development machine the whole pipeline took ~2x torchvision's CPU time per image (see bench/).
 
 Bad images: never raise from a batch call
 -----------------------------------------
@@ -51,6 +53,7 @@ truncated JPEG                ok=False, error "<path>: JPEG without end marker (
                               is decoded by PIL instead)
 corrupt JPEG (fast fails)     fast backend isolates it; PIL tries; ok=False with both messages if
                               PIL fails too, else decoded by PIL
+damaged scan, markers intact  all decoders conceal the damage (libjpeg: "Corrupt JPEG data"): ok=True
 PNG / GIF / WebP named .jpg   decoded by PIL by content (GIF: first frame; alpha dropped), ok=True
 CMYK (4-component) JPEG       decoded by PIL (CMYK -> RGB), ok=True
 greyscale JPEG                decoded by the fast backend to RGB (channel replicated), ok=True
@@ -117,19 +120,21 @@ def torchvision_available() -> bool:
 
 
 def available_backends() -> list[str]:
-    """Concrete backends usable here, fastest first."""
+    """Concrete backends usable here, in ``auto``'s order of preference on CUDA."""
     return [b for b, ok in (("dali", dali_available()), ("torchvision", torchvision_available()), ("pil", True))
             if ok]
 
 
-def resolve_backend(name: str) -> str:
-    """``auto`` -> ``dali`` when installed, else ``torchvision``, else ``pil``. An explicitly named backend that
-    is not installed raises ImportError saying how to get it."""
+def resolve_backend(name: str, device: torch.device | str | None = None) -> str:
+    """``auto`` -> on CUDA ``dali`` when installed, else ``torchvision``; on the CPU ``torchvision``; ``pil`` when
+    neither works. An explicitly named backend that is not installed raises ImportError saying how to get it."""
     key = (name or "auto").lower()
     if key not in BACKENDS:
         raise ValueError(f"unknown image backend {name!r}; choose one of: {', '.join(BACKENDS)}")
     if key == "auto":
-        return available_backends()[0]
+        cuda = device is not None and torch.device(device).type == "cuda"
+        usable = available_backends()
+        return next(b for b in usable if cuda or b != "dali")
     if key == "dali" and not dali_available():
         raise ImportError("image backend 'dali' needs NVIDIA DALI: pip install 'cmc-fast[dali]' "
                           "(nvidia-dali-cuda130), or use --image-backend torchvision / auto")
@@ -271,7 +276,8 @@ def _isolating(run: Callable[[list[int]], None], k: int) -> dict[int, str]:
 
 
 def _tv_resize(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    from torchvision.transforms.v2.functional import InterpolationMode, resize
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2.functional import resize
 
     return resize(img, list(size), interpolation=InterpolationMode.BICUBIC, antialias=True)
 
@@ -294,9 +300,12 @@ def _decode_torchvision(blobs: list[bytes], size: tuple[int, int], device: torch
 
             return out, _isolating(run, len(blobs))
         failures: dict[int, str] = {}
+        # the resize returns channels-last strides; numpy's single-threaded strided copy is far cheaper here than
+        # torch's OpenMP-parallel one (which on a busy 2-core machine costs more than the decode)
+        out_np = out.numpy()
         for j, enc in enumerate(encoded):
             try:
-                out[j] = _tv_resize(decode_jpeg(enc, mode=ImageReadMode.RGB), size)
+                out_np[j] = _tv_resize(decode_jpeg(enc, mode=ImageReadMode.RGB), size).numpy()
             except Exception as exc:  # noqa: BLE001 - per-sample report, PIL gets a try
                 failures[j] = _short(exc)
         return out, failures
@@ -325,10 +334,10 @@ def _dali_pipeline(key: tuple):
     gpu = device_id is not None
 
     @pipeline_def(batch_size=max_batch, num_threads=_dali_threads(), device_id=device_id, prefetch_queue_depth=1)
-    def images():
+    def images(decoder_args: dict):
         encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1, device="cpu")
         img = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB,
-                                adjust_orientation=False, jpeg_fancy_upsampling=True)
+                                jpeg_fancy_upsampling=True, **decoder_args)  # fancy: match libjpeg on the GPU
         img = fn.resize(img, resize_x=w, resize_y=h, interp_type=types.INTERP_CUBIC, antialias=True)
         if normalize:
             return fn.crop_mirror_normalize(img, dtype=types.FLOAT, output_layout="CHW",
@@ -336,8 +345,14 @@ def _dali_pipeline(key: tuple):
                                             std=[255.0 * s for s in IMAGENET_STD])
         return fn.transpose(img, perm=[2, 0, 1])
 
-    pipe = images()
-    pipe.build()
+    try:
+        pipe = images({"adjust_orientation": False})  # EXIF orientation ignored, like PIL's Image.open
+        pipe.build()
+    except Exception as exc:  # noqa: BLE001 - DALI releases whose decoder predates the argument never rotate
+        if "adjust_orientation" not in str(exc):
+            raise
+        pipe = images({})
+        pipe.build()
     _DALI_PIPES[key] = pipe
     return pipe
 
@@ -362,11 +377,16 @@ def _decode_dali(blobs: list[bytes], size: tuple[int, int], device: torch.device
         except Exception:
             _DALI_PIPES.pop(key, None)  # a pipeline that raised is no longer valid
             raise
-        dense = images.as_tensor()
-        tmp = torch.empty(tuple(dense.shape()), dtype=out.dtype, device=device)
-        # copied out now: DALI reuses its buffers on the next run; on CUDA the copy stays on the GPU
-        feed_ndarray(dense, tmp, cuda_stream=torch.cuda.current_stream(device) if device_id is not None else None)
-        out[torch.as_tensor(idx, device=device)] = tmp
+        # bisection only ever runs contiguous ranges, so DALI copies straight into the output rows, now (it reuses
+        # its buffers on the next run); on CUDA the copy is device-to-device on torch's current stream
+        dst = out[idx[0]:idx[-1] + 1]
+        assert dst.shape[0] == len(idx)
+        if device_id is None:
+            feed_ndarray(images.as_tensor(), dst)
+        else:
+            stream = torch.cuda.current_stream(device)
+            feed_ndarray(images.as_tensor(), dst, cuda_stream=stream)
+            stream.synchronize()  # done before the next run may reuse DALI's output buffer
 
     with _DALI_LOCK:
         failures = _isolating(run, len(blobs))
@@ -387,7 +407,19 @@ def normalize(pixels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch
     """uint8 [n, 3, H, W] -> ImageNet-normalised float, on the tensor's device."""
     mean = torch.tensor(IMAGENET_MEAN, device=pixels.device, dtype=dtype).view(1, 3, 1, 1) * 255.0
     std = torch.tensor(IMAGENET_STD, device=pixels.device, dtype=dtype).view(1, 3, 1, 1) * 255.0
-    return (pixels.to(dtype) - mean) / std
+    return pixels.to(dtype, copy=True).sub_(mean).div_(std)  # one buffer, two in-place passes
+
+
+def _assign(out: torch.Tensor, positions: list[int], pixels: torch.Tensor) -> None:
+    """out[positions] = pixels. On the CPU through numpy where it can: torch's OpenMP-parallel copies of a few MB
+    cost more than the decode itself on a small, busy machine."""
+    if out.device.type == "cpu" and out.dtype in (torch.uint8, torch.float32, torch.float16):
+        if positions == list(range(positions[0], positions[0] + len(positions))):
+            out.numpy()[positions[0]:positions[0] + len(positions)] = pixels.numpy()
+        else:
+            out.numpy()[positions] = pixels.numpy()
+    else:
+        out[torch.as_tensor(positions, device=out.device)] = pixels
 
 
 def _check_size(size: Sequence[int]) -> tuple[int, int]:
@@ -400,8 +432,8 @@ def _decode_loaded(names: Sequence[str], loaded: Sequence[tuple[bytes | None, st
                    backend: str, *, normalize_output: bool, device: torch.device | str | None,
                    dtype: torch.dtype, chunk: int) -> ImageBatch:
     h, w = _check_size(size)
-    name = resolve_backend(backend)
     dev = torch.device(device) if device is not None else torch.device("cpu")
+    name = resolve_backend(backend, dev)
     n = len(loaded)
     out_dtype = dtype if normalize_output else torch.uint8
     out = torch.zeros((n, 3, h, w), dtype=out_dtype, device=dev)
@@ -427,10 +459,9 @@ def _decode_loaded(names: Sequence[str], loaded: Sequence[tuple[bytes | None, st
     def put(positions: list[int], pixels: torch.Tensor) -> None:
         if not positions:
             return
-        pixels = pixels.to(dev, non_blocking=True)
         if normalize_output and not pixels.is_floating_point():
-            pixels = normalize(pixels, dtype=torch.float32)
-        out[torch.as_tensor(positions, device=dev)] = pixels.to(out_dtype)
+            pixels = normalize(pixels.to(dev, non_blocking=True), dtype=torch.float32)
+        _assign(out, positions, pixels.to(dev, out_dtype, non_blocking=True))
         ok[positions] = True
 
     if fast:
@@ -438,21 +469,26 @@ def _decode_loaded(names: Sequence[str], loaded: Sequence[tuple[bytes | None, st
         for start in range(0, len(fast), chunk):
             part = fast[start:start + chunk]
             pixels, failures = decode_fast([loaded[i][0] for i in part], (h, w), dev, normalize_output, chunk)
-            good = [j for j in range(len(part)) if j not in failures]
-            put([part[j] for j in good], pixels[torch.as_tensor(good, dtype=torch.long, device=pixels.device)])
-            to_pil += [(part[j], f"{name} failed: {msg}") for j, msg in failures.items()]
+            if failures:
+                good = [j for j in range(len(part)) if j not in failures]
+                pixels = pixels[torch.as_tensor(good, dtype=torch.long, device=pixels.device)]
+                to_pil += [(part[j], f"{name} failed: {msg}") for j, msg in failures.items()]
+                part = [part[j] for j in good]
+            put(part, pixels)
 
-    done, decoded = [], []
-    for i, why in sorted(to_pil):
-        try:
-            decoded.append(torch.from_numpy(_pil_one(loaded[i][0], (h, w))))
-            done.append(i)
-            if why:
-                fallback[i] = why
-        except Exception as exc:  # noqa: BLE001 - any decoder failure is a per-sample report
-            errors[i] = f"{names[i]}: {why + '; ' if why else ''}PIL: {_short(exc)}"
-    if done:
-        put(done, torch.stack(decoded))
+    if to_pil:
+        to_pil.sort()
+        buf = np.empty((len(to_pil), 3, h, w), dtype=np.uint8)
+        done: list[int] = []
+        for i, why in to_pil:
+            try:
+                buf[len(done)] = _pil_one(loaded[i][0], (h, w))
+                done.append(i)
+                if why:
+                    fallback[i] = why
+            except Exception as exc:  # noqa: BLE001 - any decoder failure is a per-sample report
+                errors[i] = f"{names[i]}: {why + '; ' if why else ''}PIL: {_short(exc)}"
+        put(done, torch.from_numpy(buf[:len(done)]))
     return ImageBatch(out, ok, dict(sorted(errors.items())), dict(sorted(fallback.items())), name)
 
 
