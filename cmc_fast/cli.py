@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--max-len", type=int, help="text tokens kept (head + tail)")
     tr.add_argument("--image-size", type=_pair, help="H,W of the training images")
     tr.add_argument("--image-backend", help="auto, dali, torchvision or pil")
+    tr.add_argument("--image-stream", action="store_true",
+                    help="decode images from the files every epoch instead of once into the uint8 cache")
     tr.add_argument("--text-lr", type=float)
     tr.add_argument("--image-lr", type=float)
     tr.add_argument("--fusion-lr", type=float)
@@ -108,6 +110,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         cfg.synthetic_train, cfg.synthetic_test = args.synthetic_n
     cfg.amp = cfg.amp or args.amp
     cfg.compile = cfg.compile or args.compile
+    cfg.image_cache = cfg.image_cache and not args.image_stream
     cfg.progress = not args.no_progress and sys.stderr.isatty()
     cfg.out = args.out or cfg.out
     return cfg.validate()

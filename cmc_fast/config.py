@@ -27,6 +27,7 @@ class Config:
     max_len: int = 250
     image_size: tuple[int, int] = (256, 128)  # (H, W), the authors' direct bicubic resize
     image_backend: str = "auto"
+    image_cache: bool = True  # decode once into a memory-mapped uint8 cache; False streams from the files
     synthetic_train: int = 1200  # posts generated for --dataset synthetic
     synthetic_test: int = 400
     # models

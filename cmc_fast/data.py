@@ -5,13 +5,15 @@ uint8 image cache. Text-only variants use every post; image-using variants use t
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from cmc_fast.errors import UsageError
 from data_pipeline import Record, Skipped, load_dataset, split_validation
-from data_pipeline.images import decode_uint8, normalize
+from data_pipeline.image_source import CachedImages, ImageSource, StreamingImages
 from data_pipeline.text import VocabTokenizer, encode_texts
 
 
@@ -22,32 +24,33 @@ class SplitData:
     ids: torch.Tensor  # int64 [n, L]
     mask: torch.Tensor  # int64 [n, L]
     labels: torch.Tensor  # int64 [n]
-    images: torch.Tensor | None = None  # uint8 [n, 3, H, W], rows align with records
+    images: ImageSource | None = None  # shared by the splits; row image_rows[i] is record i's image
+    image_rows: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     has_image: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
 
     def __len__(self) -> int:
         return len(self.records)
 
     def subset(self, rows: torch.Tensor, name: str | None = None) -> SplitData:
-        keep = rows.tolist()
-        return SplitData(name or self.name, [self.records[i] for i in keep], self.ids[rows], self.mask[rows],
-                         self.labels[rows], None if self.images is None else self.images[rows], self.has_image[rows])
+        rows = rows.cpu()
+        dev = self.ids.device
+        return SplitData(name or self.name, [self.records[i] for i in rows.tolist()], self.ids[rows.to(dev)],
+                         self.mask[rows.to(dev)], self.labels[rows.to(dev)], self.images, self.image_rows[rows],
+                         self.has_image[rows])
 
     def with_images(self) -> SplitData:
         return self.subset(torch.nonzero(self.has_image).view(-1), name=f"{self.name}+image")
 
     def to(self, device: torch.device) -> SplitData:
         return SplitData(self.name, self.records, self.ids.to(device), self.mask.to(device), self.labels.to(device),
-                         None if self.images is None else self.images.to(device), self.has_image)
+                         self.images, self.image_rows, self.has_image)
 
     def pixels(self, rows: torch.Tensor, *, train: bool, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Normalised images for ``rows``, with a random horizontal flip per sample when training."""
-        assert self.images is not None, "this split was loaded without images"
-        x = normalize(self.images[rows], dtype)
-        if train:
-            flip = torch.rand(x.shape[0], device=x.device) < 0.5
-            x = torch.where(flip[:, None, None, None], x.flip(3), x)
-        return x
+        """ImageNet-normalised images [b, 3, H, W] for ``rows``, on ``rows``' device, randomly flipped when
+        training. Decoded from the cache (or, streaming, from the files) by the image source."""
+        if self.images is None:
+            raise RuntimeError(f"split {self.name} was loaded without images")
+        return self.images.batch(self.image_rows[rows.cpu()], train=train, device=rows.device, dtype=dtype)
 
 
 @dataclass
@@ -60,20 +63,22 @@ class PreparedData:
     summary: dict
 
 
-def decode_images(records: list[Record], size: tuple[int, int], backend: str) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                      dict[int, str]]:
-    """Decode each record's first image once, at training resolution, into uint8. Tries later candidates when
-    the first fails."""
-    try:
-        from data_pipeline.image_source import CachedImages  # the full backend set, when present
-    except ImportError:
-        CachedImages = None
+def cache_root() -> Path:
+    return Path(os.environ.get("CMC_FAST_CACHE") or Path.home() / ".cache" / "cmc-fast")
+
+
+def build_image_source(cfg, records: list[Record], tag: str) -> ImageSource:
+    """Every record's first decodable image, decoded once into a memory-mapped uint8 cache at training
+    resolution (``cfg.image_cache``, reused by later runs while its key matches), or streamed from the files
+    on every batch (validated once up front, so which posts have an image is known before training)."""
     paths = [list(r.image_paths) for r in records]
-    if CachedImages is not None:
-        src = CachedImages.build(paths, size=size, backend=backend)
-        return src.pixels, src.ok, dict(src.errors)
-    batch = decode_uint8([p[0] if p else None for p in paths], size)
-    return batch.pixels, batch.ok, batch.errors
+    size = tuple(cfg.image_size)
+    if cfg.image_cache:
+        cache_dir = cache_root() / "images"
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        path = cache_dir / f"{cfg.dataset}-{tag}-{size[0]}x{size[1]}.u8"
+        return CachedImages.build(paths, size, cfg.image_backend, str(path), progress=cfg.progress)
+    return StreamingImages.build(paths, size, cfg.image_backend, validate=True, progress=cfg.progress)
 
 
 def prepare(cfg, tokenizer=None, use_images: bool = True) -> PreparedData:
@@ -85,23 +90,29 @@ def prepare(cfg, tokenizer=None, use_images: bool = True) -> PreparedData:
     except (FileNotFoundError, ValueError) as exc:
         raise UsageError(f"--data-root: {exc}") from None
     if not ds.train:
-        raise ValueError(f"dataset {cfg.dataset!r} at {ds.root or cfg.data_root}: no training posts")
+        raise UsageError(f"--dataset {cfg.dataset}: no training posts under {ds.root or cfg.data_root}")
     if not ds.test:
-        raise ValueError(f"dataset {cfg.dataset!r} at {ds.root or cfg.data_root}: no test posts")
+        raise UsageError(f"--dataset {cfg.dataset}: no test posts under {ds.root or cfg.data_root}")
     fit, val = split_validation(ds.train, cfg.val_fraction, cfg.seed)
     if tokenizer is None:
         tokenizer = VocabTokenizer.build([r.text for r in fit])
     skipped = list(ds.skipped)
-    splits = []
+    everything = fit + val + ds.test
+    source = None
+    if use_images:
+        listing = "\n".join(f"{r.id}\t{'|'.join(r.image_paths)}" for r in everything)
+        digest = hashlib.sha1(listing.encode()).hexdigest()[:12]
+        source = build_image_source(cfg, everything, digest)
+        for i, msg in sorted(source.errors.items()):
+            skipped.append(Skipped(everything[i].id, f"dropped for image variants: {msg}", everything[i].source))
+    splits, offset = [], 0
     for name, recs in (("fit", fit), ("val", val), ("test", ds.test)):
         ids, mask = _encode(tokenizer, [r.text for r in recs], cfg.max_len)
         labels = torch.tensor([r.label for r in recs], dtype=torch.long)
-        split = SplitData(name, recs, ids, mask, labels, has_image=torch.zeros(len(recs), dtype=torch.bool))
-        if use_images:
-            split.images, split.has_image, errors = decode_images(recs, tuple(cfg.image_size), cfg.image_backend)
-            for i, msg in sorted(errors.items()):
-                skipped.append(Skipped(recs[i].id, f"dropped for image variants: {msg}", recs[i].source))
-        splits.append(split)
+        rows = torch.arange(offset, offset + len(recs))
+        has_image = source.ok[rows].clone() if source is not None else torch.zeros(len(recs), dtype=torch.bool)
+        splits.append(SplitData(name, recs, ids, mask, labels, source, rows, has_image))
+        offset += len(recs)
     summary = {"dataset": ds.name, "root": ds.root, "read_skipped": len(ds.skipped)}
     for s in splits:
         summary[f"{s.name}_posts"] = len(s)

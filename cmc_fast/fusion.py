@@ -84,7 +84,9 @@ class Block(nn.Module):
             self.merge_bias1 = nn.Parameter(torch.cat(parts[3]))
         self.linear_out = nn.Linear(mm_dim, output_dim)
         self.n_params = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        self.register_state_dict_post_hook(_state_dict_post_hook)
+        # public since torch 2.5; the private hook (same signature, may return a dict) before that
+        post_hook = getattr(self, "register_state_dict_post_hook", None) or self._register_state_dict_hook
+        post_hook(_state_dict_post_hook)
         self.register_load_state_dict_pre_hook(_load_state_dict_pre_hook)
 
     # ----------------------------------------------------------------------------------------- weights

@@ -73,7 +73,9 @@ def batches(n: int, batch_size: int, *, shuffle: bool, generator: torch.Generato
 class Stage:
     """One training stage: what it trains, how one batch's loss is computed and how it is scored.
 
-    ``loss_fn(rows) -> (loss, logs)`` for a batch of row indices of ``train_split``; ``evaluate(split)`` ->
+    ``loss_fn(rows, pixels) -> (loss, logs)`` for a batch of row indices of ``train_split`` and, for stages that
+    see images, their augmented pixels (fetched eagerly by ``step``, outside any compiled region, because the
+    image source may decode files); ``evaluate(split)`` ->
     {head: metrics}; ``select``: the heads that each keep a best-on-validation checkpoint; ``heads`` maps each
     head to the modules its checkpoint restores."""
 
@@ -88,11 +90,13 @@ class Stage:
     select: tuple[str, ...]
     epochs: int
     heads: dict[str, set[str]] = field(default_factory=dict)
+    uses_images: bool = False
 
     def step(self, rows: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        pixels = self.train_split.pixels(rows, train=True) if self.uses_images else None
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
-        loss, logs = self.loss_fn(rows)
+        loss, logs = self.loss_fn(rows, pixels)
         loss.backward()
         for opt in self.optimizers.values():
             opt.step()
@@ -301,24 +305,27 @@ class Trainer:
         if modality == "text":
             net = self._text_net()
             opt = self._text_optimizer(net.parameters())
-            fwd = lambda split, rows, train: self._text_forward(split, net, rows)  # noqa: E731
+            fwd = lambda split, rows, pixels: self._text_forward(split, net, rows)  # noqa: E731
         else:
             net = self._image_net()
             opt = self._image_optimizer(net.parameters())
-            fwd = lambda split, rows, train: self._image_forward(split, net, rows, train)  # noqa: E731
+            fwd = lambda split, rows, pixels: net(pixels)  # noqa: E731
 
-        def compute(rows):
+        def compute(rows, pixels):
             with self._autocast():
-                logits, _ = fwd(fit, rows, True)
+                logits, _ = fwd(fit, rows, pixels)
             return F.cross_entropy(logits.float(), fit.labels[rows]), {}
 
         def evaluate(split):
-            return self._predict(split, lambda rows: {modality: fwd(split, rows, False)[0]})
+            def forward(rows):
+                pixels = split.pixels(rows, train=False) if modality == "image" else None
+                return {modality: fwd(split, rows, pixels)[0]}
+            return self._predict(split, forward)
 
         name = "finetune-t" if modality == "text" else "finetune-v"
         return Stage(name, {"net": net}, {"opt": opt}, fit, splits["val"], splits["test"],
                      self._maybe_compile(compute), evaluate, (modality,), self.cfg.epochs,
-                     heads={modality: {"net"}})
+                     heads={modality: {"net"}}, uses_images=modality == "image")
 
     def _distiller(self, text_net: Classifier, image_net: Classifier, fit: SplitData) -> CrossModalNCE:
         cfg = self.cfg
@@ -332,13 +339,13 @@ class Trainer:
     def _with_partition(self, compiled: Callable, distiller: CrossModalNCE, text_net: Classifier,
                         image_net: Classifier, fit: SplitData) -> Callable:
         """Estimate Z once, eagerly, on the first batch (CRD), then run the (possibly compiled) loss."""
-        def loss_fn(rows):
+        def loss_fn(rows, pixels):
             if not distiller.partition_ready:
                 with torch.no_grad(), self._autocast():
                     _, t_feat = self._text_forward(fit, text_net, rows)
-                    _, v_feat = self._image_forward(fit, image_net, rows, False)
+                    _, v_feat = image_net(pixels)
                 distiller.init_partition(t_feat.float(), v_feat.float(), rows)
-            return compiled(rows)
+            return compiled(rows, pixels)
         return loss_fn
 
     def stage1_stage(self) -> Stage:
@@ -351,10 +358,10 @@ class Trainer:
         opt_t = self._text_optimizer([*text_net.parameters(), *distiller.embed_t.parameters()])
         opt_v = self._image_optimizer([*image_net.parameters(), *distiller.embed_v.parameters()])
 
-        def compute(rows):
+        def compute(rows, pixels):
             with self._autocast():
                 t_logits, t_feat = self._text_forward(fit, text_net, rows)
-                v_logits, v_feat = self._image_forward(fit, image_net, rows, True)
+                v_logits, v_feat = image_net(pixels)
             y = fit.labels[rows]
             ce_t, ce_v = F.cross_entropy(t_logits.float(), y), F.cross_entropy(v_logits.float(), y)
             # NCE in float32 outside autocast: exp(s / tau) reaches ~1.6e6
@@ -370,7 +377,7 @@ class Trainer:
         loss_fn = self._with_partition(self._maybe_compile(compute), distiller, text_net, image_net, fit)
         return Stage("stage1", {"text": text_net, "image": image_net, "distiller": distiller},
                      {"text": opt_t, "image": opt_v}, fit, splits["val"], splits["test"], loss_fn, evaluate,
-                     ("text", "image"), cfg.epochs, heads={"text": {"text"}, "image": {"image"}})
+                     ("text", "image"), cfg.epochs, heads={"text": {"text"}, "image": {"image"}}, uses_images=True)
 
     @torch.no_grad()
     def _features(self, text_net: Classifier, image_net: Classifier, split: SplitData) -> tuple[torch.Tensor, ...]:
@@ -398,7 +405,7 @@ class Trainer:
         block = self._block(fit_t.shape[1], fit_v.shape[1])
         opt = torch.optim.Adam(block.parameters(), lr=self.cfg.fusion_lr)
 
-        def compute(rows):
+        def compute(rows, pixels):
             with self._autocast():
                 logits = block([fit_t[rows], fit_v[rows]])
             return F.cross_entropy(logits.float(), fit.labels[rows]), {}
@@ -423,10 +430,10 @@ class Trainer:
         opt_v = self._image_optimizer([*image_net.parameters(), *distiller.embed_v.parameters()])
         opt_f = torch.optim.Adam(block.parameters(), lr=cfg.fusion_lr)
 
-        def compute(rows):
+        def compute(rows, pixels):
             with self._autocast():
                 t_logits, t_feat = self._text_forward(fit, text_net, rows)
-                v_logits, v_feat = self._image_forward(fit, image_net, rows, True)
+                v_logits, v_feat = image_net(pixels)
                 fused = block([t_feat, v_feat])
             y = fit.labels[rows]
             ce_f = F.cross_entropy(fused.float(), y)
@@ -445,7 +452,8 @@ class Trainer:
         modules = {"text": text_net, "image": image_net, "distiller": distiller, "block": block}
         loss_fn = self._with_partition(self._maybe_compile(compute), distiller, text_net, image_net, fit)
         return Stage("cmc-shared", modules, {"text": opt_t, "image": opt_v, "fusion": opt_f}, fit, splits["val"],
-                     splits["test"], loss_fn, evaluate, ("fused",), cfg.epochs, heads={"fused": set(modules)})
+                     splits["test"], loss_fn, evaluate, ("fused",), cfg.epochs, heads={"fused": set(modules)},
+                     uses_images=True)
 
     # ---------------------------------------------------------------------------------------- run
     def run(self) -> dict[str, dict]:

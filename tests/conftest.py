@@ -19,3 +19,9 @@ def shared_data() -> str:
     if not os.path.isdir(path):
         pytest.skip(f"real data not found at {path} (../shared/data beside the checkout)")
     return path
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    """Token and image caches go to a per-session temporary directory, never the user's ~/.cache."""
+    monkeypatch.setenv("CMC_FAST_CACHE", str(tmp_path_factory.getbasetemp() / "cmc-fast-cache"))
