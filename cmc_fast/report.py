@@ -33,7 +33,46 @@ def text_table(results: dict) -> str:
     return "\n".join([fmt(rows[0]), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows[1:]])
 
 
-def markdown_report(config: dict, results: dict, data_summary: dict, notes: list[str]) -> str:
+def plot_history(history: dict[str, list[dict]], path) -> bool:
+    """Per-stage training loss and validation accuracy by epoch, as a PNG. False when matplotlib is absent."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    stages = [s for s, h in history.items() if h]
+    if not stages:
+        return False
+    fig, axes = plt.subplots(2, len(stages), figsize=(3.6 * len(stages), 5.5), squeeze=False)
+    for col, stage in enumerate(stages):
+        epochs = [h["epoch"] for h in history[stage]]
+        axes[0][col].plot(epochs, [h["train_loss"] for h in history[stage]], marker="o")
+        axes[0][col].set_title(stage)
+        axes[0][col].set_ylabel("train loss" if col == 0 else "")
+        for head in history[stage][0]["val_accuracy"]:
+            axes[1][col].plot(epochs, [h["val_accuracy"][head] for h in history[stage]], marker="o", label=head)
+        axes[1][col].set_xlabel("epoch")
+        axes[1][col].set_ylabel("val accuracy" if col == 0 else "")
+        axes[1][col].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def timing_table(timings: dict[str, dict]) -> str:
+    lines = ["| stage | steps | first step s | steady step ms | compile s (est.) | stage s |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for stage, t in timings.items():
+        lines.append(f"| {stage} | {t['steps']} | {t['first_step_s']:.3f} | {t['steady_step_s'] * 1e3:.1f} | "
+                     f"{t['compile_s_est']:.1f} | {t['train_seconds']:.1f} |")
+    return "\n".join(lines)
+
+
+def markdown_report(config: dict, results: dict, data_summary: dict, notes: list[str],
+                    timings: dict[str, dict] | None = None) -> str:
     parts = [
         f"# CMC run: {config.get('dataset')}",
         "",
@@ -42,6 +81,12 @@ def markdown_report(config: dict, results: dict, data_summary: dict, notes: list
         f"{config.get('seed')}). Fake = positive class.",
         "",
         markdown_table(results),
+        "",
+        "## Training time",
+        "",
+        timing_table(timings or {}),
+        "",
+        "Per-epoch losses and validation accuracies: `curves.png` and `metrics.json` (`history`).",
         "",
         "## Data",
         "",

@@ -32,7 +32,7 @@ from cmc_fast.encoders import TextEncoder, build_image_encoder, load_text_model,
 from cmc_fast.errors import UsageError
 from cmc_fast.fusion import Block
 from cmc_fast.metrics import classification_metrics
-from cmc_fast.report import markdown_report, text_table
+from cmc_fast.report import markdown_report, plot_history, text_table
 
 log = logging.getLogger("cmc_fast")
 IMAGE_VARIANTS = ("finetune-v", "cmc-t", "cmc-v", "cmc", "cmc-shared")
@@ -117,6 +117,7 @@ class Trainer:
         self.amp_dtype = torch.bfloat16 if cfg.amp else None
         self.results: dict[str, dict] = {}
         self.timings: dict[str, dict] = {}
+        self.history: dict[str, list[dict]] = {}  # stage -> per-epoch train loss and validation accuracy
         self.notes: list[str] = []
         self.data: PreparedData | None = None
         self.text_tokenizer = None
@@ -209,6 +210,7 @@ class Trainer:
             for key, opt in optimizers.items():
                 opt.load_state_dict(state["optimizers"][key])
             start, best = state["epoch"], state["best"]
+            self.history[name] = state.get("history", [])
             gen.set_state(state["generator"])
             torch.set_rng_state(state["torch_rng"])
             if torch.cuda.is_available() and state.get("cuda_rng") is not None:
@@ -218,6 +220,7 @@ class Trainer:
         if self.evaluate_only and start < epochs:
             raise UsageError(f"--run {self.run_dir}: stage {name} stopped at epoch {start}/{epochs}; finish it with "
                              f"`cmc-fast train --resume {self.run_dir}`")
+        history = self.history.setdefault(name, [])
         step_times: list[float] = []
         t_stage = time.perf_counter()
         for epoch in range(start, epochs):
@@ -245,12 +248,15 @@ class Trainer:
                     best[key] = val[key]["accuracy"]
                     save_checkpoint({"modules": {k: m.state_dict() for k, m in modules.items()}, "epoch": epoch + 1,
                                      "val": val[key]}, self.ckpt_dir / f"{name}.best-{key}.pt")
+            history.append({"epoch": epoch + 1, "train_loss": running / max(seen, 1),
+                            "val_accuracy": {k: v["accuracy"] for k, v in val.items()}})
             log.info("%s epoch %d/%d: train loss %.4f, val %s", name, epoch + 1, epochs, running / max(seen, 1),
                      ", ".join(f"{k} acc {v['accuracy']:.4f}" for k, v in val.items()))
             save_checkpoint({
                 "modules": {k: m.state_dict() for k, m in modules.items()},
                 "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-                "epoch": epoch + 1, "best": best, "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                "epoch": epoch + 1, "best": best, "history": history, "generator": gen.get_state(),
+                "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             }, last_path)
         if step_times:
@@ -486,12 +492,14 @@ class Trainer:
 
     def _write_outputs(self, seconds: float) -> None:
         name = "evaluate" if self.evaluate_only else "metrics"
-        payload = {"results": self.results, "timings": self.timings, "data": self.data.summary,
+        payload = {"results": self.results, "timings": self.timings, "history": self.history, "data": self.data.summary,
                    "device": str(self.device), "wall_seconds": seconds, "notes": self.notes}
         write_json(payload, self.run_dir / f"{name}.json")
         if not self.evaluate_only:
-            write_text(markdown_report(_config_dict(self.cfg), self.results, self.data.summary, self.notes),
-                       self.run_dir / "report.md")
+            if not plot_history(self.history, self.run_dir / "curves.png"):
+                self.notes.append("curves.png not written: install the plots extra (pip install cmc-fast[plots])")
+            write_text(markdown_report(_config_dict(self.cfg), self.results, self.data.summary, self.notes,
+                                       self.timings), self.run_dir / "report.md")
         log.info("done in %.1fs\n%s", seconds, text_table(self.results))
 
 

@@ -40,6 +40,8 @@ def test_cli_end_to_end_writes_a_complete_run_directory(tmp_path, capsys):
     assert "| cmc |" in report and "Fake F1" in report
     assert json.loads((out / "config.json").read_text())["epochs"] == 1
     assert (out / "log.txt").stat().st_size > 0
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [h["epoch"] for h in metrics["history"]["stage2"]] == [1, 2]
     assert (out / "checkpoints" / "stage1.best-text.pt").exists()
     # evaluate re-scores the finished run to the same numbers
     assert main(["evaluate", "--run", str(out)]) == 0
