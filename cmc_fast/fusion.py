@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels.block import block_merge, block_merge_sum
+from kernels.reference import block_chunk_sizes
 
 __all__ = ["Block", "get_sizes_list", "ChunkLinearView"]
 
@@ -30,20 +31,8 @@ _FLAT = ("merge_weight0", "merge_bias0", "merge_weight1", "merge_bias1")
 
 
 def get_sizes_list(dim: int, chunks: int) -> list[int]:
-    """block.bootstrap.pytorch's chunking, verbatim: ceil(dim/chunks) each, the last adjusted; when that makes the
-    last negative, it is levelled up by taking one from each of the chunks before it. (``kernels.block_chunk_sizes``
-    raises in that case instead; checkpoints of such models only load with the original's sizes.)"""
-    split_size = (dim + chunks - 1) // chunks
-    sizes_list = [split_size] * chunks
-    sizes_list[-1] = sizes_list[-1] - (sum(sizes_list) - dim)
-    if sizes_list[-1] < 0:
-        n_miss = sizes_list[-2] - sizes_list[-1]
-        sizes_list[-1] = sizes_list[-2]
-        for j in range(n_miss):
-            sizes_list[-j - 1] -= 1
-    if sum(sizes_list) != dim or min(sizes_list) <= 0:  # the original builds an empty chunk, then fails in forward
-        raise ValueError(f"cannot cut mm_dim={dim} into {chunks} non-empty chunks (got sizes {sizes_list})")
-    return sizes_list
+    """block.bootstrap.pytorch's chunking (``kernels.block_chunk_sizes``), under the original's name."""
+    return block_chunk_sizes(dim, chunks)
 
 
 @dataclass

@@ -4,7 +4,7 @@ Imports nothing from ``cmc_fast`` or ``data_pipeline``. Set ``TRITON_INTERPRET=1
 package to run the Triton paths on CPU tensors.
 """
 
-from kernels.block import block_merge
+from kernels.block import block_merge, block_merge_sum
 from kernels.dispatch import kernel_mode, use_triton
 from kernels.nce import bank_update_, nce_loss, nce_partition
 from kernels.reference import block_chunk_sizes, block_flat_offsets
@@ -14,6 +14,7 @@ __all__ = [
     "nce_partition",
     "bank_update_",
     "block_merge",
+    "block_merge_sum",
     "block_chunk_sizes",
     "block_flat_offsets",
     "kernel_mode",

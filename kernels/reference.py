@@ -94,16 +94,21 @@ def bank_update_reference_(bank: torch.Tensor, index: torch.Tensor, feats: torch
 
 # ------------------------------------------------------------------------------------------- BLOCK
 def block_chunk_sizes(dim: int, chunks: int) -> list[int]:
-    """block.bootstrap.pytorch's ``get_sizes_list``: ceil(dim/chunks) each, the last takes the rest."""
+    """block.bootstrap.pytorch's ``get_sizes_list``, verbatim: ceil(dim/chunks) each, the last adjusted; when that
+    makes the last negative, it is levelled up by taking one from each of the chunks before it."""
     if chunks < 1 or dim < chunks:
         raise ValueError(f"BLOCK needs 1 <= chunks <= mm_dim, got mm_dim={dim}, chunks={chunks}")
-    split = (dim + chunks - 1) // chunks
-    sizes = [split] * chunks
-    sizes[-1] -= sum(sizes) - dim
-    if sizes[-1] <= 0:
-        raise ValueError(
-            f"mm_dim={dim} cannot be cut into {chunks} chunks of ceil({dim}/{chunks})={split} with a positive "
-            f"last chunk; choose chunks so that (chunks-1)*ceil(mm_dim/chunks) < mm_dim")
+    split_size = (dim + chunks - 1) // chunks
+    sizes = [split_size] * chunks
+    sizes[-1] = sizes[-1] - (sum(sizes) - dim)
+    if sizes[-1] < 0:
+        n_miss = sizes[-2] - sizes[-1]
+        sizes[-1] = sizes[-2]
+        for j in range(n_miss):
+            sizes[-j - 1] -= 1
+    if sum(sizes) != dim or min(sizes) <= 0:  # the original builds an empty chunk here, then fails in forward
+        raise ValueError(f"cannot cut mm_dim={dim} into {chunks} non-empty chunks (got sizes {sizes}); "
+                         f"choose another --chunks")
     return sizes
 
 
