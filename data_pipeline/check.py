@@ -27,7 +27,7 @@ import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from data_pipeline import DATASETS, load_dataset
+from data_pipeline import DATASETS, images, load_dataset
 from data_pipeline.records import FAKE, DatasetSplits, Record
 
 DECODE_SIZE = (64, 64)  # decoding proves readability; the resize target only has to be cheap
@@ -38,20 +38,11 @@ _THREAD_SAFE_BACKENDS = (None, "pil", "torchvision")
 
 
 def sniff(head: bytes) -> str | None:
-    """Image format from the first bytes of a file, ``None`` when not a known image format."""
-    if head.startswith(b"\xff\xd8\xff"):
-        return "JPEG"
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "PNG"
-    if head[:6] in (b"GIF87a", b"GIF89a"):
-        return "GIF"
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "WEBP"
-    if head[:2] == b"BM":
-        return "BMP"
-    if head[:4] in (b"II*\x00", b"MM\x00*"):
-        return "TIFF"
-    return None
+    """Image format from the first bytes of a file (``data_pipeline.images.sniff``), ``None`` when unknown."""
+    kind = images.sniff(head)
+    if kind in ("empty", "unknown"):
+        return None
+    return "JPEG" if kind.startswith("jpeg") else kind.upper()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -211,7 +202,7 @@ def check_dataset(name: str, root: str | None, *, backend: str | None = None, de
         warn.append(f"{same_text} test posts have a text identical to a train post's")
 
     no_image = [{"id": r.id, "split": r.split, "source": r.source,
-                 "reason": "no image listed" if not r.image_paths else "no listed image is usable"}
+                 "reason": "no local image file" if not r.image_paths else "no listed image is usable"}
                 for r in records if not r.image_paths or all(p in bad for p in r.image_paths)]
     return {
         "dataset": name, "root": splits.root or (root or ""), "usable": not problems,

@@ -164,6 +164,8 @@ def sniff(data: bytes) -> str:
         return "webp"
     if data[:2] == b"BM":
         return "bmp"
+    if data[:4] in (b"II*\x00", b"MM\x00*"):
+        return "tiff"
     return "unknown"
 
 

@@ -80,7 +80,7 @@ def test_check_reports_every_bad_image_exactly(bad_images):
     assert rep["splits"]["test"]["with_usable_image"] == 2  # the PNG and the GIF decode
     no_image = {d["id"]: d["reason"] for d in rep["posts_without_usable_image"]}
     assert no_image == {"t1": "no listed image is usable", "e1": "no listed image is usable",
-                        "h1": "no listed image is usable", "g1": "no image listed"}
+                        "h1": "no listed image is usable", "g1": "no local image file"}
     assert rep["posts"] == {"parsed": 9, "kept": 8, "dropped": 1, "dropped_by_reason": {"label outside {0,1}": 1}}
     assert rep["dropped"] == [{"id": "x1", "reason": "label outside {0,1}: 'maybe' (expected 0/1 or fake/real; "
                                                     "1 = fake)", "source": os.path.join(root, "manifest.jsonl") + ":9"}]
