@@ -222,6 +222,10 @@ class Trainer:
                              f"`cmc-fast train --resume {self.run_dir}`")
         history = self.history.setdefault(name, [])
         step_times: list[float] = []
+        if self.cfg.compile:
+            from torch._dynamo.utils import counters
+
+            counters["graph_break"].clear()  # a break means part of the step runs eagerly: reported below
         t_stage = time.perf_counter()
         for epoch in range(start, epochs):
             for mod in modules.values():
@@ -264,6 +268,12 @@ class Trainer:
             self.timings[name] = {"train_seconds": time.perf_counter() - t_stage, "steps": len(step_times),
                                   "first_step_s": step_times[0], "steady_step_s": steady,
                                   "compile_s_est": max(0.0, step_times[0] - steady) if self.cfg.compile else 0.0}
+            if self.cfg.compile:
+                breaks = dict(counters["graph_break"])
+                self.timings[name]["graph_breaks"] = sum(breaks.values())
+                if breaks:
+                    self.notes.append(f"{name}: torch.compile broke the graph {sum(breaks.values())} time(s): "
+                                      f"{'; '.join(list(breaks)[:3])}")
         for key in stage.select:
             self._load_best(name, key, stage.best_modules(key))
         return best
