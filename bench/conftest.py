@@ -67,20 +67,31 @@ def pytest_sessionfinish(session, exitstatus):
     os.makedirs(RESULTS_DIR, exist_ok=True)
     name = device_name()
     slug = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
-    payload = {"device": name, "torch": torch.__version__, "date": _dt.datetime.now().isoformat(timespec="seconds"),
-               "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"), "rows": _ROWS}
-    with open(os.path.join(RESULTS_DIR, f"{slug}.json"), "w") as f:
+    now = _dt.datetime.now().isoformat(timespec="seconds")
+    for row in _ROWS:
+        row.setdefault("date", now)
+    # A run of some benchmarks updates their rows and keeps the others' (each row carries its own date).
+    json_path = os.path.join(RESULTS_DIR, f"{slug}.json")
+    fresh = {(r["group"], r["provider"]) for r in _ROWS}
+    try:
+        with open(json_path) as f:
+            kept = [r for r in json.load(f)["rows"] if (r["group"], r["provider"]) not in fresh]
+    except (OSError, ValueError, KeyError):
+        kept = []
+    rows = kept + _ROWS
+    payload = {"device": name, "torch": torch.__version__, "date": now,
+               "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"), "rows": rows}
+    with open(json_path, "w") as f:
         json.dump(payload, f, indent=2)
     lines = [f"# Benchmarks on {name}", "", f"torch {torch.__version__}, {payload['date']}", ""]
-    for group in dict.fromkeys(r["group"] for r in _ROWS):
-        rows = [r for r in _ROWS if r["group"] == group]
-        lines += [f"## {group}", "", "| provider | median ms | floor ms | measured/floor | peak MiB |",
-                  "|---|---:|---:|---:|---:|"]
-        for r in rows:
+    for group in dict.fromkeys(r["group"] for r in rows):
+        lines += [f"## {group}", "", "| provider | median ms | floor ms | measured/floor | peak MiB | measured |",
+                  "|---|---:|---:|---:|---:|---|"]
+        for r in (r for r in rows if r["group"] == group):
             floor = f"{r['floor_s'] * 1e3:.4f}" if r.get("floor_s") else "-"
             ratio = f"{r['measured_over_floor']:.1f}x" if r.get("measured_over_floor") else "-"
             peak = f"{r['peak_bytes'] / 2**20:.1f}" if r.get("peak_bytes") is not None else "-"
-            lines.append(f"| {r['provider']} | {r['median_s'] * 1e3:.3f} | {floor} | {ratio} | {peak} |")
+            lines.append(f"| {r['provider']} | {r['median_s'] * 1e3:.3f} | {floor} | {ratio} | {peak} | {r['date']} |")
         lines.append("")
     with open(os.path.join(RESULTS_DIR, f"{slug}.md"), "w") as f:
         f.write("\n".join(lines))

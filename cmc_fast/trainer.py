@@ -121,6 +121,7 @@ class Trainer:
         self.notes: list[str] = []
         self.data: PreparedData | None = None
         self.text_tokenizer = None
+        self._pretrained_text: TextEncoder | None = None  # loaded once up front, handed to the first stage
 
     # --------------------------------------------------------------------------------------- setup
     def _autocast(self):
@@ -138,8 +139,7 @@ class Trainer:
         self._setup_logging()
         write_json(_config_dict(cfg), self.run_dir / "config.json")
         if cfg.text_model != "tiny":
-            self._pretrained_text = load_text_model(cfg.text_model)  # fail fast, before decoding anything
-            self.text_tokenizer = self._pretrained_text[1]
+            self._pretrained_text, self.text_tokenizer = load_text_model(cfg.text_model)  # fail fast, before data
         # surface a missing image checkpoint before any data work
         if any(v in IMAGE_VARIANTS for v in cfg.variants()):
             build_image_encoder(cfg.image_model, cfg.image_weights, tuple(cfg.image_size))
@@ -178,7 +178,8 @@ class Trainer:
         if cfg.text_model == "tiny":
             return tiny_text_encoder(len(self.text_tokenizer), cfg.max_len, cfg.tiny_text_dim, cfg.tiny_text_layers)
         # a fresh copy per stage: stages must not share (and silently co-train) one set of weights
-        return load_text_model(cfg.text_model)[0]
+        encoder, self._pretrained_text = self._pretrained_text, None
+        return encoder if encoder is not None else load_text_model(cfg.text_model)[0]
 
     def _text_net(self) -> Classifier:
         return Classifier(self._text_encoder()).to(self.device)
