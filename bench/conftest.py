@@ -52,6 +52,9 @@ def record():
         stats = benchmark.stats.stats if benchmark.stats is not None else None
         if stats is None:  # --benchmark-disable: nothing was timed
             return
+        if floor_s is not None and not torch.cuda.is_available():
+            # floors are GPU figures (HBM bandwidth, tensor-core rate): a CPU time over them means nothing
+            extra["gpu_floor_s"], floor_s = floor_s, None
         row = {"group": group, "provider": provider, "mean_s": stats.mean, "median_s": stats.median,
                "min_s": stats.min, "rounds": stats.rounds, "floor_s": floor_s,
                "measured_over_floor": (stats.median / floor_s) if floor_s else None, **extra}
