@@ -11,8 +11,10 @@ from pathlib import Path
 
 import torch
 
-# CJK characters stand alone (Chinese has no spaces); other scripts split into lower-cased words.
-_TOKEN_RE = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]|[^\W_]+|[^\w\s]", re.UNICODE)
+# CJK characters stand alone (Chinese has no spaces); other scripts split into lower-cased words. The word class
+# excludes CJK explicitly: \w matches CJK too, so '2013年7月' would otherwise be glued into one token.
+_CJK = "\u3400-\u9fff\uf900-\ufaff"
+_TOKEN_RE = re.compile(rf"[{_CJK}]|[^\W_{_CJK}]+|[^\w\s]", re.UNICODE)
 PAD, UNK, CLS, SEP = "[PAD]", "[UNK]", "[CLS]", "[SEP]"
 
 

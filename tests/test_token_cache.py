@@ -93,3 +93,19 @@ def test_hugging_face_tokenizer_hits_after_use(tmp_path, counted):
     ids2, _ = tc.cached_encode(TEXTS, tok, 24, tmp_path)
     assert counted == [4] and torch.equal(ids, ids2)
     assert ids[0, 0].item() == tok.cls_token_id
+
+
+def test_cjk_characters_stand_alone_next_to_digits_and_latin():
+    from data_pipeline.text import split_tokens
+
+    assert split_tokens("2013年7月15日沈阳 Hello world, 你好abc") == [
+        "2013", "年", "7", "月", "15", "日", "沈", "阳", "hello", "world", ",", "你", "好", "abc"]
+
+
+def test_head_tail_keeps_both_ends():
+    from data_pipeline.text import head_tail
+
+    ids = list(range(10))
+    assert head_tail(ids, 4) == [0, 1, 8, 9]
+    assert head_tail(ids, 5) == [0, 1, 2, 8, 9]
+    assert head_tail(ids, 12) == ids
