@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--batch-size", type=int)
     tr.add_argument("--amp", action="store_true", help="bfloat16 autocast (the NCE loss stays float32)")
     tr.add_argument("--compile", action="store_true", help="torch.compile each stage's forward + loss")
-    tr.add_argument("--text-model", help="tiny, a local Hugging Face directory, or a cached hub id")
+    tr.add_argument("--text-model", help="tiny (small BERT), ngram (fastText-style bag of n-grams), a local "
+                    "Hugging Face directory, or a cached hub id")
     tr.add_argument("--image-model", help="tiny, vgg19 or resnet50")
     tr.add_argument("--image-weights", help="imagenet (torch cache), a .pth file, or none")
     tr.add_argument("--negatives", choices=None, help=f"one of {', '.join(NEGATIVES)}")

@@ -31,7 +31,7 @@ class Config:
     synthetic_train: int = 1200  # posts generated for --dataset synthetic
     synthetic_test: int = 400
     # models
-    text_model: str = "tiny"  # "tiny", a local Hugging Face directory, or a hub id already in the local cache
+    text_model: str = "tiny"  # "tiny" (small BERT), "ngram" (fastText-style), a local HF directory or cached hub id
     image_model: str = "vgg19"  # "tiny", "vgg19", "resnet50"
     image_weights: str | None = "imagenet"  # "imagenet" (torch cache), a .pth file, or None for random init
     tiny_text_dim: int = 128

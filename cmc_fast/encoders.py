@@ -45,6 +45,29 @@ def tiny_text_encoder(vocab_size: int, max_len: int, dim: int = 64, layers: int 
     return TextEncoder(BertModel(cfg, add_pooling_layer=False), pooling="mean")
 
 
+class NgramEncoder(nn.Module):
+    """fastText-style bag of token n-grams (Joulin et al. 2017): unigram embeddings plus hashed bigram and
+    trigram buckets, mean-pooled over the real tokens. A strong from-scratch baseline for short posts (it is
+    what character n-gram TF-IDF + logistic regression is to a linear model), and cheap on a CPU."""
+
+    def __init__(self, vocab_size: int, dim: int = 128, buckets: int = 1 << 16, dropout: float = 0.3):
+        super().__init__()
+        self.vocab_size, self.buckets = vocab_size, buckets
+        self.embed = nn.EmbeddingBag(vocab_size + buckets, dim, mode="sum")
+        self.dropout = nn.Dropout(dropout)
+        self.out_dim = dim
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        ids, mask = input_ids, attention_mask.bool()
+        # hashed n-grams of consecutive real tokens, offset past the unigram rows
+        bi = (ids[:, :-1] * 1000003 + ids[:, 1:]) % self.buckets + self.vocab_size
+        tri = (ids[:, :-2] * 1000003 * 1000003 + ids[:, 1:-1] * 1000003 + ids[:, 2:]) % self.buckets + self.vocab_size
+        grams = torch.cat([ids, bi, tri], dim=1)
+        keep = torch.cat([mask, mask[:, :-1] & mask[:, 1:], mask[:, :-2] & mask[:, 1:-1] & mask[:, 2:]], dim=1)
+        weights = keep.float() / keep.sum(1, keepdim=True).clamp_min(1).float()
+        return self.dropout(self.embed(grams, per_sample_weights=weights))
+
+
 def _missing_text_model(name: str, why: str) -> UsageError:
     return UsageError(
         f"--text-model: no local checkpoint for {name!r} ({why}). Provide it one of two ways: pass a local "

@@ -28,7 +28,8 @@ from cmc_fast.checkpoint import load_checkpoint, save_checkpoint, write_json, wr
 from cmc_fast.config import Config
 from cmc_fast.data import PreparedData, SplitData, prepare
 from cmc_fast.distill import CrossModalNCE
-from cmc_fast.encoders import TextEncoder, build_image_encoder, load_text_model, tiny_text_encoder
+from cmc_fast.encoders import (NgramEncoder, TextEncoder, build_image_encoder, load_text_model,
+                               tiny_text_encoder)
 from cmc_fast.errors import UsageError
 from cmc_fast.fusion import Block
 from cmc_fast.metrics import classification_metrics
@@ -138,7 +139,7 @@ class Trainer:
         self.ckpt_dir.mkdir(exist_ok=True)
         self._setup_logging()
         write_json(_config_dict(cfg), self.run_dir / "config.json")
-        if cfg.text_model != "tiny":
+        if cfg.text_model not in ("tiny", "ngram"):
             self._pretrained_text, self.text_tokenizer = load_text_model(cfg.text_model)  # fail fast, before data
         # surface a missing image checkpoint before any data work
         if any(v in IMAGE_VARIANTS for v in cfg.variants()):
@@ -177,6 +178,8 @@ class Trainer:
         cfg = self.cfg
         if cfg.text_model == "tiny":
             return tiny_text_encoder(len(self.text_tokenizer), cfg.max_len, cfg.tiny_text_dim, cfg.tiny_text_layers)
+        if cfg.text_model == "ngram":
+            return NgramEncoder(len(self.text_tokenizer), cfg.tiny_text_dim)
         # a fresh copy per stage: stages must not share (and silently co-train) one set of weights
         encoder, self._pretrained_text = self._pretrained_text, None
         return encoder if encoder is not None else load_text_model(cfg.text_model)[0]
