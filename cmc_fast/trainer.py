@@ -28,8 +28,7 @@ from cmc_fast.checkpoint import load_checkpoint, save_checkpoint, write_json, wr
 from cmc_fast.config import Config
 from cmc_fast.data import PreparedData, SplitData, prepare
 from cmc_fast.distill import CrossModalNCE
-from cmc_fast.encoders import (NgramEncoder, TextEncoder, build_image_encoder, load_text_model,
-                               tiny_text_encoder)
+from cmc_fast.encoders import NgramEncoder, TextEncoder, build_image_encoder, load_text_model, tiny_text_encoder
 from cmc_fast.errors import UsageError
 from cmc_fast.fusion import Block
 from cmc_fast.metrics import classification_metrics
