@@ -139,7 +139,7 @@ def _synthetic() -> dict:
     # Tiny randomly initialised encoders need far larger learning rates than fine-tuning BERT/VGG does.
     return dict(dataset="synthetic", synthetic_train=800, synthetic_test=400, text_model="tiny", image_model="tiny",
                 image_weights=None, max_len=40,
-                image_size=(64, 64), epochs=6, fusion_epochs=15, batch_size=32, text_lr=1e-3, image_lr=0.03,
+                image_size=(64, 64), epochs=6, fusion_epochs=8, batch_size=32, text_lr=1e-3, image_lr=0.03,
                 nce_k=256, fusion_lr=1e-3, mm_dim=128, chunks=8, rank=8, tiny_text_dim=64)
 
 
