@@ -95,7 +95,8 @@ def prepare(cfg, tokenizer=None, use_images: bool = True) -> PreparedData:
         raise UsageError(f"--dataset {cfg.dataset}: no test posts under {ds.root or cfg.data_root}")
     fit, val = split_validation(ds.train, cfg.val_fraction, cfg.seed)
     if tokenizer is None:
-        tokenizer = VocabTokenizer.build([r.text for r in fit])
+        # tokens seen once stay out, so [UNK] is trained on something like what unseen test tokens look like
+        tokenizer = VocabTokenizer.build([r.text for r in fit], min_freq=2)
     skipped = list(ds.skipped)
     everything = fit + val + ds.test
     source = None
