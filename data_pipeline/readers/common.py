@@ -12,6 +12,7 @@ Conventions (the data check groups on them):
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -170,3 +171,34 @@ def first_existing(candidates: Iterable[str]) -> str | None:
         if os.path.isfile(c):
             return c
     return None
+
+
+def load_json_object(path: str, record_id: str, skipped: list[Skipped]) -> dict | None:
+    """A JSON object from ``path`` (a leading BOM allowed), or ``None`` with the reason appended to ``skipped``:
+    unreadable file, invalid UTF-8 (line and byte), invalid JSON (line and column), not an object."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        skipped.append(Skipped(record_id, f"unreadable file: {exc.strerror or exc}", where(path, 1)))
+        return None
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        col = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        skipped.append(Skipped(record_id, f"invalid UTF-8: byte 0x{raw[exc.start]:02x} at byte {col}",
+                               where(path, line)))
+        return None
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        skipped.append(Skipped(record_id, f"invalid JSON: {exc.msg} at column {exc.colno}", where(path, exc.lineno)))
+        return None
+    if not isinstance(doc, dict):
+        skipped.append(Skipped(record_id, f"invalid JSON: expected an object, got {type(doc).__name__}",
+                               where(path, 1)))
+        return None
+    return doc

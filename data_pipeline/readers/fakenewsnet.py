@@ -19,10 +19,16 @@ one present, else PolitiFact.
 
 from __future__ import annotations
 
-import json
 import os
 
-from data_pipeline.readers.common import natural_key, require_dir, stratified_split, warn, where
+from data_pipeline.readers.common import (
+    load_json_object,
+    natural_key,
+    require_dir,
+    stratified_split,
+    warn,
+    where,
+)
 from data_pipeline.records import FAKE, REAL, DatasetSplits, Record, Skipped
 
 FOLDERS = (("FakeNewsContent", FAKE), ("RealNewsContent", REAL))
@@ -57,30 +63,8 @@ def read_article(path: str, label: int, skipped: list[Skipped]) -> Record | None
     """One FakeNewsNet article JSON -> Record (split unset), or a ``skipped`` entry."""
     name = os.path.basename(path)
     article_id = name[: -len("-Webpage.json")] if name.endswith("-Webpage.json") else os.path.splitext(name)[0]
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as exc:
-        skipped.append(Skipped(article_id, f"unreadable file: {exc.strerror or exc}", where(path, 1)))
-        return None
-    if raw.startswith(b"\xef\xbb\xbf"):
-        raw = raw[3:]
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        col = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
-        skipped.append(Skipped(article_id, f"invalid UTF-8: byte 0x{raw[exc.start]:02x} at byte {col}",
-                               where(path, line)))
-        return None
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as exc:
-        skipped.append(Skipped(article_id, f"invalid JSON: {exc.msg} at column {exc.colno}", where(path, exc.lineno)))
-        return None
-    if not isinstance(doc, dict):
-        skipped.append(Skipped(article_id, f"invalid JSON: expected an object, got {type(doc).__name__}",
-                               where(path, 1)))
+    doc = load_json_object(path, article_id, skipped)
+    if doc is None:
         return None
     title, body = doc.get("title"), doc.get("text")
     if title is None and body is None:

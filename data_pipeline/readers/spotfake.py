@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import ast
 import csv
-import json
 import os
 import sys
 
@@ -38,6 +37,7 @@ from data_pipeline.readers.common import (
     IMAGE_EXTENSIONS,
     image_files_in,
     label_reason,
+    load_json_object,
     natural_key,
     parse_label,
     require_dir,
@@ -243,25 +243,8 @@ def read_article_dir(folder: str, label: int, skipped: list[Skipped]) -> Record 
     if path is None:
         skipped.append(Skipped(article_id, f"missing file: no {' or '.join(ARTICLE_FILES)}", folder))
         return None
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as exc:
-        skipped.append(Skipped(article_id, f"unreadable file: {exc.strerror or exc}", where(path, 1)))
-        return None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        skipped.append(Skipped(article_id, f"invalid UTF-8: byte 0x{raw[exc.start]:02x}", where(path, line)))
-        return None
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as exc:
-        skipped.append(Skipped(article_id, f"invalid JSON: {exc.msg} at column {exc.colno}", where(path, exc.lineno)))
-        return None
-    if not isinstance(doc, dict):
-        skipped.append(Skipped(article_id, "invalid JSON: expected an object", where(path, 1)))
+    doc = load_json_object(path, article_id, skipped)
+    if doc is None:
         return None
     body = "\n".join(str(doc[k]).strip() for k in ("title", "text") if doc.get(k) and str(doc[k]).strip())
     images = image_files_in(folder) + image_files_in(os.path.join(folder, "images"))
