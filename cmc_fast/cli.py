@@ -32,7 +32,8 @@ def _pair(text: str) -> tuple[int, int]:
 # CLI flag -> Config field, for flags whose value is copied over the preset when given
 _OVERRIDES = ("data_root", "variant", "epochs", "fusion_epochs", "batch_size", "text_model", "image_model",
               "image_weights", "negatives", "nce_k", "seed", "max_len", "image_size", "image_backend", "text_lr",
-              "image_lr", "fusion_lr", "mm_dim", "chunks", "rank", "val_fraction", "device", "alpha", "beta")
+              "image_lr", "fusion_lr", "mm_dim", "chunks", "rank", "val_fraction", "val_split", "group_sampling",
+              "device", "alpha", "beta")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--alpha", type=float)
     tr.add_argument("--beta", type=float)
     tr.add_argument("--val-fraction", type=float)
+    tr.add_argument("--val-split", metavar="{grouped,random}",
+                    help="grouped (default): near-duplicate posts never straddle the fit/validation cut")
+    tr.add_argument("--group-sampling", type=float, metavar="P",
+                    help="sample a training post in a near-duplicate group of size s with weight s^-P (0..1)")
     tr.add_argument("--device", help="auto, cpu or cuda[:N]")
     tr.add_argument("--out", help="run directory (default runs/<dataset>-<time>)")
     tr.add_argument("--config", help="JSON file of config keys, applied over the dataset's preset")

@@ -24,6 +24,12 @@ class Config:
     dataset: str = "synthetic"
     data_root: str | None = None
     val_fraction: float = 0.1
+    # "grouped": near-duplicate posts (reposts of one story) stay on one side of the fit/validation cut, so
+    # selection cannot reward memorising them; "random": a plain label-stratified split
+    val_split: str = "grouped"
+    # sampling weight of a training post in a near-duplicate group of size s: s^-group_sampling (0: uniform;
+    # 1: every story counts once however often it was reposted, labels keep their share of the epoch)
+    group_sampling: float = 0.0
     max_len: int = 250
     image_size: tuple[int, int] = (256, 128)  # (H, W), the authors' direct bicubic resize
     image_backend: str = "auto"
@@ -84,6 +90,8 @@ class Config:
         for name in ("epochs", "fusion_epochs", "batch_size", "nce_k", "proj_dim", "mm_dim", "chunks", "rank"):
             need(getattr(self, name) >= 1, f"--{name.replace('_', '-')}: must be >= 1, got {getattr(self, name)}")
         need(self.max_len >= 3, f"--max-len: must be >= 3, got {self.max_len}")
+        need(self.val_split in ("grouped", "random"), f"--val-split: choose grouped or random, got {self.val_split!r}")
+        need(0.0 <= self.group_sampling <= 1.0, f"--group-sampling: must be in [0, 1], got {self.group_sampling}")
         need(0.0 < self.val_fraction < 1.0, f"--val-fraction: must be in (0, 1), got {self.val_fraction}")
         need(self.nce_t > 0, f"--nce-t: must be > 0, got {self.nce_t}")
         need(0.0 <= self.nce_momentum < 1.0, f"--nce-momentum: must be in [0, 1), got {self.nce_momentum}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 from cmc_fast.errors import UsageError
 from data_pipeline import Record, Skipped, load_dataset, split_validation
 from data_pipeline.image_source import CachedImages, ImageSource, StreamingImages
+from data_pipeline.near_duplicates import near_duplicate_groups
 from data_pipeline.text import VocabTokenizer, encode_texts
 
 
@@ -27,6 +29,7 @@ class SplitData:
     images: ImageSource | None = None  # shared by the splits; row image_rows[i] is record i's image
     image_rows: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     has_image: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
+    groups: torch.Tensor | None = None  # int64 [n] near-duplicate group of each record (fit split), for sampling
 
     def __len__(self) -> int:
         return len(self.records)
@@ -36,14 +39,28 @@ class SplitData:
         dev = self.ids.device
         return SplitData(name or self.name, [self.records[i] for i in rows.tolist()], self.ids[rows.to(dev)],
                          self.mask[rows.to(dev)], self.labels[rows.to(dev)], self.images, self.image_rows[rows],
-                         self.has_image[rows])
+                         self.has_image[rows], None if self.groups is None else self.groups[rows])
+
+    def sampling_weights(self, power: float) -> torch.Tensor | None:
+        """Per-record sampling weights that count a near-duplicate group of size s as s^(1 - power) posts
+        (power 1: each story once however often it was reposted), rescaled so each label keeps its share of
+        the epoch. None (uniform) for power 0 or without groups."""
+        if power == 0 or self.groups is None or len(self) == 0:
+            return None
+        _, inverse, counts = torch.unique(self.groups, return_inverse=True, return_counts=True)
+        weights = counts[inverse].double().pow(-power)
+        labels = self.labels.cpu()
+        for label in labels.unique():
+            same = labels == label
+            weights[same] *= same.sum() / weights[same].sum()
+        return weights
 
     def with_images(self) -> SplitData:
         return self.subset(torch.nonzero(self.has_image).view(-1), name=f"{self.name}+image")
 
     def to(self, device: torch.device) -> SplitData:
         return SplitData(self.name, self.records, self.ids.to(device), self.mask.to(device), self.labels.to(device),
-                         self.images, self.image_rows, self.has_image)
+                         self.images, self.image_rows, self.has_image, self.groups)
 
     def pixels(self, rows: torch.Tensor, *, train: bool, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """ImageNet-normalised images [b, 3, H, W] for ``rows``, on ``rows``' device, randomly flipped when
@@ -93,7 +110,10 @@ def prepare(cfg, tokenizer=None, use_images: bool = True) -> PreparedData:
         raise UsageError(f"--dataset {cfg.dataset}: no training posts under {ds.root or cfg.data_root}")
     if not ds.test:
         raise UsageError(f"--dataset {cfg.dataset}: no test posts under {ds.root or cfg.data_root}")
-    fit, val = split_validation(ds.train, cfg.val_fraction, cfg.seed)
+    groups = None
+    if cfg.val_split == "grouped" or cfg.group_sampling > 0:
+        groups = near_duplicate_groups([r.text for r in ds.train])
+    fit, val = split_validation(ds.train, cfg.val_fraction, cfg.seed, groups if cfg.val_split == "grouped" else None)
     if tokenizer is None:
         # tokens seen once stay out, so [UNK] is trained on something like what unseen test tokens look like
         tokenizer = VocabTokenizer.build([r.text for r in fit], min_freq=2)
@@ -106,15 +126,24 @@ def prepare(cfg, tokenizer=None, use_images: bool = True) -> PreparedData:
         source = build_image_source(cfg, everything, digest)
         for i, msg in sorted(source.errors.items()):
             skipped.append(Skipped(everything[i].id, f"dropped for image variants: {msg}", everything[i].source))
+    group_of = {id(r): g for r, g in zip(ds.train, groups)} if groups is not None else None
     splits, offset = [], 0
     for name, recs in (("fit", fit), ("val", val), ("test", ds.test)):
         ids, mask = _encode(tokenizer, [r.text for r in recs], cfg.max_len)
         labels = torch.tensor([r.label for r in recs], dtype=torch.long)
         rows = torch.arange(offset, offset + len(recs))
         has_image = source.ok[rows].clone() if source is not None else torch.zeros(len(recs), dtype=torch.bool)
-        splits.append(SplitData(name, recs, ids, mask, labels, source, rows, has_image))
+        fit_groups = None
+        if name == "fit" and group_of is not None:  # fit records are the reader's own objects (val's are copies)
+            fit_groups = torch.tensor([group_of[id(r)] for r in recs], dtype=torch.long)
+        splits.append(SplitData(name, recs, ids, mask, labels, source, rows, has_image, fit_groups))
         offset += len(recs)
-    summary = {"dataset": ds.name, "root": ds.root, "read_skipped": len(ds.skipped)}
+    summary = {"dataset": ds.name, "root": ds.root, "read_skipped": len(ds.skipped), "val_split": cfg.val_split}
+    if groups is not None:
+        sizes = Counter(groups).values()
+        summary["train_near_duplicate_groups"] = len(sizes)
+        summary["train_posts_with_near_duplicates"] = sum(n for n in sizes if n > 1)
+        summary["group_sampling"] = cfg.group_sampling
     for s in splits:
         summary[f"{s.name}_posts"] = len(s)
         summary[f"{s.name}_fake"] = int(s.labels.sum())

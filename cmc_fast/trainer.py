@@ -60,8 +60,13 @@ def resolve_device(name: str) -> torch.device:
 
 
 def batches(n: int, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None,
-            drop_last: bool = False) -> list[torch.Tensor]:
-    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+            drop_last: bool = False, weights: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Row indices in batches: in order, a seeded permutation, or (``weights``) n rows drawn with replacement
+    with probability proportional to their weight."""
+    if weights is not None:
+        order = torch.multinomial(weights, n, replacement=True, generator=generator)
+    else:
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     out = list(order.split(batch_size))
     # A ragged last batch recompiles a compiled step and gives BatchNorm a tiny batch: drop it when training.
     if drop_last and len(out) > 1 and out[-1].numel() < batch_size:
@@ -229,12 +234,13 @@ class Trainer:
             from torch._dynamo.utils import counters
 
             counters["graph_break"].clear()  # a break means part of the step runs eagerly: reported below
+        sample_weights = stage.train_split.sampling_weights(self.cfg.group_sampling)
         t_stage = time.perf_counter()
         for epoch in range(start, epochs):
             for mod in modules.values():
                 mod.train()
             rows_list = batches(len(stage.train_split), self.cfg.batch_size, shuffle=True, generator=gen,
-                                drop_last=True)
+                                drop_last=True, weights=sample_weights)
             bar = tqdm(rows_list, desc=f"{name} {epoch + 1}/{epochs}", leave=False, disable=not self.cfg.progress,
                        dynamic_ncols=True)
             running, seen = 0.0, 0

@@ -71,6 +71,7 @@ import re
 import threading
 import warnings
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -277,6 +278,36 @@ def _isolating(run: Callable[[list[int]], None], k: int) -> dict[int, str]:
     return failures
 
 
+def usable_cores() -> int:
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        n = os.cpu_count() or 1
+    return max(1, min(n, 16))
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _each(fn: Callable[[int], object], n: int, workers: int) -> list[object]:
+    """``[fn(0), ..., fn(n-1)]`` with each exception returned in its slot, on ``workers`` threads. libjpeg-turbo,
+    PIL's resize and torch ops release the GIL, so threads scale the CPU backends with the cores."""
+    def safe(j: int) -> object:
+        try:
+            return fn(j)
+        except Exception as exc:  # noqa: BLE001 - reported per sample by the caller
+            return exc
+
+    if workers <= 1 or n < 2:
+        return [safe(j) for j in range(n)]
+    with _POOLS_LOCK:
+        pool = _POOLS.get(workers)
+        if pool is None:
+            pool = _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="cmc-fast-decode")
+    return list(pool.map(safe, range(n)))
+
+
 def _tv_resize(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms.v2.functional import resize
@@ -285,7 +316,7 @@ def _tv_resize(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def _decode_torchvision(blobs: list[bytes], size: tuple[int, int], device: torch.device, normalize: bool,
-                        chunk: int) -> tuple[torch.Tensor, dict[int, str]]:
+                        chunk: int, workers: int) -> tuple[torch.Tensor, dict[int, str]]:
     from torchvision.io import ImageReadMode, decode_jpeg
 
     h, w = size
@@ -301,41 +332,32 @@ def _decode_torchvision(blobs: list[bytes], size: tuple[int, int], device: torch
                     out[j] = _tv_resize(img, size)
 
             return out, _isolating(run, len(blobs))
-        failures: dict[int, str] = {}
         # the resize returns channels-last strides; numpy's single-threaded strided copy is far cheaper here than
         # torch's OpenMP-parallel one (which on a busy 2-core machine costs more than the decode)
         out_np = out.numpy()
-        for j, enc in enumerate(encoded):
-            try:
-                out_np[j] = _tv_resize(decode_jpeg(enc, mode=ImageReadMode.RGB), size).numpy()
-            except Exception as exc:  # noqa: BLE001 - per-sample report, PIL gets a try
-                failures[j] = _short(exc)
-        return out, failures
+
+        def one(j: int) -> None:
+            out_np[j] = _tv_resize(decode_jpeg(encoded[j], mode=ImageReadMode.RGB), size).numpy()
+
+        results = _each(one, len(encoded), workers)
+        return out, {j: _short(r) for j, r in enumerate(results) if isinstance(r, Exception)}
 
 
 _DALI_LOCK = threading.Lock()
 _DALI_PIPES: dict[tuple, object] = {}
 
 
-def _dali_threads() -> int:
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        n = os.cpu_count() or 1
-    return max(1, min(n, 16))
-
-
 def _dali_pipeline(key: tuple):
-    """The pipeline for (H, W, max batch, device id or None, normalise), built once and reused."""
+    """The pipeline for (H, W, max batch, device id or None, normalise, CPU threads), built once and reused."""
     pipe = _DALI_PIPES.get(key)
     if pipe is not None:
         return pipe
     from nvidia.dali import fn, pipeline_def, types
 
-    h, w, max_batch, device_id, normalize = key
+    h, w, max_batch, device_id, normalize, threads = key
     gpu = device_id is not None
 
-    @pipeline_def(batch_size=max_batch, num_threads=_dali_threads(), device_id=device_id, prefetch_queue_depth=1)
+    @pipeline_def(batch_size=max_batch, num_threads=threads, device_id=device_id, prefetch_queue_depth=1)
     def images(decoder_args: dict):
         encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1, device="cpu")
         img = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB,
@@ -360,14 +382,14 @@ def _dali_pipeline(key: tuple):
 
 
 def _decode_dali(blobs: list[bytes], size: tuple[int, int], device: torch.device, normalize: bool,
-                 chunk: int) -> tuple[torch.Tensor, dict[int, str]]:
+                 chunk: int, workers: int) -> tuple[torch.Tensor, dict[int, str]]:
     from nvidia.dali.plugin.pytorch import feed_ndarray
 
     h, w = size
     device_id = None
     if device.type == "cuda":
         device_id = device.index if device.index is not None else torch.cuda.current_device()
-    key = (h, w, max(chunk, len(blobs)), device_id, normalize)  # smaller batches are fed to the same pipeline
+    key = (h, w, max(chunk, len(blobs)), device_id, normalize, workers)  # smaller batches are fed to the same pipeline
     out = torch.zeros((len(blobs), 3, h, w), dtype=torch.float32 if normalize else torch.uint8, device=device)
     arrays = [np.frombuffer(b, dtype=np.uint8) for b in blobs]
 
@@ -432,8 +454,9 @@ def _check_size(size: Sequence[int]) -> tuple[int, int]:
 
 def _decode_loaded(names: Sequence[str], loaded: Sequence[tuple[bytes | None, str | None]], size: Sequence[int],
                    backend: str, *, normalize_output: bool, device: torch.device | str | None,
-                   dtype: torch.dtype, chunk: int) -> ImageBatch:
+                   dtype: torch.dtype, chunk: int, workers: int | None) -> ImageBatch:
     h, w = _check_size(size)
+    workers = usable_cores() if workers is None else max(1, int(workers))
     dev = torch.device(device) if device is not None else torch.device("cpu")
     name = resolve_backend(backend, dev)
     n = len(loaded)
@@ -470,7 +493,8 @@ def _decode_loaded(names: Sequence[str], loaded: Sequence[tuple[bytes | None, st
         decode_fast = _FAST[name]
         for start in range(0, len(fast), chunk):
             part = fast[start:start + chunk]
-            pixels, failures = decode_fast([loaded[i][0] for i in part], (h, w), dev, normalize_output, chunk)
+            pixels, failures = decode_fast([loaded[i][0] for i in part], (h, w), dev, normalize_output, chunk,
+                                            workers)
             if failures:
                 good = [j for j in range(len(part)) if j not in failures]
                 pixels = pixels[torch.as_tensor(good, dtype=torch.long, device=pixels.device)]
@@ -481,52 +505,58 @@ def _decode_loaded(names: Sequence[str], loaded: Sequence[tuple[bytes | None, st
     if to_pil:
         to_pil.sort()
         buf = np.empty((len(to_pil), 3, h, w), dtype=np.uint8)
+
+        def one(k: int) -> None:
+            buf[k] = _pil_one(loaded[to_pil[k][0]][0], (h, w))
+
         done: list[int] = []
-        for i, why in to_pil:
-            try:
-                buf[len(done)] = _pil_one(loaded[i][0], (h, w))
-                done.append(i)
-                if why:
-                    fallback[i] = why
-            except Exception as exc:  # noqa: BLE001 - any decoder failure is a per-sample report
-                errors[i] = f"{names[i]}: {why + '; ' if why else ''}PIL: {_short(exc)}"
-        put(done, torch.from_numpy(buf[:len(done)]))
+        for k, result in enumerate(_each(one, len(to_pil), workers)):
+            i, why = to_pil[k]
+            if isinstance(result, Exception):
+                errors[i] = f"{names[i]}: {why + '; ' if why else ''}PIL: {_short(result)}"
+                continue
+            if why:
+                fallback[i] = why
+            done.append(k)
+        put([to_pil[k][0] for k in done], torch.from_numpy(buf[done]))
     return ImageBatch(out, ok, dict(sorted(errors.items())), dict(sorted(fallback.items())), name)
 
 
 def decode_uint8(paths: Sequence[str | None], size: Sequence[int], backend: str = "pil", *,
-                 device: torch.device | str | None = None, chunk: int = DEFAULT_CHUNK) -> ImageBatch:
+                 device: torch.device | str | None = None, chunk: int = DEFAULT_CHUNK,
+                 workers: int | None = None) -> ImageBatch:
     """Decode and resize each path to uint8 [n, 3, H, W]; ``None`` entries (no image) are reported as missing.
 
     ``backend``: ``pil`` (default, the reference), ``torchvision``, ``dali`` or ``auto``. ``device``: where
-    decoding runs and the output lives (CUDA: nvJPEG through DALI "mixed" or torchvision); CPU by default."""
+    decoding runs and the output lives (CUDA: nvJPEG through DALI "mixed" or torchvision); CPU by default.
+    ``workers``: CPU threads decoding side by side (default: the usable cores, at most 16)."""
     loaded = [_read(p) for p in paths]
     return _decode_loaded([str(p) for p in paths], loaded, size, backend, normalize_output=False, device=device,
-                          dtype=torch.uint8, chunk=chunk)
+                          dtype=torch.uint8, chunk=chunk, workers=workers)
 
 
 def decode(paths: Sequence[str | None], size: Sequence[int], backend: str = "auto", *, normalize: bool = True,
            device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
-           chunk: int = DEFAULT_CHUNK) -> ImageBatch:
+           chunk: int = DEFAULT_CHUNK, workers: int | None = None) -> ImageBatch:
     """Like ``decode_uint8`` but, with ``normalize=True``, float ``dtype`` ImageNet-normalised pixels (DALI
     normalises inside its pipeline). Failed samples stay all zero."""
     loaded = [_read(p) for p in paths]
     return _decode_loaded([str(p) for p in paths], loaded, size, backend, normalize_output=normalize,
-                          device=device, dtype=dtype, chunk=chunk)
+                          device=device, dtype=dtype, chunk=chunk, workers=workers)
 
 
 def decode_encoded(blobs: Sequence[bytes | None], size: Sequence[int], backend: str = "auto", *,
                    names: Sequence[str] | None = None, normalize: bool = False,
                    device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
-                   chunk: int = DEFAULT_CHUNK) -> ImageBatch:
+                   chunk: int = DEFAULT_CHUNK, workers: int | None = None) -> ImageBatch:
     """The same contract for encoded bytes already in memory; ``names`` label error messages."""
     labels = list(names) if names is not None else [f"<sample {i}>" for i in range(len(blobs))]
     loaded = [(b, None) if b else (None, "no image" if b is None else f"{labels[i]}: empty file (0 bytes)")
               for i, b in enumerate(blobs)]
     return _decode_loaded(labels, loaded, size, backend, normalize_output=normalize, device=device, dtype=dtype,
-                          chunk=chunk)
+                          chunk=chunk, workers=workers)
 
 
 __all__ = ["BACKENDS", "DEFAULT_CHUNK", "IMAGENET_MEAN", "IMAGENET_STD", "ImageBatch", "available_backends",
            "dali_available", "decode", "decode_encoded", "decode_pil_path", "decode_uint8", "normalize",
-           "resolve_backend", "sniff", "torchvision_available"]
+           "resolve_backend", "sniff", "torchvision_available", "usable_cores"]

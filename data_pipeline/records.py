@@ -50,22 +50,37 @@ class DatasetSplits:
                 "skipped": len(self.skipped)}
 
 
-def split_validation(train: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
+def split_validation(train: list[Record], fraction: float, seed: int,
+                     groups: list[int] | None = None) -> tuple[list[Record], list[Record]]:
     """Carve a seeded, label-stratified validation split out of the training records.
 
     Model selection uses it; the test split is never looked at until the end (the authors' release
-    selected checkpoints on the test set)."""
+    selected checkpoints on the test set). ``groups`` (one id per record, e.g. from
+    ``near_duplicates.near_duplicate_groups``) keeps every group whole on one side: groups are visited in a
+    seeded order and go to validation, labelled by their majority, while they fit that label's quota, so
+    validation holds about ``fraction`` of each label and no post with a near-copy in the fit split."""
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"--val-fraction must be in (0, 1), got {fraction}")
+    if groups is not None and len(groups) != len(train):
+        raise ValueError(f"split_validation: {len(groups)} group ids for {len(train)} records")
     rng = random.Random(seed)
-    fit, val = [], []
+    members: dict[int, list[int]] = {}
+    for i in range(len(train)):
+        members.setdefault(groups[i] if groups is not None else i, []).append(i)
+    val_idx: set[int] = set()
     for label in (FAKE, REAL):
-        group = [r for r in train if r.label == label]
-        rng.shuffle(group)
-        n_val = max(1, round(len(group) * fraction)) if len(group) > 1 else 0
-        val += group[:n_val]
-        fit += group[n_val:]
-    order = {id(r): i for i, r in enumerate(train)}
-    fit.sort(key=lambda r: order[id(r)])
-    val.sort(key=lambda r: order[id(r)])
-    return fit, [dataclasses.replace(r, split="val") for r in val]
+        # a group belongs to the label most of its posts carry (ties: the label of its first post)
+        own = [m for m in members.values()
+               if 2 * sum(train[i].label == label for i in m) > len(m)
+               or (2 * sum(train[i].label == label for i in m) == len(m) and train[m[0]].label == label)]
+        total = sum(len(m) for m in own)
+        quota = max(1, round(total * fraction)) if total > 1 else 0
+        rng.shuffle(own)
+        taken = 0
+        for m in own:
+            if taken + len(m) <= quota:
+                val_idx.update(m)
+                taken += len(m)
+    fit = [r for i, r in enumerate(train) if i not in val_idx]
+    val = [dataclasses.replace(r, split="val") for i, r in enumerate(train) if i in val_idx]
+    return fit, val

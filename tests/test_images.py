@@ -233,7 +233,7 @@ def test_fast_failure_falls_back_to_pil(bad_files, monkeypatch):
     gray = read(bad_files["gray"])
     calls = []
 
-    def picky(blobs, size, device, normalize_, chunk):
+    def picky(blobs, size, device, normalize_, chunk, workers):
         def run(idx):
             calls.append(len(idx))
             if any(blobs[j] is gray for j in idx):
@@ -303,7 +303,20 @@ def test_dali_pipeline_reused(bad_files):
     images._DALI_PIPES.clear()
     decode_uint8([bad_files["good"]] * 5, (32, 32), backend="dali", chunk=4)  # chunks of 4 and 1: one pipeline
     decode_uint8([bad_files["good"]] * 2, (32, 32), backend="dali", chunk=4)
-    assert list(images._DALI_PIPES) == [(32, 32, 4, None, False)]
+    assert list(images._DALI_PIPES) == [(32, 32, 4, None, False, images.usable_cores())]
+
+
+@pytest.mark.parametrize("backend", ["pil", "torchvision"])
+def test_threaded_decode_equals_one_thread(bad_files, backend):
+    """Threads change neither pixels nor which slot failed: a bad file between good ones stays in its place."""
+    rng = np.random.default_rng(5)
+    names = ["good", "gray", "png", "cmyk", "undecodable", "truncated", "empty", "gif"]
+    paths = [bad_files[names[k]] for k in rng.integers(0, len(names), size=23)]
+    one = decode_uint8(paths, (37, 29), backend=backend, workers=1, chunk=8)
+    many = decode_uint8(paths, (37, 29), backend=backend, workers=3, chunk=8)
+    assert torch.equal(one.pixels, many.pixels) and torch.equal(one.ok, many.ok)
+    assert one.errors == many.errors and one.fallback == many.fallback
+    assert 0 < int(one.ok.sum()) < len(paths)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -115,6 +115,8 @@ def test_stage1_trains_both_networks_and_the_projections(tmp_path):
     (["train", "--image-model", "alexnet"], "--image-model"),
     (["train", "--negatives", "hard"], "--negatives"),
     (["train", "--epochs", "0"], "--epochs"),
+    (["train", "--group-sampling", "1.5"], "--group-sampling"),
+    (["train", "--val-split", "by-date"], "--val-split"),
     (["train", "--dataset", "weibo", "--text-model", "tiny", "--image-model", "tiny", "--image-weights", "none",
       "--data-root", "/definitely/not/here"], "/definitely/not/here"),
     (["train", "--text-model", "/no/such/checkpoint"], "--text-model"),
