@@ -1,6 +1,6 @@
 """Images/s and CPU time per image backend on the 268 real Weibo JPEGs: decode + bicubic resize to 224x224, in
 batches of 64 (one pass = 268 images), plus the PIL DataLoader baseline with one worker per core and, on CUDA, the
-GPU decode paths. Run: ``pytest bench/test_images.py --benchmark-only``.
+GPU decode paths. Run: ``pytest bench/bench_images.py --benchmark-only``.
 
 CPU time is process CPU seconds per pass (all threads; DataLoader workers' decode time included), so
 ``cpu_s / wall_s`` is the number of cores a backend keeps busy.
@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from data_pipeline.image_source import CachedImages
-from data_pipeline.images import available_backends, decode_pil_path, decode_uint8
+from data_pipeline.images import available_backends, decode_pil_path, decode_uint8, usable_cores
 
 SIZE = (224, 224)
 BATCH = 64
@@ -27,13 +27,6 @@ GROUP = "images: decode+resize 268 Weibo JPEGs to 224x224, batch 64"
 BEFORE = {"pil": 318.0, "torchvision": 560.0, "dali": 549.0}
 _MEASURED: dict[str, float] = {}
 SHARED_DATA = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 @pytest.fixture(scope="module")
@@ -69,25 +62,28 @@ def _run(benchmark, record, fn, *, provider: str, n: int, rounds: int = 3, group
           f"({cpu_s / wall:.2f} cores busy), load average {os.getloadavg()[0]:.1f}")
 
 
-def _passes(paths: list[str], backend: str, device: str | None):
+def _passes(paths: list[str], backend: str, device: str | None, workers: int | None = None):
     def one_pass():
         for i in range(0, len(paths), BATCH):
-            decode_uint8(paths[i:i + BATCH], SIZE, backend=backend, device=device)
+            decode_uint8(paths[i:i + BATCH], SIZE, backend=backend, device=device, workers=workers)
         if device == "cuda":
             torch.cuda.synchronize()
 
     return one_pass
 
 
-@pytest.mark.parametrize("backend", ["pil", "torchvision", "dali"])
-def test_cpu_backend(benchmark, record, weibo, backend):
+@pytest.mark.parametrize("backend,threads", [("pil", 1), ("pil", "all"), ("torchvision", 1),
+                                             ("torchvision", "all"), ("dali", "all")])
+def test_cpu_backend(benchmark, record, weibo, backend, threads):
+    """One thread is the pre-project measurement's setting for PIL and torchvision; "all" is what training uses
+    (``workers`` defaults to the usable cores). DALI's CPU pipeline always runs one thread per core."""
     if backend not in available_backends():
         pytest.skip(f"{backend} not installed")
-    threads = {"pil": 1, "torchvision": 1, "dali": min(_cores(), 16)}[backend]
-    what = {"pil": "pil (1 thread)", "torchvision": f"torchvision cpu (1 decode thread, torch threads "
-            f"{torch.get_num_threads()})", "dali": f"dali cpu ({threads} threads)"}[backend]
-    _run(benchmark, record, _passes(weibo, backend, None), provider=what, n=len(weibo), threads=threads,
-         before_images_per_s=BEFORE[backend])
+    n_threads = usable_cores() if threads == "all" else threads
+    label = f"{n_threads} thread{'s' if n_threads > 1 else ''}"
+    what = {"pil": f"pil ({label})", "torchvision": f"torchvision cpu ({label})", "dali": f"dali cpu ({label})"}
+    _run(benchmark, record, _passes(weibo, backend, None, n_threads), provider=what[backend], n=len(weibo),
+         threads=n_threads, before_images_per_s=BEFORE[backend], before_threads=2 if backend == "dali" else 1)
 
 
 class _PilDataset(Dataset):

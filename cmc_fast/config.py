@@ -87,7 +87,8 @@ class Config:
              f"--image-model: unknown model {self.image_model!r}; choose one of tiny, vgg19, resnet50")
         need(self.image_backend in ("auto", "dali", "torchvision", "pil"),
              f"--image-backend: choose one of auto, dali, torchvision, pil, got {self.image_backend!r}")
-        for name in ("epochs", "fusion_epochs", "batch_size", "nce_k", "proj_dim", "mm_dim", "chunks", "rank"):
+        for name in ("epochs", "fusion_epochs", "batch_size", "nce_k", "proj_dim", "mm_dim", "chunks", "rank",
+                     "tiny_text_dim", "tiny_text_layers"):
             need(getattr(self, name) >= 1, f"--{name.replace('_', '-')}: must be >= 1, got {getattr(self, name)}")
         need(self.max_len >= 3, f"--max-len: must be >= 3, got {self.max_len}")
         need(self.val_split in ("grouped", "random"), f"--val-split: choose grouped or random, got {self.val_split!r}")

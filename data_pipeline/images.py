@@ -22,7 +22,7 @@ few sharp edges), all of it from the resamplers' kernels and rounding (tests/tes
 
 Backends
 --------
-- ``pil``: Pillow, one image after another on one thread; the plain baseline and the fallback of the others.
+- ``pil``: Pillow; the plain baseline and the fallback of the others.
 - ``torchvision``: ``torchvision.io.decode_jpeg`` then ``transforms.v2.functional.resize``. On CUDA the
   whole chunk is decoded in one batched nvJPEG call (``device='cuda'``) and resized on the GPU. (torchvision
   0.29 deprecates its decoders in favour of TorchCodec; they still work and the warning is silenced here.)
@@ -34,6 +34,10 @@ Backends
 - ``auto``: on CUDA ``dali`` when it is importable, else ``torchvision``; on the CPU ``torchvision`` (else ``pil``).
   DALI's CPU pipeline is not chosen automatically: its bicubic ``fn.resize`` costs more CPU than decoding, and
   on the 2-core development machine the whole pipeline took ~2x torchvision's CPU time per image (see bench/).
+
+CPU threads: ``workers`` (default: the usable cores, at most 16) images are decoded side by side by the PIL and
+torchvision CPU paths (libjpeg-turbo, PIL's resampler and torch ops release the GIL) and is DALI's
+``num_threads``. Threads change no pixel: each sample is decoded by the same code whichever thread runs it.
 
 Bad images: never raise from a batch call
 -----------------------------------------

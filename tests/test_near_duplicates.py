@@ -166,3 +166,37 @@ def test_group_sampling_weights(power):
     share = torch.bincount(groups[drawn], minlength=40).double() / len(drawn)
     want = torch.zeros(40, dtype=torch.float64).index_add_(0, groups, weights) / weights.sum()
     assert torch.allclose(share, want, atol=0.01)
+
+
+def test_prepare_keeps_reposts_out_of_validation_and_carries_groups(tmp_path):
+    """End to end through the manifest reader and ``cmc_fast.data.prepare``: no validation post has a repost in
+    the fit split, and the fit split's group ids are the reader-order groups."""
+    import json
+
+    from cmc_fast.config import Config
+    from cmc_fast.data import prepare
+
+    rng = random.Random(21)
+    texts = _stories(rng, 40, 5, 40) + ["".join(rng.choice(ALPHABET) for _ in range(30)) for _ in range(160)]
+    rows = [{"id": f"m{i}", "text": t, "label": i % 2, "split": "train"} for i, t in enumerate(texts)]
+    rows += [{"id": f"t{i}", "text": t, "label": i % 2, "split": "test"} for i, t in enumerate(texts[:10])]
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n")
+    cfg = Config(dataset="manifest", data_root=str(tmp_path), text_model="tiny", max_len=32, val_fraction=0.2,
+                 group_sampling=1.0, progress=False).validate()
+    data = prepare(cfg, use_images=False)
+    by_id = dict(zip((r["id"] for r in rows), near_duplicate_groups(texts)))
+    fit_groups = [by_id[r.id] for r in data.fit.records]
+    assert data.fit.groups.tolist() == fit_groups
+    assert set(fit_groups).isdisjoint(by_id[r.id] for r in data.val.records)
+    assert data.summary["train_posts_with_near_duplicates"] >= 200
+    assert data.summary["val_split"] == "grouped" and data.val.groups is None
+    # power 1: within a label, weight x group size is one constant (every story counts once)
+    weights, labels = data.fit.sampling_weights(1.0), data.fit.labels
+    sizes = torch.tensor([fit_groups.count(g) for g in fit_groups], dtype=torch.float64)
+    for label in (0, 1):
+        per_story = (weights * sizes)[labels == label]
+        assert torch.allclose(per_story, per_story[0].expand_as(per_story))
+        assert float(weights[labels == label].sum()) == pytest.approx(int((labels == label).sum()))
+    random_cfg = Config(**{**cfg.__dict__, "val_split": "random", "group_sampling": 0.0})
+    plain = prepare(random_cfg, use_images=False)
+    assert plain.fit.groups is None and "train_near_duplicate_groups" not in plain.summary
