@@ -33,7 +33,7 @@ def _pair(text: str) -> tuple[int, int]:
 _OVERRIDES = ("data_root", "variant", "epochs", "fusion_epochs", "batch_size", "text_model", "image_model",
               "image_weights", "negatives", "nce_k", "seed", "max_len", "image_size", "image_backend", "text_lr",
               "image_lr", "fusion_lr", "mm_dim", "chunks", "rank", "val_fraction", "val_split", "group_sampling",
-              "device", "alpha", "beta", "tiny_text_dim", "tiny_text_layers")
+              "device", "alpha", "beta", "tiny_text_dim", "tiny_text_layers", "threads")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--group-sampling", type=float, metavar="P",
                     help="sample a training post in a near-duplicate group of size s with weight s^-P (0..1)")
     tr.add_argument("--device", help="auto, cpu or cuda[:N]")
+    tr.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     tr.add_argument("--out", help="run directory (default runs/<dataset>-<time>)")
     tr.add_argument("--config", help="JSON file of config keys, applied over the dataset's preset")
     tr.add_argument("--seed", type=int)

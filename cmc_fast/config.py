@@ -68,6 +68,9 @@ class Config:
     amp: bool = False
     compile: bool = False
     device: str = "auto"
+    # torch CPU threads (None: torch's default). Tiny models on a shared machine run faster with 1: two
+    # OpenMP threads waiting on a descheduled sibling make small matmuls orders of magnitude slower
+    threads: int | None = None
     seed: int = 0
     out: str | None = None
     progress: bool = True
@@ -90,6 +93,7 @@ class Config:
         for name in ("epochs", "fusion_epochs", "batch_size", "nce_k", "proj_dim", "mm_dim", "chunks", "rank",
                      "tiny_text_dim", "tiny_text_layers"):
             need(getattr(self, name) >= 1, f"--{name.replace('_', '-')}: must be >= 1, got {getattr(self, name)}")
+        need(self.threads is None or self.threads >= 1, f"--threads: must be >= 1, got {self.threads}")
         need(self.max_len >= 3, f"--max-len: must be >= 3, got {self.max_len}")
         need(self.val_split in ("grouped", "random"), f"--val-split: choose grouped or random, got {self.val_split!r}")
         need(0.0 <= self.group_sampling <= 1.0, f"--group-sampling: must be in [0, 1], got {self.group_sampling}")

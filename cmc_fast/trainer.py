@@ -138,6 +138,8 @@ class Trainer:
 
     def _setup(self) -> None:
         cfg = self.cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.ckpt_dir.mkdir(exist_ok=True)

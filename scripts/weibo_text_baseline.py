@@ -38,11 +38,10 @@ def run_one(seed: int, args: argparse.Namespace, extra: list[str]) -> dict:
     out = Path(args.out) / f"seed{seed}"
     cmd = ["cmc-fast", "train", "--dataset", "weibo", "--data-root", args.data_root, "--variant", "finetune-t",
            "--no-progress", "--seed", str(seed), "--out", str(out), *RECIPE[args.text_model], *extra]
-    env = dict(os.environ)
     if args.parallel > 1:  # one thread per run: two 2-thread runs on two cores stall each other's OpenMP
-        env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        cmd += ["--threads", "1"]
     t0 = time.perf_counter()
-    done = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wall = time.perf_counter() - t0
     if done.returncode != 0:
         raise SystemExit(f"seed {seed} failed (exit {done.returncode}): {' '.join(cmd)}\n{done.stderr[-2000:]}")
