@@ -81,6 +81,10 @@ def split_validation(train: list[Record], fraction: float, seed: int,
             if taken + len(m) <= quota:
                 val_idx.update(m)
                 taken += len(m)
+        if taken == 0 and quota and len(own) > 1:
+            # every group is larger than the quota (few posts, many copies): the smallest still goes, so a
+            # label with two or more stories is never missing from validation
+            val_idx.update(min(own, key=len))
     fit = [r for i, r in enumerate(train) if i not in val_idx]
     val = [dataclasses.replace(r, split="val") for i, r in enumerate(train) if i in val_idx]
     return fit, val

@@ -200,3 +200,16 @@ def test_prepare_keeps_reposts_out_of_validation_and_carries_groups(tmp_path):
     random_cfg = Config(**{**cfg.__dict__, "val_split": "random", "group_sampling": 0.0})
     plain = prepare(random_cfg, use_images=False)
     assert plain.fit.groups is None and "train_near_duplicate_groups" not in plain.summary
+
+
+def test_groups_larger_than_the_quota_still_give_each_label_validation_posts():
+    """24 posts = 8 stories x 3 copies, fraction 0.2: every group (3) exceeds each label's quota (2)."""
+    rng = random.Random(4)
+    bases = ["".join(rng.choice(ALPHABET) for _ in range(40)) for _ in range(8)]
+    records = [Record(f"p{i}", f"{bases[i % 8]} ({i})", [], (i % 8) % 2, "train") for i in range(24)]
+    groups = near_duplicate_groups([r.text for r in records])
+    assert len(set(groups)) == 8
+    fit, val = split_validation(records, 0.2, seed=0, groups=groups)
+    assert sorted(r.label for r in val) == [0, 0, 0, 1, 1, 1]  # one whole story of each label
+    group_of = {r.id: g for r, g in zip(records, groups)}
+    assert {group_of[r.id] for r in fit}.isdisjoint(group_of[r.id] for r in val)

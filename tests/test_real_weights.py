@@ -106,6 +106,8 @@ def test_encode_texts_matches_tokenizer(loaded, reference):
         assert torch.equal(ids[row, :n], want)  # [CLS] ... [SEP], the tokenizer's own ids
         assert ids[row, 0] == tokenizer.cls_token_id and ids[row, n - 1] == tokenizer.sep_token_id
         assert (ids[row, n:] == tokenizer.pad_token_id).all() and (mask[row, n:] == 0).all()
+    empty_ids, empty_mask = encode_texts([], tokenizer, max_len=32)  # an empty split (the tokenizer itself raises)
+    assert empty_ids.shape == empty_mask.shape == (0, 32)
 
 
 def test_pooled_output_matches_reference_and_is_semantic(loaded, reference):
