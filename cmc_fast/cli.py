@@ -33,7 +33,8 @@ def _pair(text: str) -> tuple[int, int]:
 _OVERRIDES = ("data_root", "variant", "epochs", "fusion_epochs", "batch_size", "text_model", "image_model",
               "image_weights", "negatives", "nce_k", "seed", "max_len", "image_size", "image_backend", "text_lr",
               "image_lr", "fusion_lr", "mm_dim", "chunks", "rank", "val_fraction", "val_split", "group_sampling",
-              "device", "alpha", "beta", "tiny_text_dim", "tiny_text_layers", "threads")
+              "device", "alpha", "beta", "tiny_text_dim", "tiny_text_layers", "threads",
+              "tiny_text_dropout")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--max-len", type=int, help="text tokens kept (head + tail)")
     tr.add_argument("--tiny-text-dim", type=int, help="width of the tiny / ngram text model")
     tr.add_argument("--tiny-text-layers", type=int, help="layers of the tiny text model")
+    tr.add_argument("--tiny-text-dropout", type=float, help="dropout of the tiny / ngram text model (0.1 / 0.3)")
     tr.add_argument("--image-size", type=_pair, help="H,W of the training images")
     tr.add_argument("--image-backend", help="auto, dali, torchvision or pil")
     tr.add_argument("--image-stream", action="store_true",

@@ -42,6 +42,7 @@ class Config:
     image_weights: str | None = "imagenet"  # "imagenet" (torch cache), a .pth file, or None for random init
     tiny_text_dim: int = 128
     tiny_text_layers: int = 2
+    tiny_text_dropout: float | None = None  # None: 0.1 for tiny (BERT's value), 0.3 for ngram
     # stage 1 (mutual distillation)
     variant: str = "all"
     epochs: int = 30
@@ -93,6 +94,8 @@ class Config:
         for name in ("epochs", "fusion_epochs", "batch_size", "nce_k", "proj_dim", "mm_dim", "chunks", "rank",
                      "tiny_text_dim", "tiny_text_layers"):
             need(getattr(self, name) >= 1, f"--{name.replace('_', '-')}: must be >= 1, got {getattr(self, name)}")
+        need(self.tiny_text_dropout is None or 0.0 <= self.tiny_text_dropout < 1.0,
+             f"--tiny-text-dropout: must be in [0, 1), got {self.tiny_text_dropout}")
         need(self.threads is None or self.threads >= 1, f"--threads: must be >= 1, got {self.threads}")
         need(self.max_len >= 3, f"--max-len: must be >= 3, got {self.max_len}")
         need(self.val_split in ("grouped", "random"), f"--val-split: choose grouped or random, got {self.val_split!r}")

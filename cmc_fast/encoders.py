@@ -34,14 +34,15 @@ class TextEncoder(nn.Module):
         return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
 
-def tiny_text_encoder(vocab_size: int, max_len: int, dim: int = 64, layers: int = 2) -> TextEncoder:
-    """A small BERT, randomly initialised, for tests and the synthetic job."""
+def tiny_text_encoder(vocab_size: int, max_len: int, dim: int = 64, layers: int = 2,
+                      dropout: float = 0.1) -> TextEncoder:
+    """A small BERT, randomly initialised, for tests, the synthetic job and from-scratch baselines."""
     from transformers import BertConfig, BertModel
 
     heads = max(1, dim // 32)
     cfg = BertConfig(vocab_size=vocab_size, hidden_size=dim, num_hidden_layers=layers, num_attention_heads=heads,
-                     intermediate_size=dim * 2, max_position_embeddings=max(max_len, 8), hidden_dropout_prob=0.1,
-                     attention_probs_dropout_prob=0.1, pad_token_id=0)
+                     intermediate_size=dim * 2, max_position_embeddings=max(max_len, 8), hidden_dropout_prob=dropout,
+                     attention_probs_dropout_prob=dropout, pad_token_id=0)
     return TextEncoder(BertModel(cfg, add_pooling_layer=False), pooling="mean")
 
 

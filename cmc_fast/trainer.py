@@ -183,9 +183,12 @@ class Trainer:
     def _text_encoder(self) -> TextEncoder:
         cfg = self.cfg
         if cfg.text_model == "tiny":
-            return tiny_text_encoder(len(self.text_tokenizer), cfg.max_len, cfg.tiny_text_dim, cfg.tiny_text_layers)
+            dropout = 0.1 if cfg.tiny_text_dropout is None else cfg.tiny_text_dropout
+            return tiny_text_encoder(len(self.text_tokenizer), cfg.max_len, cfg.tiny_text_dim, cfg.tiny_text_layers,
+                                     dropout)
         if cfg.text_model == "ngram":
-            return NgramEncoder(len(self.text_tokenizer), cfg.tiny_text_dim)
+            dropout = 0.3 if cfg.tiny_text_dropout is None else cfg.tiny_text_dropout
+            return NgramEncoder(len(self.text_tokenizer), cfg.tiny_text_dim, dropout=dropout)
         # a fresh copy per stage: stages must not share (and silently co-train) one set of weights
         encoder, self._pretrained_text = self._pretrained_text, None
         return encoder if encoder is not None else load_text_model(cfg.text_model)[0]
