@@ -34,7 +34,7 @@ _OVERRIDES = ("data_root", "variant", "epochs", "fusion_epochs", "batch_size", "
               "image_weights", "negatives", "nce_k", "seed", "max_len", "image_size", "image_backend", "text_lr",
               "image_lr", "fusion_lr", "mm_dim", "chunks", "rank", "val_fraction", "val_split", "group_sampling",
               "device", "alpha", "beta", "tiny_text_dim", "tiny_text_layers", "threads",
-              "tiny_text_dropout")
+              "tiny_text_dropout", "lr_schedule")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--rank", type=int)
     tr.add_argument("--alpha", type=float)
     tr.add_argument("--beta", type=float)
+    tr.add_argument("--lr-schedule", metavar="{constant,linear,cosine}",
+                    help="per-step learning rate: constant (default), or warm-up then linear/cosine decay to 0")
     tr.add_argument("--val-fraction", type=float)
     tr.add_argument("--val-split", metavar="{grouped,random}",
                     help="grouped (default): near-duplicate posts never straddle the fit/validation cut")

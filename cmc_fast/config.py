@@ -58,6 +58,9 @@ class Config:
     alpha: float = 0.3
     beta: float = 0.3
     negatives: str = "uniform"
+    # per-step learning-rate schedule of every optimiser: "constant" (the authors'), or 6% linear warm-up then
+    # "linear" / "cosine" decay to 0 at the stage's last step
+    lr_schedule: str = "constant"
     # stage 2 (BLOCK fusion)
     fusion_epochs: int = 30
     fusion_lr: float = 2e-5
@@ -86,6 +89,8 @@ class Config:
         variants = self.variants()
         need(all(v in VARIANTS for v in variants),
              f"--variant: unknown variant {self.variant!r}; choose 'all' or a comma list of {', '.join(VARIANTS)}")
+        need(self.lr_schedule in ("constant", "linear", "cosine"),
+             f"--lr-schedule: choose constant, linear or cosine, got {self.lr_schedule!r}")
         need(self.negatives in NEGATIVES, f"--negatives: must be one of {', '.join(NEGATIVES)}, got {self.negatives!r}")
         need(self.image_model in ("tiny", "vgg19", "resnet50"),
              f"--image-model: unknown model {self.image_model!r}; choose one of tiny, vgg19, resnet50")

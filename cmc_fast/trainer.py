@@ -59,6 +59,22 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def lr_factor(schedule: str, total_steps: int, warmup: float = 0.06) -> Callable[[int], float]:
+    """The learning-rate multiplier at optimiser step s: 1 ("constant"), or a linear warm-up over the first
+    ``warmup`` of the steps followed by a linear or cosine decay to 0 at ``total_steps``."""
+    warm = max(1, round(warmup * total_steps))
+
+    def factor(step: int) -> float:
+        if schedule == "constant":
+            return 1.0
+        if step < warm:
+            return (step + 1) / warm
+        done = min(1.0, (step - warm) / max(1, total_steps - warm))
+        return 1.0 - done if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * done))
+
+    return factor
+
+
 def batches(n: int, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None,
             drop_last: bool = False, weights: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Row indices in batches: in order, a seeded permutation, or (``weights``) n rows drawn with replacement
@@ -216,12 +232,19 @@ class Trainer:
         last_path = self.ckpt_dir / f"{name}.last.pt"
         best = {k: -1.0 for k in stage.select}
         start, gen = 0, torch.Generator().manual_seed(self.cfg.seed * 1000 + zlib.crc32(name.encode()) % 1000)
+        n, bs = len(stage.train_split), self.cfg.batch_size
+        steps_per_epoch = max(1, n // bs) if n > bs else 1  # batches() drops a ragged last batch
+        factor = lr_factor(self.cfg.lr_schedule, epochs * steps_per_epoch)
+        schedulers = {} if self.cfg.lr_schedule == "constant" else {
+            key: torch.optim.lr_scheduler.LambdaLR(opt, factor) for key, opt in optimizers.items()}
         if self.resume and last_path.exists():
             state = load_checkpoint(last_path)
             for key, mod in modules.items():
                 mod.load_state_dict(state["modules"][key])
             for key, opt in optimizers.items():
                 opt.load_state_dict(state["optimizers"][key])
+            for key, sched in schedulers.items():
+                sched.load_state_dict(state["schedulers"][key])
             start, best = state["epoch"], state["best"]
             self.history[name] = state.get("history", [])
             gen.set_state(state["generator"])
@@ -252,6 +275,8 @@ class Trainer:
             for rows in bar:
                 t0 = time.perf_counter()
                 loss, logs = stage.step(rows.to(self.device))
+                for sched in schedulers.values():
+                    sched.step()
                 lv = float(loss)  # synchronises, so the step time below is the real one
                 step_times.append(time.perf_counter() - t0)
                 if not math.isfinite(lv):
@@ -273,6 +298,7 @@ class Trainer:
             save_checkpoint({
                 "modules": {k: m.state_dict() for k, m in modules.items()},
                 "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+                "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
                 "epoch": epoch + 1, "best": best, "history": history, "generator": gen.get_state(),
                 "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,

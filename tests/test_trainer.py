@@ -50,8 +50,9 @@ def test_cli_end_to_end_writes_a_complete_run_directory(tmp_path, capsys):
         assert again[variant]["test"] == r["test"]
 
 
-def test_resume_after_an_interrupted_run_matches_an_uninterrupted_one(tmp_path, monkeypatch):
-    args = [*TINY, "--variant", "finetune-t", "--epochs", "3", "--data-root", str(tmp_path / "data")]
+@pytest.mark.parametrize("extra", [[], ["--lr-schedule", "cosine", "--group-sampling", "1"]])
+def test_resume_after_an_interrupted_run_matches_an_uninterrupted_one(tmp_path, monkeypatch, extra):
+    args = [*TINY, "--variant", "finetune-t", "--epochs", "3", "--data-root", str(tmp_path / "data"), *extra]
     assert main(["train", *args, "--out", str(tmp_path / "straight")]) == 0
 
     real_save, calls = trainer_mod.save_checkpoint, {"n": 0}
@@ -117,6 +118,8 @@ def test_stage1_trains_both_networks_and_the_projections(tmp_path):
     (["train", "--epochs", "0"], "--epochs"),
     (["train", "--group-sampling", "1.5"], "--group-sampling"),
     (["train", "--val-split", "by-date"], "--val-split"),
+    (["train", "--tiny-text-dropout", "1.5"], "--tiny-text-dropout"),
+    (["train", "--threads", "0"], "--threads"),
     (["train", "--dataset", "weibo", "--text-model", "tiny", "--image-model", "tiny", "--image-weights", "none",
       "--data-root", "/definitely/not/here"], "/definitely/not/here"),
     (["train", "--text-model", "/no/such/checkpoint"], "--text-model"),
@@ -136,3 +139,23 @@ def test_config_file_with_an_unknown_key_is_a_usage_error(tmp_path, capsys):
     assert main(["train", "--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert "learning_rate" in err and "valid keys" in err
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_lr_schedule_warms_up_then_decays_to_zero(schedule):
+    total = 200
+    f = trainer_mod.lr_factor(schedule, total)
+    warm = [f(s) for s in range(12)]  # 6% of 200 steps
+    assert warm == sorted(warm) and warm[-1] == 1.0 and warm[0] == pytest.approx(1 / 12)
+    decay = [f(s) for s in range(12, total + 1)]
+    assert all(a >= b for a, b in zip(decay, decay[1:])) and decay[-1] == pytest.approx(0.0, abs=1e-12)
+    mid = f(12 + (total - 12) // 2)
+    assert mid == pytest.approx(0.5, abs=0.01)  # both are halfway down halfway through the decay
+    assert trainer_mod.lr_factor("constant", total)(150) == 1.0
+    # what an optimiser sees through LambdaLR, step by step
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.randn(3))], lr=0.5)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, f)
+    for step in range(1, 60):
+        opt.step()
+        sched.step()
+        assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * f(step))
