@@ -34,7 +34,8 @@ _OVERRIDES = ("data_root", "variant", "epochs", "fusion_epochs", "batch_size", "
               "image_weights", "negatives", "nce_k", "seed", "max_len", "image_size", "image_backend", "text_lr",
               "image_lr", "fusion_lr", "mm_dim", "chunks", "rank", "val_fraction", "val_split", "group_sampling",
               "device", "alpha", "beta", "tiny_text_dim", "tiny_text_layers", "threads",
-              "tiny_text_dropout", "lr_schedule")
+              "tiny_text_dropout", "lr_schedule",
+              "text_pretrain_epochs", "text_pretrain_lr")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--tiny-text-dim", type=int, help="width of the tiny / ngram text model")
     tr.add_argument("--tiny-text-layers", type=int, help="layers of the tiny text model")
     tr.add_argument("--tiny-text-dropout", type=float, help="dropout of the tiny / ngram text model (0.1 / 0.3)")
+    tr.add_argument("--text-pretrain-epochs", type=int,
+                    help="masked-LM pre-training of the tiny text model on the training texts first (0: off)")
+    tr.add_argument("--text-pretrain-lr", type=float, help="AdamW learning rate of that pre-training (1e-3)")
     tr.add_argument("--image-size", type=_pair, help="H,W of the training images")
     tr.add_argument("--image-backend", help="auto, dali, torchvision or pil")
     tr.add_argument("--image-stream", action="store_true",

@@ -43,6 +43,9 @@ class Config:
     tiny_text_dim: int = 128
     tiny_text_layers: int = 2
     tiny_text_dropout: float | None = None  # None: 0.1 for tiny (BERT's value), 0.3 for ngram
+    # masked-LM pre-training of the tiny text model on the fit split's texts before its first stage (0: off)
+    text_pretrain_epochs: int = 0
+    text_pretrain_lr: float = 1e-3
     # stage 1 (mutual distillation)
     variant: str = "all"
     epochs: int = 30
@@ -101,6 +104,9 @@ class Config:
             need(getattr(self, name) >= 1, f"--{name.replace('_', '-')}: must be >= 1, got {getattr(self, name)}")
         need(self.tiny_text_dropout is None or 0.0 <= self.tiny_text_dropout < 1.0,
              f"--tiny-text-dropout: must be in [0, 1), got {self.tiny_text_dropout}")
+        need(self.text_pretrain_epochs >= 0, f"--text-pretrain-epochs: must be >= 0, got {self.text_pretrain_epochs}")
+        need(self.text_pretrain_epochs == 0 or self.text_model == "tiny",
+             f"--text-pretrain-epochs: masked-LM pre-training is for --text-model tiny, not {self.text_model!r}")
         need(self.threads is None or self.threads >= 1, f"--threads: must be >= 1, got {self.threads}")
         need(self.max_len >= 3, f"--max-len: must be >= 3, got {self.max_len}")
         need(self.val_split in ("grouped", "random"), f"--val-split: choose grouped or random, got {self.val_split!r}")

@@ -32,6 +32,7 @@ from cmc_fast.encoders import NgramEncoder, TextEncoder, build_image_encoder, lo
 from cmc_fast.errors import UsageError
 from cmc_fast.fusion import Block
 from cmc_fast.metrics import classification_metrics
+from cmc_fast.pretrain import pretrain_mlm
 from cmc_fast.report import markdown_report, plot_history, text_table
 
 log = logging.getLogger("cmc_fast")
@@ -143,6 +144,8 @@ class Trainer:
         self.data: PreparedData | None = None
         self.text_tokenizer = None
         self._pretrained_text: TextEncoder | None = None  # loaded once up front, handed to the first stage
+        self._text_mlm_state: dict | None = None  # the tiny text model after masked-LM pre-training (once per run)
+        self.text_mlm_history: list[dict] = []
 
     # --------------------------------------------------------------------------------------- setup
     def _autocast(self):
@@ -200,14 +203,40 @@ class Trainer:
         cfg = self.cfg
         if cfg.text_model == "tiny":
             dropout = 0.1 if cfg.tiny_text_dropout is None else cfg.tiny_text_dropout
-            return tiny_text_encoder(len(self.text_tokenizer), cfg.max_len, cfg.tiny_text_dim, cfg.tiny_text_layers,
-                                     dropout)
+            encoder = tiny_text_encoder(len(self.text_tokenizer), cfg.max_len, cfg.tiny_text_dim,
+                                        cfg.tiny_text_layers, dropout)
+            if cfg.text_pretrain_epochs and not self.evaluate_only:  # (evaluation loads trained weights anyway)
+                encoder.model.load_state_dict(self._text_mlm(encoder))
+            return encoder
         if cfg.text_model == "ngram":
             dropout = 0.3 if cfg.tiny_text_dropout is None else cfg.tiny_text_dropout
             return NgramEncoder(len(self.text_tokenizer), cfg.tiny_text_dim, dropout=dropout)
         # a fresh copy per stage: stages must not share (and silently co-train) one set of weights
         encoder, self._pretrained_text = self._pretrained_text, None
         return encoder if encoder is not None else load_text_model(cfg.text_model)[0]
+
+    def _text_mlm(self, encoder: TextEncoder) -> dict:
+        """The tiny text model's weights after masked-LM pre-training on the fit texts, starting from
+        ``encoder``: computed once per run and saved, so every stage and a resumed run start from the same."""
+        if self._text_mlm_state is not None:
+            return self._text_mlm_state
+        path = self.ckpt_dir / "text-mlm.pt"
+        if self.resume and path.exists():
+            saved = load_checkpoint(path, map_location=self.device)
+            log.info("text-mlm: pre-trained weights loaded from %s", path)
+        else:
+            cfg, fit, val = self.cfg, self.data.fit.to(self.device), self.data.val.to(self.device)
+            model = encoder.model.to(self.device)
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                torch.manual_seed(cfg.seed)  # dropout inside: the stages' random stream stays as without it
+                state, history = pretrain_mlm(model, fit.ids, fit.mask, self.text_tokenizer,
+                                              epochs=cfg.text_pretrain_epochs, lr=cfg.text_pretrain_lr,
+                                              batch_size=max(cfg.batch_size, 64), seed=cfg.seed,
+                                              progress=cfg.progress, held_out=(val.ids, val.mask))
+            saved = {"encoder": state, "history": history}
+            save_checkpoint(saved, path)
+        self._text_mlm_state, self.text_mlm_history = saved["encoder"], saved["history"]
+        return self._text_mlm_state
 
     def _text_net(self) -> Classifier:
         return Classifier(self._text_encoder()).to(self.device)
@@ -542,7 +571,8 @@ class Trainer:
 
     def _write_outputs(self, seconds: float) -> None:
         name = "evaluate" if self.evaluate_only else "metrics"
-        payload = {"results": self.results, "timings": self.timings, "history": self.history, "data": self.data.summary,
+        payload = {"results": self.results, "timings": self.timings, "history": self.history,
+                   "text_mlm": self.text_mlm_history, "data": self.data.summary,
                    "device": str(self.device), "wall_seconds": seconds, "notes": self.notes}
         write_json(payload, self.run_dir / f"{name}.json")
         if not self.evaluate_only:
