@@ -86,15 +86,27 @@ def pytest_sessionfinish(session, exitstatus):
                "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"), "rows": rows}
     with open(json_path, "w") as f:
         json.dump(payload, f, indent=2)
-    lines = [f"# Benchmarks on {name}", "", f"torch {torch.__version__}, {payload['date']}", ""]
+    with open(os.path.join(RESULTS_DIR, f"{slug}.md"), "w") as f:
+        f.write(markdown(payload))
+
+
+def markdown(payload: dict) -> str:
+    """The readable table per group; image rows also show images/s and CPU ms per image."""
+    rows = payload["rows"]
+    lines = [f"# Benchmarks on {payload['device']}", "", f"torch {payload['torch']}, {payload['date']}", ""]
     for group in dict.fromkeys(r["group"] for r in rows):
-        lines += [f"## {group}", "", "| provider | median ms | floor ms | measured/floor | peak MiB | measured |",
-                  "|---|---:|---:|---:|---:|---|"]
-        for r in (r for r in rows if r["group"] == group):
+        members = [r for r in rows if r["group"] == group]
+        images = any("images_per_s" in r for r in members)
+        extra = " images/s | CPU ms/image |" if images else ""
+        lines += [f"## {group}", "",
+                  f"| provider | median ms | floor ms | measured/floor | peak MiB |{extra} measured |",
+                  "|---|---:|---:|---:|---:|" + ("---:|---:|" if images else "") + "---|"]
+        for r in members:
             floor = f"{r['floor_s'] * 1e3:.4f}" if r.get("floor_s") else "-"
             ratio = f"{r['measured_over_floor']:.1f}x" if r.get("measured_over_floor") else "-"
             peak = f"{r['peak_bytes'] / 2**20:.1f}" if r.get("peak_bytes") is not None else "-"
-            lines.append(f"| {r['provider']} | {r['median_s'] * 1e3:.3f} | {floor} | {ratio} | {peak} | {r['date']} |")
+            rate = (f" {r.get('images_per_s', '-')} | {r.get('cpu_ms_per_image', '-')} |" if images else "")
+            lines.append(f"| {r['provider']} | {r['median_s'] * 1e3:.3f} | {floor} | {ratio} | {peak} |{rate} "
+                         f"{r['date']} |")
         lines.append("")
-    with open(os.path.join(RESULTS_DIR, f"{slug}.md"), "w") as f:
-        f.write("\n".join(lines))
+    return "\n".join(lines)
