@@ -136,6 +136,8 @@ class Config:
         if unknown:
             raise UsageError(f"{source}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(names)}")
         values = dict(data)
+        # a run directory written before grouped validation existed carved its split at random: keep it so
+        values.setdefault("val_split", "random")
         if "image_size" in values and values["image_size"] is not None:
             values["image_size"] = tuple(values["image_size"])
         return cls(**values)

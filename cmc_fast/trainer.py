@@ -227,7 +227,9 @@ class Trainer:
         else:
             cfg, fit, val = self.cfg, self.data.fit.to(self.device), self.data.val.to(self.device)
             model = encoder.model.to(self.device)
-            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            cuda = [self.device.index if self.device.index is not None else torch.cuda.current_device()] \
+                if self.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=cuda):
                 torch.manual_seed(cfg.seed)  # dropout inside: the stages' random stream stays as without it
                 state, history = pretrain_mlm(model, fit.ids, fit.mask, self.text_tokenizer,
                                               epochs=cfg.text_pretrain_epochs, lr=cfg.text_pretrain_lr,

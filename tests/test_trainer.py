@@ -159,3 +159,10 @@ def test_lr_schedule_warms_up_then_decays_to_zero(schedule):
         opt.step()
         sched.step()
         assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * f(step))
+
+
+def test_run_directories_from_before_grouped_validation_keep_their_random_split(tmp_path):
+    saved = json.loads(tiny_config(tmp_path).to_json())
+    assert Config.from_dict(saved).val_split == "grouped"
+    del saved["val_split"]  # config.json of a run written before the option existed
+    assert Config.from_dict(saved).val_split == "random"
