@@ -145,6 +145,21 @@ def _split_stats(records: list[Record], bad_paths: set[str]) -> dict:
     }
 
 
+def _near_duplicates(train: list[Record], test: list[Record]) -> dict:
+    """Reposts (character 3-gram Jaccard >= 0.5, ``near_duplicates.near_duplicate_groups``) inside train and
+    across train and test; empty texts are left out."""
+    from data_pipeline.near_duplicates import near_duplicate_groups
+
+    tr = [r.text for r in train if r.text.strip()]
+    te = [r.text for r in test if r.text.strip()]
+    groups = near_duplicate_groups(tr + te)
+    sizes = collections.Counter(groups[:len(tr)])
+    in_train = set(sizes)
+    return {"train_groups": len(sizes), "train_posts_with_near_duplicates": sum(n for n in sizes.values() if n > 1),
+            "largest_train_group": max(sizes.values(), default=0),
+            "test_posts_with_near_copy_in_train": sum(g in in_train for g in groups[len(tr):])}
+
+
 def check_dataset(name: str, root: str | None, *, backend: str | None = None, decode: bool = True,
                   require_images: bool = False, **options: object) -> dict:
     """Load ``name`` from ``root`` and build the report (a JSON-able dict). Raises what the loader raises
@@ -170,6 +185,7 @@ def check_dataset(name: str, root: str | None, *, backend: str | None = None, de
     in_both = sorted(i for i, rs in ids.items() if {r.split for r in rs} >= {"train", "test"})
     train_texts = {r.text for r in splits.train if r.text.strip()}
     same_text = sum(1 for r in splits.test if r.text.strip() and r.text in train_texts)
+    near = _near_duplicates(splits.train, splits.test)
 
     stats = {"train": _split_stats(splits.train, bad), "test": _split_stats(splits.test, bad)}
     problems, warn = [], []
@@ -200,6 +216,9 @@ def check_dataset(name: str, root: str | None, *, backend: str | None = None, de
         warn.append(f"{len(duplicates)} duplicate ids ({len(in_both)} in both train and test)")
     if same_text:
         warn.append(f"{same_text} test posts have a text identical to a train post's")
+    if near["test_posts_with_near_copy_in_train"]:
+        warn.append(f"{near['test_posts_with_near_copy_in_train']} test posts have a near-copy in train "
+                    "(the test split partly measures memorisation)")
 
     no_image = [{"id": r.id, "split": r.split, "source": r.source,
                  "reason": "no local image file" if not r.image_paths else "no listed image is usable"}
@@ -221,7 +240,7 @@ def check_dataset(name: str, root: str | None, *, backend: str | None = None, de
         "posts_without_usable_image": no_image,
         "empty_texts": [{"id": r.id, "split": r.split, "source": r.source} for r in records if not r.text.strip()],
         "duplicate_ids": duplicates, "ids_in_train_and_test": in_both,
-        "test_texts_also_in_train": same_text,
+        "test_texts_also_in_train": same_text, "near_duplicates": near,
         "seconds": {"load": round(t_load, 3), "total": round(time.perf_counter() - t0, 3)},
     }
 
@@ -263,6 +282,10 @@ def format_report(rep: dict, show: int = 5) -> str:
                f"and test); test texts also in train: {rep['test_texts_also_in_train']}")
     for i, where in list(rep["duplicate_ids"].items())[:show]:
         out.append(f"      {i}: {'; '.join(where)}")
+    nd = rep["near_duplicates"]
+    out.append(f"near-duplicates (3-gram Jaccard >= 0.5, non-empty texts): {nd['train_posts_with_near_duplicates']} "
+               f"train posts have one in train (largest group {nd['largest_train_group']}); "
+               f"{nd['test_posts_with_near_copy_in_train']} test posts have one in train")
     for title, items in (("reader notes", rep["reader_notes"]), ("warnings", rep["warnings"]),
                          ("PROBLEMS", rep["problems"])):
         if items:

@@ -165,5 +165,22 @@ def test_real_weibo_check(shared_data, capsys):
     assert (rep["splits"]["train"]["with_usable_image"], rep["splits"]["test"]["with_usable_image"]) == (164, 19)
     assert len(rep["posts_without_usable_image"]) == 9344
     assert len(rep["empty_texts"]) == 116 and rep["duplicate_ids"] == {}
+    # one rumour reposted 348 times inside train; the published test split holds other stories
+    assert rep["near_duplicates"]["largest_train_group"] == 348
+    assert rep["near_duplicates"]["test_posts_with_near_copy_in_train"] == 0
     assert rep["usable_for"] == {"text": True, "image": True}
     assert rep["seconds"]["load"] < 10
+
+
+def test_near_copies_across_train_and_test_are_reported(tmp_path, capsys):
+    story = "市民注意：明天起全市自来水停供三天，请大家提前储水，转发扩散让更多人知道"
+    rows = [{"text": story, "label": 1}, {"text": "转发求证：" + story, "label": 1},
+            {"text": "今天天气晴朗，气温二十度，适合出门散步和运动", "label": 0},
+            {"text": story + " http://t.cn/abc", "label": 1, "split": "test"},
+            {"text": "本市地铁三号线周末正常运营，请乘客合理安排出行", "label": 0, "split": "test"}]
+    root = write_manifest(tmp_path / "leak", rows)
+    assert main(["--dataset", "manifest", "--data-root", root, "--json", "--no-decode"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["near_duplicates"] == {"train_groups": 2, "train_posts_with_near_duplicates": 2,
+                                      "largest_train_group": 2, "test_posts_with_near_copy_in_train": 1}
+    assert "1 test posts have a near-copy in train (the test split partly measures memorisation)" in rep["warnings"]
