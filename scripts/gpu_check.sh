@@ -23,9 +23,9 @@ timeout 240 python -m pytest -q -x tests/test_nce_kernel.py tests/test_block_ker
 timeout 300 python -m pytest -q bench --benchmark-only --benchmark-columns=median,iqr,rounds \
   --benchmark-json="$OUT/benchmarks.json" 2>&1 | tail -60 | tee "$OUT/bench.txt"
 
-# 3. a short training run, compiled and with AMP, on the synthetic data
+# 3. a short training run, compiled and with AMP, on the synthetic data (masked-LM pre-training on CUDA too)
 if [ "${1:-}" != "quick" ]; then
-  timeout 180 python -m cmc_fast train --amp --compile --no-progress --out "$OUT/train-synthetic" \
+  timeout 180 python -m cmc_fast train --amp --compile --text-pretrain-epochs 2 --no-progress --out "$OUT/train-synthetic" \
     2>&1 | tail -20 | tee "$OUT/train.txt"
 fi
 echo "results in $OUT and bench/results/$SLUG.{json,md}"
