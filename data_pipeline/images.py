@@ -297,6 +297,8 @@ def usable_cores() -> int:
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 _POOLS_LOCK = threading.Lock()
+if hasattr(os, "register_at_fork"):  # a forked child (DataLoader worker) has none of the parent's threads
+    os.register_at_fork(after_in_child=_POOLS.clear)
 
 
 def _each(fn: Callable[[int], object], n: int, workers: int) -> list[object]:
@@ -398,7 +400,7 @@ def _decode_dali(blobs: list[bytes], size: tuple[int, int], device: torch.device
     device_id = None
     if device.type == "cuda":
         device_id = device.index if device.index is not None else torch.cuda.current_device()
-    key = (h, w, max(chunk, len(blobs)), device_id, normalize, workers)  # smaller batches are fed to the same pipeline
+    key = (h, w, max(chunk, len(blobs)), device_id, normalize, workers)  # smaller batches: the same pipeline
     out = torch.zeros((len(blobs), 3, h, w), dtype=torch.float32 if normalize else torch.uint8, device=device)
     arrays = [np.frombuffer(b, dtype=np.uint8) for b in blobs]
 

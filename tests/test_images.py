@@ -342,3 +342,19 @@ def test_real_weibo_gpu_agrees(weibo_decoded, backend, capsys):
         print(f"\n[agreement 224x224, 268 Weibo JPEGs] {backend} on CUDA vs pil: mean abs diff {stats['mean']:.4f}, "
               f"p99.9 {stats['p999']:.0f}, max {stats['max']:.0f}")
     assert stats["mean"] <= 1.0 and stats["max"] <= 64, stats
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_threaded_decode_works_in_a_forked_child(bad_files):
+    """A DataLoader worker is a fork of a process whose decode pool already ran: the child gets its own."""
+    import multiprocessing as mp
+
+    parent = decode_uint8([bad_files["good"]] * 4, (20, 20), backend="pil", workers=2)
+    ctx = mp.get_context("fork")
+    with ctx.Pool(1) as pool:
+        child = pool.apply_async(_decode_sum, ([bad_files["good"]] * 4,)).get(timeout=60)
+    assert child == int(parent.pixels.sum())
+
+
+def _decode_sum(paths):
+    return int(decode_uint8(paths, (20, 20), backend="pil", workers=2).pixels.sum())
