@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import torch
 from cmc_fast.errors import UsageError
 from data_pipeline import Record, Skipped, load_dataset, split_validation
 from data_pipeline.image_source import CachedImages, ImageSource, StreamingImages
-from data_pipeline.near_duplicates import near_duplicate_groups
+from data_pipeline.near_duplicates import group_summary, near_duplicate_groups
 from data_pipeline.text import VocabTokenizer, encode_texts
 
 
@@ -140,9 +139,9 @@ def prepare(cfg, tokenizer=None, use_images: bool = True) -> PreparedData:
         offset += len(recs)
     summary = {"dataset": ds.name, "root": ds.root, "read_skipped": len(ds.skipped), "val_split": cfg.val_split}
     if groups is not None:
-        sizes = Counter(groups).values()
-        summary["train_near_duplicate_groups"] = len(sizes)
-        summary["train_posts_with_near_duplicates"] = sum(n for n in sizes if n > 1)
+        stats = group_summary(groups)
+        summary["train_near_duplicate_groups"] = stats["groups"]
+        summary["train_posts_with_near_duplicates"] = stats["posts_with_near_duplicates"]
         summary["group_sampling"] = cfg.group_sampling
     for s in splits:
         summary[f"{s.name}_posts"] = len(s)

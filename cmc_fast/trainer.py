@@ -225,7 +225,7 @@ class Trainer:
             saved = load_checkpoint(path, map_location=self.device)
             log.info("text-mlm: pre-trained weights loaded from %s", path)
         else:
-            cfg, fit, val = self.cfg, self.data.fit.to(self.device), self.data.val.to(self.device)
+            cfg, fit, val = self.cfg, self.text_splits["fit"], self.text_splits["val"]  # already on the device
             model = encoder.model.to(self.device)
             cuda = [self.device.index if self.device.index is not None else torch.cuda.current_device()] \
                 if self.device.type == "cuda" else []
@@ -263,8 +263,7 @@ class Trainer:
         last_path = self.ckpt_dir / f"{name}.last.pt"
         best = {k: -1.0 for k in stage.select}
         start, gen = 0, torch.Generator().manual_seed(self.cfg.seed * 1000 + zlib.crc32(name.encode()) % 1000)
-        n, bs = len(stage.train_split), self.cfg.batch_size
-        steps_per_epoch = max(1, n // bs) if n > bs else 1  # batches() drops a ragged last batch
+        steps_per_epoch = len(batches(len(stage.train_split), self.cfg.batch_size, shuffle=False, drop_last=True))
         factor = lr_factor(self.cfg.lr_schedule, epochs * steps_per_epoch)
         schedulers = {} if self.cfg.lr_schedule == "constant" else {
             key: torch.optim.lr_scheduler.LambdaLR(opt, factor) for key, opt in optimizers.items()}

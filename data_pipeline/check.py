@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import argparse
 import collections
-import inspect
 import json
 import os
 import sys
 import time
 import warnings
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 from data_pipeline import DATASETS, images, load_dataset
 from data_pipeline.records import FAKE, DatasetSplits, Record
@@ -34,7 +32,6 @@ DECODE_SIZE = (64, 64)  # decoding proves readability; the resize target only ha
 BATCH = 32
 _EXT_FORMAT = {".jpg": "JPEG", ".jpeg": "JPEG", ".jpe": "JPEG", ".jfif": "JPEG", ".png": "PNG", ".gif": "GIF",
                ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF"}
-_THREAD_SAFE_BACKENDS = (None, "pil", "torchvision")
 
 
 def sniff(head: bytes) -> str | None:
@@ -60,18 +57,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "or for the test split)")
     parser.add_argument("--show", type=int, default=5, metavar="N",
                         help="examples listed per problem in the table (default 5; --json lists all)")
-
-
-def _decoder(backend: str | None):
-    """``decode_uint8`` with ``backend=`` when the decoder has that parameter; a note when it had to be ignored."""
-    from data_pipeline.images import decode_uint8
-
-    params = inspect.signature(decode_uint8).parameters
-    if backend is None:
-        return decode_uint8, None
-    if "backend" in params:
-        return (lambda paths, size: decode_uint8(paths, size, backend=backend)), None
-    return decode_uint8, f"--image-backend {backend} ignored: this decode_uint8 has no backend= parameter (used PIL)"
 
 
 def check_images(paths: Sequence[str], backend: str | None = None, decode: bool = True) -> dict:
@@ -103,32 +88,23 @@ def check_images(paths: Sequence[str], backend: str | None = None, decode: bool 
         elif expected is not None and fmt != expected:
             mismatch.append({"path": path, "extension": ext, "format": fmt})
         to_decode.append(path)
-    note = None
     if decode and to_decode:
-        fn, note = _decoder(backend)
-        batches = [to_decode[i:i + BATCH] for i in range(0, len(to_decode), BATCH)]
-
-        def one(batch: list[str]) -> list[tuple[str, str]]:
-            result = fn(batch, DECODE_SIZE)
-            return [(batch[pos], err) for pos, err in sorted(result.errors.items())]
-
+        # batch by batch (bounded memory); decode_uint8 spreads each batch over the cores itself
         with warnings.catch_warnings():  # torch's one-time note about read-only numpy arrays is not a finding
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            if backend in _THREAD_SAFE_BACKENDS and len(batches) > 1:
-                with ThreadPoolExecutor(max_workers=min(4, (os.cpu_count() or 1) + 1)) as pool:
-                    results = list(pool.map(one, batches))
-            else:
-                results = [one(b) for b in batches]
-        for errs in results:
-            for path, err in errs:
-                prefix = f"{path}: "
-                unreadable.append({"path": path, "error": err[len(prefix):] if err.startswith(prefix) else err})
+            for start in range(0, len(to_decode), BATCH):
+                batch = to_decode[start:start + BATCH]
+                result = images.decode_uint8(batch, DECODE_SIZE, backend=backend or "pil")
+                for pos, err in sorted(result.errors.items()):
+                    prefix = f"{batch[pos]}: "
+                    unreadable.append({"path": batch[pos],
+                                       "error": err[len(prefix):] if err.startswith(prefix) else err})
     failed = {u["path"] for u in unreadable}
     for path in no_eoi:  # a lenient decoder (LOAD_TRUNCATED_IMAGES, DALI) may fill in a truncated JPEG
         if path not in failed:
             unreadable.append({"path": path, "error": "truncated JPEG: no end-of-image marker in its last 1024 bytes"})
     return {"checked": len(paths), "missing": missing, "empty": empty, "unreadable": unreadable,
-            "extension_mismatch": mismatch, "decoded": decode, "note": note}
+            "extension_mismatch": mismatch, "decoded": decode}
 
 
 def _split_stats(records: list[Record], bad_paths: set[str]) -> dict:
@@ -148,15 +124,14 @@ def _split_stats(records: list[Record], bad_paths: set[str]) -> dict:
 def _near_duplicates(train: list[Record], test: list[Record]) -> dict:
     """Reposts (character 3-gram Jaccard >= 0.5, ``near_duplicates.near_duplicate_groups``) inside train and
     across train and test; empty texts are left out."""
-    from data_pipeline.near_duplicates import near_duplicate_groups
+    from data_pipeline.near_duplicates import group_summary, near_duplicate_groups
 
     tr = [r.text for r in train if r.text.strip()]
     te = [r.text for r in test if r.text.strip()]
     groups = near_duplicate_groups(tr + te)
-    sizes = collections.Counter(groups[:len(tr)])
-    in_train = set(sizes)
-    return {"train_groups": len(sizes), "train_posts_with_near_duplicates": sum(n for n in sizes.values() if n > 1),
-            "largest_train_group": max(sizes.values(), default=0),
+    stats, in_train = group_summary(groups[:len(tr)]), set(groups[:len(tr)])
+    return {"train_groups": stats["groups"], "train_posts_with_near_duplicates": stats["posts_with_near_duplicates"],
+            "largest_train_group": stats["largest_group"],
             "test_posts_with_near_copy_in_train": sum(g in in_train for g in groups[len(tr):])}
 
 
@@ -173,8 +148,6 @@ def check_dataset(name: str, root: str | None, *, backend: str | None = None, de
     records = splits.train + splits.test
     paths = list(dict.fromkeys(p for r in records for p in r.image_paths))
     images = check_images(paths, backend=backend, decode=decode)
-    if images["note"]:
-        notes.append(images["note"])
     bad = set(images["missing"]) | set(images["empty"]) | {u["path"] for u in images["unreadable"]}
 
     by_reason = collections.Counter(s.reason.split(":", 1)[0] for s in splits.skipped)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import zlib
+from collections import Counter
 
 import numpy as np
 
@@ -86,3 +87,10 @@ def near_duplicate_groups(texts: list[str], threshold: float = 0.5, n: int = 3, 
             if not joined and len(reps) < _MAX_REPRESENTATIVES:
                 reps.append(i)
     return [uf.find(i) for i in range(len(texts))]
+
+
+def group_summary(groups: list[int]) -> dict[str, int]:
+    """How many groups, how many posts share theirs with another post, and the largest group's size."""
+    sizes = Counter(groups).values()
+    return {"groups": len(sizes), "posts_with_near_duplicates": sum(n for n in sizes if n > 1),
+            "largest_group": max(sizes, default=0)}

@@ -67,12 +67,15 @@ def split_validation(train: list[Record], fraction: float, seed: int,
     members: dict[int, list[int]] = {}
     for i in range(len(train)):
         members.setdefault(groups[i] if groups is not None else i, []).append(i)
+
+    def majority(m: list[int]) -> int:  # the label most of a group's posts carry (ties: its first post's)
+        fake = sum(train[i].label == FAKE for i in m)
+        return FAKE if 2 * fake > len(m) else REAL if 2 * fake < len(m) else train[m[0]].label
+
+    owner = {g: majority(m) for g, m in members.items()}
     val_idx: set[int] = set()
     for label in (FAKE, REAL):
-        # a group belongs to the label most of its posts carry (ties: the label of its first post)
-        own = [m for m in members.values()
-               if 2 * sum(train[i].label == label for i in m) > len(m)
-               or (2 * sum(train[i].label == label for i in m) == len(m) and train[m[0]].label == label)]
+        own = [m for g, m in members.items() if owner[g] == label]
         total = sum(len(m) for m in own)
         quota = max(1, round(total * fraction)) if total > 1 else 0
         rng.shuffle(own)
