@@ -26,14 +26,15 @@ GROUP = "images: decode+resize 268 Weibo JPEGs to 224x224, batch 64"
 # the 268 images): recorded beside each row as ``before_images_per_s``.
 BEFORE = {"pil": 318.0, "torchvision": 560.0, "dali": 549.0}
 _MEASURED: dict[str, float] = {}
-SHARED_DATA = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
+SHARED_DATA = os.path.abspath(os.environ.get("CMC_FAST_SHARED_DATA")
+                              or os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
 
 
 @pytest.fixture(scope="module")
 def weibo() -> list[str]:
     root = os.path.join(SHARED_DATA, "weibo")
     if not os.path.isdir(root):
-        pytest.skip(f"real data not found at {root} (../shared/data beside the checkout)")
+        pytest.skip(f"real data not found at {root} (../shared/data beside the checkout, or CMC_FAST_SHARED_DATA)")
     paths = [os.path.join(root, d, f) for d in ("rumor_images", "nonrumor_images")
              for f in sorted(os.listdir(os.path.join(root, d)))]
     if not paths:
@@ -100,7 +101,7 @@ class _PilDataset(Dataset):
 
 
 def test_pil_dataloader(benchmark, record, weibo):
-    workers = os.cpu_count() or 1
+    workers = usable_cores()
     loader = DataLoader(_PilDataset(weibo), batch_size=BATCH, num_workers=workers, persistent_workers=True)
 
     def one_pass() -> float:

@@ -5,14 +5,12 @@ uint8 image cache. Text-only variants use every post; image-using variants use t
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from cmc_fast.errors import UsageError
-from data_pipeline import Record, Skipped, load_dataset, split_validation
+from data_pipeline import Record, Skipped, cache_root, load_dataset, split_validation
 from data_pipeline.image_source import CachedImages, ImageSource, StreamingImages
 from data_pipeline.near_duplicates import group_summary, near_duplicate_groups
 from data_pipeline.text import VocabTokenizer, encode_texts
@@ -77,10 +75,6 @@ class PreparedData:
     tokenizer: object
     skipped: list[Skipped]
     summary: dict
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("CMC_FAST_CACHE") or Path.home() / ".cache" / "cmc-fast")
 
 
 def build_image_source(cfg, records: list[Record], tag: str) -> ImageSource:

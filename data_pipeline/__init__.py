@@ -6,9 +6,16 @@ split) for every dataset name in ``DATASETS``.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 from data_pipeline.records import FAKE, REAL, DatasetSplits, Record, Skipped, split_validation
+
+
+def cache_root() -> Path:
+    """Where decoded images, token ids and generated data are cached: ``$CMC_FAST_CACHE`` or ~/.cache/cmc-fast."""
+    return Path(os.environ.get("CMC_FAST_CACHE") or Path.home() / ".cache" / "cmc-fast")
 
 
 def _synthetic(root: str | None, *, seed: int = 0, n_train: int = 1200, n_test: int = 400,
@@ -67,4 +74,5 @@ def load_dataset(name: str, root: str | None = None, **options: object) -> Datas
     return DATASETS[name](root, **options)
 
 
-__all__ = ["DATASETS", "FAKE", "REAL", "DatasetSplits", "Record", "Skipped", "load_dataset", "split_validation"]
+__all__ = ["DATASETS", "FAKE", "REAL", "DatasetSplits", "Record", "Skipped", "cache_root", "load_dataset",
+           "split_validation"]

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from data_pipeline import cache_root
 from data_pipeline.records import DatasetSplits, Record
 
 _FAKE_WORDS = ["shocking", "secret", "miracle", "banned", "exposed", "hoax", "conspiracy", "unbelievable"]
@@ -29,8 +30,7 @@ _VERSION = "v1"
 
 
 def default_root() -> Path:
-    base = os.environ.get("CMC_FAST_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "cmc-fast")
-    return Path(base) / "synthetic"
+    return cache_root() / "synthetic"
 
 
 def _text(rng: random.Random, label: int, informative: bool) -> str:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from data_pipeline import cache_root
 from data_pipeline import text as text_module
 from data_pipeline.text import VocabTokenizer, encode_texts
 
@@ -37,8 +38,7 @@ FORMAT = 1
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("CMC_FAST_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "cmc-fast")
-    return Path(base) / "tokens"
+    return cache_root() / "tokens"
 
 
 def _sha(data: bytes) -> str:

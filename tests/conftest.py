@@ -10,14 +10,16 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+# The real data: ../shared/data beside the checkout, or CMC_FAST_SHARED_DATA (a GPU machine gets a carried copy).
+SHARED_DATA = os.environ.get("CMC_FAST_SHARED_DATA") or os.path.join(os.path.dirname(__file__), "..", "..", "shared",
+                                                                      "data")
 
 
 @pytest.fixture
 def shared_data() -> str:
     path = os.path.abspath(SHARED_DATA)
     if not os.path.isdir(path):
-        pytest.skip(f"real data not found at {path} (../shared/data beside the checkout)")
+        pytest.skip(f"real data not found at {path} (../shared/data beside the checkout, or CMC_FAST_SHARED_DATA)")
     return path
 
 
