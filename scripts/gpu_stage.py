@@ -94,32 +94,39 @@ def stage(args: argparse.Namespace) -> None:
                 for info in zf.infolist():
                     if not info.is_dir() and _keep(info.filename, python_tag):
                         zf.extract(info, unpacked)
-        bundle = Path(tmp, "dali.tar.xz")
         print(f"compressing {sum(f.stat().st_size for f in unpacked.rglob('*') if f.is_file()) / 2**20:.0f} MiB "
               f"of {len(packages)} wheels", flush=True)
-        with tarfile.open(Path(tmp, "dali.tar"), "w") as tar:
-            for path in sorted(unpacked.rglob("*")):
+        manifest = write_bundle(unpacked, out, args.part_mib << 20,
+                                {"python": args.python, "requirement": args.dali, "wheels": packages})
+    print(f"{len(manifest['parts'])} parts, {manifest['bytes'] / 2**20:.0f} MiB, in {out}")
+    plan(args)
+
+
+def write_bundle(site: Path, out: Path, part_bytes: int, info: dict) -> dict:
+    """``site``'s files as one tar.xz cut into ``out/dali.part-NN`` of at most ``part_bytes``, and the manifest
+    (each part's size and sha256, the whole bundle's) as ``out/dali.manifest.json``; returns the manifest."""
+    with tempfile.TemporaryDirectory(prefix="cmc-gpu-bundle-") as tmp:
+        plain, bundle = Path(tmp, "dali.tar"), Path(tmp, "dali.tar.xz")
+        with tarfile.open(plain, "w") as tar:
+            for path in sorted(site.rglob("*")):
                 if path.is_file():
-                    tar.add(path, arcname=str(path.relative_to(unpacked)), recursive=False)
-        shutil.rmtree(unpacked)
+                    tar.add(path, arcname=str(path.relative_to(site)), recursive=False)
         if shutil.which("xz"):  # multi-threaded, and its output is also decompressed in parallel by xz -T0
-            subprocess.run(["xz", "-6", "-T0", "--force", str(Path(tmp, "dali.tar"))], check=True)
+            subprocess.run(["xz", "-6", "-T0", "--force", str(plain)], check=True)
         else:
-            with open(Path(tmp, "dali.tar"), "rb") as src, lzma.open(bundle, "wb", preset=6) as dst:
+            with open(plain, "rb") as src, lzma.open(bundle, "wb", preset=6) as dst:
                 shutil.copyfileobj(src, dst, 1 << 22)
         for old in out.glob("dali.part-*"):
             old.unlink()
-        parts, part_bytes = [], args.part_mib << 20
+        parts = []
         with open(bundle, "rb") as f:
             while block := f.read(part_bytes):
                 part = out / f"dali.part-{len(parts):02d}"
                 part.write_bytes(block)
                 parts.append({"name": part.name, "bytes": len(block), "sha256": hashlib.sha256(block).hexdigest()})
-        manifest = {"python": args.python, "requirement": args.dali, "wheels": packages,
-                    "bytes": bundle.stat().st_size, "sha256": _sha256(bundle), "parts": parts}
+        manifest = {**info, "bytes": bundle.stat().st_size, "sha256": _sha256(bundle), "parts": parts}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    print(f"{len(parts)} parts, {manifest['bytes'] / 2**20:.0f} MiB, in {out}")
-    plan(args)
+    return manifest
 
 
 def _stage_data(source: Path, dest: Path) -> None:
@@ -160,13 +167,31 @@ def plan(args: argparse.Namespace) -> None:
           "the repo root.")
 
 
+class BundleError(RuntimeError):
+    """The staged bundle cannot be installed (not staged, a part missing or damaged, another Python)."""
+
+
 def install(args: argparse.Namespace) -> int:
-    """Returns 0 when DALI imports afterwards, 3 when parts are missing or damaged (then DALI-GPU is owed)."""
-    out = Path(args.out)
+    """Returns 0 when DALI imports afterwards, 3 when it cannot be installed (then DALI-GPU is owed)."""
+    try:
+        added, installed = unpack_bundle(Path(args.out), Path(args.target or sysconfig.get_paths()["purelib"]))
+    except BundleError as e:
+        print(e)
+        return 3
+    print(f"unpacked {added} files into {args.target or 'site-packages'}; kept the installed "
+          + (", ".join(installed) or "-"))
+    check = subprocess.run([sys.executable, "-c", "import nvidia.dali as d; print('nvidia.dali', d.__version__)"],
+                           capture_output=True, text=True)
+    print(check.stdout.strip() or check.stderr.strip()[-2000:])
+    return 0 if check.returncode == 0 else 3
+
+
+def unpack_bundle(out: Path, target: Path, python: str | None = None) -> tuple[int, list[str]]:
+    """Joins and checks the parts in ``out``, unpacks them into ``target`` without replacing any file there, and
+    skips whole every distribution ``target`` already has. Returns (files added, distributions kept)."""
     manifest_path = out / MANIFEST
     if not manifest_path.exists():
-        print(f"no {manifest_path}: DALI was not staged (python scripts/gpu_stage.py stage)")
-        return 3
+        raise BundleError(f"no {manifest_path}: DALI was not staged (python scripts/gpu_stage.py stage)")
     manifest = json.loads(manifest_path.read_text())
     bad = []
     for part in manifest["parts"]:
@@ -176,14 +201,12 @@ def install(args: argparse.Namespace) -> int:
         elif path.stat().st_size != part["bytes"] or _sha256(path) != part["sha256"]:
             bad.append(f"{part['name']} damaged")
     if bad:
-        print("DALI bundle incomplete (" + ", ".join(bad) + "): parts arrive one per call, and are lost if the "
-              "machine goes cold between calls; until all are here the DALI-GPU figure is owed")
-        return 3
-    here = f"{sys.version_info.major}.{sys.version_info.minor}"
-    if here != manifest["python"]:
-        print(f"the bundle is for Python {manifest['python']}, this is {here}: restage with --python {here}")
-        return 3
-    target = Path(args.target or sysconfig.get_paths()["purelib"])
+        raise BundleError("DALI bundle incomplete (" + ", ".join(bad) + "): parts arrive one per call, and are "
+                          "lost if the machine goes cold between calls; until all are here DALI-GPU is owed")
+    python = python or f"{sys.version_info.major}.{sys.version_info.minor}"
+    if python != manifest["python"]:
+        raise BundleError(f"the bundle is for Python {manifest['python']}, this is {python}: restage with "
+                          f"--python {python}")
     with tempfile.TemporaryDirectory(prefix="cmc-dali-") as tmp:
         bundle = Path(tmp, "dali.tar.xz")
         with open(bundle, "wb") as dst:
@@ -191,8 +214,7 @@ def install(args: argparse.Namespace) -> int:
                 with open(out / part["name"], "rb") as src:
                     shutil.copyfileobj(src, dst, 1 << 22)
         if _sha256(bundle) != manifest["sha256"]:
-            print("joined bundle fails its sha256")
-            return 3
+            raise BundleError("the joined bundle fails its sha256")
         if shutil.which("xz"):  # multi-threaded; else tarfile decompresses (one thread)
             subprocess.run(["xz", "-d", "-T0", str(bundle)], check=True)
             bundle = Path(tmp, "dali.tar")
@@ -208,11 +230,7 @@ def install(args: argparse.Namespace) -> int:
                 else:
                     tar.extract(member, target)
                 added += 1
-    print(f"unpacked {added} files into {target}; kept the installed " + (", ".join(installed) or "-"))
-    check = subprocess.run([sys.executable, "-c", "import nvidia.dali as d; print('nvidia.dali', d.__version__)"],
-                           capture_output=True, text=True)
-    print(check.stdout.strip() or check.stderr.strip()[-2000:])
-    return 0 if check.returncode == 0 else 3
+    return added, installed
 
 
 def _installed_distributions(tar: tarfile.TarFile, members: list[tarfile.TarInfo], target: Path):
