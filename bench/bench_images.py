@@ -125,6 +125,40 @@ def test_gpu_backend(benchmark, record, weibo, backend):
         print(f"[{name}] {gpu / loader:.1f}x the PIL DataLoader ({loader:.0f} images/s); the goal is 4x")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fancy", [True, False])
+def test_gpu_dali_bare(benchmark, record, weibo, fancy):
+    """DALI "mixed" on its own, without the contract's byte sniffing, fallbacks and copy into a torch tensor:
+    what the pipeline itself costs, and whether libjpeg-style (fancy) chroma upsampling, which the contract uses
+    so GPU pixels match the CPU backends, keeps nvJPEG off its faster paths (the hardware decoder)."""
+    if "dali" not in available_backends():
+        pytest.skip("dali not installed")
+    import numpy as np
+    from nvidia.dali import fn, pipeline_def, types
+
+    blobs = [np.fromfile(p, dtype=np.uint8) for p in weibo]
+
+    @pipeline_def(batch_size=BATCH, num_threads=usable_cores(), device_id=torch.cuda.current_device(),
+                  prefetch_queue_depth=1)
+    def pipe():
+        encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1, device="cpu")
+        img = fn.decoders.image(encoded, device="mixed", output_type=types.RGB, jpeg_fancy_upsampling=fancy)
+        return fn.resize(img, resize_x=SIZE[1], resize_y=SIZE[0], interp_type=types.INTERP_CUBIC, antialias=True)
+
+    dali = pipe()
+    dali.build()
+
+    def one_pass():
+        for i in range(0, len(blobs), BATCH):
+            dali.feed_input("encoded", blobs[i:i + BATCH])
+            dali.run()
+        torch.cuda.synchronize()  # the whole device: DALI works on its own stream
+
+    label = "libjpeg-style chroma" if fancy else "nvJPEG default chroma"
+    _run(benchmark, record, one_pass, provider=f"dali mixed, bare pipeline ({label}) on "
+         f"{torch.cuda.get_device_name(0)}", n=len(weibo), rounds=5, jpeg_fancy_upsampling=fancy)
+
+
 def test_cached_batches(benchmark, record, weibo):
     """Later epochs with the uint8 cache: gather 64 records, copy, normalise, flip."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
