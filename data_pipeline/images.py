@@ -58,7 +58,8 @@ truncated JPEG                ok=False, error "<path>: JPEG without end marker (
 corrupt JPEG (fast fails)     fast backend isolates it; PIL tries; ok=False with both messages if
                               PIL fails too, else decoded by PIL
 damaged scan, markers intact  all decoders conceal the damage (libjpeg: "Corrupt JPEG data"): ok=True
-PNG / GIF / WebP named .jpg   decoded by PIL by content (GIF: first frame; alpha dropped), ok=True
+PNG/GIF/WebP/BMP/TIFF .jpg   decoded by PIL by content (GIF: first frame; alpha dropped; 16-bit grey
+                              keeps its top 8 bits), ok=True
 CMYK (4-component) JPEG       decoded by PIL (CMYK -> RGB), ok=True
 greyscale JPEG                decoded by the fast backend to RGB (channel replicated), ok=True
 not an image at all           ok=False, error "<path>: unrecognised format; PIL: cannot identify..."
@@ -156,7 +157,7 @@ def resolve_backend(name: str, device: torch.device | str | None = None) -> str:
 def sniff(data: bytes) -> str:
     """Classify encoded bytes by content: ``jpeg`` (what the fast backends take), ``jpeg-cmyk``,
     ``jpeg-no-eoi``, ``jpeg-other`` (12-bit, arithmetic, lossless, odd structure), ``png``, ``gif``, ``webp``,
-    ``bmp``, ``empty`` or ``unknown``."""
+    ``bmp``, ``tiff``, ``empty`` or ``unknown``."""
     if not data:
         return "empty"
     if data[:3] == b"\xff\xd8\xff":
@@ -212,6 +213,7 @@ _PIL_REASON = {
     "gif": "GIF content",
     "webp": "WebP content",
     "bmp": "BMP content",
+    "tiff": "TIFF content",
     "unknown": "unrecognised format",
 }
 
@@ -245,9 +247,21 @@ def _short(exc: BaseException) -> str:
 # PIL
 
 
-def _pil_resized(im: Image.Image, size: tuple[int, int]) -> np.ndarray:
+_HIGH_BIT_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # how PIL opens 16-bit greyscale PNG / TIFF
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
     # convert() copies even an RGB image (a sixth of PIL's time on the Weibo JPEGs): only convert other modes
-    rgb = im if im.mode == "RGB" else im.convert("RGB")
+    if im.mode == "RGB":
+        return im
+    if im.mode in _HIGH_BIT_GREY:  # convert() would clip 0..65535 at 255 (a white image): keep the top 8 bits
+        grey = np.right_shift(np.clip(np.asarray(im, dtype=np.int64), 0, 65535), 8).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    return im.convert("RGB")
+
+
+def _pil_resized(im: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    rgb = _to_rgb(im)
     return np.ascontiguousarray(np.asarray(rgb.resize((size[1], size[0]), Image.BICUBIC), dtype=np.uint8)
                                 .transpose(2, 0, 1))
 
@@ -490,7 +504,7 @@ def _decode_loaded(names: Sequence[str], loaded: Sequence[tuple[bytes | None, st
         elif kind == "jpeg":
             to_pil.append((i, ""))
         else:
-            to_pil.append((i, _PIL_REASON[kind]))
+            to_pil.append((i, _PIL_REASON.get(kind, f"{kind} content")))
 
     def put(positions: list[int], pixels: torch.Tensor) -> None:
         if not positions:

@@ -122,6 +122,11 @@ def _picture(h: int = 90, w: int = 120) -> Image.Image:
     return Image.fromarray(rgb, "RGB")
 
 
+def _grey16(im: Image.Image) -> Image.Image:
+    """The picture's greyscale at 16 bits (v * 257: top byte = low byte = v), as a 16-bit PNG stores it."""
+    return Image.fromarray(np.asarray(im.convert("L")).astype(np.uint16) * 257)
+
+
 def _jpeg(im: Image.Image, **kw) -> bytes:
     buf = io.BytesIO()
     im.save(buf, format="JPEG", quality=92, **kw)
@@ -149,6 +154,9 @@ def bad_files(tmp_path) -> dict[str, str]:
         "empty": b"",
         "png": (lambda b: (pic.save(b, format="PNG"), b.getvalue())[1])(io.BytesIO()),
         "gif": (lambda b: (pic.save(b, format="GIF"), b.getvalue())[1])(io.BytesIO()),
+        "tiff": (lambda b: (pic.save(b, format="TIFF"), b.getvalue())[1])(io.BytesIO()),
+        "webp": (lambda b: (pic.save(b, format="WEBP", lossless=True), b.getvalue())[1])(io.BytesIO()),
+        "png16": (lambda b: (_grey16(pic).save(b, format="PNG"), b.getvalue())[1])(io.BytesIO()),
         "cmyk": _jpeg(pic.convert("CMYK")),
         "gray": _jpeg(pic.convert("L")),
         "text": b"this is not an image at all",
@@ -170,6 +178,9 @@ OUTCOMES = {
     "empty": (False, None, "empty file (0 bytes)"),
     "png": (True, "pil", "PNG content"),
     "gif": (True, "pil", "GIF content"),
+    "tiff": (True, "pil", "TIFF content"),
+    "webp": (True, "pil", "WebP content"),
+    "png16": (True, "pil", "PNG content"),
     "cmyk": (True, "pil", "CMYK JPEG"),
     "gray": (True, "fast", None),
     "text": (False, None, "unrecognised format"),
@@ -181,7 +192,8 @@ OUTCOMES = {
 def test_sniff(bad_files):
     kinds = {k: sniff(read(p)) for k, p in bad_files.items() if k != "missing"}
     assert kinds == {"good": "jpeg", "truncated": "jpeg-no-eoi", "empty": "empty", "png": "png", "gif": "gif",
-                     "cmyk": "jpeg-cmyk", "gray": "jpeg", "text": "unknown", "undecodable": "jpeg"}
+                     "cmyk": "jpeg-cmyk", "gray": "jpeg", "text": "unknown", "undecodable": "jpeg", "tiff": "tiff",
+                     "webp": "webp", "png16": "png"}
     assert sniff(b"RIFF\x00\x00\x00\x00WEBPVP8 ") == "webp" and sniff(b"BM\x00\x00") == "bmp"
 
 
@@ -209,7 +221,10 @@ def test_bad_image_outcomes(bad_files, backend):
             assert i not in res.fallback, kind
         if kind == "gray":
             assert torch.equal(res.pixels[i, 0], res.pixels[i, 1]) and torch.equal(res.pixels[i, 1], res.pixels[i, 2])
-        elif kind in ("png", "gif", "good"):
+        elif kind == "png16":  # the 8-bit greyscale it was made from, not a clipped (white) image
+            grey = np.asarray(_picture().convert("L").convert("RGB").resize((48, 64), Image.BICUBIC))
+            assert torch.equal(res.pixels[i], torch.from_numpy(grey.copy()).permute(2, 0, 1)), kind
+        elif kind in ("png", "gif", "tiff", "webp", "good"):
             # same picture as the good JPEG's: GIF through a 256-colour palette, JPEGs a few levels off at edges
             assert diff_stats(res.pixels[i], ref)["mean"] < 4, kind
     if backend != "pil":
