@@ -217,15 +217,27 @@ def _bank_update_kernel(
         tl.store(ptrs, out.to(bank_ptr.dtype.element_ty), mask=mask_d)
 
 
-# On CUDA the loss kernel is autotuned over tile height / warps / pipeline depth (once per (K1, D)) for d <= 256
-# (larger d would make the tallest tiles spill); the interpreter has no autotune, so it runs the plain kernel
-# with the heuristic BLOCK_K.
-_FWD_CONFIGS = [
-    triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=st)
-    for bk, w, st in [(32, 4, 3), (64, 4, 3), (64, 8, 3), (128, 8, 3), (32, 4, 4), (64, 4, 4), (128, 8, 2)]
-]
-_nce_fwd_kernel_tuned = triton.autotune(configs=_FWD_CONFIGS, key=["K1", "D", "COMPUTE_GRAD", "LIBDEVICE"])(
-    _nce_fwd_kernel)
+# On CUDA the loss kernel is autotuned over tile height and warps (once per (K1, D)) for d <= 256; the interpreter
+# has no autotune, so it runs the plain kernel with the heuristic BLOCK_K. The space is pruned by registers: the loop
+# keeps the gathered [BLOCK_K, BLOCK_D] tile, its row pointers and the per-column terms in registers. Built for sm_90
+# (ptxas -v; tests/test_nce_kernel.py checks it), the fp32 gradient kernel does not spill at up to 32 tile elements
+# per thread (but for 12 bytes at 16 x 8 warps, d=256, where ptxas holds 8-warp blocks to 128 registers) and is at
+# the 255-register cap or spilling above (BLOCK_K=64 x 4 warps at d=128: 676 B; 128 x 8 at d=256: 6.5 KB).
+# num_stages is not varied: with no tl.dot in the loop Triton does not pipeline it (same code at 1, 2 and 3 stages).
+_FWD_CONFIGS = [triton.Config({"BLOCK_K": bk}, num_warps=w)
+                for bk, w in [(16, 2), (16, 4), (16, 8), (32, 4), (32, 8), (64, 4), (64, 8), (128, 8)]]
+_MAX_TILE_PER_THREAD = 32
+
+
+def _spill_free_configs(configs: list, named_args: dict, **kwargs) -> list:
+    """Autotune's early prune: the configs whose [BLOCK_K, BLOCK_D] tile is at most 32 elements per thread."""
+    block_d = kwargs.get("BLOCK_D") or named_args["BLOCK_D"]
+    per_thread = lambda c: c.kwargs["BLOCK_K"] * block_d / (32 * c.num_warps)
+    return [c for c in configs if per_thread(c) <= _MAX_TILE_PER_THREAD] or [min(configs, key=per_thread)]
+
+
+_nce_fwd_kernel_tuned = triton.autotune(configs=_FWD_CONFIGS, key=["K1", "D", "COMPUTE_GRAD", "LIBDEVICE"],
+                                        prune_configs_by={"early_config_prune": _spill_free_configs})(_nce_fwd_kernel)
 
 
 # ========================================================================================== launchers
@@ -240,8 +252,16 @@ def _cdiv(a: int, b: int) -> int:
 
 def _block_k(block_d: int, chunk: int, device: torch.device) -> int:
     if device.type == "cuda" and not triton_interpreted():
-        return max(16, min(64, _TILE // block_d))
+        return max(4, min(64, _TILE // block_d))  # from d > 2048 on, 4 rows is more than _TILE (may spill)
     return max(16, min(next_power_of_2(chunk), _TILE_INTERPRETED // block_d))
+
+
+def _fwd_warps(block_k: int, block_d: int) -> int:
+    """Warps for the untuned loss kernel (d > 256): enough for at most 32 tile elements per thread, as autotune's
+    prune keeps, from 4 to 8 (ptxas holds 16-warp blocks to 128 registers). Built for sm_90, the heuristic tile
+    (16 x 512, 8 x 1024, 4 x 2048) then spills nothing with Triton 3.6 or 3.8; 4 warps at d = 512 spilled 148 bytes
+    and 16 rows x 1024 at 8 or 16 warps ~140 bytes with Triton 3.6."""
+    return max(4, min(8, next_power_of_2(_cdiv(block_k * block_d, 32 * _MAX_TILE_PER_THREAD))))
 
 
 def _splits(b: int, k1: int, device: torch.device, splits: int | None) -> tuple[int, int]:
@@ -299,8 +319,9 @@ def nce_fwd_triton(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, 
     if block_k is None and dev.type == "cuda" and not triton_interpreted() and block_d <= 256:
         _nce_fwd_kernel_tuned[(b, n_split)](*args, COMPUTE_GRAD=need_grad, LIBDEVICE=True, BLOCK_D=block_d)
     else:
+        bk = block_k or _block_k(block_d, chunk, dev)
         _nce_fwd_kernel[(b, n_split)](*args, COMPUTE_GRAD=need_grad, LIBDEVICE=not triton_interpreted(),
-                                      BLOCK_K=block_k or _block_k(block_d, chunk, dev), BLOCK_D=block_d)
+                                      BLOCK_K=bk, BLOCK_D=block_d, num_warps=_fwd_warps(bk, block_d))
     _nce_finalize_kernel[(b if need_grad else 1,)](
         part_loss, part_grad, loss, grad, b * n_split, n_split, d, -1.0 / b, 1.0 / (b * tau),
         COMPUTE_GRAD=need_grad, BLOCK_S=min(next_power_of_2(n_split), max(1, _TILE // block_d)),

@@ -27,3 +27,22 @@ def shared_data() -> str:
 def _private_cache(tmp_path_factory, monkeypatch):
     """Token and image caches go to a per-session temporary directory, never the user's ~/.cache."""
     monkeypatch.setenv("CMC_FAST_CACHE", str(tmp_path_factory.getbasetemp() / "cmc-fast-cache"))
+
+
+@pytest.fixture
+def run_without_interpreter():
+    """Runs Python code in a child process without TRITON_INTERPRET (code generation, e.g. building kernels for
+    sm_90 with ``kernels.hopper_build``, fails in interpreter mode); returns its stdout, fails the test on error."""
+    import subprocess
+    import sys
+
+    def run(code: str, timeout: int = 600) -> str:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+        proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc.stdout
+
+    return run

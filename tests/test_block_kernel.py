@@ -354,12 +354,10 @@ def test_floor_formula():
 
 # ------------------------------------------------------------------------------- GPU build, without a GPU
 _HOPPER_BUILD = r"""
-import inspect, os, sys
+import os
 os.environ.pop("TRITON_INTERPRET", None)  # code generation does not work in interpreter mode
-import torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 import kernels.block as kb
+from kernels.hopper_build import SHARED_PER_BLOCK, build
 
 PTR = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 for x_dtype, w_dtype, max_size in [("fp32", "fp32", 80), ("bf16", "fp32", 80), ("fp16", "fp16", 15)]:
@@ -370,31 +368,19 @@ for x_dtype, w_dtype, max_size in [("fp32", "fp32", 80), ("bf16", "fp32", 80), (
              "META": "*i64", **{n: wp for n in ("W0", "B0", "W1", "B1", "DW0", "DB0", "DW1", "DB1")}}
     for fn, normalize in ((kb._block_fwd_kernel, True), (kb._block_fwd_kernel, False),
                           (kb._block_bwd_dx_kernel, True), (kb._block_bwd_dw_kernel, None)):
-        params = list(fn.arg_names)
         consts = {"BLOCK_B": bb, "BLOCK_S": bs, "BLOCK_J": bj, "PREC": prec, "NORMALIZE": normalize}
-        consts = {k: v for k, v in consts.items() if k in params}
-        signature = {p: "constexpr" if p in consts else types.get(p, "i32") for p in params}
-        src = ASTSource(fn=fn, signature=signature, constexprs={(params.index(k),): v for k, v in consts.items()})
-        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-        print(x_dtype, w_dtype, bs, fn.__name__, normalize, "shared", k.metadata.shared, flush=True)
-        assert k.metadata.shared <= 227 * 1024, "over a Hopper block's shared memory"
+        b = build(fn, types, {k: v for k, v in consts.items() if k in fn.arg_names}, warps)
+        print(x_dtype, w_dtype, bs, fn.__name__, normalize, b, flush=True)
+        assert b.shared <= SHARED_PER_BLOCK, "over a Hopper block's shared memory"
+        assert not b.spilled, f"{fn.__name__} spills {b.spilled} bytes"
 print("BUILD OK")
 """
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernels run for real in the tests above")
-def test_kernels_compile_for_hopper():
-    """The interpreter checks neither tl.dot's 16-minimum nor types across branches nor shared memory: compile the
+def test_kernels_compile_for_hopper(run_without_interpreter):
+    """The interpreter checks neither tl.dot's 16-minimum nor types across branches nor resources: compile the
     four kernel variants for sm_90 (Triton's bundled ptxas; no GPU needed) with the launcher's tiles for B=64
     (fp32 with chunks of 80, bf16 activations with fp32 weights, fp16 with chunks of 15) and check each fits a
-    block's 227 KiB of shared memory. In a subprocess: code generation fails under TRITON_INTERPRET=1."""
-    import os
-    import subprocess
-    import sys
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", _HOPPER_BUILD], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0 and "BUILD OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    block's 227 KiB of shared memory and spills no register."""
+    assert "BUILD OK" in run_without_interpreter(_HOPPER_BUILD)

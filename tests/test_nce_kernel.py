@@ -416,3 +416,61 @@ def test_compiled_step_fullgraph_matches_eager(monkeypatch, mode):
         assert torch.allclose(eager.proj.weight.grad, compiled.proj.weight.grad, rtol=1e-4, atol=1e-6)
         assert torch.allclose(eager.bank, compiled.bank, rtol=0, atol=1e-6)
     assert not torch.equal(eager.bank, _Step(n, d_in, d, seed=3).to(DEVICE).bank)  # the bank did move
+
+
+# ------------------------------------------------------------------------------- GPU build, without a GPU
+_HOPPER_BUILD = r"""
+import os
+os.environ.pop("TRITON_INTERPRET", None)  # code generation does not work in interpreter mode
+import torch
+import kernels.nce as kn
+from kernels.hopper_build import SHARED_PER_BLOCK, build
+
+def check(name, fn, types, consts, num_warps=4, max_spilled=0):
+    b = build(fn, types, consts, num_warps)
+    print(name, consts, num_warps, b, flush=True)
+    assert b.shared <= SHARED_PER_BLOCK, f"{name}: {b.shared} bytes of shared memory"
+    assert (b.spilled or 0) <= max_spilled, f"{name} {consts} x {num_warps} warps spills {b.spilled} bytes"
+
+F = "*fp32"
+FWD = {"anchor_ptr": F, "bank_ptr": F, "idx_ptr": "*i64", "z_ptr": F, "part_loss_ptr": F, "part_grad_ptr": F,
+       "inv_tau": "fp32", "log_c": "fp32", "log_eps": "fp32", "log_noise": "fp32"}
+for block_d in (128, 256):  # every config autotune keeps, fp32 with the gradient: the most registers
+    for cfg in kn._spill_free_configs(kn._FWD_CONFIGS, {}, BLOCK_D=block_d):
+        # up to 12 bytes in one (16 rows x 8 warps at d = 256): ptxas keeps 8-warp blocks at 128 registers
+        check("fwd", kn._nce_fwd_kernel, FWD, {"COMPUTE_GRAD": True, "LIBDEVICE": True, "BLOCK_D": block_d,
+                                               **cfg.kwargs}, cfg.num_warps, max_spilled=16)
+for block_d in (512, 1024, 2048):  # the untuned path (d > 256), with the launcher's tile and warps
+    block_k = kn._block_k(block_d, 1024, torch.device("cuda"))
+    check("fwd untuned", kn._nce_fwd_kernel, FWD, {"COMPUTE_GRAD": True, "LIBDEVICE": True, "BLOCK_D": block_d,
+                                                   "BLOCK_K": block_k}, kn._fwd_warps(block_k, block_d))
+for block_d in (128, 512, 2048):
+    check("partition", kn._nce_partition_kernel, {"anchor_ptr": F, "bank_ptr": F, "idx_ptr": "*i64", "part_ptr": F,
+                                                  "inv_tau": "fp32"},
+          {"BLOCK_K": kn._block_k(block_d, 1024, torch.device("cuda")), "BLOCK_D": block_d})
+check("finalize", kn._nce_finalize_kernel, {"part_loss_ptr": F, "part_grad_ptr": F, "loss_ptr": F, "grad_ptr": F,
+                                            "loss_scale": "fp32", "grad_scale": "fp32"},
+      {"COMPUTE_GRAD": True, "BLOCK_S": 16, "BLOCK_D": 128, "BLOCK_P": 1024})
+check("bank update", kn._bank_update_kernel, {"bank_ptr": "*bf16", "index_ptr": "*i64", "feats_ptr": F,
+                                              "momentum": "fp32"}, {"BLOCK_N": 1024, "BLOCK_D": 128})
+print("BUILD OK")
+"""
+
+
+@pytest.mark.skipif(CUDA, reason="on a GPU the kernels run for real in the tests above")
+def test_kernels_compile_for_hopper_without_spilling(run_without_interpreter):
+    """The interpreter checks neither libdevice calls, nor types across branches, nor registers: build every
+    kernel for sm_90 with Triton's bundled ptxas (no GPU needed) -- the loss kernel in each configuration autotune
+    keeps at d = 128 and 256 (fp32 with the gradient, its most registers) and on its untuned path at d = 512-2048 --
+    and check none spills more than a few registers and each fits a block's shared memory."""
+    assert "BUILD OK" in run_without_interpreter(_HOPPER_BUILD)
+
+
+def test_autotune_prune_keeps_small_tiles():
+    """The prune keeps exactly the configs of at most 32 tile elements per thread, and never returns nothing."""
+    for block_d in (16, 64, 128, 256, 1024):
+        kept = nce_mod._spill_free_configs(nce_mod._FWD_CONFIGS, {}, BLOCK_D=block_d)
+        assert kept, block_d
+        small = [c for c in nce_mod._FWD_CONFIGS if c.kwargs["BLOCK_K"] * block_d <= 32 * 32 * c.num_warps]
+        assert kept == (small or [min(nce_mod._FWD_CONFIGS,
+                                      key=lambda c: c.kwargs["BLOCK_K"] * block_d / c.num_warps)]), block_d
