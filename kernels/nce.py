@@ -219,21 +219,33 @@ def _bank_update_kernel(
 
 # On CUDA the loss kernel is autotuned over tile height and warps (once per (K1, D)) for d <= 256; the interpreter
 # has no autotune, so it runs the plain kernel with the heuristic BLOCK_K. The space is pruned by registers: the loop
-# keeps the gathered [BLOCK_K, BLOCK_D] tile, its row pointers and the per-column terms in registers. Built for sm_90
-# (ptxas -v; tests/test_nce_kernel.py checks it), the fp32 gradient kernel does not spill at up to 32 tile elements
-# per thread (but for 12 bytes at 16 x 8 warps, d=256, where ptxas holds 8-warp blocks to 128 registers) and is at
-# the 255-register cap or spilling above (BLOCK_K=64 x 4 warps at d=128: 676 B; 128 x 8 at d=256: 6.5 KB).
-# num_stages is not varied: with no tl.dot in the loop Triton does not pipeline it (same code at 1, 2 and 3 stages).
+# keeps the gathered [BLOCK_K, BLOCK_D] tile, its addresses and the per-column terms in registers. Built for sm_90 as
+# the JIT specialises the launch (ptxas -v, Triton 3.6 and 3.8; tests/test_nce_kernel.py checks it), the fp32
+# gradient kernel spills nothing (12 bytes at most) up to 64 tile elements per thread when the bank rows are
+# 16-aligned (d % 16 == 0, contiguous, aligned pointers: 128-bit loads), and up to 32 otherwise (per-element
+# addresses take twice the registers); above that it spills 160 B to 6.6 KB. num_stages is not varied: with no tl.dot
+# in the loop Triton does not pipeline it (the same code at 1, 2 and 3 stages).
 _FWD_CONFIGS = [triton.Config({"BLOCK_K": bk}, num_warps=w)
                 for bk, w in [(16, 2), (16, 4), (16, 8), (32, 4), (32, 8), (64, 4), (64, 8), (128, 8)]]
-_MAX_TILE_PER_THREAD = 32
+
+
+def _rows_vectorise(named_args: dict) -> bool:
+    """The JIT's specialisation that lets the gather load 16 bytes at a time: unit stride along d, d and the row
+    stride multiples of 16, every tensor 16-byte aligned."""
+    ints_ok = named_args.get("stride_bd") == 1 and all(named_args.get(k, 0) % 16 == 0 for k in ("D", "stride_bn"))
+    return ints_ok and all(v.data_ptr() % 16 == 0 for v in named_args.values() if hasattr(v, "data_ptr"))
+
+
+def _max_tile_per_thread(named_args: dict) -> int:
+    return 64 if _rows_vectorise(named_args) else 32
 
 
 def _spill_free_configs(configs: list, named_args: dict, **kwargs) -> list:
-    """Autotune's early prune: the configs whose [BLOCK_K, BLOCK_D] tile is at most 32 elements per thread."""
+    """Autotune's early prune: the configs whose [BLOCK_K, BLOCK_D] tile fits the registers (see above)."""
     block_d = kwargs.get("BLOCK_D") or named_args["BLOCK_D"]
     per_thread = lambda c: c.kwargs["BLOCK_K"] * block_d / (32 * c.num_warps)
-    return [c for c in configs if per_thread(c) <= _MAX_TILE_PER_THREAD] or [min(configs, key=per_thread)]
+    limit = _max_tile_per_thread(named_args)
+    return [c for c in configs if per_thread(c) <= limit] or [min(configs, key=per_thread)]
 
 
 _nce_fwd_kernel_tuned = triton.autotune(configs=_FWD_CONFIGS, key=["K1", "D", "COMPUTE_GRAD", "LIBDEVICE"],
@@ -257,11 +269,11 @@ def _block_k(block_d: int, chunk: int, device: torch.device) -> int:
 
 
 def _fwd_warps(block_k: int, block_d: int) -> int:
-    """Warps for the untuned loss kernel (d > 256): enough for at most 32 tile elements per thread, as autotune's
-    prune keeps, from 4 to 8 (ptxas holds 16-warp blocks to 128 registers). Built for sm_90, the heuristic tile
-    (16 x 512, 8 x 1024, 4 x 2048) then spills nothing with Triton 3.6 or 3.8; 4 warps at d = 512 spilled 148 bytes
-    and 16 rows x 1024 at 8 or 16 warps ~140 bytes with Triton 3.6."""
-    return max(4, min(8, next_power_of_2(_cdiv(block_k * block_d, 32 * _MAX_TILE_PER_THREAD))))
+    """Warps for the untuned loss kernel (d > 256): enough for at most 32 tile elements per thread (spill-free at
+    any alignment, see the autotune space), from 4 to 8 (ptxas holds 16-warp blocks to 128 registers). Built for
+    sm_90, the heuristic tile (16 x 512, 8 x 1024, 4 x 2048) then spills nothing with Triton 3.6 or 3.8; 4 warps
+    at d = 512 spilled 148 bytes and 16 rows x 1024 at 8 or 16 warps ~140 bytes with Triton 3.6."""
+    return max(4, min(8, next_power_of_2(_cdiv(block_k * block_d, 32 * 32))))
 
 
 def _splits(b: int, k1: int, device: torch.device, splits: int | None) -> tuple[int, int]:

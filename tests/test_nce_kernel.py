@@ -426,8 +426,8 @@ import torch
 import kernels.nce as kn
 from kernels.hopper_build import SHARED_PER_BLOCK, build
 
-def check(name, fn, types, consts, num_warps=4, max_spilled=0):
-    b = build(fn, types, consts, num_warps)
+def check(name, fn, types, consts, num_warps=4, max_spilled=0, divisible_by_16=()):
+    b = build(fn, types, consts, num_warps, divisible_by_16)
     print(name, consts, num_warps, b, flush=True)
     assert b.shared <= SHARED_PER_BLOCK, f"{name}: {b.shared} bytes of shared memory"
     assert (b.spilled or 0) <= max_spilled, f"{name} {consts} x {num_warps} warps spills {b.spilled} bytes"
@@ -435,15 +435,22 @@ def check(name, fn, types, consts, num_warps=4, max_spilled=0):
 F = "*fp32"
 FWD = {"anchor_ptr": F, "bank_ptr": F, "idx_ptr": "*i64", "z_ptr": F, "part_loss_ptr": F, "part_grad_ptr": F,
        "inv_tau": "fp32", "log_c": "fp32", "log_eps": "fp32", "log_noise": "fp32"}
-for block_d in (128, 256):  # every config autotune keeps, fp32 with the gradient: the most registers
-    for cfg in kn._spill_free_configs(kn._FWD_CONFIGS, {}, BLOCK_D=block_d):
-        # up to 12 bytes in one (16 rows x 8 warps at d = 256): ptxas keeps 8-warp blocks at 128 registers
-        check("fwd", kn._nce_fwd_kernel, FWD, {"COMPUTE_GRAD": True, "LIBDEVICE": True, "BLOCK_D": block_d,
-                                               **cfg.kwargs}, cfg.num_warps, max_spilled=16)
-for block_d in (512, 1024, 2048):  # the untuned path (d > 256), with the launcher's tile and warps
+POINTERS = ("anchor_ptr", "bank_ptr", "idx_ptr", "z_ptr", "part_loss_ptr", "part_grad_ptr")
+# As the JIT specialises a launch on a contiguous [N, d] bank: stride_bd == 1 is a constant, every pointer and the
+# chunk (a multiple of 128) divisible by 16, and d and the row stride too when d % 16 == 0.
+for d in (128, 120, 256, 250):  # every config autotune keeps, fp32 with the gradient: the most registers
+    block_d = 1 << (d - 1).bit_length()
+    divisible = POINTERS + ("chunk",) + (("D", "stride_bn") if d % 16 == 0 else ())
+    for cfg in kn._spill_free_configs(kn._FWD_CONFIGS, {"D": d, "stride_bn": d, "stride_bd": 1}, BLOCK_D=block_d):
+        # up to 12 bytes in a few 8-warp builds: ptxas holds 8-warp blocks to 128 registers there
+        check(f"fwd d={d}", kn._nce_fwd_kernel, FWD, {"COMPUTE_GRAD": True, "LIBDEVICE": True, "BLOCK_D": block_d,
+                                                       "stride_bd": 1, **cfg.kwargs},
+              cfg.num_warps, max_spilled=16, divisible_by_16=divisible)
+for block_d in (512, 1024, 2048):  # the untuned path (d > 256), with the launcher's tile and warps, unaligned d
     block_k = kn._block_k(block_d, 1024, torch.device("cuda"))
     check("fwd untuned", kn._nce_fwd_kernel, FWD, {"COMPUTE_GRAD": True, "LIBDEVICE": True, "BLOCK_D": block_d,
-                                                   "BLOCK_K": block_k}, kn._fwd_warps(block_k, block_d))
+                                                   "BLOCK_K": block_k, "stride_bd": 1},
+          kn._fwd_warps(block_k, block_d), divisible_by_16=POINTERS + ("chunk",))
 for block_d in (128, 512, 2048):
     check("partition", kn._nce_partition_kernel, {"anchor_ptr": F, "bank_ptr": F, "idx_ptr": "*i64", "part_ptr": F,
                                                   "inv_tau": "fp32"},
@@ -460,17 +467,24 @@ print("BUILD OK")
 @pytest.mark.skipif(CUDA, reason="on a GPU the kernels run for real in the tests above")
 def test_kernels_compile_for_hopper_without_spilling(run_without_interpreter):
     """The interpreter checks neither libdevice calls, nor types across branches, nor registers: build every
-    kernel for sm_90 with Triton's bundled ptxas (no GPU needed) -- the loss kernel in each configuration autotune
-    keeps at d = 128 and 256 (fp32 with the gradient, its most registers) and on its untuned path at d = 512-2048 --
-    and check none spills more than a few registers and each fits a block's shared memory."""
+    kernel for sm_90 with Triton's bundled ptxas (no GPU needed), specialised as the JIT would specialise the launch
+    -- the loss kernel in each configuration autotune keeps for d = 128, 120, 256, 250 (fp32 with the gradient, its
+    most registers; aligned and unaligned rows) and on its untuned path at d = 512-2048 -- and check none spills
+    more than a few registers and each fits a block's shared memory."""
     assert "BUILD OK" in run_without_interpreter(_HOPPER_BUILD)
 
 
-def test_autotune_prune_keeps_small_tiles():
-    """The prune keeps exactly the configs of at most 32 tile elements per thread, and never returns nothing."""
-    for block_d in (16, 64, 128, 256, 1024):
-        kept = nce_mod._spill_free_configs(nce_mod._FWD_CONFIGS, {}, BLOCK_D=block_d)
-        assert kept, block_d
-        small = [c for c in nce_mod._FWD_CONFIGS if c.kwargs["BLOCK_K"] * block_d <= 32 * 32 * c.num_warps]
-        assert kept == (small or [min(nce_mod._FWD_CONFIGS,
-                                      key=lambda c: c.kwargs["BLOCK_K"] * block_d / c.num_warps)]), block_d
+def test_autotune_prune_keeps_tiles_that_fit():
+    """The prune keeps the configs of at most 64 tile elements per thread when the bank rows load 16 bytes at a
+    time (unit stride, d and row stride multiples of 16, aligned tensors), 32 otherwise, and never returns nothing."""
+    aligned = torch.zeros(4)
+    misaligned = torch.zeros(5)[1:]  # 4-byte offset from an aligned allocation
+    for d in (16, 64, 120, 128, 250, 256, 1024):
+        block_d = 1 << (d - 1).bit_length()
+        for bank, stride_bd in ((aligned, 1), (misaligned, 1), (aligned, 2)):
+            args = {"D": d, "stride_bn": d, "stride_bd": stride_bd, "bank_ptr": bank}
+            limit = 64 if d % 16 == 0 and bank is aligned and stride_bd == 1 else 32
+            kept = nce_mod._spill_free_configs(nce_mod._FWD_CONFIGS, args, BLOCK_D=block_d)
+            fits = [c for c in nce_mod._FWD_CONFIGS if c.kwargs["BLOCK_K"] * block_d <= limit * 32 * c.num_warps]
+            smallest = min(nce_mod._FWD_CONFIGS, key=lambda c: c.kwargs["BLOCK_K"] * block_d / c.num_warps)
+            assert kept == (fits or [smallest]), (d, stride_bd, bank is aligned)
