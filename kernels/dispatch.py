@@ -7,7 +7,10 @@ machines without a GPU.
 
 from __future__ import annotations
 
+import functools
 import os
+import re
+import warnings
 
 import torch
 
@@ -33,6 +36,28 @@ def triton_available() -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=1)
+def interpreter_problem() -> str | None:
+    """Why Triton's interpreter cannot run these kernels here, or None. Before 3.7 it turns a loop bound loaded from
+    memory into an int with ``int()`` of a 1-element array, which numpy >= 2.4 refuses (a TypeError mid-kernel);
+    compiled GPU kernels are not affected."""
+    import numpy as np
+    import triton
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # numpy 1.25-2.3 only warn
+        try:
+            int(np.zeros(1))
+            return None
+        except TypeError:
+            pass
+    if tuple(int(p) for p in re.findall(r"\d+", triton.__version__)[:2]) >= (3, 7):
+        return None
+    return (f"Triton {triton.__version__}'s interpreter cannot run these kernels with numpy {np.__version__} (it "
+            "converts 1-element arrays with int(), which numpy >= 2.4 refuses): use triton >= 3.7 or numpy < 2.4 "
+            "for TRITON_INTERPRET=1, or CMC_FAST_KERNELS=reference")
+
+
 def use_triton(t: torch.Tensor) -> bool:
     """True when the op on tensor ``t`` should run its Triton kernel."""
     mode = kernel_mode()
@@ -41,8 +66,12 @@ def use_triton(t: torch.Tensor) -> bool:
     if mode == "triton":
         if not triton_available():
             raise RuntimeError("CMC_FAST_KERNELS=triton but triton is not installed (pip install triton)")
-        if t.device.type != "cuda" and not triton_interpreted():
-            raise RuntimeError(
-                "CMC_FAST_KERNELS=triton on CPU tensors needs TRITON_INTERPRET=1 set before importing kernels")
+        if t.device.type != "cuda":
+            if not triton_interpreted():
+                raise RuntimeError(
+                    "CMC_FAST_KERNELS=triton on CPU tensors needs TRITON_INTERPRET=1 set before importing kernels")
+            problem = interpreter_problem()
+            if problem:
+                raise RuntimeError(problem)
         return True
     return t.device.type == "cuda" and triton_available()

@@ -17,6 +17,8 @@ reference's worst + slack (1e-6 fp32, 1e-2 fp16/bf16).
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -291,6 +293,39 @@ def test_op_runs_triton_when_forced(monkeypatch):
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
     for g, rg in zip(grads, ref_grads):
         torch.testing.assert_close(g, rg, rtol=1e-4, atol=1e-4 * rg.abs().max().item())
+
+
+def test_interpreter_problem_names_old_triton_with_new_numpy(monkeypatch):
+    """Triton < 3.7's interpreter cannot take loop bounds from memory under numpy >= 2.4: detected by probing
+    numpy, named in a RuntimeError from the op instead of a TypeError deep in the interpreter."""
+    import numpy as np
+    import triton
+
+    from kernels import dispatch
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            int(np.zeros(1))
+        strict_numpy = False
+    except TypeError:
+        strict_numpy = True
+    for version, expect in (("3.6.0", strict_numpy), ("3.7.0", False), ("3.8.0+git1", False)):
+        monkeypatch.setattr(triton, "__version__", version)
+        dispatch.interpreter_problem.cache_clear()
+        problem = dispatch.interpreter_problem()
+        assert bool(problem) == expect, (version, problem)
+        if problem:
+            assert version in problem and "triton >= 3.7" in problem
+    if strict_numpy and DEVICE == "cpu":
+        monkeypatch.setattr(triton, "__version__", "3.6.0")
+        dispatch.interpreter_problem.cache_clear()
+        monkeypatch.setenv("CMC_FAST_KERNELS", "triton")
+        sizes = block_chunk_sizes(MM, CHUNKS)
+        args, _ = make_inputs(4, sizes, 3, seed=71)
+        with pytest.raises(RuntimeError, match="numpy >= 2.4 refuses"):
+            kernels.block_merge(*args, sizes=sizes, rank=3)
+    dispatch.interpreter_problem.cache_clear()
 
 
 def test_op_cpu_is_the_reference(monkeypatch):
