@@ -34,31 +34,41 @@ export CMC_FAST_BENCH_RESULTS=$STORE/bench/results
 cat "$RES/env.txt"
 [ "$DEV" = cpu ] && echo "WARNING: no CUDA device: these are not GPU figures"
 
+# after every phase, so a call stopped at its time limit still returns what the finished phases wrote
+collect() {
+  if [ -n "${OUT:-}" ]; then
+    tar -czf "$OUT/gpu-results.tar.gz" -C "$STORE" bench && echo "returned: gpu-results.tar.gz ($(ls "$RES" | wc -l) files)"
+  else
+    echo "results in $STORE/bench/results (copy them into the repo's bench/results)"
+  fi
+}
+collect
+
 if want kernels; then
-  timeout 300 python3 -m pytest -q -x tests/test_nce_kernel.py tests/test_block_kernel.py tests/test_fusion.py \
+  timeout 240 python3 -m pytest -q -x tests/test_nce_kernel.py tests/test_block_kernel.py tests/test_fusion.py \
     2>&1 | tail -25 | tee "$RES/kernel_tests.txt"
+  collect
 fi
 if want bench; then
-  timeout 360 python3 -m pytest -q bench --ignore=bench/bench_images.py --benchmark-only \
+  timeout 300 python3 -m pytest -q bench --ignore=bench/bench_images.py --benchmark-only \
     --benchmark-columns=median,iqr,rounds --benchmark-json="$RES/benchmarks.json" 2>&1 | tail -60 | tee "$RES/bench.txt"
+  collect
 fi
 if want train; then
-  timeout 300 python3 -m cmc_fast train --amp --compile --text-pretrain-epochs 2 --no-progress \
+  timeout 240 python3 -m cmc_fast train --amp --compile --text-pretrain-epochs 2 --no-progress \
     --out "$STORE/train-synthetic" 2>&1 | tail -25 | tee "$RES/train.txt"
   cp "$STORE"/train-synthetic/*.{json,md} "$RES/" 2>/dev/null
+  collect
 fi
 if want images; then
   python3 scripts/gpu_stage.py install 2>&1 | tee "$RES/dali_install.txt"
   python3 -c "import nvidia.dali" 2>/dev/null || echo "DALI not importable: the DALI-GPU figure is owed" \
     | tee -a "$RES/dali_install.txt"
-  timeout 240 python3 -m pytest -q -s bench/bench_images.py --benchmark-only --benchmark-columns=median,rounds \
+  timeout 180 python3 -m pytest -q -s bench/bench_images.py --benchmark-only --benchmark-columns=median,rounds \
     --benchmark-json="$RES/bench_images.json" 2>&1 | grep -v "^$" | tail -40 | tee "$RES/bench_images.txt"
-  timeout 180 python3 -m pytest -q -rs -s tests/test_images.py -k "gpu or cuda or real_weibo" \
+  collect
+  timeout 120 python3 -m pytest -q -rs -s tests/test_images.py -k "gpu or cuda or real_weibo" \
     2>&1 | tail -20 | tee "$RES/image_tests.txt"
+  collect
 fi
 
-if [ -n "${OUT:-}" ]; then
-  tar -czf "$OUT/gpu-results.tar.gz" -C "$STORE" bench && echo "returned: gpu-results.tar.gz ($(ls "$RES" | wc -l) files)"
-else
-  echo "results in $STORE/bench/results (copy them into the repo's bench/results)"
-fi

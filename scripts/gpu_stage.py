@@ -152,13 +152,15 @@ def plan(args: argparse.Namespace) -> None:
     data = [f"{rel}/weibo"] if (out / "weibo").is_dir() else []
     parts = [f"{rel}/{part['name']}" for part in manifest["parts"]]
     phases = ["kernels", "bench", "train"]
+    budget = {"kernels": 240, "bench": 300, "train": 240, "images": 300}  # the script's own limits per phase
     if not parts:
         calls = [(data, "all", 600)]
     else:
-        calls = [(data + [f"{rel}/{MANIFEST}"], "images", 300)]
+        calls = [(data + [f"{rel}/{MANIFEST}"], "images", budget["images"] + 60)]
         for i, part in enumerate(parts):
             mine = phases[i:i + 1] if i < len(parts) - 1 else phases[i:]
-            calls.append(([part], ",".join(mine + (["images"] if i == len(parts) - 1 else [])), 420))
+            mine += ["images"] if i == len(parts) - 1 else []
+            calls.append(([part], ",".join(mine), min(600, 60 + sum(budget[p] for p in mine))))
     print("Device calls, back to back (the machine stays warm 30 s after each):")
     for i, (carry, phase, timeout) in enumerate(calls, 1):
         print(f"  {i}. run(command='bash scripts/gpu_check.sh {phase}', carry={json.dumps(carry)}, "
