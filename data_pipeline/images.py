@@ -311,8 +311,6 @@ def usable_cores() -> int:
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 _POOLS_LOCK = threading.Lock()
-if hasattr(os, "register_at_fork"):  # a forked child (DataLoader worker) has none of the parent's threads
-    os.register_at_fork(after_in_child=_POOLS.clear)
 
 
 def _each(fn: Callable[[int], object], n: int, workers: int) -> list[object]:
@@ -370,6 +368,24 @@ def _decode_torchvision(blobs: list[bytes], size: tuple[int, int], device: torch
 
 _DALI_LOCK = threading.Lock()
 _DALI_PIPES: dict[tuple, object] = {}
+_DALI_INHERITED: list[dict] = []  # a forked child's copies of its parent's pipelines: never used, never freed
+
+
+def _start_afresh_in_forked_child() -> None:
+    """A forked child (a DataLoader worker) has none of its parent's threads: a thread pool or DALI pipeline built by
+    the parent would wait on them forever (a decode hung), and a lock another thread held stays locked. The child
+    builds its own. The parent's pipelines stay referenced rather than destroyed: their destructors would wait on
+    the same missing threads."""
+    global _POOLS_LOCK, _DALI_LOCK
+    _POOLS.clear()
+    _POOLS_LOCK = threading.Lock()
+    _DALI_INHERITED.append(dict(_DALI_PIPES))
+    _DALI_PIPES.clear()
+    _DALI_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_start_afresh_in_forked_child)
 
 
 def _dali_pipeline(key: tuple):

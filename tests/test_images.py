@@ -360,16 +360,20 @@ def test_real_weibo_gpu_agrees(weibo_decoded, backend, capsys):
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-def test_threaded_decode_works_in_a_forked_child(bad_files):
-    """A DataLoader worker is a fork of a process whose decode pool already ran: the child gets its own."""
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decode_works_in_a_forked_child(bad_files, backend):
+    """A DataLoader worker is a fork of a process whose decoder already ran: its thread pool and (DALI) pipeline
+    wait on threads the child does not have -- a decode in the child hung forever. The child builds its own."""
     import multiprocessing as mp
 
-    parent = decode_uint8([bad_files["good"]] * 4, (20, 20), backend="pil", workers=2)
+    paths = [bad_files[k] for k in ("good", "gray", "png", "good")]
+    parent = decode_uint8(paths, (20, 20), backend=backend, workers=2)
     ctx = mp.get_context("fork")
-    with ctx.Pool(1) as pool:
-        child = pool.apply_async(_decode_sum, ([bad_files["good"]] * 4,)).get(timeout=60)
-    assert child == int(parent.pixels.sum())
+    with ctx.Pool(1) as pool:  # a hang fails the test at the timeout instead of stalling the suite
+        child = pool.apply_async(_decode_in_worker, (paths, backend)).get(timeout=60)
+    assert child == parent.pixels.flatten().tolist()
 
 
-def _decode_sum(paths):
-    return int(decode_uint8(paths, (20, 20), backend="pil", workers=2).pixels.sum())
+def _decode_in_worker(paths, backend):
+    torch.set_num_threads(1)  # as DataLoader's worker loop does (OpenMP does not survive a fork)
+    return decode_uint8(paths, (20, 20), backend=backend, workers=2).pixels.flatten().tolist()
