@@ -41,8 +41,9 @@ torchvision CPU paths (libjpeg-turbo, PIL's resampler and torch ops release the 
 
 Bad images: never raise from a batch call
 -----------------------------------------
-Each input's bytes are sniffed first; only clean 8-bit baseline/progressive JPEGs (1 or 3 components, EOI
-at the end) go to the fast backend, and if its batched call raises, the chunk is bisected until the failing
+Each input's bytes are sniffed first; only clean 8-bit baseline/progressive JPEGs (1 or 3 components, a header
+that holds together up to the first scan, EOI at the end) go to the fast backend, and if its batched call raises,
+the chunk is bisected until the failing
 samples are isolated (a DALI pipeline that failed is rebuilt). Everything else, and whatever the fast
 backend failed on, is handed to PIL, which decodes by content. Outcomes:
 
@@ -55,9 +56,15 @@ missing / unreadable file     ok=False, error "<path>: cannot read: FileNotFound
 truncated JPEG                ok=False, error "<path>: JPEG without end marker (truncated?); PIL: ..."
                               (PIL refuses truncated data; a JPEG with bytes after its end marker
                               is decoded by PIL instead)
+broken JPEG header            (a segment, Huffman/quantisation table or scan header that does not hold
+                              together, a second SOI) decoded by PIL, ok=False with its error if it
+                              refuses; never by the fast backends (DALI 2.4's CPU decoder on several
+                              threads crashed the process on such files in fuzzing)
 corrupt JPEG (fast fails)     fast backend isolates it; PIL tries; ok=False with both messages if
                               PIL fails too, else decoded by PIL
-damaged scan, markers intact  all decoders conceal the damage (libjpeg: "Corrupt JPEG data"): ok=True
+damaged scan, markers intact  all decoders conceal the damage (libjpeg: "Corrupt JPEG data"): ok=True;
+                              where libjpeg-turbo gives up ("broken data stream": ok=False with PIL and
+                              torchvision) DALI may conceal more and return pixels (16 of 240 fuzzed)
 PNG/GIF/WebP/BMP/TIFF .jpg   decoded by PIL by content (GIF: first frame; alpha dropped; 16-bit grey
                               keeps its top 8 bits), ok=True
 CMYK (4-component) JPEG       decoded by PIL (CMYK -> RGB), ok=True
@@ -178,8 +185,35 @@ def sniff(data: bytes) -> str:
 _SOF_FAST = (0xC0, 0xC1, 0xC2)  # baseline, extended and progressive Huffman: what nvJPEG / libjpeg-turbo take
 
 
+def _tables_fill(payload: bytes, marker: int) -> bool:
+    """A DQT or DHT segment's tables exactly fill it, each with a valid class/destination and sizes."""
+    j, n = 0, len(payload)
+    while j < n:
+        kind, dest = payload[j] >> 4, payload[j] & 0x0F
+        if marker == 0xDB:  # DQT: precision 0 (8-bit) or 1 (16-bit), 64 entries
+            if kind > 1 or dest > 3:
+                return False
+            j += 1 + 64 * (kind + 1)
+        else:  # DHT: class 0 (DC) or 1 (AC), 16 code-length counts, then the symbols
+            if kind > 1 or dest > 3 or j + 17 > n:
+                return False
+            symbols = sum(payload[j + 1:j + 17])
+            if symbols > 256 or j + 17 + symbols > n:
+                return False
+            if kind == 0 and max(payload[j + 17:j + 17 + symbols], default=0) > 15:  # libjpeg: bad DC table
+                return False
+            j += 17 + symbols
+    return j == n
+
+
 def _sniff_jpeg(data: bytes) -> str:
+    """Walks the header up to the first scan: every segment where its length says, tables that fill their
+    segments, one frame header, a scan header whose components and tables the frame has. A header that does not
+    hold together goes to PIL: fuzzing found DALI's CPU decoder, given such files on several threads, crashing the
+    process (segfault); libjpeg-turbo through PIL refuses them with an error."""
     i, n = 2, len(data)
+    frame: str | None = None
+    frame_ids: set[int] = set()
     while i + 4 <= n:
         if data[i] != 0xFF:
             return "jpeg-other"
@@ -190,18 +224,37 @@ def _sniff_jpeg(data: bytes) -> str:
         if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
             i += 2
             continue
-        if marker in (0xD9, 0xDA):  # end of image or start of scan before any frame header
+        if marker in (0xD8, 0xD9):  # a second start of image, or the end before any scan
+            return "jpeg-other"
+        length = int.from_bytes(data[i + 2:i + 4], "big")
+        if length < 2 or i + 2 + length > n:
+            return "jpeg-other"
+        payload = data[i + 4:i + 2 + length]
+        if marker in (0xDB, 0xC4) and not _tables_fill(payload, marker):
             return "jpeg-other"
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a start-of-frame
-            if i + 10 > n:
+            if frame is not None or len(payload) < 6:
                 return "jpeg-other"
-            precision, components = data[i + 4], data[i + 9]
-            if marker not in _SOF_FAST or precision != 8 or components not in (1, 3, 4):
+            precision, height, width, components = (payload[0], int.from_bytes(payload[1:3], "big"),
+                                                    int.from_bytes(payload[3:5], "big"), payload[5])
+            if (marker not in _SOF_FAST or precision != 8 or components not in (1, 3, 4) or height == 0
+                    or width == 0 or len(payload) != 6 + 3 * components):
                 return "jpeg-other"
-            if components == 4:
-                return "jpeg-cmyk"
-            return "jpeg" if data[-4096:].rstrip(b"\x00").endswith(b"\xff\xd9") else "jpeg-no-eoi"
-        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+            frame = "jpeg-cmyk" if components == 4 else "jpeg"
+            frame_ids = set(payload[6::3])
+        if marker == 0xDA:  # start of scan: the header ends here
+            if frame is None or not payload or len(payload) != 4 + 2 * payload[0] or not 1 <= payload[0] <= 4:
+                return "jpeg-other"
+            ns = payload[0]
+            selectors, tables = payload[1:1 + 2 * ns:2], payload[2:2 + 2 * ns:2]
+            ss, se, approx = payload[1 + 2 * ns], payload[2 + 2 * ns], payload[3 + 2 * ns]
+            if (not set(selectors) <= frame_ids or any(t >> 4 > 3 or t & 0x0F > 3 for t in tables)
+                    or ss > se or se > 63 or approx >> 4 > 13 or approx & 0x0F > 13):
+                return "jpeg-other"
+            if frame == "jpeg" and not data[-4096:].rstrip(b"\x00").endswith(b"\xff\xd9"):
+                return "jpeg-no-eoi"
+            return frame
+        i += 2 + length
     return "jpeg-other"
 
 

@@ -197,6 +197,46 @@ def test_sniff(bad_files):
     assert sniff(b"RIFF\x00\x00\x00\x00WEBPVP8 ") == "webp" and sniff(b"BM\x00\x00") == "bmp"
 
 
+def _segments(data: bytes) -> list[tuple[int, int, int]]:
+    """(marker, start, end) of each header segment of a clean JPEG, up to and including the scan header."""
+    out, i = [], 2
+    while True:
+        marker, length = data[i + 1], int.from_bytes(data[i + 2:i + 4], "big")
+        out.append((marker, i, i + 2 + length))
+        if marker == 0xDA:
+            return out
+        i += 2 + length
+
+
+def test_sniff_sends_broken_headers_to_pil():
+    """The header is walked up to the scan: 4 bytes inserted at the start of a table, frame or scan header, a second
+    SOI, a Huffman table whose counts do not match its symbols or with a DC symbol over 15 -> "jpeg-other" (PIL),
+    while clean JPEGs of every kind the fast backends take stay "jpeg". (Fuzzing showed DALI's multi-threaded CPU
+    decoder crashing the process on such headers.)"""
+    rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
+    pic = Image.fromarray(rng.integers(0, 256, (37, 53, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    clean = [_jpeg(pic), _jpeg(pic, progressive=True), _jpeg(pic.convert("L")), _jpeg(pic, subsampling=0),
+             _jpeg(pic, exif=exif.tobytes()), _jpeg(pic, optimize=True)]
+    for data in clean:
+        assert sniff(data) == "jpeg"
+        for marker, start, _ in _segments(data):
+            if marker in (0xDB, 0xC4, 0xDA, 0xC0, 0xC1, 0xC2):
+                broken = data[:start + 4] + b"\xff\xd8\xff\xe0" + data[start + 4:]
+                assert sniff(broken) == "jpeg-other", hex(marker)
+        sos = _segments(data)[-1][1]
+        assert sniff(data[:sos] + b"\xff\xd8" + data[sos:]) == "jpeg-other"  # a second start of image
+    data = clean[0]
+    _, start, _ = next(seg for seg in _segments(data) if seg[0] == 0xC4 and data[seg[1] + 4] >> 4 == 0)
+    counts = bytearray(data)
+    counts[start + 5] = 255  # a code-length count no longer matches the symbols that follow
+    assert sniff(bytes(counts)) == "jpeg-other"
+    symbols = bytearray(data)
+    symbols[start + 4 + 17] = 0xD8  # a DC table's first symbol: sizes above 15 do not exist
+    assert sniff(bytes(symbols)) == "jpeg-other"
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bad_image_outcomes(bad_files, backend):
     kinds = list(OUTCOMES) + ["good"]
