@@ -131,25 +131,18 @@ def test_gpu_backend(benchmark, record, weibo, backend):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("fancy", [True, False])
 def test_gpu_dali_bare(benchmark, record, weibo, fancy):
-    """DALI "mixed" on its own, without the contract's byte sniffing, fallbacks and copy into a torch tensor:
+    """DALI "mixed" on its own: the contract's pipeline without its byte sniffing, fallbacks and copy into torch:
     what the pipeline itself costs, and whether libjpeg-style (fancy) chroma upsampling, which the contract uses
     so GPU pixels match the CPU backends, keeps nvJPEG off its faster paths (the hardware decoder)."""
     if "dali" not in available_backends():
         pytest.skip("dali not installed")
     import numpy as np
-    from nvidia.dali import fn, pipeline_def, types
+
+    from data_pipeline.images import _dali_pipeline
 
     blobs = [np.fromfile(p, dtype=np.uint8) for p in weibo]
-
-    @pipeline_def(batch_size=BATCH, num_threads=usable_cores(), device_id=torch.cuda.current_device(),
-                  prefetch_queue_depth=1)
-    def pipe():
-        encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1, device="cpu")
-        img = fn.decoders.image(encoded, device="mixed", output_type=types.RGB, jpeg_fancy_upsampling=fancy)
-        return fn.resize(img, resize_x=SIZE[1], resize_y=SIZE[0], interp_type=types.INTERP_CUBIC, antialias=True)
-
-    dali = pipe()
-    dali.build()
+    # the contract's own pipeline (uint8 CHW out), fed directly
+    dali = _dali_pipeline((*SIZE, BATCH, torch.cuda.current_device(), False, usable_cores()), libjpeg_chroma=fancy)
 
     def one_pass():
         for i in range(0, len(blobs), BATCH):

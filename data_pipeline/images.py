@@ -441,9 +441,12 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_start_afresh_in_forked_child)
 
 
-def _dali_pipeline(key: tuple):
-    """The pipeline for (H, W, max batch, device id or None, normalise, CPU threads), built once and reused."""
-    pipe = _DALI_PIPES.get(key)
+def _dali_pipeline(key: tuple, libjpeg_chroma: bool = True):
+    """The pipeline for (H, W, max batch, device id or None, normalise, CPU threads), built once and reused. The
+    contract upsamples chroma as libjpeg does (GPU pixels then match the CPU backends); the benchmarks also build
+    it without (``libjpeg_chroma=False``), to see what that costs nvJPEG."""
+    cache_key = key if libjpeg_chroma else (*key, "nvjpeg-chroma")
+    pipe = _DALI_PIPES.get(cache_key)
     if pipe is not None:
         return pipe
     from nvidia.dali import fn, pipeline_def, types
@@ -455,7 +458,7 @@ def _dali_pipeline(key: tuple):
     def images(decoder_args: dict):
         encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1, device="cpu")
         img = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB,
-                                jpeg_fancy_upsampling=True, **decoder_args)  # fancy: match libjpeg on the GPU
+                                jpeg_fancy_upsampling=libjpeg_chroma, **decoder_args)
         img = fn.resize(img, resize_x=w, resize_y=h, interp_type=types.INTERP_CUBIC, antialias=True)
         if normalize:
             return fn.crop_mirror_normalize(img, dtype=types.FLOAT, output_layout="CHW",
@@ -471,7 +474,7 @@ def _dali_pipeline(key: tuple):
             raise
         pipe = images({})
         pipe.build()
-    _DALI_PIPES[key] = pipe
+    _DALI_PIPES[cache_key] = pipe
     return pipe
 
 

@@ -76,3 +76,15 @@ def build(fn, types: dict[str, str], constexprs: dict[str, object], num_warps: i
     kernel = triton.compile(src, target=HOPPER, options={"num_warps": num_warps})
     registers, spilled = ptxas_report(kernel.asm["ptx"])
     return Build(kernel.metadata.shared, registers, spilled)
+
+
+def build_checked(fn, types: dict[str, str], constexprs: dict[str, object], num_warps: int = 4,
+                  divisible_by_16: tuple[str, ...] = (), max_spilled: int = 0) -> Build:
+    """``build``, printing the result and failing (AssertionError naming the kernel and its specialisation) when
+    it needs more shared memory than a Hopper block has or spills more than ``max_spilled`` bytes."""
+    b = build(fn, types, constexprs, num_warps, divisible_by_16)
+    what = f"{fn.__name__} {constexprs} x {num_warps} warps"
+    print(what, b, flush=True)
+    assert b.shared <= SHARED_PER_BLOCK, f"{what}: {b.shared} bytes of shared memory"
+    assert (b.spilled or 0) <= max_spilled, f"{what}: {b.spilled} bytes spilled"
+    return b

@@ -236,15 +236,11 @@ def _rows_vectorise(named_args: dict) -> bool:
     return ints_ok and all(v.data_ptr() % 16 == 0 for v in named_args.values() if hasattr(v, "data_ptr"))
 
 
-def _max_tile_per_thread(named_args: dict) -> int:
-    return 64 if _rows_vectorise(named_args) else 32
-
-
 def _spill_free_configs(configs: list, named_args: dict, **kwargs) -> list:
     """Autotune's early prune: the configs whose [BLOCK_K, BLOCK_D] tile fits the registers (see above)."""
     block_d = kwargs.get("BLOCK_D") or named_args["BLOCK_D"]
     per_thread = lambda c: c.kwargs["BLOCK_K"] * block_d / (32 * c.num_warps)
-    limit = _max_tile_per_thread(named_args)
+    limit = 64 if _rows_vectorise(named_args) else 32
     return [c for c in configs if per_thread(c) <= limit] or [min(configs, key=per_thread)]
 
 

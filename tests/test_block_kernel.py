@@ -392,7 +392,7 @@ _HOPPER_BUILD = r"""
 import os
 os.environ.pop("TRITON_INTERPRET", None)  # code generation does not work in interpreter mode
 import kernels.block as kb
-from kernels.hopper_build import SHARED_PER_BLOCK, build
+from kernels.hopper_build import build_checked
 
 PTR = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 for x_dtype, w_dtype, max_size in [("fp32", "fp32", 80), ("bf16", "fp32", 80), ("fp16", "fp16", 15)]:
@@ -404,10 +404,7 @@ for x_dtype, w_dtype, max_size in [("fp32", "fp32", 80), ("bf16", "fp32", 80), (
     for fn, normalize in ((kb._block_fwd_kernel, True), (kb._block_fwd_kernel, False),
                           (kb._block_bwd_dx_kernel, True), (kb._block_bwd_dw_kernel, None)):
         consts = {"BLOCK_B": bb, "BLOCK_S": bs, "BLOCK_J": bj, "PREC": prec, "NORMALIZE": normalize}
-        b = build(fn, types, {k: v for k, v in consts.items() if k in fn.arg_names}, warps)
-        print(x_dtype, w_dtype, bs, fn.__name__, normalize, b, flush=True)
-        assert b.shared <= SHARED_PER_BLOCK, "over a Hopper block's shared memory"
-        assert not b.spilled, f"{fn.__name__} spills {b.spilled} bytes"
+        build_checked(fn, types, {k: v for k, v in consts.items() if k in fn.arg_names}, warps)
 print("BUILD OK")
 """
 

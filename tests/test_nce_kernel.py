@@ -424,13 +424,7 @@ import os
 os.environ.pop("TRITON_INTERPRET", None)  # code generation does not work in interpreter mode
 import torch
 import kernels.nce as kn
-from kernels.hopper_build import SHARED_PER_BLOCK, build
-
-def check(name, fn, types, consts, num_warps=4, max_spilled=0, divisible_by_16=()):
-    b = build(fn, types, consts, num_warps, divisible_by_16)
-    print(name, consts, num_warps, b, flush=True)
-    assert b.shared <= SHARED_PER_BLOCK, f"{name}: {b.shared} bytes of shared memory"
-    assert (b.spilled or 0) <= max_spilled, f"{name} {consts} x {num_warps} warps spills {b.spilled} bytes"
+from kernels.hopper_build import build_checked
 
 F = "*fp32"
 FWD = {"anchor_ptr": F, "bank_ptr": F, "idx_ptr": "*i64", "z_ptr": F, "part_loss_ptr": F, "part_grad_ptr": F,
@@ -443,23 +437,21 @@ for d in (128, 120, 256, 250):  # every config autotune keeps, fp32 with the gra
     divisible = POINTERS + ("chunk",) + (("D", "stride_bn") if d % 16 == 0 else ())
     for cfg in kn._spill_free_configs(kn._FWD_CONFIGS, {"D": d, "stride_bn": d, "stride_bd": 1}, BLOCK_D=block_d):
         # up to 12 bytes in a few 8-warp builds: ptxas holds 8-warp blocks to 128 registers there
-        check(f"fwd d={d}", kn._nce_fwd_kernel, FWD, {"COMPUTE_GRAD": True, "LIBDEVICE": True, "BLOCK_D": block_d,
-                                                       "stride_bd": 1, **cfg.kwargs},
-              cfg.num_warps, max_spilled=16, divisible_by_16=divisible)
+        consts = {"COMPUTE_GRAD": True, "LIBDEVICE": True, "BLOCK_D": block_d, "stride_bd": 1, **cfg.kwargs}
+        build_checked(kn._nce_fwd_kernel, FWD, consts, cfg.num_warps, divisible, max_spilled=16)
 for block_d in (512, 1024, 2048):  # the untuned path (d > 256), with the launcher's tile and warps, unaligned d
     block_k = kn._block_k(block_d, 1024, torch.device("cuda"))
-    check("fwd untuned", kn._nce_fwd_kernel, FWD, {"COMPUTE_GRAD": True, "LIBDEVICE": True, "BLOCK_D": block_d,
-                                                   "BLOCK_K": block_k, "stride_bd": 1},
-          kn._fwd_warps(block_k, block_d), divisible_by_16=POINTERS + ("chunk",))
+    consts = {"COMPUTE_GRAD": True, "LIBDEVICE": True, "BLOCK_D": block_d, "BLOCK_K": block_k, "stride_bd": 1}
+    build_checked(kn._nce_fwd_kernel, FWD, consts, kn._fwd_warps(block_k, block_d), POINTERS + ("chunk",))
+PARTITION = {"anchor_ptr": F, "bank_ptr": F, "idx_ptr": "*i64", "part_ptr": F, "inv_tau": "fp32"}
 for block_d in (128, 512, 2048):
-    check("partition", kn._nce_partition_kernel, {"anchor_ptr": F, "bank_ptr": F, "idx_ptr": "*i64", "part_ptr": F,
-                                                  "inv_tau": "fp32"},
-          {"BLOCK_K": kn._block_k(block_d, 1024, torch.device("cuda")), "BLOCK_D": block_d})
-check("finalize", kn._nce_finalize_kernel, {"part_loss_ptr": F, "part_grad_ptr": F, "loss_ptr": F, "grad_ptr": F,
-                                            "loss_scale": "fp32", "grad_scale": "fp32"},
-      {"COMPUTE_GRAD": True, "BLOCK_S": 16, "BLOCK_D": 128, "BLOCK_P": 1024})
-check("bank update", kn._bank_update_kernel, {"bank_ptr": "*bf16", "index_ptr": "*i64", "feats_ptr": F,
-                                              "momentum": "fp32"}, {"BLOCK_N": 1024, "BLOCK_D": 128})
+    build_checked(kn._nce_partition_kernel, PARTITION,
+                  {"BLOCK_K": kn._block_k(block_d, 1024, torch.device("cuda")), "BLOCK_D": block_d})
+build_checked(kn._nce_finalize_kernel, {"part_loss_ptr": F, "part_grad_ptr": F, "loss_ptr": F, "grad_ptr": F,
+                                        "loss_scale": "fp32", "grad_scale": "fp32"},
+              {"COMPUTE_GRAD": True, "BLOCK_S": 16, "BLOCK_D": 128, "BLOCK_P": 1024})
+build_checked(kn._bank_update_kernel, {"bank_ptr": "*bf16", "index_ptr": "*i64", "feats_ptr": F, "momentum": "fp32"},
+              {"BLOCK_N": 1024, "BLOCK_D": 128})
 print("BUILD OK")
 """
 
