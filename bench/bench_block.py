@@ -29,10 +29,9 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from cmc_fast.kernels.block import block_merge, block_merge_floor
+from cmc_fast.kernels.reference import block_chunk_sizes
 from conftest import bench_device, peak_memory
-
-from kernels.block import block_merge, block_merge_floor
-from kernels.reference import block_chunk_sizes
 
 DEVICE = bench_device()
 ON_GPU = DEVICE.type == "cuda"

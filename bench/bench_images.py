@@ -14,10 +14,9 @@ import time
 
 import pytest
 import torch
+from cmc_fast.data_pipeline.image_source import CachedImages
+from cmc_fast.data_pipeline.images import available_backends, decode_pil_path, decode_uint8, usable_cores
 from torch.utils.data import DataLoader, Dataset
-
-from data_pipeline.image_source import CachedImages
-from data_pipeline.images import available_backends, decode_pil_path, decode_uint8, usable_cores
 
 SIZE = (224, 224)
 BATCH = 64
@@ -137,8 +136,7 @@ def test_gpu_dali_bare(benchmark, record, weibo, fancy):
     if "dali" not in available_backends():
         pytest.skip("dali not installed")
     import numpy as np
-
-    from data_pipeline.images import _dali_pipeline
+    from cmc_fast.data_pipeline.images import _dali_pipeline
 
     blobs = [np.fromfile(p, dtype=np.uint8) for p in weibo]
     # the contract's own pipeline (uint8 CHW out), fed directly

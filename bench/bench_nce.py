@@ -15,10 +15,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from cmc_fast.kernels.reference import nce_loss_reference
 from conftest import bench_device, device_name, peak_memory
 
-import kernels
-from kernels.reference import nce_loss_reference
+from cmc_fast import kernels
 
 DEVICE = bench_device()
 CUDA = DEVICE.type == "cuda"

@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_sub = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
     check = data_sub.add_parser("check", help="parse a dataset and report what is usable")
     try:
-        from data_pipeline import check as data_check
+        from cmc_fast.data_pipeline import check as data_check
     except ImportError:
         data_check = None
     if data_check is not None:

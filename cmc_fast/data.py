@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from cmc_fast.data_pipeline import Record, Skipped, cache_root, load_dataset, split_validation
+from cmc_fast.data_pipeline.image_source import CachedImages, ImageSource, StreamingImages
+from cmc_fast.data_pipeline.near_duplicates import group_summary, near_duplicate_groups
+from cmc_fast.data_pipeline.text import VocabTokenizer, encode_texts
 from cmc_fast.errors import UsageError
-from data_pipeline import Record, Skipped, cache_root, load_dataset, split_validation
-from data_pipeline.image_source import CachedImages, ImageSource, StreamingImages
-from data_pipeline.near_duplicates import group_summary, near_duplicate_groups
-from data_pipeline.text import VocabTokenizer, encode_texts
 
 
 @dataclass
@@ -146,7 +146,7 @@ def prepare(cfg, tokenizer=None, use_images: bool = True) -> PreparedData:
 
 def _encode(tokenizer, texts: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     try:
-        from data_pipeline.token_cache import cached_encode
+        from cmc_fast.data_pipeline.token_cache import cached_encode
     except ImportError:
         return encode_texts(texts, tokenizer, max_len)
     if isinstance(tokenizer, VocabTokenizer):

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
+from cmc_fast import kernels
 
 
 class CrossModalNCE(nn.Module):

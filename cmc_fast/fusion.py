@@ -22,8 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels.block import block_merge, block_merge_sum
-from kernels.reference import block_chunk_sizes
+from cmc_fast.kernels.block import block_merge, block_merge_sum
+from cmc_fast.kernels.reference import block_chunk_sizes
 
 __all__ = ["Block", "get_sizes_list", "ChunkLinearView"]
 

@@ -10,7 +10,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from data_pipeline.records import FAKE, REAL, DatasetSplits, Record, Skipped, split_validation
+from .records import FAKE, REAL, DatasetSplits, Record, Skipped, split_validation
 
 
 def cache_root() -> Path:
@@ -20,37 +20,37 @@ def cache_root() -> Path:
 
 def _synthetic(root: str | None, *, seed: int = 0, n_train: int = 1200, n_test: int = 400,
                **_: object) -> DatasetSplits:
-    from data_pipeline.synthetic import generate
+    from .synthetic import generate
 
     return generate(n_train=n_train, n_test=n_test, seed=seed, root=root)
 
 
 def _weibo(root: str | None, *, seed: int = 0, **options: object) -> DatasetSplits:
-    from data_pipeline.readers.weibo import read_weibo
+    from .readers.weibo import read_weibo
 
     return read_weibo(root, **options)
 
 
 def _politifact(root: str | None, *, seed: int = 0, **options: object) -> DatasetSplits:
-    from data_pipeline.readers.spotfake import read_spotfake
+    from .readers.spotfake import read_spotfake
 
     return read_spotfake("politifact", root, **options)
 
 
 def _gossipcop(root: str | None, *, seed: int = 0, **options: object) -> DatasetSplits:
-    from data_pipeline.readers.spotfake import read_spotfake
+    from .readers.spotfake import read_spotfake
 
     return read_spotfake("gossipcop", root, **options)
 
 
 def _fakenewsnet(root: str | None, *, seed: int = 0, **options: object) -> DatasetSplits:
-    from data_pipeline.readers.fakenewsnet import read_fakenewsnet
+    from .readers.fakenewsnet import read_fakenewsnet
 
     return read_fakenewsnet(root, **options)
 
 
 def _manifest(root: str | None, *, seed: int = 0, **options: object) -> DatasetSplits:
-    from data_pipeline.readers.manifest import read_manifest
+    from .readers.manifest import read_manifest
 
     return read_manifest(root, **options)
 

@@ -10,7 +10,7 @@ Exit status: 0 usable; 1 not usable (no posts, empty train split, a class missin
 ``--require-images`` also: no decodable image for a class of the train split or for the test split);
 2 usage error (unknown dataset, missing path, a root without the layout's files).
 
-The lead wires ``add_arguments`` / ``run`` into ``cmc-fast data check``; ``python -m data_pipeline.check``
+The lead wires ``add_arguments`` / ``run`` into ``cmc-fast data check``; ``python -m cmc_fast.data_pipeline.check``
 runs it stand-alone.
 """
 
@@ -25,8 +25,8 @@ import time
 import warnings
 from collections.abc import Sequence
 
-from data_pipeline import DATASETS, images, load_dataset
-from data_pipeline.records import FAKE, DatasetSplits, Record
+from . import DATASETS, images, load_dataset
+from .records import FAKE, DatasetSplits, Record
 
 DECODE_SIZE = (64, 64)  # decoding proves readability; the resize target only has to be cheap
 BATCH = 32
@@ -124,7 +124,7 @@ def _split_stats(records: list[Record], bad_paths: set[str]) -> dict:
 def _near_duplicates(train: list[Record], test: list[Record]) -> dict:
     """Reposts (character 3-gram Jaccard >= 0.5, ``near_duplicates.near_duplicate_groups``) inside train and
     across train and test; empty texts are left out."""
-    from data_pipeline.near_duplicates import group_summary, near_duplicate_groups
+    from .near_duplicates import group_summary, near_duplicate_groups
 
     tr = [r.text for r in train if r.text.strip()]
     te = [r.text for r in test if r.text.strip()]
@@ -295,7 +295,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_pipeline.check", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m cmc_fast.data_pipeline.check",
+                                     description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from data_pipeline.images import DEFAULT_CHUNK, _assign, decode_uint8, normalize, resolve_backend
+from .images import DEFAULT_CHUNK, _assign, decode_uint8, normalize, resolve_backend
 
 CACHE_FORMAT = 1
 

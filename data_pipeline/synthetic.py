@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data_pipeline import cache_root
-from data_pipeline.records import DatasetSplits, Record
+from . import cache_root
+from .records import DatasetSplits, Record
 
 _FAKE_WORDS = ["shocking", "secret", "miracle", "banned", "exposed", "hoax", "conspiracy", "unbelievable"]
 _REAL_WORDS = ["reported", "official", "according", "statement", "confirmed", "agency", "published", "data"]

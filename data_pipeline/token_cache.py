@@ -29,9 +29,9 @@ from pathlib import Path
 
 import torch
 
-from data_pipeline import cache_root
-from data_pipeline import text as text_module
-from data_pipeline.text import VocabTokenizer, encode_texts
+from . import cache_root
+from . import text as text_module
+from .text import VocabTokenizer, encode_texts
 
 log = logging.getLogger(__name__)
 FORMAT = 1

@@ -4,10 +4,10 @@ Imports nothing from ``cmc_fast`` or ``data_pipeline``. Set ``TRITON_INTERPRET=1
 package to run the Triton paths on CPU tensors.
 """
 
-from kernels.block import block_merge, block_merge_sum
-from kernels.dispatch import kernel_mode, use_triton
-from kernels.nce import bank_update_, nce_loss, nce_partition
-from kernels.reference import block_chunk_sizes, block_flat_offsets
+from .block import block_merge, block_merge_sum
+from .dispatch import kernel_mode, use_triton
+from .nce import bank_update_, nce_loss, nce_partition
+from .reference import block_chunk_sizes, block_flat_offsets
 
 __all__ = [
     "nce_loss",

@@ -51,12 +51,10 @@ from __future__ import annotations
 import functools
 
 import torch
-import triton
-import triton.language as tl
 
-from kernels.dispatch import triton_interpreted, use_triton
-from kernels.reference import block_merge_reference
-from kernels.utils import contiguous, next_power_of_2
+from .dispatch import triton_interpreted, use_triton
+from .reference import block_merge_reference
+from .utils import contiguous, next_power_of_2, tl, triton
 
 __all__ = [
     "block_merge",

@@ -42,13 +42,10 @@ import functools
 import math
 
 import torch
-import triton
-import triton.language as tl
-from triton.language.extra import libdevice
 
-from kernels.dispatch import triton_interpreted, use_triton
-from kernels.reference import bank_update_reference_, nce_partition_reference
-from kernels.utils import contiguous, next_power_of_2
+from .dispatch import triton_interpreted, use_triton
+from .reference import bank_update_reference_, nce_partition_reference
+from .utils import contiguous, libdevice, next_power_of_2, tl, triton
 
 __all__ = ["nce_loss", "nce_partition", "bank_update_", "nce_fwd_triton", "nce_partition_triton",
            "bank_update_triton_", "nce_fwd_torch"]

@@ -4,6 +4,15 @@ from __future__ import annotations
 
 import torch
 
+try:
+    import triton
+    import triton.language as tl
+    from triton.language.extra import libdevice
+except ImportError:  # Triton ships for Linux only: elsewhere every op runs its reference
+    from . import _no_triton as triton
+
+    tl = libdevice = triton.language
+
 
 def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()

@@ -24,7 +24,7 @@ def pytest_collection_modifyitems(config, items):
     instead of failing deep inside the interpreter."""
     if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         return
-    from kernels.dispatch import interpreter_problem
+    from cmc_fast.kernels.dispatch import interpreter_problem
 
     problem = interpreter_problem()
     if problem:

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import warnings
 
+import cmc_fast.kernels.block as kb
 import pytest
 import torch
+from cmc_fast.kernels.reference import block_chunk_sizes, block_merge_reference
 
-import kernels
-import kernels.block as kb
-from kernels.reference import block_chunk_sizes, block_merge_reference
+from cmc_fast import kernels
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -300,8 +300,7 @@ def test_interpreter_problem_names_old_triton_with_new_numpy(monkeypatch):
     numpy, named in a RuntimeError from the op instead of a TypeError deep in the interpreter."""
     import numpy as np
     import triton
-
-    from kernels import dispatch
+    from cmc_fast.kernels import dispatch
 
     try:
         with warnings.catch_warnings():
@@ -391,8 +390,8 @@ def test_floor_formula():
 _HOPPER_BUILD = r"""
 import os
 os.environ.pop("TRITON_INTERPRET", None)  # code generation does not work in interpreter mode
-import kernels.block as kb
-from kernels.hopper_build import build_checked
+import cmc_fast.kernels.block as kb
+from cmc_fast.kernels.hopper_build import build_checked
 
 PTR = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 for x_dtype, w_dtype, max_size in [("fp32", "fp32", 80), ("bf16", "fp32", 80), ("fp16", "fp16", 15)]:

@@ -11,9 +11,8 @@ import sys
 
 import numpy as np
 import pytest
+from cmc_fast.data_pipeline.check import add_arguments, check_dataset, main, run, sniff
 from PIL import Image, ImageFile
-
-from data_pipeline.check import add_arguments, check_dataset, main, run, sniff
 
 
 def image_bytes(fmt: str, seed: int = 0, size: int = 48) -> bytes:
@@ -147,8 +146,9 @@ def test_add_arguments_works_as_a_subcommand(bad_images, capsys):
 
 def test_module_entry_point(bad_images):
     root, _ = bad_images
-    proc = subprocess.run([sys.executable, "-m", "data_pipeline.check", "--dataset", "nope", "--data-root", root],
-                          capture_output=True, text=True, cwd=os.path.join(os.path.dirname(__file__), ".."))
+    proc = subprocess.run([sys.executable, "-m", "cmc_fast.data_pipeline.check", "--dataset", "nope",
+                           "--data-root", root], capture_output=True, text=True,
+                          cwd=os.path.join(os.path.dirname(__file__), ".."))
     assert proc.returncode == 2 and "unknown dataset 'nope'" in proc.stderr
 
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import io
 
+import cmc_fast.kernels.block as kb
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels.block as kb
 from cmc_fast.fusion import Block, get_sizes_list
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

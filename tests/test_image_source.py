@@ -5,14 +5,13 @@ from __future__ import annotations
 import io
 import os
 
+import cmc_fast.data_pipeline.image_source as image_source_module
 import numpy as np
 import pytest
 import torch
+from cmc_fast.data_pipeline.image_source import CachedImages, ImageSource, StreamingImages, finish_batch, image_source
+from cmc_fast.data_pipeline.images import available_backends, decode_uint8, normalize
 from PIL import Image
-
-import data_pipeline.image_source as image_source_module
-from data_pipeline.image_source import CachedImages, ImageSource, StreamingImages, finish_batch, image_source
-from data_pipeline.images import available_backends, decode_uint8, normalize
 
 SIZE = (40, 32)
 FAST = available_backends()[0]

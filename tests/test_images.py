@@ -8,10 +8,8 @@ import os
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
-from data_pipeline import images
-from data_pipeline.images import (
+from cmc_fast.data_pipeline import images
+from cmc_fast.data_pipeline.images import (
     ImageBatch,
     available_backends,
     dali_available,
@@ -22,6 +20,7 @@ from data_pipeline.images import (
     resolve_backend,
     sniff,
 )
+from PIL import Image
 
 BACKENDS = available_backends()  # concrete backends here: dali (when installed), torchvision, pil
 FAST = [b for b in BACKENDS if b != "pil"]

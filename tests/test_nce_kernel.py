@@ -22,10 +22,10 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from cmc_fast.kernels import nce as nce_mod
+from cmc_fast.kernels.reference import bank_update_reference_, nce_loss_reference, nce_partition_reference
 
-import kernels
-from kernels import nce as nce_mod
-from kernels.reference import bank_update_reference_, nce_loss_reference, nce_partition_reference
+from cmc_fast import kernels
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -423,8 +423,8 @@ _HOPPER_BUILD = r"""
 import os
 os.environ.pop("TRITON_INTERPRET", None)  # code generation does not work in interpreter mode
 import torch
-import kernels.nce as kn
-from kernels.hopper_build import build_checked
+import cmc_fast.kernels.nce as kn
+from cmc_fast.kernels.hopper_build import build_checked
 
 F = "*fp32"
 FWD = {"anchor_ptr": F, "bank_ptr": F, "idx_ptr": "*i64", "z_ptr": F, "part_loss_ptr": F, "part_grad_ptr": F,

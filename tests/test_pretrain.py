@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import torch
+from cmc_fast.data_pipeline.text import VocabTokenizer, encode_texts
 
 from cmc_fast.encoders import tiny_text_encoder
 from cmc_fast.pretrain import mask_tokens, pretrain_mlm
-from data_pipeline.text import VocabTokenizer, encode_texts
 
 
 def test_mask_tokens_follows_berts_recipe():
@@ -65,9 +65,10 @@ def test_pretraining_learns_to_fill_in_masked_tokens():
 
 
 def test_trainer_pretrains_once_and_every_text_model_starts_from_it(tmp_path):
+    from tiny import tiny_config
+
     from cmc_fast.checkpoint import load_checkpoint
     from cmc_fast.trainer import Trainer
-    from tests.test_trainer import tiny_config
 
     tr = Trainer(tiny_config(tmp_path, variant="finetune-t", text_pretrain_epochs=1), tmp_path / "run")
     tr._setup()
@@ -84,8 +85,9 @@ def test_trainer_pretrains_once_and_every_text_model_starts_from_it(tmp_path):
 
 
 def test_cli_run_records_pretraining_and_resume_reuses_it(tmp_path):
+    from tiny import TINY
+
     from cmc_fast.cli import main
-    from tests.test_trainer import TINY
 
     out = tmp_path / "run"
     assert main(["train", *TINY, "--variant", "finetune-t,cmc-t", "--text-pretrain-epochs", "2", "--data-root",

@@ -93,7 +93,7 @@ def test_checkpoint_is_a_real_minilm(minilm_dir):
 
 
 def test_encode_texts_matches_tokenizer(loaded, reference):
-    from data_pipeline.text import encode_texts
+    from cmc_fast.data_pipeline.text import encode_texts
 
     _, tokenizer = loaded
     ids, mask = encode_texts(SENTENCES, tokenizer, max_len=32)
@@ -111,7 +111,7 @@ def test_encode_texts_matches_tokenizer(loaded, reference):
 
 
 def test_pooled_output_matches_reference_and_is_semantic(loaded, reference):
-    from data_pipeline.text import encode_texts
+    from cmc_fast.data_pipeline.text import encode_texts
 
     encoder, tokenizer = loaded
     assert encoder.out_dim == HIDDEN

@@ -5,11 +5,10 @@ from __future__ import annotations
 import importlib.util
 import os
 
+import cmc_fast.data_pipeline.token_cache as tc
 import pytest
 import torch
-
-import data_pipeline.token_cache as tc
-from data_pipeline.text import VocabTokenizer, encode_texts
+from cmc_fast.data_pipeline.text import VocabTokenizer, encode_texts
 
 TEXTS = ["谣言 说 某地 地震", "official statement confirmed today", "", "a much longer text " * 40]
 
@@ -96,14 +95,14 @@ def test_hugging_face_tokenizer_hits_after_use(tmp_path, counted):
 
 
 def test_cjk_characters_stand_alone_next_to_digits_and_latin():
-    from data_pipeline.text import split_tokens
+    from cmc_fast.data_pipeline.text import split_tokens
 
     assert split_tokens("2013年7月15日沈阳 Hello world, 你好abc") == [
         "2013", "年", "7", "月", "15", "日", "沈", "阳", "hello", "world", ",", "你", "好", "abc"]
 
 
 def test_head_tail_keeps_both_ends():
-    from data_pipeline.text import head_tail
+    from cmc_fast.data_pipeline.text import head_tail
 
     ids = list(range(10))
     assert head_tail(ids, 4) == [0, 1, 8, 9]

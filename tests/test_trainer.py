@@ -4,25 +4,12 @@ import json
 
 import pytest
 import torch
+from tiny import TINY, tiny_config
 
 from cmc_fast import trainer as trainer_mod
 from cmc_fast.cli import main
-from cmc_fast.config import Config, preset
+from cmc_fast.config import Config
 from cmc_fast.trainer import Trainer
-
-TINY = ["--synthetic-n", "96,40", "--epochs", "1", "--fusion-epochs", "2", "--batch-size", "16", "--nce-k", "16",
-        "--max-len", "16", "--image-size", "32,32", "--mm-dim", "32", "--chunks", "4", "--rank", "3", "--no-progress"]
-
-
-def tiny_config(tmp_path, **overrides) -> Config:
-    cfg = preset("synthetic")
-    values = dict(synthetic_train=96, synthetic_test=40, epochs=1, fusion_epochs=2, batch_size=16, nce_k=16,
-                  max_len=16, image_size=(32, 32), mm_dim=32, chunks=4, rank=3, progress=False,
-                  data_root=str(tmp_path / "data"))
-    values.update(overrides)
-    for k, v in values.items():
-        setattr(cfg, k, v)
-    return cfg.validate()
 
 
 def test_cli_end_to_end_writes_a_complete_run_directory(tmp_path, capsys):

@@ -3,11 +3,11 @@ the layout it expects and what it does with bad input (``skipped`` with ``file:l
 
 from __future__ import annotations
 
-from data_pipeline.readers.common import DatasetWarning, drop_posts_without_images, has_local_image, parse_label
-from data_pipeline.readers.fakenewsnet import read_fakenewsnet
-from data_pipeline.readers.manifest import read_manifest
-from data_pipeline.readers.spotfake import read_spotfake
-from data_pipeline.readers.weibo import read_weibo
+from .common import DatasetWarning, drop_posts_without_images, has_local_image, parse_label
+from .fakenewsnet import read_fakenewsnet
+from .manifest import read_manifest
+from .spotfake import read_spotfake
+from .weibo import read_weibo
 
 __all__ = ["DatasetWarning", "drop_posts_without_images", "has_local_image", "parse_label", "read_fakenewsnet",
            "read_manifest", "read_spotfake", "read_weibo"]

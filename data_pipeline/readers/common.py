@@ -19,7 +19,7 @@ import re
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 
-from data_pipeline.records import FAKE, REAL, DatasetSplits, Record, Skipped
+from ..records import FAKE, REAL, DatasetSplits, Record, Skipped
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp")
 

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import os
 
-from data_pipeline.readers.common import (
+from ..records import FAKE, REAL, DatasetSplits, Record, Skipped
+from .common import (
     load_json_object,
     natural_key,
     require_dir,
@@ -29,7 +30,6 @@ from data_pipeline.readers.common import (
     warn,
     where,
 )
-from data_pipeline.records import FAKE, REAL, DatasetSplits, Record, Skipped
 
 FOLDERS = (("FakeNewsContent", FAKE), ("RealNewsContent", REAL))
 LAYOUT = "FakeNewsNet 2018 JSON: FakeNewsContent/*.json and RealNewsContent/*.json (or <Subset>/ holding them)"

@@ -20,7 +20,8 @@ from __future__ import annotations
 import json
 import os
 
-from data_pipeline.readers.common import (
+from ..records import DatasetSplits, Record, Skipped
+from .common import (
     label_reason,
     parse_label,
     read_lines,
@@ -29,8 +30,7 @@ from data_pipeline.readers.common import (
     warn,
     where,
 )
-from data_pipeline.readers.spotfake import read_csv
-from data_pipeline.records import DatasetSplits, Record, Skipped
+from .spotfake import read_csv
 
 LAYOUT = ("a manifest file (.jsonl or .csv with text, image, label and optional id, split), or a directory "
           "holding manifest.jsonl or manifest.csv")

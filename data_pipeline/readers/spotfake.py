@@ -33,7 +33,8 @@ import csv
 import os
 import sys
 
-from data_pipeline.readers.common import (
+from ..records import FAKE, REAL, DatasetSplits, Record, Skipped
+from .common import (
     IMAGE_EXTENSIONS,
     image_files_in,
     label_reason,
@@ -47,7 +48,6 @@ from data_pipeline.readers.common import (
     warn,
     where,
 )
-from data_pipeline.records import FAKE, REAL, DatasetSplits, Record, Skipped
 
 TEXT_COLS = ("content", "text", "clean_text", "news_text", "body", "article", "post_text", "tweet_text", "statement")
 TITLE_COLS = ("title", "headline")

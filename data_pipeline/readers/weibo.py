@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import os
 
-from data_pipeline.readers.common import read_lines, require_dir, utf8_error, warn, where
-from data_pipeline.records import FAKE, REAL, DatasetSplits, Record, Skipped
+from ..records import FAKE, REAL, DatasetSplits, Record, Skipped
+from .common import read_lines, require_dir, utf8_error, warn, where
 
 N_FIELDS = 15
 FILES = (("train", "rumor", FAKE), ("train", "nonrumor", REAL), ("test", "rumor", FAKE), ("test", "nonrumor", REAL))

@@ -1,0 +1,19 @@
+"""The tiny synthetic run every trainer test starts from (CLI flags and the same as a Config). Imported as
+``from tiny import ...``: pytest puts ``tests/`` on sys.path (no ``__init__.py`` here), under ``pytest`` and
+``python -m pytest`` alike."""
+
+from cmc_fast.config import Config, preset
+
+TINY = ["--synthetic-n", "96,40", "--epochs", "1", "--fusion-epochs", "2", "--batch-size", "16", "--nce-k", "16",
+        "--max-len", "16", "--image-size", "32,32", "--mm-dim", "32", "--chunks", "4", "--rank", "3", "--no-progress"]
+
+
+def tiny_config(tmp_path, **overrides) -> Config:
+    cfg = preset("synthetic")
+    values = dict(synthetic_train=96, synthetic_test=40, epochs=1, fusion_epochs=2, batch_size=16, nce_k=16,
+                  max_len=16, image_size=(32, 32), mm_dim=32, chunks=4, rank=3, progress=False,
+                  data_root=str(tmp_path / "data"))
+    values.update(overrides)
+    for k, v in values.items():
+        setattr(cfg, k, v)
+    return cfg.validate()
