@@ -262,20 +262,40 @@ def _kernels_mode(ctx: Ctx) -> str:
     return "reference" if ctx.dry_run else "triton"
 
 
+_BENCH: dict[str, object] = {}
+
+
+def _load_path(name: str, path: Path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def _bench_module(name: str):
-    """bench/<name>.py, for its shapes, providers and floors (one definition of each). bench/conftest.py sets
-    TRITON_INTERPRET on a CPU when imported: the environment is restored around the import."""
-    bench = str(ROOT / "bench")
-    if bench not in sys.path:
-        sys.path.insert(0, bench)
-    before = os.environ.get("TRITON_INTERPRET")
-    try:
-        return __import__(name)
-    finally:
-        if before is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = before
+    """bench/<name>.py, for its shapes, providers and floors (one definition of each). The bench modules import
+    ``conftest`` (bench/conftest.py), which under pytest is tests/conftest.py: bench's is put in place for the
+    import only. It sets TRITON_INTERPRET on a CPU when imported: the environment is restored too."""
+    if name not in _BENCH:
+        saved, interpret = sys.modules.get("conftest"), os.environ.get("TRITON_INTERPRET")
+        try:
+            if "conftest" not in _BENCH:
+                _BENCH["conftest"] = _load_path("bench_conftest", ROOT / "bench" / "conftest.py")
+            sys.modules["conftest"] = _BENCH["conftest"]
+            _BENCH[name] = _load_path(name, ROOT / "bench" / f"{name}.py")
+        finally:
+            if saved is None:
+                sys.modules.pop("conftest", None)
+            else:
+                sys.modules["conftest"] = saved
+            if interpret is None:
+                os.environ.pop("TRITON_INTERPRET", None)
+            else:
+                os.environ["TRITON_INTERPRET"] = interpret
+    return _BENCH[name]
 
 
 # =============================================================================================== timing
@@ -317,7 +337,17 @@ def first_call_s(ctx: Ctx, fn: Callable[[], object]) -> float:
 
 
 def peak_bytes(ctx: Ctx, fn: Callable[[], object]) -> int | None:
-    return _bench_module("conftest").peak_memory(fn, ctx.device)
+    """Peak device memory of one call beyond what was allocated before it; None on the CPU (not measured)."""
+    import torch
+
+    if ctx.device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
 
 
 def rel_err(out, ref) -> float:
@@ -1084,7 +1114,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """0 when every section ran, 1 when one failed a check or raised, 143 after a SIGTERM (all written)."""
+    """0 when every section ran, 1 when a check failed or a section raised, 3 when a section was stopped or skipped
+    for time, 143 after a SIGTERM (everything finished is written in every case)."""
     args = parse_args(argv)
     t0 = time.monotonic()
     device = _setup_device(args.dry_run)
@@ -1105,7 +1136,9 @@ def main(argv: list[str] | None = None) -> int:
         results.close()
     lines = read_lines(results.path)
     print(results.summary_path.read_text()[-6000:], flush=True)  # the device tool returns the output's end
-    return 1 if any(x["status"] in ("fail", "error") for x in lines) else 0
+    if any(x["status"] in ("fail", "error") for x in lines):
+        return 1
+    return 3 if any(x["kind"] == "section" and x["status"] in ("stopped", "skipped") for x in lines) else 0
 
 
 if __name__ == "__main__":

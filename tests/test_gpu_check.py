@@ -1,0 +1,230 @@
+"""scripts/gpu_check.py's dry run on the CPU: the JSONL schema, the summary, stops in the middle of a section (SIGTERM
+and an exhausted budget) that keep every finished line, the autotune adapter, and scripts/gpu_results.py."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import sys
+import threading
+import time
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+gc = _load("gpu_check")
+gr = _load("gpu_results")
+COMMON = {"schema": int, "section": str, "name": str, "status": str, "kind": str, "elapsed_s": float, "dry_run": bool}
+
+
+def strict_lines(path: Path) -> list[dict]:
+    """Every line must parse (no tolerance here: a stop must never leave a cut line)."""
+    return [json.loads(raw) for raw in path.read_text().splitlines()]
+
+
+def check_schema(lines: list[dict]) -> None:
+    for line in lines:
+        for key, kind in COMMON.items():
+            assert isinstance(line[key], kind) or (kind is float and isinstance(line[key], int)), (key, line)
+        assert line["schema"] == gc.SCHEMA and line["status"] in gc.STATUSES and line["dry_run"] is True
+        if line["kind"] == "bench" and line["status"] == "ok":
+            assert all(k in line for k in gr._ROW_KEYS), line
+            assert line["median_s"] > 0 and line["rounds"] >= 1
+        if line["kind"] == "section":
+            assert line["section"] in gc.EXPECTED_S and line["seconds"] >= 0
+    elapsed = [x["elapsed_s"] for x in lines]
+    assert elapsed == sorted(elapsed)
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("gpu-check")
+    assert gc.main(["--dry-run", "--out", str(out)]) == 0
+    return out
+
+
+def test_dry_run_schema_and_summary(dry_run):
+    lines = strict_lines(dry_run / gc.JSONL)
+    check_schema(lines)
+    assert lines[0]["kind"] == "env" and lines[0]["device"] == "cpu (dry run)"
+    sections = [x for x in lines if x["kind"] == "section"]
+    assert [x["section"] for x in sections] == [name for name, _ in gc.SECTIONS]
+    assert all(x["status"] == "ok" for x in sections), sections
+    assert not [x for x in lines if x["status"] in ("fail", "error")]
+    checks = [x for x in lines if x["section"] == "correctness" and x["kind"] == "result"]
+    assert len(checks) >= 12 and all(x["worst_rel_err"] <= x["allowed"] for x in checks)
+    ops = {x["name"].split()[0] for x in checks}
+    assert ops == {"nce_loss", "nce_partition", "bank_update_", "block_merge"}
+    timed = {x["section"] for x in lines if x["kind"] == "bench"}
+    assert timed == {"timings", "compiled", "train", "images"}
+    summary = (dry_run / gc.SUMMARY).read_text()
+    assert summary.startswith("# GPU check: cpu (dry run) (DRY RUN")
+    for name, _ in gc.SECTIONS[1:]:
+        assert f"## {name}" in summary
+    assert "| dali mixed (nvJPEG) | owed |" in summary  # never a DALI row without DALI proven on a GPU
+    assert summary == gc.summary_markdown(gc.read_lines(dry_run / gc.JSONL))
+
+
+def _slow_section(stop: str):
+    """A section that writes one result, then (for ``sigterm``) has a SIGTERM sent to this process, and waits."""
+    def section(ctx):
+        ctx.emit("timings", "first result", "ok", value=1.5)
+        if stop == "sigterm":
+            threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        time.sleep(30)
+        ctx.emit("timings", "never reached", "ok")
+
+    return section
+
+
+@pytest.mark.parametrize("stop", ["sigterm", "budget"])
+def test_stop_mid_section_keeps_every_finished_line(tmp_path, monkeypatch, stop):
+    sections = dict(gc.SECTIONS)
+    sections["timings"] = _slow_section(stop)
+    monkeypatch.setattr(gc, "SECTIONS", list(sections.items()))
+    budget = "60" if stop == "sigterm" else "1.5"
+    before = signal.getsignal(signal.SIGTERM)
+    t = time.monotonic()
+    rc = gc.main(["--dry-run", "--out", str(tmp_path), "--budget-s", budget, "--sections", "env,timings,compiled"])
+    assert time.monotonic() - t < 10 and signal.getsignal(signal.SIGTERM) == before  # handlers restored
+
+    lines = strict_lines(tmp_path / gc.JSONL)
+    check_schema(lines)
+    names = [(x["section"], x["name"], x["status"]) for x in lines]
+    assert ("timings", "first result", "ok") in names and ("timings", "never reached", "ok") not in names
+    stopped = next(x for x in lines if x["section"] == "timings" and x["kind"] == "section")
+    assert stopped["status"] == "stopped"
+    summary = (tmp_path / gc.SUMMARY).read_text()
+    assert "| timings | stopped |" in summary and "| first result | ok |" in summary
+    if stop == "sigterm":
+        assert rc == 143 and "SIGTERM" in stopped["note"]
+        assert not [x for x in lines if x["section"] == "compiled"]  # nothing runs after a SIGTERM
+    else:
+        assert rc == 3 and "over time" in stopped["note"]
+        skipped = next(x for x in lines if x["section"] == "compiled")
+        assert skipped["status"] == "skipped" and "budget" in skipped["note"]
+        assert "| compiled | skipped |" in summary
+
+
+def test_cut_last_line_is_left_out(tmp_path):
+    path = tmp_path / gc.JSONL
+    good = {"schema": 1, "section": "env", "name": "environment", "status": "info", "kind": "env",
+            "elapsed_s": 0.1, "dry_run": False, "device": "NVIDIA H200"}
+    path.write_text(json.dumps(good) + "\n" + json.dumps(good)[:25])
+    assert gc.read_lines(path) == [good]
+    assert gc.summary_markdown(gc.read_lines(path)).startswith("# GPU check: NVIDIA H200\n")
+
+
+def test_bad_arguments(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("OUT", raising=False)
+    for argv, says in ((["--dry-run"], "--out"), (["--out", "x", "--budget-s", "0"], "--budget-s"),
+                       (["--out", "x", "--sections", "env,nonsense"], "nonsense")):
+        with pytest.raises(SystemExit):
+            gc.parse_args(argv)
+        assert says in capsys.readouterr().err
+    monkeypatch.setenv("OUT", str(tmp_path))
+    assert gc.parse_args([]).out == str(tmp_path)  # $OUT by default
+    results = gc.Results(tmp_path, True, time.monotonic())
+    with pytest.raises(ValueError, match="status 'great'"):
+        results.emit("env", "x", "great")
+    results.close()
+
+
+# ------------------------------------------------------------------------------------- the autotune adapter
+try:
+    import triton
+    import triton.language as tl
+    from triton.runtime.autotuner import Autotuner  # noqa: F401
+except ImportError:  # pragma: no cover - Triton ships for Linux only
+    triton = None
+
+if triton is not None:
+    def _small_tiles(configs, named_args, **kwargs):
+        """Keeps the configs whose BLOCK is at most the row length, as a register prune would."""
+        return [c for c in configs if c.kwargs["BLOCK"] <= named_args["n"]]
+
+    @triton.autotune(configs=[triton.Config({"BLOCK": b}, num_warps=w) for b, w in [(16, 1), (32, 2), (64, 4)]],
+                     key=["n"], prune_configs_by={"early_config_prune": _small_tiles})
+    @triton.jit
+    def _scale_kernel(x_ptr, out_ptr, used_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        for start in range(0, n, BLOCK):
+            mask = start + offs < n
+            tl.store(out_ptr + start + offs, 2.0 * tl.load(x_ptr + start + offs, mask=mask), mask=mask)
+        tl.store(used_ptr, BLOCK)
+
+    def _scale(x):
+        out, used = torch.empty_like(x), torch.zeros(1, dtype=torch.int32)
+        _scale_kernel[(1,)](x, out, used, x.numel())
+        return out, int(used)
+
+
+@pytest.mark.skipif(triton is None, reason="needs Triton")
+def test_adapter_finds_prunes_and_restricts_autotuners():
+    module = types.ModuleType("fake_ops")
+    module._scale_kernel, module.not_a_kernel = _scale_kernel, 3
+    assert gc.autotuned_kernels([module]) == [("fake_ops._scale_kernel", _scale_kernel)]
+    x = torch.randn(40)
+    configs = _scale_kernel.configs
+
+    kept = gc.kept_configs(_scale_kernel, lambda: _scale(x))
+    assert [c.kwargs["BLOCK"] for c in kept] == [16, 32]  # the prune ran on the launch's own arguments
+    assert "run" not in vars(_scale_kernel) and _scale_kernel.configs is configs
+    for config in kept:
+        with gc.only_config(_scale_kernel, config):
+            out, used = _scale(x)
+        assert used == config.kwargs["BLOCK"] and torch.equal(out, 2 * x)  # that config ran, and ran right
+    assert _scale_kernel.configs is configs
+    assert gc.kept_configs(_scale_kernel, lambda: torch.ones(1)) is None  # a call that launches no autotuner
+    assert "BLOCK=16, num_warps=1" in gc.describe_config(kept[0])
+
+
+@pytest.mark.skipif(triton is None, reason="needs Triton")
+def test_adapter_scans_the_real_op_modules():
+    from cmc_fast.kernels import block, nce
+
+    for label, tuner in gc.autotuned_kernels([nce, block]):
+        assert label.split(".")[0] in ("nce", "block") and hasattr(tuner, "configs") and tuner.configs
+
+
+# ---------------------------------------------------------------------------------------------- the reader
+def test_reader_writes_bench_tables(dry_run, tmp_path):
+    jsonl = dry_run / gc.JSONL
+    with pytest.raises(SystemExit, match="dry-run"):
+        gr.convert(jsonl, tmp_path)
+    slug = gr.slug("cpu (dry run)")
+    old = {"group": "kept group", "provider": "x", "mean_s": 1.0, "median_s": 1.0, "min_s": 1.0, "rounds": 1,
+           "floor_s": None, "measured_over_floor": None, "date": "2026-11-01"}
+    lines = gc.read_lines(jsonl)
+    bench = [x for x in lines if x["kind"] == "bench" and x["status"] == "ok"]
+    stale = dict(old, group=bench[0]["group"], provider=bench[0]["provider"], median_s=99.0)
+    (tmp_path / f"{slug}.json").write_text(json.dumps({"device": "cpu (dry run)", "rows": [old, stale]}))
+
+    paths = gr.convert(jsonl, tmp_path, allow_dry_run=True)
+
+    assert [p.name for p in paths] == [f"{slug}.json", f"{slug}.md", f"{slug}-gpu-check.md"]
+    payload = json.loads(paths[0].read_text())
+    assert payload["device"] == "cpu (dry run)" and payload["torch"] == torch.__version__
+    rows = payload["rows"]
+    assert rows[0] == old and len(rows) == 1 + len(bench)  # the stale row of the same group/provider is replaced
+    assert {r["median_s"] for r in rows[1:]} == {x["median_s"] for x in bench}
+    assert all(r["date"] == lines[0]["date"] for r in rows[1:])
+    table = paths[1].read_text()
+    assert table.startswith("# Benchmarks on cpu (dry run)") and "| provider | median ms |" in table
+    assert f"## {bench[0]['group']}" in table and "## kept group" in table
+    assert paths[2].read_text() == gc.summary_markdown(lines)
