@@ -686,13 +686,17 @@ def nce_cases(ctx: Ctx) -> list[tuple]:
 
 
 def section_timings(ctx: Ctx) -> None:
-    """NCE then BLOCK, each case: the kernel op (first call apart), then the eager and bmm rivals."""
-    for case in nce_cases(ctx):
-        for provider in ("kernel", "eager", "bmm"):
-            _time_nce(ctx, provider, *case)
-    for case in block_cases(ctx):
-        for provider in ("triton", "loop", "bmm"):
-            _time_block(ctx, provider, *case)
+    """NCE and BLOCK cases taken in turn, the largest first (a stop at the cap leaves both ops measured), each: the
+    kernel op (its first call, autotune + compile, apart), then the eager and bmm rivals."""
+    nce = sorted(nce_cases(ctx), key=lambda c: -c[2])  # K = 16384 first
+    block = block_cases(ctx)
+    for i in range(max(len(nce), len(block))):
+        for case in nce[i:i + 1]:
+            for provider in ("kernel", "eager", "bmm"):
+                _time_nce(ctx, provider, *case)
+        for case in block[i:i + 1]:
+            for provider in ("triton", "loop", "bmm"):
+                _time_block(ctx, provider, *case)
 
 
 def _nce_provider(ctx: Ctx, provider: str):
