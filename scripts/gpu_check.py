@@ -486,19 +486,20 @@ def section_bandwidth(ctx: Ctx) -> None:
 @dataclass
 class Check:
     """One op at one shape: ``run()`` gives its outputs on the device, ``ref`` the float64 ones, ``tol`` the
-    relative error accepted for each output. With ``low_precision`` (bf16 inputs: the float64 truth is far away
-    for any bf16 computation) an output also passes within ``FACTOR`` times the error of the PyTorch reference
-    run in the same dtype on the same device, as tests/test_block_kernel.py judges it."""
+    relative error (Frobenius) accepted for each output. With ``ref_factor`` an output also passes within that
+    factor times the error of the PyTorch reference run in the same dtype on the same device, never beyond
+    HARD_CAP, as tests/test_block_kernel.py judges BLOCK: gradients through the signed sqrt scale like 1/sqrt|z|,
+    and random data always hold a few near-zero z that no float32 (let alone bf16) computation gets right to 1e-4."""
 
     op: str
     run: Callable[[], list]
     ref: list
     tol: tuple[float, ...]
     names: tuple[str, ...]
-    low_precision: bool = False
+    ref_factor: float | None = None
 
 
-FACTOR = 2.0
+HARD_CAP = 0.2  # a wrong formula is off by O(1)
 
 
 def _gen(seed: int | None = None):
@@ -604,7 +605,7 @@ def block_check(ctx: Ctx, batch: int, sizes: list[int], rank: int, x_dtype, w_dt
     op = (f"block_merge B={batch} chunks={len(sizes)} max={max(sizes)} rank={rank} x={str(x_dtype)[6:]} "
           f"w={str(w_dtype)[6:]} {precision}")
     return Check(op, run, [out64.detach(), *grads64], (out_tol,) + (grad_tol,) * 6,
-                 ("out", "dx0", "dx1", "dw0", "db0", "dw1", "db1"), low_precision=x_dtype != torch.float32)
+                 ("out", "dx0", "dx1", "dw0", "db0", "dw1", "db1"), ref_factor=4.0 if x_dtype == torch.float32 else 2.0)
 
 
 @contextlib.contextmanager
@@ -662,10 +663,10 @@ def _run_check(ctx: Ctx, check: Check, label: str, mode: str) -> None:
     errs = [rel_err(o, r) for o, r in zip(outs, check.ref, strict=True)]
     allowed = list(check.tol)
     ref_errs = None
-    if check.low_precision:
+    if check.ref_factor:
         with kernel_mode("reference"):
             ref_errs = [rel_err(o, r) for o, r in zip(check.run(), check.ref, strict=True)]
-        allowed = [max(tol, FACTOR * r) for tol, r in zip(check.tol, ref_errs, strict=True)]
+        allowed = [min(max(tol, check.ref_factor * r), HARD_CAP) for tol, r in zip(check.tol, ref_errs, strict=True)]
     ok = all(e <= a for e, a in zip(errs, allowed, strict=True))
     worst = max(range(len(errs)), key=lambda i: errs[i] / allowed[i])
     ctx.emit("correctness", check.op, "ok" if ok else "fail", config=label, kernels=mode,
