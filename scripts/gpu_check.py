@@ -372,31 +372,36 @@ def autotuned_kernels(modules) -> list[tuple[str, object]]:
             if isinstance(v, Autotuner)]
 
 
-class _Captured(BaseException):
-    pass
+def _pruned(tuner, args: tuple, kwargs: dict) -> list:
+    """``tuner``'s own prune (early prune and perf model) for a launch with these arguments."""
+    tuner.nargs = dict(zip(tuner.arg_names, args))
+    try:
+        return list(tuner.prune_configs(kwargs))
+    except TypeError:  # Triton releases whose prune_configs takes the named arguments too
+        return list(tuner.prune_configs(kwargs, tuner.nargs))
 
 
-def kept_configs(tuner, call: Callable[[], object]) -> list | None:
-    """The configs ``tuner``'s own prune keeps for the launch ``call`` makes (its early prune and perf model, on the
-    launch's real arguments), without compiling or timing any; None when ``call`` does not launch ``tuner``."""
-    kept: list = []
+def kept_configs(tuners: list[tuple[str, object]], call: Callable[[], object]) -> dict[str, list]:
+    """{label: configs its prune keeps} for each autotuner ``call`` launches. ``call`` runs once, each launch of an
+    autotuner with the first config it keeps (so nothing is timed, and every later launch in the op is seen)."""
+    kept: dict[str, list] = {}
 
-    def capture(*args, **kwargs):
-        tuner.nargs = dict(zip(tuner.arg_names, args))
-        try:
-            kept.extend(tuner.prune_configs(kwargs))
-        except TypeError:  # Triton releases whose prune_configs takes the named arguments too
-            kept.extend(tuner.prune_configs(kwargs, tuner.nargs))
-        raise _Captured
+    def recorder(label, tuner):
+        def run(*args, **kwargs):
+            configs = kept.setdefault(label, _pruned(tuner, args, kwargs))
+            with only_config(tuner, configs[0]):
+                return type(tuner).run(tuner, *args, **kwargs)
 
-    tuner.run = capture  # an instance attribute shadows Autotuner.run for this object only
+        return run
+
+    for label, tuner in tuners:
+        tuner.run = recorder(label, tuner)  # an instance attribute shadows Autotuner.run for this object only
     try:
         call()
-    except _Captured:
-        return kept
     finally:
-        del tuner.run
-    return None
+        for _, tuner in tuners:
+            vars(tuner).pop("run", None)
+    return kept
 
 
 @contextlib.contextmanager
@@ -418,19 +423,21 @@ def describe_config(config) -> str:
 
 
 def for_each_config(ctx: Ctx, call: Callable[[], object]) -> Iterator[str]:
-    """Yields once per configuration ``call`` can run with, the op restricted to it meanwhile: once per config
-    kept by the prune of each autotuner it launches, or once ("untuned") when it launches none."""
+    """Yields once per configuration ``call`` can run with, the op restricted to it meanwhile: once per config kept
+    by the prune of each autotuner it launches (the others autotune as usual), or once when it launches none."""
     from cmc_fast.kernels import block, nce
 
-    found = False
-    for label, tuner in autotuned_kernels([nce, block]):
-        kept = kept_configs(tuner, call) if ctx.device.type == "cuda" else None
-        for config in kept or []:
-            found = True
-            with only_config(tuner, config):
+    if ctx.device.type != "cuda":  # the interpreter runs no autotuner, the dry run's references none
+        yield "reference (dry run)" if ctx.dry_run else "untuned"
+        return
+    tuners = dict(autotuned_kernels([nce, block]))
+    kept = kept_configs(list(tuners.items()), call)
+    if not kept:
+        yield "untuned"
+    for label, configs in kept.items():
+        for config in configs:
+            with only_config(tuners[label], config):
                 yield f"{label}: {describe_config(config)}"
-    if not found:
-        yield "untuned" if ctx.device.type == "cuda" else "reference (dry run)"
 
 
 # ================================================================================================ sections
@@ -637,8 +644,10 @@ def correctness_checks(ctx: Ctx) -> Iterator[tuple[Check, bool]]:
     yield bank_update_check(ctx, 1000 if not small else 64, 128, 32, fp32), False
     yield bank_update_check(ctx, 1000 if not small else 64, 128, 32, bf16), False
     sizes = [80, 80, 96] if not small else [16, 24]
-    for x_dtype, w_dtype, precision in ((fp32, fp32, "ieee"), (fp32, fp32, "tf32"), (bf16, bf16, "bf16"),
-                                        (bf16, fp32, "amp")):
+    modes = [(fp32, fp32, "ieee"), (fp32, fp32, "tf32"), (bf16, bf16, "bf16"), (bf16, fp32, "amp")]
+    # bf16 BLOCK on CUDA only, as in tests/test_block_kernel.py: the CPU's bf16 reference rounds every product and
+    # rank sum to bf16 (errors of 0.1-0.5 against float64), nothing a check could be judged by
+    for x_dtype, w_dtype, precision in modes[:2] if small else modes:
         yield block_check(ctx, 24, sizes, 5 if not small else 3, x_dtype, w_dtype, precision), True
 
 
