@@ -38,7 +38,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -974,16 +973,16 @@ def weibo_jpegs(ctx: Ctx) -> list[str]:
             return paths[:16] if ctx.dry_run else paths
     if not ctx.dry_run:
         return []
+    import torch
     from PIL import Image
 
-    tmp = Path(tempfile.mkdtemp(prefix="gpu-check-jpegs-"))
+    folder = ctx.results.path.parent / "dry-run-jpegs"  # beside the results: nothing left elsewhere
+    folder.mkdir(exist_ok=True)
     g = _gen(2)
     for i in range(8):
-        import torch
-
         pixels = torch.randint(0, 256, (48 + 8 * i, 64, 3), generator=g, dtype=torch.uint8).numpy()
-        Image.fromarray(pixels).save(tmp / f"{i}.jpg", quality=90)
-    return sorted(str(p) for p in tmp.iterdir())
+        Image.fromarray(pixels).save(folder / f"{i}.jpg", quality=90)
+    return sorted(str(p) for p in folder.iterdir())
 
 
 def section_images(ctx: Ctx) -> None:
