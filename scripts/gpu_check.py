@@ -158,14 +158,19 @@ class Results:
 
 
 def _plain(v):
-    """JSON-safe: floats rounded to 6 significant digits, NaN/inf as strings, tuples as lists."""
+    """JSON-safe: floats rounded to 6 significant digits, NaN/inf as strings, tuples as lists, numpy/torch scalars
+    as Python numbers, anything else unknown as its str()."""
+    if getattr(v, "ndim", None) == 0 and hasattr(v, "item"):  # numpy and torch scalars
+        v = v.item()
+    if v is None or isinstance(v, (bool, int, str)):
+        return v
     if isinstance(v, float):
         return float(f"{v:.6g}") if math.isfinite(v) else str(v)
     if isinstance(v, (list, tuple)):
         return [_plain(x) for x in v]
     if isinstance(v, dict):
         return {str(k): _plain(x) for k, x in v.items()}
-    return v
+    return str(v)
 
 
 def _brief(fields: dict) -> str:

@@ -246,3 +246,16 @@ def test_reader_writes_bench_tables(dry_run, tmp_path):
     assert table.startswith("# Benchmarks on cpu (dry run)") and "| provider | median ms |" in table
     assert f"## {bench[0]['group']}" in table and "## kept group" in table
     assert paths[2].read_text() == gc.summary_markdown(lines)
+
+
+def test_lines_are_plain_json(tmp_path):
+    """numpy/torch scalars, NaN/inf and unknown objects never break a line (json.dumps with allow_nan=False)."""
+    import numpy as np
+
+    results = gc.Results(tmp_path, True, time.monotonic())
+    results.emit("env", "x", "info", a=np.float64(1.25), b=torch.tensor(3), c=float("nan"), d=(1, float("inf")),
+                 e=torch.device("cpu"), f={"g": np.int64(2)})
+    results.close()
+    (line,) = strict_lines(tmp_path / gc.JSONL)
+    assert (line["a"], line["b"], line["c"], line["d"], line["e"], line["f"]) == (1.25, 3, "nan", [1, "inf"], "cpu",
+                                                                                {"g": 2})
