@@ -1005,6 +1005,8 @@ def section_images(ctx: Ctx) -> None:
     if reason:
         ctx.emit("images", "dali mixed (nvJPEG)", "owed", note=reason, driver=ctx.facts.get("driver"))
         return
+    ctx.emit("images", "dali proof: one image through a mixed pipeline", "ok", driver=ctx.facts.get("driver"),
+             dali=_version("nvidia.dali"))
     _time_images(ctx, "dali mixed (nvJPEG)", _decode_pass(ctx, paths, "dali"), len(paths))
 
 
