@@ -483,3 +483,46 @@ def bank_update_(bank: torch.Tensor, index: torch.Tensor, feats: torch.Tensor, m
     if index.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"index must be int64 (or int32), got {index.dtype}")
     _bank_update_op(bank, index, feats.detach(), float(momentum))
+
+
+# ======================================================================================= static report
+_TRITON_DTYPE = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}
+
+
+def hopper_specs(shape: tuple[int, ...], bank_dtype: str = "fp32") -> list:
+    """The specialisations one ``nce_loss`` forward+backward at shape (B, d, K, N) runs on an H100/H200 (132 SMs)
+    with a contiguous bank of ``bank_dtype`` and fp32 anchors: each config the autotune prune keeps (its ``path``)
+    with the finalize kernel it launches after. For ``kernels.hopper_build report``."""
+    from .hopper_build import HOPPER_SMS, Spec  # lazily: hopper_build imports Triton's compiler
+
+    if len(shape) != 4:
+        raise ValueError(f"nce shape is B,D,K,N, got {shape}")
+    if bank_dtype not in _TRITON_DTYPE:
+        raise ValueError(f"bank_dtype must be one of {sorted(_TRITON_DTYPE)}, got {bank_dtype!r}")
+    b, d, k, n = shape
+    k1 = k + 1
+    block_d = next_power_of_2(d)
+    target = 4 * HOPPER_SMS
+    splits = max(1, min(_cdiv(target, max(b, 1)), _cdiv(k1, 16)))
+    chunk = _cdiv(_cdiv(k1, splits), _CHUNK_ALIGN) * _CHUNK_ALIGN
+    n_split = _cdiv(k1, chunk)
+    f32, bank_t = "*fp32", "*" + _TRITON_DTYPE[bank_dtype]
+    types = {"anchor_ptr": f32, "bank_ptr": bank_t, "idx_ptr": "*i64", "z_ptr": f32, "part_loss_ptr": f32,
+             "part_grad_ptr": f32, "inv_tau": "fp32", "log_c": "fp32", "log_eps": "fp32", "log_noise": "fp32"}
+    ints = {"K1": k1, "D": d, "stride_bn": d, "chunk": chunk}
+    divisible = ("anchor_ptr", "bank_ptr", "idx_ptr", "z_ptr", "part_loss_ptr", "part_grad_ptr") + tuple(
+        name for name, v in ints.items() if v % 16 == 0)
+    named = {"D": d, "stride_bn": d, "stride_bd": 1}
+    specs = []
+    for cfg in _spill_free_configs(_FWD_CONFIGS, named, BLOCK_D=block_d):
+        path = f"BLOCK_K={cfg.kwargs['BLOCK_K']} warps={cfg.num_warps}"
+        consts = {"COMPUTE_GRAD": True, "LIBDEVICE": True, "BLOCK_D": block_d, "stride_bd": 1, **cfg.kwargs}
+        specs.append(Spec(_nce_fwd_kernel, types, consts, cfg.num_warps, divisible, path, b * n_split,
+                          cfg.kwargs["BLOCK_K"]))
+    fin_types = {"part_loss_ptr": f32, "part_grad_ptr": f32, "loss_ptr": f32, "grad_ptr": f32,
+                 "loss_scale": "fp32", "grad_scale": "fp32"}
+    fin_consts = {"COMPUTE_GRAD": True, "BLOCK_S": min(next_power_of_2(n_split), max(1, _TILE // block_d)),
+                  "BLOCK_D": block_d, "BLOCK_P": min(next_power_of_2(b * n_split), 1024)}
+    specs.append(Spec(_nce_finalize_kernel, fin_types, fin_consts, 4, ("part_loss_ptr", "part_grad_ptr", "loss_ptr",
+                      "grad_ptr"), "every path", b))
+    return specs
