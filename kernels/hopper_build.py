@@ -61,7 +61,7 @@ MIX_CLASSES = {
     "loads": ("LDG", "LD", "LDS", "LDSM", "LDGSTS", "UTMALDG", "LDGDEPBAR"),
     "stores": ("STG", "ST", "STS", "RED", "ATOM", "ATOMG", "ATOMS"),
     "shuffles": ("SHFL",),
-    "barriers": ("BAR", "BSYNC", "WARPSYNC", "SYNCS", "MEMBAR", "DEPBAR"),
+    "barriers": ("BAR", "SYNCS", "MEMBAR", "DEPBAR"),  # block-level; BSSY/BSYNC (warp reconvergence) are "other"
     "mufu": ("MUFU",),
     "fp32": ("FADD", "FMUL", "FFMA", "FMNMX", "FSETP", "FSET", "FSEL", "FCHK", "FRND", "FSWZADD"),
     "tensor": ("HMMA", "HGMMA", "IMMA", "IGMMA", "QGMMA", "BGMMA", "WGMMA"),

@@ -427,22 +427,16 @@ import cmc_fast.kernels.nce as kn
 from cmc_fast.kernels.hopper_build import build_checked
 
 F = "*fp32"
-FWD = {"anchor_ptr": F, "bank_ptr": F, "idx_ptr": "*i64", "z_ptr": F, "part_loss_ptr": F, "part_grad_ptr": F,
-       "inv_tau": "fp32", "log_c": "fp32", "log_eps": "fp32", "log_noise": "fp32"}
-POINTERS = ("anchor_ptr", "bank_ptr", "idx_ptr", "z_ptr", "part_loss_ptr", "part_grad_ptr")
-# As the JIT specialises a launch on a contiguous [N, d] bank: stride_bd == 1 is a constant, every pointer and the
-# chunk (a multiple of 128) divisible by 16, and d and the row stride too when d % 16 == 0.
-for d in (128, 120, 256, 250):  # every config autotune keeps, fp32 with the gradient: the most registers
-    block_d = 1 << (d - 1).bit_length()
-    divisible = POINTERS + ("chunk",) + (("D", "stride_bn") if d % 16 == 0 else ())
-    for cfg in kn._spill_free_configs(kn._FWD_CONFIGS, {"D": d, "stride_bn": d, "stride_bd": 1}, BLOCK_D=block_d):
-        # up to 12 bytes in a few 8-warp builds: ptxas holds 8-warp blocks to 128 registers there
-        consts = {"COMPUTE_GRAD": True, "LIBDEVICE": True, "BLOCK_D": block_d, "stride_bd": 1, **cfg.kwargs}
-        build_checked(kn._nce_fwd_kernel, FWD, consts, cfg.num_warps, divisible, max_spilled=16)
-for block_d in (512, 1024, 2048):  # the untuned path (d > 256), with the launcher's tile and warps, unaligned d
-    block_k = kn._block_k(block_d, 1024, torch.device("cuda"))
-    consts = {"COMPUTE_GRAD": True, "LIBDEVICE": True, "BLOCK_D": block_d, "BLOCK_K": block_k, "stride_bd": 1}
-    build_checked(kn._nce_fwd_kernel, FWD, consts, kn._fwd_warps(block_k, block_d), POINTERS + ("chunk",))
+# The loss kernel as the launcher configures it on a GPU, specialised as the JIT would specialise that launch on a
+# contiguous bank (nce._fwd_spec_args): fp32 with the gradient (its most registers) and 2-byte banks, aligned and
+# unaligned d, up to 1024.
+for bank_type, elem in (("fp32", 4), ("bf16", 2), ("fp16", 2)):
+    for d in (16, 120, 128, 250, 256, 512, 1024):
+        launch = kn._fwd_launch(d, elem, interpreted=False)
+        consts = {"COMPUTE_GRAD": True, "LIBDEVICE": True, "BLOCK_K": launch.block_k, "N_CHUNKS": launch.n_chunks,
+                  "CHUNK_D": launch.chunk_d, "EVEN_D": d == launch.n_chunks * launch.chunk_d, "stride_bd": 1}
+        types, divisible = kn._fwd_spec_args(d, 16385, 1024, bank_type)
+        build_checked(kn._nce_fwd_kernel, types, consts, launch.num_warps, divisible)
 PARTITION = {"anchor_ptr": F, "bank_ptr": F, "idx_ptr": "*i64", "part_ptr": F, "inv_tau": "fp32"}
 for block_d in (128, 512, 2048):
     build_checked(kn._nce_partition_kernel, PARTITION,
@@ -460,23 +454,20 @@ print("BUILD OK")
 def test_kernels_compile_for_hopper_without_spilling(run_without_interpreter):
     """The interpreter checks neither libdevice calls, nor types across branches, nor registers: build every
     kernel for sm_90 with Triton's bundled ptxas (no GPU needed), specialised as the JIT would specialise the launch
-    -- the loss kernel in each configuration autotune keeps for d = 128, 120, 256, 250 (fp32 with the gradient, its
-    most registers; aligned and unaligned rows) and on its untuned path at d = 512-2048 -- and check none spills
-    more than a few registers and each fits a block's shared memory."""
+    -- the loss kernel with the launcher's tile for fp32, bf16 and fp16 banks at d = 16 to 1024, aligned and not --
+    and check none spills a byte and each fits a block's shared memory."""
     assert "BUILD OK" in run_without_interpreter(_HOPPER_BUILD)
 
 
-def test_autotune_prune_keeps_tiles_that_fit():
-    """The prune keeps the configs of at most 64 tile elements per thread when the bank rows load 16 bytes at a
-    time (unit stride, d and row stride multiples of 16, aligned tensors), 32 otherwise, and never returns nothing."""
-    aligned = torch.zeros(4)
-    misaligned = torch.zeros(5)[1:]  # 4-byte offset from an aligned allocation
-    for d in (16, 64, 120, 128, 250, 256, 1024):
-        block_d = 1 << (d - 1).bit_length()
-        for bank, stride_bd in ((aligned, 1), (misaligned, 1), (aligned, 2)):
-            args = {"D": d, "stride_bn": d, "stride_bd": stride_bd, "bank_ptr": bank}
-            limit = 64 if d % 16 == 0 and bank is aligned and stride_bd == 1 else 32
-            kept = nce_mod._spill_free_configs(nce_mod._FWD_CONFIGS, args, BLOCK_D=block_d)
-            fits = [c for c in nce_mod._FWD_CONFIGS if c.kwargs["BLOCK_K"] * block_d <= limit * 32 * c.num_warps]
-            smallest = min(nce_mod._FWD_CONFIGS, key=lambda c: c.kwargs["BLOCK_K"] * block_d / c.num_warps)
-            assert kept == (fits or [smallest]), (d, stride_bd, bank is aligned)
+@pytest.mark.parametrize("b,k1,block_k,slots", [(64, 16385, 32, 528), (64, 16385, 64, 264), (64, 1501, 32, 528),
+                                                (3, 16385, 32, 528), (1, 17, 32, 528), (256, 16385, 32, 528)])
+def test_splits_fill_the_last_wave(b, k1, block_k, slots):
+    """The launcher's split count: chunks of whole tiles covering K+1 exactly once, and when K+1 is long enough a
+    grid whose last wave fills >= 90% of the resident slots."""
+    n_split, chunk = nce_mod._choose_splits(b, k1, block_k, slots)
+    assert chunk % block_k == 0 and chunk % 16 == 0
+    assert (n_split - 1) * chunk < k1 <= n_split * chunk
+    programs = b * n_split
+    fill = (programs % slots or slots) / slots
+    if b * (k1 // max(16, block_k)) >= slots:  # enough tiles to fill one wave
+        assert programs >= 0.9 * slots and fill >= 0.9, (programs, slots, fill)
