@@ -440,7 +440,8 @@ def nce_fwd_torch(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, z
                   n_data: int, eps: float, need_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference path of ``cmc_fast::nce_fwd``: the loss exactly as ``nce_loss_reference`` computes it, and
     its anchor gradient in closed form (autograd cannot run inside a custom op's implementation). Checked
-    against autograd of the reference by the tests."""
+    against autograd of the reference by the tests. An index outside the bank raises a clear IndexError."""
+    _check_index_range(idx, bank.shape[0])
     rows = bank.detach()[idx].float()  # [B, K+1, d]
     b, k1 = idx.shape
     s = torch.bmm(rows, anchor.float().unsqueeze(2)).squeeze(2) / tau

@@ -252,6 +252,91 @@ def test_upstream_gradient_noncontiguous_inputs_int32_and_float_z(triton_path):
     assert_grad_close(grad, -2.5 * base_grad, torch.float32)
 
 
+@pytest.mark.parametrize("d,bank_dtype", [(120, torch.float32), (512, torch.float32), (120, torch.float16),
+                                           (1024, torch.float16)])
+def test_wide_and_unaligned_d(triton_path, d, bank_dtype):
+    """d not a multiple of 16 (masked gather) and d up to 1024 (several lanes' chunks per row), with the GPU tile
+    (tile height from the launcher's heuristic, several splits)."""
+    b, k1, n = 3, 257, 2000
+    anchor, bank, idx = make_inputs(b, d, k1, n, seed=d + 3, bank_dtype=bank_dtype)
+    z = torch.tensor(z_of(anchor, bank, idx, n), device=DEVICE)
+    launch = nce_mod._fwd_launch(d, bank.element_size(), interpreted=False)
+    loss, grad = nce_mod.nce_fwd_triton(anchor, bank, idx, z, TAU, n, EPS, True, block_k=launch.block_k, splits=3)
+    want_loss, want_grad = loss64(anchor, bank, idx, z=z, n=n)
+    assert_loss_close(loss, want_loss, LOSS_RTOL_KERNEL, f"d={d}")
+    assert_grad_close(grad, want_grad, torch.float32, f"d={d}")
+    loss_pub, grad_pub = run_public(anchor, bank, idx.int(), z=z, n=n)  # the public op, int32 indices
+    assert_loss_close(loss_pub, want_loss, LOSS_RTOL_KERNEL, f"d={d} public")
+    assert_grad_close(grad_pub, want_grad, torch.float32, f"d={d} public")
+
+
+def test_int32_indices_match_int64(triton_path):
+    b, d, k1, n = 3, 128, 1501, 7531
+    anchor, bank, idx = make_inputs(b, d, k1, n, seed=97)
+    z = torch.tensor(z_of(anchor, bank, idx, n), device=DEVICE)
+    loss64_idx, grad64_idx = run_public(anchor, bank, idx, z=z, n=n)
+    loss32, grad32 = run_public(anchor, bank, idx.to(torch.int32), z=z, n=n)
+    assert float(loss32) == float(loss64_idx)
+    assert torch.equal(grad32, grad64_idx)
+    want_loss, _ = loss64(anchor, bank, idx, z=z, n=n)
+    assert_loss_close(loss32, want_loss, LOSS_RTOL_KERNEL)
+
+
+@pytest.mark.parametrize("path", ["triton", "reference"])
+def test_empty_batch_gives_what_the_reference_gives(monkeypatch, path):
+    """B = 0: the reference's mean over no rows is nan and the gradient is [0, d]; the kernel path gives the same,
+    never uninitialised memory."""
+    if path == "triton" and not CUDA and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        pytest.skip("no CUDA and TRITON_INTERPRET is not set")
+    monkeypatch.setenv("CMC_FAST_KERNELS", path)
+    anchor, bank, _ = make_inputs(1, 16, 17, 100, seed=98)
+    anchor = anchor[:0].clone()
+    idx = torch.zeros((0, 17), dtype=torch.int64, device=DEVICE)
+    want = nce_loss_reference(anchor, bank, idx, tau=TAU, z=5.0, n_data=100)
+    loss, grad = run_public(anchor, bank, idx, z=5.0, n=100)
+    assert torch.isnan(want) and torch.isnan(loss)
+    assert grad.shape == (0, 16)
+
+
+@pytest.mark.parametrize("bad", [100, -1])
+def test_out_of_range_index_is_never_silent(monkeypatch, bad):
+    """The reference path always raises a clear IndexError; the kernel path does under CMC_FAST_CHECK_INDEX=1."""
+    anchor, bank, idx = make_inputs(3, 16, 17, 100, seed=99)
+    idx[1, 7] = bad
+    monkeypatch.setenv("CMC_FAST_KERNELS", "reference")
+    with pytest.raises(IndexError, match=f"idx holds {bad}, outside the bank's 100 rows"):
+        kernels.nce_loss(anchor, bank, idx, tau=TAU, z=5.0, n_data=100)
+    with pytest.raises(IndexError, match="outside the bank's 100 rows"):
+        kernels.nce_partition(anchor, bank, idx, tau=TAU, n_data=100)
+    if not CUDA and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return
+    monkeypatch.setenv("CMC_FAST_KERNELS", "triton")
+    monkeypatch.setenv("CMC_FAST_CHECK_INDEX", "1")
+    with pytest.raises(IndexError, match=f"idx holds {bad}, outside the bank's 100 rows"):
+        kernels.nce_loss(anchor, bank, idx, tau=TAU, z=5.0, n_data=100)
+    with pytest.raises(IndexError, match="outside the bank's 100 rows"):
+        kernels.nce_partition(anchor, bank, idx, tau=TAU, n_data=100)
+
+
+def test_tiny_negative_terms_keep_their_digits(triton_path):
+    """Where the accurate log1p matters: every negative's P/c is below 2^-24, so 1 + P/c rounds to 1 in float32 and
+    log(1 + x) would drop each term's -log1p(P/c) (~2e-8 x 32768 negatives ~ 7e-4 of loss per row). The kernel's
+    log1p keeps them: its loss matches float64 to 4e-5 absolute -- about 20 float32 ulps of this loss (~17.5), the
+    room summing one ~17 positive term with 32768 tiny ones in float32 takes -- against the ~7e-4 log(1 + x) loses
+    (checked by hand: with log(1 + x) in the kernel this test fails)."""
+    b, d, k1, n, tau = 2, 16, 32769, 40000, 1.0
+    anchor, bank, idx = make_inputs(b, d, k1, n, seed=111)
+    s = (bank.double()[idx] @ anchor.double().unsqueeze(2)).squeeze(2) / tau
+    c = (k1 - 1) / n + EPS
+    z = float(torch.exp(s).max()) / (c * 5e-8)  # P/c = exp(s)/(z c) <= 5e-8 < 2^-24 = 5.96e-8
+    loss = kernels.nce_loss(anchor, bank, idx, tau=tau, z=z, n_data=n)
+    want, _ = loss64(anchor, bank, idx, z=z, n=n, tau=tau)
+    dropped = float((torch.exp(s[:, 1:]) / (z * c)).sum(1).mean())  # what log(1 + x) would lose
+    tol = 4e-5
+    assert dropped > 10 * tol
+    assert abs(float(loss) - float(want)) <= tol, (float(loss), float(want), dropped)
+
+
 def test_no_grad_and_z_float_vs_tensor(triton_path):
     b, d, k1, n = 3, 128, 17, 400
     anchor, bank, idx = make_inputs(b, d, k1, n, seed=61)
