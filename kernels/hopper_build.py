@@ -42,19 +42,21 @@ SHARED_RESERVED_PER_BLOCK = 1024  # the runtime reserves 1 KB of shared memory p
 WARPS_PER_SM = 64
 BLOCKS_PER_SM = 32
 
-# Per-GPU bandwidths for floors. Each value names its source; "measured" values are someone's measurement, not ours.
+# Per-GPU bandwidths for floors, bytes/s. Each value names its source; None: not known here (owed to a measurement on
+# the device). "measured" values are someone's measurement, not this project's.
 GPUS = {
     "H100 SXM": {
-        "hbm_spec": 3.35e12,  # NVIDIA H100 datasheet (SXM5, HBM3): 3.35 TB/s
-        "hbm_measured": None,  # owed: no H100 measurement in this project yet
-        "l2_measured": None,  # owed (see nce.py's floors for the L2 figure used)
+        "hbm_spec": 3.35e12,  # NVIDIA H100 datasheet, SXM5 (HBM3): 3.35 TB/s
+        "hbm_measured": None,  # owed: no H100 copy measured in this project yet
+        "l2_measured": None,  # owed: NVIDIA publishes no L2 bandwidth; measure a gather over an L2-resident bank
     },
     "H200": {
         "hbm_spec": 4.8e12,  # NVIDIA H200 datasheet (HBM3e): 4.8 TB/s
         "hbm_measured": 4.3e12,  # issue #11: a device-to-device copy on an H200 reaches ~4.3 TB/s
-        "l2_measured": None,
+        "l2_measured": None,  # owed, as for the H100
     },
 }
+
 
 # The instruction classes of the hot-loop mix (SASS opcodes, the part before the first '.').
 MIX_CLASSES = {

@@ -614,3 +614,29 @@ def hopper_specs(shape: tuple[int, ...], bank_dtype: str = "fp32") -> list:
     specs.append(Spec(_nce_finalize_kernel, fin_types, fin_consts, 4,
                       ("part_loss_ptr", "part_grad_ptr", "loss_ptr", "grad_ptr"), path, b))
     return specs
+
+
+def floor_bytes(b: int, d: int, k: int, n: int, bank_elem: int, idx_elem: int = 4) -> dict[str, int]:
+    """Bytes one forward+backward of ``nce_loss`` must move: ``l2_gather`` the gathered bank rows B*(K+1)*d*elem
+    (served from L2 when the bank fits there: 2-5 MB here against 50 MB of L2); ``hbm`` what crosses HBM at least
+    once -- the indices B*(K+1)*idx_elem, the anchors read and the gradient written 2*B*d*4, and the bank N*d*elem
+    once (it may still sit in L2 from the step's bank update: then less)."""
+    return {"l2_gather": b * (k + 1) * d * bank_elem,
+            "hbm": b * (k + 1) * idx_elem + 2 * b * d * 4 + n * d * bank_elem}
+
+
+def hopper_floors(shape: tuple[int, ...], bank_dtype: str = "fp32") -> dict[str, object]:
+    """Floors of one forward+backward at (B, d, K, N) per GPU (``kernels.hopper_build.GPUS``; int32 indices): the
+    L2 gather floor (bytes / L2 bandwidth; owed where no L2 bandwidth is known) beside the HBM floor at the
+    specified and, where known, the measured bandwidth. For the report's footer."""
+    from .hopper_build import GPUS
+
+    b, d, k, n = shape
+    nbytes = floor_bytes(b, d, k, n, _TRITON_DTYPE[bank_dtype][1])
+    out: dict[str, object] = {"bytes": nbytes}
+    for gpu, bw in GPUS.items():
+        us = lambda n, rate: round(n / rate * 1e6, 2) if rate else "owed"  # noqa: E731
+        out[gpu] = {"l2_gather_us": us(nbytes["l2_gather"], bw["l2_measured"]),
+                    "hbm_us_spec": us(nbytes["hbm"], bw["hbm_spec"]),
+                    "hbm_us_measured": us(nbytes["hbm"], bw["hbm_measured"])}
+    return out
