@@ -1,19 +1,22 @@
 """Cross-modal NCE over a memory bank: fused Triton loss + anchor gradient, first-batch partition, bank update.
 
-Floor (DESIGN section 5): bytes one forward+backward of ``nce_loss`` must move, i.e. the gathered bank rows
-B*(K+1)*d*elem, the indices B*(K+1)*8, the anchors read and their gradient written (2*B*d*4):
+Floors (DESIGN section 5; ``hopper_floors`` below, printed by the static report): one forward+backward of
+``nce_loss`` gathers B*(K+1) bank rows (``l2_gather``: B*(K+1)*d*elem bytes) and must move across HBM the int32
+indices B*(K+1)*4, the anchors and gradient 2*B*d*4 and the bank once N*d*elem (``hbm``):
 
-    (B, d, K, N)          bank   gathered   idx      total     H100 (3.35 TB/s)   H200 (4.8 TB/s)
-    (64, 128, 1500, 7531)  fp32   49.2 MB   0.77 MB   50.0 MB    14.9 us            10.4 us
-    (64, 128, 1500, 7531)  bf16   24.6 MB   0.77 MB   25.4 MB     7.6 us             5.3 us
-    (64, 128, 16384, 9528) fp32  536.9 MB   8.39 MB  545.4 MB   162.8 us           113.6 us
-    (64, 128, 16384, 9528) bf16  268.5 MB   8.39 MB  276.9 MB    82.7 us            57.7 us
+    (B, d, K, N)          bank   L2 gather   HBM       HBM floor H100 (3.35 TB/s spec)   H200 (4.8 spec / 4.3 measured)
+    (64, 128, 1500, 7531)  fp32   49.2 MB    4.3 MB     1.3 us                            0.9 / 1.0 us
+    (64, 128, 16384, 9528) fp32  536.9 MB    9.1 MB     2.7 us                            1.9 / 2.1 us
+    (64, 128, 16384, 9528) bf16  268.5 MB    6.7 MB     2.0 us                            1.4 / 1.6 us
 
-The whole bank (N*d*elem = 2-5 MB here) fits in the L2 of an H100/H200, so repeated rows are served from L2
-and a kernel can come in *under* this gather floor; only the index stream (8.4 MB at K=16384) must come
-from HBM. The FLOPs (2 dot products of length d per score, ~0.5 GFLOP at K=16384) are negligible.
-Extra memory of the Triton path: partials B*S*(d+1)*4 + the gradient B*d*4 bytes (S = splits of K+1, ~9 on
-an H100: ~0.33 MB), against the eager reference's float32 [B, K+1, d] gather (537 MB at K=16384).
+The whole bank (N*d*elem = 2-5 MB) sits in the 50 MB L2 of an H100/H200, so the gather is served from L2: the
+floor that binds is the L2 gather (bytes / L2 bandwidth), and NVIDIA publishes no L2 bandwidth -- that figure is
+owed to a measurement on the device. The FLOPs (2 dot products of length d per row, ~0.5 GFLOP at K=16384) are
+negligible; what the SMs must issue is: built for sm_90 at B=64, d=128, K=16384 the loss kernel's loop runs 20.6
+warp-instructions per gathered row with an fp32 bank and 21.1 with bf16 (``python -m cmc_fast.kernels.hopper_build
+report --op nce``), ~22 M warp-instructions per call: ~21 us of issue on 132 SMs x 4 schedulers at an assumed
+1.98 GHz SM clock. Extra memory of the Triton path: partials B*S*(d+1)*4 + the gradient B*d*4 bytes (S = 4-8
+splits at K=16384: ~0.3 MB), against the eager reference's float32 [B, K+1, d] gather (537 MB at K=16384).
 
 Layout of this file (Liger-Kernel style): Triton kernels, then launchers (pointer arguments commented with
 shapes), then the torch.library ops (``cmc_fast::nce_fwd``, ``cmc_fast::nce_partition``,
@@ -53,7 +56,7 @@ __all__ = ["nce_loss", "nce_partition", "bank_update_", "nce_fwd_triton", "nce_p
 
 _TILE = 8192  # elements of the [BLOCK_K, BLOCK_D] gathered tile held in registers by one program
 _TILE_INTERPRETED = 1 << 18  # the interpreter pays per op, not per element: far larger tiles there
-_CHUNK_ALIGN = 128  # columns per split are a multiple of this (the largest BLOCK_K autotune may pick)
+_CHUNK_ALIGN = 128  # columns per split of the partition kernel are a multiple of this
 
 
 # ============================================================================================ kernels
