@@ -255,7 +255,7 @@ class _FwdLaunch:
     num_warps: int
 
 
-def _fwd_launch(d: int, elem: int, interpreted: bool, block_k: int | None = None) -> _FwdLaunch:
+def _fwd_launch(d: int, elem: int, interpreted: bool, block_k: int | None = None, k1: int = 1 << 30) -> _FwdLaunch:
     """16-byte vectors (4 fp32 or 8 bf16/fp16 elements) per thread; lanes per row such that a thread holds ~128 bytes
     of its row (fp32 d = 128: 4 lanes, 8 rows per warp; bf16 d = 128: 2 lanes, 16 rows per warp; d = 1024 fp32: 32
     lanes), so the dot product's shuffles and the per-row math are shared by 8-16 rows per warp-instruction.
@@ -267,7 +267,8 @@ def _fwd_launch(d: int, elem: int, interpreted: bool, block_k: int | None = None
     chunk_d = min(block_d, lanes * vec)
     rows_per_warp = 32 // max(1, chunk_d // vec)
     if block_k is None:
-        block_k = max(16, min(_TILE_INTERPRETED // block_d, 1024)) if interpreted else rows_per_warp * _FWD_WARPS
+        tall = max(16, min(_TILE_INTERPRETED // block_d, 1024, next_power_of_2(k1)))
+        block_k = tall if interpreted else rows_per_warp * _FWD_WARPS
     return _FwdLaunch(block_k, block_d // chunk_d, chunk_d, _FWD_WARPS)
 
 
@@ -292,18 +293,26 @@ def _choose_splits(b: int, k1: int, block_k: int, slots: int, splits: int | None
     return best[1], best[2]  # no S reaches the target (short K): the best-filled
 
 
+def _occupancy(regs: int, shared: int, num_warps: int, regs_per_sm: int = 65536, threads_per_sm: int = 2048,
+               shared_per_sm: int = 233472) -> int:
+    """Blocks of ``num_warps`` warps one SM holds at once (the occupancy calculator's rules: registers allocated per
+    warp in units of 256, 1 KB of shared memory reserved per block, at most 32 blocks); defaults: an H100/H200 SM.
+    kernels/hopper_build.resident_blocks computes the same for the static report (a test checks they agree)."""
+    per_warp = _cdiv(max(regs, 1) * 32, 256) * 256
+    return max(1, min(32, regs_per_sm // (per_warp * num_warps), threads_per_sm // (32 * num_warps),
+                      shared_per_sm // (shared + 1024)))
+
+
 def _resident_programs(compiled, num_warps: int, device: torch.device) -> int:
-    """Programs of a compiled kernel one SM holds at once, from its registers and shared memory (as the occupancy
-    calculator does: registers per warp rounded up to 256). Falls back to 2 if Triton's handle does not say."""
+    """Programs of a compiled kernel one SM of ``device`` holds at once, from its registers and shared memory.
+    Falls back to 2 if Triton's handle does not say."""
     try:
         compiled._init_handles()
-        regs, shared = int(compiled.n_regs), int(compiled.metadata.shared)
         props = torch.cuda.get_device_properties(device)
-        per_warp = _cdiv(max(regs, 1) * 32, 256) * 256
-        by_regs = getattr(props, "regs_per_multiprocessor", 65536) // (per_warp * num_warps)
-        by_threads = getattr(props, "max_threads_per_multi_processor", 2048) // (32 * num_warps)
-        by_shared = getattr(props, "shared_memory_per_multiprocessor", 233472) // (shared + 1024)
-        return max(1, min(32, by_regs, by_threads, by_shared))
+        return _occupancy(int(compiled.n_regs), int(compiled.metadata.shared), num_warps,
+                          getattr(props, "regs_per_multiprocessor", 65536),
+                          getattr(props, "max_threads_per_multi_processor", 2048),
+                          getattr(props, "shared_memory_per_multiprocessor", 233472))
     except Exception:  # noqa: BLE001 - an older/newer handle layout: a safe guess, the launch itself still runs
         return 2
 
@@ -386,7 +395,7 @@ def nce_fwd_triton(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, 
         loss = torch.full((), float("nan"), device=dev, dtype=torch.float32)
         return loss, anchor.new_zeros((0, d) if need_grad else (0,), dtype=torch.float32)
     interpreted = dev.type != "cuda" or triton_interpreted()
-    launch = _fwd_launch(d, bank.element_size(), interpreted, block_k)
+    launch = _fwd_launch(d, bank.element_size(), interpreted, block_k, k1)
     log_c, log_noise_over_c = _nce_constants(k1, n_data, eps)
     consts = {"COMPUTE_GRAD": need_grad, "LIBDEVICE": not interpreted, "BLOCK_K": launch.block_k,
               "N_CHUNKS": launch.n_chunks, "CHUNK_D": launch.chunk_d,
@@ -531,7 +540,8 @@ def nce_loss(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, *, tau
     """CRD's NCE loss for one direction (DESIGN sections 1 and 3): a float32 scalar, differentiable in ``anchor``.
 
     anchor [B, d] (normalised by the caller), bank [N, d] (float32/bfloat16/float16; no gradient), idx [B, K+1]
-    int64 with column 0 the positive, z the frozen partition (float or 0-dim tensor, kept on device). The
+    int32 or int64 with column 0 the positive (an index outside the bank: IndexError on the reference path, and on
+    the Triton path under CMC_FAST_CHECK_INDEX=1), z the frozen partition (float or 0-dim tensor, kept on device). The
     Triton path gathers bank rows by index, never builds [B, K+1, d], accumulates in float32 and computes the
     anchor gradient in the same pass; backward only scales it by the incoming gradient.
     """

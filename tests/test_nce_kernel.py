@@ -544,6 +544,16 @@ def test_kernels_compile_for_hopper_without_spilling(run_without_interpreter):
     assert "BUILD OK" in run_without_interpreter(_HOPPER_BUILD)
 
 
+def test_launcher_occupancy_agrees_with_the_static_report():
+    """The launcher sizes its grid with nce._occupancy; the report counts waves with hopper_build.resident_blocks:
+    the same rules for an H100/H200 SM."""
+    from cmc_fast.kernels.hopper_build import resident_blocks
+
+    for regs, shared, warps in [(120, 512, 4), (231, 512, 4), (40, 0, 4), (64, 4096, 8), (255, 100_000, 8),
+                                (32, 16, 1)]:
+        assert nce_mod._occupancy(regs, shared, warps) == resident_blocks(regs, shared, warps), (regs, shared, warps)
+
+
 @pytest.mark.parametrize("b,k1,block_k,slots", [(64, 16385, 32, 528), (64, 16385, 64, 264), (64, 1501, 32, 528),
                                                 (3, 16385, 32, 528), (1, 17, 32, 528), (256, 16385, 32, 528)])
 def test_splits_fill_the_last_wave(b, k1, block_k, slots):
