@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = report(args.op, args.shape, args.sass_dir, **options)
     floors = _floors(args.op, args.shape, options)
     if args.json:
-        print(json.dumps(rows, indent=1))
+        print(json.dumps(rows, indent=1, default=str))  # default: constexprs such as Triton dtypes
     else:
         print(format_table(rows))
         if floors:
