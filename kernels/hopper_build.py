@@ -258,6 +258,7 @@ def report_spec(spec: Spec, sass_dir: str, index: int) -> dict:
     registers, spilled = ptxas_report(kernel.asm["ptx"])
     sass = sass_text(kernel)
     name = spec.kernel.__name__
+    os.makedirs(sass_dir, exist_ok=True)
     sass_file = os.path.join(sass_dir, f"{index:02d}_{name}_{spec.num_warps}w.sass")
     with open(sass_file, "w") as f:
         f.write(sass)
