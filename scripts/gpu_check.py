@@ -519,7 +519,8 @@ def _gen(seed: int | None = None):
     return torch.Generator().manual_seed(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
 
 
-def nce_check(ctx: Ctx, b: int, d: int, k: int, n: int, bank_dtype, need_grad: bool = True) -> Check:
+def nce_check(ctx: Ctx, b: int, d: int, k: int, n: int, bank_dtype, need_grad: bool = True,
+              idx_dtype=None) -> Check:
     """NCE loss (and anchor gradient) on fresh random unit vectors, against the DESIGN formula in float64."""
     import torch
     import torch.nn.functional as F
@@ -536,7 +537,7 @@ def nce_check(ctx: Ctx, b: int, d: int, k: int, n: int, bank_dtype, need_grad: b
     p, noise, eps = torch.exp(s) / z, k / n, 1e-7
     loss64 = -(torch.log(p[:, 0] / (p[:, 0] + noise + eps)) + torch.log(noise / (p[:, 1:] + noise + eps)).sum(1)).mean()
     (grad64,) = torch.autograd.grad(loss64, a64)
-    a_dev, bank_dev, idx_dev = anchor.to(ctx.device), bank.to(ctx.device), idx.to(ctx.device)
+    a_dev, bank_dev, idx_dev = anchor.to(ctx.device), bank.to(ctx.device), idx.to(ctx.device, idx_dtype or idx.dtype)
 
     def run():
         a = a_dev.clone().requires_grad_(need_grad)
@@ -545,7 +546,8 @@ def nce_check(ctx: Ctx, b: int, d: int, k: int, n: int, bank_dtype, need_grad: b
         return [loss, torch.autograd.grad(loss, a)[0]] if need_grad else [loss]
 
     ref = [loss64, grad64] if need_grad else [loss64]
-    op = f"nce_loss B={b} d={d} K={k} bank={str(bank_dtype).replace('torch.', '')}" + ("" if need_grad else " no-grad")
+    op = (f"nce_loss B={b} d={d} K={k} bank={str(bank_dtype).replace('torch.', '')} idx={str(idx_dev.dtype)[6:]}"
+          + ("" if need_grad else " no-grad"))
     return Check(op, run, ref, (1e-4,) * len(ref), ("loss", "grad")[:len(ref)])
 
 
@@ -642,6 +644,8 @@ def correctness_checks(ctx: Ctx) -> Iterator[tuple[Check, bool]]:
     yield nce_check(ctx, 8, 128, 300 if not small else 20, 1000 if not small else 64, fp32), True
     yield nce_check(ctx, 8, 128, 300 if not small else 20, 1000 if not small else 64, bf16), True
     yield nce_check(ctx, 8, 128, 300 if not small else 20, 1000 if not small else 64, fp32, need_grad=False), False
+    yield nce_check(ctx, 8, 128, 300 if not small else 20, 1000 if not small else 64, fp32,
+                    idx_dtype=torch.int32), True  # the trainer's and the benchmark's index type
     yield nce_check(ctx, 8, 100, 200 if not small else 20, 500 if not small else 64, fp32), True  # 16 B loads off
     yield nce_check(ctx, 4, 384, 100 if not small else 10, 300 if not small else 32, fp32), False  # untuned path
     yield nce_partition_check(ctx, 8, 128, 300 if not small else 20, 1000 if not small else 64), False
@@ -746,25 +750,39 @@ def _time_nce(ctx: Ctx, provider: str, b, d, k, n, dtype) -> None:
 
     group = f"nce fwd+bwd B={b} d={d} K={k} N={n} bank={str(dtype).replace('torch.', '')}"
     with kernel_mode(_kernels_mode(ctx)):
-        _emit_timing(ctx, "timings", group, label, step, floor_bytes=nce.floor_bytes(b, d, k, dtype),
-                     floor_s=_nce_floor(ctx, nce, b, d, k, dtype))
+        _emit_timing(ctx, "timings", group, label, step, **nce_floors(ctx, b, d, k, n, dtype, idx.element_size()))
 
 
-def _nce_floor(ctx: Ctx, nce, b, d, k, dtype) -> float | None:
-    name = ctx.facts.get("device_name") or ""
-    bw = None if ctx.dry_run else next((v for key, v in nce.HBM_BYTES_PER_S.items() if key in name), None)
-    return nce.floor_bytes(b, d, k, dtype) / bw if bw else None
+def nce_floors(ctx: Ctx, b, d, k, n, dtype, idx_elem: int) -> dict:
+    """kernels/nce.py's floor bytes (``floor_bytes``: the L2-gathered rows and what must cross HBM) over this run's
+    own measurements: the L2 gather bandwidth and the copy bandwidth of the bandwidth section; ``floor_s`` the
+    larger of the two floors. {} when kernels/nce.py has no ``floor_bytes`` of that form (left out, never guessed);
+    no floors in the dry run (a CPU's bandwidths are no GPU's)."""
+    import torch
+
+    try:
+        from cmc_fast.kernels.nce import floor_bytes
+
+        nbytes = floor_bytes(b, d, k, n, torch.empty((), dtype=dtype).element_size(), idx_elem)
+    except (ImportError, TypeError):
+        return {}
+    elem = torch.empty((), dtype=dtype).element_size()
+    l2 = None if ctx.dry_run else ctx.facts.get("l2_gather_bytes_per_s", {}).get(elem)
+    hbm = None if ctx.dry_run else ctx.facts.get("copy_bytes_per_s")
+    out = {"l2_gather_bytes": nbytes.get("l2_gather"), "hbm_bytes": nbytes.get("hbm"),
+           "l2_floor_s": nbytes["l2_gather"] / l2 if l2 and "l2_gather" in nbytes else None,
+           "hbm_floor_s": nbytes["hbm"] / hbm if hbm and "hbm" in nbytes else None}
+    known = [f for f in (out["l2_floor_s"], out["hbm_floor_s"]) if f]
+    out["floor_s"] = max(known) if known else None
+    return out
 
 
 def _emit_timing(ctx: Ctx, section: str, group: str, provider: str, step: Callable, *, floor_s=None, **extra):
     first = first_call_s(ctx, step)
     t = time_fn(ctx, step)
-    bw = ctx.facts.get("copy_bytes_per_s")
     fields = dict(group=group, provider=provider, first_call_s=first, **t, floor_s=floor_s,
                   measured_over_floor=(t["median_s"] / floor_s) if floor_s else None,
                   peak_bytes=peak_bytes(ctx, step), **extra)
-    if "floor_bytes" in extra and bw:
-        fields["measured_over_copy_floor"] = t["median_s"] / (extra["floor_bytes"] / bw)
     ctx.results.emit(section, f"{group} | {provider}", "ok", kind="bench", **fields)
 
 
@@ -832,7 +850,8 @@ def _compiled_nce(ctx: Ctx, backend: str, b, d, k, n, dtype) -> None:
         return torch.autograd.grad(loss, anchor)
 
     group = f"nce fwd+bwd B={b} d={d} K={k} N={n} bank={str(dtype).replace('torch.', '')}"
-    _emit_timing(ctx, "compiled", group, f"compile ({backend})", step, floor_s=_nce_floor(ctx, nce, b, d, k, dtype))
+    _emit_timing(ctx, "compiled", group, f"compile ({backend})", step,
+                 **nce_floors(ctx, b, d, k, n, dtype, idx.element_size()))
 
 
 def _compiled_block(ctx: Ctx, backend: str, mode, config, batch, dtype) -> None:
