@@ -44,6 +44,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+try:  # Triton ships for Linux only; the L2 gather probe below is its one kernel of this script's own
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = 1
 STATUSES = ("ok", "fail", "info", "skipped", "stopped", "error", "owed")
@@ -57,7 +63,8 @@ DEFAULT_BUDGET_S = 420.0
 # a do_bench measurement ~0.3 s (25 ms warm-up + 100 ms of repeats, plus its L2 flushes).
 EXPECTED_S = {
     "env": (5, "CUDA context ~2 s, nvidia-smi ~1 s"),
-    "bandwidth": (5, "two do_bench runs over 1 GiB buffers"),
+    "bandwidth": (10, "two do_bench runs over 1 GiB buffers; two L2 gathers (a Triton compile ~1.5 s each, 0.5 GB "
+                      "gathered per call)"),
     "correctness": (75, "NCE: <= 8 kept configs x 2 bank dtypes + 5 single cases ~ 21 Triton compiles x 1.5 s + "
                         "partition/update; BLOCK: 4 precisions x 3 kernels = 12 compiles x 1.5 s; float64 references "
                         "on the CPU < 0.2 s each"),
@@ -264,6 +271,26 @@ def kernel_mode(mode: str) -> Iterator[None]:
 def _kernels_mode(ctx: Ctx) -> str:
     """The Triton kernels on CUDA; on the dry run's CPU the references (the interpreter is not run there)."""
     return "reference" if ctx.dry_run else "triton"
+
+
+if triton is not None:
+    @triton.jit
+    def _gather_sum_kernel(
+        bank_ptr,  # [N, D] fp32/bf16, contiguous: the L2-resident bank
+        idx_ptr,  # [programs * ROWS] int32: the rows each program gathers, ROWS consecutive indices a program
+        out_ptr,  # [programs] fp32: each program's sum (keeps every load live)
+        ROWS: tl.constexpr,
+        D: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        offs_r = tl.arange(0, BLOCK_R)
+        offs_d = tl.arange(0, D)
+        acc = tl.zeros([BLOCK_R, D], dtype=tl.float32)
+        for start in range(0, ROWS, BLOCK_R):
+            rows = tl.load(idx_ptr + pid * ROWS + start + offs_r).to(tl.int64)
+            acc += tl.load(bank_ptr + rows[:, None] * D + offs_d[None, :]).to(tl.float32)
+        tl.store(out_ptr + pid, tl.sum(tl.sum(acc, axis=1), axis=0))
 
 
 _BENCH: dict[str, object] = {}
@@ -491,6 +518,47 @@ def section_bandwidth(ctx: Ctx) -> None:
     host = torch.randn(n // 4).pin_memory() if ctx.device.type == "cuda" else torch.randn(n // 4)
     t = time_fn(ctx, lambda: dst.copy_(host, non_blocking=True))
     ctx.emit("bandwidth", "host-to-device copy (pinned)", "ok", bytes=n, bytes_per_s=n / t["median_s"], **t)
+    src = dst = host = None  # 2 GiB freed before the gathers (the lambdas above are done with them)
+    if ctx.device.type == "cuda":
+        for dtype in (torch.float32, torch.bfloat16):
+            _measure_l2_gather(ctx, dtype)
+
+
+# The L2 gather bandwidth that kernels/hopper_build.GPUS owes (NVIDIA publishes none): random rows of a bank that
+# fits in L2 (the NCE benchmark's 9528 x 128, 4.9 MB in fp32 against 50-60 MB of L2), summed so that nothing but the
+# rows and their indices is read; the NCE loss's L2 floor is its gathered bytes over this rate. It is this simple
+# probe's rate (4096 programs of 4 warps, 32 rows a step), a lower bound of what L2 can serve: a kernel that keeps
+# more loads in flight may come in under the floor built on it.
+L2_BANK, L2_ROWS, L2_ROWS_PER_PROGRAM = (9528, 128), 1 << 20, 256
+
+
+def l2_gather_sums(bank, idx, rows_per_program: int = L2_ROWS_PER_PROGRAM):
+    """Per-program sums of the bank rows ``idx`` names (``rows_per_program`` consecutive indices a program)."""
+    import torch
+
+    programs = idx.numel() // rows_per_program
+    out = torch.empty(programs, device=bank.device, dtype=torch.float32)
+    _gather_sum_kernel[(programs,)](bank, idx, out, ROWS=rows_per_program, D=bank.shape[1], BLOCK_R=32, num_warps=4)
+    return out
+
+
+def _measure_l2_gather(ctx: Ctx, dtype) -> None:
+    import torch
+
+    g = _gen()
+    bank = torch.randn(*L2_BANK, generator=g).to(ctx.device, dtype)
+    idx = torch.randint(0, L2_BANK[0], (L2_ROWS,), generator=g, dtype=torch.int32).to(ctx.device)
+    sums = l2_gather_sums(bank, idx)
+    head = idx[:4 * L2_ROWS_PER_PROGRAM].long()  # four programs' sums, checked against torch's gather
+    want = bank[head].double().view(4, -1).sum(1)
+    err = rel_err(sums[:4], want)
+    t = time_fn(ctx, lambda: l2_gather_sums(bank, idx))
+    nbytes = L2_ROWS * L2_BANK[1] * bank.element_size()
+    elem = bank.element_size()
+    ctx.facts.setdefault("l2_gather_bytes_per_s", {})[elem] = nbytes / t["median_s"]
+    ctx.emit("bandwidth", f"L2 gather: {L2_ROWS} random rows of a {L2_BANK[0]}x{L2_BANK[1]} {str(dtype)[6:]} bank "
+             f"({bank.numel() * elem / 2**20:.1f} MiB)", "ok" if err < 1e-4 else "fail", bytes=nbytes,
+             bytes_per_s=nbytes / t["median_s"], sum_rel_err=err, **t)
 
 
 # ------------------------------------------------------------------------------------------- correctness
