@@ -528,7 +528,8 @@ def section_bandwidth(ctx: Ctx) -> None:
 # fits in L2 (the NCE benchmark's 9528 x 128, 4.9 MB in fp32 against 50-60 MB of L2), summed so that nothing but the
 # rows and their indices is read; the NCE loss's L2 floor is its gathered bytes over this rate. It is this simple
 # probe's rate (4096 programs of 4 warps, 32 rows a step), a lower bound of what L2 can serve: a kernel that keeps
-# more loads in flight may come in under the floor built on it.
+# more loads in flight may come in under the floor built on it. Built for sm_90 (kernels/hopper_build, vectorised
+# specialisation): 55 registers fp32 / 56 bf16, no spills, 16 B of shared memory.
 L2_BANK, L2_ROWS, L2_ROWS_PER_PROGRAM = (9528, 128), 1 << 20, 256
 
 
