@@ -520,9 +520,10 @@ def _dali_pipeline(key: tuple, libjpeg_chroma: bool = True):
             pipe = images({})
             pipe.build()
     except Exception as exc:  # noqa: BLE001 - reported once, and DALI is not used again in this process
+        hint = " (DALI's CUDA 13 wheel needs an NVIDIA driver >= 580)" if gpu else ""
         _DALI_UNUSABLE[kind] = (f"image backend 'dali' is unusable here: a DALI {kind.upper()} pipeline could not "
-                                f"be built (DALI {_dali_version()}): {_short(exc)}; use --image-backend torchvision "
-                                "(DALI's CUDA 13 wheel needs an NVIDIA driver >= 580)")
+                                f"be built (DALI {_dali_version()}): {_short(exc)}; use --image-backend "
+                                f"torchvision{hint}")
         warnings.warn(_DALI_UNUSABLE[kind], RuntimeWarning, stacklevel=2)
         raise DaliUnusableError(_DALI_UNUSABLE[kind]) from exc
     _DALI_PIPES[cache_key] = pipe
