@@ -332,22 +332,22 @@ def _bench_module(name: str):
 
 # =============================================================================================== timing
 def time_fn(ctx: Ctx, fn: Callable[[], object]) -> dict:
-    """Kernel time per call (CUDA: do_bench's event timing, L2 flushed between calls; CPU: perf_counter), and
-    wall time per call with a synchronisation after each, in seconds."""
+    """As bench/'s rows: ``median_s`` (with ``mean_s``, ``min_s``, ``rounds``) the wall time of a call synchronised
+    after each, and on CUDA ``gpu_time_s`` the device time alone (``triton.testing.do_bench``: CUDA events, L2
+    flushed between calls, median), in seconds."""
+    gpu = None
     if ctx.device.type == "cuda":
         from triton.testing import do_bench
 
-        try:
-            times_ms = do_bench(fn, warmup=25, rep=100, return_mode="all")
-        except (TypeError, ValueError, AssertionError):  # a Triton without return_mode="all"
-            times_ms = [do_bench(fn, warmup=25, rep=100, return_mode="median")]
-        times = [t / 1e3 for t in (times_ms if isinstance(times_ms, list) else [times_ms])]
-        walls = _walls(ctx, fn, 20)
-    else:
-        walls = _walls(ctx, fn, 3)
-        times = walls
-    return {"median_s": statistics.median(times), "mean_s": statistics.fmean(times), "min_s": min(times),
-            "rounds": len(times), "wall_median_s": statistics.median(walls)}
+        gpu = do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e-3
+    walls = _walls(ctx, fn, 20 if ctx.device.type == "cuda" else 3)
+    return {"median_s": statistics.median(walls), "mean_s": statistics.fmean(walls), "min_s": min(walls),
+            "rounds": len(walls), "gpu_time_s": gpu}
+
+
+def _device_s(t: dict) -> float:
+    """The device time of a timing where there is one (CUDA), else its wall time."""
+    return t["gpu_time_s"] or t["median_s"]
 
 
 def _walls(ctx: Ctx, fn: Callable[[], object], n: int) -> list[float]:
@@ -514,11 +514,11 @@ def section_bandwidth(ctx: Ctx) -> None:
     src = torch.randn(n // 4, device=ctx.device)
     dst = torch.empty_like(src)
     t = time_fn(ctx, lambda: dst.copy_(src))
-    ctx.facts["copy_bytes_per_s"] = 2 * n / t["median_s"]
-    ctx.emit("bandwidth", "device-to-device copy", "ok", bytes=2 * n, bytes_per_s=2 * n / t["median_s"], **t)
+    ctx.facts["copy_bytes_per_s"] = 2 * n / _device_s(t)
+    ctx.emit("bandwidth", "device-to-device copy", "ok", bytes=2 * n, bytes_per_s=2 * n / _device_s(t), **t)
     host = torch.randn(n // 4).pin_memory() if ctx.device.type == "cuda" else torch.randn(n // 4)
     t = time_fn(ctx, lambda: dst.copy_(host, non_blocking=True))
-    ctx.emit("bandwidth", "host-to-device copy (pinned)", "ok", bytes=n, bytes_per_s=n / t["median_s"], **t)
+    ctx.emit("bandwidth", "host-to-device copy (pinned)", "ok", bytes=n, bytes_per_s=n / _device_s(t), **t)
     src = dst = host = None  # 2 GiB freed before the gathers (the lambdas above are done with them)
     if ctx.device.type == "cuda":
         for dtype in (torch.float32, torch.bfloat16):
@@ -557,10 +557,10 @@ def _measure_l2_gather(ctx: Ctx, dtype) -> None:
     t = time_fn(ctx, lambda: l2_gather_sums(bank, idx))
     nbytes = L2_ROWS * L2_BANK[1] * bank.element_size()
     elem = bank.element_size()
-    ctx.facts.setdefault("l2_gather_bytes_per_s", {})[elem] = nbytes / t["median_s"]
+    ctx.facts.setdefault("l2_gather_bytes_per_s", {})[elem] = nbytes / _device_s(t)
     ctx.emit("bandwidth", f"L2 gather: {L2_ROWS} random rows of a {L2_BANK[0]}x{L2_BANK[1]} {str(dtype)[6:]} bank "
              f"({bank.numel() * elem / 2**20:.1f} MiB)", "ok" if err < 1e-4 else "fail", bytes=nbytes,
-             bytes_per_s=nbytes / t["median_s"], sum_rel_err=err, **t)
+             bytes_per_s=nbytes / _device_s(t), sum_rel_err=err, **t)
 
 
 # ------------------------------------------------------------------------------------------- correctness
@@ -850,8 +850,10 @@ def nce_floors(ctx: Ctx, b, d, k, n, dtype, idx_elem: int) -> dict:
 def _emit_timing(ctx: Ctx, section: str, group: str, provider: str, step: Callable, *, floor_s=None, **extra):
     first = first_call_s(ctx, step)
     t = time_fn(ctx, step)
+    # measured/floor as bench/ computes it (the synchronised wall time), and the device time's beside it
     fields = dict(group=group, provider=provider, first_call_s=first, **t, floor_s=floor_s,
                   measured_over_floor=(t["median_s"] / floor_s) if floor_s else None,
+                  gpu_time_over_floor=(t["gpu_time_s"] / floor_s) if floor_s and t["gpu_time_s"] else None,
                   peak_bytes=peak_bytes(ctx, step), **extra)
     ctx.results.emit(section, f"{group} | {provider}", "ok", kind="bench", **fields)
 
