@@ -20,7 +20,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-# CMC_FAST_BENCH_RESULTS: somewhere else (scripts/gpu_check.sh keeps a GPU machine's rows there across calls).
+# CMC_FAST_BENCH_RESULTS: write them somewhere else (GPU figures come from scripts/gpu_check.py, via gpu_results.py).
 RESULTS_DIR = os.environ.get("CMC_FAST_BENCH_RESULTS") or os.path.join(os.path.dirname(__file__), "results")
 _ROWS: list[dict] = []
 

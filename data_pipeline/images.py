@@ -44,7 +44,9 @@ Bad images: never raise from a batch call
 Each input's bytes are sniffed first; only clean 8-bit baseline/progressive JPEGs (1 or 3 components, a header
 that holds together up to the first scan, EOI at the end) go to the fast backend, and if its batched call raises,
 the chunk is bisected until the failing
-samples are isolated (a DALI pipeline that failed is rebuilt). Everything else, and whatever the fast
+samples are isolated (a DALI pipeline that failed on a sample is rebuilt; one that cannot be built at all raises
+``DaliUnusableError`` once, and DALI is not used again in the process: ``auto`` then picks torchvision, after one
+small probe pipeline on CUDA). Everything else, and whatever the fast
 backend failed on, is handed to PIL, which decodes by content. Outcomes:
 
 ============================  ======================================================================
@@ -132,10 +134,43 @@ def torchvision_available() -> bool:
     return True
 
 
+class DaliUnusableError(RuntimeError):
+    """No DALI pipeline can be built in this process (e.g. a driver older than the DALI wheel needs)."""
+
+
+# Why DALI pipelines could not be built here, per kind ("gpu": mixed, "cpu"); empty while none failed. Set by the
+# first failed build of that kind, which is also the last: from then on 'dali' raises at once and 'auto' picks
+# torchvision, so no sample is silently decoded by PIL under the name 'dali', and no chunk rebuilds a broken
+# pipeline at every step of its bisection.
+_DALI_UNUSABLE: dict[str, str] = {}
+_DALI_PROBED: dict[int, bool] = {}  # CUDA device id -> a pipeline built there ('auto' on CUDA probes once)
+
+
+def dali_unusable_reason(device: torch.device | str | None = "cuda") -> str | None:
+    """Why DALI was marked unusable on this kind of device in this process (a pipeline failed to build), or None."""
+    return _DALI_UNUSABLE.get(_dali_kind(device))
+
+
+def _dali_kind(device: torch.device | str | None) -> str:
+    return "gpu" if device is not None and torch.device(device).type == "cuda" else "cpu"
+
+
 def available_backends() -> list[str]:
-    """Concrete backends usable here, in ``auto``'s order of preference on CUDA."""
+    """Concrete backends installed here, in ``auto``'s order of preference on CUDA."""
     return [b for b, ok in (("dali", dali_available()), ("torchvision", torchvision_available()), ("pil", True))
             if ok]
+
+
+def _dali_builds_on(device: torch.device) -> bool:
+    """Whether a DALI pipeline builds on this CUDA device: one small pipeline, once per process and device."""
+    device_id = device.index if device.index is not None else 0
+    if device_id not in _DALI_PROBED:
+        try:
+            _dali_pipeline((8, 8, 1, device_id, False, 1))
+            _DALI_PROBED[device_id] = True
+        except DaliUnusableError:
+            _DALI_PROBED[device_id] = False
+    return _DALI_PROBED[device_id]
 
 
 def resolve_backend(name: str, device: torch.device | str | None = None) -> str:
@@ -147,10 +182,14 @@ def resolve_backend(name: str, device: torch.device | str | None = None) -> str:
     if key == "auto":
         cuda = device is not None and torch.device(device).type == "cuda"
         usable = available_backends()
+        if cuda and usable[0] == "dali" and not _dali_builds_on(torch.device(device)):
+            usable = usable[1:]
         return next(b for b in usable if cuda or b != "dali")
     if key == "dali" and not dali_available():
         raise ImportError("image backend 'dali' needs NVIDIA DALI: pip install 'cmc-fast[dali]' "
                           "(nvidia-dali-cuda130), or use --image-backend torchvision / auto")
+    if key == "dali" and dali_unusable_reason(device):
+        raise DaliUnusableError(dali_unusable_reason(device))
     if key == "torchvision" and not torchvision_available():
         raise ImportError("image backend 'torchvision' needs torchvision.io.decode_jpeg, which this "
                           "torchvision lacks; use --image-backend pil")
@@ -341,6 +380,8 @@ def _isolating(run: Callable[[list[int]], None], k: int) -> dict[int, str]:
     def go(idx: list[int]) -> None:
         try:
             run(idx)
+        except DaliUnusableError:  # no sample's fault: bisecting would only rebuild what cannot be built
+            raise
         except Exception as exc:  # noqa: BLE001 - isolated below, reported per sample
             if len(idx) == 1:
                 failures[idx[0]] = _short(exc)
@@ -466,16 +507,33 @@ def _dali_pipeline(key: tuple, libjpeg_chroma: bool = True):
                                             std=[255.0 * s for s in IMAGENET_STD])
         return fn.transpose(img, perm=[2, 0, 1])
 
+    kind = "gpu" if gpu else "cpu"
+    if kind in _DALI_UNUSABLE:
+        raise DaliUnusableError(_DALI_UNUSABLE[kind])
     try:
-        pipe = images({"adjust_orientation": False})  # EXIF orientation ignored, like PIL's Image.open
-        pipe.build()
-    except Exception as exc:  # noqa: BLE001 - DALI releases whose decoder predates the argument never rotate
-        if "adjust_orientation" not in str(exc):
-            raise
-        pipe = images({})
-        pipe.build()
+        try:
+            pipe = images({"adjust_orientation": False})  # EXIF orientation ignored, like PIL's Image.open
+            pipe.build()
+        except Exception as exc:  # noqa: BLE001 - DALI releases whose decoder predates the argument never rotate
+            if "adjust_orientation" not in str(exc):
+                raise
+            pipe = images({})
+            pipe.build()
+    except Exception as exc:  # noqa: BLE001 - reported once, and DALI is not used again in this process
+        hint = " (DALI's CUDA 13 wheel needs an NVIDIA driver >= 580)" if gpu else ""
+        _DALI_UNUSABLE[kind] = (f"image backend 'dali' is unusable here: a DALI {kind.upper()} pipeline could not "
+                                f"be built (DALI {_dali_version()}): {_short(exc)}; use --image-backend "
+                                f"torchvision{hint}")
+        warnings.warn(_DALI_UNUSABLE[kind], RuntimeWarning, stacklevel=2)
+        raise DaliUnusableError(_DALI_UNUSABLE[kind]) from exc
     _DALI_PIPES[cache_key] = pipe
     return pipe
+
+
+def _dali_version() -> str:
+    import nvidia.dali
+
+    return getattr(nvidia.dali, "__version__", "?")
 
 
 def _decode_dali(blobs: list[bytes], size: tuple[int, int], device: torch.device, normalize: bool,
@@ -654,6 +712,7 @@ def decode_encoded(blobs: Sequence[bytes | None], size: Sequence[int], backend: 
                           chunk=chunk, workers=workers)
 
 
-__all__ = ["BACKENDS", "DEFAULT_CHUNK", "IMAGENET_MEAN", "IMAGENET_STD", "ImageBatch", "available_backends",
-           "dali_available", "decode", "decode_encoded", "decode_pil_path", "decode_uint8", "normalize",
-           "resolve_backend", "sniff", "torchvision_available", "usable_cores"]
+__all__ = ["BACKENDS", "DEFAULT_CHUNK", "IMAGENET_MEAN", "IMAGENET_STD", "DaliUnusableError", "ImageBatch",
+           "available_backends", "dali_available", "dali_unusable_reason", "decode", "decode_encoded",
+           "decode_pil_path", "decode_uint8", "normalize", "resolve_backend", "sniff", "torchvision_available",
+           "usable_cores"]

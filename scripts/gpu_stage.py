@@ -1,17 +1,20 @@
-"""Bring what a lent GPU machine lacks (NVIDIA DALI, the real Weibo data) in calls of at most 64 MiB each.
+"""Bring what a lent GPU machine lacks (the real Weibo JPEGs; optionally NVIDIA DALI) in calls of at most 64 MiB.
 
-The GPU image has torch, torchvision and nvJPEG but no DALI, and ``../shared/data`` does not travel with a call.
-DALI's wheel alone is 190 MB, so it goes as a compressed bundle cut into parts, one part per call, to the same
-warm machine; ``scripts/gpu_check.sh`` installs it once every part has arrived and says DALI-GPU is owed if not.
+The one GPU command is ``bash scripts/gpu_check.sh`` (scripts/gpu_check.py). It needs only the Weibo folder
+(~35 MB), carried with it as ``.gpu_carry/weibo``::
 
-Here (once, a few minutes: downloads ~270 MB from PyPI and compresses it)::
+    python scripts/gpu_stage.py stage --no-dali     # copies ../shared/data/weibo to .gpu_carry/ (git-ignored)
+    python scripts/gpu_stage.py plan                # prints the device call(s), each with its ``carry`` list
 
-    python scripts/gpu_stage.py stage        # writes .gpu_carry/ (git-ignored)
-    python scripts/gpu_stage.py plan         # prints the device calls, each with its ``carry`` list
+DALI on the GPU is a second, optional command: the GPU image has torch, torchvision and nvJPEG but no DALI, and
+DALI's wheel alone is 190 MB, so it goes as a compressed bundle cut into parts, one part per call, to the same warm
+machine (the machine keeps ignored files between calls only while it stays warm: 30 s after a call), and
+``bash scripts/gpu_check.sh dali`` installs it once every part has arrived, or says DALI-GPU is owed. Staging it
+(a few minutes: downloads ~270 MB from PyPI and compresses it)::
 
-There (``gpu_check.sh`` calls it)::
-
-    python scripts/gpu_stage.py install      # joins the parts, checks their sha256, unpacks into site-packages
+    python scripts/gpu_stage.py stage               # the data and the DALI bundle
+    python scripts/gpu_stage.py install             # there (gpu_check.sh dali calls it): joins the parts, checks
+                                                    # their sha256, unpacks into site-packages
 
 The bundle holds the wheels pip resolves for the GPU image's Python (DALI and its dependencies, less those the
 image already has), unpacked, pruned of extension modules for other Python versions and of nvCOMP's command-line
@@ -143,31 +146,35 @@ def _stage_data(source: Path, dest: Path) -> None:
     print(f"copied {source} -> {dest} ({size / 2**20:.0f} MiB)")
 
 
-def plan(args: argparse.Namespace) -> None:
-    """The device calls. The issue-critical measurement (GPU decode vs the 16-worker PIL DataLoader) goes first,
-    with the data; then one bundle part per call, each also running a phase so no call only waits for bytes; the
-    last runs the image phase again with DALI installed (its rows replace the first call's)."""
-    out = Path(args.out)
+MAIN_TIMEOUT_S = 540  # gpu_check.py's 420 s budget + imports and the CUDA context, under the 600 s limit a call has
+
+
+def device_calls(out: Path) -> list[tuple[list[str], str, int]]:
+    """(carry, command, timeout_s) of each device call, in order: the one GPU check first (with the Weibo folder
+    when staged); then, only when a DALI bundle is staged, one call per part back to back, the last running the
+    optional DALI command (its rows go to $OUT/dali/)."""
     rel = out.relative_to(ROOT) if out.is_absolute() and out.is_relative_to(ROOT) else out
     manifest = json.loads((out / MANIFEST).read_text()) if (out / MANIFEST).exists() else {"parts": []}
     data = [f"{rel}/weibo"] if (out / "weibo").is_dir() else []
+    calls = [(data, "bash scripts/gpu_check.sh", MAIN_TIMEOUT_S)]
     parts = [f"{rel}/{part['name']}" for part in manifest["parts"]]
-    phases = ["kernels", "bench", "train"]
-    budget = {"kernels": 240, "bench": 300, "train": 240, "images": 300}  # the script's own limits per phase
-    if not parts:
-        calls = [(data, "all", 600)]
-    else:
-        calls = [(data + [f"{rel}/{MANIFEST}"], "images", budget["images"] + 60)]
-        for i, part in enumerate(parts):
-            mine = phases[i:i + 1] if i < len(parts) - 1 else phases[i:]
-            mine += ["images"] if i == len(parts) - 1 else []
-            calls.append(([part], ",".join(mine), min(600, 60 + sum(budget[p] for p in mine))))
-    print("Device calls, back to back (the machine stays warm 30 s after each):")
-    for i, (carry, phase, timeout) in enumerate(calls, 1):
-        print(f"  {i}. run(command='bash scripts/gpu_check.sh {phase}', carry={json.dumps(carry)}, "
-              f"timeout_s={timeout})")
-    print("Each call returns $OUT/gpu-results.tar.gz (every phase so far on that machine): unpack the last one in "
-          "the repo root.")
+    for i, part in enumerate(parts):
+        carry = [part] + ([f"{rel}/{MANIFEST}"] if i == 0 else [])
+        last = i == len(parts) - 1
+        calls.append((carry, "bash scripts/gpu_check.sh dali" if last else f"ls -l {rel}", 300 if last else 60))
+    return calls
+
+
+def plan(args: argparse.Namespace) -> None:
+    calls = device_calls(Path(args.out))
+    print("The GPU check, one device call:")
+    for i, (carry, command, timeout) in enumerate(calls, 1):
+        if i == 2:
+            print("Optional, DALI on the GPU, only with device time to spare, back to back (the parts stay on the "
+                  "machine only while it is warm, 30 s after a call):")
+        print(f"  {i}. run(command={command!r}, carry={json.dumps(carry)}, timeout_s={timeout})")
+    print("Each call returns $OUT/gpu-results.{jsonl,md} (the DALI call under dali/): python scripts/gpu_results.py "
+          "<folder>/gpu-results.jsonl puts the figures into bench/results/.")
 
 
 class BundleError(RuntimeError):

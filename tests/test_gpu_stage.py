@@ -95,3 +95,22 @@ def test_keep_prunes_other_pythons_and_tools():
     assert gpu_stage._keep("nvidia/dali/libdali.so", "312")
     assert not gpu_stage._keep("nvidia_dali_cuda130-2.4.0.data/scripts/rec2idx.py", "312")
     assert not gpu_stage._keep("nvidia/libnvcomp/bin/nvlzcat", "312")
+
+
+def test_plan_is_one_gpu_check_then_optional_dali(staged, tmp_path):
+    """The one GPU check comes first, with the data; the DALI parts follow one per call, the last running the optional
+    DALI command; no call carries two parts (a call carries at most 64 MiB)."""
+    out, manifest, _ = staged
+    calls = gpu_stage.device_calls(out)
+    assert calls[0] == ([], "bash scripts/gpu_check.sh", gpu_stage.MAIN_TIMEOUT_S)
+    (out / "weibo").mkdir()
+    calls = gpu_stage.device_calls(out)
+    assert calls[0] == ([f"{out}/weibo"], "bash scripts/gpu_check.sh", gpu_stage.MAIN_TIMEOUT_S)
+    assert gpu_stage.MAIN_TIMEOUT_S <= 600
+    parts = [c[0] for c in calls[1:]]
+    assert [p for carry in parts for p in carry if "part" in p] == [f"{out}/{p['name']}" for p in manifest["parts"]]
+    assert all(sum("part" in p for p in carry) == 1 for carry in parts)
+    assert calls[-1][1] == "bash scripts/gpu_check.sh dali"
+    assert all(cmd != "bash scripts/gpu_check.sh dali" for _, cmd, _ in calls[:-1])
+    assert gpu_stage.device_calls(tmp_path / "nothing") == [([], "bash scripts/gpu_check.sh",
+                                                              gpu_stage.MAIN_TIMEOUT_S)]

@@ -338,6 +338,7 @@ def test_float_contract_zeroes_failures(bad_files):
 
 def test_backend_choice(monkeypatch):
     assert resolve_backend("auto") == "torchvision"  # on the CPU: DALI's CPU pipeline is not the cheaper one
+    monkeypatch.setattr(images, "_dali_builds_on", lambda device: True)  # tested below: the probe on CUDA
     assert resolve_backend("auto", "cuda") == BACKENDS[0]
     assert resolve_backend("PIL") == "pil"
     with pytest.raises(ValueError, match="unknown image backend"):
@@ -358,6 +359,58 @@ def test_dali_pipeline_reused(bad_files):
     decode_uint8([bad_files["good"]] * 5, (32, 32), backend="dali", chunk=4)  # chunks of 4 and 1: one pipeline
     decode_uint8([bad_files["good"]] * 2, (32, 32), backend="dali", chunk=4)
     assert list(images._DALI_PIPES) == [(32, 32, 4, None, False, images.usable_cores())]
+
+
+@pytest.fixture
+def broken_dali_build(monkeypatch):
+    """Every DALI pipeline build fails (as with a driver older than the wheel needs); returns the list of builds.
+    The module's pipelines and usability marks are restored afterwards."""
+    from nvidia.dali.pipeline import Pipeline
+
+    monkeypatch.setattr(images, "_DALI_PIPES", {})
+    monkeypatch.setattr(images, "_DALI_UNUSABLE", {})
+    monkeypatch.setattr(images, "_DALI_PROBED", {})
+    builds = []
+
+    def build(self, *args, **kwargs):
+        builds.append(1)
+        raise RuntimeError("CUDA driver version is insufficient for CUDA runtime version")
+
+    monkeypatch.setattr(Pipeline, "build", build)
+    return builds
+
+
+@needs_dali
+def test_dali_pipeline_that_cannot_be_built_is_built_once(bad_files, broken_dali_build):
+    """A pipeline that cannot be built is built once, the batch call raises naming why, and DALI is marked unusable
+    for that kind of device: 'dali' refuses at once. Before, each 64-image chunk rebuilt it at every step of the
+    bisection (127 builds) and PIL then decoded every image under the name 'dali'."""
+    paths = [bad_files["good"]] * 64 + [bad_files["gray"]] * 64  # two chunks of 64
+    with (pytest.warns(RuntimeWarning, match="could not be built"),
+          pytest.raises(images.DaliUnusableError, match="driver version is insufficient")):
+        decode_uint8(paths, (32, 32), backend="dali")
+    assert len(broken_dali_build) == 1
+    with pytest.raises(images.DaliUnusableError, match="could not be built"):
+        decode_uint8(paths[:3], (32, 32), backend="dali")
+    with pytest.raises(images.DaliUnusableError, match="--image-backend torchvision"):
+        resolve_backend("dali")
+    assert len(broken_dali_build) == 1
+    assert "driver version is insufficient" in images.dali_unusable_reason("cpu")
+    assert ">= 580" not in images.dali_unusable_reason("cpu")  # the driver hint is for GPU pipelines only
+    assert images.dali_unusable_reason("cuda") is None  # the GPU pipeline was never tried
+    assert decode_uint8(paths[:2], (32, 32), backend="torchvision").backend == "torchvision"
+
+
+@needs_dali
+def test_auto_on_cuda_probes_dali_once(broken_dali_build):
+    """'auto' on CUDA builds one small DALI pipeline before choosing DALI; when it cannot be built, torchvision is
+    chosen, the probe is not repeated, and an explicit 'dali' on CUDA refuses with the reason."""
+    with pytest.warns(RuntimeWarning, match="GPU pipeline could not be built"):
+        assert resolve_backend("auto", "cuda:0") == "torchvision"
+    assert resolve_backend("auto", "cuda") == "torchvision" and len(broken_dali_build) == 1
+    with pytest.raises(images.DaliUnusableError, match="driver version is insufficient.*>= 580"):
+        resolve_backend("dali", "cuda")
+    assert resolve_backend("auto") == "torchvision" and images.dali_unusable_reason("cpu") is None
 
 
 @pytest.mark.parametrize("backend", ["pil", "torchvision"])
