@@ -33,8 +33,9 @@ B0/B1) must share a dtype: the backward picks a side's pointers at run time and 
 
 Recomputation. The backward keeps t [B, mm] fp32 and the norms [B, chunks] from the forward (0.4 MB at B=64) and
 recomputes y_other in dx and dW on tensor cores instead of storing y0 and y1: at (1600, 20, 15), B=64 they are
-2 x 6.1 MB in fp32, ~12 MB written and ~25 MB read again = ~11 us of HBM at 3.35 TB/s, against 2 x 0.25 GFLOP of
-recomputation = ~1 us of TF32 at 495 TFLOP/s (~10 us of FP32 FFMA at "highest": there, keeping y would be on par).
+2 x 6.1 MB in fp32, ~12 MB written and ~25 MB read again = ~11 us of HBM at 3.35 TB/s, against 4 x 0.25 GFLOP of
+recomputation (y1 and y0 in dx, again in dW) = ~2 us of TF32 at 495 TFLOP/s. At "highest" (FP32 FFMA, 67 TFLOP/s)
+the same recomputation costs ~15 us and keeping y would be cheaper: not done (that path is FFMA-bound anyway).
 
 Limits: chunk sizes up to MAX_CHUNK = 256 (dx and dW hold a [rows, chunk] tile), rank up to MAX_RANK = 128; beyond,
 ``block_merge`` takes the bmm path. Every dot dimension is >= 16 (``tl.dot``'s minimum on GPUs).
@@ -386,7 +387,9 @@ def block_plan(n_rows: int, sizes, rank: int, *, sms: int = 132, ieee_fp32: bool
     min_j = _cdiv(MIN_DOT, rank_p)  # features a tile needs for N >= 16
     whole = max(min_j, next_power_of_2(max_s))  # one tile per chunk
     rows = max(MIN_DOT, min(64, next_power_of_2(n_rows)))  # the interpreter pays per program: few big tiles
-    # forward: a whole chunk per tile (normalised in the same launch) while N <= 256, else N = 128
+    # forward: a whole chunk per tile (normalised in the same launch) while N <= 256, else N = 128. Warps: 8 from
+    # 8192 accumulator elements or N = 256 (4 warps spilled 128 B at (256, 18, 15) in TF32); dW likewise from
+    # [N, block_s] or [rows, N] of 4096 (4 warps spilled 40-136 B at chunks of 15)
     fwd_j = whole if whole * rank_p <= 256 else max(min_j, 128 // rank_p)
     fwd_b, budget = rows, 4096 if ieee_fp32 else 8192
     while fwd_b > MIN_DOT and fwd_b * fwd_j * rank_p > budget:
@@ -400,12 +403,12 @@ def block_plan(n_rows: int, sizes, rank: int, *, sms: int = 132, ieee_fp32: bool
     dx_j = max(min_j, min(min(128, max(MIN_DOT, budget // block_s)) // rank_p, whole))
     # dW: [N, block_s] accumulator, N * block_s <= 8192 (N * block_s = 16384 spilled 168 B at 8 warps in bf16)
     dw_j = max(min_j, min(min(128, max(MIN_DOT, 8192 // block_s)) // rank_p, whole))
+    dw_b = rows if interpreted else (MIN_DOT if ieee_fp32 else 32)
     plan = BlockPlan(
         rank_p=rank_p, block_k=_block_k(sizes), block_s=block_s,
-        fwd_b=fwd_b, fwd_j=fwd_j, fwd_warps=8 if fwd_b * fwd_j * rank_p >= budget else 4,
+        fwd_b=fwd_b, fwd_j=fwd_j, fwd_warps=8 if fwd_b * fwd_j * rank_p >= budget or fwd_j * rank_p >= 256 else 4,
         norm_b=norm_b, dx_b=rows if interpreted else MIN_DOT, dx_j=dx_j, dx_warps=8,
-        dw_b=rows if interpreted else (MIN_DOT if ieee_fp32 else 32), dw_j=dw_j,
-        dw_warps=8 if dw_j * rank_p * block_s >= 8192 else 4)
+        dw_b=dw_b, dw_j=dw_j, dw_warps=8 if max(dw_j * rank_p * block_s, 2 * dw_b * dw_j * rank_p) >= budget else 4)
     plan = dataclasses.replace(plan, **overrides)
     _check_plan(plan, max_s, rank)
     return plan

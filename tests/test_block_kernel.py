@@ -536,8 +536,15 @@ rows = {}
 for dtype, precision in (("bf16", "highest"), ("fp32", "high"), ("fp32", "highest")):
     out = hopper_build.report("block", (64, 1600, 20, 15), tempfile.mkdtemp(), dtype=dtype, precision=precision)
     rows[dtype + "-" + precision] = out
-out = hopper_build.report("block", (64, 256, 18, 15), tempfile.mkdtemp(), dtype="bf16", precision="highest")
-rows["small-bf16"] = out
+for dtype, precision in (("bf16", "highest"), ("fp32", "high")):
+    out = hopper_build.report("block", (64, 256, 18, 15), tempfile.mkdtemp(), dtype=dtype, precision=precision)
+    rows["small-" + dtype + "-" + precision] = out
+# AMP: bf16 activations with fp32 master weights (the kernels cast weight tiles to bf16): must not spill either
+from cmc_fast.kernels.block import hopper_specs
+for spec in hopper_specs((64, 1600, 20, 15), dtype="bf16"):
+    types = {k: ("*fp32" if k in ("W0", "B0", "W1", "B1", "DW0", "DB0", "DW1", "DB1") else v)
+             for k, v in spec.types.items()}
+    hopper_build.build_checked(spec.kernel, types, spec.constexprs, spec.num_warps, spec.divisible_by_16)
 print("REPORT" + json.dumps(rows))
 """
 
@@ -548,7 +555,8 @@ def test_hopper_report_tensor_cores(run_without_interpreter):
     the hot loops of the forward, dx and dW kernels use tensor-core instructions (HMMA/HGMMA) for bf16 and for fp32
     at "high", and none at "highest" (IEEE fp32); no kernel spills; the forward, dx and dW grids each have >= 132
     programs (one per H100/H200 SM); the padding waste of every inner (contraction) dimension is <= 25%. At (256,
-    18, 15) one chunk fits one forward tile: no norm kernel (3 launches in all)."""
+    18, 15) one chunk fits one forward tile: no norm kernel (3 launches in all). bf16 activations with fp32 weights
+    (AMP) build without spills too."""
     import json
 
     text = run_without_interpreter(_HOPPER_REPORT, timeout=1500)
