@@ -42,26 +42,28 @@ SHARED_RESERVED_PER_BLOCK = 1024  # the runtime reserves 1 KB of shared memory p
 WARPS_PER_SM = 64
 BLOCKS_PER_SM = 32
 
-# Per-GPU bandwidths for floors. Each value names its source; "measured" values are someone's measurement, not ours.
+# Per-GPU bandwidths for floors, bytes/s. Each value names its source; None: not known here (owed to a measurement on
+# the device). "measured" values are someone's measurement, not this project's.
 GPUS = {
     "H100 SXM": {
-        "hbm_spec": 3.35e12,  # NVIDIA H100 datasheet (SXM5, HBM3): 3.35 TB/s
-        "hbm_measured": None,  # owed: no H100 measurement in this project yet
-        "l2_measured": None,  # owed (see nce.py's floors for the L2 figure used)
+        "hbm_spec": 3.35e12,  # NVIDIA H100 datasheet, SXM5 (HBM3): 3.35 TB/s
+        "hbm_measured": None,  # owed: no H100 copy measured in this project yet
+        "l2_measured": None,  # owed: NVIDIA publishes no L2 bandwidth; measure a gather over an L2-resident bank
     },
     "H200": {
         "hbm_spec": 4.8e12,  # NVIDIA H200 datasheet (HBM3e): 4.8 TB/s
         "hbm_measured": 4.3e12,  # issue #11: a device-to-device copy on an H200 reaches ~4.3 TB/s
-        "l2_measured": None,
+        "l2_measured": None,  # owed, as for the H100
     },
 }
+
 
 # The instruction classes of the hot-loop mix (SASS opcodes, the part before the first '.').
 MIX_CLASSES = {
     "loads": ("LDG", "LD", "LDS", "LDSM", "LDGSTS", "UTMALDG", "LDGDEPBAR"),
     "stores": ("STG", "ST", "STS", "RED", "ATOM", "ATOMG", "ATOMS"),
     "shuffles": ("SHFL",),
-    "barriers": ("BAR", "BSYNC", "WARPSYNC", "SYNCS", "MEMBAR", "DEPBAR"),
+    "barriers": ("BAR", "SYNCS", "MEMBAR", "DEPBAR"),  # block-level; BSSY/BSYNC (warp reconvergence) are "other"
     "mufu": ("MUFU",),
     "fp32": ("FADD", "FMUL", "FFMA", "FMNMX", "FSETP", "FSET", "FSEL", "FCHK", "FRND", "FSWZADD"),
     "tensor": ("HMMA", "HGMMA", "IMMA", "IGMMA", "QGMMA", "BGMMA", "WGMMA"),
@@ -256,6 +258,7 @@ def report_spec(spec: Spec, sass_dir: str, index: int) -> dict:
     registers, spilled = ptxas_report(kernel.asm["ptx"])
     sass = sass_text(kernel)
     name = spec.kernel.__name__
+    os.makedirs(sass_dir, exist_ok=True)
     sass_file = os.path.join(sass_dir, f"{index:02d}_{name}_{spec.num_warps}w.sass")
     with open(sass_file, "w") as f:
         f.write(sass)
@@ -344,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = report(args.op, args.shape, args.sass_dir, **options)
     floors = _floors(args.op, args.shape, options)
     if args.json:
-        print(json.dumps(rows, indent=1))
+        print(json.dumps(rows, indent=1, default=str))  # default: constexprs such as Triton dtypes
     else:
         print(format_table(rows))
         if floors:
