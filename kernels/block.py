@@ -37,8 +37,12 @@ recomputes y_other in dx and dW on tensor cores instead of storing y0 and y1: at
 recomputation (y1 and y0 in dx, again in dW) = ~2 us of TF32 at 495 TFLOP/s. At "highest" (FP32 FFMA, 67 TFLOP/s)
 the same recomputation costs ~15 us and keeping y would be cheaper: not done (that path is FFMA-bound anyway).
 
-Limits: chunk sizes up to MAX_CHUNK = 256 (dx and dW hold a [rows, chunk] tile), rank up to MAX_RANK = 128; beyond,
-``block_merge`` takes the bmm path. Every dot dimension is >= 16 (``tl.dot``'s minimum on GPUs).
+Limits: chunk sizes up to MAX_CHUNK = 256 (dx and dW hold a [rows, block_s] tile), rank up to MAX_RANK = 128;
+beyond, ``block_merge`` takes the bmm path on CUDA (the reference under ``CMC_FAST_KERNELS=triton``). Every dot
+dimension is >= 16 (``tl.dot``'s minimum on GPUs). Left open (static report, bench/results/block-sm90-static.md): at
+(1600, 20, 15), B=64 the forward's 200 and dx's 160 programs hold one block per SM (163-255 registers a thread), so
+they run in 1.5 and 1.2 waves on 132 SMs; the dx and dW outputs span block_s = 128 for chunks of 80 (37.5% of those
+two products is padding; the inner dimensions are not padded).
 
 Floors per GPU (the ``GPUS`` table below). FLOPs 4*B*R*S2 forward and 8*B*R*S2 backward with S2 = sum_c s_c^2;
 bytes (weights and activations once each) 2*R*S2*wb + 2*R*MM*wb + 3*B*MM*xb forward, 4*R*S2*wb + 4*R*MM*wb +
