@@ -19,10 +19,12 @@ above the chunk, 128, wasted 37.5%).
   * ``_block_bwd_dx_kernel`` grid (chunks, batch tiles, 2 sides): side 0 computes dx0 = sum_{j,r} (dz*y1) W0, side
                              1 dx1; dz comes from g and what the forward kept (t and the norm; the old kernel
                              recomputed z with a whole extra forward), y_other is recomputed (see Recomputation).
-                             Side 0 also writes dz for the dW kernel.
+                             Side 0 also writes dz for the dW kernel. The chunk's width in dx is a head and a tail
+                             tile (64 + 16 for chunks of 80), not the power of two above it (128: 37.5% padding).
   * ``_block_bwd_dw_kernel`` grid (chunks, feature tiles of the largest chunk, 2 sides): a program owns
                              dW_side[(j, r), :] for its feature tile and all ranks and loops over the batch:
-                             dW0 += (dz*y1)^T x0. Deterministic (no atomics). The grid is sized by the largest chunk
+                             dW0 += (dz*y1)^T x0 (head + tail tiles of the chunk's width, as dx). Deterministic (no
+                             atomics). The grid is sized by the largest chunk
                              (the old one by the padded tile: 37.5% of its programs stored nothing).
 Precision: x float32, float16 or bfloat16; weights may be another float dtype than x (AMP: fp32 master weights, bf16
 activations), cast to x's dtype before each ``tl.dot``, which accumulates in fp32. 16-bit inputs run on tensor cores
@@ -37,12 +39,12 @@ recomputes y_other in dx and dW on tensor cores instead of storing y0 and y1: at
 recomputation (y1 and y0 in dx, again in dW) = ~2 us of TF32 at 495 TFLOP/s. At "highest" (FP32 FFMA, 67 TFLOP/s)
 the same recomputation costs ~15 us and keeping y would be cheaper: not done (that path is FFMA-bound anyway).
 
-Limits: chunk sizes up to MAX_CHUNK = 256 (dx and dW hold a [rows, block_s] tile), rank up to MAX_RANK = 128;
+Limits: chunk sizes up to MAX_CHUNK = 256 (dx holds a [rows, block_s] row of g and t), rank up to MAX_RANK = 128;
 beyond, ``block_merge`` takes the bmm path on CUDA (the reference under ``CMC_FAST_KERNELS=triton``). Every dot
 dimension is >= 16 (``tl.dot``'s minimum on GPUs). Left open (static report, bench/results/block-sm90-static.md): at
 (1600, 20, 15), B=64 the forward's 200 and dx's 160 programs hold one block per SM (163-255 registers a thread), so
-they run in 1.5 and 1.2 waves on 132 SMs; the dx and dW outputs span block_s = 128 for chunks of 80 (37.5% of those
-two products is padding; the inner dimensions are not padded).
+they run in 1.5 and 1.2 waves on 132 SMs. Padding at chunks of 80: none in the K steps, the dx/dW output tiles or
+the batch; 6.25% in the rank (15 -> 16) of every N.
 
 Floors per GPU (the ``GPUS`` table below). FLOPs 4*B*R*S2 forward and 8*B*R*S2 backward with S2 = sum_c s_c^2;
 bytes (weights and activations once each) 2*R*S2*wb + 2*R*MM*wb + 3*B*MM*xb forward, 4*R*S2*wb + 4*R*MM*wb +
@@ -240,8 +242,10 @@ def _block_bwd_dx_kernel(
     META,  # [4, C] int64 (see the forward)
     n_rows, MM, C, R,
     BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
-    RANK_P: tl.constexpr, NORMALIZE: tl.constexpr, PREC: tl.constexpr,
+    HEAD: tl.constexpr, TAIL: tl.constexpr, RANK_P: tl.constexpr, NORMALIZE: tl.constexpr, PREC: tl.constexpr,
 ):
+    # the chunk's width in the dx product is covered by a HEAD and a TAIL tile (64 + 16 for chunks of 80: no
+    # padding, where one power-of-two tile of 128 wasted 37.5%); TAIL = 0: one tile
     c = tl.program_id(0)
     pb = tl.program_id(1)
     side = tl.program_id(2)  # 0: dx0 = sum (dz*y1) W0; 1: dx1 = sum (dz*y0) W1
@@ -267,7 +271,11 @@ def _block_bwd_dx_kernel(
         if side == 0:
             tl.store(DZ + x_row[:, None] + offs_s[None, :], _dz_of(g, t, inv[:, None], coef[:, None]), mask=row_mask)
 
-    dx = tl.zeros([BLOCK_B, BLOCK_S], dtype=tl.float32)
+    offs_h = tl.arange(0, HEAD)
+    dx_h = tl.zeros([BLOCK_B, HEAD], dtype=tl.float32)
+    if TAIL > 0:
+        offs_t = HEAD + tl.arange(0, TAIL)
+        dx_t = tl.zeros([BLOCK_B, TAIL], dtype=tl.float32)
     for j0 in range(0, s, BLOCK_J):
         w_row, b_idx, mask_n = _tile_rows(META, C, c, BLOCK_J, RANK_P, R, j0)
         y = tl.zeros([BLOCK_B, BLOCK_J * RANK_P], dtype=tl.float32)
@@ -282,11 +290,19 @@ def _block_bwd_dx_kernel(
         else:
             dz = tl.load(DZ + j_idx, mask=j_mask, other=0.0)
         dz_n = tl.reshape(tl.broadcast_to(dz[:, :, None], (BLOCK_B, BLOCK_J, RANK_P)), (BLOCK_B, BLOCK_J * RANK_P))
-        dy = dz_n * y  # zero on padded rows and n (dz, W and the bias are)
-        w = tl.load(W_SELF + w_row[:, None] + offs_s[None, :], mask=mask_n[:, None] & (offs_s < s)[None, :],
+        dy = (dz_n * y).to(X0.dtype.element_ty)  # zero on padded rows and n (dz, W and the bias are)
+        w = tl.load(W_SELF + w_row[:, None] + offs_h[None, :], mask=mask_n[:, None] & (offs_h < s)[None, :],
                     other=0.0)
-        dx = tl.dot(dy.to(X0.dtype.element_ty), w.to(X0.dtype.element_ty), dx, input_precision=PREC)
-    tl.store(DX + x_row[:, None] + offs_s[None, :], dx.to(DX.dtype.element_ty), mask=row_mask)
+        dx_h = tl.dot(dy, w.to(X0.dtype.element_ty), dx_h, input_precision=PREC)
+        if TAIL > 0:
+            w = tl.load(W_SELF + w_row[:, None] + offs_t[None, :], mask=mask_n[:, None] & (offs_t < s)[None, :],
+                        other=0.0)
+            dx_t = tl.dot(dy, w.to(X0.dtype.element_ty), dx_t, input_precision=PREC)
+    tl.store(DX + x_row[:, None] + offs_h[None, :], dx_h.to(DX.dtype.element_ty),
+             mask=mask_b[:, None] & (offs_h < s)[None, :])
+    if TAIL > 0:
+        tl.store(DX + x_row[:, None] + offs_t[None, :], dx_t.to(DX.dtype.element_ty),
+                 mask=mask_b[:, None] & (offs_t < s)[None, :])
 
 
 @triton.jit
@@ -297,7 +313,7 @@ def _block_bwd_dw_kernel(
     DW0, DB0, DW1, DB1,  # out: flat gradients, same layout and dtype as W0, B0, W1, B1
     META,  # [4, C] int64 (see the forward)
     n_rows, MM, C, R,
-    BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, HEAD: tl.constexpr, TAIL: tl.constexpr,
     RANK_P: tl.constexpr, PREC: tl.constexpr,
 ):
     c = tl.program_id(0)
@@ -312,9 +328,12 @@ def _block_bwd_dw_kernel(
     j0 = pj * BLOCK_J
     if j0 < s:  # the grid is sized by the largest chunk
         w_row, b_idx, mask_n = _tile_rows(META, C, c, BLOCK_J, RANK_P, R, j0)
-        offs_s = tl.arange(0, BLOCK_S)
+        offs_h = tl.arange(0, HEAD)  # the chunk's width as a HEAD and a TAIL tile, as in the dx kernel
         offs_j = j0 + tl.arange(0, BLOCK_J)
-        acc_w = tl.zeros([BLOCK_J * RANK_P, BLOCK_S], dtype=tl.float32)
+        acc_h = tl.zeros([BLOCK_J * RANK_P, HEAD], dtype=tl.float32)
+        if TAIL > 0:
+            offs_t = HEAD + tl.arange(0, TAIL)
+            acc_t = tl.zeros([BLOCK_J * RANK_P, TAIL], dtype=tl.float32)
         acc_b = tl.zeros([BLOCK_J * RANK_P], dtype=tl.float32)
         for b_start in range(0, n_rows, BLOCK_B):
             offs_b = (b_start + tl.arange(0, BLOCK_B)).to(tl.int64)
@@ -327,12 +346,20 @@ def _block_bwd_dw_kernel(
             dz_n = tl.reshape(tl.broadcast_to(dz[:, :, None], (BLOCK_B, BLOCK_J, RANK_P)),
                               (BLOCK_B, BLOCK_J * RANK_P))
             dy = dz_n * y  # zero on padded rows and n
-            x = tl.load(X_SELF + x_row[:, None] + offs_s[None, :], mask=mask_b[:, None] & (offs_s < s)[None, :],
+            dy_t = tl.trans(dy.to(X_SELF.dtype.element_ty))
+            x = tl.load(X_SELF + x_row[:, None] + offs_h[None, :], mask=mask_b[:, None] & (offs_h < s)[None, :],
                         other=0.0)
-            acc_w = tl.dot(tl.trans(dy.to(x.dtype)), x, acc_w, input_precision=PREC)
+            acc_h = tl.dot(dy_t, x, acc_h, input_precision=PREC)
+            if TAIL > 0:
+                x = tl.load(X_SELF + x_row[:, None] + offs_t[None, :], mask=mask_b[:, None] & (offs_t < s)[None, :],
+                            other=0.0)
+                acc_t = tl.dot(dy_t, x, acc_t, input_precision=PREC)
             acc_b += tl.sum(dy, axis=0)
-        tl.store(DW + w_row[:, None] + offs_s[None, :], acc_w.to(DW.dtype.element_ty),
-                 mask=mask_n[:, None] & (offs_s < s)[None, :])
+        tl.store(DW + w_row[:, None] + offs_h[None, :], acc_h.to(DW.dtype.element_ty),
+                 mask=mask_n[:, None] & (offs_h < s)[None, :])
+        if TAIL > 0:
+            tl.store(DW + w_row[:, None] + offs_t[None, :], acc_t.to(DW.dtype.element_ty),
+                     mask=mask_n[:, None] & (offs_t < s)[None, :])
         tl.store(DB + b_idx, acc_b.to(DB.dtype.element_ty), mask=mask_n)
 
 
@@ -350,7 +377,9 @@ class BlockPlan:
     """The tiles of the kernels for one (batch, chunk sizes, rank). A tile's N dimension is ``*_j * rank_p``."""
     rank_p: int  # rank padded to a power of two
     block_k: int  # contraction step over a chunk's inputs (forward and every recomputation of y)
-    block_s: int  # power of two >= the largest chunk: the dx and dW output tiles and the norm kernel's row
+    block_s: int  # power of two >= the largest chunk: the dx kernel's row of g and t, the norm kernel's row
+    out_head: int  # the dx and dW outputs cover a chunk's width with a head tile and a tail tile (0: none)
+    out_tail: int
     fwd_b: int  # forward: batch rows, features per tile, warps
     fwd_j: int
     fwd_warps: int
@@ -388,12 +417,13 @@ def block_plan(n_rows: int, sizes, rank: int, *, sms: int = 132, ieee_fp32: bool
     max_s, chunks = max(sizes), len(sizes)
     rank_p = next_power_of_2(rank)
     block_s = max(MIN_DOT, next_power_of_2(max_s))
+    out_head, out_tail = _out_tiles(max_s, block_s)
     min_j = _cdiv(MIN_DOT, rank_p)  # features a tile needs for N >= 16
     whole = max(min_j, next_power_of_2(max_s))  # one tile per chunk
     rows = max(MIN_DOT, min(64, next_power_of_2(n_rows)))  # the interpreter pays per program: few big tiles
     # forward: a whole chunk per tile (normalised in the same launch) while N <= 256, else N = 128. Warps: 8 from
-    # 8192 accumulator elements or N = 256 (4 warps spilled 128 B at (256, 18, 15) in TF32); dW likewise from
-    # [N, block_s] or [rows, N] of 4096 (4 warps spilled 40-136 B at chunks of 15)
+    # 8192 accumulator elements or N = 256 (4 warps spilled 128 B at (256, 18, 15) in TF32); dW 8 (4 spilled 40-180 B
+    # at chunks of 15 and of 80)
     fwd_j = whole if whole * rank_p <= 256 else max(min_j, 128 // rank_p)
     fwd_b, budget = rows, 4096 if ieee_fp32 else 8192
     while fwd_b > MIN_DOT and fwd_b * fwd_j * rank_p > budget:
@@ -404,22 +434,32 @@ def block_plan(n_rows: int, sizes, rank: int, *, sms: int = 132, ieee_fp32: bool
     norm_b = rows if interpreted else min(16, 1 << max(0, (chunks * n_rows // sms).bit_length() - 1))
     # dx: [rows, block_s] accumulator and a [N, block_s] weight tile per step, N * block_s <= budget (FFMA: 4096;
     # 8192 spilled 476 B there)
-    dx_j = max(min_j, min(min(128, max(MIN_DOT, budget // block_s)) // rank_p, whole))
+    dx_j = max(min_j, min(min(128, max(MIN_DOT, budget // block_s)) // rank_p, whole))  # per block_s, not out_w
     # dW: [N, block_s] accumulator, N * block_s <= 8192 (N * block_s = 16384 spilled 168 B at 8 warps in bf16)
-    dw_j = max(min_j, min(min(128, max(MIN_DOT, 8192 // block_s)) // rank_p, whole))
+    dw_j = max(min_j, min(min(128, max(MIN_DOT, 8192 // block_s)) // rank_p, whole))  # idem
     dw_b = rows if interpreted else (MIN_DOT if ieee_fp32 else 32)
     plan = BlockPlan(
-        rank_p=rank_p, block_k=_block_k(sizes), block_s=block_s,
+        rank_p=rank_p, block_k=_block_k(sizes), block_s=block_s, out_head=out_head, out_tail=out_tail,
         fwd_b=fwd_b, fwd_j=fwd_j, fwd_warps=8 if fwd_b * fwd_j * rank_p >= budget or fwd_j * rank_p >= 256 else 4,
         norm_b=norm_b, dx_b=rows if interpreted else MIN_DOT, dx_j=dx_j, dx_warps=8,
-        dw_b=dw_b, dw_j=dw_j, dw_warps=8 if max(dw_j * rank_p * block_s, 2 * dw_b * dw_j * rank_p) >= budget else 4)
+        dw_b=dw_b, dw_j=dw_j, dw_warps=8)
     plan = dataclasses.replace(plan, **overrides)
     _check_plan(plan, max_s, rank)
     return plan
 
 
+def _out_tiles(max_s: int, block_s: int) -> tuple[int, int]:
+    """(head, tail) widths covering a chunk of max_s in the dx/dW outputs: the largest power of two <= max_s and the
+    power of two >= the rest (80 -> 64 + 16, 40 -> 32 + 16), or one tile of block_s where that saves nothing
+    (100 -> 128, 15 -> 16)."""
+    head = max(MIN_DOT, 1 << (max_s.bit_length() - 1))
+    tail = 0 if max_s <= head else max(MIN_DOT, next_power_of_2(max_s - head))
+    return (head, tail) if head + tail < block_s else (block_s, 0)
+
+
 def _check_plan(plan: BlockPlan, max_s: int, rank: int) -> None:
-    dots = {"fwd_b": plan.fwd_b, "block_k": plan.block_k, "block_s": plan.block_s, "dx_b": plan.dx_b,
+    dots = {"fwd_b": plan.fwd_b, "block_k": plan.block_k, "block_s": plan.block_s, "out_head": plan.out_head,
+            "out_tail": plan.out_tail or MIN_DOT, "dx_b": plan.dx_b,
             "dw_b": plan.dw_b, "fwd_j*rank_p": plan.fwd_j * plan.rank_p, "dx_j*rank_p": plan.dx_j * plan.rank_p,
             "dw_j*rank_p": plan.dw_j * plan.rank_p}
     bad = {k: v for k, v in dots.items() if v < MIN_DOT or not _pow2(v)}
@@ -429,9 +469,9 @@ def _check_plan(plan: BlockPlan, max_s: int, rank: int) -> None:
     bad = {k: v for k, v in others.items() if not _pow2(v)}
     if bad:
         raise ValueError(f"tile sizes must be powers of two, got {bad}")
-    if plan.rank_p < rank or plan.block_s < max_s:
-        raise ValueError(f"rank_p={plan.rank_p} must be >= the rank ({rank}) and block_s={plan.block_s} >= the "
-                         f"largest chunk ({max_s})")
+    if plan.rank_p < rank or plan.block_s < max_s or plan.out_head + plan.out_tail < max_s:
+        raise ValueError(f"rank_p={plan.rank_p} must be >= the rank ({rank}), block_s={plan.block_s} and out_head + "
+                         f"out_tail={plan.out_head}+{plan.out_tail} >= the largest chunk ({max_s})")
 
 
 def _fwd_tiles(plan: BlockPlan, sizes) -> int:
@@ -442,7 +482,7 @@ def padding_waste(plan: BlockPlan, n_rows: int, sizes, rank: int) -> dict[str, f
     """Share of each padded dimension that is padding, summed over chunks. Inner (contraction) dimensions: ``k``
     (a chunk's inputs, in steps of block_k: forward and every recomputation of y), ``dx_n`` (features x ranks of the
     dx product), ``dw_batch`` (rows of the dW product). Output dimensions: ``fwd_n`` (features x ranks of a forward
-    tile) and ``chunk_out`` (a chunk's inputs padded to block_s in the dx and dW outputs)."""
+    tile) and ``chunk_out`` (a chunk's inputs padded to out_head + out_tail in the dx and dW outputs)."""
     total = sum(sizes)
 
     def n_waste(j: int) -> float:
@@ -450,7 +490,7 @@ def padding_waste(plan: BlockPlan, n_rows: int, sizes, rank: int) -> dict[str, f
 
     return {"k": 1 - total / sum(_cdiv(s, plan.block_k) * plan.block_k for s in sizes),
             "dx_n": n_waste(plan.dx_j), "dw_batch": 1 - n_rows / (_cdiv(n_rows, plan.dw_b) * plan.dw_b),
-            "fwd_n": n_waste(plan.fwd_j), "chunk_out": 1 - total / (len(sizes) * plan.block_s)}
+            "fwd_n": n_waste(plan.fwd_j), "chunk_out": 1 - total / (len(sizes) * (plan.out_head + plan.out_tail))}
 
 
 # ------------------------------------------------------------------------------------------- launchers
@@ -575,10 +615,12 @@ def block_merge_backward_triton(grad: torch.Tensor, x0: torch.Tensor, x1: torch.
     _block_bwd_dx_kernel[(chunks, triton.cdiv(n_rows, plan.dx_b), 2)](
         x0, x1, w0, b0, w1, b1, grad, t if normalize else dummy, norm if normalize else dummy, dx0, dx1, dz, meta,
         n_rows, mm, chunks, int(rank), BLOCK_B=plan.dx_b, BLOCK_J=plan.dx_j, BLOCK_K=plan.block_k,
-        BLOCK_S=plan.block_s, RANK_P=plan.rank_p, NORMALIZE=bool(normalize), PREC=prec, num_warps=plan.dx_warps)
+        BLOCK_S=plan.block_s, HEAD=plan.out_head, TAIL=plan.out_tail, RANK_P=plan.rank_p, NORMALIZE=bool(normalize),
+        PREC=prec, num_warps=plan.dx_warps)
     _block_bwd_dw_kernel[(chunks, _cdiv(max(sizes), plan.dw_j), 2)](
         x0, x1, w0, b0, w1, b1, dz, dw0, db0, dw1, db1, meta, n_rows, mm, chunks, int(rank),
-        BLOCK_B=plan.dw_b, BLOCK_J=plan.dw_j, BLOCK_K=plan.block_k, BLOCK_S=plan.block_s, RANK_P=plan.rank_p,
+        BLOCK_B=plan.dw_b, BLOCK_J=plan.dw_j, BLOCK_K=plan.block_k, HEAD=plan.out_head, TAIL=plan.out_tail,
+        RANK_P=plan.rank_p,
         PREC=prec, num_warps=plan.dw_warps)
     return dx0, dx1, dw0, db0, dw1, db1
 
@@ -669,7 +711,7 @@ _block_merge_op.register_autograd(_backward, setup_context=_setup_context)
 # bench rows `pytest bench/bench_block.py` on an H100/H200 are what should replace them -- owed). Units: U = 2*B*R*S2
 # FLOPs, one side's products y over all chunks (S2 = sum_c s_c^2).
 #   fused: FLOPs = U * rank_p/R * (2 k + 2 k + 2 o + 2 k + 2 o) -- forward (2 products), dx (2 recomputed products,
-#          2 dx products over the padded chunk width o = block_s/s), dW (likewise); k = padded K / s.
+#          2 dx products over the padded chunk width o = (out_head + out_tail)/s), dW (likewise); k = padded K / s.
 #          time = launches * LAUNCH_TRITON + max(FLOPs / (rate * EFF_FUSED), bytes / HBM), launches 3 or 4.
 #   bmm:   FLOPs = 6 U (cuBLAS, no padding, no recomputation); y0, y1 and their gradients go through HBM:
 #          BMM_TRAFFIC x B*R*mm elements; launches per group of equal-size chunks, eager or under torch.compile.
@@ -704,7 +746,7 @@ def estimate_fused(batch: int, sizes, rank: int, dtype: torch.dtype, precision: 
     s2 = sum(s * s for s in sizes)
     unit = 2 * batch * rank * s2
     k = sum(s * _cdiv(s, plan.block_k) * plan.block_k for s in sizes) / s2
-    o = sum(s * plan.block_s for s in sizes) / s2
+    o = sum(s * (plan.out_head + plan.out_tail) for s in sizes) / s2
     flops = unit * plan.rank_p / rank * (6 * k + 4 * o)
     eff = EFF_FUSED["ffma" if key == "fp32" else "mma"]
     launches = 3 + (_fwd_tiles(plan, sizes) > 1)
@@ -866,10 +908,11 @@ def hopper_specs(shape: tuple[int, ...], dtype: str = "fp32", precision: str = "
                     f"{dtype} {precision}", chunks * _cdiv(b, plan.norm_b),
                     extra={"padding_waste": None, "padding": {"chunk_out": round(waste["chunk_out"], 4)}})
         specs.append(norm)
+    out = {"HEAD": plan.out_head, "TAIL": plan.out_tail}
     specs.append(spec(_block_bwd_dx_kernel, {"BLOCK_B": plan.dx_b, "BLOCK_J": plan.dx_j, "BLOCK_S": plan.block_s,
-                                             "NORMALIZE": True}, plan.dx_warps, chunks * _cdiv(b, plan.dx_b) * 2,
+                                             "NORMALIZE": True, **out}, plan.dx_warps, chunks * _cdiv(b, plan.dx_b) * 2,
                       ("k", "dx_n"), ("chunk_out",)))
-    specs.append(spec(_block_bwd_dw_kernel, {"BLOCK_B": plan.dw_b, "BLOCK_J": plan.dw_j, "BLOCK_S": plan.block_s},
+    specs.append(spec(_block_bwd_dw_kernel, {"BLOCK_B": plan.dw_b, "BLOCK_J": plan.dw_j, **out},
                       plan.dw_warps, chunks * _cdiv(max_s, plan.dw_j) * 2, ("k", "dw_batch"), ("chunk_out",)))
     return specs
 

@@ -172,10 +172,13 @@ def test_kernel_several_batch_tiles_and_padding():
 
 def test_kernel_split_norm_by_default():
     """Chunks wider than one forward tile (40 and 33 at rank 15: 8 features x 16 ranks a tile) take the separate norm
-    kernel by default, with several K steps of 16 or 32 per product and a shorter last chunk."""
+    kernel by default, with several K steps per product, dx/dW outputs as a head tile of 32 and a tail of 16, and a
+    shorter last chunk."""
     sizes = [40, 33]
     plan = kb.block_plan(5, sizes, 15)
-    assert kb._fwd_tiles(plan, sizes) > 1 and plan.rank_p == 16
+    assert kb._fwd_tiles(plan, sizes) > 1 and plan.rank_p == 16 and (plan.out_head, plan.out_tail) == (32, 16)
+    assert [kb._out_tiles(s, 1 << (s - 1).bit_length()) for s in (80, 15, 100, 12)] == [
+        (64, 16), (16, 0), (128, 0), (16, 0)]
     args, grad = make_inputs(5, sizes, 15, seed=6)
     check_all(sizes, 15, args, grad)
 
@@ -482,7 +485,7 @@ def test_dispatch_overrides_and_cpu(monkeypatch):
 def test_dispatch_rule_choices(monkeypatch):
     """auto on CUDA: the bmm path where the kernels do not fit; otherwise the smaller of the two static estimates
     (the rule's stated basis). At the two configurations, B=64, the estimates pick the fused kernels eagerly in
-    every dtype; under torch.compile at B=256 in fp32 at "highest" (no tensor cores for either, 1.9x the FLOPs for
+    every dtype; under torch.compile at B=256 in fp32 at "highest" (no tensor cores for either, 1.8x the FLOPs for
     the fused kernels' recomputation and padding) they pick the compiled bmm."""
     monkeypatch.setenv("CMC_FAST_KERNELS", "auto")
     monkeypatch.setattr(kb, "triton_available", lambda: True)
@@ -581,3 +584,5 @@ def test_hopper_report_tensor_cores(run_without_interpreter):
             assert r["padding_waste"] <= 0.25, (key, r["kernel"], r["padding"])
             if big:
                 assert r["programs"] >= 132, (key, r["kernel"], r["programs"])
+                # chunks of 80: K steps of 16 and the dx/dW outputs as 64 + 16 tiles leave no padding
+                assert r["padding"].get("k", 0) == 0 and r["padding"].get("chunk_out", 0) == 0, (key, r["padding"])
