@@ -866,8 +866,9 @@ def nce_cases(ctx: Ctx) -> list[tuple]:
 
 
 def section_timings(ctx: Ctx) -> None:
-    """NCE and BLOCK cases taken in turn, the largest first (a stop at the cap leaves both ops measured), each: the
-    kernel op (its first call, autotune + compile, apart), then the eager and bmm rivals."""
+    """NCE and BLOCK cases taken in turn, each op's most decisive first (NCE: the largest K; BLOCK: ``block_cases``'s
+    order), so a stop at the cap leaves both ops measured. Each case: the kernel op (its first call, autotune +
+    compile, apart), then its rivals (NCE: eager, bmm; BLOCK: auto, loop, bmm)."""
     nce = sorted(nce_cases(ctx), key=lambda c: -c[2])  # K = 16384 first
     block = block_cases(ctx)
     for i in range(max(len(nce), len(block))):

@@ -275,6 +275,9 @@ def test_reader_writes_bench_tables(dry_run, tmp_path):
     table = paths[1].read_text()
     assert table.startswith("# Benchmarks on cpu (dry run)") and "| provider | median ms |" in table
     assert f"## {bench[0]['group']}" in table and "## kept group" in table
+    for provider in ("fused", "auto -> reference", "loop", "bmm", "compile", "bmm-compile"):  # BLOCK's new rows
+        assert f"| {provider} |" in table or f"| {provider} (dry run" in table, provider
+    assert {r["provider"] for r in rows if r.get("path")} == {"auto"}  # the JSON keeps provider and path apart
     assert paths[2].read_text() == gc.summary_markdown(lines)
 
 
