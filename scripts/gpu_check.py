@@ -12,17 +12,22 @@ the summary is written. ``python scripts/gpu_results.py DIR/gpu-results.jsonl`` 
 ``bench/results/<device>.{json,md}``, the form of the CPU rows there.
 
 Sections, most decisive first (``SECTIONS``): the environment and copy bandwidth; correctness on CUDA of every
-kernel op against float64 at small shapes, once per autotune configuration the prune keeps (``kept_configs``);
-NCE and BLOCK timings at the benchmark shapes (kernel GPU time by ``triton.testing.do_bench``, wall time, peak
-memory, first call = autotune + compile apart, eager and bmm rivals); compiled rivals (each compile's cold cost
+kernel op against float64 at small shapes, once per autotune configuration the prune keeps (``kept_configs``),
+BLOCK through the fused kernels and the bmm path with float32 at each matmul precision (highest, high, medium),
+bf16 and AMP, and ``choose_block_path``'s pick at every BLOCK benchmark shape; NCE and BLOCK timings at the
+benchmark shapes with bench/'s providers and group names (kernel GPU time by ``triton.testing.do_bench``, wall time,
+peak memory, first call = autotune + compile apart, floors; BLOCK: fused, auto with its path, the eager chunk loop,
+eager bmm); compiled rivals (NCE compile; BLOCK compile of the loop and bmm-compile; each compile's cold cost
 apart); a stage-1 training step with BERT-base- and VGG19-sized encoders, randomly initialised; images (nvJPEG
 through torchvision against the PIL DataLoader on all cores; DALI only once one image went through a ``mixed``
 pipeline). A section starts when at least half its expected seconds are left and is stopped at 1.5 times them
 (or the budget's end), so an overrun leaves time for the next.
 
-``--dry-run`` runs every section on the CPU in a few seconds (tiny shapes, the PyTorch references, compile with
-the ``eager`` backend, the same JSON schema and budget logic): the test suite runs it. Its lines say
-``"dry_run": true`` and are never GPU figures.
+``--dry-run`` runs every section on the CPU in ~20 s with the same calls wherever a CPU can make them: tiny shapes,
+the Triton kernels through Triton's interpreter (the references where it cannot run), the bmm path, the floors
+(kept as ``gpu_floor_s``, never set against a CPU time), ``choose_block_path``, compile with the ``eager`` backend,
+the same JSON schema and budget logic. The test suite runs it, so an API the GPU run calls wrongly fails on a CPU.
+Its lines say ``"dry_run": true`` and are never GPU figures.
 """
 
 from __future__ import annotations
@@ -43,6 +48,12 @@ import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+if __name__ == "__main__" and "--dry-run" in sys.argv[1:]:
+    # the dry run launches the kernels through Triton's interpreter, as the test suite does (tests/conftest.py). It
+    # must be set before Triton is first imported: triton.jit reads it when Triton's own helpers (tl.cdiv, ...) and
+    # the kernels are decorated. ``interpreter_usable`` checks that it was.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 try:  # Triton ships for Linux only; the L2 gather probe below is its one kernel of this script's own
     import triton
@@ -65,18 +76,25 @@ EXPECTED_S = {
     "env": (5, "CUDA context ~2 s, nvidia-smi ~1 s"),
     "bandwidth": (10, "two do_bench runs over 1 GiB buffers; two L2 gathers (a Triton compile ~1.5 s each, 0.5 GB "
                       "gathered per call)"),
-    "correctness": (60, "NCE: 9 checks, each its own Triton specialisation (~1.5 s to compile) ~15 s; BLOCK: 4 "
-                        "precisions x 3 kernels = 12 compiles ~18 s; one more run per kept config where an op "
-                        "autotunes (none does at this writing); float64 references on the CPU < 0.2 s each"),
-    "timings": (45, "NCE 4 cases x 3 providers and BLOCK 6 cases x 3 providers, each a first call, do_bench "
-                    "(~0.3 s) and 20 synchronised calls: ~30 x 0.6 s; BLOCK's fp32/bf16 kernels compiled ~9 s"),
-    "compiled": (90, "Inductor fwd+bwd: NCE reference 2 shapes x ~15 s, BLOCK loop 2 shapes x ~30 s"),
+    "correctness": (65, "NCE: 9 checks, each its own Triton specialisation (~1.5 s to compile) ~15 s; BLOCK fused: "
+                        "5 modes (fp32 at highest/high/medium, bf16, AMP) = 4 specialisations (medium is high's) x 3 "
+                        "kernels = 12 compiles ~18 s, plus the bmm path in the same 5 modes (cuBLAS, ~0.5 s each); "
+                        "one more run per kept config where an op autotunes (none does at this writing); float64 "
+                        "references on the CPU < 0.2 s each; choose_block_path's 12 picks < 0.1 s"),
+    "timings": (55, "NCE 4 cases x 3 providers and BLOCK 7 cases x 4 providers (fused, auto, loop, bmm), each a "
+                    "first call, do_bench (~0.3 s) and 20 synchronised calls: ~40 x 0.6 s; the fused BLOCK kernels' "
+                    "compiles for fp32, TF32, bf16, the forward alone and the second configuration ~25 s"),
+    "compiled": (120, "Inductor fwd+bwd: NCE reference 2 shapes x ~15 s; BLOCK at both configurations, B=64, fp32: "
+                      "the chunk loop 2 x ~30 s and block_merge_bmm (one baddbmm pair per run of equal chunks) "
+                      "2 x ~15 s"),
     "train": (120, "BERT-base + VGG19 built once on the CPU ~5 s; 4 variants x (3 untimed + 10 timed steps at "
                    "~0.1-0.3 s) ~15 s; one Inductor compile of both encoders' forward+backward ~60 s"),
     "images": (40, "nvJPEG + PIL DataLoader (16 workers): 3 passes each over 268 JPEGs at ~1000-3000 images/s, "
                    "worker start ~5 s, DALI proof ~3 s"),
 }
-# Together 370 s of the 420 s budget: 50 s for overruns, and the device call's 540 s limit leaves 2 minutes more.
+# Together 415 s of the 420 s budget, the train section the least decisive of the timed ones: when an earlier
+# section overruns, train is cut at the time left (images keep their start share) or skipped; the device
+# call's 540 s limit leaves 2 minutes beyond the budget.
 START_FRACTION, CAP_FACTOR = 0.5, 1.5  # a section starts with >= half its seconds left, stops at 1.5x them
 
 
@@ -270,8 +288,27 @@ def kernel_mode(mode: str) -> Iterator[None]:
 
 
 def _kernels_mode(ctx: Ctx) -> str:
-    """The Triton kernels on CUDA; on the dry run's CPU the references (the interpreter is not run there)."""
-    return "reference" if ctx.dry_run else "triton"
+    """CMC_FAST_KERNELS that runs the Triton kernels: ``triton`` on CUDA; in the dry run ``triton`` too where
+    Triton's interpreter can run them (the kernels were decorated under TRITON_INTERPRET=1, as in the test suite and
+    a ``--dry-run`` started without them imported), so the dry run launches the kernels the GPU run launches, at
+    tiny shapes; else ``reference``."""
+    if not ctx.dry_run:
+        return "triton"
+    return "triton" if interpreter_usable() else "reference"
+
+
+def interpreter_usable() -> bool:
+    """True when the op modules' kernels are Triton interpreter functions and the interpreter can run them here."""
+    from cmc_fast.kernels import block
+    from cmc_fast.kernels.dispatch import interpreter_problem, triton_available, triton_interpreted
+
+    if not (triton_available() and triton_interpreted()):
+        return False
+    import triton.language.standard as triton_helpers
+    from triton.runtime.interpreter import InterpretedFunction
+
+    decorated = all(isinstance(f, InterpretedFunction) for f in (block._block_fwd_kernel, triton_helpers.cdiv))
+    return decorated and interpreter_problem() is None
 
 
 if triton is not None:
@@ -460,7 +497,8 @@ def for_each_config(ctx: Ctx, call: Callable[[], object]) -> Iterator[str]:
     from cmc_fast.kernels import block, nce
 
     if ctx.device.type != "cuda":  # the interpreter runs no autotuner, the dry run's references none
-        yield "reference (dry run)" if ctx.dry_run else "untuned"
+        yield (f"{'interpreter' if _kernels_mode(ctx) == 'triton' else 'reference'} (dry run)" if ctx.dry_run
+               else "untuned")
         return
     tuners = dict(autotuned_kernels([nce, block]))
     kept = kept_configs(list(tuners.items()), call)
@@ -578,6 +616,7 @@ class Check:
     tol: tuple[float, ...]
     names: tuple[str, ...]
     ref_factor: float | None = None
+    kernels: str | None = None  # CMC_FAST_KERNELS to run it under (None: the section's)
 
 
 HARD_CAP = 0.2  # a wrong formula is off by O(1)
@@ -659,10 +698,19 @@ def bank_update_check(ctx: Ctx, n: int, d: int, rows: int, bank_dtype) -> Check:
                  (tol,), ("bank",))
 
 
-def block_check(ctx: Ctx, batch: int, sizes: list[int], rank: int, x_dtype, w_dtype, precision: str) -> Check:
-    """BLOCK merge forward and every gradient against the reference's autograd in float64."""
+# tests/test_block_kernel.py's (forward, gradients) tolerances per tl.dot input precision: IEEE fp32 at "highest",
+# TF32 at "high"/"medium" (~10-bit mantissas), 16-bit inputs
+BLOCK_TOL = {"ieee": (1e-5, 1e-4), "tf32": (5e-3, 2e-2), "16-bit": (5e-2, 1e-1)}
+
+
+def block_check(ctx: Ctx, batch: int, sizes: list[int], rank: int, x_dtype, w_dtype, precision: str,
+                path: str) -> Check:
+    """BLOCK merge forward and every gradient against the reference's autograd in float64, through ``path``:
+    ``fused`` (the Triton kernels, CMC_FAST_KERNELS=triton) or ``bmm`` (``block_merge_bmm``, CMC_FAST_KERNELS=bmm),
+    under float32 matmul precision ``precision``."""
     import torch
     from cmc_fast.kernels import block_merge
+    from cmc_fast.kernels.block import dot_precision
     from cmc_fast.kernels.reference import block_merge_reference
 
     g, mm = _gen(), sum(sizes)
@@ -675,6 +723,7 @@ def block_check(ctx: Ctx, batch: int, sizes: list[int], rank: int, x_dtype, w_dt
     leaves64 = [t.double().requires_grad_() for t in (x0, x1, *ws)]
     out64 = block_merge_reference(*leaves64, sizes=sizes, rank=rank)
     grads64 = torch.autograd.grad(out64, leaves64, grad.double())
+    mode = {"fused": _kernels_mode(ctx), "bmm": "bmm"}[path]  # CMC_FAST_KERNELS for the path
 
     def run():
         leaves = [t.to(ctx.device).requires_grad_() for t in (x0, x1, *ws)]
@@ -683,20 +732,23 @@ def block_check(ctx: Ctx, batch: int, sizes: list[int], rank: int, x_dtype, w_dt
             grads = torch.autograd.grad(out, leaves, grad.to(ctx.device))
         return [out, *grads]
 
-    # (forward, gradients): tests/test_block_kernel.py's float32 and bfloat16 tolerances; tf32 ~ 10-bit mantissas
-    out_tol, grad_tol = {"ieee": (1e-5, 1e-4), "tf32": (5e-3, 1e-2)}.get(precision, (5e-2, 1e-1))
-    op = (f"block_merge B={batch} chunks={len(sizes)} max={max(sizes)} rank={rank} x={str(x_dtype)[6:]} "
-          f"w={str(w_dtype)[6:]} {precision}")
+    dot = dot_precision(x_dtype, precision) if x_dtype == torch.float32 else "16-bit"
+    out_tol, grad_tol = BLOCK_TOL[dot]
+    op = (f"block_merge {path} B={batch} chunks={len(sizes)} max={max(sizes)} rank={rank} x={str(x_dtype)[6:]} "
+          f"w={str(w_dtype)[6:]} {precision} ({dot})")
     return Check(op, run, [out64.detach(), *grads64], (out_tol,) + (grad_tol,) * 6,
-                 ("out", "dx0", "dx1", "dw0", "db0", "dw1", "db1"), ref_factor=4.0 if x_dtype == torch.float32 else 2.0)
+                 ("out", "dx0", "dx1", "dw0", "db0", "dw1", "db1"), ref_factor=4.0 if x_dtype == torch.float32 else 2.0,
+                 kernels=mode)
 
 
 @contextlib.contextmanager
 def _matmul_precision(precision: str) -> Iterator[None]:
+    """torch.set_float32_matmul_precision for the duration: the fused kernels' tl.dot precision and cuBLAS's (the
+    bmm path and the references) follow it."""
     import torch
 
     before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
+    torch.set_float32_matmul_precision(precision)
     try:
         yield
     finally:
@@ -722,26 +774,66 @@ def correctness_checks(ctx: Ctx) -> Iterator[tuple[Check, bool]]:
     yield bank_update_check(ctx, 1000 if not small else 64, 128, 32, fp32), False
     yield bank_update_check(ctx, 1000 if not small else 64, 128, 32, bf16), False
     sizes = [80, 80, 96] if not small else [16, 24]
-    modes = [(fp32, fp32, "ieee"), (fp32, fp32, "tf32"), (bf16, bf16, "bf16"), (bf16, fp32, "amp")]
+    # float32 at each float32 matmul precision (IEEE dots, then TF32 twice), bf16, and AMP (bf16 x, fp32 weights).
     # bf16 BLOCK on CUDA only, as in tests/test_block_kernel.py: the CPU's bf16 reference rounds every product and
     # rank sum to bf16 (errors of 0.1-0.5 against float64), nothing a check could be judged by
-    for x_dtype, w_dtype, precision in modes[:2] if small else modes:
-        yield block_check(ctx, 24, sizes, 5 if not small else 3, x_dtype, w_dtype, precision), True
+    modes = [(fp32, fp32, "highest"), (fp32, fp32, "high"), (fp32, fp32, "medium"), (bf16, bf16, "highest"),
+             (bf16, fp32, "highest")]
+    for x_dtype, w_dtype, precision in modes[:3] if small else modes:
+        for path in ("fused", "bmm"):
+            yield block_check(ctx, 24, sizes, 5 if not small else 3, x_dtype, w_dtype, precision, path), path == "fused"
 
 
 def section_correctness(ctx: Ctx) -> None:
+    """Every check (each kept autotune config where it has any), then ``choose_block_path``'s picks."""
     mode = _kernels_mode(ctx)
-    with kernel_mode(mode):
-        for check, every_config in correctness_checks(ctx):
-            labels = for_each_config(ctx, check.run) if every_config else iter(["as launched"])
-            for label in labels:
-                _run_check(ctx, check, label, mode)
+    for check, every_config in correctness_checks(ctx):
+        run_mode = check.kernels or mode
+
+        def launch(check=check, run_mode=run_mode):
+            with kernel_mode(run_mode):
+                return check.run()
+
+        labels = for_each_config(ctx, launch) if every_config else iter(["as launched"])
+        for label in labels:
+            _run_check(ctx, check, label, mode)
+    record_block_dispatch(ctx)
+
+
+def record_block_dispatch(ctx: Ctx) -> None:
+    """``kernels.block.choose_block_path``'s pick (CMC_FAST_KERNELS=auto) at every shape of bench/bench_block.py,
+    eager and under torch.compile, with the two estimates it compares. A static rule: the dry run asks it for CUDA
+    (H100 SXM constants, this machine having no GPU) and records the same picks a GPU run of that kind makes; the
+    timings section measures whether they are right."""
+    from cmc_fast.kernels.block import _gpu_name, choose_block_path, estimate_bmm, estimate_fused
+    from cmc_fast.kernels.reference import block_chunk_sizes
+
+    bench = _bench_module("bench_block")
+    device = "cuda"  # the rule on CPU tensors is always the reference: ask for the GPU's pick
+    gpu = _gpu_name(ctx.device)
+    with kernel_mode("auto"):
+        for (mm, chunks, rank), batch, dtype_id in _block_bench_shapes(bench):
+            dtype, precision = bench.DTYPES[dtype_id]
+            sizes = block_chunk_sizes(mm, chunks)
+            pick = {how: choose_block_path(sizes, rank, batch, dtype, device, compiled=how == "compiled",
+                                           precision=precision, gpu=gpu) for how in ("eager", "compiled")}
+            ctx.emit("correctness", f"choose_block_path mm={mm} chunks={chunks} rank={rank} B={batch} {dtype_id}",
+                     "info", gpu=gpu, path=pick["eager"], path_compiled=pick["compiled"],
+                     est_fused_s=estimate_fused(batch, sizes, rank, dtype, precision, gpu),
+                     est_bmm_s=estimate_bmm(batch, sizes, rank, dtype, precision, gpu),
+                     est_bmm_compiled_s=estimate_bmm(batch, sizes, rank, dtype, precision, gpu, compiled=True))
+
+
+def _block_bench_shapes(bench) -> list[tuple]:
+    """((mm, chunks, rank), batch, dtype id) of every BLOCK benchmark on a GPU (bench/bench_block.py's lists)."""
+    return [(c, b, d) for c in bench.CONFIGS for b in (64, 256) for d in bench.DTYPES]
 
 
 def _run_check(ctx: Ctx, check: Check, label: str, mode: str) -> None:
-    t = time.perf_counter()
+    t, mode = time.perf_counter(), check.kernels or mode
     try:
-        outs = check.run()
+        with kernel_mode(mode):
+            outs = check.run()
         _sync(ctx)
     except Exception as exc:  # noqa: BLE001 - one op failing must not hide the others
         error = f"{type(exc).__name__}: {exc}"[:300]
@@ -774,8 +866,9 @@ def nce_cases(ctx: Ctx) -> list[tuple]:
 
 
 def section_timings(ctx: Ctx) -> None:
-    """NCE and BLOCK cases taken in turn, the largest first (a stop at the cap leaves both ops measured), each: the
-    kernel op (its first call, autotune + compile, apart), then the eager and bmm rivals."""
+    """NCE and BLOCK cases taken in turn, each op's most decisive first (NCE: the largest K; BLOCK: ``block_cases``'s
+    order), so a stop at the cap leaves both ops measured. Each case: the kernel op (its first call, autotune +
+    compile, apart), then its rivals (NCE: eager, bmm; BLOCK: auto, loop, bmm)."""
     nce = sorted(nce_cases(ctx), key=lambda c: -c[2])  # K = 16384 first
     block = block_cases(ctx)
     for i in range(max(len(nce), len(block))):
@@ -783,7 +876,7 @@ def section_timings(ctx: Ctx) -> None:
             for provider in ("kernel", "eager", "bmm"):
                 _time_nce(ctx, provider, *case)
         for case in block[i:i + 1]:
-            for provider in ("triton", "loop", "bmm"):
+            for provider in BLOCK_EAGER_PROVIDERS:
                 _time_block(ctx, provider, *case)
 
 
@@ -793,10 +886,11 @@ def _nce_provider(ctx: Ctx, provider: str):
 
     from cmc_fast import kernels
 
-    if provider == "kernel":
-        return kernels.nce_loss, f"triton ({_kernels_mode(ctx)})" if ctx.dry_run else "triton"
+    if provider == "kernel":  # bench/bench_nce.py's provider names, so the rows merge with its rows
+        mode = _kernels_mode(ctx)
+        return kernels.nce_loss, "triton" if mode == "triton" else "triton (dry run: reference, no interpreter)"
     if provider == "eager":
-        return nce_loss_reference, "eager (reference: [B, K+1, d] gather)"
+        return nce_loss_reference, "eager"
 
     def bmm(anchor, bank, idx, *, tau, z, n_data, eps=1e-7):  # the closed-form loss + gradient, one bmm each
         return nce_fwd_torch(anchor.detach(), bank, idx, z, tau, n_data, eps, True)
@@ -826,22 +920,21 @@ def _time_nce(ctx: Ctx, provider: str, b, d, k, n, dtype) -> None:
 def nce_floors(ctx: Ctx, b, d, k, n, dtype, idx_elem: int) -> dict:
     """kernels/nce.py's floor bytes (``floor_bytes``: the L2-gathered rows and what must cross HBM) over this run's
     own measurements: the L2 gather bandwidth and the copy bandwidth of the bandwidth section; ``floor_s`` the
-    larger of the two floors. {} when kernels/nce.py has no ``floor_bytes`` of that form (left out, never guessed);
-    no floors in the dry run (a CPU's bandwidths are no GPU's)."""
+    larger of the two floors. Beside them ``spec_floors_us``, kernels/nce.py's ``hopper_floors`` for this GPU (H200
+    by its name, else H100 SXM: the specified HBM bandwidth, "owed" where no figure exists). The dry run computes
+    both (the same calls) but keeps no measured floor: a CPU's bandwidths are no GPU's."""
     import torch
+    from cmc_fast.kernels.nce import floor_bytes, hopper_floors
 
-    try:
-        from cmc_fast.kernels.nce import floor_bytes
-
-        nbytes = floor_bytes(b, d, k, n, torch.empty((), dtype=dtype).element_size(), idx_elem)
-    except (ImportError, TypeError):
-        return {}
     elem = torch.empty((), dtype=dtype).element_size()
+    nbytes = floor_bytes(b, d, k, n, elem, idx_elem)
+    gpu = "H200" if "H200" in str(ctx.facts.get("device_name", "")) else "H100 SXM"
+    spec = hopper_floors((b, d, k, n), {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype])
     l2 = None if ctx.dry_run else ctx.facts.get("l2_gather_bytes_per_s", {}).get(elem)
     hbm = None if ctx.dry_run else ctx.facts.get("copy_bytes_per_s")
-    out = {"l2_gather_bytes": nbytes.get("l2_gather"), "hbm_bytes": nbytes.get("hbm"),
-           "l2_floor_s": nbytes["l2_gather"] / l2 if l2 and "l2_gather" in nbytes else None,
-           "hbm_floor_s": nbytes["hbm"] / hbm if hbm and "hbm" in nbytes else None}
+    out = {"l2_gather_bytes": nbytes["l2_gather"], "hbm_bytes": nbytes["hbm"],
+           "l2_floor_s": nbytes["l2_gather"] / l2 if l2 else None,
+           "hbm_floor_s": nbytes["hbm"] / hbm if hbm else None, "floor_gpu": gpu, "spec_floors_us": spec[gpu]}
     known = [f for f in (out["l2_floor_s"], out["hbm_floor_s"]) if f]
     out["floor_s"] = max(known) if known else None
     return out
@@ -858,34 +951,70 @@ def _emit_timing(ctx: Ctx, section: str, group: str, provider: str, step: Callab
     ctx.results.emit(section, f"{group} | {provider}", "ok", kind="bench", **fields)
 
 
+# bench/bench_block.py's providers that need no compile, the decisive ones first: the fused kernels (forced), the
+# dispatch's pick (``path`` recorded), the eager chunk loop (the original), the eager bmm path. The compiled ones
+# ("compile", "bmm-compile") run in the compiled section.
+BLOCK_EAGER_PROVIDERS = ("fused", "auto", "loop", "bmm")
+BLOCK_COMPILED_PROVIDERS = ("compile", "bmm-compile")
+
+
 def block_cases(ctx: Ctx) -> list[tuple]:
-    import torch
-
+    """(mode, (mm, chunks, rank), B, bench/bench_block.py dtype id), most decisive first: both configurations at
+    B=64 in float32 (issue 12's criterion; the compiled section takes these two), then bf16, TF32, the forward
+    alone, B=256."""
     if ctx.dry_run:
-        return [("fwd+bwd", (64, 4, 3), 4, torch.float32)]
-    return [("fwd+bwd", (1600, 20, 15), 64, torch.float32), ("fwd+bwd", (1600, 20, 15), 64, torch.bfloat16),
-            ("fwd", (1600, 20, 15), 64, torch.float32), ("fwd+bwd", (256, 18, 15), 32, torch.float32),
-            ("fwd+bwd", (1600, 20, 15), 256, torch.float32), ("fwd+bwd", (256, 18, 15), 64, torch.bfloat16)]
+        return [("fwd+bwd", (64, 4, 3), 4, "float32"), ("fwd+bwd", (64, 4, 3), 4, "float32-tf32")]
+    return [("fwd+bwd", (1600, 20, 15), 64, "float32"), ("fwd+bwd", (1600, 20, 15), 64, "bfloat16"),
+            ("fwd+bwd", (1600, 20, 15), 64, "float32-tf32"), ("fwd+bwd", (256, 18, 15), 64, "float32"),
+            ("fwd", (1600, 20, 15), 64, "float32"), ("fwd+bwd", (1600, 20, 15), 256, "float32"),
+            ("fwd+bwd", (256, 18, 15), 64, "bfloat16")]
 
 
-def _time_block(ctx: Ctx, provider: str, mode, config, batch, dtype) -> None:
+def block_group(mode: str, config: tuple, batch: int, dtype_id: str) -> str:
+    """bench/bench_block.py's group name, so these rows merge with (and replace) its rows in bench/results."""
+    mm, chunks, rank = config
+    return f"block_merge {mode} mm={mm} chunks={chunks} rank={rank} B={batch} {dtype_id}"
+
+
+def block_floor_fields(ctx: Ctx, batch: int, sizes: list[int], rank: int, dtype, precision: str,
+                       backward: bool) -> dict:
+    """``kernels.block.block_merge_floor`` for this GPU (H200 by its name, else H100 SXM) at the row's dtype and
+    precision, as bench/bench_block.py records it. Computed in the dry run too, kept there as ``gpu_floor_s`` with
+    ``floor_s`` empty (a CPU's time over a GPU floor means nothing)."""
+    from cmc_fast.kernels.block import _gpu_name, block_merge_floor
+
+    gpu = _gpu_name(ctx.device)
+    floor = block_merge_floor(batch, sizes, rank, dtype=dtype, precision=precision, gpu=gpu, backward=backward)
+    if ctx.device.type == "cuda":
+        return {"floor_s": floor, "floor_gpu": gpu}
+    return {"floor_s": None, "gpu_floor_s": floor, "floor_gpu": gpu}
+
+
+def _block_provider_mode(ctx: Ctx, provider: str) -> str:
+    """CMC_FAST_KERNELS as bench/bench_block.py sets it: ``triton`` for ``fused`` (the interpreter in the dry run,
+    where usable), ``auto`` for the others (the loop and bmm providers do not read it)."""
+    return _kernels_mode(ctx) if provider == "fused" else "auto"
+
+
+def _time_block(ctx: Ctx, provider: str, mode: str, config: tuple, batch: int, dtype_id: str) -> None:
     import torch
-    from cmc_fast.kernels.block import block_merge_floor
+    from cmc_fast.kernels.block import choose_block_path
     from cmc_fast.kernels.reference import block_chunk_sizes
 
     bench = _bench_module("bench_block")
     bench.DEVICE = ctx.device
-    mm, chunks, rank = config
-    sizes = block_chunk_sizes(mm, chunks)
+    dtype, precision = bench.DTYPES[dtype_id]
+    sizes = block_chunk_sizes(config[0], config[1])
+    rank, kernels = config[2], _block_provider_mode(ctx, provider)
     fn, leaves, grad = bench.make_case(provider, batch, sizes, rank, dtype)
     step = fn if mode == "fwd" else (lambda: torch.autograd.grad(fn(), leaves, grad))
-    label = f"triton ({_kernels_mode(ctx)})" if provider == "triton" and ctx.dry_run else provider
-    floor = None if ctx.dry_run else block_merge_floor(batch, sizes, rank, x_bytes=dtype.itemsize,
-                                                       w_bytes=dtype.itemsize, backward=mode != "fwd",
-                                                       flops_per_s=bench.FLOPS[dtype])
-    with kernel_mode(_kernels_mode(ctx)):
-        _emit_timing(ctx, "timings", f"block_merge {mode} mm={mm} chunks={chunks} rank={rank} B={batch} {dtype}",
-                     label, step, floor_s=floor)
+    extra = block_floor_fields(ctx, batch, sizes, rank, dtype, precision, mode != "fwd")
+    with kernel_mode(kernels), _matmul_precision(precision):
+        if provider == "auto":
+            extra["path"] = choose_block_path(sizes, rank, batch, dtype, ctx.device)
+        label = provider if kernels != "reference" else f"{provider} (dry run: reference, no interpreter)"
+        _emit_timing(ctx, "timings", block_group(mode, config, batch, dtype_id), label, step, kernels=kernels,
+                     precision=precision, **extra)
 
 
 # -------------------------------------------------------------------------------------------- compiled
@@ -900,12 +1029,13 @@ def section_compiled(ctx: Ctx) -> None:
     backend = "eager" if ctx.dry_run else "inductor"
     nce_all, block_all = nce_cases(ctx), block_cases(ctx)
     jobs = [("nce", nce_all[i]) for i in (0, 2) if i < len(nce_all)]
-    jobs += [("block", block_all[i]) for i in (0, 3) if i < len(block_all)]
+    # BLOCK: both configurations at B=64 in float32 (issue 12's criterion), each compile of each provider apart
+    jobs += [(provider, block_all[i]) for i in (0, 3) if i < len(block_all) for provider in BLOCK_COMPILED_PROVIDERS]
     for kind, case in jobs:
         if kind == "nce":
             _compiled_nce(ctx, backend, *case)
         else:
-            _compiled_block(ctx, backend, *case)
+            _compiled_block(ctx, backend, kind, *case)
 
 
 def _compiled_nce(ctx: Ctx, backend: str, b, d, k, n, dtype) -> None:
@@ -922,26 +1052,36 @@ def _compiled_nce(ctx: Ctx, backend: str, b, d, k, n, dtype) -> None:
         return torch.autograd.grad(loss, anchor)
 
     group = f"nce fwd+bwd B={b} d={d} K={k} N={n} bank={str(dtype).replace('torch.', '')}"
-    _emit_timing(ctx, "compiled", group, f"compile ({backend})", step,
+    _emit_timing(ctx, "compiled", group, "compile", step, backend=backend,
                  **nce_floors(ctx, b, d, k, n, dtype, idx.element_size()))
 
 
-def _compiled_block(ctx: Ctx, backend: str, mode, config, batch, dtype) -> None:
+def _compiled_block(ctx: Ctx, backend: str, provider: str, mode: str, config: tuple, batch: int,
+                    dtype_id: str) -> None:
+    """bench/bench_block.py's ``compile`` (the chunk loop) or ``bmm-compile`` (``block_merge_bmm``) provider,
+    compiled afresh here with ``backend`` (the bench's cache would hold Inductor's default)."""
     import torch
-    from cmc_fast.kernels.reference import block_chunk_sizes
+    from cmc_fast.kernels.reference import block_chunk_sizes, block_merge_bmm
 
     bench = _bench_module("bench_block")
     bench.DEVICE = ctx.device
-    mm, chunks, rank = config
-    sizes = block_chunk_sizes(mm, chunks)
-    fn, leaves, grad = bench.make_case("loop", batch, sizes, rank, dtype)
-    compiled = torch.compile(bench.loop_merge, dynamic=False, backend=backend)
-    xs, params = leaves[:2], leaves[2:]
-    groups = [params[i * len(sizes):(i + 1) * len(sizes)] for i in range(4)]
-    run = lambda: compiled(*xs, *groups, rank)  # noqa: E731
+    dtype, precision = bench.DTYPES[dtype_id]
+    sizes = block_chunk_sizes(config[0], config[1])
+    rank = config[2]
+    fn, leaves, grad = bench.make_case("loop" if provider == "compile" else "bmm", batch, sizes, rank, dtype)
+    if provider == "compile":
+        compiled = torch.compile(bench.loop_merge, dynamic=False, backend=backend)
+        xs, params = leaves[:2], leaves[2:]
+        groups = [params[i * len(sizes):(i + 1) * len(sizes)] for i in range(4)]
+        run = lambda: compiled(*xs, *groups, rank)  # noqa: E731
+    else:
+        compiled = torch.compile(block_merge_bmm, dynamic=False, backend=backend)
+        run = lambda: compiled(*leaves, sizes=sizes, rank=rank)  # noqa: E731
     step = run if mode == "fwd" else (lambda: torch.autograd.grad(run(), leaves, grad))
-    _emit_timing(ctx, "compiled", f"block_merge {mode} mm={mm} chunks={chunks} rank={rank} B={batch} {dtype}",
-                 f"compile loop ({backend})", step)
+    extra = block_floor_fields(ctx, batch, sizes, rank, dtype, precision, mode != "fwd")
+    with _matmul_precision(precision):
+        _emit_timing(ctx, "compiled", block_group(mode, config, batch, dtype_id), provider, step, backend=backend,
+                     precision=precision, **extra)
 
 
 # ------------------------------------------------------------------------------------------- train step

@@ -4,9 +4,10 @@
 
 Writes, beside the CPU figures and in their form (``bench/conftest.py``'s payload and Markdown):
 ``<device>.json`` and ``<device>.md`` with every timing row (kernel time, wall time, first call, peak memory,
-floors), merged with the rows already there (a row of the same group and provider is replaced), and
-``<device>-gpu-check.md``: the run's whole summary (environment, correctness per autotune config, what stopped
-or is owed). A dry run's file (CPU, reference kernels) is refused: those are not GPU figures.
+floors; BLOCK's ``auto`` row with the path the dispatch picked), merged with the rows already there (a row of the
+same group and provider is replaced: the check uses bench/'s group and provider names), and
+``<device>-gpu-check.md``: the run's whole summary (environment, correctness per autotune config, the dispatch's
+picks, what stopped or is owed). A dry run's file (CPU, reference kernels) is refused: those are not GPU figures.
 """
 
 from __future__ import annotations
@@ -62,6 +63,15 @@ def bench_rows(lines: list[dict], date: str) -> list[dict]:
     return rows
 
 
+def _shown(row: dict) -> dict:
+    """The row as the Markdown table shows it: BLOCK's ``auto`` provider names the path the dispatch picked
+    (``auto -> fused``), which bench/conftest.py's table has no column for; the JSON keeps ``provider`` and
+    ``path`` apart, as bench/bench_block.py records them."""
+    if row.get("path") and row["provider"] == "auto":
+        return dict(row, provider=f"auto -> {row['path']}")
+    return row
+
+
 def convert(jsonl: Path, results: Path, *, allow_dry_run: bool = False) -> list[Path]:
     """Writes the three files; returns their paths."""
     gc = _gpu_check()
@@ -86,7 +96,7 @@ def convert(jsonl: Path, results: Path, *, allow_dry_run: bool = False) -> list[
                "rows": kept + fresh}
     json_path.write_text(json.dumps(payload, indent=2) + "\n")
     md_path = results / f"{slug(device)}.md"
-    md_path.write_text(_markdown(payload))
+    md_path.write_text(_markdown(dict(payload, rows=[_shown(r) for r in payload["rows"]])))
     check_path = results / f"{slug(device)}-gpu-check.md"
     check_path.write_text(gc.summary_markdown(lines))
     return [json_path, md_path, check_path]

@@ -66,7 +66,7 @@ def test_dry_run_schema_and_summary(dry_run):
     assert [x["section"] for x in sections] == [name for name, _ in gc.SECTIONS]
     assert all(x["status"] == "ok" for x in sections), sections
     assert not [x for x in lines if x["status"] in ("fail", "error")]
-    checks = [x for x in lines if x["section"] == "correctness" and x["kind"] == "result"]
+    checks = [x for x in lines if x["section"] == "correctness" and x["kind"] == "result" and x["status"] != "info"]
     assert len(checks) >= 10 and all(x["worst_rel_err"] <= x["allowed"] for x in checks)
     ops = {x["name"].split()[0] for x in checks}
     assert ops == {"nce_loss", "nce_partition", "bank_update_", "block_merge"}
@@ -78,6 +78,36 @@ def test_dry_run_schema_and_summary(dry_run):
         assert f"## {name}" in summary
     assert "| dali mixed (nvJPEG) | owed |" in summary  # never a DALI row without DALI proven on a GPU
     assert summary == gc.summary_markdown(gc.read_lines(dry_run / gc.JSONL))
+
+
+def test_dry_run_makes_the_gpu_runs_calls(dry_run):
+    """The dry run goes through the calls the GPU run makes (a changed API fails here, on a CPU): the kernels through
+    Triton's interpreter where it runs (the test suite sets TRITON_INTERPRET), BLOCK fused and bmm at each float32
+    matmul precision, choose_block_path at every benchmark shape, bench/'s BLOCK providers and group names, and the
+    floors of kernels/block.py and kernels/nce.py."""
+    lines = strict_lines(dry_run / gc.JSONL)
+    interpreted = gc.interpreter_usable()
+    block = [x for x in lines if x["section"] == "correctness" and x["name"].startswith("block_merge ")]
+    assert {(x["name"].split()[1], x["name"].split()[-2]) for x in block} == {
+        (path, precision) for path in ("fused", "bmm") for precision in ("highest", "high", "medium")}
+    assert {x["kernels"] for x in block} == {"bmm", "triton" if interpreted else "reference"}
+    picks = [x for x in lines if x["name"].startswith("choose_block_path")]
+    bench = gc._bench_module("bench_block")
+    assert len(picks) == len(bench.CONFIGS) * 2 * len(bench.DTYPES)
+    assert all(x["path"] in ("fused", "bmm") and x["path_compiled"] in ("fused", "bmm") for x in picks)
+    assert all(x["est_fused_s"] > 0 and x["est_bmm_s"] > 0 for x in picks)
+
+    rows = [x for x in lines if x["kind"] == "bench" and x["group"].startswith("block_merge")]
+    by_section = {s: {x["provider"] for x in rows if x["section"] == s} for s in ("timings", "compiled")}
+    fused = "fused" if interpreted else "fused (dry run: reference, no interpreter)"
+    assert by_section == {"timings": {fused, "auto", "loop", "bmm"}, "compiled": {"compile", "bmm-compile"}}
+    assert {x["group"].split()[-1] for x in rows} == {"float32", "float32-tf32"}  # bench/bench_block's dtype ids
+    assert all(x["floor_s"] is None and x["gpu_floor_s"] > 0 and x["floor_gpu"] == "H100 SXM" for x in rows)
+    assert all(x["path"] == "reference" for x in rows if x["provider"] == "auto")  # on a CPU the dispatch says so
+    nce = [x for x in lines if x["kind"] == "bench" and x["group"].startswith("nce")]
+    assert {x["provider"] for x in nce} >= {"triton" if interpreted else "triton (dry run: reference, no "
+                                            "interpreter)", "eager", "compile"}
+    assert all(x["l2_gather_bytes"] > 0 and x["hbm_bytes"] > 0 and "hbm_us_spec" in x["spec_floors_us"] for x in nce)
 
 
 def _slow_section(stop: str):
@@ -245,6 +275,9 @@ def test_reader_writes_bench_tables(dry_run, tmp_path):
     table = paths[1].read_text()
     assert table.startswith("# Benchmarks on cpu (dry run)") and "| provider | median ms |" in table
     assert f"## {bench[0]['group']}" in table and "## kept group" in table
+    for provider in ("fused", "auto -> reference", "loop", "bmm", "compile", "bmm-compile"):  # BLOCK's new rows
+        assert f"| {provider} |" in table or f"| {provider} (dry run" in table, provider
+    assert {r["provider"] for r in rows if r.get("path")} == {"auto"}  # the JSON keeps provider and path apart
     assert paths[2].read_text() == gc.summary_markdown(lines)
 
 
