@@ -95,7 +95,9 @@ def load_text_model(name: str) -> tuple[TextEncoder, object]:
     source = str(local) if local.is_dir() else name
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
-        model = AutoModel.from_pretrained(source, local_files_only=True)
+        # float32 whatever the checkpoint's dtype (transformers 5 would keep an fp16/bf16 checkpoint's): the heads
+        # are float32, and --amp, not the file, decides the compute dtype
+        model = AutoModel.from_pretrained(source, local_files_only=True, dtype=torch.float32)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise _missing_text_model(name, first[:200]) from None
