@@ -10,9 +10,10 @@ import dataclasses
 import json
 import sys
 import time
+import typing
 from pathlib import Path
 
-from cmc_fast.config import DATASETS, NEGATIVES, VARIANTS, Config, preset
+from cmc_fast.config import Config, preset
 from cmc_fast.errors import UsageError
 
 
@@ -29,13 +30,32 @@ def _pair(text: str) -> tuple[int, int]:
     return a, b
 
 
-# CLI flag -> Config field, for flags whose value is copied over the preset when given
-_OVERRIDES = ("data_root", "variant", "epochs", "fusion_epochs", "batch_size", "text_model", "image_model",
-              "image_weights", "negatives", "nce_k", "seed", "max_len", "image_size", "image_backend", "text_lr",
-              "image_lr", "fusion_lr", "mm_dim", "chunks", "rank", "val_fraction", "val_split", "group_sampling",
-              "device", "alpha", "beta", "tiny_text_dim", "tiny_text_layers", "threads",
-              "tiny_text_dropout", "lr_schedule",
-              "text_pretrain_epochs", "text_pretrain_lr")
+def config_flag(f: dataclasses.Field) -> str:
+    """The command-line flag of a Config field: its metadata's, ``--no-x`` for a boolean x that defaults to True,
+    else ``--x`` (underscores as dashes)."""
+    name = f.name.replace("_", "-")
+    return f.metadata.get("flag") or (f"--no-{name}" if f.default is True else f"--{name}")
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    """One flag per Config field, from the field's own definition (type, help, choices). Flags not given stay out
+    of the parsed namespace (argparse.SUPPRESS), so only what the user typed overrides the preset."""
+    types = typing.get_type_hints(Config)
+    for f in dataclasses.fields(Config):
+        if not f.metadata.get("cli", True):
+            continue
+        kwargs = {"dest": f.name, "default": argparse.SUPPRESS, "help": f.metadata.get("help") or None}
+        kind = types[f.name]
+        if kind is bool:
+            kwargs["action"] = "store_false" if f.default is True else "store_true"
+        else:
+            optional = type(None) in typing.get_args(kind)  # X | None: parse as X
+            base = next(t for t in typing.get_args(kind) if t is not type(None)) if optional else kind
+            kwargs["type"] = _pair if typing.get_origin(base) is tuple else base
+            kwargs["choices"] = f.metadata.get("choices")
+            kwargs["metavar"] = f.metadata.get("metavar") or (
+                "{" + ",".join(kwargs["choices"]) + "}" if kwargs["choices"] else None)
+        parser.add_argument(config_flag(f), **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,54 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     tr = sub.add_parser("train", help="train the CMC variants and write a run directory")
-    tr.add_argument("--dataset", default=None, help=f"one of {', '.join(DATASETS)} (default synthetic)")
-    tr.add_argument("--data-root", default=None, help="dataset directory (synthetic: where to generate it)")
-    tr.add_argument("--variant", default=None, help=f"'all' or a comma list of {', '.join(VARIANTS)}")
-    tr.add_argument("--epochs", type=int, help="stage-1 (and single-modality, cmc-shared) epochs")
-    tr.add_argument("--fusion-epochs", type=int, help="stage-2 (BLOCK) epochs")
-    tr.add_argument("--batch-size", type=int)
-    tr.add_argument("--amp", action="store_true", help="bfloat16 autocast (the NCE loss stays float32)")
-    tr.add_argument("--compile", action="store_true", help="torch.compile each stage's forward + loss")
-    tr.add_argument("--text-model", help="tiny (small BERT), ngram (fastText-style bag of n-grams), a local "
-                    "Hugging Face directory, or a cached hub id")
-    tr.add_argument("--image-model", help="tiny, vgg19 or resnet50")
-    tr.add_argument("--image-weights", help="imagenet (torch cache), a .pth file, or none")
-    tr.add_argument("--negatives", choices=None, help=f"one of {', '.join(NEGATIVES)}")
-    tr.add_argument("--nce-k", type=int, help="negatives per anchor")
-    tr.add_argument("--max-len", type=int, help="text tokens kept (head + tail)")
-    tr.add_argument("--tiny-text-dim", type=int, help="width of the tiny / ngram text model")
-    tr.add_argument("--tiny-text-layers", type=int, help="layers of the tiny text model")
-    tr.add_argument("--tiny-text-dropout", type=float, help="dropout of the tiny / ngram text model (0.1 / 0.3)")
-    tr.add_argument("--text-pretrain-epochs", type=int,
-                    help="masked-LM pre-training of the tiny text model on the training texts first (0: off)")
-    tr.add_argument("--text-pretrain-lr", type=float, help="AdamW learning rate of that pre-training (1e-3)")
-    tr.add_argument("--image-size", type=_pair, help="H,W of the training images")
-    tr.add_argument("--image-backend", help="auto, dali, torchvision or pil")
-    tr.add_argument("--image-stream", action="store_true",
-                    help="decode images from the files every epoch instead of once into the uint8 cache")
-    tr.add_argument("--text-lr", type=float)
-    tr.add_argument("--image-lr", type=float)
-    tr.add_argument("--fusion-lr", type=float)
-    tr.add_argument("--mm-dim", type=int)
-    tr.add_argument("--chunks", type=int)
-    tr.add_argument("--rank", type=int)
-    tr.add_argument("--alpha", type=float)
-    tr.add_argument("--beta", type=float)
-    tr.add_argument("--lr-schedule", metavar="{constant,linear,cosine}",
-                    help="per-step learning rate: constant (default), or warm-up then linear/cosine decay to 0")
-    tr.add_argument("--val-fraction", type=float)
-    tr.add_argument("--val-split", metavar="{grouped,random}",
-                    help="grouped (default): near-duplicate posts never straddle the fit/validation cut")
-    tr.add_argument("--group-sampling", type=float, metavar="P",
-                    help="sample a training post in a near-duplicate group of size s with weight s^-P (0..1)")
-    tr.add_argument("--device", help="auto, cpu or cuda[:N]")
-    tr.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    tr.add_argument("--out", help="run directory (default runs/<dataset>-<time>)")
+    _add_config_options(tr)
     tr.add_argument("--config", help="JSON file of config keys, applied over the dataset's preset")
-    tr.add_argument("--seed", type=int)
     tr.add_argument("--resume", metavar="DIR", help="continue the killed run in DIR with its saved config")
     tr.add_argument("--synthetic-n", type=_pair, metavar="TRAIN,TEST", help="posts generated for --dataset synthetic")
-    tr.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     ev = sub.add_parser("evaluate", help="re-score a finished run's checkpoints on its test split")
     ev.add_argument("--run", required=True, metavar="DIR")
@@ -110,26 +86,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    if args.config:
-        overrides = Config.read_overrides(args.config)
-        cfg = dataclasses.replace(preset(args.dataset or overrides.get("dataset", "synthetic")), **overrides)
-    else:
-        cfg = preset(args.dataset or "synthetic")
-    for name in _OVERRIDES:
-        value = getattr(args, name, None)
-        if value is not None:
-            if name == "image_weights" and value.lower() == "none":
-                value = None
-            setattr(cfg, name, value)
-    if args.dataset:
-        cfg.dataset = args.dataset
+    """The dataset's preset, then ``--config FILE``, then every flag given (the tiny image model, having no
+    pretrained weights, implies --image-weights none unless weights were asked for)."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if hasattr(args, f.name)}
+    overrides = Config.read_overrides(args.config) if args.config else {}
+    dataset = given.get("dataset") or overrides.get("dataset", "synthetic")
+    cfg = dataclasses.replace(preset(dataset), **{**overrides, **given})
+    if isinstance(cfg.image_weights, str) and cfg.image_weights.lower() == "none":
+        cfg.image_weights = None
+    if cfg.image_model == "tiny" and "image_weights" not in given and "image_weights" not in overrides:
+        cfg.image_weights = None
     if args.synthetic_n:
         cfg.synthetic_train, cfg.synthetic_test = args.synthetic_n
-    cfg.amp = cfg.amp or args.amp
-    cfg.compile = cfg.compile or args.compile
-    cfg.image_cache = cfg.image_cache and not args.image_stream
-    cfg.progress = not args.no_progress and sys.stderr.isatty()
-    cfg.out = args.out or cfg.out
+    cfg.progress = cfg.progress and sys.stderr.isatty()
     return cfg.validate()
 
 
@@ -141,7 +110,7 @@ def _train(args: argparse.Namespace) -> int:
         if not (run_dir / "config.json").is_file():
             raise UsageError(f"--resume: {run_dir} is not a cmc-fast run directory (no config.json)")
         cfg = Config.from_dict(json.loads((run_dir / "config.json").read_text()), source=str(run_dir / "config.json"))
-        cfg.progress = not args.no_progress and sys.stderr.isatty()
+        cfg.progress = getattr(args, "progress", True) and sys.stderr.isatty()
         return _run(Trainer(cfg, run_dir, resume=True))
     cfg = config_from_args(args)
     run_dir = Path(cfg.out or f"runs/{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -173,7 +142,10 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0), or a bad flag or choice (2; its one line is already printed)
+        return int(exc.code or 0)
     try:
         if args.command == "train":
             return _train(args)

@@ -1,14 +1,16 @@
 """The trainer end to end on a tiny synthetic configuration: the CLI, the run directory, resume, stage 2."""
 
 import json
+import os
 
 import pytest
 import torch
 from tiny import TINY, tiny_config
 
-from cmc_fast import trainer as trainer_mod
+from cmc_fast import checkpoint_manager, loop
 from cmc_fast.cli import main
 from cmc_fast.config import Config
+from cmc_fast.stages import FusionStage, MutualStage
 from cmc_fast.trainer import Trainer
 
 
@@ -25,11 +27,16 @@ def test_cli_end_to_end_writes_a_complete_run_directory(tmp_path, capsys):
         assert 0.0 <= r["test"]["accuracy"] <= 1.0 and r["test"]["n"] == 40
     report = (out / "report.md").read_text()
     assert "| cmc |" in report and "Fake F1" in report
+    assert "cmc-shared loss: fused (the paper's CMC-shared baseline" in report
+    assert "scored on the 40 test posts with an image (all of them)" in report
     assert json.loads((out / "config.json").read_text())["epochs"] == 1
     assert (out / "log.txt").stat().st_size > 0
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [h["epoch"] for h in metrics["history"]["stage2"]] == [1, 2]
     assert (out / "checkpoints" / "stage1.best-text.pt").exists()
+    for path in (out / "checkpoints").iterdir():  # everything the checkpoint manager saves loads without pickle
+        state = torch.load(path, weights_only=True)
+        assert isinstance(state, dict) and "modules" in state
     # evaluate re-scores the finished run to the same numbers
     assert main(["evaluate", "--run", str(out)]) == 0
     again = json.loads((out / "evaluate.json").read_text())["results"]
@@ -37,44 +44,59 @@ def test_cli_end_to_end_writes_a_complete_run_directory(tmp_path, capsys):
         assert again[variant]["test"] == r["test"]
 
 
-@pytest.mark.parametrize("extra", [[], ["--lr-schedule", "cosine", "--group-sampling", "1"]])
-def test_resume_after_an_interrupted_run_matches_an_uninterrupted_one(tmp_path, monkeypatch, extra):
-    args = [*TINY, "--variant", "finetune-t", "--epochs", "3", "--data-root", str(tmp_path / "data"), *extra]
+@pytest.mark.parametrize("variant, epochs, killed_stage, extra", [
+    ("finetune-t", "3", "finetune-t", []),
+    ("finetune-t", "3", "finetune-t", ["--lr-schedule", "cosine", "--group-sampling", "1"]),
+    ("cmc", "2", "stage1", []),
+    ("cmc", "2", "stage2", []),
+    ("cmc-shared", "2", "cmc-shared", []),
+])
+def test_resume_after_an_interrupted_run_matches_an_uninterrupted_one(tmp_path, monkeypatch, variant, epochs,
+                                                                      killed_stage, extra):
+    args = [*TINY, "--variant", variant, "--epochs", epochs, "--data-root", str(tmp_path / "data"), *extra]
     assert main(["train", *args, "--out", str(tmp_path / "straight")]) == 0
 
-    real_save, calls = trainer_mod.save_checkpoint, {"n": 0}
+    real_save = checkpoint_manager.save_checkpoint
 
-    def killed_after_first_epoch(state, path):
+    def killed_after_first_epoch(state, path):  # after the last checkpoint, before the best one is renamed
         real_save(state, path)
-        if str(path).endswith(".last.pt"):
-            calls["n"] += 1
-            if calls["n"] == 1:
-                raise KeyboardInterrupt
+        if path.name == f"{killed_stage}.last.pt":
+            raise KeyboardInterrupt
 
-    monkeypatch.setattr(trainer_mod, "save_checkpoint", killed_after_first_epoch)
+    monkeypatch.setattr(checkpoint_manager, "save_checkpoint", killed_after_first_epoch)
     broken = tmp_path / "broken"
     assert main(["train", *args, "--out", str(broken)]) == 130
     assert not (broken / "metrics.json").exists()
-    monkeypatch.setattr(trainer_mod, "save_checkpoint", real_save)
+    monkeypatch.setattr(checkpoint_manager, "save_checkpoint", real_save)
     assert main(["train", "--resume", str(broken)]) == 0
-    assert "resuming at epoch 2/3" in (broken / "log.txt").read_text()
-    straight = json.loads((tmp_path / "straight" / "metrics.json").read_text())["results"]["finetune-t"]
-    resumed = json.loads((broken / "metrics.json").read_text())["results"]["finetune-t"]
-    assert resumed["test"] == straight["test"] and resumed["val_accuracy"] == straight["val_accuracy"]
+    total = "2" if killed_stage == "stage2" else epochs
+    assert f"{killed_stage}: resuming at epoch 2/{total}" in (broken / "log.txt").read_text()
+    straight = json.loads((tmp_path / "straight" / "metrics.json").read_text())
+    resumed = json.loads((broken / "metrics.json").read_text())
+    assert resumed["results"].keys() == straight["results"].keys()
+    for name, row in straight["results"].items():
+        again = resumed["results"][name]
+        assert again["test"] == row["test"] and again["val_accuracy"] == row["val_accuracy"], name
+    assert resumed["history"] == straight["history"]
+    for stage, timing in straight["timings"].items():  # timings survive the resume
+        assert resumed["timings"][stage]["steps"] == timing["steps"]
+        assert resumed["timings"][stage]["train_seconds"] > 0
     assert (broken / "report.md").exists()
+    for path in (broken / "checkpoints").iterdir():  # everything saved loads without pickle
+        torch.load(path, weights_only=True)
 
 
 def test_stage2_leaves_the_frozen_encoders_bit_identical(tmp_path):
     tr = Trainer(tiny_config(tmp_path, variant="cmc"), tmp_path / "run")
-    tr._setup()
-    stage1 = tr.run_stage_and_score(tr.stage1_stage(), {"text": "cmc-t", "image": "cmc-v"})
-    text_net, image_net = stage1.modules["text"], stage1.modules["image"]
+    tr.setup()
+    stage1 = tr.fit_and_score(MutualStage(tr.ctx, tr.mm_splits), {"text": "cmc-t", "image": "cmc-v"})
+    text_net, image_net = stage1.text_net, stage1.image_net
 
     def states():
         return {**text_net.state_dict(prefix="t."), **image_net.state_dict(prefix="v.")}
 
     before = {k: v.clone() for k, v in states().items()}
-    tr.run_stage_and_score(tr.stage2_stage(text_net, image_net), {"fused": "cmc"})
+    tr.fit_and_score(FusionStage(tr.ctx, tr.mm_splits, text_net, image_net), {"fused": "cmc"})
     after = states()
     assert before.keys() == after.keys()
     for k in before:
@@ -84,16 +106,15 @@ def test_stage2_leaves_the_frozen_encoders_bit_identical(tmp_path):
 
 def test_stage1_trains_both_networks_and_the_projections(tmp_path):
     tr = Trainer(tiny_config(tmp_path, variant="cmc-t,cmc-v"), tmp_path / "run")
-    tr._setup()
+    tr.setup()
     torch.manual_seed(0)
-    fresh_t, fresh_v = tr._text_net(), tr._image_net()
-    stage = tr.run_stage_and_score(tr.stage1_stage(), {"text": "cmc-t", "image": "cmc-v"})
-    text_net, image_net = stage.modules["text"], stage.modules["image"]
-    state = torch.load(tmp_path / "run" / "checkpoints" / "stage1.last.pt", weights_only=False)
+    fresh_t, fresh_v = tr.build.text_net(), tr.build.image_net()
+    stage = tr.fit_and_score(MutualStage(tr.ctx, tr.mm_splits), {"text": "cmc-t", "image": "cmc-v"})
+    state = torch.load(tmp_path / "run" / "checkpoints" / "stage1.last.pt", weights_only=True)
     dist = state["modules"]["distiller"]
     assert dist["z_v2t"] > 0 and dist["z_t2v"] > 0  # Z estimated once and saved with the checkpoint
-    assert not torch.equal(text_net.head.weight, fresh_t.head.weight)
-    assert not torch.equal(image_net.head.weight, fresh_v.head.weight)
+    assert not torch.equal(stage.text_net.head.weight, fresh_t.head.weight)
+    assert not torch.equal(stage.image_net.head.weight, fresh_v.head.weight)
     assert set(tr.results) == {"cmc-t", "cmc-v"}
 
 
@@ -102,6 +123,8 @@ def test_stage1_trains_both_networks_and_the_projections(tmp_path):
     (["train", "--variant", "cmc,bogus"], "--variant"),
     (["train", "--image-model", "alexnet"], "--image-model"),
     (["train", "--negatives", "hard"], "--negatives"),
+    (["train", "--shared-loss", "distill"], "--shared-loss"),
+    (["train", "--log-every", "0"], "--log-every"),
     (["train", "--epochs", "0"], "--epochs"),
     (["train", "--group-sampling", "1.5"], "--group-sampling"),
     (["train", "--val-split", "by-date"], "--val-split"),
@@ -131,14 +154,14 @@ def test_config_file_with_an_unknown_key_is_a_usage_error(tmp_path, capsys):
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 def test_lr_schedule_warms_up_then_decays_to_zero(schedule):
     total = 200
-    f = trainer_mod.lr_factor(schedule, total)
+    f = loop.lr_factor(schedule, total)
     warm = [f(s) for s in range(12)]  # 6% of 200 steps
     assert warm == sorted(warm) and warm[-1] == 1.0 and warm[0] == pytest.approx(1 / 12)
     decay = [f(s) for s in range(12, total + 1)]
     assert all(a >= b for a, b in zip(decay, decay[1:])) and decay[-1] == pytest.approx(0.0, abs=1e-12)
     mid = f(12 + (total - 12) // 2)
     assert mid == pytest.approx(0.5, abs=0.01)  # both are halfway down halfway through the decay
-    assert trainer_mod.lr_factor("constant", total)(150) == 1.0
+    assert loop.lr_factor("constant", total)(150) == 1.0
     # what an optimiser sees through LambdaLR, step by step
     opt = torch.optim.SGD([torch.nn.Parameter(torch.randn(3))], lr=0.5)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, f)
@@ -153,3 +176,94 @@ def test_run_directories_from_before_grouped_validation_keep_their_random_split(
     assert Config.from_dict(saved).val_split == "grouped"
     del saved["val_split"]  # config.json of a run written before the option existed
     assert Config.from_dict(saved).val_split == "random"
+
+
+def test_every_row_is_scored_on_the_posts_with_an_image_and_all_posts_is_its_own_row(tmp_path):
+    from cmc_fast.data_pipeline.synthetic import generate
+
+    data = generate(96, 40, seed=0, root=tmp_path / "data")
+    broken = [r.image_paths[0] for r in data.train[:4] + data.test[:5]]
+    for path in broken:  # same size (kept by the generator), undecodable: kept for text, dropped for images
+        with open(path, "r+b") as f:
+            f.write(b"\0" * os.path.getsize(path))
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--variant", "finetune-t,finetune-v", "--data-root", str(tmp_path / "data"),
+                 "--out", str(out)]) == 0
+    results = json.loads((out / "metrics.json").read_text())["results"]
+    assert set(results) == {"finetune-t", "finetune-v", "finetune-t (all posts)"}
+    assert results["finetune-t"]["test"]["n"] == results["finetune-v"]["test"]["n"] == 35
+    assert results["finetune-t (all posts)"]["test"]["n"] == 40
+    assert results["finetune-t"]["posts"] == "the 35 test posts with an image (of 40)"
+    assert results["finetune-t (all posts)"]["posts"] == "all 40 test posts"
+    report = (out / "report.md").read_text()
+    assert "| finetune-t (all posts) |" in report
+    assert "- finetune-t, finetune-v: scored on the 35 test posts with an image (of 40)" in report
+    assert "- finetune-t (all posts): scored on all 40 test posts" in report
+
+
+def test_each_config_field_is_one_flag_with_its_choices():
+    import dataclasses
+
+    from cmc_fast.cli import build_parser, config_flag
+
+    train = next(a for a in build_parser()._actions if a.dest == "command").choices["train"]
+    by_dest = {}
+    for action in train._actions:
+        by_dest.setdefault(action.dest, []).append(action)
+    for f in dataclasses.fields(Config):
+        if not f.metadata["cli"]:
+            assert f.name not in by_dest
+            continue
+        (action,) = by_dest[f.name]
+        assert action.option_strings == [config_flag(f)]
+        assert action.choices == f.metadata["choices"]
+
+
+@pytest.mark.parametrize("argv, weights", [
+    (["--image-model", "tiny"], None),
+    (["--image-model", "tiny", "--image-weights", "none"], None),
+    (["--image-model", "vgg19"], "imagenet"),
+    (["--image-model", "tiny", "--image-weights", "imagenet"], "imagenet"),  # asked for: the build names the flag
+])
+def test_the_tiny_image_model_implies_no_pretrained_weights(argv, weights):
+    from cmc_fast.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(["train", "--dataset", "weibo", *argv])
+    assert config_from_args(args).image_weights == weights
+
+
+def test_flags_override_the_preset_only_when_given(tmp_path):
+    from cmc_fast.cli import build_parser, config_from_args
+
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"epochs": 4, "nce_k": 99}))
+    cfg = config_from_args(build_parser().parse_args(["train", "--config", str(path), "--epochs", "5",
+                                                      "--shared-loss", "fused+distill", "--amp", "--no-progress"]))
+    assert (cfg.epochs, cfg.nce_k, cfg.shared_loss, cfg.amp, cfg.progress) == (5, 99, "fused+distill", True, False)
+    assert cfg.batch_size == 32 and cfg.image_model == "tiny"  # the synthetic preset's
+
+
+def test_a_run_killed_under_the_earlier_checkpoint_format_resumes(tmp_path, monkeypatch):
+    args = [*TINY, "--variant", "finetune-t", "--epochs", "2", "--data-root", str(tmp_path / "data")]
+    assert main(["train", *args, "--out", str(tmp_path / "straight")]) == 0
+    real_save = checkpoint_manager.save_checkpoint
+
+    def killed_after_first_epoch(state, path):
+        real_save(state, path)
+        if path.name == "finetune-t.last.pt":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint_manager, "save_checkpoint", killed_after_first_epoch)
+    assert main(["train", *args, "--out", str(tmp_path / "old")]) == 130
+    monkeypatch.setattr(checkpoint_manager, "save_checkpoint", real_save)
+    last = tmp_path / "old" / "checkpoints" / "finetune-t.last.pt"
+    record = torch.load(last, weights_only=True)
+    record.update(record.pop("rng"))  # the earlier layout: random states at the top level, no clock, no best epoch
+    del record["clock"], record["best_epoch"]
+    torch.save(record, last)
+    for pending in last.parent.glob("*.pending.pt"):  # the earlier trainer wrote best files directly
+        pending.rename(last.parent / "finetune-t.best-text.pt")
+    assert main(["train", "--resume", str(tmp_path / "old")]) == 0
+    straight = json.loads((tmp_path / "straight" / "metrics.json").read_text())["results"]["finetune-t"]
+    resumed = json.loads((tmp_path / "old" / "metrics.json").read_text())["results"]["finetune-t"]
+    assert resumed["test"] == straight["test"] and resumed["val_accuracy"] == straight["val_accuracy"]
