@@ -94,9 +94,11 @@ class Prediction:
 
 
 # ------------------------------------------------------------------------------------------ building
-def text_classifier(cfg: Config, tokenizer, hf_config_dir: str | None = None) -> Classifier:
-    """The run's text network, untrained (its weights are loaded after). A Hugging Face model is built from its
-    config alone when ``hf_config_dir`` is given (a bundle), else loaded from ``cfg.text_model`` (a run)."""
+def text_classifier(cfg: Config, tokenizer, hf_config_dir: str | None = None,
+                    pretrained: TextEncoder | None = None) -> Classifier:
+    """The run's text network (its trained weights are loaded after). A Hugging Face model is ``pretrained``
+    when given (a run: loaded with its tokenizer), else built from its config alone in ``hf_config_dir`` (a
+    bundle), else loaded from ``cfg.text_model``."""
     if cfg.text_model == "tiny":
         dropout = 0.1 if cfg.tiny_text_dropout is None else cfg.tiny_text_dropout
         return Classifier(tiny_text_encoder(len(tokenizer), cfg.max_len, cfg.tiny_text_dim, cfg.tiny_text_layers,
@@ -104,6 +106,8 @@ def text_classifier(cfg: Config, tokenizer, hf_config_dir: str | None = None) ->
     if cfg.text_model == "ngram":
         dropout = 0.3 if cfg.tiny_text_dropout is None else cfg.tiny_text_dropout
         return Classifier(NgramEncoder(len(tokenizer), cfg.tiny_text_dim, dropout=dropout))
+    if pretrained is not None:
+        return Classifier(pretrained)
     if hf_config_dir is None:
         return Classifier(load_text_model(cfg.text_model)[0])
     from transformers import AutoConfig, AutoModel
@@ -112,12 +116,13 @@ def text_classifier(cfg: Config, tokenizer, hf_config_dir: str | None = None) ->
     return Classifier(TextEncoder(AutoModel.from_config(hf_cfg, dtype=torch.float32), pooling="pooler"))
 
 
-def build_parts(cfg: Config, variant: str, tokenizer, hf_config_dir: str | None = None) -> dict[str, nn.Module]:
-    """The variant's networks with fresh weights: text / image classifiers and BLOCK, as it uses them."""
+def build_parts(cfg: Config, variant: str, tokenizer, hf_config_dir: str | None = None,
+                pretrained: TextEncoder | None = None) -> dict[str, nn.Module]:
+    """The variant's networks, before their trained weights are loaded: text / image classifiers and BLOCK."""
     names = RUN_PARTS[variant]
     parts: dict[str, nn.Module] = {}
     if "text" in names:
-        parts["text"] = text_classifier(cfg, tokenizer, hf_config_dir)
+        parts["text"] = text_classifier(cfg, tokenizer, hf_config_dir, pretrained)
     if "image" in names:  # the trained weights replace ImageNet's: none are needed to build it
         parts["image"] = Classifier(build_image_encoder(cfg.image_model, None, tuple(cfg.image_size)))
     if "block" in names:
@@ -138,11 +143,17 @@ def read_run_config(run_dir: Path) -> Config:
     return Config.from_dict(data, source=str(path))
 
 
-def run_tokenizer(run_dir: Path, cfg: Config):
+def run_tokenizer(run_dir: Path, cfg: Config) -> tuple[object, TextEncoder | None]:
     """The tokenizer the run encoded its texts with: its saved vocabulary (tiny / ngram), rebuilt from the
-    run's data when an older run did not save one, or the Hugging Face model's own."""
+    run's data when an older run did not save one, or the Hugging Face model's own (returned with the model,
+    loaded once)."""
     if cfg.text_model not in ("tiny", "ngram"):
-        return load_text_model(cfg.text_model)[1]
+        encoder, tokenizer = load_text_model(cfg.text_model)
+        return tokenizer, encoder
+    return _vocabulary(run_dir, cfg), None
+
+
+def _vocabulary(run_dir: Path, cfg: Config) -> VocabTokenizer:
     if (run_dir / VOCAB_FILE).is_file():
         return VocabTokenizer.load(run_dir / VOCAB_FILE)
     from cmc_fast.data import prepare  # same data, seed and split: the same vocabulary
@@ -186,8 +197,8 @@ class Detector:
         run_dir = Path(run_dir)
         cfg, key = read_run_config(run_dir), variant_key(variant)
         states = load_run_states(run_dir, key)
-        tokenizer = run_tokenizer(run_dir, cfg)
-        parts = build_parts(cfg, key, tokenizer)
+        tokenizer, pretrained = run_tokenizer(run_dir, cfg)
+        parts = build_parts(cfg, key, tokenizer, pretrained=pretrained)
         for part, module in parts.items():
             module.load_state_dict(states[part])
         return cls(cfg, key, tokenizer, parts, device=device, source=str(run_dir))

