@@ -181,7 +181,7 @@ def load_run_states(run_dir: Path, variant: str) -> dict[str, dict]:
 # ------------------------------------------------------------------------------------------ detector
 class Detector:
     def __init__(self, cfg: Config, variant: str, tokenizer, parts: dict[str, nn.Module], *,
-                 device: str | torch.device = "cpu", source: str = ""):
+                 device: str | torch.device = "auto", source: str = ""):
         self.cfg, self.variant, self.tokenizer, self.source = cfg, variant, tokenizer, source
         self.device = resolve_device(str(device))
         self.notes: list[str] = []
@@ -193,7 +193,7 @@ class Detector:
 
     # ---- loading
     @classmethod
-    def from_run(cls, run_dir: str | Path, variant: str = "cmc", *, device: str = "cpu") -> Detector:
+    def from_run(cls, run_dir: str | Path, variant: str = "cmc", *, device: str = "auto") -> Detector:
         run_dir = Path(run_dir)
         cfg, key = read_run_config(run_dir), variant_key(variant)
         states = load_run_states(run_dir, key)
@@ -204,7 +204,7 @@ class Detector:
         return cls(cfg, key, tokenizer, parts, device=device, source=str(run_dir))
 
     @classmethod
-    def from_bundle(cls, bundle_dir: str | Path, *, device: str = "cpu") -> Detector:
+    def from_bundle(cls, bundle_dir: str | Path, *, device: str = "auto") -> Detector:
         from cmc_fast.bundle import read_bundle
 
         cfg, key, tokenizer, parts = read_bundle(Path(bundle_dir))

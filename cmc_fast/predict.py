@@ -186,8 +186,7 @@ def predict_file(detector: Detector, path: Path, out, *, batch_size: int = 64, p
     with path.open("rb") as stream, tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc="predict",
                                          disable=not progress, dynamic_ncols=True) as bar:
         for item in read_posts(path, stream):
-            bar.n = stream.tell()
-            bar.refresh()
+            bar.update(stream.tell() - bar.n)  # bytes read so far (redrawn at tqdm's own pace)
             if isinstance(item, BadLine):
                 _report(report, name, item, summary)
                 continue
@@ -216,7 +215,8 @@ def add_parser(sub) -> None:
     pr.add_argument("--variant", default=None, help="with --run: the variant to score with (default cmc)")
     pr.add_argument("--out", metavar="FILE.jsonl", help="where the JSON lines go (default stdout)")
     pr.add_argument("--batch-size", type=int, default=64, help="posts scored at a time (memory is bounded by it)")
-    pr.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto")
+    pr.add_argument("--device", default="auto",
+                    help="auto (default: CUDA when present, as training), cpu or cuda[:N]")
     pr.add_argument("--no-progress", action="store_true", help="no progress bar")
     pr.set_defaults(_command=run_predict)
 

@@ -137,7 +137,7 @@ def draw(plt, panels: dict, labels: np.ndarray, path: Path, title: str) -> None:
 
 
 def make_tsne(run_dir: str | Path, split: str = "test", out: str | Path | None = None, *, max_points: int = 1000,
-              seed: int = 0, device: str = "cpu") -> tuple[Path, Path]:
+              seed: int = 0, device: str = "auto") -> tuple[Path, Path]:
     """Write ``tsne.png`` and ``tsne.json`` for the run; returns their paths."""
     TSNE, plt = require_plots()
     run_dir = Path(run_dir)
@@ -176,7 +176,7 @@ def add_parser(sub) -> None:
     ts.add_argument("--out", metavar="DIR", help="where tsne.png and tsne.json go (default the run directory)")
     ts.add_argument("--max-points", type=int, default=1000, help="posts sampled at most (t-SNE is quadratic)")
     ts.add_argument("--seed", type=int, default=0)
-    ts.add_argument("--device", default="cpu")
+    ts.add_argument("--device", default="auto", help="auto (default), cpu or cuda[:N]")
     ts.set_defaults(_command=run_tsne)
 
 
