@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -41,7 +42,17 @@ def export_bundle(run_dir: str | Path, out: str | Path, variant: str = "cmc") ->
                 "parts": sorted(detector.parts), "config": dataclasses.asdict(detector.cfg)}, out / CONFIG)
     _write_tokenizer(detector, out)
     write_text(model_card(run_dir, detector), out / CARD)
+    _readable(out)
     return out
+
+
+def _readable(out: Path) -> None:
+    """Files as the umask allows (atomic writes create them 0600): a bundle is made to be handed on."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in out.rglob("*"):
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
 
 
 def _write_tokenizer(detector: Detector, out: Path) -> None:

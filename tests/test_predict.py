@@ -271,3 +271,23 @@ def test_a_hugging_face_text_model_bundles_without_its_checkpoint_or_pickles(tmp
     got = Detector.from_bundle(bundle).predict(texts)
     np.testing.assert_array_equal(got.p_fake, expected.p_fake)
     np.testing.assert_array_equal(got.label, expected.label)
+
+
+def test_export_and_bundle_mistakes_exit_2_with_one_line(run, tmp_path, capsys):
+    out, manifest, _, _ = run
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "something").write_text("x")
+    assert main(["export", "--run", str(out), "--out", str(taken)]) == 2
+    assert "--out: " in capsys.readouterr().err and (taken / "something").exists()
+    assert main(["export", "--run", str(out), "--out", str(tmp_path / "b"), "--variant", "cmc-x"]) == 2
+    assert not (tmp_path / "b").exists()  # nothing half-written left behind
+    bundle = tmp_path / "bundle"
+    assert main(["export", "--run", str(out), "--out", str(bundle), "--variant", "finetune-v"]) == 0
+    assert main(["predict", "--bundle", str(bundle), "--variant", "cmc", "--input", str(manifest)]) == 2
+    assert "--variant: a bundle holds one variant already" in capsys.readouterr().err
+    (bundle / "config.json").write_text('{"format": "something-else"}')
+    assert main(["predict", "--bundle", str(bundle), "--input", str(manifest)]) == 2
+    assert "is not a cmc-fast-bundle config" in capsys.readouterr().err
+    assert main(["predict", "--bundle", str(tmp_path), "--input", str(manifest)]) == 2
+    assert "is not a cmc-fast bundle (no config.json)" in capsys.readouterr().err
