@@ -291,3 +291,33 @@ def test_export_and_bundle_mistakes_exit_2_with_one_line(run, tmp_path, capsys):
     assert "is not a cmc-fast-bundle config" in capsys.readouterr().err
     assert main(["predict", "--bundle", str(tmp_path), "--input", str(manifest)]) == 2
     assert "is not a cmc-fast bundle (no config.json)" in capsys.readouterr().err
+
+
+def test_predict_reproduces_both_finetune_t_rows_when_some_posts_lack_an_image(tmp_path):
+    """A manifest run where some posts have no image: finetune-t is scored on the posts with one (an image variant
+    in the run decides which), finetune-t (all posts) on every post; predict reproduces each row on its posts."""
+    ds = load_dataset("synthetic", str(tmp_path / "synthetic"), seed=0, n_train=96, n_test=40)
+    manifest = tmp_path / "manifest.jsonl"
+    rows = []
+    for split, records in (("train", ds.train), ("test", ds.test)):
+        for i, r in enumerate(records):
+            image = "missing/none.jpg" if i % 5 == 0 else r.image_paths[0]
+            rows.append({"id": r.id, "text": r.text, "image": image, "label": r.label, "split": split})
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--dataset", "manifest", "--data-root", str(manifest), "--variant",
+                 "finetune-t,finetune-v", "--text-model", "tiny", "--image-model", "tiny", "--image-weights", "none",
+                 "--text-lr", "1e-3", "--epochs", "2", "--out", str(out)]) == 0
+    results = json.loads((out / "metrics.json").read_text())["results"]
+    assert results["finetune-t"]["test"]["n"] == 32 and results["finetune-t (all posts)"]["test"]["n"] == 40
+    test_rows = [row for row in rows if row["split"] == "test"]
+    for variant, posts in (("finetune-t (all posts)", test_rows),
+                           ("finetune-t", [row for row in test_rows if row["image"] != "missing/none.jpg"])):
+        # finetune-t scores text alone: the image (there or not) plays no part
+        assert main(["predict", "--run", str(out), "--variant", variant, "--input", str(manifest), "--out",
+                     str(tmp_path / "pred.jsonl"), "--no-progress"]) == 0
+        scored = {line["id"]: line for line in _lines(tmp_path / "pred.jsonl")}
+        pred = torch.tensor([1 if scored[row["id"]]["label"] == "fake" else 0 for row in posts])
+        target = torch.tensor([row["label"] for row in posts])
+        assert classification_metrics(pred, target) == results[variant]["test"]
+        assert {scored[row["id"]]["model"] for row in posts} == {detector_module.variant_key(variant)}
