@@ -321,3 +321,20 @@ def test_predict_reproduces_both_finetune_t_rows_when_some_posts_lack_an_image(t
         target = torch.tensor([row["label"] for row in posts])
         assert classification_metrics(pred, target) == results[variant]["test"]
         assert {scored[row["id"]]["model"] for row in posts} == {detector_module.variant_key(variant)}
+
+
+def test_predict_streams_in_batches_of_at_most_batch_size(run, tmp_path, monkeypatch):
+    out, manifest, records, _ = run
+    from cmc_fast import predict as predict_module
+
+    seen, real = [], predict_module.score_batch
+
+    def recording(detector, posts):
+        seen.append(len(posts))
+        return real(detector, posts)
+
+    monkeypatch.setattr(predict_module, "score_batch", recording)
+    assert main(["predict", "--run", str(out), "--input", str(manifest), "--batch-size", "7", "--out",
+                 str(tmp_path / "p.jsonl"), "--no-progress"]) == 0
+    assert seen == [7] * (len(records) // 7) + [len(records) % 7]
+    assert len(_lines(tmp_path / "p.jsonl")) == len(records)
