@@ -287,9 +287,16 @@ class Detector:
                     v_logits, v_feat = self.image_net(x[rows.to(self.device)])
                     if self.branch_heads:
                         p_image[ok] = torch.softmax(v_logits.float().cpu(), 1)[:, 1].double().numpy()
-                    main = self.block([t_feat[rows.to(self.device)], v_feat]) if self.block is not None else v_logits
+                    main = self._fuse(t_feat[rows.to(self.device)], v_feat) if self.block is not None else v_logits
                     logits[rows] = main.float().cpu()
         return self._assemble(logits, t_logits, ok, errors, p_text, p_image)
+
+    def _fuse(self, t_feat: torch.Tensor, v_feat: torch.Tensor) -> torch.Tensor:
+        """BLOCK's logits as the run computed them: stage 2 fused float32 features of its frozen networks,
+        cmc-shared fuses its encoders' outputs as they come (bfloat16 under --amp)."""
+        if self.variant == "cmc":
+            t_feat, v_feat = t_feat.float(), v_feat.float()
+        return self.block([t_feat, v_feat])
 
     def _assemble(self, logits, t_logits, ok, errors, p_text, p_image) -> Prediction:
         """Each post's final p(fake): the variant's own output, or its text branch's for posts without a usable
