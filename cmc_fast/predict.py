@@ -79,7 +79,7 @@ def _jsonl(stream: io.BufferedReader, name: str, base: str) -> Iterator[Post | B
         if not raw.strip():
             continue
         try:
-            text = raw.decode("utf-8")
+            text = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a BOM may open the file
         except UnicodeDecodeError as exc:
             yield BadLine(number, f"not valid UTF-8 (byte {exc.start})")
             continue

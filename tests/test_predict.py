@@ -165,6 +165,10 @@ def test_csv_input_and_a_clean_file_exit_zero(run, tmp_path, capsys):
     clean.write_text(f"text,image\n{r.text},{r.image_paths[0]}\n")
     assert main(["predict", "--run", str(out), "--input", str(clean), "--out", str(dest), "--no-progress"]) == 0
     assert _lines(dest)[0]["id"] == "clean.csv:2"
+    windows = tmp_path / "windows.jsonl"  # a byte-order mark and CRLF line ends, as some editors save
+    windows.write_bytes(b"\xef\xbb\xbf" + json.dumps({"text": r.text, "image": r.image_paths[0]}).encode() + b"\r\n")
+    assert main(["predict", "--run", str(out), "--input", str(windows), "--out", str(dest), "--no-progress"]) == 0
+    assert _lines(dest)[0]["model"] == "cmc"
 
 
 @pytest.mark.parametrize("argv, message", [
