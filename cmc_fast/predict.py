@@ -8,9 +8,10 @@ input's size. One JSON line per scored post::
     {"id", "p_fake", "label": "fake"|"real", "p_fake_text", "p_fake_image", "model", "image_error"?}
 
 ``model`` names what gave ``p_fake``: the variant, or its text branch (cmc: ``cmc-t``) for a post whose image is
-missing or does not decode (``image_error`` says why). A branch's p(fake) is null where it is absent or was not
-trained. A line that cannot be used (not UTF-8, not JSON, not an object, no text field, empty text, or a post
-the variant cannot score) is reported on stderr with its line number and reason, and the rest go on.
+missing or does not decode (``image_error`` says why, and a stderr line with its line number). A branch's
+p(fake) is null where it is absent or was not trained. A line that cannot be used (not UTF-8, not JSON, not an
+object, no text field, empty text, or a post the variant cannot score) is reported on stderr with its line
+number and reason, and the rest go on.
 
 Exit status: 0 every post was scored, 1 some lines were reported and skipped, 2 a usage error.
 """
@@ -134,8 +135,8 @@ def _num(x: float) -> float | None:
     return None if math.isnan(x) else round(float(x), 6)
 
 
-def score_batch(detector: Detector, posts: list[Post]) -> tuple[list[dict], list[BadLine]]:
-    """The output lines of a batch, and its posts the variant could not score."""
+def score_batch(detector: Detector, posts: list[Post]) -> tuple[list[tuple[Post, dict]], list[BadLine]]:
+    """Each scored post with its output line, and the posts the variant could not score."""
     pred = detector.predict([p.text for p in posts], [p.image for p in posts], batch_size=len(posts))
     out, failed = [], []
     for i, post in enumerate(posts):
@@ -148,7 +149,7 @@ def score_batch(detector: Detector, posts: list[Post]) -> tuple[list[dict], list
                 "model": pred.scored_by[i]}
         if pred.image_error[i] is not None and detector.uses_images:
             line["image_error"] = pred.image_error[i]
-        out.append(line)
+        out.append((post, line))
     return out, failed
 
 
@@ -174,11 +175,14 @@ def predict_file(detector: Detector, path: Path, out, *, batch_size: int = 64, p
     name = path.name
 
     def flush() -> None:
-        lines, failed = score_batch(detector, batch)
-        for line in lines:
+        scored, failed = score_batch(detector, batch)
+        for post, line in scored:
             out.write(json.dumps(line, ensure_ascii=False) + "\n")
-        summary.posts += len(lines)
-        summary.text_only += sum(line["model"] != detector.variant for line in lines)
+            if "image_error" in line:  # scored, but not as the variant would with its image: say so
+                print(f"{name}:{post.line}: image not usable ({line['image_error']}); scored by {line['model']}",
+                      file=report)
+        summary.posts += len(scored)
+        summary.text_only += sum(line["model"] != detector.variant for _, line in scored)
         for bad in failed:
             _report(report, name, bad, summary)
         batch.clear()

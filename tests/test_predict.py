@@ -134,6 +134,8 @@ def test_bad_lines_are_reported_with_their_line_and_reason_and_the_rest_go_on(ru
     assert "posts.jsonl:6: skipped (id no-text): missing field: text" in err
     assert "posts.jsonl:7: skipped: invalid JSON" in err
     assert "posts: 4 scored (3 by the text branch alone), failed: 4" in err
+    assert "posts.jsonl:2: image not usable (" in err and "missing.jpg" in err and "); scored by cmc-t" in err
+    assert "posts.jsonl:3: image not usable (" in err and "posts.jsonl:8: image not usable (no image)" in err
     lines = {line["id"]: line for line in _lines(dest)}
     assert set(lines) == {"good", "no-image-file", "corrupt-image", "posts.jsonl:8"}
     assert lines["good"]["model"] == "cmc" and "image_error" not in lines["good"]
