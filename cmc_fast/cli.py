@@ -1,4 +1,4 @@
-"""Command line: ``cmc-fast train``, ``cmc-fast evaluate``, ``cmc-fast data check``.
+"""Command line: ``cmc-fast train``, ``evaluate``, ``predict``, ``export``, ``tsne``, ``data check``.
 
 User mistakes end with one line naming the argument and the valid choices, exit code 2, no traceback.
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import sys
 import time
@@ -71,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="re-score a finished run's checkpoints on its test split")
     ev.add_argument("--run", required=True, metavar="DIR")
     ev.add_argument("--device", default=None)
+
+    for module in ("predict", "bundle", "tsne"):  # predict, export, tsne: each module parses its own flags
+        importlib.import_module(f"cmc_fast.{module}").add_parser(sub)
 
     data = sub.add_parser("data", help="dataset tools")
     data_sub = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
@@ -151,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
             return _train(args)
         if args.command == "evaluate":
             return _evaluate(args)
+        if hasattr(args, "_command"):
+            return args._command(args)
         if args.command == "data":
             if args._data_check is None:
                 raise UsageError("data check is not available in this installation")

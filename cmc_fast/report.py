@@ -64,6 +64,125 @@ def plot_history(history: dict[str, list[dict]], path) -> bool:
     return True
 
 
+def roc_curve(p_fake, label) -> tuple[list[float], list[float], float]:
+    """(false-positive rates, true-positive rates, area) over every threshold, fake = positive; tied scores
+    move together (one point per distinct score)."""
+    order = sorted(range(len(p_fake)), key=lambda i: -float(p_fake[i]))
+    pos = sum(int(y) == 1 for y in label)
+    neg = len(label) - pos
+    fpr, tpr, tp, fp = [0.0], [0.0], 0, 0
+    for k, i in enumerate(order):
+        tp, fp = tp + (int(label[i]) == 1), fp + (int(label[i]) != 1)
+        if k + 1 == len(order) or float(p_fake[order[k + 1]]) != float(p_fake[i]):
+            fpr.append(fp / neg if neg else 0.0)
+            tpr.append(tp / pos if pos else 0.0)
+    area = sum((fpr[j] - fpr[j - 1]) * (tpr[j] + tpr[j - 1]) / 2 for j in range(1, len(fpr)))
+    return fpr, tpr, area
+
+
+def pr_curve(p_fake, label) -> tuple[list[float], list[float], float]:
+    """(recalls, precisions, average precision) of the fake class over every distinct threshold."""
+    order = sorted(range(len(p_fake)), key=lambda i: -float(p_fake[i]))
+    pos = sum(int(y) == 1 for y in label)
+    recall, precision, tp, ap, prev_r = [0.0], [1.0], 0, 0.0, 0.0
+    for k, i in enumerate(order):
+        tp += int(label[i]) == 1
+        if k + 1 == len(order) or float(p_fake[order[k + 1]]) != float(p_fake[i]):
+            r, p = (tp / pos if pos else 0.0), tp / (k + 1)
+            ap += (r - prev_r) * p
+            recall.append(r)
+            precision.append(p)
+            prev_r = r
+    return recall, precision, ap
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def _ordered(scores: dict) -> list[str]:
+    return sorted(scores, key=lambda v: _ORDER.index(v) if v in _ORDER else 99)
+
+
+def plot_confusion(scores: dict[str, dict], path) -> bool:
+    """One 2x2 confusion matrix (rows true, columns predicted; fake first) per variant, as a PNG."""
+    plt = _pyplot()
+    if plt is None or not scores:
+        return False
+    variants = _ordered(scores)
+    fig, axes = plt.subplots(1, len(variants), figsize=(2.6 * len(variants), 2.9), squeeze=False)
+    for ax, variant in zip(axes[0], variants):
+        s = scores[variant]
+        pred, label = [int(v) for v in s["pred"]], [int(v) for v in s["label"]]
+        cells = [[sum(t == a and p == b for t, p in zip(label, pred)) for b in (1, 0)] for a in (1, 0)]
+        ax.imshow(cells, cmap="Blues", vmin=0, vmax=max(1, max(map(max, cells))))
+        for r in range(2):
+            for c in range(2):
+                dark = cells[r][c] > max(map(max, cells)) / 2
+                ax.text(c, r, str(cells[r][c]), ha="center", va="center", fontsize=11,
+                        color="white" if dark else "black")
+        ax.set_xticks([0, 1], ["fake", "real"])
+        ax.set_yticks([0, 1], ["fake", "real"])
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true" if ax is axes[0][0] else "")
+        ax.set_title(variant, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def plot_roc_pr(scores: dict[str, dict], roc_path, pr_path) -> bool:
+    """Every variant's ROC curve (with its AUC) and precision-recall curve of the fake class (with its average
+    precision), one PNG each."""
+    plt = _pyplot()
+    if plt is None or not scores:
+        return False
+    for path, curve, (xl, yl), name in ((roc_path, roc_curve, ("false-positive rate", "true-positive rate"), "AUC"),
+                                        (pr_path, pr_curve, ("recall (fake)", "precision (fake)"), "AP")):
+        fig, ax = plt.subplots(figsize=(5, 4.5))
+        for variant in _ordered(scores):
+            x, y, area = curve(scores[variant]["p_fake"].tolist(), scores[variant]["label"].tolist())
+            ax.plot(x, y, label=f"{variant} ({name} {area:.3f})", drawstyle="steps-post" if curve is pr_curve
+                    else "default")
+        if curve is roc_curve:
+            ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+        ax.set_xlabel(xl)
+        ax.set_ylabel(yl)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+    return True
+
+
+def plot_test_figures(scores: dict[str, dict], run_dir) -> list[str]:
+    """confusion.png, roc.png and pr.png in ``run_dir`` from each variant's test scores; the names written
+    (none without matplotlib)."""
+    from pathlib import Path
+
+    run_dir = Path(run_dir)
+    written = []
+    if plot_confusion(scores, run_dir / "confusion.png"):
+        written.append("confusion.png")
+    if plot_roc_pr(scores, run_dir / "roc.png", run_dir / "pr.png"):
+        written += ["roc.png", "pr.png"]
+    return written
+
+
+def figure_lines(figures: list[str]) -> list[str]:
+    titles = {"curves.png": "Training curves", "confusion.png": "Confusion matrices (test)",
+              "roc.png": "ROC curves (test, fake = positive)", "pr.png": "Precision-recall curves (test, fake)"}
+    return [line for name in figures for line in (f"![{titles.get(name, name)}]({name})", "")]
+
+
 def timing_table(timings: dict[str, dict]) -> str:
     lines = ["| stage | steps | first step s | steady step ms | compile s (est.) | stage s |",
              "|---|---:|---:|---:|---:|---:|"]
@@ -90,7 +209,7 @@ def shared_loss_line(config: dict) -> str:
 
 
 def markdown_report(config: dict, results: dict, data_summary: dict, notes: list[str],
-                    timings: dict[str, dict] | None = None) -> str:
+                    timings: dict[str, dict] | None = None, figures: list[str] | None = None) -> str:
     parts = [
         f"# CMC run: {config.get('dataset')}",
         "",
@@ -106,6 +225,7 @@ def markdown_report(config: dict, results: dict, data_summary: dict, notes: list
         "",
         shared_loss_line(config),
         "",
+        *(["## Figures", "", *figure_lines(figures)] if figures else []),
         "## Training time",
         "",
         timing_table(timings or {}),

@@ -79,6 +79,7 @@ class Stage:
         self.heads: dict[str, tuple[str, ...]] = {}
         self._compiled_loss: Callable | None = None
         self._started = False  # whether ``step`` has run on_fit_start
+        self.scores: dict[str, dict] = {}  # head -> test p(fake), pred, label (``evaluate(keep_scores=True)``)
 
     # ---- hooks a stage overrides
     def on_fit_start(self, batch: Batch) -> None:
@@ -125,15 +126,22 @@ class Stage:
             mod.eval()
 
     @torch.no_grad()
-    def evaluate(self, split: SplitData) -> dict[str, dict]:
-        """Every head's metrics on ``split`` (predictions stay on the device until the end)."""
+    def evaluate(self, split: SplitData, *, keep_scores: bool = False) -> dict[str, dict]:
+        """Every head's metrics on ``split`` (predictions stay on the device until the end). ``keep_scores``:
+        also keep each head's p(fake) and predicted label in ``self.scores`` (the report's ROC/PR curves)."""
         preds: dict[str, list[torch.Tensor]] = {}
+        p_fake: dict[str, list[torch.Tensor]] = {}
         for host_rows, rows in eval_batches(len(split), max(64, self.cfg.batch_size), self.device):
             with self.ctx.autocast():
                 out = self.head_logits(split, self.batch(split, host_rows, rows, train=False))
             for head, logits in out.items():
                 preds.setdefault(head, []).append(logits.argmax(1))
+                if keep_scores:
+                    p_fake.setdefault(head, []).append(torch.softmax(logits.float(), 1)[:, 1])
         labels = split.labels.cpu()
+        if keep_scores:
+            self.scores = {head: {"p_fake": torch.cat(p_fake[head]).cpu(), "pred": torch.cat(preds[head]).cpu(),
+                                  "label": labels} for head in preds}
         return {head: classification_metrics(torch.cat(p).cpu(), labels) for head, p in preds.items()}
 
 

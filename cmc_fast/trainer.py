@@ -25,11 +25,12 @@ from cmc_fast.checkpoint import write_json, write_text
 from cmc_fast.checkpoint_manager import CheckpointManager
 from cmc_fast.config import Config
 from cmc_fast.data import PreparedData, SplitData, prepare
+from cmc_fast.data_pipeline.text import VocabTokenizer
 from cmc_fast.encoders import build_image_encoder
 from cmc_fast.errors import UsageError
 from cmc_fast.loop import fit
 from cmc_fast.models import ModelBuilder, amp_dtype, resolve_device
-from cmc_fast.report import markdown_report, plot_history, text_table
+from cmc_fast.report import markdown_report, plot_history, plot_test_figures, text_table
 from cmc_fast.stages import FinetuneStage, FusionStage, MutualStage, SharedStage, Stage, StageContext
 
 log = logging.getLogger("cmc_fast")
@@ -48,6 +49,7 @@ class Trainer:
         self.results: dict[str, dict] = {}
         self.timings: dict[str, dict] = {}
         self.history: dict[str, list[dict]] = {}  # stage -> per-epoch train loss and validation accuracy
+        self.scores: dict[str, dict] = {}  # variant -> test p(fake), predicted and true labels (report figures)
         self.data: PreparedData | None = None
         self.text_splits: dict[str, SplitData] = {}
         self.mm_splits: dict[str, SplitData] | None = None  # the posts with an image (None: no image variant)
@@ -76,6 +78,8 @@ class Trainer:
         cfg, t0 = self.cfg, time.perf_counter()
         self.data = prepare(cfg, tokenizer=self.build.tokenizer, use_images=use_images)
         self.build.tokenizer = self.data.tokenizer
+        if isinstance(self.data.tokenizer, VocabTokenizer) and not self.evaluate_only:  # what predict encodes with
+            write_json(self.data.tokenizer.vocab, self.run_dir / "vocab.json")
         log.info("data ready in %.1fs: %s", time.perf_counter() - t0, self.data.summary)
         write_json([vars(s) for s in self.data.skipped], self.run_dir / "skipped.json")
         if self.data.skipped:
@@ -151,13 +155,14 @@ class Trainer:
         if result.clock.steps:
             self.timings[stage.name] = result.clock.summary(self.cfg.compile)
             self._note_graph_breaks(stage.name, compile_counters)
-        test = stage.evaluate(stage.test_split)
+        test = stage.evaluate(stage.test_split, keep_scores=True)
         posts = self.posts_scored(stage)
         for head, variant in variants.items():
             self.results[variant] = {"test": test[head], "val_accuracy": result.best[head],
                                      "train_seconds": self.timings.get(stage.name, {}).get("train_seconds",
                                                                                           float("nan")),
                                      "stage": stage.name, "posts": posts}
+            self.scores[variant] = stage.scores[head]
             log.info("%s: test accuracy %.4f on %s", variant, test[head]["accuracy"], posts)
         return stage
 
@@ -180,8 +185,9 @@ class Trainer:
         if not self.evaluate_only:
             if not plot_history(self.history, self.run_dir / "curves.png"):
                 self.notes.append("curves.png not written: install the plots extra (pip install cmc-fast[plots])")
-            write_text(markdown_report(asdict(self.cfg), self.results, self.data.summary, self.notes, self.timings),
-                       self.run_dir / "report.md")
+            figures = plot_test_figures(self.scores, self.run_dir)
+            write_text(markdown_report(asdict(self.cfg), self.results, self.data.summary, self.notes, self.timings,
+                                       figures), self.run_dir / "report.md")
         log.info("done in %.1fs\n%s", seconds, text_table(self.results))
 
 

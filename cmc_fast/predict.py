@@ -1,0 +1,250 @@
+"""``cmc-fast predict --run DIR|--bundle DIR --input FILE [--variant cmc] [--out FILE.jsonl]``.
+
+The input is the manifest format: JSONL (one object a line) or CSV, with ``text``, ``image`` (a path relative to
+the input file; absent or empty: no image) and an optional ``id`` (default ``<file>:<line>``). Labels, when
+present, are ignored. Posts stream through in batches (``--batch-size``), so memory stays bounded whatever the
+input's size. One JSON line per scored post::
+
+    {"id", "p_fake", "label": "fake"|"real", "p_fake_text", "p_fake_image", "model", "image_error"?}
+
+``model`` names what gave ``p_fake``: the variant, or its text branch (cmc: ``cmc-t``) for a post whose image is
+missing or does not decode (``image_error`` says why, and a stderr line with its line number). A branch's
+p(fake) is null where it is absent or was not trained. A line that cannot be used (not UTF-8, not JSON, not an
+object, no text field, empty text, or a post the variant cannot score) is reported on stderr with its line
+number and reason, and the rest go on.
+
+Exit status: 0 every post was scored, 1 some lines were reported and skipped, 2 a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from cmc_fast.detector import Detector
+from cmc_fast.errors import UsageError
+
+TEXT_KEYS = ("text", "content")
+IMAGE_KEYS = ("image", "image_path")
+
+
+@dataclass
+class Post:
+    line: int
+    id: str
+    text: str
+    image: str | None  # an absolute path, or None
+
+
+@dataclass
+class BadLine:
+    line: int
+    reason: str
+    id: str = ""
+
+
+# ------------------------------------------------------------------------------------------ reading
+def _post(obj: object, line: int, name: str, base: str) -> Post | BadLine:
+    """One parsed row as a post, or why it is not one."""
+    if not isinstance(obj, dict):
+        return BadLine(line, f"expected a JSON object, got {type(obj).__name__}")
+    post_id = str(obj["id"]).strip() if obj.get("id") not in (None, "") else f"{name}:{line}"
+    text_key = next((k for k in TEXT_KEYS if k in obj), None)
+    if text_key is None:
+        return BadLine(line, "missing field: text", post_id)
+    text = obj[text_key]
+    if not isinstance(text, str):
+        return BadLine(line, f"text: expected a string, got {type(text).__name__}", post_id)
+    if not text.strip():
+        return BadLine(line, "empty text", post_id)
+    image = next((obj[k] for k in IMAGE_KEYS if k in obj), None)
+    if image is not None and not isinstance(image, str):
+        return BadLine(line, f"image: expected a path, got {type(image).__name__}", post_id)
+    path = os.path.join(base, image) if image else None  # an absolute path stays as it is
+    return Post(line, post_id, text.strip(), path)
+
+
+def _jsonl(stream: io.BufferedReader, name: str, base: str) -> Iterator[Post | BadLine]:
+    for number, raw in enumerate(stream, start=1):
+        if not raw.strip():
+            continue
+        try:
+            text = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a BOM may open the file
+        except UnicodeDecodeError as exc:
+            yield BadLine(number, f"not valid UTF-8 (byte {exc.start})")
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            yield BadLine(number, f"invalid JSON: {exc.msg} at column {exc.colno}")
+            continue
+        yield _post(obj, number, name, base)
+
+
+def _csv(stream: io.BufferedReader, name: str, base: str) -> Iterator[Post | BadLine]:
+    """CSV rows (a quoted field may span lines); a row touching a line that is not UTF-8 is reported."""
+    bad_lines: set[int] = set()
+
+    def decoded() -> Iterator[str]:
+        for number, raw in enumerate(stream, start=1):
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError:
+                bad_lines.add(number)
+                yield raw.decode("utf-8", errors="replace")
+
+    reader = csv.reader(decoded())
+    header = next(reader, None)
+    if header is None:
+        return
+    header = [h.strip().lstrip("\ufeff").lower() for h in header]
+    first = reader.line_num + 1
+    for row in reader:
+        lines = range(first, reader.line_num + 1)
+        first = reader.line_num + 1
+        if not any(cell.strip() for cell in row):
+            continue
+        if bad_lines.intersection(lines):
+            yield BadLine(lines[0], "not valid UTF-8")
+        elif len(row) != len(header):
+            yield BadLine(lines[0], f"expected {len(header)} fields, got {len(row)}")
+        else:
+            yield _post(dict(zip(header, row)), lines[0], name, base)
+
+
+def read_posts(path: Path, stream: io.BufferedReader) -> Iterator[Post | BadLine]:
+    """Posts and bad lines of the input, one at a time."""
+    base = str(path.resolve().parent)
+    reader = _csv if path.suffix.lower() == ".csv" else _jsonl
+    return reader(stream, path.name, base)
+
+
+# ------------------------------------------------------------------------------------------ scoring
+def _num(x: float) -> float | None:
+    return None if math.isnan(x) else round(float(x), 6)
+
+
+def score_batch(detector: Detector, posts: list[Post]) -> tuple[list[tuple[Post, dict]], list[BadLine]]:
+    """Each scored post with its output line, and the posts the variant could not score."""
+    pred = detector.predict([p.text for p in posts], [p.image for p in posts], batch_size=len(posts))
+    out, failed = [], []
+    for i, post in enumerate(posts):
+        if pred.label[i] < 0:
+            failed.append(BadLine(post.line, f"image not usable ({pred.image_error[i]}) and {detector.variant} has "
+                                             f"no trained text branch to score the text alone", post.id))
+            continue
+        line = {"id": post.id, "p_fake": _num(pred.p_fake[i]), "label": "fake" if pred.label[i] == 1 else "real",
+                "p_fake_text": _num(pred.p_fake_text[i]), "p_fake_image": _num(pred.p_fake_image[i]),
+                "model": pred.scored_by[i]}
+        if pred.image_error[i] is not None and detector.uses_images:
+            line["image_error"] = pred.image_error[i]
+        out.append((post, line))
+    return out, failed
+
+
+@dataclass
+class Summary:
+    posts: int = 0
+    failed: int = 0
+    text_only: int = 0  # scored by the text branch because the image was not usable
+    seconds: float = 0.0
+
+    def line(self) -> str:
+        rate = self.posts / self.seconds if self.seconds > 0 else 0.0
+        return (f"posts: {self.posts} scored ({self.text_only} by the text branch alone), failed: {self.failed}, "
+                f"{rate:.1f} posts/s")
+
+
+def predict_file(detector: Detector, path: Path, out, *, batch_size: int = 64, progress: bool = True,
+                 report=None) -> Summary:
+    """Score every post of ``path`` and write one JSON line each to ``out``; bad lines go to ``report``
+    (default stderr). Holds one batch of posts at a time."""
+    report = report or sys.stderr
+    summary, batch, t0 = Summary(), [], time.perf_counter()
+    name = path.name
+
+    def flush() -> None:
+        scored, failed = score_batch(detector, batch)
+        for post, line in scored:
+            out.write(json.dumps(line, ensure_ascii=False) + "\n")
+            if "image_error" in line:  # scored, but not as the variant would with its image: say so
+                print(f"{name}:{post.line}: image not usable ({line['image_error']}); scored by {line['model']}",
+                      file=report)
+        summary.posts += len(scored)
+        summary.text_only += sum(line["model"] != detector.variant for _, line in scored)
+        for bad in failed:
+            _report(report, name, bad, summary)
+        batch.clear()
+
+    with path.open("rb") as stream, tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc="predict",
+                                         disable=not progress, dynamic_ncols=True) as bar:
+        for item in read_posts(path, stream):
+            bar.update(stream.tell() - bar.n)  # bytes read so far (redrawn at tqdm's own pace)
+            if isinstance(item, BadLine):
+                _report(report, name, item, summary)
+                continue
+            batch.append(item)
+            if len(batch) == batch_size:
+                flush()
+        if batch:
+            flush()
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _report(stream, name: str, bad: BadLine, summary: Summary) -> None:
+    summary.failed += 1
+    post = f" (id {bad.id})" if bad.id else ""
+    print(f"{name}:{bad.line}: skipped{post}: {bad.reason}", file=stream)
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+def add_parser(sub) -> None:
+    pr = sub.add_parser("predict", help="score new posts (JSONL/CSV manifest) with a trained run or bundle")
+    src = pr.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", metavar="DIR", help="a finished run directory")
+    src.add_argument("--bundle", metavar="DIR", help="a bundle written by `cmc-fast export`")
+    pr.add_argument("--input", required=True, metavar="FILE", help="JSONL or CSV with text, image, optional id")
+    pr.add_argument("--variant", default=None, help="with --run: the variant to score with (default cmc)")
+    pr.add_argument("--out", metavar="FILE.jsonl", help="where the JSON lines go (default stdout)")
+    pr.add_argument("--batch-size", type=int, default=64, help="posts scored at a time (memory is bounded by it)")
+    pr.add_argument("--device", default="auto",
+                    help="auto (default: CUDA when present, as training), cpu or cuda[:N]")
+    pr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pr.set_defaults(_command=run_predict)
+
+
+def load_detector(args: argparse.Namespace) -> Detector:
+    if args.bundle:
+        if args.variant:
+            raise UsageError("--variant: a bundle holds one variant already; use it with --run")
+        return Detector.from_bundle(args.bundle, device=args.device)
+    return Detector.from_run(args.run, args.variant or "cmc", device=args.device)
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    path = Path(args.input)
+    if not path.is_file():
+        raise UsageError(f"--input: file not found: {path}")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size: must be >= 1, got {args.batch_size}")
+    detector = load_detector(args)
+    progress = not args.no_progress and sys.stderr.isatty()
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as out:
+            summary = predict_file(detector, path, out, batch_size=args.batch_size, progress=progress)
+    else:
+        summary = predict_file(detector, path, sys.stdout, batch_size=args.batch_size, progress=progress)
+    print(f"{detector.variant} ({detector.source}): {summary.line()}", file=sys.stderr)
+    return 1 if summary.failed else 0
