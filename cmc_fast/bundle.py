@@ -67,32 +67,34 @@ def _write_tokenizer(detector: Detector, out: Path) -> None:
 
 
 def train_command(cfg: Config) -> str:
-    """A ``cmc-fast train`` command that trains this configuration: the flags that differ from its dataset's
-    preset (keys with no flag go through ``--config``)."""
-    from cmc_fast.cli import _OVERRIDES
+    """A ``cmc-fast train`` command that trains this configuration: the flag of every field that differs from its
+    dataset's preset (the CLI's own flag names, ``cli.config_flag``); fields a flag cannot express go through
+    ``--config``."""
+    from cmc_fast.cli import config_flag
 
-    base, flags, rest = dataclasses.asdict(preset(cfg.dataset)), [f"--dataset {cfg.dataset}"], {}
-    for key, value in dataclasses.asdict(cfg).items():
-        if key in ("dataset", "out", "progress") or value == base.get(key) or (
-                isinstance(value, tuple) and list(value) == list(base.get(key) or [])):
+    base = preset(cfg.dataset)
+    flags, rest = [f"--dataset {cfg.dataset}"], {}
+    skip = ("dataset", "out", "progress", "synthetic_train", "synthetic_test")
+    for f in dataclasses.fields(Config):
+        value = getattr(cfg, f.name)
+        if f.name in skip or value == getattr(base, f.name):
             continue
-        if key in ("synthetic_train", "synthetic_test"):
-            continue  # one flag for both, below
-        if key in _OVERRIDES or key in ("amp", "compile"):
-            flag = "--" + key.replace("_", "-")
-            if isinstance(value, bool):
-                flags.append(flag if value else "")
-            elif isinstance(value, tuple | list):
-                flags.append(f"{flag} {','.join(map(str, value))}")
+        if not f.metadata.get("cli", True) or value is None:
+            rest[f.name] = value
+        elif isinstance(value, bool):  # a boolean flag sets the opposite of the field's default
+            if value == (f.default is not True):
+                flags.append(config_flag(f))
             else:
-                flags.append(f"{flag} {'none' if value is None else value}")
+                rest[f.name] = value
+        elif isinstance(value, tuple | list):
+            flags.append(f"{config_flag(f)} {','.join(map(str, value))}")
         else:
-            rest[key] = value
-    if (cfg.synthetic_train, cfg.synthetic_test) != (base["synthetic_train"], base["synthetic_test"]):
+            flags.append(f"{config_flag(f)} {value}")
+    if (cfg.synthetic_train, cfg.synthetic_test) != (base.synthetic_train, base.synthetic_test):
         flags.append(f"--synthetic-n {cfg.synthetic_train},{cfg.synthetic_test}")
     if rest:
         flags.append(f"--config <a JSON file holding {json.dumps(rest)}>")
-    return "cmc-fast train " + " ".join(f for f in flags if f)
+    return "cmc-fast train " + " ".join(flags)
 
 
 def model_card(run_dir: Path, detector: Detector) -> str:

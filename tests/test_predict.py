@@ -344,3 +344,25 @@ def test_predict_streams_in_batches_of_at_most_batch_size(run, tmp_path, monkeyp
                  str(tmp_path / "p.jsonl"), "--no-progress"]) == 0
     assert seen == [7] * (len(records) // 7) + [len(records) % 7]
     assert len(_lines(tmp_path / "p.jsonl")) == len(records)
+
+
+def test_model_card_train_command_parses_back_to_the_run_config(tmp_path):
+    """The command the model card prints is made of the CLI's own flags: parsed by the CLI it gives the config."""
+    import dataclasses
+    import shlex
+
+    from tiny import tiny_config
+
+    from cmc_fast.bundle import train_command
+    from cmc_fast.cli import build_parser, config_from_args
+
+    cfg = dataclasses.replace(tiny_config(tmp_path), shared_loss="fused+distill", negatives="opposite-class",
+                              amp=True, seed=7)
+    command = train_command(cfg)
+    assert "--config" not in command, command
+    args = build_parser().parse_args(shlex.split(command)[1:])
+    back = config_from_args(args)
+    for f in dataclasses.fields(cfg):
+        if f.name not in ("progress", "out"):
+            assert getattr(back, f.name) == getattr(cfg, f.name) or list(getattr(back, f.name) or []) == list(
+                getattr(cfg, f.name) or []), f.name
