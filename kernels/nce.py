@@ -369,11 +369,19 @@ def _nce_constants(k1: int, n_data: int, eps: float) -> tuple[float, float]:
     return log_c, (math.log(noise) - log_c if noise > 0 else 0.0)
 
 
-def _check_index_range(idx: torch.Tensor, n: int) -> None:
-    """A clear IndexError for an index outside [0, N) (syncs with the device: the reference path always, the kernel
-    path under CMC_FAST_CHECK_INDEX=1)."""
+def _check_index_range(idx: torch.Tensor, n: int, *, sync: bool) -> None:
+    """A clear IndexError for an index outside [0, N). ``sync=False`` (the reference path by default) asserts
+    without a host sync: on the CPU the assert fails at once and the culprit is then named; on a GPU it is a
+    device-side assert at the next sync -- never silent, where a negative index would otherwise wrap around.
+    ``sync=True`` (CMC_FAST_CHECK_INDEX=1) reads the range on the host, naming the culprit on every device."""
     if idx.numel() == 0:
         return
+    if not sync:
+        try:
+            torch._assert_async(((idx >= 0) & (idx < n)).all(), f"idx holds values outside the bank's {n} rows")
+            return
+        except RuntimeError:  # raised at once on the CPU: name the culprit below
+            pass
     lo, hi = int(idx.min()), int(idx.max())
     if lo < 0 or hi >= n:
         bad = lo if lo < 0 else hi
@@ -387,7 +395,7 @@ def nce_fwd_triton(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, 
     ``block_k`` / ``splits`` override the heuristics (tests use them to exercise several splits)."""
     anchor, idx = contiguous(anchor, idx)  # the bank is passed with its strides: never copied
     if index_checks():
-        _check_index_range(idx, bank.shape[0])
+        _check_index_range(idx, bank.shape[0], sync=True)
     z = z.reshape(()).to(device=anchor.device, dtype=torch.float32)
     b, d = anchor.shape
     k1 = idx.shape[1]
@@ -426,7 +434,7 @@ def nce_partition_triton(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Te
     """Z = mean(exp(s)) * N as a 0-dim float32 tensor (the sum of partials is taken in float64)."""
     anchor, idx = contiguous(anchor, idx)
     if index_checks():
-        _check_index_range(idx, bank.shape[0])
+        _check_index_range(idx, bank.shape[0], sync=True)
     b, d = anchor.shape
     k1 = idx.shape[1]
     block_d = next_power_of_2(d)
@@ -454,7 +462,7 @@ def nce_fwd_torch(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, z
     """The reference path of ``cmc_fast::nce_fwd``: the loss exactly as ``nce_loss_reference`` computes it, and
     its anchor gradient in closed form (autograd cannot run inside a custom op's implementation). Checked
     against autograd of the reference by the tests. An index outside the bank raises a clear IndexError."""
-    _check_index_range(idx, bank.shape[0])
+    _check_index_range(idx, bank.shape[0], sync=index_checks())
     rows = bank.detach()[idx].float()  # [B, K+1, d]
     b, k1 = idx.shape
     s = torch.bmm(rows, anchor.float().unsqueeze(2)).squeeze(2) / tau
@@ -512,7 +520,7 @@ def _nce_partition_op(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Tenso
                       n_data: int) -> torch.Tensor:
     if use_triton(anchor):
         return nce_partition_triton(anchor, bank, idx, tau, n_data)
-    _check_index_range(idx, bank.shape[0])
+    _check_index_range(idx, bank.shape[0], sync=index_checks())
     z = nce_partition_reference(anchor, bank, idx, tau=tau, n_data=n_data)
     return torch.tensor(z, dtype=torch.float32, device=anchor.device)
 
