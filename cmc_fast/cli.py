@@ -1,6 +1,8 @@
 """Command line: ``cmc-fast train``, ``cmc-fast evaluate``, ``cmc-fast data check``.
 
-User mistakes end with one line naming the argument and the valid choices, exit code 2, no traceback.
+User mistakes and bad files (``UsageError``; a loss that stopped being finite) end with one line naming the
+argument or file and what is wrong, exit code 2, no traceback; the line also goes to the run folder's ``log.txt``
+once the folder is held. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 
 from cmc_fast.config import DATASETS, NEGATIVES, VARIANTS, Config, preset
 from cmc_fast.errors import UsageError
+from cmc_fast.rundir import claim
 
 
 class _Parser(argparse.ArgumentParser):
@@ -35,7 +38,7 @@ _OVERRIDES = ("data_root", "variant", "epochs", "fusion_epochs", "batch_size", "
               "image_lr", "fusion_lr", "mm_dim", "chunks", "rank", "val_fraction", "val_split", "group_sampling",
               "device", "alpha", "beta", "tiny_text_dim", "tiny_text_layers", "threads",
               "tiny_text_dropout", "lr_schedule",
-              "text_pretrain_epochs", "text_pretrain_lr")
+              "text_pretrain_epochs", "text_pretrain_lr", "max_image_bytes", "max_image_pixels")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--image-backend", help="auto, dali, torchvision or pil")
     tr.add_argument("--image-stream", action="store_true",
                     help="decode images from the files every epoch instead of once into the uint8 cache")
+    tr.add_argument("--max-image-bytes", type=int, metavar="N", help="image files larger than N bytes are skipped "
+                    "and reported (default 64 MiB)")
+    tr.add_argument("--max-image-pixels", type=int, metavar="N", help="images whose header says more than N pixels "
+                    "are skipped and reported before decoding (default 40 million)")
     tr.add_argument("--text-lr", type=float)
     tr.add_argument("--image-lr", type=float)
     tr.add_argument("--fusion-lr", type=float)
@@ -133,20 +140,53 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return cfg.validate()
 
 
-def _train(args: argparse.Namespace) -> int:
+def _read_run_config(run_dir: Path, flag: str) -> Config:
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise UsageError(f"{flag}: {run_dir} is not a cmc-fast run directory (no config.json)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{flag}: {path}: cannot read ({exc})") from None
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{flag}: {path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{flag}: {path}: expected a JSON object of config keys")
+    return Config.from_dict(data, source=f"{flag}: {path}")
+
+
+def _train(args: argparse.Namespace, held: list[Path]) -> int:
     from cmc_fast.trainer import Trainer
 
     if args.resume:
         run_dir = Path(args.resume)
-        if not (run_dir / "config.json").is_file():
-            raise UsageError(f"--resume: {run_dir} is not a cmc-fast run directory (no config.json)")
-        cfg = Config.from_dict(json.loads((run_dir / "config.json").read_text()), source=str(run_dir / "config.json"))
+        cfg = _read_run_config(run_dir, "--resume")
         cfg.progress = not args.no_progress and sys.stderr.isatty()
-        return _run(Trainer(cfg, run_dir, resume=True))
+        with claim(run_dir, flag="--resume", allow_foreign=True) as notes:
+            held.append(run_dir)
+            _say(run_dir, notes)
+            return _run(Trainer(cfg, run_dir, resume=True))
     cfg = config_from_args(args)
     run_dir = Path(cfg.out or f"runs/{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
     cfg.out = str(run_dir)
-    return _run(Trainer(cfg, run_dir))
+    with claim(run_dir, flag="--out") as notes:
+        held.append(run_dir)
+        _say(run_dir, notes)
+        return _run(Trainer(cfg, run_dir))
+
+
+def _say(run_dir: Path, lines: list[str], prefix: str = "cmc-fast: ") -> None:
+    """Each line on stderr and appended to the held run folder's log.txt."""
+    if not lines:
+        return
+    for line in lines:
+        print(f"{prefix}{line}", file=sys.stderr)
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    try:
+        with open(run_dir / "log.txt", "a", encoding="utf-8") as f:
+            f.writelines(f"{stamp} {'ERROR' if 'error' in prefix else 'INFO'} {line}\n" for line in lines)
+    except OSError:
+        pass  # the line is on stderr; a folder that cannot take it was already reported
 
 
 def _run(trainer) -> int:
@@ -158,33 +198,39 @@ def _run(trainer) -> int:
     return 0
 
 
-def _evaluate(args: argparse.Namespace) -> int:
+def _evaluate(args: argparse.Namespace, held: list[Path]) -> int:
     from cmc_fast.trainer import Trainer
 
     run_dir = Path(args.run)
-    if not (run_dir / "config.json").is_file():
-        raise UsageError(f"--run: {run_dir} is not a cmc-fast run directory (no config.json)")
-    cfg = Config.from_dict(json.loads((run_dir / "config.json").read_text()), source=str(run_dir / "config.json"))
+    cfg = _read_run_config(run_dir, "--run")
     cfg.progress = False
     if args.device:
         cfg.device = args.device
-    return _run(Trainer(cfg, run_dir, evaluate_only=True))
+    with claim(run_dir, flag="--run", allow_foreign=True) as notes:
+        held.append(run_dir)
+        _say(run_dir, notes)
+        return _run(Trainer(cfg, run_dir, evaluate_only=True))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    held: list[Path] = []  # the run folder once claimed: where the error line is logged too
     try:
         if args.command == "train":
-            return _train(args)
+            return _train(args, held)
         if args.command == "evaluate":
-            return _evaluate(args)
+            return _evaluate(args, held)
         if args.command == "data":
             if args._data_check is None:
                 raise UsageError("data check is not available in this installation")
             return args._data_check.run(args)
-    except UsageError as exc:
-        print(f"cmc-fast: error: {exc}", file=sys.stderr)
+    except (UsageError, FloatingPointError) as exc:  # a user's mistake, a bad file, a loss that diverged
+        line = " ".join(str(exc).split())
+        if held:
+            _say(held[0], [line], prefix="cmc-fast: error: ")
+        else:
+            print(f"cmc-fast: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("cmc-fast: interrupted; continue with `cmc-fast train --resume DIR`", file=sys.stderr)

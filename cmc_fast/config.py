@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import typing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,6 +36,9 @@ class Config:
     image_size: tuple[int, int] = (256, 128)  # (H, W), the authors' direct bicubic resize
     image_backend: str = "auto"
     image_cache: bool = True  # decode once into a memory-mapped uint8 cache; False streams from the files
+    # image files are read only when regular and within these bounds (every backend alike, see images.py)
+    max_image_bytes: int = 64 << 20
+    max_image_pixels: int = 40_000_000
     synthetic_train: int = 1200  # posts generated for --dataset synthetic
     synthetic_test: int = 400
     # models
@@ -87,6 +92,7 @@ class Config:
             if not ok:
                 raise UsageError(msg)
 
+        check_types(asdict(self), "--")
         need(self.dataset in DATASETS,
              f"--dataset: unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
         variants = self.variants()
@@ -101,12 +107,20 @@ class Config:
              f"--image-backend: choose one of auto, dali, torchvision, pil, got {self.image_backend!r}")
         for name in ("epochs", "fusion_epochs", "batch_size", "nce_k", "proj_dim", "mm_dim", "chunks", "rank",
                      "tiny_text_dim", "tiny_text_layers"):
-            need(getattr(self, name) >= 1, f"--{name.replace('_', '-')}: must be >= 1, got {getattr(self, name)}")
+            need(getattr(self, name) >= 1, f"--{_flag(name)}: must be >= 1, got {getattr(self, name)}")
         need(self.tiny_text_dropout is None or 0.0 <= self.tiny_text_dropout < 1.0,
              f"--tiny-text-dropout: must be in [0, 1), got {self.tiny_text_dropout}")
         need(self.text_pretrain_epochs >= 0, f"--text-pretrain-epochs: must be >= 0, got {self.text_pretrain_epochs}")
         need(self.text_pretrain_epochs == 0 or self.text_model == "tiny",
              f"--text-pretrain-epochs: masked-LM pre-training is for --text-model tiny, not {self.text_model!r}")
+        for name in ("text_lr", "image_lr", "fusion_lr", "text_pretrain_lr"):
+            need(0.0 < getattr(self, name) < math.inf, f"--{_flag(name)}: must be a positive number, got "
+                 f"{getattr(self, name)}")
+        for name in ("alpha", "beta"):
+            need(0.0 <= getattr(self, name) < math.inf, f"--{name}: must be >= 0, got {getattr(self, name)}")
+        need(self.seed >= 0, f"--seed: must be >= 0, got {self.seed}")
+        for name in ("max_image_bytes", "max_image_pixels"):
+            need(getattr(self, name) >= 1, f"--{_flag(name)}: must be >= 1, got {getattr(self, name)}")
         need(self.threads is None or self.threads >= 1, f"--threads: must be >= 1, got {self.threads}")
         need(self.max_len >= 3, f"--max-len: must be >= 3, got {self.max_len}")
         need(self.val_split in ("grouped", "random"), f"--val-split: choose grouped or random, got {self.val_split!r}")
@@ -135,6 +149,7 @@ class Config:
         unknown = sorted(set(data) - set(names))
         if unknown:
             raise UsageError(f"{source}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(names)}")
+        check_types(data, f"{source}: key ")
         values = dict(data)
         # a run directory written before grouped validation existed carved its split at random: keep it so
         values.setdefault("val_split", "random")
@@ -159,9 +174,68 @@ class Config:
         if unknown:
             valid = ", ".join(sorted(names))
             raise UsageError(f"--config: {p}: unknown key(s) {', '.join(unknown)}; valid keys: {valid}")
+        check_types(data, f"--config: {p}: key ")
         if data.get("image_size") is not None:
             data["image_size"] = tuple(data["image_size"])
         return data
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _type_ok(value: object, kind: object) -> bool:
+    """``value`` fits the field annotation ``kind`` (JSON's view: a list is a tuple, an int is a float, a bool is
+    neither)."""
+    if kind is type(None):
+        return value is None
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is str:
+        return isinstance(value, str)
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin is tuple:
+        return (isinstance(value, (list, tuple)) and len(value) == len(args)
+                and all(_type_ok(v, a) for v, a in zip(value, args, strict=True)))
+    if args:  # a union such as int | None
+        return any(_type_ok(value, a) for a in args)
+    return True
+
+
+_TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null"}
+
+
+def _describe(kind: object) -> str:
+    if kind in _TYPE_WORDS:
+        return _TYPE_WORDS[kind]
+    if typing.get_origin(kind) is tuple:
+        return f"a list of {len(typing.get_args(kind))} integers, e.g. [256, 128]"
+    return " or ".join(_describe(a) for a in typing.get_args(kind)) or str(kind)
+
+
+def check_types(values: dict, prefix: str) -> None:
+    """Raise ``UsageError`` naming the first key whose value does not have its field's type (``"3"`` for an
+    int, ``64`` for a pair, ``1.5`` for an int)."""
+    hints = typing.get_type_hints(Config)
+    for name, value in values.items():
+        kind = hints.get(name)
+        if kind is None or _type_ok(value, kind):
+            continue
+        where = f"--{_flag(name)}" if prefix == "--" else f"{prefix}{name!r}"
+        shown = json.dumps(value) if _jsonable(value) else repr(value)
+        raise UsageError(f"{where}: must be {_describe(kind)}, got {shown}")
+
+
+def _jsonable(value: object) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _synthetic() -> dict:

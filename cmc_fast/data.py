@@ -11,6 +11,7 @@ import torch
 
 from cmc_fast.data_pipeline import Record, Skipped, cache_root, load_dataset, split_validation
 from cmc_fast.data_pipeline.image_source import CachedImages, ImageSource, StreamingImages
+from cmc_fast.data_pipeline.images import Limits
 from cmc_fast.data_pipeline.near_duplicates import group_summary, near_duplicate_groups
 from cmc_fast.data_pipeline.text import VocabTokenizer, encode_texts
 from cmc_fast.errors import UsageError
@@ -83,12 +84,13 @@ def build_image_source(cfg, records: list[Record], tag: str) -> ImageSource:
     on every batch (validated once up front, so which posts have an image is known before training)."""
     paths = [list(r.image_paths) for r in records]
     size = tuple(cfg.image_size)
+    limits = Limits(cfg.max_image_bytes, cfg.max_image_pixels)  # over-limit files end up in skipped.json
     if cfg.image_cache:
         cache_dir = cache_root() / "images"
         cache_dir.mkdir(parents=True, exist_ok=True)
         path = cache_dir / f"{cfg.dataset}-{tag}-{size[0]}x{size[1]}.u8"
-        return CachedImages.build(paths, size, cfg.image_backend, str(path), progress=cfg.progress)
-    return StreamingImages.build(paths, size, cfg.image_backend, validate=True, progress=cfg.progress)
+        return CachedImages.build(paths, size, cfg.image_backend, str(path), progress=cfg.progress, limits=limits)
+    return StreamingImages.build(paths, size, cfg.image_backend, validate=True, progress=cfg.progress, limits=limits)
 
 
 def prepare(cfg, tokenizer=None, use_images: bool = True) -> PreparedData:

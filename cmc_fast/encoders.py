@@ -145,6 +145,20 @@ def imagenet_weights_path(name: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
 
 
+def _load_weights(path: Path) -> dict:
+    """A state dict read pickle-free; anything else (junk, a pickle of Python objects) is our one-line error,
+    never torch's advice to retry with weights_only=False."""
+    from cmc_fast.checkpoint import load_error_reason
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - whatever is wrong with the file, the answer names it
+        raise UsageError(f"--image-weights: {path} is not a PyTorch weights file ({load_error_reason(exc)})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UsageError(f"--image-weights: {path} is not a state dict of tensors")
+    return state
+
+
 def build_image_encoder(name: str, weights: str | None, image_size: tuple[int, int]) -> nn.Module:
     if name == "tiny":
         if weights not in (None, "", "none"):
@@ -159,7 +173,7 @@ def build_image_encoder(name: str, weights: str | None, image_size: tuple[int, i
             f"--image-weights: {name} ImageNet weights not found at {path}. Provide them one of two ways: copy "
             f"torchvision's file {path.name} into {path.parent} (TORCH_HOME), or pass --image-weights "
             f"/path/to/file.pth; --image-weights none trains from random init.")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = _load_weights(path)
     # torchvision checkpoints hold the whole classifier; keep the convolutional trunk we use.
     if name == "vgg19":
         state = {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}
