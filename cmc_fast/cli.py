@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -176,15 +177,17 @@ def _train(args: argparse.Namespace, held: list[Path]) -> int:
 
 
 def _say(run_dir: Path, lines: list[str], prefix: str = "cmc-fast: ") -> None:
-    """Each line on stderr and appended to the held run folder's log.txt."""
-    if not lines:
-        return
+    """Each line on stderr and appended to the held run folder's log.txt (in the trainer's log format)."""
+    level = logging.ERROR if "error" in prefix else logging.INFO
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
     for line in lines:
         print(f"{prefix}{line}", file=sys.stderr)
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     try:
         with open(run_dir / "log.txt", "a", encoding="utf-8") as f:
-            f.writelines(f"{stamp} {'ERROR' if 'error' in prefix else 'INFO'} {line}\n" for line in lines)
+            for line in lines:
+                record = logging.makeLogRecord({"msg": line, "levelno": level,
+                                                "levelname": logging.getLevelName(level)})
+                f.write(fmt.format(record) + "\n")
     except OSError:
         pass  # the line is on stderr; a folder that cannot take it was already reported
 

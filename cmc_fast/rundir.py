@@ -4,8 +4,8 @@
 writes:
 
 - the path is a folder we can write to (created when missing); an existing file or a read-only folder is refused;
-- an existing folder that is neither empty nor a cmc-fast run (no ``config.json``) is refused: nothing of the
-  user's is overwritten;
+- an existing folder that is neither empty nor a cmc-fast run (``is_run``: a ``config.json`` of ``Config``
+  fields) is refused: nothing of the user's is overwritten;
 - ``.lock`` holds ``{"pid", "host", "started"}`` while the run writes. A second run on the folder is refused with
   one line naming the holder's PID and host; a lock left by a dead process on this host is taken over (and
   said so); a lock from another host is never presumed dead;
@@ -18,6 +18,7 @@ never sees it half-written.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import socket
@@ -50,13 +51,26 @@ def _read_lock(path: Path) -> dict | None:
     return holder if isinstance(holder, dict) else {}
 
 
+def is_run(run_dir: Path) -> bool:
+    """``run_dir`` holds a cmc-fast run: its ``config.json`` is a JSON object of ``Config`` fields (a user's own
+    ``config.json`` of other keys does not make a folder ours to overwrite)."""
+    from cmc_fast.config import Config
+
+    try:
+        data = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    fields = {f.name for f in dataclasses.fields(Config)}
+    return isinstance(data, dict) and "dataset" in data and set(data) <= fields
+
+
 def _check_folder(run_dir: Path, flag: str, allow_foreign: bool) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"{flag} {run_dir}: exists and is not a folder; choose a new or empty folder")
-    foreign = run_dir.is_dir() and not allow_foreign and not (run_dir / "config.json").is_file()
+    foreign = run_dir.is_dir() and not allow_foreign and not is_run(run_dir)
     if foreign and any(p.name != LOCK_NAME for p in run_dir.iterdir()):
-        raise UsageError(f"{flag} {run_dir}: folder is not empty and is not a cmc-fast run (no config.json); "
-                             "choose a new or empty folder, nothing in it was changed")
+        raise UsageError(f"{flag} {run_dir}: folder is not empty and is not a cmc-fast run; choose a new or empty "
+                         "folder (nothing in it was changed)")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

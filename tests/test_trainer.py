@@ -89,7 +89,7 @@ def test_stage1_trains_both_networks_and_the_projections(tmp_path):
     fresh_t, fresh_v = tr._text_net(), tr._image_net()
     stage = tr.run_stage_and_score(tr.stage1_stage(), {"text": "cmc-t", "image": "cmc-v"})
     text_net, image_net = stage.modules["text"], stage.modules["image"]
-    state = torch.load(tmp_path / "run" / "checkpoints" / "stage1.last.pt", weights_only=False)
+    state = torch.load(tmp_path / "run" / "checkpoints" / "stage1.last.pt", weights_only=True)
     dist = state["modules"]["distiller"]
     assert dist["z_v2t"] > 0 and dist["z_t2v"] > 0  # Z estimated once and saved with the checkpoint
     assert not torch.equal(text_net.head.weight, fresh_t.head.weight)

@@ -1,0 +1,265 @@
+"""Nothing runs that a file smuggles in; nothing of the user's is overwritten; every mistake is one line, exit 2.
+
+Each planted checkpoint pickles a call that would create a marker file: loading it with ``weights_only=False``
+would run the call (the test fails on the marker), ``weights_only=True`` refuses it (our one-line error, naming
+the file)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from tiny import TINY
+
+from cmc_fast import trainer as trainer_mod
+from cmc_fast.cli import main
+from cmc_fast.errors import UsageError
+from cmc_fast.rundir import LOCK_NAME, claim
+
+TEXT_ONLY = [*TINY, "--variant", "finetune-t"]
+
+
+class _Planted:
+    """Unpickling this calls os.system(command): what a malicious ``.pt`` in a shared run folder does."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def _plant(path, marker) -> None:
+    torch.save({"modules": _Planted(f"touch {marker}"), "epoch": 1}, path)
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("cmc-fast: error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def _kill_after_first_epoch(monkeypatch):
+    real_save, calls = trainer_mod.save_checkpoint, {"n": 0}
+
+    def killed(state, path):
+        real_save(state, path)
+        if str(path).endswith(".last.pt"):
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer_mod, "save_checkpoint", killed)
+    return real_save
+
+
+@pytest.fixture
+def finished_run(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", *TEXT_ONLY, "--data-root", str(tmp_path / "data"), "--out", str(out)]) == 0
+    return out
+
+
+# ------------------------------------------------------------------------------------ planted pickles
+def test_a_planted_best_checkpoint_does_not_run_under_evaluate(finished_run, tmp_path, capsys):
+    target, marker = finished_run / "checkpoints" / "finetune-t.best-text.pt", tmp_path / "ran"
+    _plant(target, marker)
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(finished_run)]) == 2
+    assert not marker.exists()
+    line = _one_line_error(capsys)
+    assert str(target) in line and "could run code" in line
+    assert line.removeprefix("cmc-fast: error: ") in (finished_run / "log.txt").read_text()
+
+
+def _killed_run(tmp_path, monkeypatch, extra=()):
+    broken = tmp_path / "broken"
+    real_save = _kill_after_first_epoch(monkeypatch)
+    args = [*TEXT_ONLY, "--epochs", "2", "--data-root", str(tmp_path / "data"), *extra, "--out", str(broken)]
+    assert main(["train", *args]) == 130
+    monkeypatch.setattr(trainer_mod, "save_checkpoint", real_save)
+    return broken
+
+
+def test_a_planted_last_checkpoint_does_not_run_under_resume(tmp_path, monkeypatch, capsys):
+    broken = _killed_run(tmp_path, monkeypatch)
+    target, marker = broken / "checkpoints" / "finetune-t.last.pt", tmp_path / "ran"
+    _plant(target, marker)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(broken)]) == 2
+    assert not marker.exists()
+    assert str(target) in _one_line_error(capsys)
+
+
+def test_a_planted_masked_lm_cache_does_not_run_under_resume(tmp_path, monkeypatch, capsys):
+    broken = _killed_run(tmp_path, monkeypatch, extra=["--text-pretrain-epochs", "1"])
+    target, marker = broken / "checkpoints" / "text-mlm.pt", tmp_path / "ran"
+    assert target.exists()
+    _plant(target, marker)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(broken)]) == 2
+    assert not marker.exists()
+    assert str(target) in _one_line_error(capsys)
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated"])
+def test_a_damaged_checkpoint_is_one_line_naming_the_file(finished_run, capsys, damage):
+    target = finished_run / "checkpoints" / "finetune-t.best-text.pt"
+    data = target.read_bytes()
+    target.write_bytes(b"" if damage == "empty" else data[: len(data) // 2])
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(finished_run)]) == 2
+    assert str(target) in _one_line_error(capsys)
+
+
+def test_the_checkpoints_the_trainer_writes_load_pickle_free(finished_run):
+    for path in (finished_run / "checkpoints").glob("*.pt"):
+        state = torch.load(path, weights_only=True)
+        assert isinstance(state, dict) and "modules" in state
+
+
+def test_junk_image_weights_are_our_one_line_error(tmp_path, capsys):
+    junk = tmp_path / "weights.pth"
+    junk.write_bytes(os.urandom(4096))
+    planted, marker = tmp_path / "planted.pth", tmp_path / "ran"
+    _plant(planted, marker)
+    for path in (junk, planted):
+        assert main(["train", *TINY, "--variant", "finetune-v", "--image-model", "resnet50", "--image-weights",
+                     str(path), "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "r")]) == 2
+        line = _one_line_error(capsys)
+        assert "--image-weights" in line and str(path) in line and "weights_only=False" not in line
+    assert not marker.exists()
+
+
+# ------------------------------------------------------------------------------------ the run folder
+def test_a_held_run_folder_refuses_a_second_run(tmp_path):
+    with claim(tmp_path / "run"), pytest.raises(UsageError) as caught, claim(tmp_path / "run"):
+        pass
+    assert f"PID {os.getpid()} on {socket.gethostname()}" in str(caught.value)
+    assert not (tmp_path / "run" / LOCK_NAME).exists()  # released by its holder
+
+
+def test_a_second_train_on_a_folder_in_use_is_refused_and_a_dead_holders_lock_taken_over(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock = {"pid": holder.pid, "host": socket.gethostname(), "started": "earlier"}
+        (out / LOCK_NAME).write_text(json.dumps(lock))
+        args = ["train", *TEXT_ONLY, "--data-root", str(tmp_path / "data"), "--out", str(out)]
+        assert main(args) == 2
+        line = _one_line_error(capsys)
+        assert f"PID {holder.pid} on {socket.gethostname()}" in line
+        assert not (out / "config.json").exists() and not (out / "log.txt").exists()  # nothing written
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(args) == 0  # the holder died: its lock is taken over, and said so
+    assert f"took over the lock of PID {holder.pid}" in capsys.readouterr().err
+    assert f"took over the lock of PID {holder.pid}" in (out / "log.txt").read_text()
+    assert not (out / LOCK_NAME).exists()
+
+
+def test_a_lock_from_another_host_is_never_presumed_dead(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / LOCK_NAME).write_text(json.dumps({"pid": 1, "host": "elsewhere.example", "started": "x"}))
+    with pytest.raises(UsageError, match="PID 1 on elsewhere.example"), claim(out):
+        pass
+
+
+def test_a_folder_that_is_not_a_run_is_refused_untouched(tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"my": "settings"}')
+    (mine / "report.md").write_text("my report")
+    assert main(["train", *TEXT_ONLY, "--data-root", str(tmp_path / "data"), "--out", str(mine)]) == 2
+    assert "is not a cmc-fast run" in _one_line_error(capsys)
+    assert sorted(p.name for p in mine.iterdir()) == ["config.json", "report.md"]
+    assert (mine / "config.json").read_text() == '{"my": "settings"}'
+
+
+def test_stray_temporaries_are_removed_on_resume(tmp_path, monkeypatch, capsys):
+    broken = _killed_run(tmp_path, monkeypatch)
+    strays = [broken / ".metrics.json.x1.tmp", broken / "checkpoints" / ".finetune-t.last.pt.x2.tmp"]
+    for path in strays:
+        path.write_bytes(b"half")
+    assert main(["train", "--resume", str(broken)]) == 0
+    assert not any(p.exists() for p in strays)
+    assert "removed 2 temporary file(s)" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ one error path
+def _config(tmp_path, values: dict) -> str:
+    path = tmp_path / f"c-{next(iter(values))}.json"
+    path.write_text(json.dumps(values))
+    return str(path)
+
+
+@pytest.mark.parametrize("case", ["out-is-a-file", "out-under-a-file", "text-lr", "seed", "config-str-int",
+                                  "config-int-pair", "config-float-int", "evaluate-bad-json", "resume-bad-json",
+                                  "resume-config-types"])
+def test_user_mistakes_are_one_line_exit_2(tmp_path, capsys, case):
+    data = ["--data-root", str(tmp_path / "data")]
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text('{"dataset": "synthetic", "epochs": ')
+    argv, needle = {
+        "out-is-a-file": (["train", *TEXT_ONLY, *data, "--out", str(afile)], "--out"),
+        "out-under-a-file": (["train", *TEXT_ONLY, *data, "--out", str(afile / "run")], "--out"),
+        "text-lr": (["train", *TEXT_ONLY, *data, "--text-lr", "-1"], "--text-lr"),
+        "seed": (["train", *TEXT_ONLY, *data, "--seed", "-1"], "--seed"),
+        "config-str-int": (["train", "--config", _config(tmp_path, {"epochs": "3"})], "'epochs'"),
+        "config-int-pair": (["train", "--config", _config(tmp_path, {"image_size": 64})], "'image_size'"),
+        "config-float-int": (["train", "--config", _config(tmp_path, {"batch_size": 1.5})], "'batch_size'"),
+        "evaluate-bad-json": (["evaluate", "--run", str(run)], "invalid JSON"),
+        "resume-bad-json": (["train", "--resume", str(run)], "invalid JSON"),
+        "resume-config-types": (["train", "--resume", str(run)], "'seed'"),
+    }[case]
+    if case == "resume-config-types":
+        (run / "config.json").write_text('{"dataset": "synthetic", "seed": "7"}')
+    assert main(argv) == 2
+    line = _one_line_error(capsys)
+    assert needle in line
+    if case.startswith("config"):
+        assert "c-" in line and ".json" in line
+    if case.endswith("bad-json") or case == "resume-config-types":
+        assert str(run / "config.json") in line
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_out_folder_is_one_line(tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        assert main(["train", *TEXT_ONLY, "--data-root", str(tmp_path / "data"), "--out", str(ro / "run")]) == 2
+        assert "--out" in _one_line_error(capsys)
+    finally:
+        ro.chmod(0o700)
+
+
+def test_a_diverged_loss_is_one_line_and_in_the_log(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *TEXT_ONLY, "--text-lr", "1e30", "--data-root", str(tmp_path / "data"),
+                 "--out", str(out)]) == 2
+    line = _one_line_error(capsys).removeprefix("cmc-fast: error: ")
+    assert "loss became" in line
+    assert f"ERROR {line}" in (out / "log.txt").read_text()
+
+
+def test_a_genuine_bug_keeps_its_traceback(tmp_path, monkeypatch):
+    def broken(self):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(trainer_mod.Trainer, "run", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["train", *TEXT_ONLY, "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run" / LOCK_NAME).exists()
