@@ -33,13 +33,12 @@ def test_train_step(benchmark, record, tmp_path, monkeypatch, stage_name, kernel
     cfg.compile, cfg.amp, cfg.data_root = compiled, amp, os.environ.get("CMC_FAST_BENCH_DATA")
     torch._dynamo.reset()
     tr, stage = build_stage(cfg, stage_name, str(tmp_path / "run"))
-    for mod in stage.modules.values():
-        mod.train()
+    stage.train()
     gen = torch.Generator().manual_seed(0)
     n = len(stage.train_split)
 
     def step():
-        rows = torch.randperm(n, generator=gen)[: cfg.batch_size].to(tr.device)
+        rows = torch.randperm(n, generator=gen)[: cfg.batch_size]  # on the CPU: stage.step moves them
         loss, _ = stage.step(rows)
         return float(loss)  # synchronise
 

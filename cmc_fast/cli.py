@@ -39,7 +39,8 @@ _OVERRIDES = ("data_root", "variant", "epochs", "fusion_epochs", "batch_size", "
               "image_lr", "fusion_lr", "mm_dim", "chunks", "rank", "val_fraction", "val_split", "group_sampling",
               "device", "alpha", "beta", "tiny_text_dim", "tiny_text_layers", "threads",
               "tiny_text_dropout", "lr_schedule",
-              "text_pretrain_epochs", "text_pretrain_lr", "max_image_bytes", "max_image_pixels")
+              "text_pretrain_epochs", "text_pretrain_lr", "shared_loss", "log_every", "max_image_bytes",
+              "max_image_pixels")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--image-weights", help="imagenet (torch cache), a .pth file, or none")
     tr.add_argument("--negatives", choices=None, help=f"one of {', '.join(NEGATIVES)}")
     tr.add_argument("--nce-k", type=int, help="negatives per anchor")
+    tr.add_argument("--shared-loss", help="cmc-shared: fused (default, the paper's baseline: fused CE only) or "
+                    "fused+distill (adds CE_T, CE_V and both NCE terms)")
+    tr.add_argument("--log-every", type=int, help="training steps between reads of the logs (one host sync each)")
     tr.add_argument("--max-len", type=int, help="text tokens kept (head + tail)")
     tr.add_argument("--tiny-text-dim", type=int, help="width of the tiny / ngram text model")
     tr.add_argument("--tiny-text-layers", type=int, help="layers of the tiny text model")

@@ -17,6 +17,7 @@ from cmc_fast.errors import UsageError
 
 VARIANTS = ("finetune-t", "finetune-v", "cmc-t", "cmc-v", "cmc-shared", "cmc")
 NEGATIVES = ("uniform", "opposite-class")
+SHARED_LOSSES = ("fused", "fused+distill")
 DATASETS = ("synthetic", "weibo", "politifact", "gossipcop", "fakenewsnet", "manifest")
 
 
@@ -69,6 +70,9 @@ class Config:
     # per-step learning-rate schedule of every optimiser: "constant" (the authors'), or 6% linear warm-up then
     # "linear" / "cosine" decay to 0 at the stage's last step
     lr_schedule: str = "constant"
+    # cmc-shared: "fused" (the paper's CMC-shared baseline: BLOCK over both encoders, one stage, fused CE, no
+    # distillation) or "fused+distill" (adds CE_T, CE_V and both NCE terms)
+    shared_loss: str = "fused"
     # stage 2 (BLOCK fusion)
     fusion_epochs: int = 30
     fusion_lr: float = 2e-5
@@ -84,6 +88,8 @@ class Config:
     # OpenMP threads waiting on a descheduled sibling make small matmuls orders of magnitude slower
     threads: int | None = None
     seed: int = 0
+    # training steps between reads of the loss and logs (each read is one host sync; none inside a step)
+    log_every: int = 50
     out: str | None = None
     progress: bool = True
 
@@ -100,13 +106,15 @@ class Config:
              f"--variant: unknown variant {self.variant!r}; choose 'all' or a comma list of {', '.join(VARIANTS)}")
         need(self.lr_schedule in ("constant", "linear", "cosine"),
              f"--lr-schedule: choose constant, linear or cosine, got {self.lr_schedule!r}")
+        need(self.shared_loss in SHARED_LOSSES,
+             f"--shared-loss: must be one of {', '.join(SHARED_LOSSES)}, got {self.shared_loss!r}")
         need(self.negatives in NEGATIVES, f"--negatives: must be one of {', '.join(NEGATIVES)}, got {self.negatives!r}")
         need(self.image_model in ("tiny", "vgg19", "resnet50"),
              f"--image-model: unknown model {self.image_model!r}; choose one of tiny, vgg19, resnet50")
         need(self.image_backend in ("auto", "dali", "torchvision", "pil"),
              f"--image-backend: choose one of auto, dali, torchvision, pil, got {self.image_backend!r}")
         for name in ("epochs", "fusion_epochs", "batch_size", "nce_k", "proj_dim", "mm_dim", "chunks", "rank",
-                     "tiny_text_dim", "tiny_text_layers"):
+                     "tiny_text_dim", "tiny_text_layers", "log_every"):
             need(getattr(self, name) >= 1, f"--{_flag(name)}: must be >= 1, got {getattr(self, name)}")
         need(self.tiny_text_dropout is None or 0.0 <= self.tiny_text_dropout < 1.0,
              f"--tiny-text-dropout: must be in [0, 1), got {self.tiny_text_dropout}")
@@ -153,6 +161,8 @@ class Config:
         values = dict(data)
         # a run directory written before grouped validation existed carved its split at random: keep it so
         values.setdefault("val_split", "random")
+        # and one written before --shared-loss trained cmc-shared with the distillation terms
+        values.setdefault("shared_loss", "fused+distill")
         if "image_size" in values and values["image_size"] is not None:
             values["image_size"] = tuple(values["image_size"])
         return cls(**values)

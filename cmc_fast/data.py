@@ -60,12 +60,13 @@ class SplitData:
         return SplitData(self.name, self.records, self.ids.to(device), self.mask.to(device), self.labels.to(device),
                          self.images, self.image_rows, self.has_image, self.groups)
 
-    def pixels(self, rows: torch.Tensor, *, train: bool, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """ImageNet-normalised images [b, 3, H, W] for ``rows``, on ``rows``' device, randomly flipped when
-        training. Decoded from the cache (or, streaming, from the files) by the image source."""
+    def pixels(self, host_rows: torch.Tensor, *, train: bool, device: torch.device | str,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """ImageNet-normalised images [b, 3, H, W] of the records ``host_rows`` (row indices on the CPU, where
+        the image cache gathers: no device round trip), on ``device``, randomly flipped when training."""
         if self.images is None:
             raise RuntimeError(f"split {self.name} was loaded without images")
-        return self.images.batch(self.image_rows[rows.cpu()], train=train, device=rows.device, dtype=dtype)
+        return self.images.batch(self.image_rows[host_rows], train=train, device=device, dtype=dtype)
 
 
 @dataclass

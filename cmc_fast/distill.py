@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cmc_fast import kernels
+from cmc_fast.kernels.nce import _nce_partition_op as _partition_op
 
 
 class CrossModalNCE(nn.Module):
@@ -45,10 +46,12 @@ class CrossModalNCE(nn.Module):
         self.register_buffer("by_label", order, persistent=False)
         self.register_buffer("label_start", torch.tensor([0, int(counts[0])]), persistent=False)
         self.register_buffer("label_count", counts, persistent=False)
-
-    @property
-    def partition_ready(self) -> bool:
-        return bool(self.z_v2t.item() > 0 and self.z_t2v.item() > 0)
+        # The noise prior K/N counts the pool the negatives are drawn from: all N samples (uniform), or the other
+        # class's rows (opposite-class). One number per loss, so for opposite-class it is the mean pool size over
+        # the training anchors, 2 * n0 * n1 / N (N/2 when the classes are balanced). Z = mean(exp(s)) * N scales
+        # with it too, so the loss depends on this choice only through eps.
+        n0, n1 = (int(c) for c in counts)
+        self.noise_pool = n if negatives == "uniform" else max(1, round(2 * n0 * n1 / n))
 
     def sample_indices(self, index: torch.Tensor) -> torch.Tensor:
         """idx [B, K+1]: the sample's own bank slot, then K negatives (never the positive's slot)."""
@@ -75,16 +78,17 @@ class CrossModalNCE(nn.Module):
         """Estimate Z once, on the first batch (CRD), then keep it frozen."""
         t, v = self.project(text_feat, image_feat)
         idx = self.sample_indices(index)
-        self.z_v2t.fill_(kernels.nce_partition(t, self.memory_v, idx, tau=self.tau, n_data=self.n_data))
-        self.z_t2v.fill_(kernels.nce_partition(v, self.memory_t, idx, tau=self.tau, n_data=self.n_data))
+        # the op behind kernels.nce_partition (which returns a Python float): a 0-dim tensor, no host sync
+        self.z_v2t.copy_(_partition_op(t, self.memory_v, idx, float(self.tau), self.noise_pool))
+        self.z_t2v.copy_(_partition_op(v, self.memory_t, idx, float(self.tau), self.noise_pool))
 
     def forward(self, text_feat: torch.Tensor, image_feat: torch.Tensor,
                 index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(L_{V->T}, L_{T->V}) for a batch of training samples ``index``; then both banks take the batch."""
         t, v = self.project(text_feat, image_feat)
         idx = self.sample_indices(index)
-        loss_v2t = kernels.nce_loss(t, self.memory_v, idx, tau=self.tau, z=self.z_v2t, n_data=self.n_data)
-        loss_t2v = kernels.nce_loss(v, self.memory_t, idx, tau=self.tau, z=self.z_t2v, n_data=self.n_data)
+        loss_v2t = kernels.nce_loss(t, self.memory_v, idx, tau=self.tau, z=self.z_v2t, n_data=self.noise_pool)
+        loss_t2v = kernels.nce_loss(v, self.memory_t, idx, tau=self.tau, z=self.z_t2v, n_data=self.noise_pool)
         if self.training:
             kernels.bank_update_(self.memory_v, index, v.detach(), self.momentum)
             kernels.bank_update_(self.memory_t, index, t.detach(), self.momentum)

@@ -6,12 +6,14 @@ from cmc_fast.config import VARIANTS
 
 _HEAD = ["Variant", "Accuracy", "Fake P", "Fake R", "Fake F1", "Real P", "Real R", "Real F1", "n test", "val acc",
          "time s"]
+# the text-only row on all posts sits under finetune-t
+_ORDER = [*VARIANTS[:1], "finetune-t (all posts)", *VARIANTS[1:]]
 _KEYS = ["accuracy", "fake_precision", "fake_recall", "fake_f1", "real_precision", "real_recall", "real_f1"]
 
 
 def _rows(results: dict) -> list[list[str]]:
     rows = []
-    for variant in sorted(results, key=lambda v: VARIANTS.index(v) if v in VARIANTS else 99):
+    for variant in sorted(results, key=lambda v: _ORDER.index(v) if v in _ORDER else 99):
         r = results[variant]
         test = r.get("test", {})
         rows.append([variant] + [f"{test.get(k, float('nan')):.3f}" for k in _KEYS]
@@ -71,6 +73,22 @@ def timing_table(timings: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def posts_lines(results: dict) -> list[str]:
+    """Which test posts each row was scored on, one line per distinct set."""
+    by_posts: dict[str, list[str]] = {}
+    for variant in sorted(results, key=lambda v: _ORDER.index(v) if v in _ORDER else 99):
+        by_posts.setdefault(results[variant].get("posts", "the test split"), []).append(variant)
+    return [f"- {', '.join(variants)}: scored on {posts}" for posts, variants in by_posts.items()]
+
+
+def shared_loss_line(config: dict) -> str:
+    if config.get("shared_loss") == "fused+distill":
+        return ("cmc-shared loss: fused+distill (CE_fused + CE_T + alpha L_{V->T} + CE_V + beta L_{T->V}; not the "
+                "paper's baseline).")
+    return ("cmc-shared loss: fused (the paper's CMC-shared baseline: BLOCK over both encoders, trained in one stage "
+            "on the fused cross-entropy, no distillation).")
+
+
 def markdown_report(config: dict, results: dict, data_summary: dict, notes: list[str],
                     timings: dict[str, dict] | None = None) -> str:
     parts = [
@@ -81,6 +99,12 @@ def markdown_report(config: dict, results: dict, data_summary: dict, notes: list
         f"{config.get('seed')}). Fake = positive class.",
         "",
         markdown_table(results),
+        "",
+        "Posts each row was scored on:",
+        "",
+        *posts_lines(results),
+        "",
+        shared_loss_line(config),
         "",
         "## Training time",
         "",

@@ -47,17 +47,45 @@ class ImageSource(Protocol):
     def batch(self, indices: torch.Tensor, *, train: bool, device: torch.device | str) -> torch.Tensor: ...
 
 
-def finish_batch(pixels: torch.Tensor, ok: torch.Tensor, *, train: bool, dtype: torch.dtype = torch.float32,
+def finish_batch(pixels: torch.Tensor, ok: torch.Tensor | None, *, train: bool, dtype: torch.dtype = torch.float32,
                  generator: torch.Generator | None = None) -> torch.Tensor:
     """uint8 [b, 3, H, W] on the target device -> normalised ``dtype``, random horizontal flip when ``train``,
-    rows with ``ok == False`` zeroed. Everything happens on ``pixels.device``."""
+    rows with ``ok == False`` zeroed (``ok=None``: every row decoded). Everything happens on ``pixels.device``."""
     if train:  # flip the uint8 pixels: a quarter of the memory traffic of flipping floats
         flip = torch.rand(pixels.shape[0], device=pixels.device, generator=generator) < 0.5
         pixels = torch.where(flip.view(-1, 1, 1, 1), pixels.flip(-1), pixels)
     x = normalize(pixels, dtype=torch.float32)
-    if ok.device.type != "cpu" or not bool(ok.all()):  # no device sync for the check
+    if ok is not None and (ok.device.type != "cpu" or not bool(ok.all())):  # no device sync for the check
         x.masked_fill_(~ok.to(x.device).view(-1, 1, 1, 1), 0.0)
     return x.to(dtype)
+
+
+class PinnedStaging:
+    """Page-locked host buffers for host-to-GPU batch copies, allocated once and reused (regrown for a larger
+    batch) instead of a ``pin_memory()`` per batch. Two buffers in turn: a buffer is refilled only after the
+    copy that last read it has finished (its CUDA event, recorded one batch earlier, has long completed when the
+    device is busy with the step in between)."""
+
+    def __init__(self) -> None:
+        self._buffers: list[torch.Tensor | None] = [None, None]
+        self._events: list[torch.cuda.Event | None] = [None, None]
+        self._turn = 0
+
+    def gather_to(self, source: np.ndarray, rows: np.ndarray, device: torch.device) -> torch.Tensor:
+        """``source[rows]`` on ``device``, gathered straight into a pinned buffer and copied asynchronously."""
+        i, self._turn = self._turn, self._turn ^ 1
+        if self._events[i] is not None:
+            self._events[i].synchronize()
+        shape = (len(rows), *source.shape[1:])
+        size = int(np.prod(shape))
+        if self._buffers[i] is None or self._buffers[i].numel() < size:
+            self._buffers[i] = torch.empty(size, dtype=torch.uint8).pin_memory()
+        staged = self._buffers[i][:size].view(shape)
+        np.take(source, rows, axis=0, out=staged.numpy())
+        out = staged.to(device, non_blocking=True)
+        self._events[i] = torch.cuda.Event()
+        self._events[i].record(torch.cuda.current_stream(device))
+        return out
 
 
 def _next_readable(cands: Sequence[str], k: int, notes: list[str], limits: Limits) -> int:
@@ -181,6 +209,7 @@ class CachedImages:
         self.chosen = chosen or [None] * len(ok)
         self.cache_path = cache_path
         self.reused = reused  # True when loaded from an existing cache file
+        self._staging = PinnedStaging()
 
     def __len__(self) -> int:
         return int(self.ok.shape[0])
@@ -268,12 +297,14 @@ class CachedImages:
 
     def batch(self, indices: torch.Tensor, *, train: bool, device: torch.device | str,
               dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        idx = torch.as_tensor(indices).to("cpu", torch.long)
+        idx = torch.as_tensor(indices).to("cpu", torch.long).numpy()
         dev = torch.device(device)
-        px = torch.from_numpy(self.pixels.numpy()[idx.numpy()])  # numpy's gather: one thread, no OpenMP stalls
         if dev.type == "cuda":
-            px = px.pin_memory().to(dev, non_blocking=True)
-        return finish_batch(px.to(dev), self.ok[idx], train=train, dtype=dtype)
+            px = self._staging.gather_to(self.pixels.numpy(), idx, dev)
+        else:  # numpy's gather: one thread, no OpenMP stalls
+            px = torch.from_numpy(self.pixels.numpy()[idx]).to(dev)
+        ok = self.ok.numpy()[idx]  # numpy, on the host: no tensor sync to check it
+        return finish_batch(px, None if ok.all() else torch.from_numpy(ok), train=train, dtype=dtype)
 
 
 class StreamingImages:

@@ -33,10 +33,8 @@ def main() -> None:
     cfg.data_root, cfg.amp, cfg.compile = args.data_root, args.amp, args.compile
     tr, stage = build_stage(cfg, args.stage)
     gen = torch.Generator().manual_seed(0)
-    rows = [torch.randperm(len(stage.train_split), generator=gen)[: cfg.batch_size].to(tr.device)
-            for _ in range(args.steps + 3)]
-    for mod in stage.modules.values():
-        mod.train()
+    rows = [torch.randperm(len(stage.train_split), generator=gen)[: cfg.batch_size] for _ in range(args.steps + 3)]
+    stage.train()
     t0 = time.perf_counter()
     float(stage.step(rows[0])[0])  # compiles (with --compile) and warms up outside the profile
     print(f"first step: {time.perf_counter() - t0:.3f}s")

@@ -141,7 +141,7 @@ def test_weibo_grouped_validation_has_no_copies_of_fit_posts():
 @pytest.mark.parametrize("power", [0.5, 1.0])
 def test_group_sampling_weights(power):
     from cmc_fast.data import SplitData
-    from cmc_fast.trainer import batches
+    from cmc_fast.loop import batches
 
     gen = torch.Generator().manual_seed(0)
     groups = torch.randint(0, 40, (500,), generator=gen)

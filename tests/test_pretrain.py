@@ -71,17 +71,16 @@ def test_trainer_pretrains_once_and_every_text_model_starts_from_it(tmp_path):
     from cmc_fast.trainer import Trainer
 
     tr = Trainer(tiny_config(tmp_path, variant="finetune-t", text_pretrain_epochs=1), tmp_path / "run")
-    tr._setup()
-    first, second = tr._text_encoder(), tr._text_encoder()
+    tr.setup()
+    first, second = tr.build.text_encoder(), tr.build.text_encoder()
     saved = load_checkpoint(tmp_path / "run" / "checkpoints" / "text-mlm.pt")["encoder"]
     for enc in (first, second):
         state = enc.model.state_dict()
         assert state.keys() == saved.keys() and all(torch.equal(state[k], saved[k]) for k in saved)
-    fresh = tr.cfg.__class__(**{**tr.cfg.__dict__, "text_pretrain_epochs": 0})
-    tr.cfg = fresh
-    plain = tr._text_encoder().model.state_dict()
+    tr.build.cfg = tr.cfg.__class__(**{**tr.cfg.__dict__, "text_pretrain_epochs": 0})
+    plain = tr.build.text_encoder().model.state_dict()
     assert not torch.equal(plain["embeddings.word_embeddings.weight"], saved["embeddings.word_embeddings.weight"])
-    assert len(tr.text_mlm_history) == 1
+    assert len(tr.build.text_mlm_history) == 1
 
 
 def test_cli_run_records_pretraining_and_resume_reuses_it(tmp_path):

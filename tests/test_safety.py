@@ -14,6 +14,7 @@ import pytest
 import torch
 from tiny import TINY
 
+from cmc_fast import checkpoint_manager
 from cmc_fast import trainer as trainer_mod
 from cmc_fast.cli import main
 from cmc_fast.errors import UsageError
@@ -45,7 +46,7 @@ def _one_line_error(capsys) -> str:
 
 
 def _kill_after_first_epoch(monkeypatch):
-    real_save, calls = trainer_mod.save_checkpoint, {"n": 0}
+    real_save, calls = checkpoint_manager.save_checkpoint, {"n": 0}
 
     def killed(state, path):
         real_save(state, path)
@@ -54,7 +55,7 @@ def _kill_after_first_epoch(monkeypatch):
             if calls["n"] == 1:
                 raise KeyboardInterrupt
 
-    monkeypatch.setattr(trainer_mod, "save_checkpoint", killed)
+    monkeypatch.setattr(checkpoint_manager, "save_checkpoint", killed)
     return real_save
 
 
@@ -82,7 +83,7 @@ def _killed_run(tmp_path, monkeypatch, extra=()):
     real_save = _kill_after_first_epoch(monkeypatch)
     args = [*TEXT_ONLY, "--epochs", "2", "--data-root", str(tmp_path / "data"), *extra, "--out", str(broken)]
     assert main(["train", *args]) == 130
-    monkeypatch.setattr(trainer_mod, "save_checkpoint", real_save)
+    monkeypatch.setattr(checkpoint_manager, "save_checkpoint", real_save)
     return broken
 
 

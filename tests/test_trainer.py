@@ -6,9 +6,10 @@ import pytest
 import torch
 from tiny import TINY, tiny_config
 
-from cmc_fast import trainer as trainer_mod
+from cmc_fast import checkpoint_manager, loop
 from cmc_fast.cli import main
 from cmc_fast.config import Config
+from cmc_fast.stages import FusionStage, MutualStage
 from cmc_fast.trainer import Trainer
 
 
@@ -42,7 +43,7 @@ def test_resume_after_an_interrupted_run_matches_an_uninterrupted_one(tmp_path, 
     args = [*TINY, "--variant", "finetune-t", "--epochs", "3", "--data-root", str(tmp_path / "data"), *extra]
     assert main(["train", *args, "--out", str(tmp_path / "straight")]) == 0
 
-    real_save, calls = trainer_mod.save_checkpoint, {"n": 0}
+    real_save, calls = checkpoint_manager.save_checkpoint, {"n": 0}
 
     def killed_after_first_epoch(state, path):
         real_save(state, path)
@@ -51,11 +52,11 @@ def test_resume_after_an_interrupted_run_matches_an_uninterrupted_one(tmp_path, 
             if calls["n"] == 1:
                 raise KeyboardInterrupt
 
-    monkeypatch.setattr(trainer_mod, "save_checkpoint", killed_after_first_epoch)
+    monkeypatch.setattr(checkpoint_manager, "save_checkpoint", killed_after_first_epoch)
     broken = tmp_path / "broken"
     assert main(["train", *args, "--out", str(broken)]) == 130
     assert not (broken / "metrics.json").exists()
-    monkeypatch.setattr(trainer_mod, "save_checkpoint", real_save)
+    monkeypatch.setattr(checkpoint_manager, "save_checkpoint", real_save)
     assert main(["train", "--resume", str(broken)]) == 0
     assert "resuming at epoch 2/3" in (broken / "log.txt").read_text()
     straight = json.loads((tmp_path / "straight" / "metrics.json").read_text())["results"]["finetune-t"]
@@ -66,15 +67,15 @@ def test_resume_after_an_interrupted_run_matches_an_uninterrupted_one(tmp_path, 
 
 def test_stage2_leaves_the_frozen_encoders_bit_identical(tmp_path):
     tr = Trainer(tiny_config(tmp_path, variant="cmc"), tmp_path / "run")
-    tr._setup()
-    stage1 = tr.run_stage_and_score(tr.stage1_stage(), {"text": "cmc-t", "image": "cmc-v"})
-    text_net, image_net = stage1.modules["text"], stage1.modules["image"]
+    tr.setup()
+    stage1 = tr.fit_and_score(MutualStage(tr.ctx, tr.mm_splits), {"text": "cmc-t", "image": "cmc-v"})
+    text_net, image_net = stage1.text_net, stage1.image_net
 
     def states():
         return {**text_net.state_dict(prefix="t."), **image_net.state_dict(prefix="v.")}
 
     before = {k: v.clone() for k, v in states().items()}
-    tr.run_stage_and_score(tr.stage2_stage(text_net, image_net), {"fused": "cmc"})
+    tr.fit_and_score(FusionStage(tr.ctx, tr.mm_splits, text_net, image_net), {"fused": "cmc"})
     after = states()
     assert before.keys() == after.keys()
     for k in before:
@@ -84,16 +85,15 @@ def test_stage2_leaves_the_frozen_encoders_bit_identical(tmp_path):
 
 def test_stage1_trains_both_networks_and_the_projections(tmp_path):
     tr = Trainer(tiny_config(tmp_path, variant="cmc-t,cmc-v"), tmp_path / "run")
-    tr._setup()
+    tr.setup()
     torch.manual_seed(0)
-    fresh_t, fresh_v = tr._text_net(), tr._image_net()
-    stage = tr.run_stage_and_score(tr.stage1_stage(), {"text": "cmc-t", "image": "cmc-v"})
-    text_net, image_net = stage.modules["text"], stage.modules["image"]
+    fresh_t, fresh_v = tr.build.text_net(), tr.build.image_net()
+    stage = tr.fit_and_score(MutualStage(tr.ctx, tr.mm_splits), {"text": "cmc-t", "image": "cmc-v"})
     state = torch.load(tmp_path / "run" / "checkpoints" / "stage1.last.pt", weights_only=True)
     dist = state["modules"]["distiller"]
     assert dist["z_v2t"] > 0 and dist["z_t2v"] > 0  # Z estimated once and saved with the checkpoint
-    assert not torch.equal(text_net.head.weight, fresh_t.head.weight)
-    assert not torch.equal(image_net.head.weight, fresh_v.head.weight)
+    assert not torch.equal(stage.text_net.head.weight, fresh_t.head.weight)
+    assert not torch.equal(stage.image_net.head.weight, fresh_v.head.weight)
     assert set(tr.results) == {"cmc-t", "cmc-v"}
 
 
@@ -131,14 +131,14 @@ def test_config_file_with_an_unknown_key_is_a_usage_error(tmp_path, capsys):
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 def test_lr_schedule_warms_up_then_decays_to_zero(schedule):
     total = 200
-    f = trainer_mod.lr_factor(schedule, total)
+    f = loop.lr_factor(schedule, total)
     warm = [f(s) for s in range(12)]  # 6% of 200 steps
     assert warm == sorted(warm) and warm[-1] == 1.0 and warm[0] == pytest.approx(1 / 12)
     decay = [f(s) for s in range(12, total + 1)]
     assert all(a >= b for a, b in zip(decay, decay[1:])) and decay[-1] == pytest.approx(0.0, abs=1e-12)
     mid = f(12 + (total - 12) // 2)
     assert mid == pytest.approx(0.5, abs=0.01)  # both are halfway down halfway through the decay
-    assert trainer_mod.lr_factor("constant", total)(150) == 1.0
+    assert loop.lr_factor("constant", total)(150) == 1.0
     # what an optimiser sees through LambdaLR, step by step
     opt = torch.optim.SGD([torch.nn.Parameter(torch.randn(3))], lr=0.5)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, f)

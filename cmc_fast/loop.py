@@ -1,0 +1,230 @@
+"""The one training loop, ``fit``: epochs of shuffled batches through a stage's hooks, a read of the training
+logs every ``log_every`` steps (the only host sync of the training steps), validation after each epoch, each
+head's best checkpoint, and a last checkpoint a killed run resumes from.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from cmc_fast.checkpoint_manager import CheckpointManager, capture_rng, restore_rng
+from cmc_fast.errors import UsageError
+from cmc_fast.stages import Stage
+
+log = logging.getLogger("cmc_fast")
+
+
+def lr_factor(schedule: str, total_steps: int, warmup: float = 0.06) -> Callable[[int], float]:
+    """The learning-rate multiplier at optimiser step s: 1 ("constant"), or a linear warm-up over the first
+    ``warmup`` of the steps followed by a linear or cosine decay to 0 at ``total_steps``."""
+    warm = max(1, round(warmup * total_steps))
+
+    def factor(step: int) -> float:
+        if schedule == "constant":
+            return 1.0
+        if step < warm:
+            return (step + 1) / warm
+        done = min(1.0, (step - warm) / max(1, total_steps - warm))
+        return 1.0 - done if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * done))
+
+    return factor
+
+
+def batches(n: int, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None,
+            drop_last: bool = False, weights: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Row indices in batches: in order, a seeded permutation, or (``weights``) n rows drawn with replacement
+    with probability proportional to their weight."""
+    if weights is not None:
+        order = torch.multinomial(weights, n, replacement=True, generator=generator)
+    else:
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    out = list(order.split(batch_size))
+    # A ragged last batch recompiles a compiled step and gives BatchNorm a tiny batch: drop it when training.
+    if drop_last and len(out) > 1 and out[-1].numel() < batch_size:
+        out.pop()
+    return out
+
+
+def to_device_once(host_batches: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """The epoch's row indices copied to the device in one (pinned, asynchronous) transfer, split like
+    ``host_batches``: no per-step copy, no per-step sync."""
+    if device.type == "cpu" or not host_batches:
+        return host_batches
+    flat = torch.cat(host_batches).pin_memory().to(device, non_blocking=True)
+    return list(flat.split([b.numel() for b in host_batches]))
+
+
+@dataclass
+class StepLog:
+    """The loss and a stage's logs, summed on the device in float64 and read by the host only in ``read``."""
+
+    names: tuple[str, ...]
+    device: torch.device
+    total: torch.Tensor | None = None
+    steps: int = 0
+    read_steps: int = 0  # steps covered by the last read
+    last: dict[str, float] = field(default_factory=dict)
+
+    def add(self, loss: torch.Tensor, logs: dict[str, torch.Tensor]) -> None:
+        values = torch.stack([loss.float(), *(logs[n].float() for n in self.names)]).double()
+        self.total = values if self.total is None else self.total + values
+        self.steps += 1
+
+    def read(self) -> dict[str, float]:
+        """Epoch means so far: one host sync. Raises on a non-finite loss."""
+        sums = self.total.tolist() if self.total is not None else [0.0] * (1 + len(self.names))
+        self.read_steps = self.steps
+        self.last = {n: s / max(self.steps, 1) for n, s in zip(("loss", *self.names), sums)}
+        if not math.isfinite(self.last["loss"]):
+            raise FloatingPointError(f"the training loss became {self.last['loss']} within the last "
+                                     f"{self.steps} steps; lower the learning rate")
+        return self.last
+
+
+@dataclass
+class StageClock:
+    """Wall time of a stage's training, in a form a resume continues: the first (compiling) step apart from the
+    steady steps, measured between log reads (each read waits for the device, so these are real times)."""
+
+    train_seconds: float = 0.0
+    steps: int = 0
+    first_step_s: float | None = None
+    interval_step_s: list[float] = field(default_factory=list)  # mean step time of each later read interval
+
+    def summary(self, compiled: bool) -> dict:
+        first = self.first_step_s or 0.0
+        steady = sorted(self.interval_step_s)[len(self.interval_step_s) // 2] if self.interval_step_s else first
+        return {"train_seconds": self.train_seconds, "steps": self.steps, "first_step_s": first,
+                "steady_step_s": steady, "compile_s_est": max(0.0, first - steady) if compiled else 0.0}
+
+
+@dataclass
+class FitResult:
+    best: dict[str, float]  # head -> best validation accuracy
+    history: list[dict]
+    clock: StageClock
+    best_epoch: dict[str, int] = field(default_factory=dict)  # head -> the epoch its best checkpoint holds
+
+
+def _schedulers(stage: Stage, cfg) -> dict:
+    if cfg.lr_schedule == "constant":
+        return {}
+    steps_per_epoch = len(batches(len(stage.train_split), cfg.batch_size, shuffle=False, drop_last=True))
+    factor = lr_factor(cfg.lr_schedule, stage.epochs * steps_per_epoch)
+    return {key: torch.optim.lr_scheduler.LambdaLR(opt, factor) for key, opt in stage.optimizers.items()}
+
+
+def fit(stage: Stage, manager: CheckpointManager, *, resume: bool = False, evaluate_only: bool = False,
+        run_dir: str = "") -> FitResult:
+    """Train ``stage`` for its epochs (resuming from its last checkpoint when asked), keep each head's best
+    checkpoint by validation accuracy, and load every head's best state at the end."""
+    cfg = stage.cfg
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + zlib.crc32(stage.name.encode()) % 1000)
+    schedulers = _schedulers(stage, cfg)
+    result = FitResult({head: -1.0 for head in stage.heads}, [], StageClock())
+    start = _resume(stage, manager, schedulers, gen, result) if resume else 0
+    if evaluate_only and start < stage.epochs:
+        raise UsageError(f"--run {run_dir}: stage {stage.name} stopped at epoch {start}/{stage.epochs}; finish it "
+                         f"with `cmc-fast train --resume {run_dir}`")
+    weights = stage.train_split.sampling_weights(cfg.group_sampling)
+    for epoch in range(start, stage.epochs):
+        host_batches = batches(len(stage.train_split), cfg.batch_size, shuffle=True, generator=gen, drop_last=True,
+                               weights=weights)
+        steplog = train_epoch(stage, host_batches, schedulers, result.clock, epoch, first_fit_step=epoch == 0)
+        _end_epoch(stage, manager, schedulers, gen, result, epoch, steplog)
+    for head, keys in stage.heads.items():
+        manager.load_best(head, {k: stage.modules[k] for k in keys})
+    return result
+
+
+def _resume(stage: Stage, manager: CheckpointManager, schedulers: dict, gen: torch.Generator,
+            result: FitResult) -> int:
+    record = manager.load_last()
+    if record is None:
+        return 0
+    for key, mod in stage.modules.items():
+        mod.load_state_dict(record["modules"][key])
+    for key, opt in stage.optimizers.items():
+        opt.load_state_dict(record["optimizers"][key])
+    for key, sched in schedulers.items():
+        sched.load_state_dict(record["schedulers"][key])
+    restore_rng(record["rng"], gen)
+    result.best, result.history = dict(record["best"]), list(record["history"])
+    result.best_epoch = dict(record["best_epoch"])
+    result.clock = StageClock(**record["clock"])
+    if record["epoch"] < stage.epochs:
+        log.info("%s: resuming at epoch %d/%d", stage.name, record["epoch"] + 1, stage.epochs)
+    return record["epoch"]
+
+
+def train_epoch(stage: Stage, host_batches: list[torch.Tensor], schedulers: dict, clock: StageClock, epoch: int,
+                *, first_fit_step: bool) -> StepLog:
+    """One epoch of training steps. The logs stay on the device and are read after the fit's first step and
+    then every ``log_every`` steps and at the end of the epoch: one host sync per read, none inside a step."""
+    cfg, split = stage.cfg, stage.train_split
+    stage.train()
+    steplog = StepLog(tuple(stage.log_names), stage.device)
+    bar = tqdm(total=len(host_batches), desc=f"{stage.name} {epoch + 1}/{stage.epochs}", leave=False,
+               disable=not cfg.progress, dynamic_ncols=True)
+    t_read = t_epoch = time.perf_counter()
+    for i, (host_rows, rows) in enumerate(zip(host_batches, to_device_once(host_batches, stage.device))):
+        batch = stage.batch(split, host_rows, rows, train=True)
+        if first_fit_step and i == 0:
+            stage.on_fit_start(batch)
+        loss, logs = stage.training_step(batch)
+        for sched in schedulers.values():
+            sched.step()
+        steplog.add(loss, logs)
+        last_step = i + 1 == len(host_batches)
+        if (first_fit_step and i == 0) or (i + 1) % cfg.log_every == 0 or last_step:
+            covered = steplog.steps - steplog.read_steps
+            means = steplog.read()
+            bar.set_postfix({k: f"{v:.4f}" for k, v in means.items()})
+            bar.update(covered)
+            if not last_step:
+                log.info("%s epoch %d step %d/%d: %s", stage.name, epoch + 1, i + 1, len(host_batches),
+                         ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
+            now = time.perf_counter()
+            if clock.first_step_s is None:
+                clock.first_step_s = now - t_read
+            else:
+                clock.interval_step_s.append((now - t_read) / covered)
+            t_read = now
+    bar.close()
+    clock.train_seconds += time.perf_counter() - t_epoch
+    clock.steps += steplog.steps
+    return steplog
+
+
+def _end_epoch(stage: Stage, manager: CheckpointManager, schedulers: dict, gen: torch.Generator, result: FitResult,
+               epoch: int, steplog: StepLog) -> None:
+    """Validation, the epoch's history entry, each improved head's best state and the last checkpoint."""
+    stage.eval()
+    val = stage.evaluate(stage.val_split)
+    new_best = {}
+    for head in stage.heads:
+        if val[head]["accuracy"] > result.best[head]:
+            result.best[head] = val[head]["accuracy"]
+            new_best[head] = {"modules": {k: m.state_dict() for k, m in stage.modules.items()}, "epoch": epoch + 1,
+                              "val": val[head]}
+    train_loss = steplog.last.get("loss", 0.0)
+    result.history.append({"epoch": epoch + 1, "train_loss": train_loss,
+                           "val_accuracy": {k: v["accuracy"] for k, v in val.items()}})
+    log.info("%s epoch %d/%d: train loss %.4f, val %s", stage.name, epoch + 1, stage.epochs, train_loss,
+             ", ".join(f"{k} acc {v['accuracy']:.4f}" for k, v in val.items()))
+    best_epoch = {head: state["epoch"] for head, state in new_best.items()}
+    record = {"modules": {k: m.state_dict() for k, m in stage.modules.items()},
+              "optimizers": {k: o.state_dict() for k, o in stage.optimizers.items()},
+              "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
+              "epoch": epoch + 1, "best": result.best, "best_epoch": {**result.best_epoch, **best_epoch},
+              "history": result.history, "rng": capture_rng(gen), "clock": vars(result.clock)}
+    manager.save(record, new_best)
+    result.best_epoch = record["best_epoch"]

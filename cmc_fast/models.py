@@ -1,0 +1,180 @@
+"""Model builders: the device and precision a run uses, the classifiers, optimisers, distiller and BLOCK fusion
+each stage trains. Nothing here trains; ``stages.py`` does that with what these build.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from cmc_fast.checkpoint import load_checkpoint, save_checkpoint
+from cmc_fast.config import Config
+from cmc_fast.data import SplitData
+from cmc_fast.distill import CrossModalNCE
+from cmc_fast.encoders import NgramEncoder, TextEncoder, build_image_encoder, load_text_model, tiny_text_encoder
+from cmc_fast.errors import UsageError
+from cmc_fast.fusion import Block
+from cmc_fast.pretrain import pretrain_mlm
+
+log = logging.getLogger("cmc_fast")
+
+
+class Classifier(nn.Module):
+    """An encoder with a linear fake/real head; returns (logits, pooled features)."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(encoder.out_dim, 2)
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feat = self.encoder(*inputs)
+        return self.head(feat), feat
+
+
+# ------------------------------------------------------------------------------------- device, precision
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when present, else CPU; ``cuda:N`` checked against the devices present."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+        device = torch.device(name)
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise UsageError(f"--device {name}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
+        return device
+    return torch.device(name)
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """True when the CPU multiplies bfloat16 matrices in hardware: the ``amx_bf16`` flag (Intel AMX tiles) in
+    /proc/cpuinfo; any other system counts as not native. AVX512-BF16 alone is not counted: on such a CPU (this
+    project's 2-core VM has it) a tiny-BERT step under bf16 autocast measured 6.6x slower than float32."""
+    if cpuinfo is None:
+        if platform.system() != "Linux":
+            return False
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            return False
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.partition(":")[2].split())
+    return "amx_bf16" in flags
+
+
+def amp_dtype(cfg: Config, device: torch.device, notes: list[str]) -> torch.dtype | None:
+    """bfloat16 under ``--amp``, except on a CPU without native bf16 matrix units (one warning, float32)."""
+    if not cfg.amp:
+        return None
+    if device.type == "cpu" and not cpu_has_native_bf16():
+        msg = ("--amp skipped: this CPU has no native bfloat16 matrix unit (no amx_bf16 flag in /proc/cpuinfo), "
+               "where bf16 autocast runs several times slower than float32; training in float32")
+        log.warning(msg)
+        notes.append(msg)
+        return None
+    return torch.bfloat16
+
+
+# ----------------------------------------------------------------------------------------- builders
+class ModelBuilder:
+    """Builds every network, optimiser, distiller and fusion of a run on one device. The tiny text model's
+    masked-LM pre-training runs once per run (saved to ``checkpoints/text-mlm.pt``) and every text network
+    starts from it."""
+
+    def __init__(self, cfg: Config, device: torch.device, ckpt_dir: Path, *, resume: bool, evaluate_only: bool,
+                 notes: list[str]):
+        self.cfg, self.device, self.ckpt_dir = cfg, device, ckpt_dir
+        self.resume, self.evaluate_only, self.notes = resume, evaluate_only, notes
+        self.tokenizer = None
+        self.fit_text: SplitData | None = None  # the fit texts masked-LM pre-training reads
+        self.val_text: SplitData | None = None
+        self._pretrained_text: TextEncoder | None = None  # loaded once up front, handed to the first stage
+        self._text_mlm_state: dict | None = None
+        self.text_mlm_history: list[dict] = []
+
+    def load_pretrained_text(self) -> None:
+        """A Hugging Face text model's weights and tokenizer, before any data work (fails fast when missing)."""
+        if self.cfg.text_model not in ("tiny", "ngram"):
+            self._pretrained_text, self.tokenizer = load_text_model(self.cfg.text_model)
+
+    def text_encoder(self) -> TextEncoder | NgramEncoder:
+        cfg = self.cfg
+        if cfg.text_model == "tiny":
+            dropout = 0.1 if cfg.tiny_text_dropout is None else cfg.tiny_text_dropout
+            encoder = tiny_text_encoder(len(self.tokenizer), cfg.max_len, cfg.tiny_text_dim, cfg.tiny_text_layers,
+                                        dropout)
+            if cfg.text_pretrain_epochs and not self.evaluate_only:  # (evaluation loads trained weights anyway)
+                encoder.model.load_state_dict(self.text_mlm(encoder))
+            return encoder
+        if cfg.text_model == "ngram":
+            dropout = 0.3 if cfg.tiny_text_dropout is None else cfg.tiny_text_dropout
+            return NgramEncoder(len(self.tokenizer), cfg.tiny_text_dim, dropout=dropout)
+        # a fresh copy per stage: stages must not share (and silently co-train) one set of weights
+        encoder, self._pretrained_text = self._pretrained_text, None
+        return encoder if encoder is not None else load_text_model(cfg.text_model)[0]
+
+    def text_mlm(self, encoder: TextEncoder) -> dict:
+        """The tiny text model's weights after masked-LM pre-training on the fit texts, starting from
+        ``encoder``: computed once per run and saved, so every stage and a resumed run start from the same."""
+        if self._text_mlm_state is not None:
+            return self._text_mlm_state
+        path = self.ckpt_dir / "text-mlm.pt"
+        if self.resume and path.exists():
+            saved = load_checkpoint(path, map_location="cpu")
+            log.info("text-mlm: pre-trained weights loaded from %s", path)
+        else:
+            saved = self._pretrain_text(encoder)
+            save_checkpoint(saved, path)
+        self._text_mlm_state, self.text_mlm_history = saved["encoder"], saved["history"]
+        return self._text_mlm_state
+
+    def _pretrain_text(self, encoder: TextEncoder) -> dict:
+        cfg, fit, val = self.cfg, self.fit_text, self.val_text  # already on the device
+        model = encoder.model.to(self.device)
+        cuda = [self.device.index if self.device.index is not None else torch.cuda.current_device()] \
+            if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(cfg.seed)  # dropout inside: the stages' random stream stays as without it
+            state, history = pretrain_mlm(model, fit.ids, fit.mask, self.tokenizer, epochs=cfg.text_pretrain_epochs,
+                                          lr=cfg.text_pretrain_lr, batch_size=max(cfg.batch_size, 64), seed=cfg.seed,
+                                          progress=cfg.progress, held_out=(val.ids, val.mask))
+        return {"encoder": state, "history": history}
+
+    def text_net(self) -> Classifier:
+        return Classifier(self.text_encoder()).to(self.device)
+
+    def image_net(self) -> Classifier:
+        cfg = self.cfg
+        return Classifier(build_image_encoder(cfg.image_model, cfg.image_weights, tuple(cfg.image_size))).to(
+            self.device)
+
+    def text_optimizer(self, params) -> torch.optim.Optimizer:
+        return torch.optim.Adam(params, lr=self.cfg.text_lr)
+
+    def image_optimizer(self, params) -> torch.optim.Optimizer:
+        c = self.cfg
+        return torch.optim.SGD(params, lr=c.image_lr, momentum=c.image_momentum, weight_decay=c.image_weight_decay)
+
+    def fusion_optimizer(self, params) -> torch.optim.Optimizer:
+        return torch.optim.Adam(params, lr=self.cfg.fusion_lr)
+
+    def distiller(self, text_net: Classifier, image_net: Classifier, fit: SplitData) -> CrossModalNCE:
+        cfg = self.cfg
+        k = min(cfg.nce_k, len(fit) - 1)
+        if k < cfg.nce_k and not any("nce_k lowered" in n for n in self.notes):
+            self.notes.append(f"nce_k lowered from {cfg.nce_k} to {k}: the bank holds {len(fit)} samples")
+        return CrossModalNCE(text_net.encoder.out_dim, image_net.encoder.out_dim, fit.labels, proj_dim=cfg.proj_dim,
+                             k=k, tau=cfg.nce_t, momentum=cfg.nce_momentum, negatives=cfg.negatives).to(self.device)
+
+    def block(self, text_dim: int, image_dim: int) -> Block:
+        c = self.cfg
+        return Block([text_dim, image_dim], 2, mm_dim=c.mm_dim, chunks=c.chunks, rank=c.rank,
+                     dropout_input=c.fusion_dropout).to(self.device)
