@@ -7,6 +7,7 @@ a ``.pt`` whose pickle calls a function would otherwise run it. A file that is n
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tempfile
@@ -64,7 +65,20 @@ def load_error_reason(exc: BaseException) -> str:
 
 
 def write_json(obj: Any, path: str | Path) -> None:
-    _atomic_write(Path(path), lambda f: f.write(json.dumps(obj, indent=2, ensure_ascii=False).encode("utf-8")))
+    """Standard JSON only: a non-finite float (a timing never measured, a NaN metric) is written as null, never
+    as the bare NaN / Infinity that strict parsers reject."""
+    text = json.dumps(_finite(obj), indent=2, ensure_ascii=False, allow_nan=False)
+    _atomic_write(Path(path), lambda f: f.write(text.encode("utf-8")))
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def write_text(text: str, path: str | Path) -> None:

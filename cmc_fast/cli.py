@@ -166,10 +166,10 @@ def _train(args: argparse.Namespace, held: list[Path]) -> int:
     if args.resume:
         run_dir = Path(args.resume)
         cfg = _read_run_config(run_dir, "--resume")
-        cfg.progress = not args.no_progress and sys.stderr.isatty()
+        applied = _resume_flags(args, cfg)
         with claim(run_dir, flag="--resume", allow_foreign=True) as notes:
             held.append(run_dir)
-            _say(run_dir, notes)
+            _say(run_dir, notes + applied)
             return _run(Trainer(cfg, run_dir, resume=True))
     cfg = config_from_args(args)
     run_dir = Path(cfg.out or f"runs/{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -178,6 +178,29 @@ def _train(args: argparse.Namespace, held: list[Path]) -> int:
         held.append(run_dir)
         _say(run_dir, notes)
         return _run(Trainer(cfg, run_dir))
+
+
+# flags a resumed run applies (where and how it runs, not what it trains); every other flag is refused
+_RESUME_APPLIES = ("device", "threads", "no_progress")
+
+
+def _resume_flags(args: argparse.Namespace, cfg: Config) -> list[str]:
+    """Apply ``_RESUME_APPLIES`` to the saved config (returned as notes); refuse any other flag given beside
+    ``--resume``: the run continues with its saved configuration, so such a flag would be silently ignored."""
+    defaults = vars(build_parser().parse_args(["train"]))
+    given = {k: v for k, v in vars(args).items() if k in defaults and k != "resume" and v != defaults[k]}
+    refused = sorted(f"--{k.replace('_', '-')}" for k in given if k not in _RESUME_APPLIES)
+    if refused:
+        raise UsageError(f"--resume continues {args.resume} with its saved config.json; {', '.join(refused)} "
+                         "would change what it trains: drop them, or start a new run with --out")
+    cfg.progress = not args.no_progress and sys.stderr.isatty()
+    notes = []
+    for name in ("device", "threads"):
+        if name in given:
+            notes.append(f"resume: --{name} {given[name]} applied (saved: {getattr(cfg, name)})")
+            setattr(cfg, name, given[name])
+    cfg.validate()
+    return notes
 
 
 def _say(run_dir: Path, lines: list[str], prefix: str = "cmc-fast: ") -> None:
@@ -200,6 +223,8 @@ def _run(trainer) -> int:
     from cmc_fast.report import text_table
 
     results = trainer.run()
+    for line in getattr(trainer, "warnings", []):
+        print(f"cmc-fast: warning: {line}", file=sys.stderr)
     print(text_table(results))
     print(f"\nrun directory: {trainer.run_dir} (report.md, metrics.json, checkpoints/)")
     return 0
