@@ -62,7 +62,7 @@ def _kill_after_first_epoch(monkeypatch):
 @pytest.fixture
 def finished_run(tmp_path):
     out = tmp_path / "run"
-    assert main(["train", *TEXT_ONLY, "--data-root", str(tmp_path / "data"), "--out", str(out)]) == 0
+    assert main(["train", *TEXT_ONLY, "--epochs", "3", "--data-root", str(tmp_path / "data"), "--out", str(out)]) == 0
     return out
 
 
@@ -264,3 +264,119 @@ def test_a_genuine_bug_keeps_its_traceback(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="a bug"):
         main(["train", *TEXT_ONLY, "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "run")])
     assert not (tmp_path / "run" / LOCK_NAME).exists()
+
+
+# ------------------------------------------------------------------------------------ splits, collapse, resume
+def _manifest(tmp_path, posts: list[dict]) -> str:
+    path = tmp_path / "manifest.jsonl"
+    path.write_text("\n".join(json.dumps(p) for p in posts) + "\n")
+    return str(path)
+
+
+def test_an_empty_fit_split_is_caught_before_training(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *TEXT_ONLY, "--synthetic-n", "40,20", "--val-fraction", "0.99", "--val-split", "random",
+                 "--data-root", str(tmp_path / "data"), "--out", str(out)]) == 2
+    line = _one_line_error(capsys)
+    assert "the fit split has no posts" in line and "--val-fraction 0.99 of 40 training posts" in line
+    assert not list((out / "checkpoints").glob("*.pt"))
+
+
+def test_a_grouped_split_that_leaves_no_validation_posts_says_why(tmp_path, capsys):
+    story_a = "the dam upstream of the old city burst tonight and water is flooding every street near the river"
+    story_b = "a new vaccine was approved after the trial showed strong protection for older adults this winter"
+    posts = [{"text": f"{story_a} {i}", "label": 1} for i in range(5)]
+    posts += [{"text": f"{story_b} {i}", "label": 0} for i in range(4)]
+    posts += [{"text": "test post one about the weather", "label": 1, "split": "test"},
+              {"text": "test post two about the market", "label": 0, "split": "test"}]
+    assert main(["train", *TEXT_ONLY, "--dataset", "manifest", "--data-root", _manifest(tmp_path, posts),
+                 "--out", str(tmp_path / "run")]) == 2
+    line = _one_line_error(capsys)
+    assert "the val split has no posts" in line and "2 near-duplicate groups whole" in line
+
+
+def test_image_variants_without_decodable_images_are_caught_before_training(tmp_path, capsys):
+    posts = [{"text": f"post number {i} says something {i % 3}", "label": i % 2, "image": f"missing{i}.jpg"}
+             for i in range(30)]
+    posts += [{"text": f"test post {i}", "label": i % 2, "split": "test", "image": "gone.jpg"} for i in range(6)]
+    assert main(["train", *TINY, "--variant", "finetune-t,cmc", "--dataset", "manifest", "--val-split", "random",
+                 "--image-model", "tiny", "--image-weights", "none", "--data-root", _manifest(tmp_path, posts), "--out", str(tmp_path / "run")]) == 2
+    line = _one_line_error(capsys)
+    assert "--variant cmc:" in line and "the fit split has no posts with a decodable image" in line
+    assert "36 posts have no decodable image" in line
+
+
+def test_a_collapsed_model_is_noted_in_the_report_and_on_the_console(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *TEXT_ONLY, "--epochs", "2", "--text-lr", "5", "--data-root", str(tmp_path / "data"),
+                 "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "cmc-fast: warning: finetune-t" in err and "collapsed to one class" in err
+    assert "collapsed to one class" in (out / "report.md").read_text()
+    history = json.loads((out / "metrics.json").read_text())["history"]["finetune-t"]
+    assert len({h["val_predicted_fake"]["text"] for h in history}) == 1
+
+
+def test_a_healthy_model_gets_no_collapse_notice(finished_run):
+    assert "collapsed" not in (finished_run / "report.md").read_text()
+
+
+def test_resume_refuses_flags_it_would_ignore_and_applies_where_it_runs(tmp_path, monkeypatch, capsys):
+    broken = _killed_run(tmp_path, monkeypatch)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(broken), "--epochs", "5", "--seed", "7"]) == 2
+    line = _one_line_error(capsys)
+    assert "--epochs, --seed" in line and "--out" in line
+    assert main(["train", "--resume", str(broken), "--device", "cpu", "--threads", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "--device cpu applied" in err and "--threads 1 applied" in err
+
+
+def _strict_json(path):
+    def refuse(name):
+        raise AssertionError(f"{path} holds a bare {name}")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_resume_keeps_finished_stages_timings_in_standard_json(tmp_path, monkeypatch):
+    real_save, calls = checkpoint_manager.save_checkpoint, {"n": 0}
+
+    def killed_in_the_second_stage(state, path):
+        real_save(state, path)
+        if str(path).endswith(".last.pt"):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint_manager, "save_checkpoint", killed_in_the_second_stage)
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--variant", "finetune-t,finetune-v", "--epochs", "2", "--data-root",
+                 str(tmp_path / "data"), "--out", str(out)]) == 130
+    monkeypatch.setattr(checkpoint_manager, "save_checkpoint", real_save)
+    assert main(["train", "--resume", str(out)]) == 0
+    metrics = _strict_json(out / "metrics.json")
+    for stage in ("finetune-t", "finetune-v"):
+        assert metrics["timings"][stage]["train_seconds"] > 0 and metrics["timings"][stage]["steps"] > 0
+        assert metrics["results"][stage]["train_seconds"] > 0
+
+
+def test_json_is_written_without_bare_nan(tmp_path):
+    from cmc_fast.checkpoint import write_json
+
+    write_json({"t": float("nan"), "rows": [1.5, float("inf")], "n": 3}, tmp_path / "m.json")
+    assert _strict_json(tmp_path / "m.json") == {"t": None, "rows": [1.5, None], "n": 3}
+
+
+def test_evaluate_writes_nothing_but_its_own_outputs(finished_run):
+    config = json.loads((finished_run / "config.json").read_text())
+    assert config["device"] == "auto"
+
+    def snapshot():
+        return {p.relative_to(finished_run): (p.stat().st_mtime_ns, p.read_bytes()) for p in finished_run.rglob("*")
+                if p.is_file() and p.name not in ("evaluate.json", "log.txt")}
+
+    before = snapshot()
+    assert main(["evaluate", "--run", str(finished_run), "--device", "cpu"]) == 0
+    assert snapshot() == before
+    assert (finished_run / "evaluate.json").exists()
