@@ -7,6 +7,7 @@ checkpoint raises ``UsageError`` naming what is missing and the two ways to prov
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -86,8 +87,13 @@ def load_text_model(name: str) -> tuple[TextEncoder, object]:
         raise _missing_text_model(name, f"directory {local} does not exist")
     source = str(local) if local.is_dir() else name
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
-        model = AutoModel.from_pretrained(source, local_files_only=True)
+        # a local directory is a file the user supplies: no code of its own runs, a .bin loads pickle-free
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True, trust_remote_code=False)
+        model = AutoModel.from_pretrained(source, local_files_only=True, trust_remote_code=False, weights_only=True)
+    except (pickle.UnpicklingError, EOFError, RuntimeError) as exc:  # a weights file that is not plain tensors
+        from cmc_fast.checkpoint import load_error_reason
+
+        raise UsageError(f"--text-model: {source}: its weights cannot be loaded ({load_error_reason(exc)})") from None
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise _missing_text_model(name, first[:200]) from None

@@ -300,7 +300,8 @@ def test_image_variants_without_decodable_images_are_caught_before_training(tmp_
              for i in range(30)]
     posts += [{"text": f"test post {i}", "label": i % 2, "split": "test", "image": "gone.jpg"} for i in range(6)]
     assert main(["train", *TINY, "--variant", "finetune-t,cmc", "--dataset", "manifest", "--val-split", "random",
-                 "--image-model", "tiny", "--image-weights", "none", "--data-root", _manifest(tmp_path, posts), "--out", str(tmp_path / "run")]) == 2
+                 "--image-model", "tiny", "--image-weights", "none", "--data-root", _manifest(tmp_path, posts),
+                 "--out", str(tmp_path / "run")]) == 2
     line = _one_line_error(capsys)
     assert "--variant cmc:" in line and "the fit split has no posts with a decodable image" in line
     assert "36 posts have no decodable image" in line
@@ -380,3 +381,24 @@ def test_evaluate_writes_nothing_but_its_own_outputs(finished_run):
     assert main(["evaluate", "--run", str(finished_run), "--device", "cpu"]) == 0
     assert snapshot() == before
     assert (finished_run / "evaluate.json").exists()
+
+
+def test_a_planted_text_model_bin_does_not_run(tmp_path, capsys):
+    """A local Hugging Face directory is a file the user supplies too: its pytorch_model.bin loads pickle-free."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    model_dir, marker = tmp_path / "bert", tmp_path / "ran"
+    model_dir.mkdir()
+    (model_dir / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b"]))
+    BertTokenizer(str(model_dir / "vocab.txt")).save_pretrained(model_dir)
+    config = BertConfig(vocab_size=7, hidden_size=32, num_hidden_layers=1, num_attention_heads=1,
+                        intermediate_size=32)
+    BertModel(config).save_pretrained(model_dir)
+    for weights in model_dir.glob("*.safetensors"):
+        weights.unlink()
+    _plant(model_dir / "pytorch_model.bin", marker)
+    assert main(["train", *TEXT_ONLY, "--text-model", str(model_dir), "--data-root", str(tmp_path / "data"),
+                 "--out", str(tmp_path / "run")]) == 2
+    assert not marker.exists()
+    line = _one_line_error(capsys)
+    assert "--text-model" in line and str(model_dir) in line and "could run code" in line
