@@ -68,7 +68,10 @@ class CheckpointManager:
             save_checkpoint(state, staged[head])
         save_checkpoint(record, self.last_path)
         for head, path in staged.items():
-            os.replace(path, self.best_path(head))
+            self._promote(path, head)
+
+    def _promote(self, pending: Path, head: str) -> None:
+        os.replace(pending, self.best_path(head))
 
     def load_last(self) -> dict | None:
         """The last checkpoint's record (on the CPU), after settling any pending best file; None without one."""
@@ -84,7 +87,7 @@ class CheckpointManager:
         for path in sorted(self.dir.glob(f"{self.stage}.best-*.pending.pt")):
             match = pattern.match(path.name)
             if match and best_epoch.get(match.group(1)) == int(match.group(2)):
-                os.replace(path, self.best_path(match.group(1)))
+                self._promote(path, match.group(1))
             else:
                 path.unlink()
 

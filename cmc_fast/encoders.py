@@ -27,12 +27,20 @@ class TextEncoder(nn.Module):
         self.out_dim = int(model.config.hidden_size)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        out = self.model(input_ids=input_ids, attention_mask=self._attention_bias(attention_mask))
         if self.pooling == "pooler" and getattr(out, "pooler_output", None) is not None:
             return out.pooler_output
         hidden = out.last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+    def _attention_bias(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """For SDPA attention, the 4D boolean mask [B, 1, 1, L] (True: attend) that transformers would build,
+        passed ready-made: given the 2D mask, transformers checks ``mask.all()`` on the host every forward to
+        skip it, a device sync per step on a GPU."""
+        if getattr(self.model.config, "_attn_implementation", None) != "sdpa" or attention_mask.dim() != 2:
+            return attention_mask
+        return attention_mask.bool()[:, None, None, :]
 
 
 def tiny_text_encoder(vocab_size: int, max_len: int, dim: int = 64, layers: int = 2,
@@ -89,7 +97,10 @@ def load_text_model(name: str) -> tuple[TextEncoder, object]:
     try:
         # a local directory is a file the user supplies: no code of its own runs, a .bin loads pickle-free
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True, trust_remote_code=False)
-        model = AutoModel.from_pretrained(source, local_files_only=True, trust_remote_code=False, weights_only=True)
+        # float32 whatever the checkpoint's dtype (transformers 5 would keep an fp16/bf16 checkpoint's): the heads
+        # are float32, and --amp, not the file, decides the compute dtype
+        model = AutoModel.from_pretrained(source, local_files_only=True, dtype=torch.float32, trust_remote_code=False,
+                                          weights_only=True)
     except (pickle.UnpicklingError, EOFError, RuntimeError) as exc:  # a weights file that is not plain tensors
         from cmc_fast.checkpoint import load_error_reason
 

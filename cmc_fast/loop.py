@@ -71,6 +71,7 @@ class StepLog:
     total: torch.Tensor | None = None
     steps: int = 0
     read_steps: int = 0  # steps covered by the last read
+    reads: int = 0  # host syncs so far
     last: dict[str, float] = field(default_factory=dict)
 
     def add(self, loss: torch.Tensor, logs: dict[str, torch.Tensor]) -> None:
@@ -81,7 +82,7 @@ class StepLog:
     def read(self) -> dict[str, float]:
         """Epoch means so far: one host sync. Raises on a non-finite loss."""
         sums = self.total.tolist() if self.total is not None else [0.0] * (1 + len(self.names))
-        self.read_steps = self.steps
+        self.read_steps, self.reads = self.steps, self.reads + 1
         self.last = {n: s / max(self.steps, 1) for n, s in zip(("loss", *self.names), sums)}
         if not math.isfinite(self.last["loss"]):
             raise FloatingPointError(f"the training loss became {self.last['loss']} within the last "

@@ -31,6 +31,9 @@ def test_cli_end_to_end_writes_a_complete_run_directory(tmp_path, capsys):
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [h["epoch"] for h in metrics["history"]["stage2"]] == [1, 2]
     assert (out / "checkpoints" / "stage1.best-text.pt").exists()
+    for path in (out / "checkpoints").iterdir():  # everything the checkpoint manager saves loads without pickle
+        state = torch.load(path, weights_only=True)
+        assert isinstance(state, dict) and "modules" in state
     # evaluate re-scores the finished run to the same numbers
     assert main(["evaluate", "--run", str(out)]) == 0
     again = json.loads((out / "evaluate.json").read_text())["results"]
@@ -38,19 +41,24 @@ def test_cli_end_to_end_writes_a_complete_run_directory(tmp_path, capsys):
         assert again[variant]["test"] == r["test"]
 
 
-@pytest.mark.parametrize("extra", [[], ["--lr-schedule", "cosine", "--group-sampling", "1"]])
-def test_resume_after_an_interrupted_run_matches_an_uninterrupted_one(tmp_path, monkeypatch, extra):
-    args = [*TINY, "--variant", "finetune-t", "--epochs", "3", "--data-root", str(tmp_path / "data"), *extra]
+@pytest.mark.parametrize("variant, epochs, killed_stage, extra", [
+    ("finetune-t", "3", "finetune-t", []),
+    ("finetune-t", "3", "finetune-t", ["--lr-schedule", "cosine", "--group-sampling", "1"]),
+    ("cmc", "2", "stage1", []),
+    ("cmc", "2", "stage2", []),
+    ("cmc-shared", "2", "cmc-shared", []),
+])
+def test_resume_after_an_interrupted_run_matches_an_uninterrupted_one(tmp_path, monkeypatch, variant, epochs,
+                                                                      killed_stage, extra):
+    args = [*TINY, "--variant", variant, "--epochs", epochs, "--data-root", str(tmp_path / "data"), *extra]
     assert main(["train", *args, "--out", str(tmp_path / "straight")]) == 0
 
-    real_save, calls = checkpoint_manager.save_checkpoint, {"n": 0}
+    real_save = checkpoint_manager.save_checkpoint
 
-    def killed_after_first_epoch(state, path):
+    def killed_after_first_epoch(state, path):  # after the last checkpoint, before the best one is renamed
         real_save(state, path)
-        if str(path).endswith(".last.pt"):
-            calls["n"] += 1
-            if calls["n"] == 1:
-                raise KeyboardInterrupt
+        if path.name == f"{killed_stage}.last.pt":
+            raise KeyboardInterrupt
 
     monkeypatch.setattr(checkpoint_manager, "save_checkpoint", killed_after_first_epoch)
     broken = tmp_path / "broken"
@@ -58,11 +66,21 @@ def test_resume_after_an_interrupted_run_matches_an_uninterrupted_one(tmp_path, 
     assert not (broken / "metrics.json").exists()
     monkeypatch.setattr(checkpoint_manager, "save_checkpoint", real_save)
     assert main(["train", "--resume", str(broken)]) == 0
-    assert "resuming at epoch 2/3" in (broken / "log.txt").read_text()
-    straight = json.loads((tmp_path / "straight" / "metrics.json").read_text())["results"]["finetune-t"]
-    resumed = json.loads((broken / "metrics.json").read_text())["results"]["finetune-t"]
-    assert resumed["test"] == straight["test"] and resumed["val_accuracy"] == straight["val_accuracy"]
+    total = "2" if killed_stage == "stage2" else epochs
+    assert f"{killed_stage}: resuming at epoch 2/{total}" in (broken / "log.txt").read_text()
+    straight = json.loads((tmp_path / "straight" / "metrics.json").read_text())
+    resumed = json.loads((broken / "metrics.json").read_text())
+    assert resumed["results"].keys() == straight["results"].keys()
+    for name, row in straight["results"].items():
+        again = resumed["results"][name]
+        assert again["test"] == row["test"] and again["val_accuracy"] == row["val_accuracy"], name
+    assert resumed["history"] == straight["history"]
+    for stage, timing in straight["timings"].items():  # timings survive the resume
+        assert resumed["timings"][stage]["steps"] == timing["steps"]
+        assert resumed["timings"][stage]["train_seconds"] > 0
     assert (broken / "report.md").exists()
+    for path in (broken / "checkpoints").iterdir():  # everything saved loads without pickle
+        torch.load(path, weights_only=True)
 
 
 def test_stage2_leaves_the_frozen_encoders_bit_identical(tmp_path):
