@@ -11,6 +11,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 from cmc_fast.data_pipeline import images
 from cmc_fast.data_pipeline.check import check_images
 from cmc_fast.data_pipeline.image_source import CachedImages, StreamingImages
@@ -96,17 +97,19 @@ def test_the_byte_limit_is_the_flag(tmp_path):
     assert data is None and f"{size} bytes, over the byte limit of {size - 1} (--max-image-bytes)" in err
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device: nvJPEG paths not exercised"))])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("make", [jpeg_bomb, png_bomb], ids=["jpeg", "png"])
-def test_the_bomb_is_refused_by_every_backend_before_decoding(tmp_path, backend, make):
+def test_the_bomb_is_refused_by_every_backend_before_decoding(tmp_path, backend, make, device):
     bomb = tmp_path / "bomb.jpg"
     bomb.write_bytes(make())
     good = tmp_path / "good.jpg"
     good.write_bytes(_jpeg())
-    res = decode_uint8([str(bomb), str(good)], (32, 32), backend=backend)
+    res = decode_uint8([str(bomb), str(good)], (32, 32), backend=backend, device=device)
     assert res.ok.tolist() == [False, True]
     assert "over the pixel limit of 40000000 (--max-image-pixels)" in res.errors[0] and str(bomb) in res.errors[0]
-    res = decode_encoded([make()], (32, 32), backend=backend, names=["b"])
+    res = decode_encoded([make()], (32, 32), backend=backend, names=["b"], device=device)
     assert not res.ok[0] and "pixel limit" in res.errors[0]
 
 
@@ -160,3 +163,39 @@ def test_hostile_files_take_bounded_time_and_memory(hostile):
         assert out[backend] == [False, False, False, False, True], backend
     assert out["check"] == sorted([hostile[n] for n in ("dev_zero", "fifo", "sparse", "bomb")])
     assert out["peak_mb"] < 1536, out["peak_mb"]
+
+
+def test_train_and_data_check_report_over_limit_images_alike(tmp_path, hostile, capsys):
+    """End to end: a manifest whose posts point at the hostile files; ``train`` drops those posts for image
+    variants with the reason in skipped.json, ``data check`` lists the same files with the same reasons."""
+    from cmc_fast.cli import main
+
+    bad = ["dev_zero", "fifo", "sparse", "bomb"]
+    posts = [{"text": f"post {i} about topic {i % 5}", "label": i % 2, "image": hostile[bad[i]] if i < 4 else
+              str(tmp_path / f"img{i}.jpg")} for i in range(40)]
+    posts += [{"text": f"test post {i}", "label": i % 2, "split": "test", "image": str(tmp_path / f"t{i}.jpg")}
+              for i in range(8)]
+    for p in posts[4:]:
+        with open(p["image"], "wb") as f:
+            f.write(_jpeg(seed=len(p["text"])))
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join(json.dumps(p) for p in posts) + "\n")
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "manifest", "--data-root", str(manifest), "--variant", "finetune-v",
+                 "--image-model", "tiny", "--image-weights", "none", "--epochs", "1", "--batch-size", "8",
+                 "--image-size", "16,16", "--val-split", "random", "--no-progress", "--out", str(out)]) == 0
+    skipped = {s["id"]: s["reason"] for s in json.loads((out / "skipped.json").read_text())}
+    capsys.readouterr()
+    assert main(["data", "check", "--dataset", "manifest", "--data-root", str(manifest), "--json"]) == 0
+    unreadable = {u["path"]: u["error"] for u in json.loads(capsys.readouterr().out)["images"]["unreadable_list"]}
+    assert len(unreadable) == len(bad)
+    for i, name in enumerate(bad):
+        reason = {"dev_zero": "a character device", "fifo": "a named pipe", "sparse": "over the byte limit",
+                  "bomb": "over the pixel limit"}[name]
+        assert reason in skipped[f"m.jsonl:{i + 1}"] and reason in unreadable[hostile[name]]
+    # the flags: every 24x16 image is over a 100-pixel limit
+    assert main(["data", "check", "--dataset", "manifest", "--data-root", str(manifest), "--json",
+                 "--max-image-pixels", "100"]) == 0
+    unreadable = json.loads(capsys.readouterr().out)["images"]["unreadable_list"]
+    assert len(unreadable) == len(posts) and sum("24x16 = 384 pixels" in u["error"] for u in unreadable) == 44
+
