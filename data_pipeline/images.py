@@ -688,6 +688,33 @@ def _check_size(size: Sequence[int]) -> tuple[int, int]:
     return int(size[0]), int(size[1])
 
 
+def _route(names: Sequence[str], loaded: Sequence[tuple[bytes | None, str | None]], backend: str,
+           limits: Limits) -> tuple[dict[int, str], list[int], list[tuple[int, str]]]:
+    """Where each input goes: ``errors`` (unread, empty, over a limit: one decision for every backend, before
+    decoding), ``fast`` (clean JPEGs for a fast backend), ``to_pil`` ((position, why PIL) for the rest)."""
+    errors: dict[int, str] = {}
+    fast: list[int] = []
+    to_pil: list[tuple[int, str]] = []
+    for i, (data, err) in enumerate(loaded):
+        if data is None:
+            errors[i] = err or f"{names[i]}: empty file (0 bytes)"
+            continue
+        too_big = pixel_problem(names[i], data, limits)
+        if too_big:
+            errors[i] = too_big
+            continue
+        kind = sniff(data)
+        if kind == "empty":
+            errors[i] = f"{names[i]}: empty file (0 bytes)"
+        elif kind == "jpeg" and backend != "pil":
+            fast.append(i)
+        elif kind == "jpeg":
+            to_pil.append((i, ""))
+        else:
+            to_pil.append((i, _PIL_REASON.get(kind, f"{kind} content")))
+    return errors, fast, to_pil
+
+
 def _decode_loaded(names: Sequence[str], loaded: Sequence[tuple[bytes | None, str | None]], size: Sequence[int],
                    backend: str, *, normalize_output: bool, device: torch.device | str | None,
                    dtype: torch.dtype, chunk: int, workers: int | None, limits: Limits | None = None) -> ImageBatch:
@@ -700,27 +727,8 @@ def _decode_loaded(names: Sequence[str], loaded: Sequence[tuple[bytes | None, st
     out_dtype = dtype if normalize_output else torch.uint8
     out = torch.zeros((n, 3, h, w), dtype=out_dtype, device=dev)
     ok = torch.zeros(n, dtype=torch.bool)
-    errors: dict[int, str] = {}
     fallback: dict[int, str] = {}
-    to_pil: list[tuple[int, str]] = []  # (position, why)
-    fast: list[int] = []
-    for i, (data, err) in enumerate(loaded):
-        if data is None:
-            errors[i] = err or f"{names[i]}: empty file (0 bytes)"
-            continue
-        too_big = pixel_problem(names[i], data, limits)  # one decision for every backend, before decoding
-        if too_big:
-            errors[i] = too_big
-            continue
-        kind = sniff(data)
-        if kind == "empty":
-            errors[i] = f"{names[i]}: empty file (0 bytes)"
-        elif kind == "jpeg" and name != "pil":
-            fast.append(i)
-        elif kind == "jpeg":
-            to_pil.append((i, ""))
-        else:
-            to_pil.append((i, _PIL_REASON.get(kind, f"{kind} content")))
+    errors, fast, to_pil = _route(names, loaded, name, limits)
 
     def put(positions: list[int], pixels: torch.Tensor) -> None:
         if not positions:
