@@ -402,3 +402,25 @@ def test_a_planted_text_model_bin_does_not_run(tmp_path, capsys):
     assert not marker.exists()
     line = _one_line_error(capsys)
     assert "--text-model" in line and str(model_dir) in line and "could run code" in line
+
+
+def test_two_real_runs_on_one_folder(tmp_path, capsys):
+    """A second ``cmc-fast train`` while another process trains into the same --out is refused, naming it."""
+    import time
+
+    out = tmp_path / "run"
+    args = [*TEXT_ONLY, "--epochs", "200", "--data-root", str(tmp_path / "data"), "--out", str(out)]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    first = subprocess.Popen([sys.executable, "-m", "cmc_fast", "train", *args], cwd=root,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "config.json").exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert first.poll() is None and (out / LOCK_NAME).exists()
+        assert main(["train", *args]) == 2
+        assert f"in use by PID {first.pid} on {socket.gethostname()}" in _one_line_error(capsys)
+        assert json.loads((out / "config.json").read_text())["epochs"] == 200  # the first run's, untouched
+    finally:
+        first.kill()
+        first.wait()
