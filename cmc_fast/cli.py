@@ -13,9 +13,10 @@ import json
 import logging
 import sys
 import time
+import typing
 from pathlib import Path
 
-from cmc_fast.config import DATASETS, NEGATIVES, VARIANTS, Config, preset
+from cmc_fast.config import Config, preset
 from cmc_fast.errors import UsageError
 from cmc_fast.rundir import claim
 
@@ -33,14 +34,32 @@ def _pair(text: str) -> tuple[int, int]:
     return a, b
 
 
-# CLI flag -> Config field, for flags whose value is copied over the preset when given
-_OVERRIDES = ("data_root", "variant", "epochs", "fusion_epochs", "batch_size", "text_model", "image_model",
-              "image_weights", "negatives", "nce_k", "seed", "max_len", "image_size", "image_backend", "text_lr",
-              "image_lr", "fusion_lr", "mm_dim", "chunks", "rank", "val_fraction", "val_split", "group_sampling",
-              "device", "alpha", "beta", "tiny_text_dim", "tiny_text_layers", "threads",
-              "tiny_text_dropout", "lr_schedule",
-              "text_pretrain_epochs", "text_pretrain_lr", "shared_loss", "log_every", "max_image_bytes",
-              "max_image_pixels")
+def config_flag(f: dataclasses.Field) -> str:
+    """The command-line flag of a Config field: its metadata's, ``--no-x`` for a boolean x that defaults to True,
+    else ``--x`` (underscores as dashes)."""
+    name = f.name.replace("_", "-")
+    return f.metadata.get("flag") or (f"--no-{name}" if f.default is True else f"--{name}")
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    """One flag per Config field, from the field's own definition (type, help, choices). Flags not given stay out
+    of the parsed namespace (argparse.SUPPRESS), so only what the user typed overrides the preset."""
+    types = typing.get_type_hints(Config)
+    for f in dataclasses.fields(Config):
+        if not f.metadata.get("cli", True):
+            continue
+        kwargs = {"dest": f.name, "default": argparse.SUPPRESS, "help": f.metadata.get("help") or None}
+        kind = types[f.name]
+        if kind is bool:
+            kwargs["action"] = "store_false" if f.default is True else "store_true"
+        else:
+            optional = type(None) in typing.get_args(kind)  # X | None: parse as X
+            base = next(t for t in typing.get_args(kind) if t is not type(None)) if optional else kind
+            kwargs["type"] = _pair if typing.get_origin(base) is tuple else base
+            kwargs["choices"] = f.metadata.get("choices")
+            kwargs["metavar"] = f.metadata.get("metavar") or (
+                "{" + ",".join(kwargs["choices"]) + "}" if kwargs["choices"] else None)
+        parser.add_argument(config_flag(f), **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,61 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     tr = sub.add_parser("train", help="train the CMC variants and write a run directory")
-    tr.add_argument("--dataset", default=None, help=f"one of {', '.join(DATASETS)} (default synthetic)")
-    tr.add_argument("--data-root", default=None, help="dataset directory (synthetic: where to generate it)")
-    tr.add_argument("--variant", default=None, help=f"'all' or a comma list of {', '.join(VARIANTS)}")
-    tr.add_argument("--epochs", type=int, help="stage-1 (and single-modality, cmc-shared) epochs")
-    tr.add_argument("--fusion-epochs", type=int, help="stage-2 (BLOCK) epochs")
-    tr.add_argument("--batch-size", type=int)
-    tr.add_argument("--amp", action="store_true", help="bfloat16 autocast (the NCE loss stays float32)")
-    tr.add_argument("--compile", action="store_true", help="torch.compile each stage's forward + loss")
-    tr.add_argument("--text-model", help="tiny (small BERT), ngram (fastText-style bag of n-grams), a local "
-                    "Hugging Face directory, or a cached hub id")
-    tr.add_argument("--image-model", help="tiny, vgg19 or resnet50")
-    tr.add_argument("--image-weights", help="imagenet (torch cache), a .pth file, or none")
-    tr.add_argument("--negatives", choices=None, help=f"one of {', '.join(NEGATIVES)}")
-    tr.add_argument("--nce-k", type=int, help="negatives per anchor")
-    tr.add_argument("--shared-loss", help="cmc-shared: fused (default, the paper's baseline: fused CE only) or "
-                    "fused+distill (adds CE_T, CE_V and both NCE terms)")
-    tr.add_argument("--log-every", type=int, help="training steps between reads of the logs (one host sync each)")
-    tr.add_argument("--max-len", type=int, help="text tokens kept (head + tail)")
-    tr.add_argument("--tiny-text-dim", type=int, help="width of the tiny / ngram text model")
-    tr.add_argument("--tiny-text-layers", type=int, help="layers of the tiny text model")
-    tr.add_argument("--tiny-text-dropout", type=float, help="dropout of the tiny / ngram text model (0.1 / 0.3)")
-    tr.add_argument("--text-pretrain-epochs", type=int,
-                    help="masked-LM pre-training of the tiny text model on the training texts first (0: off)")
-    tr.add_argument("--text-pretrain-lr", type=float, help="AdamW learning rate of that pre-training (1e-3)")
-    tr.add_argument("--image-size", type=_pair, help="H,W of the training images")
-    tr.add_argument("--image-backend", help="auto, dali, torchvision or pil")
-    tr.add_argument("--image-stream", action="store_true",
-                    help="decode images from the files every epoch instead of once into the uint8 cache")
-    tr.add_argument("--max-image-bytes", type=int, metavar="N", help="image files larger than N bytes are skipped "
-                    "and reported (default 64 MiB)")
-    tr.add_argument("--max-image-pixels", type=int, metavar="N", help="images whose header says more than N pixels "
-                    "are skipped and reported before decoding (default 40 million)")
-    tr.add_argument("--text-lr", type=float)
-    tr.add_argument("--image-lr", type=float)
-    tr.add_argument("--fusion-lr", type=float)
-    tr.add_argument("--mm-dim", type=int)
-    tr.add_argument("--chunks", type=int)
-    tr.add_argument("--rank", type=int)
-    tr.add_argument("--alpha", type=float)
-    tr.add_argument("--beta", type=float)
-    tr.add_argument("--lr-schedule", metavar="{constant,linear,cosine}",
-                    help="per-step learning rate: constant (default), or warm-up then linear/cosine decay to 0")
-    tr.add_argument("--val-fraction", type=float)
-    tr.add_argument("--val-split", metavar="{grouped,random}",
-                    help="grouped (default): near-duplicate posts never straddle the fit/validation cut")
-    tr.add_argument("--group-sampling", type=float, metavar="P",
-                    help="sample a training post in a near-duplicate group of size s with weight s^-P (0..1)")
-    tr.add_argument("--device", help="auto, cpu or cuda[:N]")
-    tr.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    tr.add_argument("--out", help="run directory (default runs/<dataset>-<time>)")
+    _add_config_options(tr)
     tr.add_argument("--config", help="JSON file of config keys, applied over the dataset's preset")
-    tr.add_argument("--seed", type=int)
     tr.add_argument("--resume", metavar="DIR", help="continue the killed run in DIR with its saved config")
     tr.add_argument("--synthetic-n", type=_pair, metavar="TRAIN,TEST", help="posts generated for --dataset synthetic")
-    tr.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     ev = sub.add_parser("evaluate", help="re-score a finished run's checkpoints on its test split")
     ev.add_argument("--run", required=True, metavar="DIR")
@@ -122,26 +90,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    if args.config:
-        overrides = Config.read_overrides(args.config)
-        cfg = dataclasses.replace(preset(args.dataset or overrides.get("dataset", "synthetic")), **overrides)
-    else:
-        cfg = preset(args.dataset or "synthetic")
-    for name in _OVERRIDES:
-        value = getattr(args, name, None)
-        if value is not None:
-            if name == "image_weights" and value.lower() == "none":
-                value = None
-            setattr(cfg, name, value)
-    if args.dataset:
-        cfg.dataset = args.dataset
+    """The dataset's preset, then ``--config FILE``, then every flag given (the tiny image model, having no
+    pretrained weights, implies --image-weights none unless weights were asked for)."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if hasattr(args, f.name)}
+    overrides = Config.read_overrides(args.config) if args.config else {}
+    dataset = given.get("dataset") or overrides.get("dataset", "synthetic")
+    cfg = dataclasses.replace(preset(dataset), **{**overrides, **given})
+    if isinstance(cfg.image_weights, str) and cfg.image_weights.lower() == "none":
+        cfg.image_weights = None
+    if cfg.image_model == "tiny" and "image_weights" not in given and "image_weights" not in overrides:
+        cfg.image_weights = None
     if args.synthetic_n:
         cfg.synthetic_train, cfg.synthetic_test = args.synthetic_n
-    cfg.amp = cfg.amp or args.amp
-    cfg.compile = cfg.compile or args.compile
-    cfg.image_cache = cfg.image_cache and not args.image_stream
-    cfg.progress = not args.no_progress and sys.stderr.isatty()
-    cfg.out = args.out or cfg.out
+    cfg.progress = cfg.progress and sys.stderr.isatty()
     return cfg.validate()
 
 
@@ -181,19 +142,21 @@ def _train(args: argparse.Namespace, held: list[Path]) -> int:
 
 
 # flags a resumed run applies (where and how it runs, not what it trains); every other flag is refused
-_RESUME_APPLIES = ("device", "threads", "no_progress")
+_RESUME_APPLIES = ("device", "threads", "progress")
 
 
 def _resume_flags(args: argparse.Namespace, cfg: Config) -> list[str]:
     """Apply ``_RESUME_APPLIES`` to the saved config (returned as notes); refuse any other flag given beside
-    ``--resume``: the run continues with its saved configuration, so such a flag would be silently ignored."""
-    defaults = vars(build_parser().parse_args(["train"]))
-    given = {k: v for k, v in vars(args).items() if k in defaults and k != "resume" and v != defaults[k]}
-    refused = sorted(f"--{k.replace('_', '-')}" for k in given if k not in _RESUME_APPLIES)
+    ``--resume``: the run continues with its saved configuration, so such a flag would be silently ignored.
+    (Config flags not typed are absent from ``args``; --config and --synthetic-n default to None.)"""
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    given = {k: v for k, v in vars(args).items() if k in fields or (k in ("config", "synthetic_n") and v is not None)}
+    refused = sorted(config_flag(fields[k]) if k in fields else f"--{k.replace('_', '-')}"
+                     for k in given if k not in _RESUME_APPLIES)
     if refused:
         raise UsageError(f"--resume continues {args.resume} with its saved config.json; {', '.join(refused)} "
                          "would change what it trains: drop them, or start a new run with --out")
-    cfg.progress = not args.no_progress and sys.stderr.isatty()
+    cfg.progress = getattr(args, "progress", True) and sys.stderr.isatty()
     notes = []
     for name in ("device", "threads"):
         if name in given:
@@ -246,7 +209,10 @@ def _evaluate(args: argparse.Namespace, held: list[Path]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0), or a bad flag or choice (2; its one line is already printed)
+        return int(exc.code or 0)
     held: list[Path] = []  # the run folder once claimed: where the error line is logged too
     try:
         if args.command == "train":

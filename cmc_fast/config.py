@@ -21,77 +21,93 @@ SHARED_LOSSES = ("fused", "fused+distill")
 DATASETS = ("synthetic", "weibo", "politifact", "gossipcop", "fakenewsnet", "manifest")
 
 
+def option(default, help: str = "", *, choices: tuple[str, ...] | None = None, flag: str | None = None,
+           metavar: str | None = None, cli: bool = True):
+    """A Config field and its command-line flag, defined once: ``help`` and ``choices`` are what ``--help`` shows
+    and what ``validate`` checks; ``flag`` renames the flag (default ``--field-name``, ``--no-field-name`` for a
+    boolean that defaults to True); ``cli=False`` keeps a field off the command line."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "flag": flag,
+                                                        "metavar": metavar, "cli": cli})
+
+
 @dataclass
 class Config:
     # data
-    dataset: str = "synthetic"
-    data_root: str | None = None
-    val_fraction: float = 0.1
-    # "grouped": near-duplicate posts (reposts of one story) stay on one side of the fit/validation cut, so
-    # selection cannot reward memorising them; "random": a plain label-stratified split
-    val_split: str = "grouped"
-    # sampling weight of a training post in a near-duplicate group of size s: s^-group_sampling (0: uniform;
-    # 1: every story counts once however often it was reposted, labels keep their share of the epoch)
-    group_sampling: float = 0.0
-    max_len: int = 250
-    image_size: tuple[int, int] = (256, 128)  # (H, W), the authors' direct bicubic resize
-    image_backend: str = "auto"
-    image_cache: bool = True  # decode once into a memory-mapped uint8 cache; False streams from the files
-    # image files are read only when regular and within these bounds (every backend alike, see images.py)
-    max_image_bytes: int = 64 << 20
-    max_image_pixels: int = 40_000_000
-    synthetic_train: int = 1200  # posts generated for --dataset synthetic
-    synthetic_test: int = 400
+    dataset: str = option("synthetic", "the dataset (picks its preset)", choices=DATASETS)
+    data_root: str | None = option(None, "dataset directory (synthetic: where to generate it)", metavar="DIR")
+    val_fraction: float = option(0.1, "share of the training set carved out for validation")
+    val_split: str = option("grouped", "grouped: near-duplicate posts (reposts of one story) stay on one side of the "
+                            "fit/validation cut, so selection cannot reward memorising them; random: a plain "
+                            "label-stratified split", choices=("grouped", "random"))
+    group_sampling: float = option(0.0, "sample a training post of a near-duplicate group of size s with weight "
+                                   "s^-P (0: uniform; 1: every story counts once, labels keep their share)",
+                                   metavar="P")
+    max_len: int = option(250, "text tokens kept (head + tail)")
+    image_size: tuple[int, int] = option((256, 128), "H,W of the training images (the authors' direct bicubic "
+                                         "resize)", metavar="H,W")
+    image_backend: str = option("auto", "image decoder", choices=("auto", "dali", "torchvision", "pil"))
+    image_cache: bool = option(True, "decode images from the files every epoch instead of once into the uint8 "
+                               "cache", flag="--image-stream")
+    # image files are read only when regular and within these bounds, by every backend alike (see images.py)
+    max_image_bytes: int = option(64 << 20, "image files larger than N bytes are skipped and reported (default "
+                                  "64 MiB)", metavar="N")
+    max_image_pixels: int = option(40_000_000, "images whose header declares more than N pixels are skipped and "
+                                   "reported before decoding (default 40 million)", metavar="N")
+    synthetic_train: int = option(1200, "posts generated for --dataset synthetic (training)", cli=False)
+    synthetic_test: int = option(400, "posts generated for --dataset synthetic (test)", cli=False)
     # models
-    text_model: str = "tiny"  # "tiny" (small BERT), "ngram" (fastText-style), a local HF directory or cached hub id
-    image_model: str = "vgg19"  # "tiny", "vgg19", "resnet50"
-    image_weights: str | None = "imagenet"  # "imagenet" (torch cache), a .pth file, or None for random init
-    tiny_text_dim: int = 128
-    tiny_text_layers: int = 2
-    tiny_text_dropout: float | None = None  # None: 0.1 for tiny (BERT's value), 0.3 for ngram
-    # masked-LM pre-training of the tiny text model on the fit split's texts before its first stage (0: off)
-    text_pretrain_epochs: int = 0
-    text_pretrain_lr: float = 1e-3
+    text_model: str = option("tiny", "tiny (small BERT), ngram (fastText-style bag of n-grams), a local Hugging Face "
+                             "directory, or a cached hub id")
+    image_model: str = option("vgg19", "image network (tiny implies --image-weights none)",
+                              choices=("tiny", "vgg19", "resnet50"))
+    image_weights: str | None = option("imagenet", "imagenet (torch cache), a .pth file, or none")
+    tiny_text_dim: int = option(128, "width of the tiny / ngram text model")
+    tiny_text_layers: int = option(2, "layers of the tiny text model")
+    tiny_text_dropout: float | None = option(None, "dropout of the tiny / ngram text model (default 0.1 / 0.3)")
+    text_pretrain_epochs: int = option(0, "masked-LM pre-training of the tiny text model on the training texts "
+                                       "first (0: off)")
+    text_pretrain_lr: float = option(1e-3, "AdamW learning rate of that pre-training")
     # stage 1 (mutual distillation)
-    variant: str = "all"
-    epochs: int = 30
-    batch_size: int = 32
-    text_lr: float = 2e-5  # Adam
-    image_lr: float = 3e-4  # SGD
-    image_momentum: float = 0.9
-    image_weight_decay: float = 5e-4
-    proj_dim: int = 128
-    nce_k: int = 1500
-    nce_t: float = 0.07
-    nce_momentum: float = 0.5
-    alpha: float = 0.3
-    beta: float = 0.3
-    negatives: str = "uniform"
-    # per-step learning-rate schedule of every optimiser: "constant" (the authors'), or 6% linear warm-up then
-    # "linear" / "cosine" decay to 0 at the stage's last step
-    lr_schedule: str = "constant"
-    # cmc-shared: "fused" (the paper's CMC-shared baseline: BLOCK over both encoders, one stage, fused CE, no
-    # distillation) or "fused+distill" (adds CE_T, CE_V and both NCE terms)
-    shared_loss: str = "fused"
+    variant: str = option("all", f"'all' or a comma list of {', '.join(VARIANTS)}")
+    epochs: int = option(30, "stage-1 (and single-modality, cmc-shared) epochs")
+    batch_size: int = option(32, "training batch size")
+    text_lr: float = option(2e-5, "text network learning rate (Adam)")
+    image_lr: float = option(3e-4, "image network learning rate (SGD)")
+    image_momentum: float = option(0.9, "image network SGD momentum")
+    image_weight_decay: float = option(5e-4, "image network SGD weight decay")
+    proj_dim: int = option(128, "dimension of the NCE projections phi1/phi2")
+    nce_k: int = option(1500, "negatives per anchor")
+    nce_t: float = option(0.07, "NCE temperature tau")
+    nce_momentum: float = option(0.5, "memory-bank momentum")
+    alpha: float = option(0.3, "weight of L_{V->T} in the text objective")
+    beta: float = option(0.3, "weight of L_{T->V} in the image objective")
+    negatives: str = option("uniform", "uniform over all posts (the paper) or from the other class (the authors' "
+                            "code; noise prior K/N_other)", choices=NEGATIVES)
+    lr_schedule: str = option("constant", "per-step learning rate of every optimiser: constant (the authors'), or "
+                              "6%% linear warm-up then linear / cosine decay to 0", choices=("constant", "linear",
+                                                                                              "cosine"))
+    shared_loss: str = option("fused", "cmc-shared: fused (the paper's CMC-shared baseline: BLOCK over both "
+                              "encoders, one stage, fused CE, no distillation) or fused+distill (adds CE_T, CE_V and "
+                              "both NCE terms)", choices=SHARED_LOSSES)
     # stage 2 (BLOCK fusion)
-    fusion_epochs: int = 30
-    fusion_lr: float = 2e-5
-    mm_dim: int = 256
-    chunks: int = 18
-    rank: int = 15
-    fusion_dropout: float = 0.1
+    fusion_epochs: int = option(30, "stage-2 (BLOCK) epochs")
+    fusion_lr: float = option(2e-5, "BLOCK learning rate (Adam)")
+    mm_dim: int = option(256, "BLOCK's multimodal dimension")
+    chunks: int = option(18, "BLOCK chunks")
+    rank: int = option(15, "BLOCK rank")
+    fusion_dropout: float = option(0.1, "BLOCK input dropout")
     # system
-    amp: bool = False
-    compile: bool = False
-    device: str = "auto"
-    # torch CPU threads (None: torch's default). Tiny models on a shared machine run faster with 1: two
-    # OpenMP threads waiting on a descheduled sibling make small matmuls orders of magnitude slower
-    threads: int | None = None
-    seed: int = 0
-    # training steps between reads of the loss and logs (each read is one host sync; none inside a step)
-    log_every: int = 50
-    out: str | None = None
-    progress: bool = True
+    amp: bool = option(False, "bfloat16 autocast (the NCE loss stays float32); skipped with a warning on a CPU "
+                       "without AMX-BF16")
+    compile: bool = option(False, "torch.compile each stage's forward + loss")
+    device: str = option("auto", "auto, cpu or cuda[:N]")
+    threads: int | None = option(None, "torch CPU threads (default: torch's choice). Tiny models on a shared machine "
+                                 "run faster with 1")
+    seed: int = option(0, "random seed (data split, initialisation, batches)")
+    log_every: int = option(50, "training steps between reads of the loss and logs (one host sync each; none "
+                            "inside a step)")
+    out: str | None = option(None, "run directory (default runs/<dataset>-<time>)", metavar="DIR")
+    progress: bool = option(True, "no progress bars")
 
     def validate(self) -> Config:
         def need(ok: bool, msg: str) -> None:
@@ -99,23 +115,16 @@ class Config:
                 raise UsageError(msg)
 
         check_types(asdict(self), "--")
-        need(self.dataset in DATASETS,
-             f"--dataset: unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
+        for f in dataclasses.fields(self):
+            choices, value = f.metadata.get("choices"), getattr(self, f.name)
+            need(choices is None or value in choices,
+                 f"--{f.name.replace('_', '-')}: must be one of {', '.join(choices or ())}, got {value!r}")
         variants = self.variants()
         need(all(v in VARIANTS for v in variants),
              f"--variant: unknown variant {self.variant!r}; choose 'all' or a comma list of {', '.join(VARIANTS)}")
-        need(self.lr_schedule in ("constant", "linear", "cosine"),
-             f"--lr-schedule: choose constant, linear or cosine, got {self.lr_schedule!r}")
-        need(self.shared_loss in SHARED_LOSSES,
-             f"--shared-loss: must be one of {', '.join(SHARED_LOSSES)}, got {self.shared_loss!r}")
-        need(self.negatives in NEGATIVES, f"--negatives: must be one of {', '.join(NEGATIVES)}, got {self.negatives!r}")
-        need(self.image_model in ("tiny", "vgg19", "resnet50"),
-             f"--image-model: unknown model {self.image_model!r}; choose one of tiny, vgg19, resnet50")
-        need(self.image_backend in ("auto", "dali", "torchvision", "pil"),
-             f"--image-backend: choose one of auto, dali, torchvision, pil, got {self.image_backend!r}")
         for name in ("epochs", "fusion_epochs", "batch_size", "nce_k", "proj_dim", "mm_dim", "chunks", "rank",
                      "tiny_text_dim", "tiny_text_layers", "log_every"):
-            need(getattr(self, name) >= 1, f"--{_flag(name)}: must be >= 1, got {getattr(self, name)}")
+            need(getattr(self, name) >= 1, f"--{name.replace('_', '-')}: must be >= 1, got {getattr(self, name)}")
         need(self.tiny_text_dropout is None or 0.0 <= self.tiny_text_dropout < 1.0,
              f"--tiny-text-dropout: must be in [0, 1), got {self.tiny_text_dropout}")
         need(self.text_pretrain_epochs >= 0, f"--text-pretrain-epochs: must be >= 0, got {self.text_pretrain_epochs}")
@@ -131,7 +140,6 @@ class Config:
             need(getattr(self, name) >= 1, f"--{_flag(name)}: must be >= 1, got {getattr(self, name)}")
         need(self.threads is None or self.threads >= 1, f"--threads: must be >= 1, got {self.threads}")
         need(self.max_len >= 3, f"--max-len: must be >= 3, got {self.max_len}")
-        need(self.val_split in ("grouped", "random"), f"--val-split: choose grouped or random, got {self.val_split!r}")
         need(0.0 <= self.group_sampling <= 1.0, f"--group-sampling: must be in [0, 1], got {self.group_sampling}")
         need(0.0 < self.val_fraction < 1.0, f"--val-fraction: must be in (0, 1), got {self.val_fraction}")
         need(self.nce_t > 0, f"--nce-t: must be > 0, got {self.nce_t}")

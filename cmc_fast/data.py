@@ -1,5 +1,6 @@
 """Turns a dataset's records into tensors the trainer indexes by row: token ids, masks, labels and a
-uint8 image cache. Text-only variants use every post; image-using variants use the posts whose image decoded.
+uint8 image cache. When any variant uses images, every variant's row uses the posts whose image decoded (the
+text-only model on every post is a row of its own); a text-only run uses every post.
 """
 
 from __future__ import annotations

@@ -14,7 +14,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cmc_fast import kernels
-from cmc_fast.kernels.nce import _nce_partition_op as _partition_op
 
 
 class CrossModalNCE(nn.Module):
@@ -78,9 +77,9 @@ class CrossModalNCE(nn.Module):
         """Estimate Z once, on the first batch (CRD), then keep it frozen."""
         t, v = self.project(text_feat, image_feat)
         idx = self.sample_indices(index)
-        # the op behind kernels.nce_partition (which returns a Python float): a 0-dim tensor, no host sync
-        self.z_v2t.copy_(_partition_op(t, self.memory_v, idx, float(self.tau), self.noise_pool))
-        self.z_t2v.copy_(_partition_op(v, self.memory_t, idx, float(self.tau), self.noise_pool))
+        # the op behind kernels.nce_partition (which returns a Python float): Z stays on the device, no host sync
+        self.z_v2t.copy_(torch.ops.cmc_fast.nce_partition(t, self.memory_v, idx, float(self.tau), self.noise_pool))
+        self.z_t2v.copy_(torch.ops.cmc_fast.nce_partition(v, self.memory_t, idx, float(self.tau), self.noise_pool))
 
     def forward(self, text_feat: torch.Tensor, image_feat: torch.Tensor,
                 index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -157,10 +157,12 @@ def _resume(stage: Stage, manager: CheckpointManager, schedulers: dict, gen: tor
         opt.load_state_dict(record["optimizers"][key])
     for key, sched in schedulers.items():
         sched.load_state_dict(record["schedulers"][key])
-    restore_rng(record["rng"], gen)
+    # a record written before the checkpoint manager kept its random states at the top level, and no clock
+    rng = record.get("rng") or {key: record.get(key) for key in ("generator", "torch_rng", "cuda_rng")}
+    restore_rng(rng, gen)
     result.best, result.history = dict(record["best"]), list(record["history"])
-    result.best_epoch = dict(record["best_epoch"])
-    result.clock = StageClock(**record["clock"])
+    result.best_epoch = dict(record.get("best_epoch", {}))
+    result.clock = StageClock(**record.get("clock", {}))
     if record["epoch"] < stage.epochs:
         log.info("%s: resuming at epoch %d/%d", stage.name, record["epoch"] + 1, stage.epochs)
     return record["epoch"]

@@ -54,8 +54,8 @@ def resolve_device(name: str) -> torch.device:
 
 def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
     """True when the CPU multiplies bfloat16 matrices in hardware: the ``amx_bf16`` flag (Intel AMX tiles) in
-    /proc/cpuinfo; any other system counts as not native. AVX512-BF16 alone is not counted: on such a CPU (this
-    project's 2-core VM has it) a tiny-BERT step under bf16 autocast measured 6.6x slower than float32."""
+    /proc/cpuinfo; any other system counts as not native. AVX512-BF16 alone is not counted: on this project's 2-core VM,
+    which has it, issue #14 measured a tiny-BERT step 6.6x slower under bf16 autocast than in float32."""
     if cpuinfo is None:
         if platform.system() != "Linux":
             return False

@@ -63,6 +63,9 @@ def eval_batches(n: int, batch_size: int, device: torch.device) -> list[tuple[to
 
 
 class Stage:
+    """What a stage trains (``modules``, ``optimizers``), on which splits, for how many epochs, and its hooks (module
+    docstring). ``heads`` names each scored output once: head -> the modules its best checkpoint restores."""
+
     name: str = "stage"
     uses_images: bool = False
     log_names: tuple[str, ...] = ()  # the logs ``loss`` returns beside the loss

@@ -67,3 +67,34 @@ def test_opposite_class_negatives_come_from_the_other_label():
     for i in (0, 1):
         drawn = idx[:, 1:][labels[index] == 1 - i].unique()
         assert set(drawn.tolist()) == set(torch.nonzero(labels == i).view(-1).tolist())
+
+
+def test_the_noise_prior_counts_the_pool_the_negatives_come_from():
+    labels = torch.tensor([0] * 30 + [1] * 20)
+    torch.manual_seed(0)
+    uniform = CrossModalNCE(10, 14, labels, proj_dim=8, k=12, negatives="uniform")
+    opposite = CrossModalNCE(10, 14, labels, proj_dim=8, k=12, negatives="opposite-class")
+    assert uniform.noise_pool == 50
+    assert opposite.noise_pool == 24  # 2 * 30 * 20 / 50: the other class's size, averaged over the anchors
+    # Z and the loss use it: recompute both from the formula (DESIGN section 1) in float64
+    g = torch.Generator().manual_seed(2)
+    t_feat, v_feat = torch.randn(6, 10, generator=g), torch.randn(6, 14, generator=g)
+    index = torch.tensor([1, 5, 33, 40, 2, 49])
+    opposite.eval()  # no bank update, so the banks the loss read are the ones below
+    torch.manual_seed(3)
+    opposite.init_partition(t_feat, v_feat, index)
+    torch.manual_seed(4)
+    l_v2t, _ = opposite(t_feat, v_feat, index)
+    torch.manual_seed(3)
+    t, _ = opposite.project(t_feat, v_feat)
+    idx = opposite.sample_indices(index)
+    e = torch.exp((t.double()[:, None, :] * opposite.memory_v.double()[idx]).sum(-1) / 0.07)
+    z = e.mean() * 24
+    torch.testing.assert_close(opposite.z_v2t.double(), z, rtol=1e-5, atol=0)
+    torch.manual_seed(4)
+    t, _ = opposite.project(t_feat, v_feat)
+    idx = opposite.sample_indices(index)
+    p = torch.exp((t.double()[:, None, :] * opposite.memory_v.double()[idx]).sum(-1) / 0.07) / opposite.z_v2t.double()
+    noise, eps = 12 / 24, 1e-7
+    expected = -(torch.log(p[:, 0] / (p[:, 0] + noise + eps)) + torch.log(noise / (p[:, 1:] + noise + eps)).sum(1))
+    torch.testing.assert_close(l_v2t.double(), expected.mean(), rtol=1e-5, atol=1e-6)

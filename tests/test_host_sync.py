@@ -11,7 +11,6 @@ also catches syncs made inside C++.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import sys
 
@@ -27,26 +26,45 @@ NOT_A_DEVICE_SYNC = {("optimizer.py", "_get_value"), ("reference.py", "nce_parti
 STAGES = list(STAGE_VARIANT)
 
 
-@contextlib.contextmanager
-def counted_host_syncs():
-    """Patches the sync-prone tensor methods; yields the list of (method, file:line) calls made meanwhile."""
-    calls: list[tuple[str, str]] = []
-    originals = {name: getattr(torch.Tensor, name) for name in SYNC_METHODS}
+class SyncCounter:
+    """Patches the sync-prone tensor methods; ``calls`` lists (method, file:line) of the calls made meanwhile,
+    ``start_calls`` those made inside a stage's on_fit_start (the once-per-stage first-batch Z)."""
 
-    def counting(name):
-        def method(self, *args, **kwargs):
-            caller = sys._getframe(1).f_code
-            if (caller.co_filename.rsplit("/", 1)[-1], caller.co_name) not in NOT_A_DEVICE_SYNC:
-                calls.append((name, f"{caller.co_filename}:{sys._getframe(1).f_lineno}"))
-            return originals[name](self, *args, **kwargs)
+    def __init__(self):
+        self.calls: list[tuple[str, str]] = []
+        self.start_calls: list[tuple[str, str]] = []
+        self.in_start = False
+        self._originals = {name: getattr(torch.Tensor, name) for name in SYNC_METHODS}
+
+    def _counting(self, name):
+        original = self._originals[name]
+
+        def method(tensor, *args, **kwargs):
+            frame = sys._getframe(1)
+            if (frame.f_code.co_filename.rsplit("/", 1)[-1], frame.f_code.co_name) not in NOT_A_DEVICE_SYNC:
+                where = self.start_calls if self.in_start else self.calls
+                where.append((name, f"{frame.f_code.co_filename}:{frame.f_lineno}"))
+            return original(tensor, *args, **kwargs)
         return method
 
-    try:
+    def watch_start(self, stage) -> None:
+        hook = stage.on_fit_start
+
+        def on_fit_start(batch):
+            self.in_start = True
+            try:
+                hook(batch)
+            finally:
+                self.in_start = False
+        stage.on_fit_start = on_fit_start
+
+    def __enter__(self):
         for name in SYNC_METHODS:
-            setattr(torch.Tensor, name, counting(name))
-        yield calls
-    finally:
-        for name, original in originals.items():
+            setattr(torch.Tensor, name, self._counting(name))
+        return self
+
+    def __exit__(self, *exc):
+        for name, original in self._originals.items():
             setattr(torch.Tensor, name, original)
 
 
@@ -63,19 +81,22 @@ def test_training_steps_sync_at_most_once_per_log_interval(stage_name, tmp_path)
     stage, host_batches = _epoch_of(stage_name, tmp_path, "cpu")
     steps, every = len(host_batches), stage.cfg.log_every
     assert steps >= 2 * every  # several intervals, so a per-step sync would show
-    with counted_host_syncs() as calls:
+    with SyncCounter() as counter:
+        counter.watch_start(stage)
         steplog = train_epoch(stage, host_batches, {}, StageClock(), 0, first_fit_step=True)
     # reads after the first step (its time), then every log_every steps and at the end of the epoch
     assert steplog.reads <= 1 + math.ceil(steps / every)
-    assert len(calls) <= steplog.reads, calls
+    assert len(counter.calls) <= steplog.reads, counter.calls
     assert steplog.steps == steps and math.isfinite(steplog.last["loss"])
+    # the first-batch Z (stage 1, cmc-shared with distillation) stays on the device too
+    assert not counter.start_calls, counter.start_calls
 
 
 def test_the_counter_sees_a_sync():
-    with counted_host_syncs() as calls:
+    with SyncCounter() as counter:
         x = torch.ones(3)
         float(x.sum()), x.tolist(), bool(x.all())
-    assert [c[0] for c in calls] == ["__float__", "tolist", "__bool__"]
+    assert [c[0] for c in counter.calls] == ["__float__", "tolist", "__bool__"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (sync debug mode)")

@@ -1,6 +1,7 @@
 """The trainer end to end on a tiny synthetic configuration: the CLI, the run directory, resume, stage 2."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -26,6 +27,8 @@ def test_cli_end_to_end_writes_a_complete_run_directory(tmp_path, capsys):
         assert 0.0 <= r["test"]["accuracy"] <= 1.0 and r["test"]["n"] == 40
     report = (out / "report.md").read_text()
     assert "| cmc |" in report and "Fake F1" in report
+    assert "cmc-shared loss: fused (the paper's CMC-shared baseline" in report
+    assert "scored on the 40 test posts with an image (all of them)" in report
     assert json.loads((out / "config.json").read_text())["epochs"] == 1
     assert (out / "log.txt").stat().st_size > 0
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -120,6 +123,8 @@ def test_stage1_trains_both_networks_and_the_projections(tmp_path):
     (["train", "--variant", "cmc,bogus"], "--variant"),
     (["train", "--image-model", "alexnet"], "--image-model"),
     (["train", "--negatives", "hard"], "--negatives"),
+    (["train", "--shared-loss", "distill"], "--shared-loss"),
+    (["train", "--log-every", "0"], "--log-every"),
     (["train", "--epochs", "0"], "--epochs"),
     (["train", "--group-sampling", "1.5"], "--group-sampling"),
     (["train", "--val-split", "by-date"], "--val-split"),
@@ -171,3 +176,94 @@ def test_run_directories_from_before_grouped_validation_keep_their_random_split(
     assert Config.from_dict(saved).val_split == "grouped"
     del saved["val_split"]  # config.json of a run written before the option existed
     assert Config.from_dict(saved).val_split == "random"
+
+
+def test_every_row_is_scored_on_the_posts_with_an_image_and_all_posts_is_its_own_row(tmp_path):
+    from cmc_fast.data_pipeline.synthetic import generate
+
+    data = generate(96, 40, seed=0, root=tmp_path / "data")
+    broken = [r.image_paths[0] for r in data.train[:4] + data.test[:5]]
+    for path in broken:  # same size (kept by the generator), undecodable: kept for text, dropped for images
+        with open(path, "r+b") as f:
+            f.write(b"\0" * os.path.getsize(path))
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--variant", "finetune-t,finetune-v", "--data-root", str(tmp_path / "data"),
+                 "--out", str(out)]) == 0
+    results = json.loads((out / "metrics.json").read_text())["results"]
+    assert set(results) == {"finetune-t", "finetune-v", "finetune-t (all posts)"}
+    assert results["finetune-t"]["test"]["n"] == results["finetune-v"]["test"]["n"] == 35
+    assert results["finetune-t (all posts)"]["test"]["n"] == 40
+    assert results["finetune-t"]["posts"] == "the 35 test posts with an image (of 40)"
+    assert results["finetune-t (all posts)"]["posts"] == "all 40 test posts"
+    report = (out / "report.md").read_text()
+    assert "| finetune-t (all posts) |" in report
+    assert "- finetune-t, finetune-v: scored on the 35 test posts with an image (of 40)" in report
+    assert "- finetune-t (all posts): scored on all 40 test posts" in report
+
+
+def test_each_config_field_is_one_flag_with_its_choices():
+    import dataclasses
+
+    from cmc_fast.cli import build_parser, config_flag
+
+    train = next(a for a in build_parser()._actions if a.dest == "command").choices["train"]
+    by_dest = {}
+    for action in train._actions:
+        by_dest.setdefault(action.dest, []).append(action)
+    for f in dataclasses.fields(Config):
+        if not f.metadata["cli"]:
+            assert f.name not in by_dest
+            continue
+        (action,) = by_dest[f.name]
+        assert action.option_strings == [config_flag(f)]
+        assert action.choices == f.metadata["choices"]
+
+
+@pytest.mark.parametrize("argv, weights", [
+    (["--image-model", "tiny"], None),
+    (["--image-model", "tiny", "--image-weights", "none"], None),
+    (["--image-model", "vgg19"], "imagenet"),
+    (["--image-model", "tiny", "--image-weights", "imagenet"], "imagenet"),  # asked for: the build names the flag
+])
+def test_the_tiny_image_model_implies_no_pretrained_weights(argv, weights):
+    from cmc_fast.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(["train", "--dataset", "weibo", *argv])
+    assert config_from_args(args).image_weights == weights
+
+
+def test_flags_override_the_preset_only_when_given(tmp_path):
+    from cmc_fast.cli import build_parser, config_from_args
+
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"epochs": 4, "nce_k": 99}))
+    cfg = config_from_args(build_parser().parse_args(["train", "--config", str(path), "--epochs", "5",
+                                                      "--shared-loss", "fused+distill", "--amp", "--no-progress"]))
+    assert (cfg.epochs, cfg.nce_k, cfg.shared_loss, cfg.amp, cfg.progress) == (5, 99, "fused+distill", True, False)
+    assert cfg.batch_size == 32 and cfg.image_model == "tiny"  # the synthetic preset's
+
+
+def test_a_run_killed_under_the_earlier_checkpoint_format_resumes(tmp_path, monkeypatch):
+    args = [*TINY, "--variant", "finetune-t", "--epochs", "2", "--data-root", str(tmp_path / "data")]
+    assert main(["train", *args, "--out", str(tmp_path / "straight")]) == 0
+    real_save = checkpoint_manager.save_checkpoint
+
+    def killed_after_first_epoch(state, path):
+        real_save(state, path)
+        if path.name == "finetune-t.last.pt":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint_manager, "save_checkpoint", killed_after_first_epoch)
+    assert main(["train", *args, "--out", str(tmp_path / "old")]) == 130
+    monkeypatch.setattr(checkpoint_manager, "save_checkpoint", real_save)
+    last = tmp_path / "old" / "checkpoints" / "finetune-t.last.pt"
+    record = torch.load(last, weights_only=True)
+    record.update(record.pop("rng"))  # the earlier layout: random states at the top level, no clock, no best epoch
+    del record["clock"], record["best_epoch"]
+    torch.save(record, last)
+    for pending in last.parent.glob("*.pending.pt"):  # the earlier trainer wrote best files directly
+        pending.rename(last.parent / "finetune-t.best-text.pt")
+    assert main(["train", "--resume", str(tmp_path / "old")]) == 0
+    straight = json.loads((tmp_path / "straight" / "metrics.json").read_text())["results"]["finetune-t"]
+    resumed = json.loads((tmp_path / "old" / "metrics.json").read_text())["results"]["finetune-t"]
+    assert resumed["test"] == straight["test"] and resumed["val_accuracy"] == straight["val_accuracy"]
