@@ -1,6 +1,8 @@
 """Command line: ``cmc-fast train``, ``evaluate``, ``predict``, ``export``, ``tsne``, ``data check``.
 
-User mistakes end with one line naming the argument and the valid choices, exit code 2, no traceback.
+User mistakes and bad files (``UsageError``; a loss that stopped being finite) end with one line naming the
+argument or file and what is wrong, exit code 2, no traceback; the line also goes to the run folder's ``log.txt``
+once the folder is held. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ import argparse
 import dataclasses
 import importlib
 import json
+import logging
 import sys
 import time
 import typing
@@ -16,6 +19,7 @@ from pathlib import Path
 
 from cmc_fast.config import Config, preset
 from cmc_fast.errors import UsageError
+from cmc_fast.rundir import claim
 
 
 class _Parser(argparse.ArgumentParser):
@@ -106,42 +110,105 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return cfg.validate()
 
 
-def _train(args: argparse.Namespace) -> int:
+def _read_run_config(run_dir: Path, flag: str) -> Config:
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise UsageError(f"{flag}: {run_dir} is not a cmc-fast run directory (no config.json)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{flag}: {path}: cannot read ({exc})") from None
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{flag}: {path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{flag}: {path}: expected a JSON object of config keys")
+    return Config.from_dict(data, source=f"{flag}: {path}")
+
+
+def _train(args: argparse.Namespace, held: list[Path]) -> int:
     from cmc_fast.trainer import Trainer
 
     if args.resume:
         run_dir = Path(args.resume)
-        if not (run_dir / "config.json").is_file():
-            raise UsageError(f"--resume: {run_dir} is not a cmc-fast run directory (no config.json)")
-        cfg = Config.from_dict(json.loads((run_dir / "config.json").read_text()), source=str(run_dir / "config.json"))
-        cfg.progress = getattr(args, "progress", True) and sys.stderr.isatty()
-        return _run(Trainer(cfg, run_dir, resume=True))
+        cfg = _read_run_config(run_dir, "--resume")
+        applied = _resume_flags(args, cfg)
+        with claim(run_dir, flag="--resume", allow_foreign=True) as notes:
+            held.append(run_dir)
+            _say(run_dir, notes + applied)
+            return _run(Trainer(cfg, run_dir, resume=True))
     cfg = config_from_args(args)
     run_dir = Path(cfg.out or f"runs/{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
     cfg.out = str(run_dir)
-    return _run(Trainer(cfg, run_dir))
+    with claim(run_dir, flag="--out") as notes:
+        held.append(run_dir)
+        _say(run_dir, notes)
+        return _run(Trainer(cfg, run_dir))
+
+
+# flags a resumed run applies (where and how it runs, not what it trains); every other flag is refused
+_RESUME_APPLIES = ("device", "threads", "progress")
+
+
+def _resume_flags(args: argparse.Namespace, cfg: Config) -> list[str]:
+    """Apply ``_RESUME_APPLIES`` to the saved config (returned as notes); refuse any other flag given beside
+    ``--resume``: the run continues with its saved configuration, so such a flag would be silently ignored.
+    (Config flags not typed are absent from ``args``; --config and --synthetic-n default to None.)"""
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    given = {k: v for k, v in vars(args).items() if k in fields or (k in ("config", "synthetic_n") and v is not None)}
+    refused = sorted(config_flag(fields[k]) if k in fields else f"--{k.replace('_', '-')}"
+                     for k in given if k not in _RESUME_APPLIES)
+    if refused:
+        raise UsageError(f"--resume continues {args.resume} with its saved config.json; {', '.join(refused)} "
+                         "would change what it trains: drop them, or start a new run with --out")
+    cfg.progress = getattr(args, "progress", True) and sys.stderr.isatty()
+    notes = []
+    for name in ("device", "threads"):
+        if name in given:
+            notes.append(f"resume: --{name} {given[name]} applied (saved: {getattr(cfg, name)})")
+            setattr(cfg, name, given[name])
+    cfg.validate()
+    return notes
+
+
+def _say(run_dir: Path, lines: list[str], prefix: str = "cmc-fast: ") -> None:
+    """Each line on stderr and appended to the held run folder's log.txt (in the trainer's log format)."""
+    level = logging.ERROR if "error" in prefix else logging.INFO
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
+    for line in lines:
+        print(f"{prefix}{line}", file=sys.stderr)
+    try:
+        with open(run_dir / "log.txt", "a", encoding="utf-8") as f:
+            for line in lines:
+                record = logging.makeLogRecord({"msg": line, "levelno": level,
+                                                "levelname": logging.getLevelName(level)})
+                f.write(fmt.format(record) + "\n")
+    except OSError:
+        pass  # the line is on stderr; a folder that cannot take it was already reported
 
 
 def _run(trainer) -> int:
     from cmc_fast.report import text_table
 
     results = trainer.run()
+    for line in getattr(trainer, "warnings", []):
+        print(f"cmc-fast: warning: {line}", file=sys.stderr)
     print(text_table(results))
     print(f"\nrun directory: {trainer.run_dir} (report.md, metrics.json, checkpoints/)")
     return 0
 
 
-def _evaluate(args: argparse.Namespace) -> int:
+def _evaluate(args: argparse.Namespace, held: list[Path]) -> int:
     from cmc_fast.trainer import Trainer
 
     run_dir = Path(args.run)
-    if not (run_dir / "config.json").is_file():
-        raise UsageError(f"--run: {run_dir} is not a cmc-fast run directory (no config.json)")
-    cfg = Config.from_dict(json.loads((run_dir / "config.json").read_text()), source=str(run_dir / "config.json"))
+    cfg = _read_run_config(run_dir, "--run")
     cfg.progress = False
     if args.device:
         cfg.device = args.device
-    return _run(Trainer(cfg, run_dir, evaluate_only=True))
+    with claim(run_dir, flag="--run", allow_foreign=True) as notes:
+        held.append(run_dir)
+        _say(run_dir, notes)
+        return _run(Trainer(cfg, run_dir, evaluate_only=True))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,19 +217,24 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0), or a bad flag or choice (2; its one line is already printed)
         return int(exc.code or 0)
+    held: list[Path] = []  # the run folder once claimed: where the error line is logged too
     try:
         if args.command == "train":
-            return _train(args)
+            return _train(args, held)
         if args.command == "evaluate":
-            return _evaluate(args)
-        if hasattr(args, "_command"):
+            return _evaluate(args, held)
+        if hasattr(args, "_command"):  # predict, export, tsne
             return args._command(args)
         if args.command == "data":
             if args._data_check is None:
                 raise UsageError("data check is not available in this installation")
             return args._data_check.run(args)
-    except UsageError as exc:
-        print(f"cmc-fast: error: {exc}", file=sys.stderr)
+    except (UsageError, FloatingPointError) as exc:  # a user's mistake, a bad file, a loss that diverged
+        line = " ".join(str(exc).split())
+        if held:
+            _say(held[0], [line], prefix="cmc-fast: error: ")
+        else:
+            print(f"cmc-fast: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("cmc-fast: interrupted; continue with `cmc-fast train --resume DIR`", file=sys.stderr)

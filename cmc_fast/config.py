@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import typing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -46,6 +48,11 @@ class Config:
     image_backend: str = option("auto", "image decoder", choices=("auto", "dali", "torchvision", "pil"))
     image_cache: bool = option(True, "decode images from the files every epoch instead of once into the uint8 "
                                "cache", flag="--image-stream")
+    # image files are read only when regular and within these bounds, by every backend alike (see images.py)
+    max_image_bytes: int = option(64 << 20, "image files larger than N bytes are skipped and reported (default "
+                                  "64 MiB)", metavar="N")
+    max_image_pixels: int = option(40_000_000, "images whose header declares more than N pixels are skipped and "
+                                   "reported before decoding (default 40 million)", metavar="N")
     synthetic_train: int = option(1200, "posts generated for --dataset synthetic (training)", cli=False)
     synthetic_test: int = option(400, "posts generated for --dataset synthetic (test)", cli=False)
     # models
@@ -107,6 +114,7 @@ class Config:
             if not ok:
                 raise UsageError(msg)
 
+        check_types(asdict(self), "--")
         for f in dataclasses.fields(self):
             choices, value = f.metadata.get("choices"), getattr(self, f.name)
             need(choices is None or value in choices,
@@ -122,6 +130,14 @@ class Config:
         need(self.text_pretrain_epochs >= 0, f"--text-pretrain-epochs: must be >= 0, got {self.text_pretrain_epochs}")
         need(self.text_pretrain_epochs == 0 or self.text_model == "tiny",
              f"--text-pretrain-epochs: masked-LM pre-training is for --text-model tiny, not {self.text_model!r}")
+        for name in ("text_lr", "image_lr", "fusion_lr", "text_pretrain_lr"):
+            need(0.0 < getattr(self, name) < math.inf, f"--{_flag(name)}: must be a positive number, got "
+                 f"{getattr(self, name)}")
+        for name in ("alpha", "beta"):
+            need(0.0 <= getattr(self, name) < math.inf, f"--{name}: must be >= 0, got {getattr(self, name)}")
+        need(self.seed >= 0, f"--seed: must be >= 0, got {self.seed}")
+        for name in ("max_image_bytes", "max_image_pixels"):
+            need(getattr(self, name) >= 1, f"--{_flag(name)}: must be >= 1, got {getattr(self, name)}")
         need(self.threads is None or self.threads >= 1, f"--threads: must be >= 1, got {self.threads}")
         need(self.max_len >= 3, f"--max-len: must be >= 3, got {self.max_len}")
         need(0.0 <= self.group_sampling <= 1.0, f"--group-sampling: must be in [0, 1], got {self.group_sampling}")
@@ -149,6 +165,7 @@ class Config:
         unknown = sorted(set(data) - set(names))
         if unknown:
             raise UsageError(f"{source}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(names)}")
+        check_types(data, f"{source}: key ")
         values = dict(data)
         # a run directory written before grouped validation existed carved its split at random: keep it so
         values.setdefault("val_split", "random")
@@ -175,9 +192,68 @@ class Config:
         if unknown:
             valid = ", ".join(sorted(names))
             raise UsageError(f"--config: {p}: unknown key(s) {', '.join(unknown)}; valid keys: {valid}")
+        check_types(data, f"--config: {p}: key ")
         if data.get("image_size") is not None:
             data["image_size"] = tuple(data["image_size"])
         return data
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _type_ok(value: object, kind: object) -> bool:
+    """``value`` fits the field annotation ``kind`` (JSON's view: a list is a tuple, an int is a float, a bool is
+    neither)."""
+    if kind is type(None):
+        return value is None
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is str:
+        return isinstance(value, str)
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin is tuple:
+        return (isinstance(value, (list, tuple)) and len(value) == len(args)
+                and all(_type_ok(v, a) for v, a in zip(value, args, strict=True)))
+    if args:  # a union such as int | None
+        return any(_type_ok(value, a) for a in args)
+    return True
+
+
+_TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null"}
+
+
+def _describe(kind: object) -> str:
+    if kind in _TYPE_WORDS:
+        return _TYPE_WORDS[kind]
+    if typing.get_origin(kind) is tuple:
+        return f"a list of {len(typing.get_args(kind))} integers, e.g. [256, 128]"
+    return " or ".join(_describe(a) for a in typing.get_args(kind)) or str(kind)
+
+
+def check_types(values: dict, prefix: str) -> None:
+    """Raise ``UsageError`` naming the first key whose value does not have its field's type (``"3"`` for an
+    int, ``64`` for a pair, ``1.5`` for an int)."""
+    hints = typing.get_type_hints(Config)
+    for name, value in values.items():
+        kind = hints.get(name)
+        if kind is None or _type_ok(value, kind):
+            continue
+        where = f"--{_flag(name)}" if prefix == "--" else f"{prefix}{name!r}"
+        shown = json.dumps(value) if _jsonable(value) else repr(value)
+        raise UsageError(f"{where}: must be {_describe(kind)}, got {shown}")
+
+
+def _jsonable(value: object) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _synthetic() -> dict:

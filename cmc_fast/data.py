@@ -12,6 +12,7 @@ import torch
 
 from cmc_fast.data_pipeline import Record, Skipped, cache_root, load_dataset, split_validation
 from cmc_fast.data_pipeline.image_source import CachedImages, ImageSource, StreamingImages
+from cmc_fast.data_pipeline.images import Limits
 from cmc_fast.data_pipeline.near_duplicates import group_summary, near_duplicate_groups
 from cmc_fast.data_pipeline.text import VocabTokenizer, encode_texts
 from cmc_fast.errors import UsageError
@@ -85,12 +86,13 @@ def build_image_source(cfg, records: list[Record], tag: str) -> ImageSource:
     on every batch (validated once up front, so which posts have an image is known before training)."""
     paths = [list(r.image_paths) for r in records]
     size = tuple(cfg.image_size)
+    limits = Limits(cfg.max_image_bytes, cfg.max_image_pixels)  # over-limit files end up in skipped.json
     if cfg.image_cache:
         cache_dir = cache_root() / "images"
         cache_dir.mkdir(parents=True, exist_ok=True)
         path = cache_dir / f"{cfg.dataset}-{tag}-{size[0]}x{size[1]}.u8"
-        return CachedImages.build(paths, size, cfg.image_backend, str(path), progress=cfg.progress)
-    return StreamingImages.build(paths, size, cfg.image_backend, validate=True, progress=cfg.progress)
+        return CachedImages.build(paths, size, cfg.image_backend, str(path), progress=cfg.progress, limits=limits)
+    return StreamingImages.build(paths, size, cfg.image_backend, validate=True, progress=cfg.progress, limits=limits)
 
 
 def prepare(cfg, tokenizer=None, use_images: bool = True) -> PreparedData:
@@ -156,3 +158,39 @@ def _encode(tokenizer, texts: list[str], max_len: int) -> tuple[torch.Tensor, to
     else:
         key = f"{getattr(tokenizer, 'name_or_path', type(tokenizer).__name__)}-{len(tokenizer)}"
     return cached_encode(texts, tokenizer, max_len, cache_dir=None, tokenizer_key=key)
+
+
+def check_splits(cfg, data: PreparedData, image_splits: dict[str, SplitData] | None, variants: list[str]) -> None:
+    """Refuse, before any training, a run whose fit, validation or test split is empty for one of its variants
+    (text variants: all posts; image variants: the posts whose image decoded), or whose fit split lacks a label;
+    the message says which split, for which variants, and why."""
+    image_variants = [v for v in variants if v != "finetune-t"]
+    plans = [("posts", {"fit": data.fit, "val": data.val, "test": data.test}, variants)]
+    if image_splits is not None and image_variants:
+        plans.append(("posts with a decodable image", image_splits, image_variants))
+    for what, splits, users in plans:
+        for name, split in splits.items():
+            label_counts = torch.bincount(split.labels.cpu(), minlength=2).tolist()
+            if len(split) and (name != "fit" or min(label_counts) > 0):
+                continue
+            problem = (f"the {name} split has no {what}" if len(split) == 0 else
+                       f"the fit split's {len(split)} {what} are all {'fake' if label_counts[1] else 'real'}")
+            why = _why_images(data) if what != "posts" else _why_split(cfg, data)
+            raise UsageError(f"--variant {','.join(users)}: {problem}; {why}")
+
+
+def _why_images(data: PreparedData) -> str:
+    dropped = sum(1 for s in data.skipped if s.reason.startswith("dropped for image variants"))
+    return (f"{dropped} posts have no decodable image (see skipped.json or `cmc-fast data check`); run --variant "
+            "finetune-t, or provide the images")
+
+
+def _why_split(cfg, data: PreparedData) -> str:
+    n_train = len(data.fit) + len(data.val)
+    why = (f"--val-fraction {cfg.val_fraction} of {n_train} training posts left {len(data.fit)} to fit and "
+           f"{len(data.val)} to validate")
+    groups = data.summary.get("train_near_duplicate_groups")
+    if cfg.val_split == "grouped" and groups is not None:
+        why += (f" (--val-split grouped keeps each of the {groups} near-duplicate groups whole; --val-split "
+                "random cuts post by post)")
+    return why + "; change --val-fraction, or add training posts"

@@ -7,6 +7,7 @@ checkpoint raises ``UsageError`` naming what is missing and the two ways to prov
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -94,10 +95,16 @@ def load_text_model(name: str) -> tuple[TextEncoder, object]:
         raise _missing_text_model(name, f"directory {local} does not exist")
     source = str(local) if local.is_dir() else name
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+        # a local directory is a file the user supplies: no code of its own runs, a .bin loads pickle-free
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True, trust_remote_code=False)
         # float32 whatever the checkpoint's dtype (transformers 5 would keep an fp16/bf16 checkpoint's): the heads
         # are float32, and --amp, not the file, decides the compute dtype
-        model = AutoModel.from_pretrained(source, local_files_only=True, dtype=torch.float32)
+        model = AutoModel.from_pretrained(source, local_files_only=True, dtype=torch.float32, trust_remote_code=False,
+                                          weights_only=True)
+    except (pickle.UnpicklingError, EOFError, RuntimeError) as exc:  # a weights file that is not plain tensors
+        from cmc_fast.checkpoint import load_error_reason
+
+        raise UsageError(f"--text-model: {source}: its weights cannot be loaded ({load_error_reason(exc)})") from None
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise _missing_text_model(name, first[:200]) from None
@@ -155,6 +162,20 @@ def imagenet_weights_path(name: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
 
 
+def _load_weights(path: Path) -> dict:
+    """A state dict read pickle-free; anything else (junk, a pickle of Python objects) is our one-line error,
+    never torch's advice to retry with weights_only=False."""
+    from cmc_fast.checkpoint import load_error_reason
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - whatever is wrong with the file, the answer names it
+        raise UsageError(f"--image-weights: {path} is not a PyTorch weights file ({load_error_reason(exc)})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UsageError(f"--image-weights: {path} is not a state dict of tensors")
+    return state
+
+
 def build_image_encoder(name: str, weights: str | None, image_size: tuple[int, int]) -> nn.Module:
     if name == "tiny":
         if weights not in (None, "", "none"):
@@ -169,7 +190,7 @@ def build_image_encoder(name: str, weights: str | None, image_size: tuple[int, i
             f"--image-weights: {name} ImageNet weights not found at {path}. Provide them one of two ways: copy "
             f"torchvision's file {path.name} into {path.parent} (TORCH_HOME), or pass --image-weights "
             f"/path/to/file.pth; --image-weights none trains from random init.")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = _load_weights(path)
     # torchvision checkpoints hold the whole classifier; keep the convolutional trunk we use.
     if name == "vgg19":
         state = {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}

@@ -33,4 +33,5 @@ def classification_metrics(pred: torch.Tensor, target: torch.Tensor) -> dict[str
     out.update(zip(KEYS[1:4], fake))
     out.update(zip(KEYS[4:], real))
     out["n"] = n
+    out["predicted_fake"] = c["tp"] + c["fp"]  # 0 or n: every post given one class (a collapsed model)
     return out

@@ -24,10 +24,9 @@ import torch
 from cmc_fast.checkpoint import write_json, write_text
 from cmc_fast.checkpoint_manager import CheckpointManager
 from cmc_fast.config import Config
-from cmc_fast.data import PreparedData, SplitData, prepare
+from cmc_fast.data import PreparedData, SplitData, check_splits, prepare
 from cmc_fast.data_pipeline.text import VocabTokenizer
 from cmc_fast.encoders import build_image_encoder
-from cmc_fast.errors import UsageError
 from cmc_fast.loop import fit
 from cmc_fast.models import ModelBuilder, amp_dtype, resolve_device
 from cmc_fast.report import markdown_report, plot_history, plot_test_figures, text_table
@@ -46,6 +45,7 @@ class Trainer:
         self.resume, self.evaluate_only = resume or evaluate_only, evaluate_only
         self.device = resolve_device(cfg.device)
         self.notes: list[str] = []
+        self.warnings: list[str] = []  # also printed on the console (a collapsed model)
         self.results: dict[str, dict] = {}
         self.timings: dict[str, dict] = {}
         self.history: dict[str, list[dict]] = {}  # stage -> per-epoch train loss and validation accuracy
@@ -67,7 +67,8 @@ class Trainer:
         self.ckpt_dir.mkdir(exist_ok=True)
         self._setup_logging()
         self.ctx.amp_dtype = amp_dtype(cfg, self.device, self.notes)
-        write_json(asdict(cfg), self.run_dir / "config.json")
+        if not self.evaluate_only:  # evaluate writes only evaluate.json (and its lines in log.txt)
+            write_json(asdict(cfg), self.run_dir / "config.json")
         self.build.load_pretrained_text()  # fail fast, before data
         use_images = any(v in IMAGE_VARIANTS for v in cfg.variants())
         if use_images:  # surface a missing image checkpoint before any data work
@@ -81,7 +82,8 @@ class Trainer:
         if isinstance(self.data.tokenizer, VocabTokenizer) and not self.evaluate_only:  # what predict encodes with
             write_json(self.data.tokenizer.vocab, self.run_dir / "vocab.json")
         log.info("data ready in %.1fs: %s", time.perf_counter() - t0, self.data.summary)
-        write_json([vars(s) for s in self.data.skipped], self.run_dir / "skipped.json")
+        if not self.evaluate_only:
+            write_json([vars(s) for s in self.data.skipped], self.run_dir / "skipped.json")
         if self.data.skipped:
             log.info("%d posts skipped or dropped for image variants; see %s", len(self.data.skipped),
                      self.run_dir / "skipped.json")
@@ -89,12 +91,7 @@ class Trainer:
         self.build.fit_text, self.build.val_text = self.text_splits["fit"], self.text_splits["val"]
         if use_images:
             self.mm_splits = {n: s.with_images().to(self.device) for n, s in self.text_splits.items()}
-            for name, split in self.mm_splits.items():
-                if len(split) == 0 or (name == "fit" and split.labels.unique().numel() < 2):
-                    raise UsageError(
-                        f"--dataset {cfg.dataset}: the {name} split has {len(split)} posts with a decodable image "
-                        f"(and needs both labels for training); image variants cannot run. Run a text-only variant "
-                        f"(--variant finetune-t) or provide the images (see `cmc-fast data check`).")
+        check_splits(cfg, self.data, self.mm_splits, cfg.variants())  # before any training: which split, and why
 
     def _setup_logging(self) -> None:
         log.setLevel(logging.INFO)
@@ -155,6 +152,7 @@ class Trainer:
         if result.clock.steps:
             self.timings[stage.name] = result.clock.summary(self.cfg.compile)
             self._note_graph_breaks(stage.name, compile_counters)
+        self._note_collapse(stage, result.history, variants)
         test = stage.evaluate(stage.test_split, keep_scores=True)
         posts = self.posts_scored(stage)
         for head, variant in variants.items():
@@ -165,6 +163,23 @@ class Trainer:
             self.scores[variant] = stage.scores[head]
             log.info("%s: test accuracy %.4f on %s", variant, test[head]["accuracy"], posts)
         return stage
+
+    def _note_collapse(self, stage: Stage, history: list[dict], variants: dict[str, str]) -> None:
+        """A head whose validation predictions were one class in every epoch of its run collapsed: its scores are
+        a constant guess. Said in the report's notes, the log and (``warnings``) on the console."""
+        n, labels = len(stage.val_split), stage.val_split.labels
+        if not history or n == 0 or labels.unique().numel() < 2:
+            return
+        for head in stage.heads:
+            counts = [h.get("val_predicted_fake", {}).get(head) for h in history]
+            one = "fake" if all(c == n for c in counts) else "real" if all(c == 0 for c in counts) else None
+            if one:
+                note = (f"{variants.get(head, head)} ({stage.name}): every validation post predicted {one} in all "
+                        f"{len(history)} epoch(s): the model collapsed to one class and its scores are a constant "
+                        "guess (a learning rate, --alpha or --beta too large?)")
+                self.notes.append(note)
+                self.warnings.append(note)
+                log.warning(note)
 
     def _note_graph_breaks(self, stage: str, counters) -> None:
         if counters is None:

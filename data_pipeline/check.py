@@ -30,6 +30,7 @@ from .records import FAKE, DatasetSplits, Record
 
 DECODE_SIZE = (64, 64)  # decoding proves readability; the resize target only has to be cheap
 BATCH = 32
+BATCH_BYTES = 256 << 20  # encoded bytes held at once, waiting for a decode
 _EXT_FORMAT = {".jpg": "JPEG", ".jpeg": "JPEG", ".jpe": "JPEG", ".jfif": "JPEG", ".png": "PNG", ".gif": "GIF",
                ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF"}
 
@@ -55,56 +56,80 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--require-images", action="store_true",
                         help="also exit 1 when image variants cannot train (no decodable image for a train class "
                              "or for the test split)")
+    parser.add_argument("--max-image-bytes", type=int, default=None, metavar="N",
+                        help="image files larger than N bytes are reported, not read (default 64 MiB, as train)")
+    parser.add_argument("--max-image-pixels", type=int, default=None, metavar="N",
+                        help="images whose header declares more than N pixels are reported, not decoded "
+                             "(default 40 million, as train)")
     parser.add_argument("--show", type=int, default=5, metavar="N",
                         help="examples listed per problem in the table (default 5; --json lists all)")
 
 
-def check_images(paths: Sequence[str], backend: str | None = None, decode: bool = True) -> dict:
-    """Existence, size, magic bytes and (``decode``) a full decode of each path. Returns per-path findings."""
-    missing, empty, mismatch, unreadable, no_eoi = [], [], [], [], []
-    to_decode: list[str] = []
+def check_images(paths: Sequence[str], backend: str | None = None, decode: bool = True,
+                 limits: images.Limits | None = None) -> dict:
+    """Existence, size, magic bytes and (``decode``) a full decode of each path. Returns per-path findings.
+    Files are read as training reads them (``images.read_image_file``: regular files within ``limits`` only,
+    one bounded read each), so both refuse the same files for the same reasons."""
+    limits = limits or images.DEFAULT_LIMITS
+    found = {"missing": [], "empty": [], "unreadable": [], "extension_mismatch": []}
+    pending: list[tuple[str, bytes]] = []  # read, waiting to be decoded: at most BATCH files or BATCH_BYTES
     for path in paths:
-        try:
-            with open(path, "rb") as f:
-                head = f.read(16)
-                if head.startswith(b"\xff\xd8\xff"):
-                    f.seek(max(16, os.fstat(f.fileno()).st_size - 1024))
-                    if b"\xff\xd9" not in f.read():
-                        no_eoi.append(path)
-        except FileNotFoundError:
-            missing.append(path)
+        data, err = images.read_image_file(path, limits)
+        if data is None:
+            _file_finding(found, path, err)
             continue
-        except OSError as exc:
-            unreadable.append({"path": path, "error": f"{type(exc).__name__}: {exc.strerror or exc}"})
+        _format_findings(found, path, data)
+        if not decode:
+            too_big = images.pixel_problem(path, data, limits)  # decoding checks this itself
+            if too_big:
+                found["unreadable"].append({"path": path, "error": too_big.removeprefix(f"{path}: ")})
             continue
-        if not head:
-            empty.append(path)
-            continue
-        fmt = sniff(head)
-        ext = os.path.splitext(path)[1].lower()
-        expected = _EXT_FORMAT.get(ext)
-        if fmt is None:
-            mismatch.append({"path": path, "extension": ext, "format": "unknown", "starts_with": repr(head[:8])})
-        elif expected is not None and fmt != expected:
-            mismatch.append({"path": path, "extension": ext, "format": fmt})
-        to_decode.append(path)
-    if decode and to_decode:
-        # batch by batch (bounded memory); decode_uint8 spreads each batch over the cores itself
-        with warnings.catch_warnings():  # torch's one-time note about read-only numpy arrays is not a finding
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            for start in range(0, len(to_decode), BATCH):
-                batch = to_decode[start:start + BATCH]
-                result = images.decode_uint8(batch, DECODE_SIZE, backend=backend or "pil")
-                for pos, err in sorted(result.errors.items()):
-                    prefix = f"{batch[pos]}: "
-                    unreadable.append({"path": batch[pos],
-                                       "error": err[len(prefix):] if err.startswith(prefix) else err})
-    failed = {u["path"] for u in unreadable}
-    for path in no_eoi:  # a lenient decoder (LOAD_TRUNCATED_IMAGES, DALI) may fill in a truncated JPEG
-        if path not in failed:
-            unreadable.append({"path": path, "error": "truncated JPEG: no end-of-image marker in its last 1024 bytes"})
-    return {"checked": len(paths), "missing": missing, "empty": empty, "unreadable": unreadable,
-            "extension_mismatch": mismatch, "decoded": decode}
+        pending.append((path, data))
+        if len(pending) >= BATCH or sum(len(d) for _, d in pending) >= BATCH_BYTES:
+            _decode_findings(found, pending, backend, limits)
+            pending = []
+    if pending:
+        _decode_findings(found, pending, backend, limits)
+    return {"checked": len(paths), "missing": found["missing"], "empty": found["empty"],
+            "unreadable": found["unreadable"], "extension_mismatch": found["extension_mismatch"], "decoded": decode}
+
+
+def _file_finding(found: dict, path: str, err: str) -> None:
+    if not os.path.lexists(path):
+        found["missing"].append(path)
+    elif err.endswith("empty file (0 bytes)"):
+        found["empty"].append(path)
+    else:  # not a regular file, over the byte limit, no permission
+        found["unreadable"].append({"path": path, "error": err.removeprefix(f"{path}: ")})
+
+
+def _format_findings(found: dict, path: str, data: bytes) -> None:
+    """Magic bytes against the extension; a JPEG without its end marker."""
+    head = data[:16]
+    fmt = sniff(head)
+    ext = os.path.splitext(path)[1].lower()
+    expected = _EXT_FORMAT.get(ext)
+    if fmt is None:
+        found["extension_mismatch"].append({"path": path, "extension": ext, "format": "unknown",
+                                            "starts_with": repr(head[:8])})
+    elif expected is not None and fmt != expected:
+        found["extension_mismatch"].append({"path": path, "extension": ext, "format": fmt})
+    # a lenient decoder (LOAD_TRUNCATED_IMAGES, DALI) may fill in a truncated JPEG: flagged whatever it decodes to
+    if head.startswith(b"\xff\xd8\xff") and b"\xff\xd9" not in data[max(16, len(data) - 1024):]:
+        found["unreadable"].append({"path": path,
+                                    "error": "truncated JPEG: no end-of-image marker in its last 1024 bytes"})
+
+
+def _decode_findings(found: dict, batch: list[tuple[str, bytes]], backend: str | None, limits: images.Limits) -> None:
+    names = [p for p, _ in batch]
+    truncated = {u["path"] for u in found["unreadable"]}
+    with warnings.catch_warnings():  # torch's one-time note about read-only numpy arrays is not a finding
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        result = images.decode_encoded([d for _, d in batch], DECODE_SIZE, backend=backend or "pil", names=names,
+                                       limits=limits)
+    for pos, err in sorted(result.errors.items()):
+        if names[pos] not in truncated:  # already reported once
+            found["unreadable"].append({"path": names[pos], "error": err.removeprefix(f"{names[pos]}: ")})
 
 
 def _split_stats(records: list[Record], bad_paths: set[str]) -> dict:
@@ -136,7 +161,7 @@ def _near_duplicates(train: list[Record], test: list[Record]) -> dict:
 
 
 def check_dataset(name: str, root: str | None, *, backend: str | None = None, decode: bool = True,
-                  require_images: bool = False, **options: object) -> dict:
+                  require_images: bool = False, limits: images.Limits | None = None, **options: object) -> dict:
     """Load ``name`` from ``root`` and build the report (a JSON-able dict). Raises what the loader raises
     (ValueError, FileNotFoundError) for an unknown dataset or a root without the layout."""
     t0 = time.perf_counter()
@@ -147,7 +172,7 @@ def check_dataset(name: str, root: str | None, *, backend: str | None = None, de
     t_load = time.perf_counter() - t0
     records = splits.train + splits.test
     paths = list(dict.fromkeys(p for r in records for p in r.image_paths))
-    images = check_images(paths, backend=backend, decode=decode)
+    images = check_images(paths, backend=backend, decode=decode, limits=limits)
     bad = set(images["missing"]) | set(images["empty"]) | {u["path"] for u in images["unreadable"]}
 
     by_reason = collections.Counter(s.reason.split(":", 1)[0] for s in splits.skipped)
@@ -275,6 +300,18 @@ def _usage_error(message: str) -> int:
     return 2
 
 
+def _limits(args: argparse.Namespace) -> images.Limits:
+    default = images.DEFAULT_LIMITS
+    max_bytes = getattr(args, "max_image_bytes", None)
+    max_pixels = getattr(args, "max_image_pixels", None)
+    max_bytes = default.max_bytes if max_bytes is None else max_bytes
+    max_pixels = default.max_pixels if max_pixels is None else max_pixels
+    for flag, value in (("--max-image-bytes", max_bytes), ("--max-image-pixels", max_pixels)):
+        if value < 1:
+            raise ValueError(f"{flag}: must be >= 1, got {value}")
+    return images.Limits(max_bytes, max_pixels)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.dataset not in DATASETS:
         return _usage_error(f"unknown dataset {args.dataset!r}; choose one of: {', '.join(sorted(DATASETS))}")
@@ -283,8 +320,9 @@ def run(args: argparse.Namespace) -> int:
     if args.data_root is not None and not os.path.exists(args.data_root):
         return _usage_error(f"--data-root {args.data_root} does not exist")
     try:
+        limits = _limits(args)
         rep = check_dataset(args.dataset, args.data_root, backend=args.image_backend, decode=not args.no_decode,
-                            require_images=args.require_images)
+                            require_images=args.require_images, limits=limits)
     except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
         return _usage_error(str(exc).replace("\n", " "))
     if args.json:

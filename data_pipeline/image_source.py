@@ -9,7 +9,7 @@ backends, geometry and what happens to each kind of bad file).
 
 - ``CachedImages.build(paths_per_record, size, backend, cache_path=None)`` decodes every record once into a
   uint8 [N, 3, H, W] tensor (in RAM, or a memory-mapped file at ``cache_path`` with a ``.json`` beside it; the
-  file is reused when its key - format, size, backend, every candidate path with its size and mtime -
+  file is reused when its key - format, size, backend, image limits, every candidate path with its size and mtime -
   matches). Later epochs and stage 2 only gather, copy and normalise.
 - ``StreamingImages`` decodes the requested records through the backend on every call (the per-epoch path; on
   CUDA it decodes on the GPU). ``ok`` / ``errors`` start from a cheap scan (missing and empty files) and are
@@ -30,9 +30,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .images import DEFAULT_CHUNK, _assign, decode_uint8, normalize, resolve_backend
+from . import images as _images
+from .images import DEFAULT_CHUNK, DEFAULT_LIMITS, Limits, _assign, decode_uint8, normalize, resolve_backend
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: the image limits are part of the key
 
 
 @runtime_checkable
@@ -87,21 +88,28 @@ class PinnedStaging:
         return out
 
 
-def _scan(paths_per_record: Sequence[Sequence[str]]) -> tuple[list[int], dict[int, list[str]]]:
-    """Per record, the first candidate that exists and is not empty (``len`` = none left) and the notes on the
-    ones skipped."""
+def _next_readable(cands: Sequence[str], k: int, notes: list[str], limits: Limits) -> int:
+    """The first candidate from ``k`` on that ``images.file_problem`` lets through (``len(cands)``: none); the
+    ones passed over get their reason in ``notes``."""
+    while k < len(cands):
+        problem = _images.file_problem(cands[k], limits)
+        if problem is None:
+            return k
+        notes.append(problem)
+        k += 1
+    return k
+
+
+def _scan(paths_per_record: Sequence[Sequence[str]], limits: Limits = DEFAULT_LIMITS
+          ) -> tuple[list[int], dict[int, list[str]]]:
+    """Per record, the first candidate that is a regular, non-empty file within the byte limit (``len`` = none
+    left) and the notes on the ones skipped."""
     choice, notes = [], {}
     for r, cands in enumerate(paths_per_record):
-        k = 0
-        while k < len(cands):
-            try:
-                if os.stat(cands[k]).st_size > 0:
-                    break
-                notes.setdefault(r, []).append(f"{cands[k]}: empty file (0 bytes)")
-            except OSError as exc:
-                notes.setdefault(r, []).append(f"{cands[k]}: cannot read: {type(exc).__name__}")
-            k += 1
-        choice.append(k)
+        skipped: list[str] = []
+        choice.append(_next_readable(cands, 0, skipped, limits))
+        if skipped:
+            notes[r] = skipped
     return choice, notes
 
 
@@ -110,13 +118,14 @@ class _Records:
     candidate, remembering the choice so failing candidates are not retried."""
 
     def __init__(self, paths_per_record: Sequence[Sequence[str]], size: Sequence[int], backend: str, chunk: int,
-                 device: torch.device | None):
+                 device: torch.device | None, limits: Limits | None = None):
         self.paths = [list(p) for p in paths_per_record]
+        self.limits = limits or DEFAULT_LIMITS
         self.size = (int(size[0]), int(size[1]))
         self.request = backend  # resolved per decode device ("auto" may pick DALI on CUDA only)
         self.backend = resolve_backend(backend, device)
         self.chunk = chunk
-        self.choice, self.notes = _scan(self.paths)
+        self.choice, self.notes = _scan(self.paths, self.limits)
         n = len(self.paths)
         self.ok = torch.tensor([self.choice[r] < len(self.paths[r]) for r in range(n)], dtype=torch.bool)
         self.errors: dict[int, str] = {r: self._error(r) for r in range(n) if not self.ok[r]}
@@ -125,18 +134,8 @@ class _Records:
         return "; ".join(self.notes.get(r, [])) or "no image"
 
     def _advance(self, r: int) -> None:
-        """Move record r to its next candidate that exists and is not empty."""
-        cands = self.paths[r]
-        k = self.choice[r] + 1
-        while k < len(cands):
-            try:
-                if os.stat(cands[k]).st_size > 0:
-                    break
-                self.notes.setdefault(r, []).append(f"{cands[k]}: empty file (0 bytes)")
-            except OSError as exc:
-                self.notes.setdefault(r, []).append(f"{cands[k]}: cannot read: {type(exc).__name__}")
-            k += 1
-        self.choice[r] = k
+        """Move record r to its next readable candidate."""
+        self.choice[r] = _next_readable(self.paths[r], self.choice[r] + 1, self.notes.setdefault(r, []), self.limits)
 
     def decode(self, rows: Sequence[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 [len(rows), 3, H, W] on ``device`` and ok [len(rows)] for these (distinct) records."""
@@ -146,7 +145,7 @@ class _Records:
         pending = [p for p, r in enumerate(rows) if self.choice[r] < len(self.paths[r])]
         while pending:
             res = decode_uint8([self.paths[rows[p]][self.choice[rows[p]]] for p in pending], self.size, self.request,
-                               device=device, chunk=self.chunk)
+                               device=device, chunk=self.chunk, limits=self.limits)
             good = [j for j in range(len(pending)) if res.ok[j]]
             if len(pending) == len(rows) and not ok.any():
                 out = res.pixels  # the usual case: every record in one go, failed rows already zero
@@ -181,9 +180,10 @@ def _auto_device(device: torch.device | str | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _cache_key(paths_per_record: Sequence[Sequence[str]], size: tuple[int, int], backend: str) -> str:
+def _cache_key(paths_per_record: Sequence[Sequence[str]], size: tuple[int, int], backend: str,
+               limits: Limits = DEFAULT_LIMITS) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps([CACHE_FORMAT, list(size), backend]).encode())
+    h.update(json.dumps([CACHE_FORMAT, list(size), backend, limits.max_bytes, limits.max_pixels]).encode())
     for cands in paths_per_record:
         row = []
         for p in cands:
@@ -217,13 +217,13 @@ class CachedImages:
     @classmethod
     def build(cls, paths_per_record: Sequence[Sequence[str]], size: Sequence[int], backend: str = "auto",
               cache_path: str | None = None, *, device: torch.device | str | None = None,
-              chunk: int = DEFAULT_CHUNK, progress: bool = True) -> CachedImages:
+              chunk: int = DEFAULT_CHUNK, progress: bool = True, limits: Limits | None = None) -> CachedImages:
         """Decode each record's first decodable image (on ``device``: CUDA when present unless given) and keep
         it as uint8 on the CPU; with ``cache_path``, in a memory-mapped file reused while its key matches."""
         dev = _auto_device(device)
-        recs = _Records(paths_per_record, size, backend, chunk, dev)
+        recs = _Records(paths_per_record, size, backend, chunk, dev, limits)
         n, (h, w) = len(recs.paths), recs.size
-        key = _cache_key(recs.paths, recs.size, recs.backend) if cache_path else ""
+        key = _cache_key(recs.paths, recs.size, recs.backend, recs.limits) if cache_path else ""
         if cache_path:
             cached = cls._load(cache_path, key, n, (h, w))
             if cached is not None:
@@ -312,18 +312,19 @@ class StreamingImages:
     ``decode_device`` is given."""
 
     def __init__(self, paths_per_record: Sequence[Sequence[str]], size: Sequence[int], backend: str = "auto", *,
-                 decode_device: torch.device | str | None = None, chunk: int = DEFAULT_CHUNK):
+                 decode_device: torch.device | str | None = None, chunk: int = DEFAULT_CHUNK,
+                 limits: Limits | None = None):
         self.decode_device = torch.device(decode_device) if decode_device is not None else None
-        self._recs = _Records(paths_per_record, size, backend, chunk, self.decode_device)
+        self._recs = _Records(paths_per_record, size, backend, chunk, self.decode_device, limits)
         self.size = self._recs.size
         self.backend = self._recs.backend  # for the decode device (CPU when not given: batches decode where asked)
 
     @classmethod
     def build(cls, paths_per_record: Sequence[Sequence[str]], size: Sequence[int], backend: str = "auto", *,
               decode_device: torch.device | str | None = None, chunk: int = DEFAULT_CHUNK,
-              validate: bool = False, progress: bool = True) -> StreamingImages:
+              validate: bool = False, progress: bool = True, limits: Limits | None = None) -> StreamingImages:
         """The constructor, optionally followed by ``validate()``."""
-        src = cls(paths_per_record, size, backend, decode_device=decode_device, chunk=chunk)
+        src = cls(paths_per_record, size, backend, decode_device=decode_device, chunk=chunk, limits=limits)
         return src.validate(progress=progress) if validate else src
 
     @property
@@ -363,11 +364,12 @@ class StreamingImages:
 
 def image_source(paths_per_record: Sequence[Sequence[str]], size: Sequence[int], backend: str = "auto", *,
                  cached: bool = False, cache_path: str | None = None, device: torch.device | str | None = None,
-                 progress: bool = True) -> CachedImages | StreamingImages:
+                 progress: bool = True, limits: Limits | None = None) -> CachedImages | StreamingImages:
     """``CachedImages`` when ``cached`` or a ``cache_path`` is given, else ``StreamingImages``."""
     if cached or cache_path:
-        return CachedImages.build(paths_per_record, size, backend, cache_path, device=device, progress=progress)
-    return StreamingImages(paths_per_record, size, backend, decode_device=device)
+        return CachedImages.build(paths_per_record, size, backend, cache_path, device=device, progress=progress,
+                                  limits=limits)
+    return StreamingImages(paths_per_record, size, backend, decode_device=device, limits=limits)
 
 
 __all__ = ["CachedImages", "ImageSource", "StreamingImages", "finish_batch", "image_source"]

@@ -39,6 +39,17 @@ CPU threads: ``workers`` (default: the usable cores, at most 16) images are deco
 torchvision CPU paths (libjpeg-turbo, PIL's resampler and torch ops release the GIL) and is DALI's
 ``num_threads``. Threads change no pixel: each sample is decoded by the same code whichever thread runs it.
 
+Bounds: decided once, before any backend sees a byte
+----------------------------------------------------
+Every file goes through ``read_image_file`` (``Limits``: ``max_bytes``, default 64 MiB; ``max_pixels``, default
+40 million): only regular files are opened (``os.stat`` first: a named pipe, a device such as ``/dev/zero`` or a
+directory is refused unopened; the open itself is non-blocking and the opened file is checked again), a file over
+``max_bytes`` is refused by its size, and the rest is read in one call of at most ``max_bytes + 1`` bytes. Before
+decoding, the width and height in the image's header (JPEG frame header, PNG IHDR, GIF, BMP, WebP; PIL's lazy
+open for other formats) are checked against ``max_pixels``, so a decompression bomb (a small file declaring
+16000 x 16000) is refused alike by PIL, torchvision and DALI. Refused files get ``ok=False`` and an error naming
+the path and the limit (``--max-image-bytes`` / ``--max-image-pixels``).
+
 Bad images: never raise from a batch call
 -----------------------------------------
 Each input's bytes are sniffed first; only clean 8-bit baseline/progressive JPEGs (1 or 3 components, a header
@@ -55,6 +66,9 @@ input                         outcome
 ``None`` (no image)           ok=False, error "no image"
 missing / unreadable file     ok=False, error "<path>: cannot read: FileNotFoundError: ..."
 0-byte file                   ok=False, error "<path>: empty file (0 bytes)"
+pipe, device, directory       ok=False, error "<path>: not a regular file (named pipe); ..." (never opened)
+over the byte limit           ok=False, error "<path>: N bytes, over the byte limit of M (--max-image-bytes)"
+over the pixel limit          ok=False, error "<path>: WxH pixels ... over the pixel limit ..." (not decoded)
 truncated JPEG                ok=False, error "<path>: JPEG without end marker (truncated?); PIL: ..."
                               (PIL refuses truncated data; a JPEG with bytes after its end marker
                               is decoded by PIL instead)
@@ -82,6 +96,7 @@ import importlib.util
 import io
 import os
 import re
+import stat
 import threading
 import warnings
 from collections.abc import Callable, Sequence
@@ -310,17 +325,135 @@ _PIL_REASON = {
 }
 
 
-def _read(path: str | None) -> tuple[bytes | None, str | None]:
+@dataclass(frozen=True)
+class Limits:
+    """What an image file may be before any decoder sees it; the same for every backend."""
+
+    max_bytes: int = 64 << 20  # 64 MiB: a 50-megapixel photo at high JPEG quality is ~25 MB
+    max_pixels: int = 40_000_000  # 120 MB decoded as RGB; below PIL's own bomb warning (89.5 million)
+
+    def __post_init__(self):
+        if self.max_bytes < 1 or self.max_pixels < 1:
+            raise ValueError(f"image limits must be >= 1, got {self}")
+
+
+DEFAULT_LIMITS = Limits()
+
+_NOT_REGULAR = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a character device"),
+                (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def _mode_problem(path: str, st: os.stat_result, limits: Limits) -> str | None:
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((what for test, what in _NOT_REGULAR if test(st.st_mode)), "not a plain file")
+        return f"{path}: not a regular file ({kind}); only regular files are read"
+    if st.st_size == 0:
+        return f"{path}: empty file (0 bytes)"
+    if st.st_size > limits.max_bytes:
+        return f"{path}: {st.st_size} bytes, over the byte limit of {limits.max_bytes} (--max-image-bytes)"
+    return None
+
+
+def file_problem(path: str, limits: Limits = DEFAULT_LIMITS) -> str | None:
+    """Why ``path`` will not be read (missing, not a regular file, empty, over the byte limit), from ``os.stat``
+    alone: nothing is opened."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return f"{path}: cannot read: {type(exc).__name__}: {exc.strerror or exc}"
+    return _mode_problem(path, st, limits)
+
+
+def read_image_file(path: str | None, limits: Limits = DEFAULT_LIMITS) -> tuple[bytes | None, str | None]:
+    """(bytes, None) or (None, why). Regular files only, within ``limits.max_bytes``, read in one bounded call.
+    The open is non-blocking (a file swapped for a pipe after the stat cannot hang it) and checked again."""
     if path is None:
         return None, "no image"
+    problem = file_problem(path, limits)
+    if problem:
+        return None, problem
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0))
     except OSError as exc:
-        return None, f"{path}: cannot read: {type(exc).__name__}: {exc}"
+        return None, f"{path}: cannot read: {type(exc).__name__}: {exc.strerror or exc}"
+    try:
+        problem = _mode_problem(path, os.fstat(fd), limits)
+        if problem:
+            return None, problem
+        with open(fd, "rb", closefd=False) as f:
+            data = f.read(limits.max_bytes + 1)
+    except OSError as exc:
+        return None, f"{path}: cannot read: {type(exc).__name__}: {exc.strerror or exc}"
+    finally:
+        os.close(fd)
+    if len(data) > limits.max_bytes:  # grew since the stat
+        return None, f"{path}: over the byte limit of {limits.max_bytes} (--max-image-bytes)"
     if not data:
         return None, f"{path}: empty file (0 bytes)"
     return data, None
+
+
+def _read(path: str | None, limits: Limits = DEFAULT_LIMITS) -> tuple[bytes | None, str | None]:
+    return read_image_file(path, limits)
+
+
+def _jpeg_dimensions(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the first start-of-frame header, walking the segments."""
+    i, n = 2, len(data)
+    while i + 4 <= n and data[i] == 0xFF:
+        marker = data[i + 1]
+        if marker == 0xFF or marker == 0x01 or 0xD0 <= marker <= 0xD7:
+            i += 1 if marker == 0xFF else 2
+            continue
+        length = int.from_bytes(data[i + 2:i + 4], "big")
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC) and i + 9 <= n:
+            return int.from_bytes(data[i + 7:i + 9], "big"), int.from_bytes(data[i + 5:i + 7], "big")
+        if marker == 0xDA or length < 2:
+            return None
+        i += 2 + length
+    return None
+
+
+def header_dimensions(data: bytes) -> tuple[int, int] | None:
+    """(width, height) as the encoded image's header declares them, without decoding (None when not found).
+    JPEG, PNG, GIF, BMP and WebP are parsed here; other formats through PIL's lazy open (header only)."""
+    le, be = "little", "big"
+    if data[:3] == b"\xff\xd8\xff":
+        return _jpeg_dimensions(data)
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
+        return int.from_bytes(data[16:20], be), int.from_bytes(data[20:24], be)
+    if data[:6] in (b"GIF87a", b"GIF89a") and len(data) >= 10:
+        return int.from_bytes(data[6:8], le), int.from_bytes(data[8:10], le)
+    if data[:2] == b"BM" and len(data) >= 26:
+        return abs(int.from_bytes(data[18:22], le, signed=True)), abs(int.from_bytes(data[22:26], le, signed=True))
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP" and len(data) >= 30:
+        chunk = data[12:16]
+        if chunk == b"VP8X":
+            return 1 + int.from_bytes(data[24:27], le), 1 + int.from_bytes(data[27:30], le)
+        if chunk == b"VP8L":
+            bits = int.from_bytes(data[21:25], le)
+            return 1 + (bits & 0x3FFF), 1 + ((bits >> 14) & 0x3FFF)
+        if chunk == b"VP8 ":
+            return int.from_bytes(data[26:28], le) & 0x3FFF, int.from_bytes(data[28:30], le) & 0x3FFF
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                return im.size
+    except Exception:  # noqa: BLE001 - not an image PIL knows, or over PIL's own bomb limit: PIL says so itself
+        return None
+
+
+def pixel_problem(name: str, data: bytes, limits: Limits = DEFAULT_LIMITS) -> str | None:
+    """Why ``data`` will not be decoded: over the byte limit, or its header declares more pixels than allowed."""
+    if len(data) > limits.max_bytes:
+        return f"{name}: {len(data)} bytes, over the byte limit of {limits.max_bytes} (--max-image-bytes)"
+    dims = header_dimensions(data)
+    if dims is not None and dims[0] * dims[1] > limits.max_pixels:
+        w, h = dims
+        return (f"{name}: {w}x{h} = {w * h} pixels in its header, over the pixel limit of {limits.max_pixels} "
+                "(--max-image-pixels); not decoded")
+    return None
 
 
 def _short(exc: BaseException) -> str:
@@ -358,15 +491,21 @@ def _pil_resized(im: Image.Image, size: tuple[int, int]) -> np.ndarray:
                                 .transpose(2, 0, 1))
 
 
-def _pil_one(data: bytes, size: tuple[int, int]) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as im:
+def _pil_one(data: bytes, size: tuple[int, int], max_pixels: int = DEFAULT_LIMITS.max_pixels) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as im:  # lazy: the header only, so the size is checked before decoding
+        if im.size[0] * im.size[1] > max_pixels:
+            raise ValueError(f"{im.size[0]}x{im.size[1]} pixels, over the pixel limit of {max_pixels} "
+                             "(--max-image-pixels)")
         return _pil_resized(im, size)
 
 
-def decode_pil_path(path: str, size: tuple[int, int]) -> torch.Tensor:
-    """One file -> uint8 [3, H, W] with PIL (raises on failure; for DataLoader-style datasets)."""
-    with Image.open(path) as im:
-        return torch.from_numpy(_pil_resized(im, size))
+def decode_pil_path(path: str, size: tuple[int, int], limits: Limits = DEFAULT_LIMITS) -> torch.Tensor:
+    """One file -> uint8 [3, H, W] with PIL (raises ValueError on failure; for DataLoader-style datasets)."""
+    data, err = read_image_file(path, limits)
+    err = err or pixel_problem(path, data, limits)
+    if err:
+        raise ValueError(err)
+    return torch.from_numpy(_pil_one(data, size, limits.max_pixels))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -607,10 +746,38 @@ def _check_size(size: Sequence[int]) -> tuple[int, int]:
     return int(size[0]), int(size[1])
 
 
+def _route(names: Sequence[str], loaded: Sequence[tuple[bytes | None, str | None]], backend: str,
+           limits: Limits) -> tuple[dict[int, str], list[int], list[tuple[int, str]]]:
+    """Where each input goes: ``errors`` (unread, empty, over a limit: one decision for every backend, before
+    decoding), ``fast`` (clean JPEGs for a fast backend), ``to_pil`` ((position, why PIL) for the rest)."""
+    errors: dict[int, str] = {}
+    fast: list[int] = []
+    to_pil: list[tuple[int, str]] = []
+    for i, (data, err) in enumerate(loaded):
+        if data is None:
+            errors[i] = err or f"{names[i]}: empty file (0 bytes)"
+            continue
+        too_big = pixel_problem(names[i], data, limits)
+        if too_big:
+            errors[i] = too_big
+            continue
+        kind = sniff(data)
+        if kind == "empty":
+            errors[i] = f"{names[i]}: empty file (0 bytes)"
+        elif kind == "jpeg" and backend != "pil":
+            fast.append(i)
+        elif kind == "jpeg":
+            to_pil.append((i, ""))
+        else:
+            to_pil.append((i, _PIL_REASON.get(kind, f"{kind} content")))
+    return errors, fast, to_pil
+
+
 def _decode_loaded(names: Sequence[str], loaded: Sequence[tuple[bytes | None, str | None]], size: Sequence[int],
                    backend: str, *, normalize_output: bool, device: torch.device | str | None,
-                   dtype: torch.dtype, chunk: int, workers: int | None) -> ImageBatch:
+                   dtype: torch.dtype, chunk: int, workers: int | None, limits: Limits | None = None) -> ImageBatch:
     h, w = _check_size(size)
+    limits = limits or DEFAULT_LIMITS
     workers = usable_cores() if workers is None else max(1, int(workers))
     dev = torch.device(device) if device is not None else torch.device("cpu")
     name = resolve_backend(backend, dev)
@@ -618,23 +785,8 @@ def _decode_loaded(names: Sequence[str], loaded: Sequence[tuple[bytes | None, st
     out_dtype = dtype if normalize_output else torch.uint8
     out = torch.zeros((n, 3, h, w), dtype=out_dtype, device=dev)
     ok = torch.zeros(n, dtype=torch.bool)
-    errors: dict[int, str] = {}
     fallback: dict[int, str] = {}
-    to_pil: list[tuple[int, str]] = []  # (position, why)
-    fast: list[int] = []
-    for i, (data, err) in enumerate(loaded):
-        if data is None:
-            errors[i] = err or f"{names[i]}: empty file (0 bytes)"
-            continue
-        kind = sniff(data)
-        if kind == "empty":
-            errors[i] = f"{names[i]}: empty file (0 bytes)"
-        elif kind == "jpeg" and name != "pil":
-            fast.append(i)
-        elif kind == "jpeg":
-            to_pil.append((i, ""))
-        else:
-            to_pil.append((i, _PIL_REASON.get(kind, f"{kind} content")))
+    errors, fast, to_pil = _route(names, loaded, name, limits)
 
     def put(positions: list[int], pixels: torch.Tensor) -> None:
         if not positions:
@@ -662,7 +814,7 @@ def _decode_loaded(names: Sequence[str], loaded: Sequence[tuple[bytes | None, st
         buf = np.empty((len(to_pil), 3, h, w), dtype=np.uint8)
 
         def one(k: int) -> None:
-            buf[k] = _pil_one(loaded[to_pil[k][0]][0], (h, w))
+            buf[k] = _pil_one(loaded[to_pil[k][0]][0], (h, w), limits.max_pixels)
 
         done: list[int] = []
         for k, result in enumerate(_each(one, len(to_pil), workers)):
@@ -679,40 +831,44 @@ def _decode_loaded(names: Sequence[str], loaded: Sequence[tuple[bytes | None, st
 
 def decode_uint8(paths: Sequence[str | None], size: Sequence[int], backend: str = "pil", *,
                  device: torch.device | str | None = None, chunk: int = DEFAULT_CHUNK,
-                 workers: int | None = None) -> ImageBatch:
+                 workers: int | None = None, limits: Limits | None = None) -> ImageBatch:
     """Decode and resize each path to uint8 [n, 3, H, W]; ``None`` entries (no image) are reported as missing.
 
     ``backend``: ``pil`` (default, the reference), ``torchvision``, ``dali`` or ``auto``. ``device``: where
     decoding runs and the output lives (CUDA: nvJPEG through DALI "mixed" or torchvision); CPU by default.
-    ``workers``: CPU threads decoding side by side (default: the usable cores, at most 16)."""
-    loaded = [_read(p) for p in paths]
+    ``workers``: CPU threads decoding side by side (default: the usable cores, at most 16). ``limits``: what a
+    file may be (``DEFAULT_LIMITS`` when None; see "Bounds")."""
+    limits = limits or DEFAULT_LIMITS
+    loaded = [_read(p, limits) for p in paths]
     return _decode_loaded([str(p) for p in paths], loaded, size, backend, normalize_output=False, device=device,
-                          dtype=torch.uint8, chunk=chunk, workers=workers)
+                          dtype=torch.uint8, chunk=chunk, workers=workers, limits=limits)
 
 
 def decode(paths: Sequence[str | None], size: Sequence[int], backend: str = "auto", *, normalize: bool = True,
            device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
-           chunk: int = DEFAULT_CHUNK, workers: int | None = None) -> ImageBatch:
+           chunk: int = DEFAULT_CHUNK, workers: int | None = None, limits: Limits | None = None) -> ImageBatch:
     """Like ``decode_uint8`` but, with ``normalize=True``, float ``dtype`` ImageNet-normalised pixels (DALI
     normalises inside its pipeline). Failed samples stay all zero."""
-    loaded = [_read(p) for p in paths]
+    limits = limits or DEFAULT_LIMITS
+    loaded = [_read(p, limits) for p in paths]
     return _decode_loaded([str(p) for p in paths], loaded, size, backend, normalize_output=normalize,
-                          device=device, dtype=dtype, chunk=chunk, workers=workers)
+                          device=device, dtype=dtype, chunk=chunk, workers=workers, limits=limits)
 
 
 def decode_encoded(blobs: Sequence[bytes | None], size: Sequence[int], backend: str = "auto", *,
                    names: Sequence[str] | None = None, normalize: bool = False,
                    device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
-                   chunk: int = DEFAULT_CHUNK, workers: int | None = None) -> ImageBatch:
+                   chunk: int = DEFAULT_CHUNK, workers: int | None = None,
+                   limits: Limits | None = None) -> ImageBatch:
     """The same contract for encoded bytes already in memory; ``names`` label error messages."""
     labels = list(names) if names is not None else [f"<sample {i}>" for i in range(len(blobs))]
     loaded = [(b, None) if b else (None, "no image" if b is None else f"{labels[i]}: empty file (0 bytes)")
               for i, b in enumerate(blobs)]
     return _decode_loaded(labels, loaded, size, backend, normalize_output=normalize, device=device, dtype=dtype,
-                          chunk=chunk, workers=workers)
+                          chunk=chunk, workers=workers, limits=limits)
 
 
-__all__ = ["BACKENDS", "DEFAULT_CHUNK", "IMAGENET_MEAN", "IMAGENET_STD", "DaliUnusableError", "ImageBatch",
-           "available_backends", "dali_available", "dali_unusable_reason", "decode", "decode_encoded",
-           "decode_pil_path", "decode_uint8", "normalize", "resolve_backend", "sniff", "torchvision_available",
-           "usable_cores"]
+__all__ = ["BACKENDS", "DEFAULT_CHUNK", "DEFAULT_LIMITS", "IMAGENET_MEAN", "IMAGENET_STD", "DaliUnusableError",
+           "ImageBatch", "Limits", "available_backends", "dali_available", "dali_unusable_reason", "decode",
+           "decode_encoded", "decode_pil_path", "decode_uint8", "file_problem", "header_dimensions", "normalize",
+           "pixel_problem", "read_image_file", "resolve_backend", "sniff", "torchvision_available", "usable_cores"]

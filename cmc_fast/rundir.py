@@ -1,0 +1,165 @@
+"""A run folder is claimed before anything is written into it.
+
+``claim(run_dir, flag=...)`` (a context manager) makes sure the folder can be ours and holds it while the run
+writes:
+
+- the path is a folder we can write to (created when missing); an existing file or a read-only folder is refused;
+- an existing folder that is neither empty nor a cmc-fast run (``is_run``: a ``config.json`` of ``Config``
+  fields) is refused: nothing of the user's is overwritten;
+- ``.lock`` holds ``{"pid", "host", "started"}`` while the run writes. A second run on the folder is refused with
+  one line naming the holder's PID and host; a lock left by a dead process on this host is taken over (and
+  said so); a lock from another host is never presumed dead;
+- once held, stray ``*.tmp`` files left by a write that was killed (``checkpoint._atomic_write``) are removed.
+
+The lock file appears atomically with its content (written beside it, then hard-linked into place), so a reader
+never sees it half-written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from cmc_fast.errors import UsageError
+
+LOCK_NAME = ".lock"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def _read_lock(path: Path) -> dict | None:
+    try:
+        holder = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def is_run(run_dir: Path) -> bool:
+    """``run_dir`` holds a cmc-fast run: its ``config.json`` is a JSON object of ``Config`` fields (a user's own
+    ``config.json`` of other keys does not make a folder ours to overwrite)."""
+    from cmc_fast.config import Config
+
+    try:
+        data = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    fields = {f.name for f in dataclasses.fields(Config)}
+    return isinstance(data, dict) and "dataset" in data and set(data) <= fields
+
+
+def _check_folder(run_dir: Path, flag: str, allow_foreign: bool) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"{flag} {run_dir}: exists and is not a folder; choose a new or empty folder")
+    foreign = run_dir.is_dir() and not allow_foreign and not is_run(run_dir)
+    if foreign and any(p.name != LOCK_NAME for p in run_dir.iterdir()):
+        raise UsageError(f"{flag} {run_dir}: folder is not empty and is not a cmc-fast run; choose a new or empty "
+                         "folder (nothing in it was changed)")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"{flag} {run_dir}: cannot create the folder ({exc.strerror or exc})") from None
+    if not os.access(run_dir, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {run_dir}: folder is not writable")
+
+
+def _try_lock(lock: Path, me: dict) -> bool:
+    """Create ``lock`` holding ``me``, atomically; False when it already exists."""
+    tmp = lock.with_name(f"{LOCK_NAME}.{me['pid']}.tmp")
+    tmp.write_text(json.dumps(me), encoding="utf-8")
+    try:
+        os.link(tmp, lock)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _take_over_stale(lock: Path, holder: dict, flag: str, run_dir: Path) -> str:
+    """Move a dead holder's lock aside (only one taker wins the rename); returns the note to report."""
+    aside = lock.with_name(f"{LOCK_NAME}.stale.{os.getpid()}")
+    try:
+        os.rename(lock, aside)
+    except FileNotFoundError:
+        return ""  # another taker moved it first: the retry sees its lock
+    moved = _read_lock(aside)
+    if moved != holder:  # a live lock replaced the stale one in between: put it back, refuse
+        with contextlib.suppress(OSError):
+            os.link(aside, lock)
+        aside.unlink(missing_ok=True)
+        raise UsageError(f"{flag} {run_dir}: another run claimed the folder just now; choose another folder")
+    aside.unlink(missing_ok=True)
+    return (f"{run_dir}: took over the lock of PID {holder.get('pid')} on {holder.get('host')}, which is no longer "
+            "running")
+
+
+def _acquire(run_dir: Path, flag: str) -> tuple[Path, dict, str]:
+    lock = run_dir / LOCK_NAME
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    note = ""
+    for _ in range(3):
+        try:
+            if _try_lock(lock, me):
+                return lock, me, note
+        except OSError as exc:
+            raise UsageError(f"{flag} {run_dir}: cannot write the lock file ({exc.strerror or exc})") from None
+        holder = _read_lock(lock)
+        if holder is None:
+            continue  # released between our attempt and the read
+        pid, host = holder.get("pid"), holder.get("host")
+        if not isinstance(pid, int) or not isinstance(host, str):
+            raise UsageError(f"{flag} {run_dir}: lock file {lock} is unreadable; delete it if no run uses the folder")
+        if host != me["host"] or _pid_alive(pid):
+            raise UsageError(f"{flag} {run_dir}: in use by PID {pid} on {host} since {holder.get('started', '?')} "
+                             f"(lock {lock}); wait for it or choose another folder")
+        note = _take_over_stale(lock, holder, flag, run_dir) or note
+    raise UsageError(f"{flag} {run_dir}: could not claim the lock {lock}; retry")
+
+
+def remove_stray_temporaries(run_dir: Path) -> list[Path]:
+    """The ``*.tmp`` files a killed atomic write left in the run folder and its checkpoints (ours to remove once
+    the folder is held)."""
+    removed = []
+    for folder in (run_dir, run_dir / "checkpoints"):
+        if folder.is_dir():
+            for path in folder.glob("*.tmp"):
+                if path.is_file() and not path.name.startswith(f"{LOCK_NAME}."):
+                    path.unlink(missing_ok=True)
+                    removed.append(path)
+    return removed
+
+
+@contextlib.contextmanager
+def claim(run_dir: str | Path, *, flag: str = "--out", allow_foreign: bool = False) -> Iterator[list[str]]:
+    """Hold ``run_dir`` for the body; yields the notes to report (a stale lock taken over, temporaries removed).
+    ``allow_foreign``: skip the not-a-run check (the caller has checked the folder is a run)."""
+    run_dir = Path(run_dir)
+    _check_folder(run_dir, flag, allow_foreign)
+    lock, me, note = _acquire(run_dir, flag)
+    try:
+        notes = [note] if note else []
+        removed = remove_stray_temporaries(run_dir)
+        if removed:
+            notes.append(f"{run_dir}: removed {len(removed)} temporary file(s) left by a killed write: "
+                         + ", ".join(p.name for p in removed[:5]))
+        yield notes
+    finally:
+        if _read_lock(lock) == me:
+            lock.unlink(missing_ok=True)
