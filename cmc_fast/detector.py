@@ -30,7 +30,7 @@ import torch.nn as nn
 
 from cmc_fast.config import Config
 from cmc_fast.data_pipeline.image_source import finish_batch
-from cmc_fast.data_pipeline.images import decode_uint8
+from cmc_fast.data_pipeline.images import Limits, decode_uint8
 from cmc_fast.data_pipeline.text import VocabTokenizer, encode_texts
 from cmc_fast.encoders import NgramEncoder, TextEncoder, build_image_encoder, load_text_model, tiny_text_encoder
 from cmc_fast.errors import UsageError
@@ -243,7 +243,8 @@ class Detector:
         """Normalised images [n, 3, H, W] on the device, decoded where training decodes (the run's backend on
         this device), which decoded, and why the others did not."""
         paths = [None if p is None or p == "" else str(p) for p in images]
-        res = decode_uint8(paths, tuple(self.cfg.image_size), self.cfg.image_backend, device=self.device)
+        res = decode_uint8(paths, tuple(self.cfg.image_size), self.cfg.image_backend, device=self.device,
+                           limits=Limits(self.cfg.max_image_bytes, self.cfg.max_image_pixels))  # the run's bounds
         ok = res.ok.cpu().numpy().astype(bool)
         x = finish_batch(res.pixels.to(self.device), None if ok.all() else torch.from_numpy(ok), train=False)
         return x, ok, dict(res.errors)
