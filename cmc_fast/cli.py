@@ -35,7 +35,7 @@ _OVERRIDES = ("data_root", "variant", "epochs", "fusion_epochs", "batch_size", "
               "image_lr", "fusion_lr", "mm_dim", "chunks", "rank", "val_fraction", "val_split", "group_sampling",
               "device", "alpha", "beta", "tiny_text_dim", "tiny_text_layers", "threads",
               "tiny_text_dropout", "lr_schedule",
-              "text_pretrain_epochs", "text_pretrain_lr", "shared_loss", "log_every")
+              "text_pretrain_epochs", "text_pretrain_lr", "shared_loss", "log_every", "bank_dtype")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--image-weights", help="imagenet (torch cache), a .pth file, or none")
     tr.add_argument("--negatives", choices=None, help=f"one of {', '.join(NEGATIVES)}")
     tr.add_argument("--nce-k", type=int, help="negatives per anchor")
+    tr.add_argument("--bank-dtype", metavar="{float32,bfloat16}",
+                    help="memory banks' storage (bfloat16: half the memory, for large corpora)")
     tr.add_argument("--shared-loss", help="cmc-shared: fused (default, the paper's baseline: fused CE only) or "
                     "fused+distill (adds CE_T, CE_V and both NCE terms)")
     tr.add_argument("--log-every", type=int, help="training steps between reads of the logs (one host sync each)")
@@ -153,11 +155,16 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _run(trainer) -> int:
+    from cmc_fast import distributed
     from cmc_fast.report import text_table
 
-    results = trainer.run()
-    print(text_table(results))
-    print(f"\nrun directory: {trainer.run_dir} (report.md, metrics.json, checkpoints/)")
+    try:
+        results = trainer.run()
+    finally:
+        distributed.shutdown()
+    if distributed.rank_from_env() == 0:
+        print(text_table(results))
+        print(f"\nrun directory: {trainer.run_dir} (report.md, metrics.json, checkpoints/)")
     return 0
 
 
@@ -172,6 +179,13 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.device:
         cfg.device = args.device
     return _run(Trainer(cfg, run_dir, evaluate_only=True))
+
+
+def torch_dist_error() -> type[BaseException]:
+    """torch.distributed's error type (a collective that failed: a rank died or timed out)."""
+    import torch.distributed as dist
+
+    return getattr(dist, "DistError", RuntimeError) if dist.is_available() else ()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,6 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"cmc-fast: error: {exc}", file=sys.stderr)
         return 2
+    except torch_dist_error() as exc:
+        from cmc_fast import distributed
+
+        print(f"cmc-fast: error: {distributed.failure_message(exc)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("cmc-fast: interrupted; continue with `cmc-fast train --resume DIR`", file=sys.stderr)
         return 130

@@ -62,6 +62,8 @@ class Config:
     alpha: float = 0.3
     beta: float = 0.3
     negatives: str = "uniform"
+    # memory banks' storage: "float32" or "bfloat16" (half the memory; updates mix and normalise in float32)
+    bank_dtype: str = "float32"
     # per-step learning-rate schedule of every optimiser: "constant" (the authors'), or 6% linear warm-up then
     # "linear" / "cosine" decay to 0 at the stage's last step
     lr_schedule: str = "constant"
@@ -102,6 +104,8 @@ class Config:
              f"--lr-schedule: choose constant, linear or cosine, got {self.lr_schedule!r}")
         need(self.shared_loss in SHARED_LOSSES,
              f"--shared-loss: must be one of {', '.join(SHARED_LOSSES)}, got {self.shared_loss!r}")
+        need(self.bank_dtype in ("float32", "bfloat16"),
+             f"--bank-dtype: choose float32 or bfloat16, got {self.bank_dtype!r}")
         need(self.negatives in NEGATIVES, f"--negatives: must be one of {', '.join(NEGATIVES)}, got {self.negatives!r}")
         need(self.image_model in ("tiny", "vgg19", "resnet50"),
              f"--image-model: unknown model {self.image_model!r}; choose one of tiny, vgg19, resnet50")
