@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from cmc_fast.config import DATASETS, NEGATIVES, VARIANTS, Config, preset
-from cmc_fast.errors import UsageError
+from cmc_fast.errors import CollectiveFailure, UsageError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -160,6 +160,10 @@ def _run(trainer) -> int:
 
     try:
         results = trainer.run()
+    except RuntimeError as exc:  # say which rank failed before the group goes (cli.main prints the message)
+        if distributed.is_collective_failure(exc):
+            raise CollectiveFailure(distributed.failure_message(exc)) from exc
+        raise
     finally:
         distributed.shutdown()
     if distributed.rank_from_env() == 0:
@@ -181,13 +185,6 @@ def _evaluate(args: argparse.Namespace) -> int:
     return _run(Trainer(cfg, run_dir, evaluate_only=True))
 
 
-def torch_dist_error() -> type[BaseException]:
-    """torch.distributed's error type (a collective that failed: a rank died or timed out)."""
-    import torch.distributed as dist
-
-    return getattr(dist, "DistError", RuntimeError) if dist.is_available() else ()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -203,10 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"cmc-fast: error: {exc}", file=sys.stderr)
         return 2
-    except torch_dist_error() as exc:
-        from cmc_fast import distributed
-
-        print(f"cmc-fast: error: {distributed.failure_message(exc)}", file=sys.stderr)
+    except CollectiveFailure as exc:
+        print(f"cmc-fast: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("cmc-fast: interrupted; continue with `cmc-fast train --resume DIR`", file=sys.stderr)

@@ -14,8 +14,8 @@ the same order everywhere (a repeated index: the same last occurrence wins on ev
 Failure. A rank that dies (killed, out of memory) closes its connections: gloo raises in the survivors' next
 collective; a rank that hangs is caught by the process group's timeout (``CMC_FAST_DIST_TIMEOUT`` seconds,
 default 600) and, at each epoch end, by a monitored barrier (gloo) that names the ranks missing. Either way the
-survivors raise ``torch.distributed.DistError``, which the CLI turns into one line and exit code 1. torchrun
-itself also stops the other workers when one exits non-zero.
+survivors raise (``DistError``, or gloo's RuntimeError for a closed connection), which the CLI turns into one line
+naming the rank, exit code 1. torchrun itself also stops the other workers when one exits non-zero.
 """
 
 from __future__ import annotations
@@ -123,9 +123,9 @@ def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
     if not active():
         return x
     x = x.detach().contiguous()
-    out = x.new_empty((world() * x.shape[0], *x.shape[1:]))
-    dist.all_gather_into_tensor(out, x)
-    return out
+    parts = [torch.empty_like(x) for _ in range(world())]
+    dist.all_gather(parts, x)
+    return torch.cat(parts)
 
 
 def all_reduce_mean_(x: torch.Tensor) -> torch.Tensor:
@@ -182,9 +182,9 @@ def epoch_seed(seed: int, stage: str, epoch: int) -> int:
 def wrap(stage) -> dict:
     """Put every module of ``stage`` that trains behind DistributedDataParallel: the stage's attributes that
     hold them point at the wrappers (its forward calls go through DDP) while ``stage.modules`` keeps the plain
-    modules (checkpoint keys unchanged). Returns what ``unwrap`` restores. DDP broadcasts rank 0's parameters and
-    buffers once here (banks included); ``broadcast_buffers=False`` afterwards: the banks stay in sync through
-    the gathered updates, not a per-step copy of N x d."""
+    modules (checkpoint keys unchanged). Returns what ``unwrap`` restores. DDP broadcasts rank 0's parameters
+    here; the buffers (banks, BatchNorm statistics) are broadcast once here too, and never per step
+    (``broadcast_buffers=False``): the banks stay in sync through the gathered updates, not a copy of N x d."""
     if not active():
         return {}
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -195,6 +195,8 @@ def wrap(stage) -> dict:
         if isinstance(value, torch.nn.Module) and id(value) in trained:
             device_ids = [value_device(value).index] if value_device(value).type == "cuda" else None
             saved[name] = value
+            for buf in value.buffers():
+                broadcast_(buf)
             setattr(stage, name, DDP(value, device_ids=device_ids, broadcast_buffers=False,
                                      find_unused_parameters=getattr(stage, "ddp_find_unused", False)))
     return saved
@@ -207,6 +209,19 @@ def unwrap(stage, saved: dict) -> None:
 
 def value_device(module: torch.nn.Module) -> torch.device:
     return next(module.parameters()).device
+
+
+_LOST_PEER = ("gloo", "nccl", "closed by peer", "connection reset", "timed out", "timeout", "monitoredbarrier",
+              "socket")
+
+
+def is_collective_failure(exc: BaseException) -> bool:
+    """A failed collective under an active group: torch's DistError, or the RuntimeError gloo raises when a peer
+    closed its connection (a dead rank) or a wait timed out."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    return isinstance(exc, dist.DistError) or (
+        isinstance(exc, RuntimeError) and any(k in str(exc).lower() for k in _LOST_PEER))
 
 
 def failure_message(exc: BaseException) -> str:

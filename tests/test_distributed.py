@@ -6,17 +6,17 @@ environment); the workers write what they saw to files the test compares.
 
 from __future__ import annotations
 
-import contextlib
+import faulthandler
 import json
 import os
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn as nn
 from tiny import TINY, tiny_config
 
@@ -38,32 +38,41 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(fn, rank: int, port: int, out: Path, args: tuple) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), CMC_FAST_DIST_TIMEOUT="30", OMP_NUM_THREADS="1")
+_ENTRY = "import sys, test_distributed as t; sys.exit(t.run_worker(*sys.argv[1:]))"
+
+
+def run_worker(fn_name: str, out: str, args: str) -> int:
+    """A rank's entry point (a fresh interpreter, as torchrun starts one): ``fn(rank, out, *args)``."""
     torch.set_num_threads(1)
-    with open(out / f"stderr-{rank}.txt", "w") as err, contextlib.redirect_stderr(err):
-        code = fn(rank, out, *args)
-    distributed.shutdown()
-    sys.exit(code or 0)
+    faulthandler.enable()
+    try:
+        return globals()[fn_name](int(os.environ["RANK"]), Path(out), *json.loads(args)) or 0
+    finally:
+        distributed.shutdown()
 
 
-def spawn(fn, out: Path, *args, timeout: float = 240) -> list[int]:
-    """Run ``fn(rank, out, *args)`` in WORLD fresh processes; their exit codes (a process still alive at the
-    timeout is killed and reported as None)."""
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(fn, r, port, out, args)) for r in range(WORLD)]
+def spawn(fn, out: Path, *args, timeout: float = 240) -> list[int | None]:
+    """Run ``fn(rank, out, *args)`` in WORLD fresh interpreters started the way torchrun starts its workers
+    (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT); their exit codes (None: killed at the timeout). Each rank's
+    stderr goes to ``out/stderr-<rank>.txt``."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "WORLD_SIZE": str(WORLD), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+           "CMC_FAST_DIST_TIMEOUT": "30", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests"), os.environ.get("PYTHONPATH", "")])}
+    procs = []
+    for r in range(WORLD):
+        with open(out / f"stderr-{r}.txt", "w") as err:
+            procs.append(subprocess.Popen([sys.executable, "-c", _ENTRY, fn.__name__, str(out), json.dumps(args)],
+                                          env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stderr=err,
+                                          stdout=subprocess.DEVNULL, cwd=root))
+    deadline, codes = time.monotonic() + timeout, []
     for p in procs:
-        p.start()
-    deadline = time.monotonic() + timeout
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-    codes = [p.exitcode for p in procs]
-    for p in procs:
-        if p.is_alive():
+        try:
+            codes.append(p.wait(max(0.1, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
             p.kill()
-            p.join()
+            p.wait()
+            codes.append(None)
     return codes
 
 
