@@ -187,9 +187,11 @@ def test_two_rank_run_equals_one_process_run_and_evaluates_the_same(tmp_path):
     from cmc_fast.cli import main
 
     # finetune-t without dropout: nothing random inside a step, no BatchNorm, so 2 ranks compute one process's
-    # steps up to float32 rounding and the predictions (argmax) come out the same
-    argv = ["train", *TINY, "--variant", "finetune-t", "--epochs", "2", "--tiny-text-dropout", "0", "--threads", "1",
-            "--data-root", str(tmp_path / "data")]
+    # steps up to float32 rounding and the predictions (argmax) come out the same. cmc (stage 1, then stage 2 on
+    # features computed sharded) differs by its per-rank random draws and BatchNorm on half-batches: compared
+    # below through evaluation of the same checkpoints.
+    argv = ["train", *TINY, "--variant", "finetune-t,cmc", "--epochs", "2", "--tiny-text-dropout", "0",
+            "--threads", "1", "--data-root", str(tmp_path / "data")]
     assert main([*argv, "--out", str(tmp_path / "one")]) == 0
     assert spawn(_cli_worker, tmp_path, [*argv, "--out", str(tmp_path / "two")]) == [0, 0], \
         (tmp_path / "stderr-0.txt").read_text()
@@ -198,11 +200,14 @@ def test_two_rank_run_equals_one_process_run_and_evaluates_the_same(tmp_path):
     for e1, e2 in zip(one["history"]["finetune-t"], two["history"]["finetune-t"], strict=True):
         assert e2["train_loss"] == pytest.approx(e1["train_loss"], rel=1e-5)
         assert e2["val_accuracy"] == e1["val_accuracy"]
-    # the same checkpoint scored by 2 ranks (sharded, gathered) and by one process: identical metrics
+    # the same checkpoints scored by 2 ranks (stage-2 features and predictions sharded, gathered) and by one
+    # process: identical metrics for every row
     assert spawn(_cli_worker, tmp_path, ["evaluate", "--run", str(tmp_path / "two")]) == [0, 0]
     two_eval = _results(tmp_path / "two", "evaluate.json")["results"]
     assert main(["evaluate", "--run", str(tmp_path / "two")]) == 0
-    assert _results(tmp_path / "two", "evaluate.json")["results"] == two_eval
+    one_eval = _results(tmp_path / "two", "evaluate.json")["results"]
+    assert set(one_eval) == {"finetune-t", "cmc"}
+    assert {v: r["test"] for v, r in two_eval.items()} == {v: r["test"] for v, r in one_eval.items()}
 
 
 def _dying_worker(rank: int, out: Path, argv: list[str]) -> int:
