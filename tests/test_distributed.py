@@ -247,3 +247,26 @@ def test_killed_rank_stops_the_job_in_bounded_time_and_one_process_resumes(tmp_p
     assert main(["train", "--resume", str(run), "--no-progress"]) == 0
     history = _results(run)["history"]["stage1"]
     assert [h["epoch"] for h in history] == [1, 2] and history[0] == record["history"][0]
+
+
+# ---------------------------------------------------------------------------------------- bfloat16 banks
+def test_bfloat16_banks_stay_normalised_and_follow_float32_banks():
+    """--bank-dtype bfloat16: the same bank as float32, rounded, and after updates still on the sphere (the update
+    mixes and normalises in float32, then rounds once)."""
+    labels = torch.randint(0, 2, (300,))
+    banks = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(3)
+        d = CrossModalNCE(24, 20, labels, proj_dim=32, k=16, bank_dtype=dtype)
+        assert d.memory_t.dtype == d.memory_v.dtype == dtype
+        torch.manual_seed(4)
+        for _ in range(5):
+            index = torch.randint(0, 300, (40,))  # repeats included
+            d(torch.randn(40, 24), torch.randn(40, 20), index)
+        banks[dtype] = d.memory_t.float()
+    norms = banks[torch.bfloat16].norm(dim=1)
+    torch.testing.assert_close(norms, torch.ones_like(norms), rtol=0, atol=2 ** -7)  # bf16: 8 significant bits
+    torch.testing.assert_close(banks[torch.bfloat16], banks[torch.float32], rtol=0, atol=2 ** -6)
+    assert not torch.equal(banks[torch.bfloat16], banks[torch.float32])
+    with pytest.raises(ValueError, match="bank_dtype"):
+        CrossModalNCE(24, 20, labels, bank_dtype=torch.float16)
