@@ -183,8 +183,8 @@ def wrap(stage) -> dict:
     """Put every module of ``stage`` that trains behind DistributedDataParallel: the stage's attributes that
     hold them point at the wrappers (its forward calls go through DDP) while ``stage.modules`` keeps the plain
     modules (checkpoint keys unchanged). Returns what ``unwrap`` restores. DDP broadcasts rank 0's parameters
-    here; the buffers (banks, BatchNorm statistics) are broadcast once here too, and never per step
-    (``broadcast_buffers=False``): the banks stay in sync through the gathered updates, not a copy of N x d."""
+    here; the buffers (banks, BatchNorm statistics) are broadcast once here too, and never per step (no
+    forward buffer sync): the banks stay in sync through the gathered updates, not a copy of N x d."""
     if not active():
         return {}
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -197,9 +197,23 @@ def wrap(stage) -> dict:
             saved[name] = value
             for buf in value.buffers():
                 broadcast_(buf)
-            setattr(stage, name, DDP(value, device_ids=device_ids, broadcast_buffers=False,
+            setattr(stage, name, DDP(value, device_ids=device_ids, **_NO_BUFFER_SYNC,
                                      find_unused_parameters=getattr(stage, "ddp_find_unused", False)))
     return saved
+
+
+def _no_buffer_sync() -> dict:
+    """DDP's switch for no buffer copy before each forward: ``forward_sync_buffers`` (newer torch, which
+    deprecates ``broadcast_buffers``) or ``broadcast_buffers``."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    names = inspect.signature(DDP.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in names else {"broadcast_buffers": False}
+
+
+_NO_BUFFER_SYNC = _no_buffer_sync()
 
 
 def unwrap(stage, saved: dict) -> None:
