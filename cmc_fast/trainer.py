@@ -46,9 +46,10 @@ class Trainer:
         self.resume, self.evaluate_only = resume or evaluate_only, evaluate_only
         self.device = resolve_device(distributed.local_device(cfg.device))
         distributed.init_from_env(self.device)  # torchrun: join the process group (nothing otherwise)
-        if cfg.batch_size % distributed.world() or cfg.batch_size < 2 * distributed.world():
-            raise UsageError(f"--batch-size {cfg.batch_size}: the global batch must split evenly over the "
-                             f"{distributed.world()} processes, at least 2 rows each")
+        world = distributed.world()
+        if world > 1 and (cfg.batch_size % world or cfg.batch_size < 2 * world):
+            raise UsageError(f"--batch-size {cfg.batch_size}: the global batch must split evenly over the {world} "
+                             f"processes, at least 2 rows each")
         self.notes: list[str] = []
         self.results: dict[str, dict] = {}
         self.timings: dict[str, dict] = {}

@@ -270,3 +270,12 @@ def test_bfloat16_banks_stay_normalised_and_follow_float32_banks():
     assert not torch.equal(banks[torch.bfloat16], banks[torch.float32])
     with pytest.raises(ValueError, match="bank_dtype"):
         CrossModalNCE(24, 20, labels, bank_dtype=torch.float16)
+
+
+def test_a_global_batch_that_does_not_split_over_the_ranks_is_refused(tmp_path):
+    argv = ["train", *TINY, "--variant", "finetune-t", "--batch-size", "15", "--data-root", str(tmp_path / "data"),
+            "--out", str(tmp_path / "run")]
+    assert spawn(_cli_worker, tmp_path, argv) == [2, 2]
+    for r in range(WORLD):
+        assert "cmc-fast: error: --batch-size 15: the global batch must split evenly over the 2 processes" in \
+            (tmp_path / f"stderr-{r}.txt").read_text()
