@@ -6,6 +6,7 @@ environment); the workers write what they saw to files the test compares.
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import json
 import os
@@ -279,3 +280,33 @@ def test_a_global_batch_that_does_not_split_over_the_ranks_is_refused(tmp_path):
     for r in range(WORLD):
         assert "cmc-fast: error: --batch-size 15: the global batch must split evenly over the 2 processes" in \
             (tmp_path / f"stderr-{r}.txt").read_text()
+
+
+# ----------------------------------------------------------------------------------- kernel device guard
+def test_device_guard_makes_the_tensors_cuda_device_current(monkeypatch):
+    """A launcher's first tensor on cuda:1 makes cuda:1 current around the launch (``torch.cuda.device``, patched
+    here: no GPU); a CPU tensor (the interpreter) takes no guard."""
+    import types
+
+    from cmc_fast.kernels import utils
+
+    entered = []
+
+    @contextlib.contextmanager
+    def fake_cuda_device(device):
+        entered.append(torch.device(device))
+        yield
+
+    monkeypatch.setattr(torch.cuda, "device", fake_cuda_device)
+
+    @utils.on_tensor_device
+    def launcher(x, scale: float):
+        entered.append(("launch", scale))
+        return scale
+
+    on_gpu1 = types.SimpleNamespace(device=torch.device("cuda", 1))  # stands in for a tensor on cuda:1
+    assert launcher(on_gpu1, 2.0) == 2.0
+    assert entered == [torch.device("cuda", 1), ("launch", 2.0)]
+    entered.clear()
+    assert launcher(torch.ones(2), scale=3.0) == 3.0
+    assert entered == [("launch", 3.0)]
