@@ -9,7 +9,9 @@ single-process path is unchanged.
 Semantics (README, "Training on several GPUs"): ``--batch-size`` is the global batch; each step rank r takes the
 r-th contiguous slice of the global batch a single process would take, so an all-gather of the slices in rank
 order *is* that batch, and the memory banks, replicated on every rank, take the gathered (features, indices) in
-the same order everywhere (a repeated index: the same last occurrence wins on every rank).
+the same order everywhere (a repeated index: the same last occurrence wins on every rank). Random streams: the
+epoch order comes from the fit's own generator, the same on every rank; torch's generators (negatives, dropout,
+flips) are reseeded on each rank at each epoch's start from (seed, stage, epoch, rank) (``epoch_seed``).
 
 Failure. A rank that dies (killed, out of memory) closes its connections: gloo raises in the survivors' next
 collective; a rank that hangs is caught by the process group's timeout (``CMC_FAST_DIST_TIMEOUT`` seconds,
