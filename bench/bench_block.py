@@ -1,22 +1,27 @@
-"""BLOCK merge benchmarks: ``pytest bench/test_block.py --benchmark-only``.
+"""BLOCK merge benchmarks: ``pytest bench/bench_block.py --benchmark-only``.
 
 Providers, all computing the same merge (x0, x1 [B, mm] -> [B, mm], per-chunk products, rank sum, signed sqrt,
-per-chunk L2 norm) from the same weights in their natural storage:
-  triton   ``kernels.block_merge`` (the torch.library op; fused Triton kernels), flat stacked weights; CUDA only
-           (the interpreter is far too slow to time).
-  loop     block.bootstrap.pytorch's eager loop over chunks, per-chunk weight tensors (what the original runs).
-  bmm      batched PyTorch: chunks padded to the largest and stacked, two ``baddbmm`` for all chunks at once.
-  compile  ``torch.compile`` (default mode, static shapes) of ``loop``; on CPU only with ``CMC_BENCH_CPU_COMPILE=1``
-           (Inductor's C++ build of the 20-chunk forward and backward takes ~90 s per shape on a 2-core CPU).
-CPU runs use one thread (``CMC_BENCH_CPU_THREADS``; see ``_cpu_threads``).
+per-chunk L2 norm) from the same weights:
+  loop         block.bootstrap.pytorch's eager loop over chunks, per-chunk weight tensors (what the original runs).
+  compile      ``torch.compile`` (default mode, static shapes) of ``loop``.
+  bmm          ``kernels.reference.block_merge_bmm``: runs of one chunk size as two ``baddbmm`` each over views of
+               the flat weights (no padding), eager. The dispatch's bmm candidate itself.
+  bmm-compile  ``torch.compile`` of ``bmm``.
+  fused        ``kernels.block_merge`` with the fused Triton kernels forced (``CMC_FAST_KERNELS=triton``); CUDA only
+               (the interpreter is far too slow to time).
+  auto         ``kernels.block_merge`` as a caller gets it: ``choose_block_path``'s pick (recorded as ``path``);
+               CUDA only (on a CPU it is the reference).
+On a CPU only ``loop`` and ``bmm`` run by default (one thread, ``CMC_BENCH_CPU_THREADS``); the compiled providers
+with ``CMC_BENCH_CPU_COMPILE=1`` (Inductor's C++ build takes ~90 s per shape on a 2-core CPU).
 Modes: ``fwd`` (the training forward, autograd recording) and ``fwd+bwd`` (forward and ``autograd.grad`` of the
 output for x0, x1 and all weights and biases; no ``.grad`` accumulation, so no provider pays per-leaf adds).
-Shapes: (mm_dim, chunks, rank) = (1600, 20, 15) (BLOCK's default) and (256, 18, 15) (the CMC authors'); B in
-{32, 64, 256} on a GPU, 64 on a CPU. dtypes: float32, plus bfloat16 on a GPU.
+Shapes: (mm_dim, chunks, rank) = (1600, 20, 15) (BLOCK's default) and (256, 18, 15) (the CMC authors'); B in {64,
+256} on a GPU, 64 on a CPU. dtypes: float32 at float32 matmul precision "highest" (``float32``) and "high"
+(``float32-tf32``), bfloat16; a CPU runs ``float32`` only.
 
-Floor beside each row (``kernels.block.block_merge_floor``; H100 SXM assumed: 3.35e12 B/s, 60e12 FLOP/s fp32 without
-tensor cores, 495e12 FLOP/s bf16): max(FLOPs / rate, bytes / bandwidth) with FLOPs = 4 B R sum(s^2) forward and 3x
-that forward+backward. On a CPU the floor column still shows the H100 floor (a reference point, not this CPU's).
+Floor beside each row: ``kernels.block.block_merge_floor`` for the GPU the row ran on (H200 when the device name says
+so, else H100 SXM) at the row's dtype and precision. On a CPU the floor column stays empty (the H100 floor is kept
+as ``gpu_floor_s``, a reference point, not this CPU's).
 
 GPU timing: each round runs ``INNER`` calls back to back and synchronises once at its end (the counter in
 ``_timed``), so per-call figures carry no per-call synchronisation.
@@ -29,19 +34,23 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from cmc_fast.kernels.block import block_merge, block_merge_floor
-from cmc_fast.kernels.reference import block_chunk_sizes
+from cmc_fast.kernels.block import _gpu_name, block_merge, block_merge_floor, choose_block_path
+from cmc_fast.kernels.reference import block_chunk_sizes, block_merge_bmm
 from conftest import bench_device, peak_memory
 
 DEVICE = bench_device()
 ON_GPU = DEVICE.type == "cuda"
 CONFIGS = [(1600, 20, 15), (256, 18, 15)]
-BATCHES = [32, 64, 256] if ON_GPU else [64]
-DTYPES = [torch.float32, torch.bfloat16] if ON_GPU else [torch.float32]
-PROVIDERS = ["triton", "loop", "bmm", "compile"]
+BATCHES = [64, 256] if ON_GPU else [64]
+# (dtype, float32 matmul precision)
+DTYPES = {"float32": (torch.float32, "highest"), "float32-tf32": (torch.float32, "high"),
+          "bfloat16": (torch.bfloat16, "highest")}
+DTYPE_IDS = list(DTYPES) if ON_GPU else ["float32"]
+PROVIDERS = ["loop", "compile", "bmm", "bmm-compile", "fused", "auto"]
+GPU_ONLY = {"fused", "auto"}
+COMPILED = {"compile", "bmm-compile"}
 INNER = 10 if ON_GPU else 1
 ROUNDS = 20 if ON_GPU else 5
-FLOPS = {torch.float32: 60e12, torch.bfloat16: 495e12}
 
 
 # ---------------------------------------------------------------------------------------- providers
@@ -58,34 +67,17 @@ def loop_merge(x0, x1, ws0, bs0, ws1, bs1, rank: int):
     return torch.cat(zs, 1)
 
 
-def bmm_merge(x0, x1, w0p, b0p, w1p, b1p, rank: int):
-    """All chunks at once: chunks padded to S = max size (only the last is shorter: padding at the end of x),
-    weights stored padded [C, R*S, S] (zeros in the padding, which get zero gradients)."""
-    n, mm = x0.shape
-    chunks, size = w0p.shape[0], w0p.shape[2]
-    pad = chunks * size - mm
-
-    def side(x, w, b):
-        xp = F.pad(x, (0, pad)).view(n, chunks, size).transpose(0, 1)  # [C, B, S]
-        return torch.baddbmm(b.unsqueeze(1), xp, w.transpose(1, 2))  # [C, B, R*S]
-
-    z = (side(x0, w0p, b0p) * side(x1, w1p, b1p)).view(chunks, n, rank, size).sum(2)
-    z = torch.sqrt(F.relu(z)) - torch.sqrt(F.relu(-z))
-    z = F.normalize(z, p=2, dim=2)
-    return z.transpose(0, 1).reshape(n, chunks * size)[:, :mm]
-
-
 _COMPILED = {}
 
 
-def compiled_loop():
-    """One compiled function, specialised per shape and dtype (dynamic=False: the best case for compile)."""
-    if "loop" not in _COMPILED:
-        for name in ("recompile_limit", "cache_size_limit"):  # one entry per (shape, dtype, mode): 24 on a GPU
-            if hasattr(torch._dynamo.config, name):
-                setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
-        _COMPILED["loop"] = torch.compile(loop_merge, dynamic=False)
-    return _COMPILED["loop"]
+def compiled(name: str, fn):
+    """One compiled function per provider, specialised per shape and dtype (dynamic=False: compile's best case)."""
+    if name not in _COMPILED:
+        for limit in ("recompile_limit", "cache_size_limit"):  # one entry per (shape, dtype, mode)
+            if hasattr(torch._dynamo.config, limit):
+                setattr(torch._dynamo.config, limit, max(64, getattr(torch._dynamo.config, limit)))
+        _COMPILED[name] = torch.compile(fn, dynamic=False)
+    return _COMPILED[name]
 
 
 # ------------------------------------------------------------------------------------------- inputs
@@ -95,7 +87,7 @@ def make_case(provider: str, batch: int, sizes: list[int], rank: int, dtype: tor
     x0, x1 = (torch.randn(batch, mm, generator=gen) for _ in range(2))
     ws = [[torch.randn(rank * s, s, generator=gen) * s ** -0.5 for s in sizes] for _ in range(2)]
     bs = [[0.1 * torch.randn(rank * s, generator=gen) for s in sizes] for _ in range(2)]
-    grad = torch.randn(batch, mm, generator=gen)
+    grad = torch.randn(batch, mm, generator=gen).to(DEVICE, dtype)
 
     def leaf(t):
         return t.to(DEVICE, dtype).requires_grad_()
@@ -103,23 +95,14 @@ def make_case(provider: str, batch: int, sizes: list[int], rank: int, dtype: tor
     xs = [leaf(x0), leaf(x1)]
     if provider in ("loop", "compile"):
         params = [[leaf(t) for t in group] for group in (ws[0], bs[0], ws[1], bs[1])]
-        fn = compiled_loop() if provider == "compile" else loop_merge
+        fn = compiled("loop", loop_merge) if provider == "compile" else loop_merge
         leaves = xs + [t for group in params for t in group]
-        return (lambda: fn(*xs, *params, rank)), leaves, grad.to(DEVICE, dtype)
-    if provider == "bmm":
-        size = max(sizes)
-        padded = []
-        for w_list, b_list in ((ws[0], bs[0]), (ws[1], bs[1])):
-            wp = torch.zeros(len(sizes), rank, size, size)
-            bp = torch.zeros(len(sizes), rank, size)
-            for c, (w, b) in enumerate(zip(w_list, b_list)):
-                s = w.shape[1]
-                wp[c, :, :s, :s] = w.view(rank, s, s)
-                bp[c, :, :s] = b.view(rank, s)
-            padded += [leaf(wp.view(len(sizes), rank * size, size)), leaf(bp.view(len(sizes), rank * size))]
-        return (lambda: bmm_merge(*xs, *padded, rank)), xs + padded, grad.to(DEVICE, dtype)
+        return (lambda: fn(*xs, *params, rank)), leaves, grad
     flat = [leaf(torch.cat([t.reshape(-1) for t in group])) for group in (ws[0], bs[0], ws[1], bs[1])]
-    return (lambda: block_merge(*xs, *flat, sizes=sizes, rank=rank)), xs + flat, grad.to(DEVICE, dtype)
+    if provider in ("bmm", "bmm-compile"):
+        fn = compiled("bmm", block_merge_bmm) if provider == "bmm-compile" else block_merge_bmm
+        return (lambda: fn(*xs, *flat, sizes=sizes, rank=rank)), xs + flat, grad
+    return (lambda: block_merge(*xs, *flat, sizes=sizes, rank=rank)), xs + flat, grad
 
 
 def _timed(fn, inner: int):
@@ -152,18 +135,34 @@ def _cpu_threads():
     torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def _skip_reason(provider: str, batch: int, dtype_id: str) -> str | None:
+    if provider in GPU_ONLY and not ON_GPU:
+        return "Triton and the dispatch are timed on a GPU only (on a CPU block_merge is the reference)"
+    if provider in COMPILED and not ON_GPU and os.environ.get("CMC_BENCH_CPU_COMPILE", "0") in ("", "0"):
+        return "torch.compile on CPU takes ~90 s per shape to build; set CMC_BENCH_CPU_COMPILE=1"
+    return None
+
+
+@pytest.mark.parametrize("dtype_id", DTYPE_IDS)
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "mm{}-c{}-r{}".format(*c))
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_block_merge(benchmark, record, provider, mode, config, batch, dtype):
-    if provider == "triton" and not ON_GPU:
-        pytest.skip("Triton is timed on a GPU only (the CPU interpreter is not a benchmark)")
-    if provider == "compile" and not ON_GPU and os.environ.get("CMC_BENCH_CPU_COMPILE", "0") in ("", "0"):
-        pytest.skip("torch.compile on CPU takes ~90 s per shape to build; set CMC_BENCH_CPU_COMPILE=1")
-    if dtype == torch.bfloat16 and batch != 64:
-        pytest.skip("bfloat16 at B=64 only")
+def test_block_merge(benchmark, record, monkeypatch, provider, mode, config, batch, dtype_id):
+    reason = _skip_reason(provider, batch, dtype_id)
+    if reason:
+        pytest.skip(reason)
+    dtype, precision = DTYPES[dtype_id]
+    monkeypatch.setenv("CMC_FAST_KERNELS", "triton" if provider == "fused" else "auto")
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        _run(benchmark, record, provider, mode, config, batch, dtype, precision, dtype_id)
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def _run(benchmark, record, provider, mode, config, batch, dtype, precision, dtype_id):
     mm, chunks, rank = config
     sizes = block_chunk_sizes(mm, chunks)
     fn, leaves, grad = make_case(provider, batch, sizes, rank, dtype)
@@ -180,7 +179,8 @@ def test_block_merge(benchmark, record, provider, mode, config, batch, dtype):
     if ON_GPU:
         torch.cuda.synchronize()
     benchmark.pedantic(_timed(op, INNER), rounds=ROUNDS, iterations=INNER, warmup_rounds=1 if ON_GPU else 0)
-    floor = block_merge_floor(batch, sizes, rank, x_bytes=dtype.itemsize, w_bytes=dtype.itemsize,
-                              backward=mode != "fwd", flops_per_s=FLOPS[dtype])
-    record(benchmark, group=f"block_merge {mode} mm={mm} chunks={chunks} rank={rank} B={batch} {dtype}",
-           provider=provider, floor_s=floor, peak_bytes=peak)
+    gpu = _gpu_name(DEVICE)
+    floor = block_merge_floor(batch, sizes, rank, dtype=dtype, precision=precision, gpu=gpu, backward=mode != "fwd")
+    extra = {"path": choose_block_path(sizes, rank, batch, dtype, DEVICE)} if provider == "auto" else {}
+    record(benchmark, group=f"block_merge {mode} mm={mm} chunks={chunks} rank={rank} B={batch} {dtype_id}",
+           provider=provider, floor_s=floor, peak_bytes=peak, floor_gpu=gpu, **extra)

@@ -98,15 +98,18 @@ def markdown(payload: dict) -> str:
     for group in dict.fromkeys(r["group"] for r in rows):
         members = [r for r in rows if r["group"] == group]
         images = any("images_per_s" in r for r in members)
-        extra = " images/s | CPU ms/image |" if images else ""
+        gpu = any("gpu_time_s" in r for r in members)  # NCE rows: GPU time alone beside the synchronised step
+        extra = (" images/s | CPU ms/image |" if images else "") + (" GPU ms |" if gpu else "")
         lines += [f"## {group}", "",
                   f"| provider | median ms | floor ms | measured/floor | peak MiB |{extra} measured |",
-                  "|---|---:|---:|---:|---:|" + ("---:|---:|" if images else "") + "---|"]
+                  "|---|---:|---:|---:|---:|" + ("---:|---:|" if images else "") + ("---:|" if gpu else "") + "---|"]
         for r in members:
             floor = f"{r['floor_s'] * 1e3:.4f}" if r.get("floor_s") else "-"
             ratio = f"{r['measured_over_floor']:.1f}x" if r.get("measured_over_floor") else "-"
             peak = f"{r['peak_bytes'] / 2**20:.1f}" if r.get("peak_bytes") is not None else "-"
             rate = (f" {r.get('images_per_s', '-')} | {r.get('cpu_ms_per_image', '-')} |" if images else "")
+            if gpu:
+                rate += f" {r['gpu_time_s'] * 1e3:.3f} |" if r.get("gpu_time_s") is not None else " - |"
             lines.append(f"| {r['provider']} | {r['median_s'] * 1e3:.3f} | {floor} | {ratio} | {peak} |{rate} "
                          f"{r['date']} |")
         lines.append("")

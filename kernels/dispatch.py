@@ -1,8 +1,13 @@
 """Which implementation an op runs: Triton for CUDA tensors, the PyTorch reference for CPU tensors.
 
-``CMC_FAST_KERNELS=triton|reference|auto`` (default ``auto``) overrides it. ``triton`` on CPU tensors only
+``CMC_FAST_KERNELS=triton|reference|auto`` (default ``auto``) overrides it; ``bmm`` forces BLOCK's batched-bmm path
+(``kernels.block.choose_block_path``) and means ``auto`` for the other ops. ``triton`` on CPU tensors only
 works under ``TRITON_INTERPRET=1`` (set before importing ``kernels``): that is how the kernels are tested on
 machines without a GPU.
+
+``CMC_FAST_CHECK_INDEX=1`` is a debug switch: the Triton launchers then check every gather index against the bank's
+rows before launching (a clear IndexError instead of an out-of-bounds read; it costs a device sync per call, so it is
+off by default). The reference paths always check.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import warnings
 
 import torch
 
-_CHOICES = ("auto", "triton", "reference")
+_CHOICES = ("auto", "triton", "reference", "bmm")
 
 
 def kernel_mode() -> str:
@@ -22,6 +27,11 @@ def kernel_mode() -> str:
     if mode not in _CHOICES:
         raise ValueError(f"CMC_FAST_KERNELS={mode!r} is not one of {', '.join(_CHOICES)}")
     return mode
+
+
+def index_checks() -> bool:
+    """CMC_FAST_CHECK_INDEX=1: the Triton launchers validate gather indices (debug switch, see the module doc)."""
+    return os.environ.get("CMC_FAST_CHECK_INDEX", "0") not in ("", "0")
 
 
 def triton_interpreted() -> bool:

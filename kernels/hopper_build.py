@@ -1,18 +1,29 @@
-"""Build a Triton kernel for Hopper (sm_90) without a GPU, and read what ptxas says of it.
+"""Build a Triton kernel for Hopper (sm_90) without a GPU, read what ptxas says of it, and report its static cost.
 
 The interpreter (how the tests run kernels on a CPU) checks neither code generation (libdevice calls, tl.dot's
 minimum tiles, types across branches) nor resources. ``build`` compiles one specialisation with Triton's bundled
 ptxas and returns its shared memory and, where that ptxas can be found, its registers and spilled bytes.
 Code generation does not work under TRITON_INTERPRET=1: call this in a process without it (the tests do).
+
+The static report (``python -m cmc_fast.kernels.hopper_build report --op nce --shape B,D,K,N --bank-dtype fp32
+--sass-dir DIR [--json]``) builds every specialisation one launch of an op can run at a shape -- the op module's
+``hopper_specs(shape, **options)`` lists them as ``Spec`` objects (see ``REPORTERS``) -- writes each one's SASS
+(Triton's bundled cuobjdump) into DIR and prints, per specialisation, registers, spills, shared memory, the grid
+against the resident slots of a 132-SM H100/H200, and the hot loop's instruction mix per gathered row. Nothing here
+runs a kernel: these are counts of the code, not times.
 """
 
 from __future__ import annotations
 
+import argparse
+import importlib
+import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -20,6 +31,43 @@ from triton.compiler import ASTSource
 
 HOPPER = GPUTarget("cuda", 90, 32)
 SHARED_PER_BLOCK = 227 * 1024  # the most shared memory one block may use on an H100/H200
+
+# Resident-block limits of one sm_90 SM (CUDA C Programming Guide, "Compute Capabilities", table of technical
+# specifications for compute capability 9.0): they bound how many programs run at once, hence the waves.
+HOPPER_SMS = 132  # H100 SXM and H200 (NVIDIA H100/H200 datasheets): 132 SMs
+REGISTERS_PER_SM = 65536
+REGISTER_ALLOC_UNIT = 256  # registers are allocated per warp in units of 256 (8 per thread)
+SHARED_PER_SM = 228 * 1024
+SHARED_RESERVED_PER_BLOCK = 1024  # the runtime reserves 1 KB of shared memory per resident block
+WARPS_PER_SM = 64
+BLOCKS_PER_SM = 32
+
+# Per-GPU bandwidths for floors, bytes/s. Each value names its source; None: not known here (owed to a measurement on
+# the device). "measured" values are someone's measurement, not this project's.
+GPUS = {
+    "H100 SXM": {
+        "hbm_spec": 3.35e12,  # NVIDIA H100 datasheet, SXM5 (HBM3): 3.35 TB/s
+        "hbm_measured": None,  # owed: no H100 copy measured in this project yet
+        "l2_measured": None,  # owed: NVIDIA publishes no L2 bandwidth; measure a gather over an L2-resident bank
+    },
+    "H200": {
+        "hbm_spec": 4.8e12,  # NVIDIA H200 datasheet (HBM3e): 4.8 TB/s
+        "hbm_measured": 4.3e12,  # issue #11: a device-to-device copy on an H200 reaches ~4.3 TB/s
+        "l2_measured": None,  # owed, as for the H100
+    },
+}
+
+
+# The instruction classes of the hot-loop mix (SASS opcodes, the part before the first '.').
+MIX_CLASSES = {
+    "loads": ("LDG", "LD", "LDS", "LDSM", "LDGSTS", "UTMALDG", "LDGDEPBAR"),
+    "stores": ("STG", "ST", "STS", "RED", "ATOM", "ATOMG", "ATOMS"),
+    "shuffles": ("SHFL",),
+    "barriers": ("BAR", "SYNCS", "MEMBAR", "DEPBAR"),  # block-level; BSSY/BSYNC (warp reconvergence) are "other"
+    "mufu": ("MUFU",),
+    "fp32": ("FADD", "FMUL", "FFMA", "FMNMX", "FSETP", "FSET", "FSEL", "FCHK", "FRND", "FSWZADD"),
+    "tensor": ("HMMA", "HGMMA", "IMMA", "IGMMA", "QGMMA", "BGMMA", "WGMMA"),
+}
 
 
 @dataclass
@@ -29,12 +77,37 @@ class Build:
     spilled: int | None  # the larger of spill stores and spill loads, bytes; None when ptxas was not found
 
 
-def _ptxas() -> str | None:
+@dataclass
+class Spec:
+    """One specialisation one launch at the report's shape can run (what ``hopper_specs`` returns a list of)."""
+    kernel: object  # the @triton.jit function
+    types: dict[str, str]  # as build(): Triton type per runtime argument
+    constexprs: dict[str, object]
+    num_warps: int
+    divisible_by_16: tuple[str, ...] = ()
+    path: str = ""  # shared by the specialisations one launch runs together (e.g. its config)
+    programs: int = 0  # the grid at that shape
+    rows_per_iteration: int | None = None  # kernels that gather bank rows: rows one program gathers per loop pass
+    extra: dict = field(default_factory=dict)  # op-specific report fields (BLOCK adds padding_waste)
+
+
+# op -> "module:function" returning list[Spec]; options come from the CLI (NCE: bank_dtype; BLOCK: dtype, precision)
+REPORTERS = {"nce": "cmc_fast.kernels.nce:hopper_specs", "block": "cmc_fast.kernels.block:hopper_specs"}
+
+
+# =========================================================================================== building
+def _tool(name: str) -> str | None:
+    """Path of a CUDA binary Triton ships (ptxas, cuobjdump, nvdisasm), or None."""
     try:  # Triton >= 3.4
         from triton.backends.nvidia.compiler import get_ptxas
-        return get_ptxas(HOPPER.arch).path
+        path = os.path.join(os.path.dirname(get_ptxas(HOPPER.arch).path), name)
     except Exception:  # noqa: BLE001 - older layouts: no register report, the build itself still runs
         return None
+    return path if os.path.exists(path) else None
+
+
+def _ptxas() -> str | None:
+    return _tool("ptxas")
 
 
 def ptxas_report(ptx: str) -> tuple[int | None, int | None]:
@@ -56,15 +129,18 @@ def ptxas_report(ptx: str) -> tuple[int | None, int | None]:
     return (int(registers.group(1)) if registers else None), (max(spills) if spills else None)
 
 
-def build(fn, types: dict[str, str], constexprs: dict[str, object], num_warps: int = 4,
-          divisible_by_16: tuple[str, ...] = ()) -> Build:
-    """Compile ``fn`` (a @triton.jit function) for sm_90. ``types``: Triton type per runtime argument ("*fp32",
-    "fp32", "*i64", ...; any not named is "i32"); ``constexprs``: value per tl.constexpr argument.
+def compile_sm90(fn, types: dict[str, str], constexprs: dict[str, object], num_warps: int = 4,
+                 divisible_by_16: tuple[str, ...] = ()):
+    """Compile ``fn`` (a @triton.jit function) for sm_90; returns Triton's compiled kernel (``.asm`` holds ttir,
+    ttgir, llir, ptx, cubin). ``types``: Triton type per runtime argument ("*fp32", "fp32", "*i64", ...; any not
+    named is "i32"); ``constexprs``: value per tl.constexpr argument.
 
     A real launch is specialised by the JIT: an integer argument equal to 1 becomes a constant (pass it in
     ``constexprs``), and pointers and integers divisible by 16 are marked so (name them in ``divisible_by_16``),
     which lets loads vectorise -- the register count of the NCE loss kernel halves with it. Build what the launch
     will see, or the figures describe a kernel that never runs."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("hopper_build cannot generate code under TRITON_INTERPRET=1: run it without")
     params = list(fn.arg_names)
     unknown = (set(constexprs) | set(divisible_by_16)) - set(params)
     if unknown:
@@ -73,7 +149,13 @@ def build(fn, types: dict[str, str], constexprs: dict[str, object], num_warps: i
     src = ASTSource(fn=fn, signature=signature,
                     constexprs={(params.index(k),): v for k, v in constexprs.items()},
                     attrs={(params.index(p),): [["tt.divisibility", 16]] for p in divisible_by_16})
-    kernel = triton.compile(src, target=HOPPER, options={"num_warps": num_warps})
+    return triton.compile(src, target=HOPPER, options={"num_warps": num_warps})
+
+
+def build(fn, types: dict[str, str], constexprs: dict[str, object], num_warps: int = 4,
+          divisible_by_16: tuple[str, ...] = ()) -> Build:
+    """Compile ``fn`` for sm_90 (see ``compile_sm90``) and read its shared memory, registers and spills."""
+    kernel = compile_sm90(fn, types, constexprs, num_warps, divisible_by_16)
     registers, spilled = ptxas_report(kernel.asm["ptx"])
     return Build(kernel.metadata.shared, registers, spilled)
 
@@ -88,3 +170,197 @@ def build_checked(fn, types: dict[str, str], constexprs: dict[str, object], num_
     assert b.shared <= SHARED_PER_BLOCK, f"{what}: {b.shared} bytes of shared memory"
     assert (b.spilled or 0) <= max_spilled, f"{what}: {b.spilled} bytes spilled"
     return b
+
+
+# ================================================================================================ SASS
+def sass_text(kernel) -> str:
+    """The SASS of a compiled kernel (``compile_sm90``'s result), from Triton's bundled cuobjdump."""
+    exe = _tool("cuobjdump")
+    if exe is None:
+        raise RuntimeError("cuobjdump not found beside Triton's ptxas (triton/backends/nvidia/bin)")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        out = subprocess.run([exe, "-sass", path], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"cuobjdump failed:\n{out.stderr[-2000:]}")
+    return out.stdout
+
+
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+
+
+def sass_instructions(sass: str) -> list[tuple[int, str]]:
+    """(address, instruction text without predicate) for every instruction of a cuobjdump listing."""
+    out = []
+    for m in _SASS_LINE.finditer(sass):
+        text = re.sub(r"^@!?U?P[T0-9]+\s+", "", m.group(2))
+        out.append((int(m.group(1), 16), text))
+    return out
+
+
+def hot_loop(instructions: list[tuple[int, str]]) -> list[str]:
+    """The instructions of the hot loop: of the loops closed by a backward branch (``BRA`` to a lower address),
+    those that contain no other loop (innermost), the one with the most instructions. Every warp of a program runs
+    each of them once per pass. Empty when the kernel has no loop."""
+    loops = []
+    for addr, text in instructions:
+        m = re.match(r"BRA(?:\.\S+)?\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", text)
+        if m and int(m.group(1), 16) < addr:
+            loops.append((int(m.group(1), 16), addr))
+    innermost = [(s, e) for s, e in loops if not any((s2, e2) != (s, e) and s <= s2 and e2 <= e for s2, e2 in loops)]
+    if not innermost:
+        return []
+    body = [[t for a, t in instructions if s <= a <= e] for s, e in innermost]
+    return max(body, key=len)
+
+
+def instruction_mix(instructions: list[str]) -> dict[str, int]:
+    """Counts per class of ``MIX_CLASSES`` plus ``other`` (integer, moves, conversions, branches) and ``total``."""
+    mix = dict.fromkeys(MIX_CLASSES, 0)
+    other = 0
+    for text in instructions:
+        op = text.split()[0].split(".")[0] if text else ""
+        cls = next((c for c, ops in MIX_CLASSES.items() if op in ops), None)
+        if cls is None:
+            other += 1
+        else:
+            mix[cls] += 1
+    mix["other"] = other
+    mix["total"] = len(instructions)
+    return mix
+
+
+# ============================================================================================== waves
+def resident_blocks(registers: int | None, shared: int, num_warps: int) -> int:
+    """Blocks one sm_90 SM holds at once, limited by registers, shared memory, warps and blocks."""
+    limits = [BLOCKS_PER_SM, WARPS_PER_SM // num_warps]
+    if registers:
+        per_warp = -(-registers * 32 // REGISTER_ALLOC_UNIT) * REGISTER_ALLOC_UNIT
+        limits.append(REGISTERS_PER_SM // (per_warp * num_warps))
+    limits.append(SHARED_PER_SM // (shared + SHARED_RESERVED_PER_BLOCK))
+    return max(0, min(limits))
+
+
+def waves(programs: int, slots: int) -> tuple[float, float]:
+    """(programs / slots, how full the last wave is in [0, 1]); slots = SMs x resident blocks per SM."""
+    if programs <= 0 or slots <= 0:
+        return 0.0, 1.0
+    full, rest = divmod(programs, slots)
+    return programs / slots, (rest / slots if rest else 1.0)
+
+
+# ============================================================================================= report
+def report_spec(spec: Spec, sass_dir: str, index: int) -> dict:
+    """Build one specialisation, write its SASS into ``sass_dir`` and return its report row."""
+    kernel = compile_sm90(spec.kernel, spec.types, spec.constexprs, spec.num_warps, spec.divisible_by_16)
+    registers, spilled = ptxas_report(kernel.asm["ptx"])
+    sass = sass_text(kernel)
+    name = spec.kernel.__name__
+    os.makedirs(sass_dir, exist_ok=True)
+    sass_file = os.path.join(sass_dir, f"{index:02d}_{name}_{spec.num_warps}w.sass")
+    with open(sass_file, "w") as f:
+        f.write(sass)
+    loop = hot_loop(sass_instructions(sass))
+    mix = instruction_mix(loop)
+    slots = HOPPER_SMS * resident_blocks(registers, kernel.metadata.shared, spec.num_warps)
+    n_waves, last_fill = waves(spec.programs, slots)
+    row = {"kernel": name, "path": spec.path, "num_warps": spec.num_warps, "sass": sass_file,
+           "constexprs": {k: v for k, v in spec.constexprs.items()}, "registers": registers, "spilled": spilled,
+           "shared": kernel.metadata.shared, "programs": spec.programs, "resident_slots": slots,
+           "waves": round(n_waves, 3), "last_wave_fill": round(last_fill, 3),
+           "rows_per_iteration": spec.rows_per_iteration, "loop_instructions_per_warp": mix,
+           "per_gathered_row": None}
+    if spec.rows_per_iteration and loop:
+        # warp-instructions the SM issues per gathered row: every warp runs the loop body once per pass
+        row["per_gathered_row"] = {k: round(v * spec.num_warps / spec.rows_per_iteration, 2) for k, v in mix.items()}
+    row.update(spec.extra)
+    return row
+
+
+def load_reporter(op: str):
+    """The ``hopper_specs`` function of ``op`` (ImportError/AttributeError when its module does not provide it)."""
+    if op not in REPORTERS:
+        raise ValueError(f"--op must be one of {sorted(REPORTERS)}, got {op!r}")
+    module, func = REPORTERS[op].split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def report(op: str, shape: tuple[int, ...], sass_dir: str, **options) -> list[dict]:
+    os.makedirs(sass_dir, exist_ok=True)
+    specs = load_reporter(op)(shape, **options)
+    return [report_spec(s, sass_dir, i) for i, s in enumerate(specs)]
+
+
+_COLUMNS = [("kernel", 24), ("path", 22), ("num_warps", 5), ("registers", 5), ("spilled", 5), ("shared", 6),
+            ("programs", 8), ("waves", 6), ("last_wave_fill", 5), ("rows_per_iteration", 5)]
+_MIX_COLUMNS = ["total", "loads", "shuffles", "barriers", "mufu", "fp32", "tensor"]
+
+
+def format_table(rows: list[dict]) -> str:
+    """A plain-text table; the instruction mix is per gathered row where the kernel gathers rows, else per warp
+    and pass (``loop/warp``)."""
+    head = ["kernel", "path", "warps", "regs", "spill", "shared", "programs", "waves", "last", "rows",
+            "mix"] + _MIX_COLUMNS
+    lines = [" | ".join(head)]
+    for r in rows:
+        cells = [str(r.get(k)) for k, _ in _COLUMNS]
+        per_row = r.get("per_gathered_row")
+        mix = per_row or r["loop_instructions_per_warp"]
+        cells.append("per row" if per_row else "loop/warp")
+        cells += [str(mix.get(k)) for k in _MIX_COLUMNS]
+        lines.append(" | ".join(cells))
+    return "\n".join(lines)
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shape must be comma-separated integers, got {text!r}") from None
+    if any(x < 0 for x in shape):
+        raise argparse.ArgumentTypeError(f"--shape must be non-negative, got {text!r}")
+    return shape
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cmc_fast.kernels.hopper_build",
+                                     description="Static sm_90 cost report of a Triton op (no GPU needed)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    rep = sub.add_parser("report", help="build every specialisation a launch at --shape runs; SASS + table")
+    rep.add_argument("--op", required=True, choices=sorted(REPORTERS))
+    rep.add_argument("--shape", required=True, type=_parse_shape, help="e.g. B,D,K,N for nce")
+    rep.add_argument("--sass-dir", required=True, help="directory the SASS files are written to")
+    rep.add_argument("--json", action="store_true", help="print a JSON list, one object per specialisation")
+    rep.add_argument("--bank-dtype", choices=["fp32", "bf16", "fp16"], help="nce: the bank's dtype")
+    rep.add_argument("--dtype", help="block: the operands' dtype")
+    rep.add_argument("--precision", help="block: the matmul precision")
+    args = parser.parse_args(argv)
+    options = {k: v for k, v in (("bank_dtype", args.bank_dtype), ("dtype", args.dtype),
+                                 ("precision", args.precision)) if v is not None}
+    try:
+        load_reporter(args.op)
+    except (ImportError, AttributeError) as e:  # e.g. block before its branch is merged: this op only
+        print(f"op {args.op!r} has no report here: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    rows = report(args.op, args.shape, args.sass_dir, **options)
+    floors = _floors(args.op, args.shape, options)
+    if args.json:
+        print(json.dumps(rows, indent=1, default=str))  # default: constexprs such as Triton dtypes
+    else:
+        print(format_table(rows))
+        if floors:
+            print("\nfloors:\n" + "\n".join(f"  {k}: {v}" for k, v in floors.items()))
+    return 0
+
+
+def _floors(op: str, shape: tuple[int, ...], options: dict) -> dict | None:
+    """The op module's optional ``hopper_floors(shape, **options)`` (a dict of named floors), or None."""
+    module = importlib.import_module(REPORTERS[op].split(":")[0])
+    fn = getattr(module, "hopper_floors", None)
+    return fn(shape, **options) if fn else None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

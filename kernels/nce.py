@@ -1,19 +1,22 @@
 """Cross-modal NCE over a memory bank: fused Triton loss + anchor gradient, first-batch partition, bank update.
 
-Floor (DESIGN section 5): bytes one forward+backward of ``nce_loss`` must move, i.e. the gathered bank rows
-B*(K+1)*d*elem, the indices B*(K+1)*8, the anchors read and their gradient written (2*B*d*4):
+Floors (DESIGN section 5; ``hopper_floors`` below, printed by the static report): one forward+backward of
+``nce_loss`` gathers B*(K+1) bank rows (``l2_gather``: B*(K+1)*d*elem bytes) and must move across HBM the int32
+indices B*(K+1)*4, the anchors and gradient 2*B*d*4 and the bank once N*d*elem (``hbm``):
 
-    (B, d, K, N)          bank   gathered   idx      total     H100 (3.35 TB/s)   H200 (4.8 TB/s)
-    (64, 128, 1500, 7531)  fp32   49.2 MB   0.77 MB   50.0 MB    14.9 us            10.4 us
-    (64, 128, 1500, 7531)  bf16   24.6 MB   0.77 MB   25.4 MB     7.6 us             5.3 us
-    (64, 128, 16384, 9528) fp32  536.9 MB   8.39 MB  545.4 MB   162.8 us           113.6 us
-    (64, 128, 16384, 9528) bf16  268.5 MB   8.39 MB  276.9 MB    82.7 us            57.7 us
+    (B, d, K, N)          bank   L2 gather   HBM       HBM floor H100 (3.35 TB/s spec)   H200 (4.8 spec / 4.3 measured)
+    (64, 128, 1500, 7531)  fp32   49.2 MB    4.3 MB     1.3 us                            0.9 / 1.0 us
+    (64, 128, 16384, 9528) fp32  536.9 MB    9.1 MB     2.7 us                            1.9 / 2.1 us
+    (64, 128, 16384, 9528) bf16  268.5 MB    6.7 MB     2.0 us                            1.4 / 1.6 us
 
-The whole bank (N*d*elem = 2-5 MB here) fits in the L2 of an H100/H200, so repeated rows are served from L2
-and a kernel can come in *under* this gather floor; only the index stream (8.4 MB at K=16384) must come
-from HBM. The FLOPs (2 dot products of length d per score, ~0.5 GFLOP at K=16384) are negligible.
-Extra memory of the Triton path: partials B*S*(d+1)*4 + the gradient B*d*4 bytes (S = splits of K+1, ~9 on
-an H100: ~0.33 MB), against the eager reference's float32 [B, K+1, d] gather (537 MB at K=16384).
+The whole bank (N*d*elem = 2-5 MB) sits in the 50 MB L2 of an H100/H200, so the gather is served from L2: the
+floor that binds is the L2 gather (bytes / L2 bandwidth), and NVIDIA publishes no L2 bandwidth -- that figure is
+owed to a measurement on the device. The FLOPs (2 dot products of length d per row, ~0.5 GFLOP at K=16384) are
+negligible; what the SMs must issue is: built for sm_90 at B=64, d=128, K=16384 the loss kernel's loop runs 20.6
+warp-instructions per gathered row with an fp32 bank and 21.1 with bf16 (``python -m cmc_fast.kernels.hopper_build
+report --op nce``), ~22 M warp-instructions per call: ~21 us of issue on 132 SMs x 4 schedulers at an assumed
+1.98 GHz SM clock. Extra memory of the Triton path: partials B*S*(d+1)*4 + the gradient B*d*4 bytes (S = 4-8
+splits at K=16384: ~0.3 MB), against the eager reference's float32 [B, K+1, d] gather (537 MB at K=16384).
 
 Layout of this file (Liger-Kernel style): Triton kernels, then launchers (pointer arguments commented with
 shapes), then the torch.library ops (``cmc_fast::nce_fwd``, ``cmc_fast::nce_partition``,
@@ -40,10 +43,11 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 
-from .dispatch import triton_interpreted, use_triton
+from .dispatch import index_checks, triton_interpreted, use_triton
 from .reference import bank_update_reference_, nce_partition_reference
 from .utils import contiguous, libdevice, next_power_of_2, tl, triton
 
@@ -52,7 +56,7 @@ __all__ = ["nce_loss", "nce_partition", "bank_update_", "nce_fwd_triton", "nce_p
 
 _TILE = 8192  # elements of the [BLOCK_K, BLOCK_D] gathered tile held in registers by one program
 _TILE_INTERPRETED = 1 << 18  # the interpreter pays per op, not per element: far larger tiles there
-_CHUNK_ALIGN = 128  # columns per split are a multiple of this (the largest BLOCK_K autotune may pick)
+_CHUNK_ALIGN = 128  # columns per split of the partition kernel are a multiple of this
 
 
 # ============================================================================================ kernels
@@ -68,66 +72,69 @@ _CHUNK_ALIGN = 128  # columns per split are a multiple of this (the largest BLOC
 def _nce_fwd_kernel(
     anchor_ptr,  # [B, D] fp32/bf16/fp16, contiguous
     bank_ptr,  # [N, D] fp32/bf16/fp16, strides (stride_bn, stride_bd)
-    idx_ptr,  # [B, K1] int64/int32, contiguous; column 0 is the positive
+    idx_ptr,  # [B, K1] int32/int64, contiguous; column 0 is the positive
     z_ptr,  # [] float: the frozen partition Z
     part_loss_ptr,  # [B, S] fp32 out: sum of this split's loss terms (before the -1/B)
     part_grad_ptr,  # [B, S, D] fp32 out: sum over this split of w_ij * M[idx_ij] (before the 1/(B*tau))
-    inv_tau, log_c, log_eps, log_noise,  # fp32 scalars
-    K1, D, stride_bn, stride_bd, chunk,  # chunk: columns per split (a multiple of BLOCK_K's alignment)
-    COMPUTE_GRAD: tl.constexpr, LIBDEVICE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    inv_tau, log_c, log_noise_over_c,  # fp32 scalars: 1/tau, log(K/N + eps), log(K/N) - log(K/N + eps)
+    K1, D, stride_bn, stride_bd, chunk,  # chunk: columns per split (a multiple of BLOCK_K)
+    COMPUTE_GRAD: tl.constexpr, LIBDEVICE: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_K: tl.constexpr, N_CHUNKS: tl.constexpr, CHUNK_D: tl.constexpr,
 ):
+    # The gathered tile is [N_CHUNKS, BLOCK_K, CHUNK_D]: row k's d values are cut into N_CHUNKS pieces of CHUNK_D
+    # contiguous elements. Triton lays threads out from the innermost axis, so one row sits on CHUNK_D / vector
+    # lanes (2-8 with 16-byte loads), not 32: the dot product is a few in-thread FMAs plus log2(lanes) shuffles,
+    # and the per-row math below runs once per 2-8 lanes instead of on every lane of a warp. The gradient is
+    # accumulated per tile element and reduced over rows once, after the loop (no reduction in the loop).
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     n_split = tl.num_programs(1)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_d = tl.arange(0, N_CHUNKS)[:, None, None] * CHUNK_D + tl.arange(0, CHUNK_D)[None, None, :]  # [C, 1, W]
     mask_d = offs_d < D
-    a = tl.load(anchor_ptr + row * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    log_z = tl.log(tl.load(z_ptr).to(tl.float32))
+    # 1/tau is folded into the anchor: the loop's dot product is s/tau directly
+    a = tl.load(anchor_ptr + row * D + offs_d, mask=mask_d, other=0.0).to(tl.float32) * inv_tau
+    shift = tl.log(tl.load(z_ptr).to(tl.float32)) + log_c  # t = s/tau - log Z - log c = log(P / c)
     start = split * chunk
     end = tl.minimum(start + chunk, K1)
     idx_row_ptr = idx_ptr + row * K1
     acc_l = tl.zeros([BLOCK_K], dtype=tl.float32)
-    acc_g = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc_g = tl.zeros([N_CHUNKS, BLOCK_K, CHUNK_D], dtype=tl.float32)
     for k0 in range(start, end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < end
+        # past the end: row 0 is gathered (it exists) and its terms are zeroed below, so the gather needs no mask
         ids = tl.load(idx_row_ptr + offs_k, mask=mask_k, other=0).to(tl.int64)
-        m = tl.load(bank_ptr + ids[:, None] * stride_bn + offs_d[None, :] * stride_bd,
-                    mask=mask_k[:, None] & mask_d[None, :], other=0.0).to(tl.float32)  # [BLOCK_K, BLOCK_D]
-        lp = tl.sum(m * a[None, :], axis=1) * inv_tau - log_z  # log P = s - log Z
+        ptrs = bank_ptr + ids[None, :, None] * stride_bn + offs_d * stride_bd
+        if EVEN_D:  # noqa: SIM108 - a constexpr branch: only the unmasked load is compiled
+            m = tl.load(ptrs).to(tl.float32)  # [C, BLOCK_K, W]
+        else:
+            m = tl.load(ptrs, mask=mask_d, other=0.0).to(tl.float32)
+        t = tl.sum(tl.sum(m * a, axis=0), axis=1) - shift  # [BLOCK_K]
+        # One exp, one log1p and one reciprocal per row (math in DESIGN section 1, with e = exp(-|t|), P/c = e^t):
+        #   positive  term = -softplus(-t)              = -max(-t, 0) - log1p(e);   w = -c/(P+c) = -sigmoid(-t)
+        #   negative  term = log(noise/c) - softplus(t) = log(noise/c) - max(t, 0) - log1p(e);   w = sigmoid(t)
+        e = tl.exp(-tl.abs(t))
+        if LIBDEVICE:
+            l1p = libdevice.log1p(e)
+        else:  # the interpreter has no libdevice: Goldberg's log(u) * e / (u - 1), u = 1 + e
+            u = 1.0 + e
+            du = u - 1.0
+            l1p = tl.where(du == 0.0, e, tl.log(u) * (e / tl.where(du == 0.0, 1.0, du)))
         is_pos = offs_k == 0
-        x_pos = log_c - lp
-        # negatives: y = logaddexp(lp, log eps) = log(P + eps)
-        e1 = tl.exp(-tl.abs(lp - log_eps))
-        if LIBDEVICE:
-            l1 = libdevice.log1p(e1)
-        else:
-            u1 = 1.0 + e1
-            d1 = u1 - 1.0
-            l1 = tl.where(d1 == 0.0, e1, tl.log(u1) * (e1 / tl.where(d1 == 0.0, 1.0, d1)))
-        y = tl.maximum(lp, log_eps) + l1
-        # term = -softplus(x_pos) for the positive, -softplus(y - log noise) for negatives
-        x = tl.where(is_pos, x_pos, y - log_noise)
-        e2 = tl.exp(-tl.abs(x))
-        if LIBDEVICE:
-            l2 = libdevice.log1p(e2)
-        else:
-            u2 = 1.0 + e2
-            d2 = u2 - 1.0
-            l2 = tl.where(d2 == 0.0, e2, tl.log(u2) * (e2 / tl.where(d2 == 0.0, 1.0, d2)))
-        sp = tl.maximum(x, 0.0) + l2
-        acc_l += tl.where(mask_k, -sp, 0.0)
+        term = tl.where(is_pos, -tl.maximum(-t, 0.0), log_noise_over_c - tl.maximum(t, 0.0)) - l1p
+        acc_l += tl.where(mask_k, term, 0.0)
         if COMPUTE_GRAD:
-            # w = -c/(P+c) = -sigmoid(x_pos) for the positive, P/(P+c) = sigmoid(-x_pos) for negatives
-            e3 = tl.exp(-tl.abs(x_pos))
-            sig = tl.where(x_pos >= 0, 1.0, e3) / (1.0 + e3)  # sigmoid(x_pos)
-            sig_neg = tl.where(x_pos >= 0, e3, 1.0) / (1.0 + e3)  # sigmoid(-x_pos), no cancellation
-            w = tl.where(mask_k, tl.where(is_pos, -sig, sig_neg), 0.0)
-            acc_g += tl.sum(w[:, None] * m, axis=0)
+            r = 1.0 / (1.0 + e)
+            big = t >= 0.0  # sigmoid(t) = r when t >= 0 else e*r; sigmoid(-t) the other one: no cancellation
+            w = tl.where(is_pos, -tl.where(big, e, 1.0), tl.where(big, 1.0, e)) * r
+            w = tl.where(mask_k, w, 0.0)
+            acc_g += w[:, None][None, :, :] * m
     out = row * n_split + split
     tl.store(part_loss_ptr + out, tl.sum(acc_l, axis=0))
     if COMPUTE_GRAD:
-        tl.store(part_grad_ptr + out * D + offs_d, acc_g, mask=mask_d)
+        g = tl.sum(acc_g, axis=1)  # [C, W]
+        offs_g = tl.arange(0, N_CHUNKS)[:, None] * CHUNK_D + tl.arange(0, CHUNK_D)[None, :]
+        tl.store(part_grad_ptr + out * D + offs_g, g, mask=offs_g < D)
 
 
 @triton.jit
@@ -214,35 +221,13 @@ def _bank_update_kernel(
         tl.store(ptrs, out.to(bank_ptr.dtype.element_ty), mask=mask_d)
 
 
-# On CUDA the loss kernel is autotuned over tile height and warps (once per (K1, D)) for d <= 256; the interpreter
-# has no autotune, so it runs the plain kernel with the heuristic BLOCK_K. The space is pruned by registers: the loop
-# keeps the gathered [BLOCK_K, BLOCK_D] tile, its addresses and the per-column terms in registers. Built for sm_90 as
-# the JIT specialises the launch (ptxas -v, Triton 3.6 and 3.8; tests/test_nce_kernel.py checks it), the fp32
-# gradient kernel spills nothing (12 bytes at most) up to 64 tile elements per thread when the bank rows are
-# 16-aligned (d % 16 == 0, contiguous, aligned pointers: 128-bit loads), and up to 32 otherwise (per-element
-# addresses take twice the registers); above that it spills 160 B to 6.6 KB. num_stages is not varied: with no tl.dot
-# in the loop Triton does not pipeline it (the same code at 1, 2 and 3 stages).
-_FWD_CONFIGS = [triton.Config({"BLOCK_K": bk}, num_warps=w)
-                for bk, w in [(16, 2), (16, 4), (16, 8), (32, 4), (32, 8), (64, 4), (64, 8), (128, 8)]]
-
-
-def _rows_vectorise(named_args: dict) -> bool:
-    """The JIT's specialisation that lets the gather load 16 bytes at a time: unit stride along d, d and the row
-    stride multiples of 16, every tensor 16-byte aligned."""
-    ints_ok = named_args.get("stride_bd") == 1 and all(named_args.get(k, 0) % 16 == 0 for k in ("D", "stride_bn"))
-    return ints_ok and all(v.data_ptr() % 16 == 0 for v in named_args.values() if hasattr(v, "data_ptr"))
-
-
-def _spill_free_configs(configs: list, named_args: dict, **kwargs) -> list:
-    """Autotune's early prune: the configs whose [BLOCK_K, BLOCK_D] tile fits the registers (see above)."""
-    block_d = kwargs.get("BLOCK_D") or named_args["BLOCK_D"]
-    per_thread = lambda c: c.kwargs["BLOCK_K"] * block_d / (32 * c.num_warps)
-    limit = 64 if _rows_vectorise(named_args) else 32
-    return [c for c in configs if per_thread(c) <= limit] or [min(configs, key=per_thread)]
-
-
-_nce_fwd_kernel_tuned = triton.autotune(configs=_FWD_CONFIGS, key=["K1", "D", "COMPUTE_GRAD", "LIBDEVICE"],
-                                        prune_configs_by={"early_config_prune": _spill_free_configs})(_nce_fwd_kernel)
+# The loss kernel's launch (see _FwdLaunch): no autotune -- the configuration follows from d and the bank's element
+# size, and was chosen from the static sm_90 report (``python -m cmc_fast.kernels.hopper_build report --op nce``):
+# the warp-instructions per gathered row, registers and spills of each candidate. The number of splits of K+1 then
+# follows from the compiled kernel's occupancy, so the grid fills the GPU's resident slots with no wave tail.
+_ROW_BYTES_PER_THREAD = 128  # bytes of one bank row one thread loads (8 x 16-byte vectors): sets lanes per row
+_FWD_WARPS = 4
+_MIN_LAST_WAVE = 0.9  # splits are chosen so the last wave of programs fills at least this share of the slots
 
 
 # ========================================================================================== launchers
@@ -261,12 +246,93 @@ def _block_k(block_d: int, chunk: int, device: torch.device) -> int:
     return max(16, min(next_power_of_2(chunk), _TILE_INTERPRETED // block_d))
 
 
-def _fwd_warps(block_k: int, block_d: int) -> int:
-    """Warps for the untuned loss kernel (d > 256): enough for at most 32 tile elements per thread (spill-free at
-    any alignment, see the autotune space), from 4 to 8 (ptxas holds 16-warp blocks to 128 registers). Built for
-    sm_90, the heuristic tile (16 x 512, 8 x 1024, 4 x 2048) then spills nothing with Triton 3.6 or 3.8; 4 warps
-    at d = 512 spilled 148 bytes and 16 rows x 1024 at 8 or 16 warps ~140 bytes with Triton 3.6."""
-    return max(4, min(8, next_power_of_2(_cdiv(block_k * block_d, 32 * 32))))
+@dataclass(frozen=True)
+class _FwdLaunch:
+    """Tile of the loss kernel: [n_chunks, block_k, chunk_d], one bank row on chunk_d / vector lanes."""
+    block_k: int  # rows gathered per program per loop pass
+    n_chunks: int
+    chunk_d: int
+    num_warps: int
+
+
+def _fwd_launch(d: int, elem: int, interpreted: bool, block_k: int | None = None, k1: int = 1 << 30) -> _FwdLaunch:
+    """16-byte vectors (4 fp32 or 8 bf16/fp16 elements) per thread; lanes per row such that a thread holds ~128 bytes
+    of its row (fp32 d = 128: 4 lanes, 8 rows per warp; bf16 d = 128: 2 lanes, 16 rows per warp; d = 1024 fp32: 32
+    lanes), so the dot product's shuffles and the per-row math are shared by 8-16 rows per warp-instruction.
+    Rows per pass: one per row-slot of the warps (two rows per thread, from the sm_90 report at d = 128: fp32 192
+    registers instead of 120 for 20.2 warp-instructions per row instead of 20.6; bf16 spilled 728 bytes). The
+    interpreter pays per operation, not per element: far taller tiles there."""
+    block_d = next_power_of_2(d)
+    vec = max(1, 16 // elem)
+    lanes = max(2, min(32, block_d * elem // _ROW_BYTES_PER_THREAD))
+    chunk_d = min(block_d, lanes * vec)
+    rows_per_warp = 32 // max(1, chunk_d // vec)
+    if block_k is None:
+        tall = max(16, min(_TILE_INTERPRETED // block_d, 1024, next_power_of_2(k1)))
+        block_k = tall if interpreted else rows_per_warp * _FWD_WARPS
+    return _FwdLaunch(block_k, block_d // chunk_d, chunk_d, _FWD_WARPS)
+
+
+def _choose_splits(b: int, k1: int, block_k: int, slots: int, splits: int | None = None) -> tuple[int, int]:
+    """(S, columns per split): the fewest splits of K+1 for which the B x S programs end with a last wave at least
+    _MIN_LAST_WAVE full of ``slots`` (programs resident at once on the GPU); chunks are multiples of block_k (and of
+    16, so the JIT specialises ``chunk`` the same way for every S). ``splits`` forces S (tests)."""
+    align = max(16, block_k)
+    most = max(1, _cdiv(k1, align))
+    candidates = [max(1, min(int(splits), most))] if splits is not None else range(1, most + 1)
+    best = None
+    for want in candidates:
+        chunk = _cdiv(_cdiv(k1, want), align) * align
+        n = _cdiv(k1, chunk)
+        programs = b * n
+        last = programs % slots
+        fill = 1.0 if last == 0 else last / slots
+        if splits is not None or (programs >= _MIN_LAST_WAVE * slots and fill >= _MIN_LAST_WAVE):
+            return n, chunk
+        if best is None or fill > best[0]:
+            best = (fill, n, chunk)
+    return best[1], best[2]  # no S reaches the target (short K): the best-filled
+
+
+def _occupancy(regs: int, shared: int, num_warps: int, regs_per_sm: int = 65536, threads_per_sm: int = 2048,
+               shared_per_sm: int = 233472) -> int:
+    """Blocks of ``num_warps`` warps one SM holds at once (the occupancy calculator's rules: registers allocated per
+    warp in units of 256, 1 KB of shared memory reserved per block, at most 32 blocks); defaults: an H100/H200 SM.
+    kernels/hopper_build.resident_blocks computes the same for the static report (a test checks they agree)."""
+    per_warp = _cdiv(max(regs, 1) * 32, 256) * 256
+    return max(1, min(32, regs_per_sm // (per_warp * num_warps), threads_per_sm // (32 * num_warps),
+                      shared_per_sm // (shared + 1024)))
+
+
+def _resident_programs(compiled, num_warps: int, device: torch.device) -> int:
+    """Programs of a compiled kernel one SM of ``device`` holds at once, from its registers and shared memory.
+    Falls back to 2 if Triton's handle does not say."""
+    try:
+        compiled._init_handles()
+        props = torch.cuda.get_device_properties(device)
+        return _occupancy(int(compiled.n_regs), int(compiled.metadata.shared), num_warps,
+                          getattr(props, "regs_per_multiprocessor", 65536),
+                          getattr(props, "max_threads_per_multi_processor", 2048),
+                          getattr(props, "shared_memory_per_multiprocessor", 233472))
+    except Exception:  # noqa: BLE001 - an older/newer handle layout: a safe guess, the launch itself still runs
+        return 2
+
+
+_SLOTS: dict = {}
+
+
+def _fwd_slots(args: tuple, consts: dict, launch: _FwdLaunch, device: torch.device) -> int:
+    """Resident programs of the loss kernel on the whole GPU (SMs x per SM), once per specialisation."""
+    if device.type != "cuda" or triton_interpreted():
+        return 1  # the interpreter: fewer, larger programs are faster
+    k1, d, stride_bn, stride_bd, _chunk = args[-5:]
+    key = (device.index, k1 == 1, d, stride_bn, stride_bd, tuple(a.dtype for a in args if hasattr(a, "dtype")),
+           tuple(sorted(consts.items())))
+    if key not in _SLOTS:
+        compiled = _nce_fwd_kernel.warmup(*args, grid=(1,), num_warps=launch.num_warps, **consts)
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        _SLOTS[key] = _sm_count(index) * _resident_programs(compiled, launch.num_warps, device)
+    return _SLOTS[key]
 
 
 def _splits(b: int, k1: int, device: torch.device, splits: int | None) -> tuple[int, int]:
@@ -295,11 +361,23 @@ def _check_nce_args(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor)
         raise TypeError(f"anchor and bank must be floating point, got {anchor.dtype} and {bank.dtype}")
 
 
-def _nce_constants(k1: int, n_data: int, eps: float) -> tuple[float, float, float]:
-    """(log c, log eps, log noise) with noise = K/N, c = noise + eps. With K = 0 there are no negatives and
-    log noise is never used."""
+def _nce_constants(k1: int, n_data: int, eps: float) -> tuple[float, float]:
+    """(log c, log(noise / c)) with noise = K/N, c = noise + eps, in float64 on the host. With K = 0 there are no
+    negatives and the second is never used."""
     noise = (k1 - 1) / n_data
-    return math.log(noise + eps), math.log(eps), (math.log(noise) if noise > 0 else 0.0)
+    log_c = math.log(noise + eps)
+    return log_c, (math.log(noise) - log_c if noise > 0 else 0.0)
+
+
+def _check_index_range(idx: torch.Tensor, n: int) -> None:
+    """A clear IndexError for an index outside [0, N) (syncs with the device: the reference path always, the kernel
+    path under CMC_FAST_CHECK_INDEX=1)."""
+    if idx.numel() == 0:
+        return
+    lo, hi = int(idx.min()), int(idx.max())
+    if lo < 0 or hi >= n:
+        bad = lo if lo < 0 else hi
+        raise IndexError(f"idx holds {bad}, outside the bank's {n} rows (valid: 0 to {n - 1})")
 
 
 def nce_fwd_triton(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, z: torch.Tensor, tau: float,
@@ -308,25 +386,34 @@ def nce_fwd_triton(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, 
     """Launch the fused loss (+ anchor gradient) kernel. Returns (loss [] fp32, grad [B, d] fp32 or [0]).
     ``block_k`` / ``splits`` override the heuristics (tests use them to exercise several splits)."""
     anchor, idx = contiguous(anchor, idx)  # the bank is passed with its strides: never copied
+    if index_checks():
+        _check_index_range(idx, bank.shape[0])
     z = z.reshape(()).to(device=anchor.device, dtype=torch.float32)
     b, d = anchor.shape
     k1 = idx.shape[1]
-    block_d = next_power_of_2(d)
-    n_split, chunk = _splits(b, k1, anchor.device, splits)
-    log_c, log_eps, log_noise = _nce_constants(k1, n_data, eps)
     dev = anchor.device
+    if b == 0:  # as the reference: the mean of no rows is nan, the gradient empty
+        loss = torch.full((), float("nan"), device=dev, dtype=torch.float32)
+        return loss, anchor.new_zeros((0, d) if need_grad else (0,), dtype=torch.float32)
+    interpreted = dev.type != "cuda" or triton_interpreted()
+    launch = _fwd_launch(d, bank.element_size(), interpreted, block_k, k1)
+    log_c, log_noise_over_c = _nce_constants(k1, n_data, eps)
+    consts = {"COMPUTE_GRAD": need_grad, "LIBDEVICE": not interpreted, "BLOCK_K": launch.block_k,
+              "N_CHUNKS": launch.n_chunks, "CHUNK_D": launch.chunk_d,
+              "EVEN_D": d == launch.n_chunks * launch.chunk_d}
+    placeholder = (anchor, bank, idx, z, torch.float32, torch.float32, 1.0 / tau, log_c, log_noise_over_c,
+                   k1, d, bank.stride(0), bank.stride(1), max(16, launch.block_k))
+    slots = _fwd_slots(placeholder, consts, launch, dev)
+    n_split, chunk = _choose_splits(b, k1, launch.block_k, slots, splits if splits is not None else
+                                    (1 if interpreted else None))
     part_loss = torch.empty(b * n_split, device=dev, dtype=torch.float32)
     part_grad = torch.empty((b, n_split, d) if need_grad else (1,), device=dev, dtype=torch.float32)
     loss = torch.empty((), device=dev, dtype=torch.float32)
     grad = torch.empty((b, d), device=dev, dtype=torch.float32) if need_grad else loss  # unused when no grad
-    args = (anchor, bank, idx, z, part_loss, part_grad, 1.0 / tau, log_c, log_eps, log_noise,
-            k1, d, bank.stride(0), bank.stride(1), chunk)
-    if block_k is None and dev.type == "cuda" and not triton_interpreted() and block_d <= 256:
-        _nce_fwd_kernel_tuned[(b, n_split)](*args, COMPUTE_GRAD=need_grad, LIBDEVICE=True, BLOCK_D=block_d)
-    else:
-        bk = block_k or _block_k(block_d, chunk, dev)
-        _nce_fwd_kernel[(b, n_split)](*args, COMPUTE_GRAD=need_grad, LIBDEVICE=not triton_interpreted(),
-                                      BLOCK_K=bk, BLOCK_D=block_d, num_warps=_fwd_warps(bk, block_d))
+    _nce_fwd_kernel[(b, n_split)](anchor, bank, idx, z, part_loss, part_grad, 1.0 / tau, log_c, log_noise_over_c,
+                                  k1, d, bank.stride(0), bank.stride(1), chunk, num_warps=launch.num_warps,
+                                  **consts)
+    block_d = next_power_of_2(d)
     _nce_finalize_kernel[(b if need_grad else 1,)](
         part_loss, part_grad, loss, grad, b * n_split, n_split, d, -1.0 / b, 1.0 / (b * tau),
         COMPUTE_GRAD=need_grad, BLOCK_S=min(next_power_of_2(n_split), max(1, _TILE // block_d)),
@@ -338,6 +425,8 @@ def nce_partition_triton(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Te
                          *, block_k: int | None = None, splits: int | None = None) -> torch.Tensor:
     """Z = mean(exp(s)) * N as a 0-dim float32 tensor (the sum of partials is taken in float64)."""
     anchor, idx = contiguous(anchor, idx)
+    if index_checks():
+        _check_index_range(idx, bank.shape[0])
     b, d = anchor.shape
     k1 = idx.shape[1]
     block_d = next_power_of_2(d)
@@ -364,7 +453,8 @@ def nce_fwd_torch(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, z
                   n_data: int, eps: float, need_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference path of ``cmc_fast::nce_fwd``: the loss exactly as ``nce_loss_reference`` computes it, and
     its anchor gradient in closed form (autograd cannot run inside a custom op's implementation). Checked
-    against autograd of the reference by the tests."""
+    against autograd of the reference by the tests. An index outside the bank raises a clear IndexError."""
+    _check_index_range(idx, bank.shape[0])
     rows = bank.detach()[idx].float()  # [B, K+1, d]
     b, k1 = idx.shape
     s = torch.bmm(rows, anchor.float().unsqueeze(2)).squeeze(2) / tau
@@ -422,6 +512,7 @@ def _nce_partition_op(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Tenso
                       n_data: int) -> torch.Tensor:
     if use_triton(anchor):
         return nce_partition_triton(anchor, bank, idx, tau, n_data)
+    _check_index_range(idx, bank.shape[0])
     z = nce_partition_reference(anchor, bank, idx, tau=tau, n_data=n_data)
     return torch.tensor(z, dtype=torch.float32, device=anchor.device)
 
@@ -450,7 +541,8 @@ def nce_loss(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, *, tau
     """CRD's NCE loss for one direction (DESIGN sections 1 and 3): a float32 scalar, differentiable in ``anchor``.
 
     anchor [B, d] (normalised by the caller), bank [N, d] (float32/bfloat16/float16; no gradient), idx [B, K+1]
-    int64 with column 0 the positive, z the frozen partition (float or 0-dim tensor, kept on device). The
+    int32 or int64 with column 0 the positive (an index outside the bank: IndexError on the reference path, and on
+    the Triton path under CMC_FAST_CHECK_INDEX=1), z the frozen partition (float or 0-dim tensor, kept on device). The
     Triton path gathers bank rows by index, never builds [B, K+1, d], accumulates in float32 and computes the
     anchor gradient in the same pass; backward only scales it by the incoming gradient.
     """
@@ -483,3 +575,82 @@ def bank_update_(bank: torch.Tensor, index: torch.Tensor, feats: torch.Tensor, m
     if index.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"index must be int64 (or int32), got {index.dtype}")
     _bank_update_op(bank, index, feats.detach(), float(momentum))
+
+
+# ======================================================================================= static report
+_TRITON_DTYPE = {"fp32": ("fp32", 4), "bf16": ("bf16", 2), "fp16": ("fp16", 2)}
+
+
+def _fwd_spec_args(d: int, k1: int, chunk: int, bank_type: str) -> tuple[dict, tuple]:
+    """(types, divisible_by_16) of the loss kernel as the JIT specialises a launch: contiguous fp32 anchors, a
+    contiguous [N, d] bank (stride_bd == 1 becomes a constant), int32 indices, torch's 16-byte-aligned pointers."""
+    f32 = "*fp32"
+    types = {"anchor_ptr": f32, "bank_ptr": "*" + bank_type, "idx_ptr": "*i32", "z_ptr": f32,
+             "part_loss_ptr": f32, "part_grad_ptr": f32, "inv_tau": "fp32", "log_c": "fp32",
+             "log_noise_over_c": "fp32"}
+    ints = {"K1": k1, "D": d, "stride_bn": d, "chunk": chunk}
+    divisible = ("anchor_ptr", "bank_ptr", "idx_ptr", "z_ptr", "part_loss_ptr", "part_grad_ptr") + tuple(
+        name for name, v in ints.items() if v % 16 == 0)
+    return types, divisible
+
+
+def hopper_specs(shape: tuple[int, ...], bank_dtype: str = "fp32") -> list:
+    """The specialisations one ``nce_loss`` forward+backward at shape (B, d, K, N) runs on an H100/H200 (132 SMs)
+    with a contiguous bank of ``bank_dtype``, fp32 anchors and int32 indices: the loss kernel (its splits chosen
+    from its sm_90 build's occupancy, as the launcher does on the GPU) and the finalize kernel. For
+    ``python -m cmc_fast.kernels.hopper_build report --op nce``."""
+    from .hopper_build import HOPPER_SMS, Spec, build, resident_blocks  # lazily: imports Triton's compiler
+
+    if len(shape) != 4 or min(shape) < 0 or shape[1] < 1:
+        raise ValueError(f"nce shape is B,D,K,N (non-negative, d >= 1), got {shape}")
+    if bank_dtype not in _TRITON_DTYPE:
+        raise ValueError(f"bank_dtype must be one of {sorted(_TRITON_DTYPE)}, got {bank_dtype!r}")
+    b, d, k, _n = shape
+    k1 = k + 1
+    bank_type, elem = _TRITON_DTYPE[bank_dtype]
+    launch = _fwd_launch(d, elem, interpreted=False)
+    consts = {"COMPUTE_GRAD": True, "LIBDEVICE": True, "BLOCK_K": launch.block_k, "N_CHUNKS": launch.n_chunks,
+              "CHUNK_D": launch.chunk_d, "EVEN_D": d == launch.n_chunks * launch.chunk_d, "stride_bd": 1}
+    types, divisible = _fwd_spec_args(d, k1, max(16, launch.block_k), bank_type)
+    built = build(_nce_fwd_kernel, types, consts, launch.num_warps, divisible)
+    slots = HOPPER_SMS * resident_blocks(built.registers, built.shared, launch.num_warps)
+    n_split, chunk = _choose_splits(max(b, 1), k1, launch.block_k, slots)
+    types, divisible = _fwd_spec_args(d, k1, chunk, bank_type)
+    path = f"BLOCK_K={launch.block_k} tile={launch.n_chunks}x{launch.block_k}x{launch.chunk_d} S={n_split}"
+    specs = [Spec(_nce_fwd_kernel, types, consts, launch.num_warps, divisible, path, b * n_split, launch.block_k,
+                  {"splits": n_split, "chunk": chunk})]
+    block_d = next_power_of_2(d)
+    f32 = "*fp32"
+    fin_types = {"part_loss_ptr": f32, "part_grad_ptr": f32, "loss_ptr": f32, "grad_ptr": f32,
+                 "loss_scale": "fp32", "grad_scale": "fp32"}
+    fin_consts = {"COMPUTE_GRAD": True, "BLOCK_S": min(next_power_of_2(n_split), max(1, _TILE // block_d)),
+                  "BLOCK_D": block_d, "BLOCK_P": min(next_power_of_2(b * n_split), 1024)}
+    specs.append(Spec(_nce_finalize_kernel, fin_types, fin_consts, 4,
+                      ("part_loss_ptr", "part_grad_ptr", "loss_ptr", "grad_ptr"), path, b))
+    return specs
+
+
+def floor_bytes(b: int, d: int, k: int, n: int, bank_elem: int, idx_elem: int = 4) -> dict[str, int]:
+    """Bytes one forward+backward of ``nce_loss`` must move: ``l2_gather`` the gathered bank rows B*(K+1)*d*elem
+    (served from L2 when the bank fits there: 2-5 MB here against 50 MB of L2); ``hbm`` what crosses HBM at least
+    once -- the indices B*(K+1)*idx_elem, the anchors read and the gradient written 2*B*d*4, and the bank N*d*elem
+    once (it may still sit in L2 from the step's bank update: then less)."""
+    return {"l2_gather": b * (k + 1) * d * bank_elem,
+            "hbm": b * (k + 1) * idx_elem + 2 * b * d * 4 + n * d * bank_elem}
+
+
+def hopper_floors(shape: tuple[int, ...], bank_dtype: str = "fp32") -> dict[str, object]:
+    """Floors of one forward+backward at (B, d, K, N) per GPU (``kernels.hopper_build.GPUS``; int32 indices): the
+    L2 gather floor (bytes / L2 bandwidth; owed where no L2 bandwidth is known) beside the HBM floor at the
+    specified and, where known, the measured bandwidth. For the report's footer."""
+    from .hopper_build import GPUS
+
+    b, d, k, n = shape
+    nbytes = floor_bytes(b, d, k, n, _TRITON_DTYPE[bank_dtype][1])
+    out: dict[str, object] = {"bytes": nbytes}
+    for gpu, bw in GPUS.items():
+        us = lambda n, rate: round(n / rate * 1e6, 2) if rate else "owed"  # noqa: E731
+        out[gpu] = {"l2_gather_us": us(nbytes["l2_gather"], bw["l2_measured"]),
+                    "hbm_us_spec": us(nbytes["hbm"], bw["hbm_spec"]),
+                    "hbm_us_measured": us(nbytes["hbm"], bw["hbm_measured"])}
+    return out

@@ -15,6 +15,9 @@ __all__ = [
     "nce_partition_reference",
     "bank_update_reference_",
     "block_merge_reference",
+    "block_merge_sum_reference",
+    "block_merge_bmm",
+    "block_size_groups",
     "block_chunk_sizes",
     "block_flat_offsets",
     "last_occurrence_mask",
@@ -155,3 +158,55 @@ def block_merge_reference(
         outs.append(F.normalize(z, p=2, dim=1))
         col += s
     return torch.cat(outs, dim=1)
+
+
+def block_merge_sum_reference(x0, x1, w0, b0, w1, b1, *, sizes, rank: int) -> torch.Tensor:
+    """The merge without its epilogue: the raw rank sums z of every chunk, [B, mm] (for ``pos_norm='after_cat'``)."""
+    w_off, b_off = block_flat_offsets(sizes, rank)
+    outs, col = [], 0
+    for s, wo, bo in zip(sizes, w_off, b_off):
+        n_w, n_b = rank * s * s, rank * s
+        y0 = F.linear(x0[:, col:col + s], w0[wo:wo + n_w].view(n_b, s), b0[bo:bo + n_b])
+        y1 = F.linear(x1[:, col:col + s], w1[wo:wo + n_w].view(n_b, s), b1[bo:bo + n_b])
+        outs.append((y0 * y1).view(-1, rank, s).sum(1))
+        col += s
+    return torch.cat(outs, dim=1)
+
+
+def block_size_groups(sizes: list[int]) -> list[tuple[int, int]]:
+    """Runs of consecutive chunks of one size, as (size, count): [80] * 20 -> [(80, 20)]; block_chunk_sizes(256, 18)
+    = [15] * 17 + [1] -> [(15, 17), (1, 1)]. A run is contiguous in x and in the flat weights, so it is one batch."""
+    groups: list[tuple[int, int]] = []
+    for s in sizes:
+        if groups and groups[-1][0] == s:
+            groups[-1] = (s, groups[-1][1] + 1)
+        else:
+            groups.append((s, 1))
+    return groups
+
+
+def block_merge_bmm(x0: torch.Tensor, x1: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor, w1: torch.Tensor,
+                    b1: torch.Tensor, *, sizes: list[int], rank: int, normalize: bool = True) -> torch.Tensor:
+    """The merge as batched matrix products: chunks grouped into runs of one size (``block_size_groups``), each run
+    two ``baddbmm`` over views of the flat weights ([n, R*s, s], no copy, no padding), the rank sum, signed sqrt and
+    norm on [n, B, s]. Same layout, dtypes (weights cast to x's dtype) and result as ``block_merge_reference``;
+    autograd gives the backward, and torch.compile can fuse its elementwise parts. A dispatch candidate of
+    ``kernels.block_merge`` (``choose_block_path``)."""
+    w0, b0, w1, b1 = (t.to(x0.dtype) for t in (w0, b0, w1, b1))
+    n_rows = x0.shape[0]
+    outs, col, w_off, b_off = [], 0, 0, 0
+    for s, n in block_size_groups(list(sizes)):
+        at = (col, w_off, b_off, s, n, rank)
+        z = (_group_products(x0, w0, b0, *at) * _group_products(x1, w1, b1, *at)).view(n, n_rows, rank, s).sum(2)
+        if normalize:  # z: [n, B, s]
+            z = F.normalize(torch.sqrt(F.relu(z)) - torch.sqrt(F.relu(-z)), p=2, dim=2)
+        outs.append(z.transpose(0, 1).reshape(n_rows, n * s))
+        col, w_off, b_off = col + n * s, w_off + n * rank * s * s, b_off + n * rank * s
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+
+def _group_products(x, w, b, col: int, w_off: int, b_off: int, s: int, n: int, rank: int) -> torch.Tensor:
+    """y = x_c W_c^T + b_c for a run of n chunks of size s starting at column col: [n, B, R*s]."""
+    xs = x[:, col:col + n * s].reshape(x.shape[0], n, s).transpose(0, 1)  # [n, B, s]
+    weight = w[w_off:w_off + n * rank * s * s].view(n, rank * s, s)
+    return torch.baddbmm(b[b_off:b_off + n * rank * s].view(n, 1, rank * s), xs, weight.transpose(1, 2))

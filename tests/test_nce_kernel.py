@@ -252,6 +252,91 @@ def test_upstream_gradient_noncontiguous_inputs_int32_and_float_z(triton_path):
     assert_grad_close(grad, -2.5 * base_grad, torch.float32)
 
 
+@pytest.mark.parametrize("d,bank_dtype", [(120, torch.float32), (512, torch.float32), (120, torch.float16),
+                                           (1024, torch.float16)])
+def test_wide_and_unaligned_d(triton_path, d, bank_dtype):
+    """d not a multiple of 16 (masked gather) and d up to 1024 (several lanes' chunks per row), with the GPU tile
+    (tile height from the launcher's heuristic, several splits)."""
+    b, k1, n = 3, 257, 2000
+    anchor, bank, idx = make_inputs(b, d, k1, n, seed=d + 3, bank_dtype=bank_dtype)
+    z = torch.tensor(z_of(anchor, bank, idx, n), device=DEVICE)
+    launch = nce_mod._fwd_launch(d, bank.element_size(), interpreted=False)
+    loss, grad = nce_mod.nce_fwd_triton(anchor, bank, idx, z, TAU, n, EPS, True, block_k=launch.block_k, splits=3)
+    want_loss, want_grad = loss64(anchor, bank, idx, z=z, n=n)
+    assert_loss_close(loss, want_loss, LOSS_RTOL_KERNEL, f"d={d}")
+    assert_grad_close(grad, want_grad, torch.float32, f"d={d}")
+    loss_pub, grad_pub = run_public(anchor, bank, idx.int(), z=z, n=n)  # the public op, int32 indices
+    assert_loss_close(loss_pub, want_loss, LOSS_RTOL_KERNEL, f"d={d} public")
+    assert_grad_close(grad_pub, want_grad, torch.float32, f"d={d} public")
+
+
+def test_int32_indices_match_int64(triton_path):
+    b, d, k1, n = 3, 128, 1501, 7531
+    anchor, bank, idx = make_inputs(b, d, k1, n, seed=97)
+    z = torch.tensor(z_of(anchor, bank, idx, n), device=DEVICE)
+    loss64_idx, grad64_idx = run_public(anchor, bank, idx, z=z, n=n)
+    loss32, grad32 = run_public(anchor, bank, idx.to(torch.int32), z=z, n=n)
+    assert float(loss32) == float(loss64_idx)
+    assert torch.equal(grad32, grad64_idx)
+    want_loss, _ = loss64(anchor, bank, idx, z=z, n=n)
+    assert_loss_close(loss32, want_loss, LOSS_RTOL_KERNEL)
+
+
+@pytest.mark.parametrize("path", ["triton", "reference"])
+def test_empty_batch_gives_what_the_reference_gives(monkeypatch, path):
+    """B = 0: the reference's mean over no rows is nan and the gradient is [0, d]; the kernel path gives the same,
+    never uninitialised memory."""
+    if path == "triton" and not CUDA and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        pytest.skip("no CUDA and TRITON_INTERPRET is not set")
+    monkeypatch.setenv("CMC_FAST_KERNELS", path)
+    anchor, bank, _ = make_inputs(1, 16, 17, 100, seed=98)
+    anchor = anchor[:0].clone()
+    idx = torch.zeros((0, 17), dtype=torch.int64, device=DEVICE)
+    want = nce_loss_reference(anchor, bank, idx, tau=TAU, z=5.0, n_data=100)
+    loss, grad = run_public(anchor, bank, idx, z=5.0, n=100)
+    assert torch.isnan(want) and torch.isnan(loss)
+    assert grad.shape == (0, 16)
+
+
+@pytest.mark.parametrize("bad", [100, -1])
+def test_out_of_range_index_is_never_silent(monkeypatch, bad):
+    """The reference path always raises a clear IndexError; the kernel path does under CMC_FAST_CHECK_INDEX=1."""
+    anchor, bank, idx = make_inputs(3, 16, 17, 100, seed=99)
+    idx[1, 7] = bad
+    monkeypatch.setenv("CMC_FAST_KERNELS", "reference")
+    with pytest.raises(IndexError, match=f"idx holds {bad}, outside the bank's 100 rows"):
+        kernels.nce_loss(anchor, bank, idx, tau=TAU, z=5.0, n_data=100)
+    with pytest.raises(IndexError, match="outside the bank's 100 rows"):
+        kernels.nce_partition(anchor, bank, idx, tau=TAU, n_data=100)
+    if not CUDA and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return
+    monkeypatch.setenv("CMC_FAST_KERNELS", "triton")
+    monkeypatch.setenv("CMC_FAST_CHECK_INDEX", "1")
+    with pytest.raises(IndexError, match=f"idx holds {bad}, outside the bank's 100 rows"):
+        kernels.nce_loss(anchor, bank, idx, tau=TAU, z=5.0, n_data=100)
+    with pytest.raises(IndexError, match="outside the bank's 100 rows"):
+        kernels.nce_partition(anchor, bank, idx, tau=TAU, n_data=100)
+
+
+def test_tiny_negative_terms_keep_their_digits(triton_path):
+    """Where the accurate log1p matters: every negative's P/c is below 2^-24, so 1 + P/c rounds to 1 in float32 and
+    log(1 + x) would drop each term's -log1p(P/c) (~2e-8 x 32768 negatives ~ 7e-4 of loss per row). The kernel's
+    log1p keeps them: its loss matches float64 to 4e-5 absolute -- about 20 float32 ulps of this loss (~17.5), the
+    room summing one ~17 positive term with 32768 tiny ones in float32 takes -- against the ~7e-4 log(1 + x) loses
+    (checked by hand: with log(1 + x) in the kernel this test fails)."""
+    b, d, k1, n, tau = 2, 16, 32769, 40000, 1.0
+    anchor, bank, idx = make_inputs(b, d, k1, n, seed=111)
+    s = (bank.double()[idx] @ anchor.double().unsqueeze(2)).squeeze(2) / tau
+    c = (k1 - 1) / n + EPS
+    z = float(torch.exp(s).max()) / (c * 5e-8)  # P/c = exp(s)/(z c) <= 5e-8 < 2^-24 = 5.96e-8
+    loss = kernels.nce_loss(anchor, bank, idx, tau=tau, z=z, n_data=n)
+    want, _ = loss64(anchor, bank, idx, z=z, n=n, tau=tau)
+    dropped = float((torch.exp(s[:, 1:]) / (z * c)).sum(1).mean())  # what log(1 + x) would lose
+    tol = 4e-5
+    assert dropped > 10 * tol
+    assert abs(float(loss) - float(want)) <= tol, (float(loss), float(want), dropped)
+
+
 def test_no_grad_and_z_float_vs_tensor(triton_path):
     b, d, k1, n = 3, 128, 17, 400
     anchor, bank, idx = make_inputs(b, d, k1, n, seed=61)
@@ -427,22 +512,16 @@ import cmc_fast.kernels.nce as kn
 from cmc_fast.kernels.hopper_build import build_checked
 
 F = "*fp32"
-FWD = {"anchor_ptr": F, "bank_ptr": F, "idx_ptr": "*i64", "z_ptr": F, "part_loss_ptr": F, "part_grad_ptr": F,
-       "inv_tau": "fp32", "log_c": "fp32", "log_eps": "fp32", "log_noise": "fp32"}
-POINTERS = ("anchor_ptr", "bank_ptr", "idx_ptr", "z_ptr", "part_loss_ptr", "part_grad_ptr")
-# As the JIT specialises a launch on a contiguous [N, d] bank: stride_bd == 1 is a constant, every pointer and the
-# chunk (a multiple of 128) divisible by 16, and d and the row stride too when d % 16 == 0.
-for d in (128, 120, 256, 250):  # every config autotune keeps, fp32 with the gradient: the most registers
-    block_d = 1 << (d - 1).bit_length()
-    divisible = POINTERS + ("chunk",) + (("D", "stride_bn") if d % 16 == 0 else ())
-    for cfg in kn._spill_free_configs(kn._FWD_CONFIGS, {"D": d, "stride_bn": d, "stride_bd": 1}, BLOCK_D=block_d):
-        # up to 12 bytes in a few 8-warp builds: ptxas holds 8-warp blocks to 128 registers there
-        consts = {"COMPUTE_GRAD": True, "LIBDEVICE": True, "BLOCK_D": block_d, "stride_bd": 1, **cfg.kwargs}
-        build_checked(kn._nce_fwd_kernel, FWD, consts, cfg.num_warps, divisible, max_spilled=16)
-for block_d in (512, 1024, 2048):  # the untuned path (d > 256), with the launcher's tile and warps, unaligned d
-    block_k = kn._block_k(block_d, 1024, torch.device("cuda"))
-    consts = {"COMPUTE_GRAD": True, "LIBDEVICE": True, "BLOCK_D": block_d, "BLOCK_K": block_k, "stride_bd": 1}
-    build_checked(kn._nce_fwd_kernel, FWD, consts, kn._fwd_warps(block_k, block_d), POINTERS + ("chunk",))
+# The loss kernel as the launcher configures it on a GPU, specialised as the JIT would specialise that launch on a
+# contiguous bank (nce._fwd_spec_args): fp32 with the gradient (its most registers) and 2-byte banks, aligned and
+# unaligned d, up to 1024.
+for bank_type, elem in (("fp32", 4), ("bf16", 2), ("fp16", 2)):
+    for d in (16, 120, 128, 250, 256, 512, 1024):
+        launch = kn._fwd_launch(d, elem, interpreted=False)
+        consts = {"COMPUTE_GRAD": True, "LIBDEVICE": True, "BLOCK_K": launch.block_k, "N_CHUNKS": launch.n_chunks,
+                  "CHUNK_D": launch.chunk_d, "EVEN_D": d == launch.n_chunks * launch.chunk_d, "stride_bd": 1}
+        types, divisible = kn._fwd_spec_args(d, 16385, 1024, bank_type)
+        build_checked(kn._nce_fwd_kernel, types, consts, launch.num_warps, divisible)
 PARTITION = {"anchor_ptr": F, "bank_ptr": F, "idx_ptr": "*i64", "part_ptr": F, "inv_tau": "fp32"}
 for block_d in (128, 512, 2048):
     build_checked(kn._nce_partition_kernel, PARTITION,
@@ -460,23 +539,30 @@ print("BUILD OK")
 def test_kernels_compile_for_hopper_without_spilling(run_without_interpreter):
     """The interpreter checks neither libdevice calls, nor types across branches, nor registers: build every
     kernel for sm_90 with Triton's bundled ptxas (no GPU needed), specialised as the JIT would specialise the launch
-    -- the loss kernel in each configuration autotune keeps for d = 128, 120, 256, 250 (fp32 with the gradient, its
-    most registers; aligned and unaligned rows) and on its untuned path at d = 512-2048 -- and check none spills
-    more than a few registers and each fits a block's shared memory."""
+    -- the loss kernel with the launcher's tile for fp32, bf16 and fp16 banks at d = 16 to 1024, aligned and not --
+    and check none spills a byte and each fits a block's shared memory."""
     assert "BUILD OK" in run_without_interpreter(_HOPPER_BUILD)
 
 
-def test_autotune_prune_keeps_tiles_that_fit():
-    """The prune keeps the configs of at most 64 tile elements per thread when the bank rows load 16 bytes at a
-    time (unit stride, d and row stride multiples of 16, aligned tensors), 32 otherwise, and never returns nothing."""
-    aligned = torch.zeros(4)
-    misaligned = torch.zeros(5)[1:]  # 4-byte offset from an aligned allocation
-    for d in (16, 64, 120, 128, 250, 256, 1024):
-        block_d = 1 << (d - 1).bit_length()
-        for bank, stride_bd in ((aligned, 1), (misaligned, 1), (aligned, 2)):
-            args = {"D": d, "stride_bn": d, "stride_bd": stride_bd, "bank_ptr": bank}
-            limit = 64 if d % 16 == 0 and bank is aligned and stride_bd == 1 else 32
-            kept = nce_mod._spill_free_configs(nce_mod._FWD_CONFIGS, args, BLOCK_D=block_d)
-            fits = [c for c in nce_mod._FWD_CONFIGS if c.kwargs["BLOCK_K"] * block_d <= limit * 32 * c.num_warps]
-            smallest = min(nce_mod._FWD_CONFIGS, key=lambda c: c.kwargs["BLOCK_K"] * block_d / c.num_warps)
-            assert kept == (fits or [smallest]), (d, stride_bd, bank is aligned)
+def test_launcher_occupancy_agrees_with_the_static_report():
+    """The launcher sizes its grid with nce._occupancy; the report counts waves with hopper_build.resident_blocks:
+    the same rules for an H100/H200 SM."""
+    from cmc_fast.kernels.hopper_build import resident_blocks
+
+    for regs, shared, warps in [(120, 512, 4), (231, 512, 4), (40, 0, 4), (64, 4096, 8), (255, 100_000, 8),
+                                (32, 16, 1)]:
+        assert nce_mod._occupancy(regs, shared, warps) == resident_blocks(regs, shared, warps), (regs, shared, warps)
+
+
+@pytest.mark.parametrize("b,k1,block_k,slots", [(64, 16385, 32, 528), (64, 16385, 64, 264), (64, 1501, 32, 528),
+                                                (3, 16385, 32, 528), (1, 17, 32, 528), (256, 16385, 32, 528)])
+def test_splits_fill_the_last_wave(b, k1, block_k, slots):
+    """The launcher's split count: chunks of whole tiles covering K+1 exactly once, and when K+1 is long enough a
+    grid whose last wave fills >= 90% of the resident slots."""
+    n_split, chunk = nce_mod._choose_splits(b, k1, block_k, slots)
+    assert chunk % block_k == 0 and chunk % 16 == 0
+    assert (n_split - 1) * chunk < k1 <= n_split * chunk
+    programs = b * n_split
+    fill = (programs % slots or slots) / slots
+    if b * (k1 // max(16, block_k)) >= slots:  # enough tiles to fill one wave
+        assert programs >= 0.9 * slots and fill >= 0.9, (programs, slots, fill)
