@@ -310,3 +310,48 @@ def test_device_guard_makes_the_tensors_cuda_device_current(monkeypatch):
     entered.clear()
     assert launcher(torch.ones(2), scale=3.0) == 3.0
     assert entered == [("launch", 3.0)]
+
+
+def test_every_triton_launcher_runs_under_its_tensors_device_guard(monkeypatch):
+    """The NCE and BLOCK launchers (Triton's interpreter here) each enter ``device_guard`` of their tensors once
+    per launch; on a GPU that makes the tensors' device current (previous test)."""
+    from cmc_fast.kernels import utils
+    from cmc_fast.kernels.dispatch import interpreter_problem, triton_available, triton_interpreted
+
+    from cmc_fast import kernels
+    from cmc_fast.fusion import Block
+
+    if not (triton_available() and triton_interpreted()) or interpreter_problem():
+        pytest.skip("needs Triton's interpreter (TRITON_INTERPRET=1) that runs these kernels")
+    monkeypatch.setenv("CMC_FAST_KERNELS", "triton")
+    guarded = []
+    guard = utils.device_guard
+
+    def recording_guard(t):
+        guarded.append(t.device)
+        return guard(t)
+
+    monkeypatch.setattr(utils, "device_guard", recording_guard)
+    torch.manual_seed(0)
+    anchor = torch.nn.functional.normalize(torch.randn(4, 16), dim=1).requires_grad_()
+    bank = torch.nn.functional.normalize(torch.randn(32, 16), dim=1)
+    idx = torch.randint(0, 32, (4, 9))
+
+    def launches(op) -> int:
+        before = len(guarded)
+        op()
+        return len(guarded) - before
+
+    assert launches(lambda: kernels.nce_loss(anchor, bank, idx, tau=0.07, z=100.0, n_data=32)) == 1
+    assert launches(lambda: kernels.nce_partition(anchor, bank, idx, tau=0.07, n_data=32)) == 1
+    assert launches(lambda: kernels.bank_update_(bank, idx[:, 0], anchor.detach(), 0.5)) == 1
+    block = Block([8, 6], 2, mm_dim=8, chunks=2, rank=2)
+    out = None
+
+    def forward():
+        nonlocal out
+        out = block([torch.randn(3, 8), torch.randn(3, 6)])
+
+    assert launches(forward) == 1
+    assert launches(lambda: out.sum().backward()) == 1
+    assert set(guarded) == {torch.device("cpu")}
