@@ -8,17 +8,20 @@ once the folder is held. Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import json
 import logging
+import os
 import sys
 import time
 import typing
+from collections.abc import Iterator
 from pathlib import Path
 
 from cmc_fast.config import Config, preset
-from cmc_fast.errors import UsageError
+from cmc_fast.errors import CollectiveFailure, UsageError
 from cmc_fast.rundir import claim
 
 
@@ -125,6 +128,19 @@ def _read_run_config(run_dir: Path, flag: str) -> Config:
     return Config.from_dict(data, source=f"{flag}: {path}")
 
 
+@contextlib.contextmanager
+def _hold(run_dir: Path, **claim_options) -> Iterator[list[str]]:
+    """``rundir.claim`` by the process that writes the run folder: rank 0 of a torchrun job (the others write
+    nothing there), or the only process."""
+    from cmc_fast import distributed
+
+    if distributed.rank_from_env() != 0:
+        yield []
+        return
+    with claim(run_dir, **claim_options) as notes:
+        yield notes
+
+
 def _train(args: argparse.Namespace, held: list[Path]) -> int:
     from cmc_fast.trainer import Trainer
 
@@ -132,14 +148,16 @@ def _train(args: argparse.Namespace, held: list[Path]) -> int:
         run_dir = Path(args.resume)
         cfg = _read_run_config(run_dir, "--resume")
         applied = _resume_flags(args, cfg)
-        with claim(run_dir, flag="--resume", allow_foreign=True) as notes:
+        with _hold(run_dir, flag="--resume", allow_foreign=True) as notes:
             held.append(run_dir)
             _say(run_dir, notes + applied)
             return _run(Trainer(cfg, run_dir, resume=True))
     cfg = config_from_args(args)
+    if cfg.out is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError("--out: required under torchrun (every process must name the same run directory)")
     run_dir = Path(cfg.out or f"runs/{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
     cfg.out = str(run_dir)
-    with claim(run_dir, flag="--out") as notes:
+    with _hold(run_dir, flag="--out") as notes:
         held.append(run_dir)
         _say(run_dir, notes)
         return _run(Trainer(cfg, run_dir))
@@ -187,13 +205,22 @@ def _say(run_dir: Path, lines: list[str], prefix: str = "cmc-fast: ") -> None:
 
 
 def _run(trainer) -> int:
+    from cmc_fast import distributed
     from cmc_fast.report import text_table
 
-    results = trainer.run()
-    for line in getattr(trainer, "warnings", []):
-        print(f"cmc-fast: warning: {line}", file=sys.stderr)
-    print(text_table(results))
-    print(f"\nrun directory: {trainer.run_dir} (report.md, metrics.json, checkpoints/)")
+    try:
+        results = trainer.run()
+    except RuntimeError as exc:  # say which rank failed before the group goes (cli.main prints the message)
+        if distributed.is_collective_failure(exc):
+            raise CollectiveFailure(distributed.failure_message(exc)) from exc
+        raise
+    finally:
+        distributed.shutdown()
+    if distributed.rank_from_env() == 0:
+        for line in getattr(trainer, "warnings", []):
+            print(f"cmc-fast: warning: {line}", file=sys.stderr)
+        print(text_table(results))
+        print(f"\nrun directory: {trainer.run_dir} (report.md, metrics.json, checkpoints/)")
     return 0
 
 
@@ -205,7 +232,7 @@ def _evaluate(args: argparse.Namespace, held: list[Path]) -> int:
     cfg.progress = False
     if args.device:
         cfg.device = args.device
-    with claim(run_dir, flag="--run", allow_foreign=True) as notes:
+    with _hold(run_dir, flag="--run", allow_foreign=True) as notes:
         held.append(run_dir)
         _say(run_dir, notes)
         return _run(Trainer(cfg, run_dir, evaluate_only=True))
@@ -236,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"cmc-fast: error: {line}", file=sys.stderr)
         return 2
+    except CollectiveFailure as exc:
+        print(f"cmc-fast: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("cmc-fast: interrupted; continue with `cmc-fast train --resume DIR`", file=sys.stderr)
         return 130

@@ -83,6 +83,8 @@ class Config:
     beta: float = option(0.3, "weight of L_{T->V} in the image objective")
     negatives: str = option("uniform", "uniform over all posts (the paper) or from the other class (the authors' "
                             "code; noise prior K/N_other)", choices=NEGATIVES)
+    bank_dtype: str = option("float32", "memory banks' storage: bfloat16 halves their memory (updates mix and "
+                             "normalise in float32)", choices=("float32", "bfloat16"))
     lr_schedule: str = option("constant", "per-step learning rate of every optimiser: constant (the authors'), or "
                               "6%% linear warm-up then linear / cosine decay to 0", choices=("constant", "linear",
                                                                                               "cosine"))

@@ -13,25 +13,30 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cmc_fast import kernels
+from cmc_fast import distributed, kernels
 
 
 class CrossModalNCE(nn.Module):
     def __init__(self, text_dim: int, image_dim: int, labels: torch.Tensor, *, proj_dim: int = 128, k: int = 1500,
-                 tau: float = 0.07, momentum: float = 0.5, negatives: str = "uniform"):
+                 tau: float = 0.07, momentum: float = 0.5, negatives: str = "uniform",
+                 bank_dtype: torch.dtype = torch.float32):
         super().__init__()
         n = int(labels.numel())
         if n < 2:
             raise ValueError(f"the memory bank needs at least 2 training samples, got {n}")
         if negatives not in ("uniform", "opposite-class"):
             raise ValueError(f"negatives must be 'uniform' or 'opposite-class', got {negatives!r}")
+        if bank_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"bank_dtype must be torch.float32 or torch.bfloat16, got {bank_dtype}")
         self.n_data, self.k, self.tau, self.momentum, self.negatives = n, k, tau, momentum, negatives
         self.embed_t = nn.Linear(text_dim, proj_dim)  # phi1, the paper's "1x1 convolution"
         self.embed_v = nn.Linear(image_dim, proj_dim)  # phi2
         # CRD initialises banks uniformly in [-stdv, stdv]; we also normalise so every row lives on the sphere.
+        # A bfloat16 bank (half the memory) is the float32 one rounded; updates mix and normalise in float32.
         stdv = 1.0 / math.sqrt(proj_dim / 3)
-        self.register_buffer("memory_t", F.normalize(torch.rand(n, proj_dim).mul_(2 * stdv).add_(-stdv), dim=1))
-        self.register_buffer("memory_v", F.normalize(torch.rand(n, proj_dim).mul_(2 * stdv).add_(-stdv), dim=1))
+        for name in ("memory_t", "memory_v"):
+            bank = F.normalize(torch.rand(n, proj_dim).mul_(2 * stdv).add_(-stdv), dim=1)
+            self.register_buffer(name, bank.to(bank_dtype))
         # Frozen partition estimates; -1 = not yet set. Saved with checkpoints.
         self.register_buffer("z_v2t", torch.tensor(-1.0))
         self.register_buffer("z_t2v", torch.tensor(-1.0))
@@ -89,6 +94,9 @@ class CrossModalNCE(nn.Module):
         loss_v2t = kernels.nce_loss(t, self.memory_v, idx, tau=self.tau, z=self.z_v2t, n_data=self.noise_pool)
         loss_t2v = kernels.nce_loss(v, self.memory_t, idx, tau=self.tau, z=self.z_t2v, n_data=self.noise_pool)
         if self.training:
-            kernels.bank_update_(self.memory_v, index, v.detach(), self.momentum)
-            kernels.bank_update_(self.memory_t, index, t.detach(), self.momentum)
+            # data parallel: every rank takes the whole global batch, gathered in rank order (= one process's
+            # batch), so every replica applies the same update and a repeated index has the same winner
+            index, t, v = (distributed.all_gather_cat(x.detach()) for x in (index, t, v))
+            kernels.bank_update_(self.memory_v, index, v, self.momentum)
+            kernels.bank_update_(self.memory_t, index, t, self.momentum)
         return loss_v2t, loss_t2v

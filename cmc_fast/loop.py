@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from cmc_fast import distributed
 from cmc_fast.checkpoint_manager import CheckpointManager, capture_rng, restore_rng
 from cmc_fast.errors import UsageError
 from cmc_fast.stages import Stage
@@ -81,7 +82,10 @@ class StepLog:
 
     def read(self) -> dict[str, float]:
         """Epoch means so far: one host sync. Raises on a non-finite loss."""
-        sums = self.total.tolist() if self.total is not None else [0.0] * (1 + len(self.names))
+        total = self.total if self.total is not None else torch.zeros(1 + len(self.names), dtype=torch.float64,
+                                                                       device=self.device)
+        # under data parallelism each rank summed its slice's means: their mean is the global batch's mean
+        sums = distributed.all_reduce_mean_(total.clone()).tolist()
         self.read_steps, self.reads = self.steps, self.reads + 1
         self.last = {n: s / max(self.steps, 1) for n, s in zip(("loss", *self.names), sums)}
         if not math.isfinite(self.last["loss"]):
@@ -131,16 +135,25 @@ def fit(stage: Stage, manager: CheckpointManager, *, resume: bool = False, evalu
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + zlib.crc32(stage.name.encode()) % 1000)
     schedulers = _schedulers(stage, cfg)
     result = FitResult({head: -1.0 for head in stage.heads}, [], StageClock())
-    start = _resume(stage, manager, schedulers, gen, result) if resume else 0
+    with distributed.main_first(f"{stage.name}: reading the last checkpoint"):  # rank 0 settles pending files
+        start = _resume(stage, manager, schedulers, gen, result) if resume else 0
     if evaluate_only and start < stage.epochs:
         raise UsageError(f"--run {run_dir}: stage {stage.name} stopped at epoch {start}/{stage.epochs}; finish it "
                          f"with `cmc-fast train --resume {run_dir}`")
     weights = stage.train_split.sampling_weights(cfg.group_sampling)
-    for epoch in range(start, stage.epochs):
-        host_batches = batches(len(stage.train_split), cfg.batch_size, shuffle=True, generator=gen, drop_last=True,
-                               weights=weights)
-        steplog = train_epoch(stage, host_batches, schedulers, result.clock, epoch, first_fit_step=epoch == 0)
-        _end_epoch(stage, manager, schedulers, gen, result, epoch, steplog)
+    wrapped = distributed.wrap(stage) if start < stage.epochs else {}
+    try:
+        for epoch in range(start, stage.epochs):
+            # every rank draws the same global order (one process's); each then trains on its slice of each batch
+            host_batches = batches(len(stage.train_split), cfg.batch_size, shuffle=True, generator=gen,
+                                   drop_last=True, weights=weights)
+            if distributed.active():
+                torch.manual_seed(distributed.epoch_seed(cfg.seed, stage.name, epoch))
+                host_batches = [distributed.local_slice(b) for b in host_batches]
+            steplog = train_epoch(stage, host_batches, schedulers, result.clock, epoch, first_fit_step=epoch == 0)
+            _end_epoch(stage, manager, schedulers, gen, result, epoch, steplog)
+    finally:
+        distributed.unwrap(stage, wrapped)
     for head, keys in stage.heads.items():
         manager.load_best(head, {k: stage.modules[k] for k in keys})
     return result
@@ -176,7 +189,7 @@ def train_epoch(stage: Stage, host_batches: list[torch.Tensor], schedulers: dict
     stage.train()
     steplog = StepLog(tuple(stage.log_names), stage.device)
     bar = tqdm(total=len(host_batches), desc=f"{stage.name} {epoch + 1}/{stage.epochs}", leave=False,
-               disable=not cfg.progress, dynamic_ncols=True)
+               disable=not cfg.progress or not distributed.is_main(), dynamic_ncols=True)
     t_read = t_epoch = time.perf_counter()
     for i, (host_rows, rows) in enumerate(zip(host_batches, to_device_once(host_batches, stage.device))):
         batch = stage.batch(split, host_rows, rows, train=True)
@@ -192,7 +205,7 @@ def train_epoch(stage: Stage, host_batches: list[torch.Tensor], schedulers: dict
             means = steplog.read()
             bar.set_postfix({k: f"{v:.4f}" for k, v in means.items()})
             bar.update(covered)
-            if not last_step:
+            if not last_step and distributed.is_main():
                 log.info("%s epoch %d step %d/%d: %s", stage.name, epoch + 1, i + 1, len(host_batches),
                          ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
             now = time.perf_counter()
@@ -222,13 +235,17 @@ def _end_epoch(stage: Stage, manager: CheckpointManager, schedulers: dict, gen: 
     result.history.append({"epoch": epoch + 1, "train_loss": train_loss,
                            "val_accuracy": {k: v["accuracy"] for k, v in val.items()},
                            "val_predicted_fake": {k: v["predicted_fake"] for k, v in val.items()}})
-    log.info("%s epoch %d/%d: train loss %.4f, val %s", stage.name, epoch + 1, stage.epochs, train_loss,
-             ", ".join(f"{k} acc {v['accuracy']:.4f}" for k, v in val.items()))
+    if distributed.is_main():
+        log.info("%s epoch %d/%d: train loss %.4f, val %s", stage.name, epoch + 1, stage.epochs, train_loss,
+                 ", ".join(f"{k} acc {v['accuracy']:.4f}" for k, v in val.items()))
     best_epoch = {head: state["epoch"] for head, state in new_best.items()}
     record = {"modules": {k: m.state_dict() for k, m in stage.modules.items()},
               "optimizers": {k: o.state_dict() for k, o in stage.optimizers.items()},
               "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
               "epoch": epoch + 1, "best": result.best, "best_epoch": {**result.best_epoch, **best_epoch},
               "history": result.history, "rng": capture_rng(gen), "clock": vars(result.clock)}
-    manager.save(record, new_best)
+    distributed.barrier(f"{stage.name} epoch {epoch + 1}: end of epoch")
+    if distributed.is_main():  # the modules and banks are the same on every rank: rank 0 alone writes
+        manager.save(record, new_best)
+    distributed.barrier(f"{stage.name} epoch {epoch + 1}: checkpoint written")
     result.best_epoch = record["best_epoch"]

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from cmc_fast import distributed
 from cmc_fast.checkpoint import load_checkpoint, save_checkpoint
 from cmc_fast.config import Config
 from cmc_fast.data import SplitData
@@ -131,8 +132,9 @@ class ModelBuilder:
             saved = load_checkpoint(path, map_location="cpu")
             log.info("text-mlm: pre-trained weights loaded from %s", path)
         else:
-            saved = self._pretrain_text(encoder)
-            save_checkpoint(saved, path)
+            saved = self._pretrain_text(encoder)  # every rank the same (seeded); rank 0 alone writes it
+            if distributed.is_main():
+                save_checkpoint(saved, path)
         self._text_mlm_state, self.text_mlm_history = saved["encoder"], saved["history"]
         return self._text_mlm_state
 
@@ -172,7 +174,8 @@ class ModelBuilder:
         if k < cfg.nce_k and not any("nce_k lowered" in n for n in self.notes):
             self.notes.append(f"nce_k lowered from {cfg.nce_k} to {k}: the bank holds {len(fit)} samples")
         return CrossModalNCE(text_net.encoder.out_dim, image_net.encoder.out_dim, fit.labels, proj_dim=cfg.proj_dim,
-                             k=k, tau=cfg.nce_t, momentum=cfg.nce_momentum, negatives=cfg.negatives).to(self.device)
+                             k=k, tau=cfg.nce_t, momentum=cfg.nce_momentum, negatives=cfg.negatives,
+                             bank_dtype=getattr(torch, cfg.bank_dtype)).to(self.device)
 
     def block(self, text_dim: int, image_dim: int) -> Block:
         c = self.cfg

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cmc_fast import distributed
 from cmc_fast.config import Config
 from cmc_fast.data import SplitData
 from cmc_fast.metrics import classification_metrics
@@ -127,22 +128,24 @@ class Stage:
 
     @torch.no_grad()
     def evaluate(self, split: SplitData, *, keep_scores: bool = False) -> dict[str, dict]:
-        """Every head's metrics on ``split`` (predictions stay on the device until the end). ``keep_scores``:
-        also keep each head's p(fake) and predicted label in ``self.scores`` (the report's ROC/PR curves)."""
-        preds: dict[str, list[torch.Tensor]] = {}
-        p_fake: dict[str, list[torch.Tensor]] = {}
-        for host_rows, rows in eval_batches(len(split), max(64, self.cfg.batch_size), self.device):
+        """Every head's metrics on ``split`` (predictions stay on the device until the end; under data parallelism
+        each rank scores every world-th batch and the results are gathered). ``keep_scores``: also keep each head's
+        p(fake) and predicted label in ``self.scores`` (the report's ROC/PR curves)."""
+        heads = list(self.heads)
+
+        def scores(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:  # [b, heads, 2]: label, p(fake)
             with self.ctx.autocast():
-                out = self.head_logits(split, self.batch(split, host_rows, rows, train=False))
-            for head, logits in out.items():
-                preds.setdefault(head, []).append(logits.argmax(1))
-                if keep_scores:
-                    p_fake.setdefault(head, []).append(torch.softmax(logits.float(), 1)[:, 1])
-        labels = split.labels.cpu()
+                out = self.head_logits(split, self.batch(split, *batch, train=False))
+            return torch.stack([torch.stack([out[h].argmax(1).float(), torch.softmax(out[h].float(), 1)[:, 1]], 1)
+                                for h in heads], dim=1)
+
+        order = eval_batches(len(split), max(64, self.cfg.batch_size), self.device)
+        both = torch.cat(distributed.sharded_batches(scores, order)).cpu()
+        preds, labels = both[..., 0].long(), split.labels.cpu()
         if keep_scores:
-            self.scores = {head: {"p_fake": torch.cat(p_fake[head]).cpu(), "pred": torch.cat(preds[head]).cpu(),
-                                  "label": labels} for head in preds}
-        return {head: classification_metrics(torch.cat(p).cpu(), labels) for head, p in preds.items()}
+            self.scores = {h: {"p_fake": both[:, j, 1], "pred": preds[:, j], "label": labels}
+                           for j, h in enumerate(heads)}
+        return {h: classification_metrics(preds[:, j], labels) for j, h in enumerate(heads)}
 
 
 def _text_logits_and_features(net: Classifier, split: SplitData, rows: torch.Tensor):
@@ -155,7 +158,12 @@ def _estimate_partition(stage: MutualStage | SharedStage, batch: Batch) -> None:
     with torch.no_grad(), stage.ctx.autocast():
         _, t_feat = _text_logits_and_features(stage.text_net, stage.train_split, batch.rows)
         _, v_feat = stage.image_net(batch.pixels)
-    stage.distiller.init_partition(t_feat.float(), v_feat.float(), batch.rows)
+    distiller = stage.modules["distiller"]  # (stage.distiller may be its DDP wrapper)
+    # Z from the first *global* batch: every rank's slice gathered; rank 0's estimate (its negatives) everywhere
+    gather = distributed.all_gather_cat
+    distiller.init_partition(gather(t_feat.float()), gather(v_feat.float()), gather(batch.rows))
+    distributed.broadcast_(distiller.z_v2t)
+    distributed.broadcast_(distiller.z_t2v)
 
 
 class FinetuneStage(Stage):
@@ -241,12 +249,18 @@ class FusionStage(Stage):
 
     @torch.no_grad()
     def _features(self, text_net: Classifier, image_net: Classifier, split: SplitData) -> tuple[torch.Tensor, ...]:
-        ts, vs = [], []
-        for host_rows, rows in eval_batches(len(split), max(64, self.cfg.batch_size), self.device):
+        def features(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:  # [b, text dim + image dim]
+            host_rows, rows = batch
             with self.ctx.autocast():
-                ts.append(_text_logits_and_features(text_net, split, rows)[1].float())
-                vs.append(image_net(split.pixels(host_rows, train=False, device=self.device))[1].float())
-        return torch.cat(ts), torch.cat(vs)
+                t = _text_logits_and_features(text_net, split, rows)[1].float()
+                v = image_net(split.pixels(host_rows, train=False, device=self.device))[1].float()
+            return torch.cat([t, v], dim=1)
+
+        # sharded over the ranks under data parallelism (each batch computed as one process computes it)
+        order = eval_batches(len(split), max(64, self.cfg.batch_size), self.device)
+        both = torch.cat(distributed.sharded_batches(features, order))
+        t_dim = text_net.encoder.out_dim
+        return both[:, :t_dim].contiguous(), both[:, t_dim:].contiguous()
 
     def loss(self, rows, pixels):
         fit_t, fit_v = self.features[self.train_split.name]
@@ -271,6 +285,7 @@ class SharedStage(Stage):
         super().__init__(ctx, splits, ctx.cfg.epochs)
         build, distill = ctx.build, ctx.cfg.shared_loss == "fused+distill"
         self.log_names = ("ce_fused",) if distill else ()
+        self.ddp_find_unused = not distill  # fused only: the two classifier heads take no gradient
         self.text_net, self.image_net = build.text_net(), build.image_net()
         self.distiller = build.distiller(self.text_net, self.image_net, self.train_split) if distill else None
         self.block = build.block(self.text_net.encoder.out_dim, self.image_net.encoder.out_dim)

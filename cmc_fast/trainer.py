@@ -21,12 +21,14 @@ from pathlib import Path
 
 import torch
 
+from cmc_fast import distributed
 from cmc_fast.checkpoint import write_json, write_text
 from cmc_fast.checkpoint_manager import CheckpointManager
 from cmc_fast.config import Config
 from cmc_fast.data import PreparedData, SplitData, check_splits, prepare
 from cmc_fast.data_pipeline.text import VocabTokenizer
 from cmc_fast.encoders import build_image_encoder
+from cmc_fast.errors import UsageError
 from cmc_fast.loop import fit
 from cmc_fast.models import ModelBuilder, amp_dtype, resolve_device
 from cmc_fast.report import markdown_report, plot_history, plot_test_figures, text_table
@@ -43,7 +45,12 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.resume, self.evaluate_only = resume or evaluate_only, evaluate_only
-        self.device = resolve_device(cfg.device)
+        self.device = resolve_device(distributed.local_device(cfg.device))
+        distributed.init_from_env(self.device)  # torchrun: join the process group (nothing otherwise)
+        world = distributed.world()
+        if world > 1 and (cfg.batch_size % world or cfg.batch_size < 2 * world):
+            raise UsageError(f"--batch-size {cfg.batch_size}: the global batch must split evenly over the {world} "
+                             f"processes, at least 2 rows each")
         self.notes: list[str] = []
         self.warnings: list[str] = []  # also printed on the console (a collapsed model)
         self.results: dict[str, dict] = {}
@@ -65,26 +72,29 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.ckpt_dir.mkdir(exist_ok=True)
-        self._setup_logging()
+        main = distributed.is_main()  # rank 0 alone writes the run directory's files
+        if main:
+            self._setup_logging()
         self.ctx.amp_dtype = amp_dtype(cfg, self.device, self.notes)
-        if not self.evaluate_only:  # evaluate writes only evaluate.json (and its lines in log.txt)
+        if main and not self.evaluate_only:  # evaluate writes only evaluate.json (and its lines in log.txt)
             write_json(asdict(cfg), self.run_dir / "config.json")
         self.build.load_pretrained_text()  # fail fast, before data
         use_images = any(v in IMAGE_VARIANTS for v in cfg.variants())
         if use_images:  # surface a missing image checkpoint before any data work
             build_image_encoder(cfg.image_model, cfg.image_weights, tuple(cfg.image_size))
-        self._prepare_data(use_images)
+        with distributed.main_first("data preparation"):  # rank 0 writes the synthetic data and image cache
+            self._prepare_data(use_images)
 
     def _prepare_data(self, use_images: bool) -> None:
         cfg, t0 = self.cfg, time.perf_counter()
         self.data = prepare(cfg, tokenizer=self.build.tokenizer, use_images=use_images)
         self.build.tokenizer = self.data.tokenizer
-        if isinstance(self.data.tokenizer, VocabTokenizer) and not self.evaluate_only:  # what predict encodes with
+        if isinstance(self.data.tokenizer, VocabTokenizer) and not self.evaluate_only and distributed.is_main():
             write_json(self.data.tokenizer.vocab, self.run_dir / "vocab.json")
         log.info("data ready in %.1fs: %s", time.perf_counter() - t0, self.data.summary)
-        if not self.evaluate_only:
+        if distributed.is_main() and not self.evaluate_only:
             write_json([vars(s) for s in self.data.skipped], self.run_dir / "skipped.json")
-        if self.data.skipped:
+        if self.data.skipped and distributed.is_main():
             log.info("%d posts skipped or dropped for image variants; see %s", len(self.data.skipped),
                      self.run_dir / "skipped.json")
         self.text_splits = {s.name: s.to(self.device) for s in (self.data.fit, self.data.val, self.data.test)}
@@ -108,7 +118,9 @@ class Trainer:
         t0 = time.perf_counter()
         self.setup()
         self.run_plan()
-        self._write_outputs(time.perf_counter() - t0)
+        if distributed.is_main():
+            self._write_outputs(time.perf_counter() - t0)
+        distributed.barrier("end of run")
         return self.results
 
     def run_plan(self) -> None:

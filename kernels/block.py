@@ -69,7 +69,7 @@ from .reference import (
     block_merge_sum_reference,
     block_size_groups,
 )
-from .utils import contiguous, next_power_of_2, tl, triton
+from .utils import contiguous, next_power_of_2, on_tensor_device, tl, triton
 
 __all__ = [
     "block_merge",
@@ -554,6 +554,7 @@ def _scratch(n: int, device) -> torch.Tensor:
     return torch.empty(n, dtype=torch.float32, device=device)
 
 
+@on_tensor_device
 def block_merge_forward_triton(x0: torch.Tensor, x1: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor,
                                w1: torch.Tensor, b1: torch.Tensor, *, sizes, rank: int, normalize: bool = True,
                                plan: BlockPlan | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -587,6 +588,7 @@ def block_merge_forward_triton(x0: torch.Tensor, x1: torch.Tensor, w0: torch.Ten
     return out, t, norm
 
 
+@on_tensor_device
 def block_merge_backward_triton(grad: torch.Tensor, x0: torch.Tensor, x1: torch.Tensor, w0: torch.Tensor,
                                 b0: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, t: torch.Tensor,
                                 norm: torch.Tensor, *, sizes, rank: int, normalize: bool = True,

@@ -49,7 +49,7 @@ import torch
 
 from .dispatch import index_checks, triton_interpreted, use_triton
 from .reference import bank_update_reference_, nce_partition_reference
-from .utils import contiguous, libdevice, next_power_of_2, tl, triton
+from .utils import contiguous, libdevice, next_power_of_2, on_tensor_device, tl, triton
 
 __all__ = ["nce_loss", "nce_partition", "bank_update_", "nce_fwd_triton", "nce_partition_triton",
            "bank_update_triton_", "nce_fwd_torch"]
@@ -388,6 +388,7 @@ def _check_index_range(idx: torch.Tensor, n: int, *, sync: bool) -> None:
         raise IndexError(f"idx holds {bad}, outside the bank's {n} rows (valid: 0 to {n - 1})")
 
 
+@on_tensor_device
 def nce_fwd_triton(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, z: torch.Tensor, tau: float,
                    n_data: int, eps: float, need_grad: bool, *, block_k: int | None = None,
                    splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -429,6 +430,7 @@ def nce_fwd_triton(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, 
     return loss, (grad if need_grad else anchor.new_empty(0, dtype=torch.float32))
 
 
+@on_tensor_device
 def nce_partition_triton(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, tau: float, n_data: int,
                          *, block_k: int | None = None, splits: int | None = None) -> torch.Tensor:
     """Z = mean(exp(s)) * N as a 0-dim float32 tensor (the sum of partials is taken in float64)."""
@@ -446,6 +448,7 @@ def nce_partition_triton(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Te
     return (part.double().sum() / (b * k1) * n_data).float()
 
 
+@on_tensor_device
 def bank_update_triton_(bank: torch.Tensor, index: torch.Tensor, feats: torch.Tensor, momentum: float) -> None:
     """In place, one program per batch row; rows whose index repeats later in the batch write nothing."""
     index, feats = contiguous(index.reshape(-1), feats)

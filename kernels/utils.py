@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
 
 try:
@@ -37,3 +40,23 @@ def contiguous(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Every launcher passes its inputs through this: under torch.compile a gradient can arrive as an
     expanded (stride-0) view, which a kernel indexing contiguous memory would silently misread."""
     return tuple(t if t.is_contiguous() else t.contiguous() for t in tensors)
+
+
+def device_guard(t: torch.Tensor):  # (anything with a torch.device ``device``)
+    """``t``'s CUDA device made current for a launch: Triton launches on the current device, not its tensors', so a
+    data-parallel rank whose tensors sit on cuda:1 would launch on cuda:0 and fault. Nothing for CPU tensors
+    (the interpreter)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def on_tensor_device(launcher):
+    """Decorator for a Triton launcher: it runs under ``device_guard`` of its first tensor argument (the first
+    argument with a ``device``)."""
+
+    @functools.wraps(launcher)
+    def launch(*args, **kwargs):
+        first = next(a for a in (*args, *kwargs.values()) if isinstance(getattr(a, "device", None), torch.device))
+        with device_guard(first):
+            return launcher(*args, **kwargs)
+
+    return launch

@@ -63,3 +63,16 @@ def test_without_triton_every_op_runs_its_reference(tmp_path):
         print("ok")
     """, tmp_path)
     assert out.startswith("ok")
+
+
+def test_this_checkouts_kernels_folder_imported_top_level_registers_no_op_twice(tmp_path):
+    """With the checkout's root on sys.path, ``import kernels`` (transformers probes that name) finds this folder:
+    it must be cmc_fast.kernels itself, not a second copy that registers the cmc_fast:: custom ops again (two
+    registrations crashed processes at random)."""
+    out = _run("""
+        import sys
+        import kernels
+        import cmc_fast.kernels as ours
+        print(kernels is ours, sorted(m for m in sys.modules if m.startswith("kernels.")))
+    """, tmp_path)
+    assert out.split() == ["True", "[]"]
