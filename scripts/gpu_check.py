@@ -406,17 +406,9 @@ def first_call_s(ctx: Ctx, fn: Callable[[], object]) -> float:
 
 
 def peak_bytes(ctx: Ctx, fn: Callable[[], object]) -> int | None:
-    """Peak device memory of one call beyond what was allocated before it; None on the CPU (not measured)."""
-    import torch
-
-    if ctx.device.type != "cuda":
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
+    """Peak device memory of one call beyond what was allocated before it (bench's own measure); None on the CPU."""
+    _bench_module("bench_nce")  # loads bench/conftest.py in its place
+    return _BENCH["conftest"].peak_memory(fn, ctx.device)
 
 
 def rel_err(out, ref) -> float:

@@ -45,14 +45,15 @@ def _one_line_error(capsys) -> str:
     return lines[0]
 
 
-def _kill_after_first_epoch(monkeypatch):
+def _kill_after_first_epoch(monkeypatch, at_last_checkpoint: int = 1):
+    """Interrupt the run (as Ctrl-C would) right after its ``at_last_checkpoint``-th last checkpoint is written."""
     real_save, calls = checkpoint_manager.save_checkpoint, {"n": 0}
 
     def killed(state, path):
         real_save(state, path)
         if str(path).endswith(".last.pt"):
             calls["n"] += 1
-            if calls["n"] == 1:
+            if calls["n"] == at_last_checkpoint:
                 raise KeyboardInterrupt
 
     monkeypatch.setattr(checkpoint_manager, "save_checkpoint", killed)
@@ -341,16 +342,7 @@ def _strict_json(path):
 
 
 def test_resume_keeps_finished_stages_timings_in_standard_json(tmp_path, monkeypatch):
-    real_save, calls = checkpoint_manager.save_checkpoint, {"n": 0}
-
-    def killed_in_the_second_stage(state, path):
-        real_save(state, path)
-        if str(path).endswith(".last.pt"):
-            calls["n"] += 1
-            if calls["n"] == 2:
-                raise KeyboardInterrupt
-
-    monkeypatch.setattr(checkpoint_manager, "save_checkpoint", killed_in_the_second_stage)
+    real_save = _kill_after_first_epoch(monkeypatch, at_last_checkpoint=2)
     out = tmp_path / "run"
     assert main(["train", *TINY, "--variant", "finetune-t,finetune-v", "--epochs", "2", "--data-root",
                  str(tmp_path / "data"), "--out", str(out)]) == 130
