@@ -208,6 +208,14 @@ def _run(trainer) -> int:
     from cmc_fast import distributed
     from cmc_fast.report import text_table
 
+    # the toolkit's warnings (--amp skipped, a model collapsed to one class) on stderr as they happen, once each
+    # (rank 0 alone under torchrun); they are also in log.txt and the report's notes
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(logging.WARNING)
+    console.setFormatter(logging.Formatter("cmc-fast: warning: %(message)s"))
+    toolkit_log = logging.getLogger("cmc_fast")
+    if distributed.rank_from_env() == 0:
+        toolkit_log.addHandler(console)
     try:
         results = trainer.run()
     except RuntimeError as exc:  # say which rank failed before the group goes (cli.main prints the message)
@@ -215,10 +223,9 @@ def _run(trainer) -> int:
             raise CollectiveFailure(distributed.failure_message(exc)) from exc
         raise
     finally:
+        toolkit_log.removeHandler(console)
         distributed.shutdown()
     if distributed.rank_from_env() == 0:
-        for line in getattr(trainer, "warnings", []):
-            print(f"cmc-fast: warning: {line}", file=sys.stderr)
         print(text_table(results))
         print(f"\nrun directory: {trainer.run_dir} (report.md, metrics.json, checkpoints/)")
     return 0

@@ -52,7 +52,6 @@ class Trainer:
             raise UsageError(f"--batch-size {cfg.batch_size}: the global batch must split evenly over the {world} "
                              f"processes, at least 2 rows each")
         self.notes: list[str] = []
-        self.warnings: list[str] = []  # also printed on the console (a collapsed model)
         self.results: dict[str, dict] = {}
         self.timings: dict[str, dict] = {}
         self.history: dict[str, list[dict]] = {}  # stage -> per-epoch train loss and validation accuracy
@@ -178,7 +177,7 @@ class Trainer:
 
     def _note_collapse(self, stage: Stage, history: list[dict], variants: dict[str, str]) -> None:
         """A head whose validation predictions were one class in every epoch of its run collapsed: its scores are
-        a constant guess. Said in the report's notes, the log and (``warnings``) on the console."""
+        a constant guess. Said in the report's notes and as a log warning (the CLI shows those on the console)."""
         n, labels = len(stage.val_split), stage.val_split.labels
         if not history or n == 0 or labels.unique().numel() < 2:
             return
@@ -190,7 +189,6 @@ class Trainer:
                         f"{len(history)} epoch(s): the model collapsed to one class and its scores are a constant "
                         "guess (a learning rate, --alpha or --beta too large?)")
                 self.notes.append(note)
-                self.warnings.append(note)
                 log.warning(note)
 
     def _note_graph_breaks(self, stage: str, counters) -> None:

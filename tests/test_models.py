@@ -88,3 +88,18 @@ def test_the_ready_made_attention_mask_matches_transformers_own():
         m = mask.unsqueeze(-1).float()
         theirs = (hidden * m).sum(1) / m.sum(1)
     torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+
+
+def test_cli_says_amp_was_skipped_on_the_console_once(tmp_path, monkeypatch, capsys):
+    """A user who typed --amp on a CPU without bf16 units reads it on the console (once), not only in log.txt."""
+    from tiny import TINY
+
+    from cmc_fast import models
+    from cmc_fast.cli import main
+
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: False)
+    assert main(["train", *TINY, "--variant", "finetune-t", "--amp", "--data-root", str(tmp_path / "data"),
+                 "--out", str(tmp_path / "run")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("cmc-fast: warning: --amp skipped") == 1, err
+    assert "--amp skipped" in (tmp_path / "run" / "log.txt").read_text()
