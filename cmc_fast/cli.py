@@ -11,7 +11,6 @@ import argparse
 import contextlib
 import dataclasses
 import importlib
-import json
 import logging
 import os
 import sys
@@ -20,7 +19,7 @@ import typing
 from collections.abc import Iterator
 from pathlib import Path
 
-from cmc_fast.config import Config, preset
+from cmc_fast.config import Config, preset, read_run_config
 from cmc_fast.errors import CollectiveFailure, UsageError
 from cmc_fast.rundir import claim
 
@@ -113,21 +112,6 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return cfg.validate()
 
 
-def _read_run_config(run_dir: Path, flag: str) -> Config:
-    path = run_dir / "config.json"
-    if not path.is_file():
-        raise UsageError(f"{flag}: {run_dir} is not a cmc-fast run directory (no config.json)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{flag}: {path}: cannot read ({exc})") from None
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"{flag}: {path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"{flag}: {path}: expected a JSON object of config keys")
-    return Config.from_dict(data, source=f"{flag}: {path}")
-
-
 @contextlib.contextmanager
 def _hold(run_dir: Path, **claim_options) -> Iterator[list[str]]:
     """``rundir.claim`` by the process that writes the run folder: rank 0 of a torchrun job (the others write
@@ -146,7 +130,7 @@ def _train(args: argparse.Namespace, held: list[Path]) -> int:
 
     if args.resume:
         run_dir = Path(args.resume)
-        cfg = _read_run_config(run_dir, "--resume")
+        cfg = read_run_config(run_dir, "--resume")
         applied = _resume_flags(args, cfg)
         with _hold(run_dir, flag="--resume", allow_foreign=True) as notes:
             held.append(run_dir)
@@ -235,7 +219,7 @@ def _evaluate(args: argparse.Namespace, held: list[Path]) -> int:
     from cmc_fast.trainer import Trainer
 
     run_dir = Path(args.run)
-    cfg = _read_run_config(run_dir, "--run")
+    cfg = read_run_config(run_dir, "--run")
     cfg.progress = False
     if args.device:
         cfg.device = args.device

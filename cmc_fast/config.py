@@ -179,25 +179,38 @@ class Config:
 
     @classmethod
     def read_overrides(cls, path: str | Path) -> dict:
-        """The keys of a ``--config`` JSON file, checked against the dataclass's fields."""
+        """The keys of a ``--config`` JSON file, checked against the dataclass's fields (names and types)."""
         p = Path(path)
         if not p.is_file():
             raise UsageError(f"--config: file not found: {p}")
-        try:
-            data = json.loads(p.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"--config: {p}:{exc.lineno}: invalid JSON: {exc.msg}") from None
-        if not isinstance(data, dict):
-            raise UsageError(f"--config: {p}: expected a JSON object of config keys")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            valid = ", ".join(sorted(names))
-            raise UsageError(f"--config: {p}: unknown key(s) {', '.join(unknown)}; valid keys: {valid}")
-        check_types(data, f"--config: {p}: key ")
+        data = read_json_object(p, "--config", "config keys")
+        cls.from_dict(data, source=f"--config: {p}")  # the same checks as a run's config.json
         if data.get("image_size") is not None:
             data["image_size"] = tuple(data["image_size"])
         return data
+
+
+def read_json_object(path: Path, flag: str, what: str) -> dict:
+    """The JSON object in ``path``; a file that cannot be read, is not JSON or not an object ends in a UsageError
+    naming ``flag`` and the file (with the line of a JSON error)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{flag}: {path}: cannot read ({exc})") from None
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{flag}: {path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{flag}: {path}: expected a JSON object of {what}")
+    return data
+
+
+def read_run_config(run_dir: str | Path, flag: str) -> Config:
+    """A run directory's saved configuration (``train --resume``, ``evaluate``, ``predict``, ``tsne``)."""
+    run_dir = Path(run_dir)
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise UsageError(f"{flag}: {run_dir} is not a cmc-fast run directory (no config.json)")
+    return Config.from_dict(read_json_object(path, flag, "config keys"), source=f"{flag}: {path}")
 
 
 def _flag(name: str) -> str:

@@ -20,7 +20,6 @@ safetensors + JSON (``bundle.py``).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from cmc_fast.config import Config
+from cmc_fast.config import Config, read_run_config
 from cmc_fast.data_pipeline.image_source import finish_batch
 from cmc_fast.data_pipeline.images import Limits, decode_uint8
 from cmc_fast.data_pipeline.text import VocabTokenizer, encode_texts
@@ -132,17 +131,6 @@ def build_parts(cfg: Config, variant: str, tokenizer, hf_config_dir: str | None 
     return parts
 
 
-def read_run_config(run_dir: Path) -> Config:
-    path = run_dir / "config.json"
-    if not path.is_file():
-        raise UsageError(f"--run: {run_dir} is not a cmc-fast run directory (no config.json)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UsageError(f"--run: {path} is not valid JSON ({exc})") from None
-    return Config.from_dict(data, source=str(path))
-
-
 def run_tokenizer(run_dir: Path, cfg: Config) -> tuple[object, TextEncoder | None]:
     """The tokenizer the run encoded its texts with: its saved vocabulary (tiny / ngram), rebuilt from the
     run's data when an older run did not save one, or the Hugging Face model's own (returned with the model,
@@ -195,7 +183,7 @@ class Detector:
     @classmethod
     def from_run(cls, run_dir: str | Path, variant: str = "cmc", *, device: str = "auto") -> Detector:
         run_dir = Path(run_dir)
-        cfg, key = read_run_config(run_dir), variant_key(variant)
+        cfg, key = read_run_config(run_dir, "--run"), variant_key(variant)
         states = load_run_states(run_dir, key)
         tokenizer, pretrained = run_tokenizer(run_dir, cfg)
         parts = build_parts(cfg, key, tokenizer, pretrained=pretrained)

@@ -166,6 +166,18 @@ def _estimate_partition(stage: MutualStage | SharedStage, batch: Batch) -> None:
     distributed.broadcast_(distiller.z_t2v)
 
 
+def _mutual_loss(stage: MutualStage | SharedStage, t_logits: torch.Tensor, t_feat: torch.Tensor,
+                 v_logits: torch.Tensor, v_feat: torch.Tensor, rows: torch.Tensor, first: torch.Tensor | None = None):
+    """(first +) CE_T + alpha L_{V->T} + CE_V + beta L_{T->V}, with CE_T, CE_V and L_{V->T} + L_{T->V}. The NCE runs
+    in float32 outside autocast (exp(s / tau) reaches ~1.6e6); each term's gradient reaches only its own network,
+    so one backward of the sum is exact."""
+    cfg, y = stage.cfg, stage.train_split.labels[rows]
+    ce_t, ce_v = F.cross_entropy(t_logits.float(), y), F.cross_entropy(v_logits.float(), y)
+    l_v2t, l_t2v = stage.distiller(t_feat.float(), v_feat.float(), rows)
+    start = ce_t if first is None else first + ce_t  # the order of the sum as it always was (bit-equal runs)
+    return start + cfg.alpha * l_v2t + ce_v + cfg.beta * l_t2v, ce_t, ce_v, l_v2t + l_t2v
+
+
 class FinetuneStage(Stage):
     """finetune-t / finetune-v: one network, cross-entropy only."""
 
@@ -214,17 +226,11 @@ class MutualStage(Stage):
         _estimate_partition(self, batch)
 
     def loss(self, rows, pixels):
-        cfg, fit = self.cfg, self.train_split
         with self.ctx.autocast():
-            t_logits, t_feat = _text_logits_and_features(self.text_net, fit, rows)
+            t_logits, t_feat = _text_logits_and_features(self.text_net, self.train_split, rows)
             v_logits, v_feat = self.image_net(pixels)
-        y = fit.labels[rows]
-        ce_t, ce_v = F.cross_entropy(t_logits.float(), y), F.cross_entropy(v_logits.float(), y)
-        # NCE in float32 outside autocast: exp(s / tau) reaches ~1.6e6
-        l_v2t, l_t2v = self.distiller(t_feat.float(), v_feat.float(), rows)
-        # each term's gradient reaches only its own network, so one backward of the sum is exact
-        loss = ce_t + cfg.alpha * l_v2t + ce_v + cfg.beta * l_t2v
-        return loss, {"ce_t": ce_t.detach(), "ce_v": ce_v.detach(), "nce": (l_v2t + l_t2v).detach()}
+        loss, ce_t, ce_v, nce = _mutual_loss(self, t_logits, t_feat, v_logits, v_feat, rows)
+        return loss, {"ce_t": ce_t.detach(), "ce_v": ce_v.detach(), "nce": nce.detach()}
 
     def head_logits(self, split, batch):
         return {"text": _text_logits_and_features(self.text_net, split, batch.rows)[0],
@@ -305,18 +311,14 @@ class SharedStage(Stage):
             _estimate_partition(self, batch)
 
     def loss(self, rows, pixels):
-        cfg, fit = self.cfg, self.train_split
         with self.ctx.autocast():
-            t_logits, t_feat = _text_logits_and_features(self.text_net, fit, rows)
+            t_logits, t_feat = _text_logits_and_features(self.text_net, self.train_split, rows)
             v_logits, v_feat = self.image_net(pixels)
             fused = self.block([t_feat, v_feat])
-        y = fit.labels[rows]
-        ce_f = F.cross_entropy(fused.float(), y)
+        ce_f = F.cross_entropy(fused.float(), self.train_split.labels[rows])
         if self.distiller is None:
             return ce_f, {}
-        ce_t, ce_v = F.cross_entropy(t_logits.float(), y), F.cross_entropy(v_logits.float(), y)
-        l_v2t, l_t2v = self.distiller(t_feat.float(), v_feat.float(), rows)
-        loss = ce_f + ce_t + cfg.alpha * l_v2t + ce_v + cfg.beta * l_t2v
+        loss = _mutual_loss(self, t_logits, t_feat, v_logits, v_feat, rows, first=ce_f)[0]
         return loss, {"ce_fused": ce_f.detach()}
 
     def head_logits(self, split, batch):

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from cmc_fast.checkpoint import write_json
-from cmc_fast.detector import Detector, read_run_config
+from cmc_fast.config import read_run_config
+from cmc_fast.detector import Detector
 from cmc_fast.errors import UsageError
 
 MODELS = {"fine-tuned": ("finetune-t", "finetune-v"), "CMC": ("cmc-t", "cmc-v")}
@@ -141,7 +142,7 @@ def make_tsne(run_dir: str | Path, split: str = "test", out: str | Path | None =
     """Write ``tsne.png`` and ``tsne.json`` for the run; returns their paths."""
     TSNE, plt = require_plots()
     run_dir = Path(run_dir)
-    cfg = read_run_config(run_dir)
+    cfg = read_run_config(run_dir, "--run")
     records = split_posts(cfg, split, max_points, seed)
     panels, ok = {}, None
     for model in MODELS:
