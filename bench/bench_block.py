@@ -135,7 +135,7 @@ def _cpu_threads():
     torch.set_num_threads(before)
 
 
-def _skip_reason(provider: str, batch: int, dtype_id: str) -> str | None:
+def _skip_reason(provider: str) -> str | None:
     if provider in GPU_ONLY and not ON_GPU:
         return "Triton and the dispatch are timed on a GPU only (on a CPU block_merge is the reference)"
     if provider in COMPILED and not ON_GPU and os.environ.get("CMC_BENCH_CPU_COMPILE", "0") in ("", "0"):
@@ -149,7 +149,7 @@ def _skip_reason(provider: str, batch: int, dtype_id: str) -> str | None:
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_block_merge(benchmark, record, monkeypatch, provider, mode, config, batch, dtype_id):
-    reason = _skip_reason(provider, batch, dtype_id)
+    reason = _skip_reason(provider)
     if reason:
         pytest.skip(reason)
     dtype, precision = DTYPES[dtype_id]

@@ -27,14 +27,15 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from cmc_fast.checkpoint import load_checkpoint
+from cmc_fast.checkpoint_manager import CheckpointManager
 from cmc_fast.config import Config, read_run_config
 from cmc_fast.data_pipeline.image_source import finish_batch
 from cmc_fast.data_pipeline.images import Limits, decode_uint8
 from cmc_fast.data_pipeline.text import VocabTokenizer, encode_texts
-from cmc_fast.encoders import NgramEncoder, TextEncoder, build_image_encoder, load_text_model, tiny_text_encoder
+from cmc_fast.encoders import TextEncoder, build_image_encoder, load_text_model
 from cmc_fast.errors import UsageError
-from cmc_fast.fusion import Block
-from cmc_fast.models import Classifier, amp_dtype, resolve_device
+from cmc_fast.models import Classifier, amp_dtype, fusion_block, resolve_device, scratch_text_encoder
 
 # variant -> part -> (stage, head, module key) of the best checkpoint the part is read from
 RUN_PARTS: dict[str, dict[str, tuple[str, str, str]]] = {
@@ -98,13 +99,8 @@ def text_classifier(cfg: Config, tokenizer, hf_config_dir: str | None = None,
     """The run's text network (its trained weights are loaded after). A Hugging Face model is ``pretrained``
     when given (a run: loaded with its tokenizer), else built from its config alone in ``hf_config_dir`` (a
     bundle), else loaded from ``cfg.text_model``."""
-    if cfg.text_model == "tiny":
-        dropout = 0.1 if cfg.tiny_text_dropout is None else cfg.tiny_text_dropout
-        return Classifier(tiny_text_encoder(len(tokenizer), cfg.max_len, cfg.tiny_text_dim, cfg.tiny_text_layers,
-                                            dropout))
-    if cfg.text_model == "ngram":
-        dropout = 0.3 if cfg.tiny_text_dropout is None else cfg.tiny_text_dropout
-        return Classifier(NgramEncoder(len(tokenizer), cfg.tiny_text_dim, dropout=dropout))
+    if cfg.text_model in ("tiny", "ngram"):
+        return Classifier(scratch_text_encoder(cfg, len(tokenizer)))
     if pretrained is not None:
         return Classifier(pretrained)
     if hf_config_dir is None:
@@ -125,9 +121,7 @@ def build_parts(cfg: Config, variant: str, tokenizer, hf_config_dir: str | None 
     if "image" in names:  # the trained weights replace ImageNet's: none are needed to build it
         parts["image"] = Classifier(build_image_encoder(cfg.image_model, None, tuple(cfg.image_size)))
     if "block" in names:
-        dims = [parts["text"].encoder.out_dim, parts["image"].encoder.out_dim]
-        parts["block"] = Block(dims, 2, mm_dim=cfg.mm_dim, chunks=cfg.chunks, rank=cfg.rank,
-                               dropout_input=cfg.fusion_dropout)
+        parts["block"] = fusion_block(cfg, parts["text"].encoder.out_dim, parts["image"].encoder.out_dim)
     return parts
 
 
@@ -153,15 +147,12 @@ def load_run_states(run_dir: Path, variant: str) -> dict[str, dict]:
     """part -> state dict, from the run's best checkpoints, loaded without unpickling."""
     states, cache = {}, {}
     for part, (stage, head, key) in RUN_PARTS[variant].items():
-        path = run_dir / "checkpoints" / f"{stage}.best-{head}.pt"
+        path = CheckpointManager(run_dir / "checkpoints", stage).best_path(head)
         if not path.is_file():
             raise UsageError(f"--variant {variant}: {path} not found; the run did not train this variant "
                              f"(train it with --variant {variant}) or has not finished it")
         if path not in cache:
-            try:
-                cache[path] = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as exc:  # a damaged or foreign file: one line naming it
-                raise UsageError(f"--run: cannot load {path}: {str(exc).splitlines()[0][:200]}") from None
+            cache[path] = load_checkpoint(path)  # pickle-free; a damaged or foreign file: one line naming it
         states[part] = cache[path]["modules"][key]
     return states
 
@@ -228,14 +219,16 @@ class Detector:
         return ids.to(self.device), mask.to(self.device)
 
     def pixels(self, images: list) -> tuple[torch.Tensor, np.ndarray, dict[int, str]]:
-        """Normalised images [n, 3, H, W] on the device, decoded where training decodes (the run's backend on
-        this device), which decoded, and why the others did not."""
+        """The normalised images that decoded, [ok.sum(), 3, H, W] on the device (decoded where training decodes:
+        the run's backend on this device, within its bounds), which decoded, and why the others did not."""
         paths = [None if p is None or p == "" else str(p) for p in images]
         res = decode_uint8(paths, tuple(self.cfg.image_size), self.cfg.image_backend, device=self.device,
                            limits=Limits(self.cfg.max_image_bytes, self.cfg.max_image_pixels))  # the run's bounds
         ok = res.ok.cpu().numpy().astype(bool)
-        x = finish_batch(res.pixels.to(self.device), None if ok.all() else torch.from_numpy(ok), train=False)
-        return x, ok, dict(res.errors)
+        decoded = res.pixels.to(self.device)
+        if not ok.all():  # only the decoded rows are normalised and scored
+            decoded = decoded[torch.from_numpy(ok).to(self.device)]
+        return finish_batch(decoded, None, train=False), ok, dict(res.errors)
 
     @torch.no_grad()
     def features(self, texts: list[str], images: list) -> tuple[torch.Tensor | None, torch.Tensor | None, np.ndarray]:
@@ -249,7 +242,7 @@ class Detector:
             if self.image_net is not None:
                 x, ok, _ = self.pixels(images)
                 if ok.any():
-                    v_feat = self.image_net(x[torch.from_numpy(ok).to(self.device)])[1].float().cpu()
+                    v_feat = self.image_net(x)[1].float().cpu()
         return t_feat, v_feat, ok
 
     def _autocast(self):
@@ -273,7 +266,7 @@ class Detector:
                 x, ok, errors = self.pixels(images)
                 rows = torch.from_numpy(ok)
                 if ok.any():
-                    v_logits, v_feat = self.image_net(x[rows.to(self.device)])
+                    v_logits, v_feat = self.image_net(x)
                     if self.branch_heads:
                         p_image[ok] = torch.softmax(v_logits.float().cpu(), 1)[:, 1].double().numpy()
                     main = self._fuse(t_feat[rows.to(self.device)], v_feat) if self.block is not None else v_logits
@@ -294,7 +287,7 @@ class Detector:
         scored = ok.copy() if self.uses_images else np.ones(n, dtype=bool)
         if not self.uses_images:
             logits = t_logits
-        fallback = self.text_fallback if self.uses_images else None
+        fallback = self.text_fallback
         if fallback is not None and not ok.all():
             logits[torch.from_numpy(~ok)] = t_logits[torch.from_numpy(~ok)]
             scored[:] = True

@@ -152,11 +152,13 @@ def sharded_batches(outputs_of, batches: list) -> list[torch.Tensor]:
     if not active():
         return [outputs_of(b) for b in batches]
     r, w = rank(), world()
-    sizes = [b[0].numel() if isinstance(b, tuple) else b.numel() for b in batches]
+    sizes = [b[0].numel() for b in batches]  # eval_batches: (host rows, device rows)
     local = [outputs_of(b) for b in batches[r::w]]
     mine = torch.cat(local) if local else None
     per_rank = [sum(sizes[q::w]) for q in range(w)]
-    like = _template(mine, r)
+    # every rank holds a batch unless there are fewer batches than ranks (the same on every rank): only then must
+    # the outputs' shape travel by an object all-gather
+    like = mine[:0] if len(batches) >= w else _template(mine)
     padded = like.new_zeros((max(per_rank), *like.shape[1:]))
     if mine is not None:
         padded[:mine.shape[0]] = mine
@@ -165,7 +167,7 @@ def sharded_batches(outputs_of, batches: list) -> list[torch.Tensor]:
     return [parts[j % w][j // w] for j in range(len(batches))]
 
 
-def _template(mine: torch.Tensor | None, r: int) -> torch.Tensor:
+def _template(mine: torch.Tensor | None) -> torch.Tensor:
     """An empty tensor with the outputs' trailing shape, dtype and device, agreed by all ranks (a rank with no
     batch learns them from rank 0)."""
     meta = [None if mine is None else (tuple(mine.shape[1:]), mine.dtype, str(mine.device))]

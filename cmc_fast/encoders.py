@@ -16,6 +16,15 @@ import torch.nn as nn
 from cmc_fast.errors import UsageError
 
 
+def _transformers_major() -> int:
+    from importlib.metadata import version
+
+    return int(version("transformers").split(".")[0])
+
+
+_TRANSFORMERS_TAKES_4D_MASK = _transformers_major() >= 5
+
+
 # ------------------------------------------------------------------------------------------- text
 class TextEncoder(nn.Module):
     """A Hugging Face encoder. ``pooling``: "pooler" (BERT's pooled output, as the paper) or "mean" (masked
@@ -37,8 +46,9 @@ class TextEncoder(nn.Module):
     def _attention_bias(self, attention_mask: torch.Tensor) -> torch.Tensor:
         """For SDPA attention, the 4D boolean mask [B, 1, 1, L] (True: attend) that transformers would build,
         passed ready-made: given the 2D mask, transformers checks ``mask.all()`` on the host every forward to
-        skip it, a device sync per step on a GPU."""
-        if getattr(self.model.config, "_attn_implementation", None) != "sdpa" or attention_mask.dim() != 2:
+        skip it, a device sync per step on a GPU. transformers 4 accepts only 2D/3D masks: it gets the 2D one."""
+        if (not _TRANSFORMERS_TAKES_4D_MASK or attention_mask.dim() != 2
+                or getattr(self.model.config, "_attn_implementation", None) != "sdpa"):
             return attention_mask
         return attention_mask.bool()[:, None, None, :]
 

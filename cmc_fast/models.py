@@ -85,6 +85,22 @@ def amp_dtype(cfg: Config, device: torch.device, notes: list[str]) -> torch.dtyp
 
 
 # ----------------------------------------------------------------------------------------- builders
+def scratch_text_encoder(cfg: Config, vocab_size: int) -> TextEncoder | NgramEncoder:
+    """The tiny BERT or the n-gram model of ``--text-model tiny|ngram``, randomly initialised (training builds
+    it, and so does a detector before loading the trained weights)."""
+    if cfg.text_model == "tiny":
+        dropout = 0.1 if cfg.tiny_text_dropout is None else cfg.tiny_text_dropout
+        return tiny_text_encoder(vocab_size, cfg.max_len, cfg.tiny_text_dim, cfg.tiny_text_layers, dropout)
+    dropout = 0.3 if cfg.tiny_text_dropout is None else cfg.tiny_text_dropout
+    return NgramEncoder(vocab_size, cfg.tiny_text_dim, dropout=dropout)
+
+
+def fusion_block(cfg: Config, text_dim: int, image_dim: int) -> Block:
+    """The run's BLOCK fusion (two inputs, fake/real out), randomly initialised."""
+    return Block([text_dim, image_dim], 2, mm_dim=cfg.mm_dim, chunks=cfg.chunks, rank=cfg.rank,
+                 dropout_input=cfg.fusion_dropout)
+
+
 class ModelBuilder:
     """Builds every network, optimiser, distiller and fusion of a run on one device. The tiny text model's
     masked-LM pre-training runs once per run (saved to ``checkpoints/text-mlm.pt``) and every text network
@@ -108,16 +124,11 @@ class ModelBuilder:
 
     def text_encoder(self) -> TextEncoder | NgramEncoder:
         cfg = self.cfg
-        if cfg.text_model == "tiny":
-            dropout = 0.1 if cfg.tiny_text_dropout is None else cfg.tiny_text_dropout
-            encoder = tiny_text_encoder(len(self.tokenizer), cfg.max_len, cfg.tiny_text_dim, cfg.tiny_text_layers,
-                                        dropout)
-            if cfg.text_pretrain_epochs and not self.evaluate_only:  # (evaluation loads trained weights anyway)
-                encoder.model.load_state_dict(self.text_mlm(encoder))
+        if cfg.text_model in ("tiny", "ngram"):
+            encoder = scratch_text_encoder(cfg, len(self.tokenizer))
+            if cfg.text_model == "tiny" and cfg.text_pretrain_epochs and not self.evaluate_only:
+                encoder.model.load_state_dict(self.text_mlm(encoder))  # (evaluation loads trained weights anyway)
             return encoder
-        if cfg.text_model == "ngram":
-            dropout = 0.3 if cfg.tiny_text_dropout is None else cfg.tiny_text_dropout
-            return NgramEncoder(len(self.tokenizer), cfg.tiny_text_dim, dropout=dropout)
         # a fresh copy per stage: stages must not share (and silently co-train) one set of weights
         encoder, self._pretrained_text = self._pretrained_text, None
         return encoder if encoder is not None else load_text_model(cfg.text_model)[0]
@@ -178,6 +189,4 @@ class ModelBuilder:
                              bank_dtype=getattr(torch, cfg.bank_dtype)).to(self.device)
 
     def block(self, text_dim: int, image_dim: int) -> Block:
-        c = self.cfg
-        return Block([text_dim, image_dim], 2, mm_dim=c.mm_dim, chunks=c.chunks, rank=c.rank,
-                     dropout_input=c.fusion_dropout).to(self.device)
+        return fusion_block(self.cfg, text_dim, image_dim).to(self.device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from cmc_fast.config import VARIANTS
+from cmc_fast.metrics import confusion
 
 _HEAD = ["Variant", "Accuracy", "Fake P", "Fake R", "Fake F1", "Real P", "Real R", "Real F1", "n test", "val acc",
          "time s"]
@@ -13,7 +14,7 @@ _KEYS = ["accuracy", "fake_precision", "fake_recall", "fake_f1", "real_precision
 
 def _rows(results: dict) -> list[list[str]]:
     rows = []
-    for variant in sorted(results, key=lambda v: _ORDER.index(v) if v in _ORDER else 99):
+    for variant in _ordered(results):
         r = results[variant]
         test = r.get("test", {})
         rows.append([variant] + [f"{test.get(k, float('nan')):.3f}" for k in _KEYS]
@@ -37,12 +38,8 @@ def text_table(results: dict) -> str:
 
 def plot_history(history: dict[str, list[dict]], path) -> bool:
     """Per-stage training loss and validation accuracy by epoch, as a PNG. False when matplotlib is absent."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return False
     stages = [s for s, h in history.items() if h]
     if not stages:
@@ -120,8 +117,8 @@ def plot_confusion(scores: dict[str, dict], path) -> bool:
     fig, axes = plt.subplots(1, len(variants), figsize=(2.6 * len(variants), 2.9), squeeze=False)
     for ax, variant in zip(axes[0], variants):
         s = scores[variant]
-        pred, label = [int(v) for v in s["pred"]], [int(v) for v in s["label"]]
-        cells = [[sum(t == a and p == b for t, p in zip(label, pred)) for b in (1, 0)] for a in (1, 0)]
+        c = confusion(s["pred"], s["label"])
+        cells = [[c["tp"], c["fn"]], [c["fp"], c["tn"]]]  # rows true fake/real, columns predicted fake/real
         ax.imshow(cells, cmap="Blues", vmin=0, vmax=max(1, max(map(max, cells))))
         for r in range(2):
             for c in range(2):
@@ -195,7 +192,7 @@ def timing_table(timings: dict[str, dict]) -> str:
 def posts_lines(results: dict) -> list[str]:
     """Which test posts each row was scored on, one line per distinct set."""
     by_posts: dict[str, list[str]] = {}
-    for variant in sorted(results, key=lambda v: _ORDER.index(v) if v in _ORDER else 99):
+    for variant in _ordered(results):
         by_posts.setdefault(results[variant].get("posts", "the test split"), []).append(variant)
     return [f"- {', '.join(variants)}: scored on {posts}" for posts, variants in by_posts.items()]
 

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cmc_fast.checkpoint import write_json
+from cmc_fast.checkpoint import load_checkpoint, write_json
+from cmc_fast.checkpoint_manager import CheckpointManager
 from cmc_fast.config import read_run_config
 from cmc_fast.detector import Detector
 from cmc_fast.errors import UsageError
@@ -69,10 +70,10 @@ def _projections(run_dir: Path) -> tuple[dict, dict] | None:
     """Stage 1's NCE projections (embed_t from the text head's best checkpoint, embed_v from the image head's)."""
     out = []
     for head, name in (("text", "embed_t"), ("image", "embed_v")):
-        path = run_dir / "checkpoints" / f"stage1.best-{head}.pt"
+        path = CheckpointManager(run_dir / "checkpoints", "stage1").best_path(head)
         if not path.is_file():
             return None
-        distiller = torch.load(path, map_location="cpu", weights_only=True)["modules"].get("distiller", {})
+        distiller = load_checkpoint(path)["modules"].get("distiller", {})
         if f"{name}.weight" not in distiller:
             return None
         out.append({"weight": distiller[f"{name}.weight"], "bias": distiller[f"{name}.bias"]})

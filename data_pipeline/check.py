@@ -56,9 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--require-images", action="store_true",
                         help="also exit 1 when image variants cannot train (no decodable image for a train class "
                              "or for the test split)")
-    parser.add_argument("--max-image-bytes", type=int, default=None, metavar="N",
+    parser.add_argument("--max-image-bytes", type=int, default=images.DEFAULT_LIMITS.max_bytes, metavar="N",
                         help="image files larger than N bytes are reported, not read (default 64 MiB, as train)")
-    parser.add_argument("--max-image-pixels", type=int, default=None, metavar="N",
+    parser.add_argument("--max-image-pixels", type=int, default=images.DEFAULT_LIMITS.max_pixels, metavar="N",
                         help="images whose header declares more than N pixels are reported, not decoded "
                              "(default 40 million, as train)")
     parser.add_argument("--show", type=int, default=5, metavar="N",
@@ -78,11 +78,13 @@ def check_images(paths: Sequence[str], backend: str | None = None, decode: bool 
         if data is None:
             _file_finding(found, path, err)
             continue
-        _format_findings(found, path, data)
+        truncated = _format_findings(found, path, data)
         if not decode:
             too_big = images.pixel_problem(path, data, limits)  # decoding checks this itself
             if too_big:
                 found["unreadable"].append({"path": path, "error": too_big.removeprefix(f"{path}: ")})
+            continue
+        if truncated:  # already reported: a decode could only repeat it
             continue
         pending.append((path, data))
         if len(pending) >= BATCH or sum(len(d) for _, d in pending) >= BATCH_BYTES:
@@ -103,8 +105,8 @@ def _file_finding(found: dict, path: str, err: str) -> None:
         found["unreadable"].append({"path": path, "error": err.removeprefix(f"{path}: ")})
 
 
-def _format_findings(found: dict, path: str, data: bytes) -> None:
-    """Magic bytes against the extension; a JPEG without its end marker."""
+def _format_findings(found: dict, path: str, data: bytes) -> bool:
+    """Magic bytes against the extension; a JPEG without its end marker (returns whether it was one)."""
     head = data[:16]
     fmt = sniff(head)
     ext = os.path.splitext(path)[1].lower()
@@ -118,18 +120,18 @@ def _format_findings(found: dict, path: str, data: bytes) -> None:
     if head.startswith(b"\xff\xd8\xff") and b"\xff\xd9" not in data[max(16, len(data) - 1024):]:
         found["unreadable"].append({"path": path,
                                     "error": "truncated JPEG: no end-of-image marker in its last 1024 bytes"})
+        return True
+    return False
 
 
 def _decode_findings(found: dict, batch: list[tuple[str, bytes]], backend: str | None, limits: images.Limits) -> None:
     names = [p for p, _ in batch]
-    truncated = {u["path"] for u in found["unreadable"]}
     with warnings.catch_warnings():  # torch's one-time note about read-only numpy arrays is not a finding
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         result = images.decode_encoded([d for _, d in batch], DECODE_SIZE, backend=backend or "pil", names=names,
                                        limits=limits)
     for pos, err in sorted(result.errors.items()):
-        if names[pos] not in truncated:  # already reported once
-            found["unreadable"].append({"path": names[pos], "error": err.removeprefix(f"{names[pos]}: ")})
+        found["unreadable"].append({"path": names[pos], "error": err.removeprefix(f"{names[pos]}: ")})
 
 
 def _split_stats(records: list[Record], bad_paths: set[str]) -> dict:
@@ -301,11 +303,7 @@ def _usage_error(message: str) -> int:
 
 
 def _limits(args: argparse.Namespace) -> images.Limits:
-    default = images.DEFAULT_LIMITS
-    max_bytes = getattr(args, "max_image_bytes", None)
-    max_pixels = getattr(args, "max_image_pixels", None)
-    max_bytes = default.max_bytes if max_bytes is None else max_bytes
-    max_pixels = default.max_pixels if max_pixels is None else max_pixels
+    max_bytes, max_pixels = args.max_image_bytes, args.max_image_pixels
     for flag, value in (("--max-image-bytes", max_bytes), ("--max-image-pixels", max_pixels)):
         if value < 1:
             raise ValueError(f"{flag}: must be >= 1, got {value}")

@@ -158,7 +158,6 @@ class DaliUnusableError(RuntimeError):
 # torchvision, so no sample is silently decoded by PIL under the name 'dali', and no chunk rebuilds a broken
 # pipeline at every step of its bisection.
 _DALI_UNUSABLE: dict[str, str] = {}
-_DALI_PROBED: dict[int, bool] = {}  # CUDA device id -> a pipeline built there ('auto' on CUDA probes once)
 
 
 def dali_unusable_reason(device: torch.device | str | None = "cuda") -> str | None:
@@ -177,15 +176,13 @@ def available_backends() -> list[str]:
 
 
 def _dali_builds_on(device: torch.device) -> bool:
-    """Whether a DALI pipeline builds on this CUDA device: one small pipeline, once per process and device."""
-    device_id = device.index if device.index is not None else 0
-    if device_id not in _DALI_PROBED:
-        try:
-            _dali_pipeline((8, 8, 1, device_id, False, 1))
-            _DALI_PROBED[device_id] = True
-        except DaliUnusableError:
-            _DALI_PROBED[device_id] = False
-    return _DALI_PROBED[device_id]
+    """Whether a DALI pipeline builds on this CUDA device: one small pipeline, built once per process and device
+    (``_dali_pipeline`` keeps it, or marks DALI unusable and raises at once from then on)."""
+    try:
+        _dali_pipeline((8, 8, 1, device.index if device.index is not None else 0, False, 1))
+        return True
+    except DaliUnusableError:
+        return False
 
 
 def resolve_backend(name: str, device: torch.device | str | None = None) -> str:
@@ -391,10 +388,6 @@ def read_image_file(path: str | None, limits: Limits = DEFAULT_LIMITS) -> tuple[
     if not data:
         return None, f"{path}: empty file (0 bytes)"
     return data, None
-
-
-def _read(path: str | None, limits: Limits = DEFAULT_LIMITS) -> tuple[bytes | None, str | None]:
-    return read_image_file(path, limits)
 
 
 def _jpeg_dimensions(data: bytes) -> tuple[int, int] | None:
@@ -839,7 +832,7 @@ def decode_uint8(paths: Sequence[str | None], size: Sequence[int], backend: str 
     ``workers``: CPU threads decoding side by side (default: the usable cores, at most 16). ``limits``: what a
     file may be (``DEFAULT_LIMITS`` when None; see "Bounds")."""
     limits = limits or DEFAULT_LIMITS
-    loaded = [_read(p, limits) for p in paths]
+    loaded = [read_image_file(p, limits) for p in paths]
     return _decode_loaded([str(p) for p in paths], loaded, size, backend, normalize_output=False, device=device,
                           dtype=torch.uint8, chunk=chunk, workers=workers, limits=limits)
 
@@ -850,7 +843,7 @@ def decode(paths: Sequence[str | None], size: Sequence[int], backend: str = "aut
     """Like ``decode_uint8`` but, with ``normalize=True``, float ``dtype`` ImageNet-normalised pixels (DALI
     normalises inside its pipeline). Failed samples stay all zero."""
     limits = limits or DEFAULT_LIMITS
-    loaded = [_read(p, limits) for p in paths]
+    loaded = [read_image_file(p, limits) for p in paths]
     return _decode_loaded([str(p) for p in paths], loaded, size, backend, normalize_output=normalize,
                           device=device, dtype=dtype, chunk=chunk, workers=workers, limits=limits)
 

@@ -6,22 +6,10 @@ autograd registrations and the references import as usual; nothing here can laun
 from __future__ import annotations
 
 
-def _passthrough(*args, **kwargs):
-    if len(args) == 1 and callable(args[0]) and not kwargs:  # bare @jit
-        return args[0]
-    return lambda fn: fn  # @jit(...), @autotune(...), @heuristics(...)
-
-
-jit = autotune = heuristics = _passthrough
-
-
-class Config:
-    def __init__(self, kwargs=None, num_warps=4, num_stages=1, **options):
-        self.kwargs, self.num_warps, self.num_stages = dict(kwargs or {}), num_warps, num_stages
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+def jit(fn=None, **kwargs):
+    """``@triton.jit`` and ``@triton.jit(...)``: the function itself (the package's kernels use nothing else of
+    Triton at definition time)."""
+    return fn if fn is not None else (lambda f: f)
 
 
 class _Missing:

@@ -69,7 +69,7 @@ from .reference import (
     block_merge_sum_reference,
     block_size_groups,
 )
-from .utils import contiguous, next_power_of_2, on_tensor_device, tl, triton
+from .utils import cdiv, contiguous, next_power_of_2, on_tensor_device, tl, triton
 
 __all__ = [
     "block_merge",
@@ -364,9 +364,6 @@ def _block_bwd_dw_kernel(
 
 
 # ------------------------------------------------------------------------------------------------ tiles
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
 
 def _pow2(n: int) -> bool:
     return n >= 1 and n & (n - 1) == 0
@@ -397,7 +394,7 @@ def _block_k(sizes) -> int:
     to 96, 64 and the old whole-chunk tile to 128), 16 for chunks of 15 (6.25%)."""
     best = None
     for bk in (64, 32, 16):
-        waste = 1 - sum(sizes) / sum(_cdiv(s, bk) * bk for s in sizes)
+        waste = 1 - sum(sizes) / sum(cdiv(s, bk) * bk for s in sizes)
         if best is None or waste < best[0] - 1e-12:
             best = (waste, bk)
     return best[1]
@@ -418,7 +415,7 @@ def block_plan(n_rows: int, sizes, rank: int, *, sms: int = 132, ieee_fp32: bool
     rank_p = next_power_of_2(rank)
     block_s = max(MIN_DOT, next_power_of_2(max_s))
     out_head, out_tail = _out_tiles(max_s, block_s)
-    min_j = _cdiv(MIN_DOT, rank_p)  # features a tile needs for N >= 16
+    min_j = cdiv(MIN_DOT, rank_p)  # features a tile needs for N >= 16
     whole = max(min_j, next_power_of_2(max_s))  # one tile per chunk
     rows = max(MIN_DOT, min(64, next_power_of_2(n_rows)))  # the interpreter pays per program: few big tiles
     # forward: a whole chunk per tile (normalised in the same launch) while N <= 256, else N = 128. Warps: 8 from
@@ -428,8 +425,8 @@ def block_plan(n_rows: int, sizes, rank: int, *, sms: int = 132, ieee_fp32: bool
     fwd_b, budget = rows, 4096 if ieee_fp32 else 8192
     while fwd_b > MIN_DOT and fwd_b * fwd_j * rank_p > budget:
         fwd_b //= 2
-    n_j = _cdiv(max_s, fwd_j)
-    while not interpreted and fwd_b > MIN_DOT and chunks * _cdiv(n_rows, fwd_b) * n_j < sms:
+    n_j = cdiv(max_s, fwd_j)
+    while not interpreted and fwd_b > MIN_DOT and chunks * cdiv(n_rows, fwd_b) * n_j < sms:
         fwd_b //= 2
     norm_b = rows if interpreted else min(16, 1 << max(0, (chunks * n_rows // sms).bit_length() - 1))
     # dx: [rows, block_s] accumulator and a [N, block_s] weight tile per step, N * block_s <= budget (FFMA: 4096;
@@ -475,7 +472,7 @@ def _check_plan(plan: BlockPlan, max_s: int, rank: int) -> None:
 
 
 def _fwd_tiles(plan: BlockPlan, sizes) -> int:
-    return _cdiv(max(sizes), plan.fwd_j)
+    return cdiv(max(sizes), plan.fwd_j)
 
 
 def padding_waste(plan: BlockPlan, n_rows: int, sizes, rank: int) -> dict[str, float]:
@@ -486,10 +483,10 @@ def padding_waste(plan: BlockPlan, n_rows: int, sizes, rank: int) -> dict[str, f
     total = sum(sizes)
 
     def n_waste(j: int) -> float:
-        return 1 - rank * total / sum(_cdiv(s, j) * j * plan.rank_p for s in sizes)
+        return 1 - rank * total / sum(cdiv(s, j) * j * plan.rank_p for s in sizes)
 
-    return {"k": 1 - total / sum(_cdiv(s, plan.block_k) * plan.block_k for s in sizes),
-            "dx_n": n_waste(plan.dx_j), "dw_batch": 1 - n_rows / (_cdiv(n_rows, plan.dw_b) * plan.dw_b),
+    return {"k": 1 - total / sum(cdiv(s, plan.block_k) * plan.block_k for s in sizes),
+            "dx_n": n_waste(plan.dx_j), "dw_batch": 1 - n_rows / (cdiv(n_rows, plan.dw_b) * plan.dw_b),
             "fwd_n": n_waste(plan.fwd_j), "chunk_out": 1 - total / (len(sizes) * (plan.out_head + plan.out_tail))}
 
 
@@ -576,13 +573,13 @@ def block_merge_forward_triton(x0: torch.Tensor, x1: torch.Tensor, w0: torch.Ten
     fused = normalize and n_j == 1
     sq = _scratch(n_j * n_rows * chunks if normalize and not fused else 1, dev)
     meta, dummy = _meta(sizes, rank, dev), _scratch(1, dev)
-    _block_fwd_kernel[(chunks, triton.cdiv(n_rows, plan.fwd_b), n_j)](
+    _block_fwd_kernel[(chunks, cdiv(n_rows, plan.fwd_b), n_j)](
         x0, x1, w0, b0, w1, b1, out, t if normalize else dummy, sq, norm if normalize else dummy, meta,
         n_rows, mm, chunks, int(rank), BLOCK_B=plan.fwd_b, BLOCK_J=plan.fwd_j, BLOCK_K=plan.block_k,
         RANK_P=plan.rank_p, NORMALIZE=bool(normalize), FUSED_NORM=fused, PREC=prec,
         num_warps=plan.fwd_warps)
     if normalize and not fused:
-        _block_norm_kernel[(chunks, triton.cdiv(n_rows, plan.norm_b))](
+        _block_norm_kernel[(chunks, cdiv(n_rows, plan.norm_b))](
             t, sq, out, norm, meta, n_rows, mm, chunks, BLOCK_B=plan.norm_b, BLOCK_S=plan.block_s,
             BLOCK_J=plan.fwd_j, N_JP=next_power_of_2(n_j), num_warps=4)
     return out, t, norm
@@ -614,12 +611,12 @@ def block_merge_backward_triton(grad: torch.Tensor, x0: torch.Tensor, x1: torch.
     prec = dot_precision(x0.dtype)
     plan = plan or block_plan(n_rows, sizes, rank, sms=_sm_count(dev), ieee_fp32=_ieee_fp32(x0.dtype, prec))
     meta, dummy = _meta(sizes, rank, dev), _scratch(1, dev)
-    _block_bwd_dx_kernel[(chunks, triton.cdiv(n_rows, plan.dx_b), 2)](
+    _block_bwd_dx_kernel[(chunks, cdiv(n_rows, plan.dx_b), 2)](
         x0, x1, w0, b0, w1, b1, grad, t if normalize else dummy, norm if normalize else dummy, dx0, dx1, dz, meta,
         n_rows, mm, chunks, int(rank), BLOCK_B=plan.dx_b, BLOCK_J=plan.dx_j, BLOCK_K=plan.block_k,
         BLOCK_S=plan.block_s, HEAD=plan.out_head, TAIL=plan.out_tail, RANK_P=plan.rank_p, NORMALIZE=bool(normalize),
         PREC=prec, num_warps=plan.dx_warps)
-    _block_bwd_dw_kernel[(chunks, _cdiv(max(sizes), plan.dw_j), 2)](
+    _block_bwd_dw_kernel[(chunks, cdiv(max(sizes), plan.dw_j), 2)](
         x0, x1, w0, b0, w1, b1, dz, dw0, db0, dw1, db1, meta, n_rows, mm, chunks, int(rank),
         BLOCK_B=plan.dw_b, BLOCK_J=plan.dw_j, BLOCK_K=plan.block_k, HEAD=plan.out_head, TAIL=plan.out_tail,
         RANK_P=plan.rank_p,
@@ -631,8 +628,7 @@ def block_merge_backward_triton(grad: torch.Tensor, x0: torch.Tensor, x1: torch.
 def _reference(x0, x1, w0, b0, w1, b1, sizes, rank, normalize):
     # one compute dtype: weights follow x (fp32 master weights under AMP), as the kernels do
     w0, b0, w1, b1 = (v.to(x0.dtype) for v in (w0, b0, w1, b1))
-    fn = block_merge_reference if normalize else block_merge_sum_reference
-    return fn(x0, x1, w0, b0, w1, b1, sizes=list(sizes), rank=rank)
+    return block_merge_reference(x0, x1, w0, b0, w1, b1, sizes=list(sizes), rank=rank, normalize=normalize)
 
 
 def block_merge_backward_reference(grad, x0, x1, w0, b0, w1, b1, *, sizes, rank: int, normalize: bool = True
@@ -645,7 +641,8 @@ def block_merge_backward_reference(grad, x0, x1, w0, b0, w1, b1, *, sizes, rank:
 
 # ------------------------------------------------------------------------------------ torch.library ops
 # ``fused`` is decided once by ``block_merge`` (``choose_block_path``) and travels with the op, so the backward
-# runs the path the forward ran. The reference path keeps nothing: t and norm are empty there.
+# runs the path the forward ran. The fused path keeps t and norm for its backward; the reference path returns
+# zeros of the same shapes (its backward is its own autograd), so the op's output shapes do not depend on the path.
 def _kept_shapes(x0, sizes, normalize):
     n_rows, mm = x0.shape
     return ((n_rows, mm), (n_rows, len(sizes))) if normalize else ((0,), (0,))
@@ -734,6 +731,11 @@ def _rate_key(dtype: torch.dtype, precision: str) -> str:
 
 
 def _gpu_name(device: torch.device | str) -> str:
+    return _gpu_name_of(str(torch.device(device)))
+
+
+@functools.lru_cache(maxsize=16)
+def _gpu_name_of(device: str) -> str:
     device = torch.device(device)
     if device.type == "cuda" and torch.cuda.is_available() and "H200" in torch.cuda.get_device_name(device):
         return "H200"
@@ -747,7 +749,7 @@ def estimate_fused(batch: int, sizes, rank: int, dtype: torch.dtype, precision: 
     plan = block_plan(batch, sizes, rank, sms=spec["sms"], ieee_fp32=key == "fp32", interpreted=False)
     s2 = sum(s * s for s in sizes)
     unit = 2 * batch * rank * s2
-    k = sum(s * _cdiv(s, plan.block_k) * plan.block_k for s in sizes) / s2
+    k = sum(s * cdiv(s, plan.block_k) * plan.block_k for s in sizes) / s2
     o = sum(s * (plan.out_head + plan.out_tail) for s in sizes) / s2
     flops = unit * plan.rank_p / rank * (6 * k + 4 * o)
     eff = EFF_FUSED["ffma" if key == "fp32" else "mma"]
@@ -797,6 +799,13 @@ def _path(sizes: tuple[int, ...], rank: int, batch: int, dtype: torch.dtype, dev
         return "bmm"
     gpu = gpu or _gpu_name(device)
     precision = precision or torch.get_float32_matmul_precision()
+    return _cheaper_path(sizes, rank, batch, dtype, precision, gpu, compiled)
+
+
+@functools.lru_cache(maxsize=256)
+def _cheaper_path(sizes: tuple[int, ...], rank: int, batch: int, dtype: torch.dtype, precision: str, gpu: str,
+                  compiled: bool) -> str:
+    """The static estimates are pure functions of the shape: computed once per shape, not on every eager call."""
     fused = estimate_fused(batch, sizes, rank, dtype, precision, gpu)
     bmm = estimate_bmm(batch, sizes, rank, dtype, precision, gpu, compiled)
     return "fused" if fused <= bmm else "bmm"
@@ -901,21 +910,21 @@ def hopper_specs(shape: tuple[int, ...], dtype: str = "fp32", precision: str = "
 
     specs = [spec(_block_fwd_kernel, {"BLOCK_B": plan.fwd_b, "BLOCK_J": plan.fwd_j, "NORMALIZE": True,
                                       "FUSED_NORM": fused}, plan.fwd_warps,
-                  chunks * _cdiv(b, plan.fwd_b) * n_j, ("k",), ("fwd_n",))]
+                  chunks * cdiv(b, plan.fwd_b) * n_j, ("k",), ("fwd_n",))]
     if not fused:
         norm = Spec(_block_norm_kernel, types, {"BLOCK_B": plan.norm_b, "BLOCK_S": plan.block_s,
                                                 "BLOCK_J": plan.fwd_j, "N_JP": next_power_of_2(n_j), **{
                                                     k: v for k, v in ones.items() if k in ("n_rows", "C")}}, 4,
                     tuple(n for n in divisible if n in _block_norm_kernel.arg_names and n not in ones),
-                    f"{dtype} {precision}", chunks * _cdiv(b, plan.norm_b),
+                    f"{dtype} {precision}", chunks * cdiv(b, plan.norm_b),
                     extra={"padding_waste": None, "padding": {"chunk_out": round(waste["chunk_out"], 4)}})
         specs.append(norm)
     out = {"HEAD": plan.out_head, "TAIL": plan.out_tail}
     specs.append(spec(_block_bwd_dx_kernel, {"BLOCK_B": plan.dx_b, "BLOCK_J": plan.dx_j, "BLOCK_S": plan.block_s,
-                                             "NORMALIZE": True, **out}, plan.dx_warps, chunks * _cdiv(b, plan.dx_b) * 2,
+                                             "NORMALIZE": True, **out}, plan.dx_warps, chunks * cdiv(b, plan.dx_b) * 2,
                       ("k", "dx_n"), ("chunk_out",)))
     specs.append(spec(_block_bwd_dw_kernel, {"BLOCK_B": plan.dw_b, "BLOCK_J": plan.dw_j, **out},
-                      plan.dw_warps, chunks * _cdiv(max_s, plan.dw_j) * 2, ("k", "dw_batch"), ("chunk_out",)))
+                      plan.dw_warps, chunks * cdiv(max_s, plan.dw_j) * 2, ("k", "dw_batch"), ("chunk_out",)))
     return specs
 
 

@@ -49,7 +49,7 @@ import torch
 
 from .dispatch import index_checks, triton_interpreted, use_triton
 from .reference import bank_update_reference_, nce_partition_reference
-from .utils import contiguous, libdevice, next_power_of_2, on_tensor_device, tl, triton
+from .utils import cdiv, contiguous, libdevice, next_power_of_2, on_tensor_device, tl, triton
 
 __all__ = ["nce_loss", "nce_partition", "bank_update_", "nce_fwd_triton", "nce_partition_triton",
            "bank_update_triton_", "nce_fwd_torch"]
@@ -236,9 +236,6 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
 
 def _block_k(block_d: int, chunk: int, device: torch.device) -> int:
     if device.type == "cuda" and not triton_interpreted():
@@ -273,17 +270,23 @@ def _fwd_launch(d: int, elem: int, interpreted: bool, block_k: int | None = None
     return _FwdLaunch(block_k, block_d // chunk_d, chunk_d, _FWD_WARPS)
 
 
+def _fwd_consts(launch: _FwdLaunch, d: int, need_grad: bool, libdevice_log1p: bool) -> dict:
+    """The loss kernel's constexprs for a launch (the launcher and the static report build the same kernel)."""
+    return {"COMPUTE_GRAD": need_grad, "LIBDEVICE": libdevice_log1p, "BLOCK_K": launch.block_k,
+            "N_CHUNKS": launch.n_chunks, "CHUNK_D": launch.chunk_d, "EVEN_D": d == launch.n_chunks * launch.chunk_d}
+
+
 def _choose_splits(b: int, k1: int, block_k: int, slots: int, splits: int | None = None) -> tuple[int, int]:
     """(S, columns per split): the fewest splits of K+1 for which the B x S programs end with a last wave at least
     _MIN_LAST_WAVE full of ``slots`` (programs resident at once on the GPU); chunks are multiples of block_k (and of
     16, so the JIT specialises ``chunk`` the same way for every S). ``splits`` forces S (tests)."""
     align = max(16, block_k)
-    most = max(1, _cdiv(k1, align))
+    most = max(1, cdiv(k1, align))
     candidates = [max(1, min(int(splits), most))] if splits is not None else range(1, most + 1)
     best = None
     for want in candidates:
-        chunk = _cdiv(_cdiv(k1, want), align) * align
-        n = _cdiv(k1, chunk)
+        chunk = cdiv(cdiv(k1, want), align) * align
+        n = cdiv(k1, chunk)
         programs = b * n
         last = programs % slots
         fill = 1.0 if last == 0 else last / slots
@@ -299,7 +302,7 @@ def _occupancy(regs: int, shared: int, num_warps: int, regs_per_sm: int = 65536,
     """Blocks of ``num_warps`` warps one SM holds at once (the occupancy calculator's rules: registers allocated per
     warp in units of 256, 1 KB of shared memory reserved per block, at most 32 blocks); defaults: an H100/H200 SM.
     kernels/hopper_build.resident_blocks computes the same for the static report (a test checks they agree)."""
-    per_warp = _cdiv(max(regs, 1) * 32, 256) * 256
+    per_warp = cdiv(max(regs, 1) * 32, 256) * 256
     return max(1, min(32, regs_per_sm // (per_warp * num_warps), threads_per_sm // (32 * num_warps),
                       shared_per_sm // (shared + 1024)))
 
@@ -322,9 +325,8 @@ _SLOTS: dict = {}
 
 
 def _fwd_slots(args: tuple, consts: dict, launch: _FwdLaunch, device: torch.device) -> int:
-    """Resident programs of the loss kernel on the whole GPU (SMs x per SM), once per specialisation."""
-    if device.type != "cuda" or triton_interpreted():
-        return 1  # the interpreter: fewer, larger programs are faster
+    """Resident programs of the loss kernel on the whole GPU (SMs x per SM), once per specialisation (a compiled
+    launch on CUDA; the interpreter has none)."""
     k1, d, stride_bn, stride_bd, _chunk = args[-5:]
     key = (device.index, k1 == 1, d, stride_bn, stride_bd, tuple(a.dtype for a in args if hasattr(a, "dtype")),
            tuple(sorted(consts.items())))
@@ -341,13 +343,13 @@ def _splits(b: int, k1: int, device: torch.device, splits: int | None) -> tuple[
     if splits is None:
         if device.type == "cuda":
             target = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-            splits = max(1, _cdiv(target, b))
+            splits = max(1, cdiv(target, b))
         else:
             splits = 1  # interpreter: fewer, larger programs are faster
-    splits = max(1, min(int(splits), _cdiv(k1, 16)))
+    splits = max(1, min(int(splits), cdiv(k1, 16)))
     align = _CHUNK_ALIGN if device.type == "cuda" else 16
-    chunk = _cdiv(_cdiv(k1, splits), align) * align
-    return _cdiv(k1, chunk), chunk
+    chunk = cdiv(cdiv(k1, splits), align) * align
+    return cdiv(k1, chunk), chunk
 
 
 def _check_nce_args(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor) -> None:
@@ -407,14 +409,14 @@ def nce_fwd_triton(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, 
     interpreted = dev.type != "cuda" or triton_interpreted()
     launch = _fwd_launch(d, bank.element_size(), interpreted, block_k, k1)
     log_c, log_noise_over_c = _nce_constants(k1, n_data, eps)
-    consts = {"COMPUTE_GRAD": need_grad, "LIBDEVICE": not interpreted, "BLOCK_K": launch.block_k,
-              "N_CHUNKS": launch.n_chunks, "CHUNK_D": launch.chunk_d,
-              "EVEN_D": d == launch.n_chunks * launch.chunk_d}
-    placeholder = (anchor, bank, idx, z, torch.float32, torch.float32, 1.0 / tau, log_c, log_noise_over_c,
-                   k1, d, bank.stride(0), bank.stride(1), max(16, launch.block_k))
-    slots = _fwd_slots(placeholder, consts, launch, dev)
-    n_split, chunk = _choose_splits(b, k1, launch.block_k, slots, splits if splits is not None else
-                                    (1 if interpreted else None))
+    consts = _fwd_consts(launch, d, need_grad, libdevice_log1p=not interpreted)
+    if interpreted:  # the interpreter pays per operation: one program per row, no occupancy to fill
+        slots, splits = 1, 1 if splits is None else splits
+    else:
+        placeholder = (anchor, bank, idx, z, torch.float32, torch.float32, 1.0 / tau, log_c, log_noise_over_c,
+                       k1, d, bank.stride(0), bank.stride(1), max(16, launch.block_k))
+        slots = _fwd_slots(placeholder, consts, launch, dev)
+    n_split, chunk = _choose_splits(b, k1, launch.block_k, slots, splits)
     part_loss = torch.empty(b * n_split, device=dev, dtype=torch.float32)
     part_grad = torch.empty((b, n_split, d) if need_grad else (1,), device=dev, dtype=torch.float32)
     loss = torch.empty((), device=dev, dtype=torch.float32)
@@ -589,7 +591,7 @@ def bank_update_(bank: torch.Tensor, index: torch.Tensor, feats: torch.Tensor, m
 
 
 # ======================================================================================= static report
-_TRITON_DTYPE = {"fp32": ("fp32", 4), "bf16": ("bf16", 2), "fp16": ("fp16", 2)}
+_BANK_ELEM = {"fp32": 4, "bf16": 2, "fp16": 2}  # bytes per element of each bank dtype the report takes
 
 
 def _fwd_spec_args(d: int, k1: int, chunk: int, bank_type: str) -> tuple[dict, tuple]:
@@ -614,14 +616,13 @@ def hopper_specs(shape: tuple[int, ...], bank_dtype: str = "fp32") -> list:
 
     if len(shape) != 4 or min(shape) < 0 or shape[1] < 1:
         raise ValueError(f"nce shape is B,D,K,N (non-negative, d >= 1), got {shape}")
-    if bank_dtype not in _TRITON_DTYPE:
-        raise ValueError(f"bank_dtype must be one of {sorted(_TRITON_DTYPE)}, got {bank_dtype!r}")
+    if bank_dtype not in _BANK_ELEM:
+        raise ValueError(f"bank_dtype must be one of {sorted(_BANK_ELEM)}, got {bank_dtype!r}")
     b, d, k, _n = shape
     k1 = k + 1
-    bank_type, elem = _TRITON_DTYPE[bank_dtype]
+    bank_type, elem = bank_dtype, _BANK_ELEM[bank_dtype]
     launch = _fwd_launch(d, elem, interpreted=False)
-    consts = {"COMPUTE_GRAD": True, "LIBDEVICE": True, "BLOCK_K": launch.block_k, "N_CHUNKS": launch.n_chunks,
-              "CHUNK_D": launch.chunk_d, "EVEN_D": d == launch.n_chunks * launch.chunk_d, "stride_bd": 1}
+    consts = {**_fwd_consts(launch, d, need_grad=True, libdevice_log1p=True), "stride_bd": 1}
     types, divisible = _fwd_spec_args(d, k1, max(16, launch.block_k), bank_type)
     built = build(_nce_fwd_kernel, types, consts, launch.num_warps, divisible)
     slots = HOPPER_SMS * resident_blocks(built.registers, built.shared, launch.num_warps)
@@ -657,7 +658,7 @@ def hopper_floors(shape: tuple[int, ...], bank_dtype: str = "fp32") -> dict[str,
     from .hopper_build import GPUS
 
     b, d, k, n = shape
-    nbytes = floor_bytes(b, d, k, n, _TRITON_DTYPE[bank_dtype][1])
+    nbytes = floor_bytes(b, d, k, n, _BANK_ELEM[bank_dtype])
     out: dict[str, object] = {"bytes": nbytes}
     for gpu, bw in GPUS.items():
         us = lambda n, rate: round(n / rate * 1e6, 2) if rate else "owed"  # noqa: E731

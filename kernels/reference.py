@@ -136,6 +136,7 @@ def block_merge_reference(
     *,
     sizes: list[int],
     rank: int,
+    normalize: bool = True,
 ) -> torch.Tensor:
     """BLOCK's block-superdiagonal merge for all chunks: out [B, mm] with mm = sum(sizes).
 
@@ -144,7 +145,8 @@ def block_merge_reference(
     flattened row-major (length sum_c rank * s_c^2), ``b0`` the concatenation of the biases (length
     rank * mm); likewise ``w1``/``b1`` for ``merge_linears1``. Per chunk:
     m = (W0_c x0_c + b0_c) * (W1_c x1_c + b1_c); z = m.view(B, rank, s).sum(1) (rank-major as in the
-    original); z = sqrt(relu(z)) - sqrt(relu(-z)); z = z / max(||z||_2, 1e-12).
+    original); z = sqrt(relu(z)) - sqrt(relu(-z)); z = z / max(||z||_2, 1e-12). ``normalize=False``: the raw
+    rank sums z (``block_merge_sum_reference``).
     """
     w_off, b_off = block_flat_offsets(sizes, rank)
     outs, col = [], 0
@@ -154,23 +156,16 @@ def block_merge_reference(
         y0 = F.linear(x0c, w0[wo:wo + n_w].view(n_b, s), b0[bo:bo + n_b])
         y1 = F.linear(x1c, w1[wo:wo + n_w].view(n_b, s), b1[bo:bo + n_b])
         z = (y0 * y1).view(-1, rank, s).sum(1)
-        z = torch.sqrt(F.relu(z)) - torch.sqrt(F.relu(-z))
-        outs.append(F.normalize(z, p=2, dim=1))
+        if normalize:
+            z = F.normalize(torch.sqrt(F.relu(z)) - torch.sqrt(F.relu(-z)), p=2, dim=1)
+        outs.append(z)
         col += s
     return torch.cat(outs, dim=1)
 
 
 def block_merge_sum_reference(x0, x1, w0, b0, w1, b1, *, sizes, rank: int) -> torch.Tensor:
     """The merge without its epilogue: the raw rank sums z of every chunk, [B, mm] (for ``pos_norm='after_cat'``)."""
-    w_off, b_off = block_flat_offsets(sizes, rank)
-    outs, col = [], 0
-    for s, wo, bo in zip(sizes, w_off, b_off):
-        n_w, n_b = rank * s * s, rank * s
-        y0 = F.linear(x0[:, col:col + s], w0[wo:wo + n_w].view(n_b, s), b0[bo:bo + n_b])
-        y1 = F.linear(x1[:, col:col + s], w1[wo:wo + n_w].view(n_b, s), b1[bo:bo + n_b])
-        outs.append((y0 * y1).view(-1, rank, s).sum(1))
-        col += s
-    return torch.cat(outs, dim=1)
+    return block_merge_reference(x0, x1, w0, b0, w1, b1, sizes=sizes, rank=rank, normalize=False)
 
 
 def block_size_groups(sizes: list[int]) -> list[tuple[int, int]]:

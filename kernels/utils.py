@@ -17,6 +17,11 @@ except ImportError:  # Triton ships for Linux only: elsewhere every op runs its 
     tl = libdevice = triton.language
 
 
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division of host integers (``triton.cdiv`` without needing Triton)."""
+    return -(-a // b)
+
+
 def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 

@@ -369,7 +369,6 @@ def broken_dali_build(monkeypatch):
 
     monkeypatch.setattr(images, "_DALI_PIPES", {})
     monkeypatch.setattr(images, "_DALI_UNUSABLE", {})
-    monkeypatch.setattr(images, "_DALI_PROBED", {})
     builds = []
 
     def build(self, *args, **kwargs):
