@@ -7,9 +7,9 @@ per-chunk L2 norm) from the same weights:
   bmm          ``kernels.reference.block_merge_bmm``: runs of one chunk size as two ``baddbmm`` each over views of
                the flat weights (no padding), eager. The dispatch's bmm candidate itself.
   bmm-compile  ``torch.compile`` of ``bmm``.
-  fused        ``kernels.block_merge`` with the fused Triton kernels forced (``CMC_FAST_KERNELS=triton``); CUDA only
+  fused        ``ops.block_merge`` with the fused Triton kernels forced (``CMC_FAST_KERNELS=triton``); CUDA only
                (the interpreter is far too slow to time).
-  auto         ``kernels.block_merge`` as a caller gets it: ``choose_block_path``'s pick (recorded as ``path``);
+  auto         ``ops.block_merge`` as a caller gets it: ``choose_block_path``'s pick (recorded as ``path``);
                CUDA only (on a CPU it is the reference).
 On a CPU only ``loop`` and ``bmm`` run by default (one thread, ``CMC_BENCH_CPU_THREADS``); the compiled providers
 with ``CMC_BENCH_CPU_COMPILE=1`` (Inductor's C++ build takes ~90 s per shape on a 2-core CPU).

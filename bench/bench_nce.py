@@ -25,7 +25,7 @@ from cmc_fast.kernels.nce import floor_bytes
 from cmc_fast.kernels.reference import nce_loss_reference
 from conftest import bench_device, device_name, peak_memory
 
-from cmc_fast import kernels
+from cmc_fast import ops
 
 DEVICE = bench_device()
 CUDA = DEVICE.type == "cuda"
@@ -49,7 +49,7 @@ def make_case(b, d, k, n, dtype):
     idx = torch.cat([torch.randperm(n, generator=g)[:b, None], torch.randint(0, n, (b, k), generator=g)], 1)
     idx = idx.to(DEVICE, torch.int32)  # int32 end to end: half the index stream of int64
     with torch.no_grad():
-        z = torch.tensor(kernels.nce_partition(anchor, bank, idx, tau=TAU, n_data=n), device=DEVICE)
+        z = torch.tensor(ops.nce_partition(anchor, bank, idx, tau=TAU, n_data=n), device=DEVICE)
     return anchor, bank, idx, z
 
 
@@ -63,7 +63,7 @@ _COMPILED = {}
 
 def loss_fn(provider):
     if provider == "triton":
-        return kernels.nce_loss
+        return ops.nce_loss
     if provider == "eager":
         return nce_loss_reference
     if provider not in _COMPILED:

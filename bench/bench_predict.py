@@ -12,8 +12,8 @@ import os
 
 import pytest
 import torch
-from cmc_fast.data_pipeline import load_dataset
 from cmc_fast.data_pipeline.images import resolve_backend
+from cmc_fast.data_pipeline.registry import load_dataset
 from conftest import bench_device
 
 from cmc_fast.cli import main

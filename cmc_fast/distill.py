@@ -1,7 +1,7 @@
 """Cross-modal NCE distillation (CMC stage 1): projections phi1/phi2, two memory banks, negatives, Z.
 
 L_{V->T}: text anchors against the image bank; L_{T->V}: image anchors against the text bank. Both run on
-``kernels.nce_loss`` (fused Triton on CUDA, the PyTorch reference on CPU) in float32, even under AMP:
+``ops.nce_loss`` (fused Triton on CUDA, the PyTorch reference on CPU) in float32, even under AMP:
 exp(s) reaches ~1.6e6 at tau = 0.07.
 """
 
@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cmc_fast import distributed, kernels
+from cmc_fast import distributed, ops
 
 
 class CrossModalNCE(nn.Module):
@@ -82,7 +82,7 @@ class CrossModalNCE(nn.Module):
         """Estimate Z once, on the first batch (CRD), then keep it frozen."""
         t, v = self.project(text_feat, image_feat)
         idx = self.sample_indices(index)
-        # the op behind kernels.nce_partition (which returns a Python float): Z stays on the device, no host sync
+        # the op behind ops.nce_partition (which returns a Python float): Z stays on the device, no host sync
         self.z_v2t.copy_(torch.ops.cmc_fast.nce_partition(t, self.memory_v, idx, float(self.tau), self.noise_pool))
         self.z_t2v.copy_(torch.ops.cmc_fast.nce_partition(v, self.memory_t, idx, float(self.tau), self.noise_pool))
 
@@ -91,12 +91,12 @@ class CrossModalNCE(nn.Module):
         """(L_{V->T}, L_{T->V}) for a batch of training samples ``index``; then both banks take the batch."""
         t, v = self.project(text_feat, image_feat)
         idx = self.sample_indices(index)
-        loss_v2t = kernels.nce_loss(t, self.memory_v, idx, tau=self.tau, z=self.z_v2t, n_data=self.noise_pool)
-        loss_t2v = kernels.nce_loss(v, self.memory_t, idx, tau=self.tau, z=self.z_t2v, n_data=self.noise_pool)
+        loss_v2t = ops.nce_loss(t, self.memory_v, idx, tau=self.tau, z=self.z_v2t, n_data=self.noise_pool)
+        loss_t2v = ops.nce_loss(v, self.memory_t, idx, tau=self.tau, z=self.z_t2v, n_data=self.noise_pool)
         if self.training:
             # data parallel: every rank takes the whole global batch, gathered in rank order (= one process's
             # batch), so every replica applies the same update and a repeated index has the same winner
             index, t, v = (distributed.all_gather_cat(x.detach()) for x in (index, t, v))
-            kernels.bank_update_(self.memory_v, index, v, self.momentum)
-            kernels.bank_update_(self.memory_t, index, t, self.momentum)
+            ops.bank_update_(self.memory_v, index, v, self.momentum)
+            ops.bank_update_(self.memory_t, index, t, self.momentum)
         return loss_v2t, loss_t2v

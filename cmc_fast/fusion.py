@@ -6,7 +6,7 @@ block.bootstrap.pytorch's ``block/models/networks/fusions/fusions.py::Block``: i
 ours load into it.
 
 Storage differs: the per-chunk merge weights live in four flat parameters (``merge_weight0``, ``merge_bias0``,
-``merge_weight1``, ``merge_bias1``; the "flat stacked" layout of ``kernels.block_merge``), so a step passes them to
+``merge_weight1``, ``merge_bias1``; the "flat stacked" layout of ``ops.block_merge``), so a step passes them to
 the kernel as they are instead of concatenating 4 x chunks tensors each forward (and scattering the gradients back
 to 4 x chunks leaves on the way back). State-dict hooks translate: ``state_dict()`` shows
 ``merge_linears{0,1}.<c>.{weight,bias}`` (views of the flat storage, original shapes and key order) and
@@ -31,7 +31,7 @@ _FLAT = ("merge_weight0", "merge_bias0", "merge_weight1", "merge_bias1")
 
 
 def get_sizes_list(dim: int, chunks: int) -> list[int]:
-    """block.bootstrap.pytorch's chunking (``kernels.block_chunk_sizes``), under the original's name."""
+    """block.bootstrap.pytorch's chunking (``ops.block_chunk_sizes``), under the original's name."""
     return block_chunk_sizes(dim, chunks)
 
 
@@ -80,7 +80,7 @@ class Block(nn.Module):
 
     # ----------------------------------------------------------------------------------------- weights
     def merge_parameters(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(w0, b0, w1, b1) in ``kernels.block_merge``'s flat layout; with ``shared`` w1 is w0 and b1 is b0."""
+        """(w0, b0, w1, b1) in ``ops.block_merge``'s flat layout; with ``shared`` w1 is w0 and b1 is b0."""
         if self.shared:
             return self.merge_weight0, self.merge_bias0, self.merge_weight0, self.merge_bias0
         return self.merge_weight0, self.merge_bias0, self.merge_weight1, self.merge_bias1

@@ -52,7 +52,7 @@ def require_plots():
 def split_posts(cfg, split: str, max_points: int, seed: int) -> list:
     """The run's records of ``split`` (train: the published training split, validation included), a seeded
     sample of at most ``max_points`` in their original order."""
-    from cmc_fast.data_pipeline import load_dataset
+    from cmc_fast.data_pipeline.registry import load_dataset
 
     try:
         ds = load_dataset(cfg.dataset, cfg.data_root, seed=cfg.seed, n_train=cfg.synthetic_train,

@@ -25,8 +25,9 @@ import time
 import warnings
 from collections.abc import Sequence
 
-from . import DATASETS, images, load_dataset
+from . import images
 from .records import FAKE, DatasetSplits, Record
+from .registry import DATASETS, load_dataset
 
 DECODE_SIZE = (64, 64)  # decoding proves readability; the resize target only has to be cheap
 BATCH = 32

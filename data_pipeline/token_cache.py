@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-from . import cache_root
 from . import text as text_module
+from .registry import cache_root
 from .text import VocabTokenizer, encode_texts
 
 log = logging.getLogger(__name__)

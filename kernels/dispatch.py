@@ -2,7 +2,7 @@
 
 ``CMC_FAST_KERNELS=triton|reference|auto`` (default ``auto``) overrides it; ``bmm`` forces BLOCK's batched-bmm path
 (``kernels.block.choose_block_path``) and means ``auto`` for the other ops. ``triton`` on CPU tensors only
-works under ``TRITON_INTERPRET=1`` (set before importing ``kernels``): that is how the kernels are tested on
+works under ``TRITON_INTERPRET=1`` (set before importing ``cmc_fast.kernels``): that is how the kernels are tested on
 machines without a GPU.
 
 ``CMC_FAST_CHECK_INDEX=1`` is a debug switch: the Triton launchers then check every gather index against the bank's
@@ -18,6 +18,11 @@ import re
 import warnings
 
 import torch
+
+if __package__ != "cmc_fast.kernels":
+    # `import kernels.nce` with a checkout's root on sys.path would load a second copy of the op modules, and a
+    # second registration of the cmc_fast:: custom ops leaves the first copy's handles dangling (random crashes).
+    raise ImportError(f"{__name__}: the folder kernels/ is the package cmc_fast.kernels; import it by that name")
 
 _CHOICES = ("auto", "triton", "reference", "bmm")
 

@@ -626,7 +626,7 @@ def nce_check(ctx: Ctx, b: int, d: int, k: int, n: int, bank_dtype, need_grad: b
     import torch
     import torch.nn.functional as F
 
-    from cmc_fast import kernels
+    from cmc_fast import ops
 
     g, tau = _gen(), 0.07
     anchor = F.normalize(torch.randn(b, d, generator=g), dim=1)
@@ -643,7 +643,7 @@ def nce_check(ctx: Ctx, b: int, d: int, k: int, n: int, bank_dtype, need_grad: b
     def run():
         a = a_dev.clone().requires_grad_(need_grad)
         with torch.set_grad_enabled(need_grad):
-            loss = kernels.nce_loss(a, bank_dev, idx_dev, tau=tau, z=z, n_data=n)
+            loss = ops.nce_loss(a, bank_dev, idx_dev, tau=tau, z=z, n_data=n)
         return [loss, torch.autograd.grad(loss, a)[0]] if need_grad else [loss]
 
     ref = [loss64, grad64] if need_grad else [loss64]
@@ -656,14 +656,14 @@ def nce_partition_check(ctx: Ctx, b: int, d: int, k: int, n: int) -> Check:
     import torch
     import torch.nn.functional as F
 
-    from cmc_fast import kernels
+    from cmc_fast import ops
 
     g = _gen()
     anchor, bank = F.normalize(torch.randn(b, d, generator=g), dim=1), F.normalize(torch.randn(n, d, generator=g), 1)
     idx = torch.randint(0, n, (b, k + 1), generator=g)
     z64 = torch.exp(bank[idx].double() @ anchor.double().unsqueeze(2) / 0.07).mean() * n
     args = (anchor.to(ctx.device), bank.to(ctx.device), idx.to(ctx.device))
-    run = lambda: [torch.tensor(kernels.nce_partition(*args, tau=0.07, n_data=n))]  # noqa: E731
+    run = lambda: [torch.tensor(ops.nce_partition(*args, tau=0.07, n_data=n))]  # noqa: E731
     return Check(f"nce_partition B={b} d={d} K={k}", run, [z64], (1e-4,), ("z",))
 
 
@@ -671,7 +671,7 @@ def bank_update_check(ctx: Ctx, n: int, d: int, rows: int, bank_dtype) -> Check:
     import torch
     import torch.nn.functional as F
 
-    from cmc_fast import kernels
+    from cmc_fast import ops
 
     g = _gen()
     bank = F.normalize(torch.randn(n, d, generator=g), dim=1).to(bank_dtype)
@@ -682,7 +682,7 @@ def bank_update_check(ctx: Ctx, n: int, d: int, rows: int, bank_dtype) -> Check:
 
     def run():
         dev_bank = bank.to(ctx.device).clone()
-        kernels.bank_update_(dev_bank, index.to(ctx.device), feats.to(ctx.device), 0.5)
+        ops.bank_update_(dev_bank, index.to(ctx.device), feats.to(ctx.device), 0.5)
         return [dev_bank]
 
     tol = 1e-5 if bank_dtype == torch.float32 else 1e-2  # bf16 storage rounds each element (2^-9 relative)
@@ -876,11 +876,11 @@ def _nce_provider(ctx: Ctx, provider: str):
     from cmc_fast.kernels.nce import nce_fwd_torch
     from cmc_fast.kernels.reference import nce_loss_reference
 
-    from cmc_fast import kernels
+    from cmc_fast import ops
 
     if provider == "kernel":  # bench/bench_nce.py's provider names, so the rows merge with its rows
         mode = _kernels_mode(ctx)
-        return kernels.nce_loss, "triton" if mode == "triton" else "triton (dry run: reference, no interpreter)"
+        return ops.nce_loss, "triton" if mode == "triton" else "triton (dry run: reference, no interpreter)"
     if provider == "eager":
         return nce_loss_reference, "eager"
 

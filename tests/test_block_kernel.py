@@ -28,7 +28,7 @@ import pytest
 import torch
 from cmc_fast.kernels.reference import block_chunk_sizes, block_merge_bmm, block_merge_reference, block_size_groups
 
-from cmc_fast import kernels
+from cmc_fast import ops
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -291,7 +291,7 @@ def test_launcher_checks():
     with pytest.raises(ValueError, match="elements"):
         kb.block_merge_forward_triton(*args, sizes=sizes, rank=3)
     with pytest.raises(ValueError, match="features"):
-        kernels.block_merge(*args, sizes=[12] * 6 + [10], rank=2)
+        ops.block_merge(*args, sizes=[12] * 6 + [10], rank=2)
     empty, t, norm = kb.block_merge_forward_triton(*(a[:0] if i < 2 else a for i, a in enumerate(args)),
                                                    sizes=sizes, rank=2)
     assert empty.shape == (0, MM) and t.shape == (0, MM) and norm.shape == (0, CHUNKS)
@@ -307,7 +307,7 @@ def test_mismatched_weight_dtypes_named(pair):
     args[pair[1]] = args[pair[1]].to(torch.float16)
     a, b = NAMES[pair[0]], NAMES[pair[1]]
     with pytest.raises(TypeError, match=f"{a} and {b} must have one dtype.*{a} torch.float32 and {b} torch.float16"):
-        kernels.block_merge(*args, sizes=sizes, rank=2)
+        ops.block_merge(*args, sizes=sizes, rank=2)
     with pytest.raises(TypeError, match=f"{a} and {b}"):
         kb.block_merge_forward_triton(*args, sizes=sizes, rank=2)
 
@@ -353,7 +353,7 @@ def test_bmm_path_against_float64(normalize):
 
 # ------------------------------------------------------------------------------------- op and dispatch
 def test_op_runs_triton_when_forced(monkeypatch):
-    """``kernels.block_merge`` (the torch.library op) takes the Triton path under CMC_FAST_KERNELS=triton, forward
+    """``ops.block_merge`` (the torch.library op) takes the Triton path under CMC_FAST_KERNELS=triton, forward
     and backward, with the reference's results."""
     monkeypatch.setenv("CMC_FAST_KERNELS", "triton")
     calls = []
@@ -363,7 +363,7 @@ def test_op_runs_triton_when_forced(monkeypatch):
     sizes = block_chunk_sizes(MM, CHUNKS)
     args, grad = make_inputs(37, sizes, 3, seed=70)
     leaves = [a.clone().requires_grad_() for a in args]
-    out = kernels.block_merge(*leaves, sizes=sizes, rank=3)
+    out = ops.block_merge(*leaves, sizes=sizes, rank=3)
     grads = torch.autograd.grad(out, leaves, grad)
     assert calls == ["block_merge_forward_triton", "block_merge_backward_triton"]
     ref_out, ref_grads = ref_with_grads(args, grad, sizes, 3)
@@ -400,7 +400,7 @@ def test_interpreter_problem_names_old_triton_with_new_numpy(monkeypatch):
         sizes = block_chunk_sizes(MM, CHUNKS)
         args, _ = make_inputs(4, sizes, 3, seed=71)
         with pytest.raises(RuntimeError, match="numpy >= 2.4 refuses"):
-            kernels.block_merge(*args, sizes=sizes, rank=3)
+            ops.block_merge(*args, sizes=sizes, rank=3)
     dispatch.interpreter_problem.cache_clear()
 
 
@@ -411,7 +411,7 @@ def test_op_cpu_is_the_reference(monkeypatch):
     args, grad = make_inputs(37, sizes, 15, seed=80)
     args = [a.cpu() for a in args]
     leaves = [a.clone().requires_grad_() for a in args]
-    out = kernels.block_merge(*leaves, sizes=sizes, rank=15)
+    out = ops.block_merge(*leaves, sizes=sizes, rank=15)
     grads = torch.autograd.grad(out, leaves, grad.cpu())
     ref_out, ref_grads = ref_with_grads(args, grad.cpu(), sizes, 15)
     torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
@@ -444,7 +444,7 @@ def test_compiled_fullgraph_with_expanded_grad(monkeypatch):
     args, _ = make_inputs(8, sizes, 2, seed=95)
 
     def f(*a):
-        return kernels.block_merge(*a, sizes=sizes, rank=2).sum()
+        return ops.block_merge(*a, sizes=sizes, rank=2).sum()
 
     leaves = [a.clone().requires_grad_() for a in args]
     grads = torch.autograd.grad(torch.compile(f, fullgraph=True, backend="aot_eager")(*leaves), leaves)
@@ -511,7 +511,7 @@ def test_dispatch_rule_choices(monkeypatch):
 
 
 def test_op_runs_bmm_when_chosen(monkeypatch):
-    """``kernels.block_merge`` under CMC_FAST_KERNELS=bmm runs ``block_merge_bmm`` (plain autograd, no custom op),
+    """``ops.block_merge`` under CMC_FAST_KERNELS=bmm runs ``block_merge_bmm`` (plain autograd, no custom op),
     with the reference's values and gradients."""
     monkeypatch.setenv("CMC_FAST_KERNELS", "bmm")
     calls = []
@@ -520,7 +520,7 @@ def test_op_runs_bmm_when_chosen(monkeypatch):
     args, grad = make_inputs(11, sizes, 3, seed=130)
     args, grad = [a.cpu() for a in args], grad.cpu()
     leaves = [a.clone().requires_grad_() for a in args]
-    out = kernels.block_merge(*leaves, sizes=sizes, rank=3)
+    out = ops.block_merge(*leaves, sizes=sizes, rank=3)
     grads = torch.autograd.grad(out, leaves, grad)
     assert calls == [1]
     ref_out, ref_grads = ref_with_grads(args, grad, sizes, 3)

@@ -315,7 +315,7 @@ def test_every_triton_launcher_runs_under_its_tensors_device_guard(monkeypatch):
     from cmc_fast.kernels import utils
     from cmc_fast.kernels.dispatch import interpreter_problem, triton_available, triton_interpreted
 
-    from cmc_fast import kernels
+    from cmc_fast import ops
     from cmc_fast.fusion import Block
 
     if not (triton_available() and triton_interpreted()) or interpreter_problem():
@@ -339,9 +339,9 @@ def test_every_triton_launcher_runs_under_its_tensors_device_guard(monkeypatch):
         op()
         return len(guarded) - before
 
-    assert launches(lambda: kernels.nce_loss(anchor, bank, idx, tau=0.07, z=100.0, n_data=32)) == 1
-    assert launches(lambda: kernels.nce_partition(anchor, bank, idx, tau=0.07, n_data=32)) == 1
-    assert launches(lambda: kernels.bank_update_(bank, idx[:, 0], anchor.detach(), 0.5)) == 1
+    assert launches(lambda: ops.nce_loss(anchor, bank, idx, tau=0.07, z=100.0, n_data=32)) == 1
+    assert launches(lambda: ops.nce_partition(anchor, bank, idx, tau=0.07, n_data=32)) == 1
+    assert launches(lambda: ops.bank_update_(bank, idx[:, 0], anchor.detach(), 0.5)) == 1
     block = Block([8, 6], 2, mm_dim=8, chunks=2, rank=2)
     out = None
 

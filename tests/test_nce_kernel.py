@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from cmc_fast.kernels import nce as nce_mod
 from cmc_fast.kernels.reference import bank_update_reference_, nce_loss_reference, nce_partition_reference
 
-from cmc_fast import kernels
+from cmc_fast import ops
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -91,9 +91,9 @@ def loss64(anchor, bank, idx, *, z, n, tau=TAU, eps=EPS):
 
 
 def run_public(anchor, bank, idx, *, z, n, upstream=1.0):
-    """kernels.nce_loss forward + backward (scaled by ``upstream``); returns (loss, anchor.grad)."""
+    """ops.nce_loss forward + backward (scaled by ``upstream``); returns (loss, anchor.grad)."""
     a = anchor.detach().clone().requires_grad_()
-    loss = kernels.nce_loss(a, bank, idx, tau=TAU, z=z, n_data=n)
+    loss = ops.nce_loss(a, bank, idx, tau=TAU, z=z, n_data=n)
     (loss * upstream).backward()
     return loss.detach(), a.grad
 
@@ -305,17 +305,17 @@ def test_out_of_range_index_is_never_silent(monkeypatch, bad):
     idx[1, 7] = bad
     monkeypatch.setenv("CMC_FAST_KERNELS", "reference")
     with pytest.raises(IndexError, match=f"idx holds {bad}, outside the bank's 100 rows"):
-        kernels.nce_loss(anchor, bank, idx, tau=TAU, z=5.0, n_data=100)
+        ops.nce_loss(anchor, bank, idx, tau=TAU, z=5.0, n_data=100)
     with pytest.raises(IndexError, match="outside the bank's 100 rows"):
-        kernels.nce_partition(anchor, bank, idx, tau=TAU, n_data=100)
+        ops.nce_partition(anchor, bank, idx, tau=TAU, n_data=100)
     if not CUDA and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         return
     monkeypatch.setenv("CMC_FAST_KERNELS", "triton")
     monkeypatch.setenv("CMC_FAST_CHECK_INDEX", "1")
     with pytest.raises(IndexError, match=f"idx holds {bad}, outside the bank's 100 rows"):
-        kernels.nce_loss(anchor, bank, idx, tau=TAU, z=5.0, n_data=100)
+        ops.nce_loss(anchor, bank, idx, tau=TAU, z=5.0, n_data=100)
     with pytest.raises(IndexError, match="outside the bank's 100 rows"):
-        kernels.nce_partition(anchor, bank, idx, tau=TAU, n_data=100)
+        ops.nce_partition(anchor, bank, idx, tau=TAU, n_data=100)
 
 
 def test_tiny_negative_terms_keep_their_digits(triton_path):
@@ -329,7 +329,7 @@ def test_tiny_negative_terms_keep_their_digits(triton_path):
     s = (bank.double()[idx] @ anchor.double().unsqueeze(2)).squeeze(2) / tau
     c = (k1 - 1) / n + EPS
     z = float(torch.exp(s).max()) / (c * 5e-8)  # P/c = exp(s)/(z c) <= 5e-8 < 2^-24 = 5.96e-8
-    loss = kernels.nce_loss(anchor, bank, idx, tau=tau, z=z, n_data=n)
+    loss = ops.nce_loss(anchor, bank, idx, tau=tau, z=z, n_data=n)
     want, _ = loss64(anchor, bank, idx, z=z, n=n, tau=tau)
     dropped = float((torch.exp(s[:, 1:]) / (z * c)).sum(1).mean())  # what log(1 + x) would lose
     tol = 4e-5
@@ -342,8 +342,8 @@ def test_no_grad_and_z_float_vs_tensor(triton_path):
     anchor, bank, idx = make_inputs(b, d, k1, n, seed=61)
     z = z_of(anchor, bank, idx, n)
     with torch.no_grad():
-        l_nograd = kernels.nce_loss(anchor.clone().requires_grad_(), bank, idx, tau=TAU, z=z, n_data=n)
-    l_tensor = kernels.nce_loss(anchor, bank, idx, tau=TAU, z=torch.tensor(z, device=DEVICE), n_data=n)
+        l_nograd = ops.nce_loss(anchor.clone().requires_grad_(), bank, idx, tau=TAU, z=z, n_data=n)
+    l_tensor = ops.nce_loss(anchor, bank, idx, tau=TAU, z=torch.tensor(z, device=DEVICE), n_data=n)
     want, _ = loss64(anchor, bank, idx, z=z, n=n)
     assert not l_nograd.requires_grad
     assert_loss_close(l_nograd, want, LOSS_RTOL_KERNEL)
@@ -367,13 +367,13 @@ def test_reference_path_closed_form_gradient_matches_autograd(reference_path):
 def test_bad_arguments_raise():
     anchor, bank, idx = make_inputs(3, 16, 17, 100, seed=81)
     with pytest.raises(ValueError):
-        kernels.nce_loss(anchor, bank, idx[:2], tau=TAU, z=1.0, n_data=100)
+        ops.nce_loss(anchor, bank, idx[:2], tau=TAU, z=1.0, n_data=100)
     with pytest.raises(ValueError):
-        kernels.nce_loss(anchor[:, :8], bank, idx, tau=TAU, z=1.0, n_data=100)
+        ops.nce_loss(anchor[:, :8], bank, idx, tau=TAU, z=1.0, n_data=100)
     with pytest.raises(TypeError):
-        kernels.nce_loss(anchor, bank, idx.float(), tau=TAU, z=1.0, n_data=100)
+        ops.nce_loss(anchor, bank, idx.float(), tau=TAU, z=1.0, n_data=100)
     with pytest.raises(ValueError):
-        kernels.bank_update_(bank, idx[:, 0], anchor[:2], 0.5)
+        ops.bank_update_(bank, idx[:, 0], anchor[:2], 0.5)
 
 
 # ------------------------------------------------------------------------------------------- partition
@@ -383,7 +383,7 @@ def test_partition(triton_path, b, d, k1, splits):
     anchor, bank, idx = make_inputs(b, d, k1, n, seed=91 + k1)
     want = z_of(anchor, bank, idx, n)
     got_kernel = nce_mod.nce_partition_triton(anchor, bank, idx, TAU, n, splits=splits)
-    got_public = kernels.nce_partition(anchor, bank, idx, tau=TAU, n_data=n)
+    got_public = ops.nce_partition(anchor, bank, idx, tau=TAU, n_data=n)
     assert isinstance(got_public, float)
     assert abs(float(got_kernel) - want) <= 2e-6 * want
     assert abs(got_public - want) <= 2e-6 * want
@@ -407,7 +407,7 @@ def test_bank_update_matches_reference_with_repeats(triton_path, dtype, d):
     before = bank.clone()
     ref = bank.clone()
     bank_update_reference_(ref, index, feats, 0.5)
-    kernels.bank_update_(bank, index, feats, 0.5)
+    ops.bank_update_(bank, index, feats, 0.5)
     tol = BANK_TOL[dtype]
     assert (bank.float() - ref.float()).abs().max().item() <= tol
     # explicit: rows from the pre-call bank, last occurrence wins, untouched rows unchanged
@@ -429,7 +429,7 @@ def test_bank_update_deterministic_and_strided(triton_path):
     results = []
     for _ in range(3):
         b = bank.clone()
-        kernels.bank_update_(b, index, feats, 0.5)
+        ops.bank_update_(b, index, feats, 0.5)
         results.append(b)
     assert torch.equal(results[0], results[1]) and torch.equal(results[1], results[2])
     ref = bank.clone()
@@ -439,7 +439,7 @@ def test_bank_update_deterministic_and_strided(triton_path):
     wide = torch.randn(40, 2 * 96, device=DEVICE)
     wide[:, 1::2] = bank
     keep = wide[:, ::2].clone()
-    kernels.bank_update_(wide[:, 1::2], index, feats, 0.5)
+    ops.bank_update_(wide[:, 1::2], index, feats, 0.5)
     assert (wide[:, 1::2] - ref).abs().max().item() <= BANK_TOL[torch.float32]
     assert torch.equal(wide[:, ::2], keep)
 
@@ -469,8 +469,8 @@ class _Step(torch.nn.Module):
 
     def forward(self, x, index, idx):
         a = F.normalize(self.proj(x), dim=1)
-        loss = kernels.nce_loss(a, self.bank, idx, tau=TAU, z=self.z, n_data=self.bank.shape[0])
-        kernels.bank_update_(self.bank, index, a.detach(), 0.5)
+        loss = ops.nce_loss(a, self.bank, idx, tau=TAU, z=self.z, n_data=self.bank.shape[0])
+        ops.bank_update_(self.bank, index, a.detach(), 0.5)
         return loss
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from cmc_fast.data_pipeline import FAKE, REAL, Record, split_validation
 from cmc_fast.data_pipeline.near_duplicates import near_duplicate_groups, shingles
+from cmc_fast.data_pipeline.records import FAKE, REAL, Record, split_validation
 
 WEIBO = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "weibo"
 ALPHABET = "的一是不了人我在有他这中大来上国个到说们为子和你地出道也时年得就那要下以生会自之着去"
@@ -121,7 +121,7 @@ def test_without_groups_the_split_is_the_plain_stratified_one():
 
 @pytest.mark.skipif(not WEIBO.is_dir(), reason=f"real Weibo data not found at {WEIBO}")
 def test_weibo_grouped_validation_has_no_copies_of_fit_posts():
-    from cmc_fast.data_pipeline import load_dataset
+    from cmc_fast.data_pipeline.registry import load_dataset
 
     with pytest.warns(Warning):
         ds = load_dataset("weibo", str(WEIBO))

@@ -11,7 +11,7 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 import torch
-from cmc_fast.data_pipeline import load_dataset
+from cmc_fast.data_pipeline.registry import load_dataset
 from tiny import TINY
 
 from cmc_fast import detector as detector_module

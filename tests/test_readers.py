@@ -9,9 +9,9 @@ import os
 import warnings
 
 import pytest
-from cmc_fast.data_pipeline import DATASETS, load_dataset
 from cmc_fast.data_pipeline.readers import DatasetWarning, drop_posts_without_images, parse_label
 from cmc_fast.data_pipeline.records import Record, Skipped
+from cmc_fast.data_pipeline.registry import DATASETS, load_dataset
 from PIL import Image
 
 META_TAIL = "null|null|null|1452440393000|true|122|15|56|null|0|null|null|null|微博 weibo.com"  # 14 fields

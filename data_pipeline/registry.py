@@ -1,7 +1,7 @@
-"""Dataset readers, tokenisation and image decoding for cmc-fast. Imports nothing from ``cmc_fast``.
+"""The dataset registry: every dataset name ``cmc-fast`` accepts, and where its caches live.
 
-``load_dataset(name, root)`` returns ``DatasetSplits`` (records with id, text, image paths, label 1 = fake,
-split) for every dataset name in ``DATASETS``.
+``load_dataset(name, root)`` returns ``DatasetSplits`` (records with id, text, image paths, label 1 = fake, split)
+for every name in ``DATASETS``. Imports nothing from ``cmc_fast``.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from .records import FAKE, REAL, DatasetSplits, Record, Skipped, split_validation
+from .records import DatasetSplits
 
 
 def cache_root() -> Path:
@@ -72,7 +72,3 @@ def load_dataset(name: str, root: str | None = None, **options: object) -> Datas
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(sorted(DATASETS))}")
     return DATASETS[name](root, **options)
-
-
-__all__ = ["DATASETS", "FAKE", "REAL", "DatasetSplits", "Record", "Skipped", "cache_root", "load_dataset",
-           "split_validation"]
