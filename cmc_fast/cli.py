@@ -16,12 +16,13 @@ import os
 import sys
 import time
 import typing
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 from cmc_fast.config import Config, preset, read_run_config
 from cmc_fast.errors import CollectiveFailure, UsageError
-from cmc_fast.rundir import claim
+from cmc_fast.rundir import claim, clear_run, refuse_existing_run
 
 
 class _Parser(argparse.ArgumentParser):
@@ -73,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(tr)
     tr.add_argument("--config", help="JSON file of config keys, applied over the dataset's preset")
     tr.add_argument("--resume", metavar="DIR", help="continue the killed run in DIR with its saved config")
+    tr.add_argument("--overwrite", action="store_true",
+                    help="when --out holds a run, delete everything in it first (otherwise refused)")
     tr.add_argument("--synthetic-n", type=_pair, metavar="TRAIN,TEST", help="posts generated for --dataset synthetic")
 
     ev = sub.add_parser("evaluate", help="re-score a finished run's checkpoints on its test split")
@@ -126,9 +129,12 @@ def _hold(run_dir: Path, **claim_options) -> Iterator[list[str]]:
 
 
 def _train(args: argparse.Namespace, held: list[Path]) -> int:
+    from cmc_fast import distributed
     from cmc_fast.trainer import Trainer
 
     if args.resume:
+        if args.overwrite:
+            raise UsageError("--overwrite: deletes the run --resume would continue; give one of the two")
         run_dir = Path(args.resume)
         cfg = read_run_config(run_dir, "--resume")
         applied = _resume_flags(args, cfg)
@@ -141,10 +147,17 @@ def _train(args: argparse.Namespace, held: list[Path]) -> int:
         raise UsageError("--out: required under torchrun (every process must name the same run directory)")
     run_dir = Path(cfg.out or f"runs/{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
     cfg.out = str(run_dir)
+    refuse_existing_run(run_dir, overwrite=args.overwrite)
+    trainer = Trainer(cfg, run_dir)
+    trainer.check_inputs()  # arguments and data, before any folder is made
     with _hold(run_dir, flag="--out") as notes:
         held.append(run_dir)
+        if distributed.rank_from_env() == 0:
+            # again, now that no one else can start there
+            refuse_existing_run(run_dir, overwrite=args.overwrite, held=True)
+            notes += clear_run(run_dir) if args.overwrite else []
         _say(run_dir, notes)
-        return _run(Trainer(cfg, run_dir))
+        return _run(trainer)
 
 
 # flags a resumed run applies (where and how it runs, not what it trains); every other flag is refused
@@ -188,15 +201,43 @@ def _say(run_dir: Path, lines: list[str], prefix: str = "cmc-fast: ") -> None:
         pass  # the line is on stderr; a folder that cannot take it was already reported
 
 
+class _ConsoleFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = "cmc-fast: warning: " if record.levelno >= logging.WARNING else "cmc-fast: "
+        return prefix + record.getMessage()
+
+
+@contextlib.contextmanager
+def _dataset_warnings_in_our_words() -> Iterator[None]:
+    """A reader's DatasetWarning (a kept-but-noteworthy condition) said once, as our one line, not as Python's
+    warning with its source file and line."""
+    from cmc_fast.data_pipeline.readers import DatasetWarning
+
+    said: set[str] = set()
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if not issubclass(category, DatasetWarning):
+            return default(message, category, filename, lineno, file, line)
+        if str(message) not in said:
+            said.add(str(message))
+            print(f"cmc-fast: warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        warnings.simplefilter("always", DatasetWarning)
+        yield
+
+
 def _run(trainer) -> int:
     from cmc_fast import distributed
     from cmc_fast.report import text_table
 
-    # the toolkit's warnings (--amp skipped, a model collapsed to one class) on stderr as they happen, once each
-    # (rank 0 alone under torchrun); they are also in log.txt and the report's notes
+    # the toolkit's warnings (--amp skipped, a model collapsed to one class) and one line per epoch on stderr as
+    # they happen, terminal or not (rank 0 alone under torchrun); they are also in log.txt and the report
     console = logging.StreamHandler(sys.stderr)
-    console.setLevel(logging.WARNING)
-    console.setFormatter(logging.Formatter("cmc-fast: warning: %(message)s"))
+    console.addFilter(lambda record: record.levelno >= logging.WARNING or getattr(record, "console", False))
+    console.setFormatter(_ConsoleFormatter())
     toolkit_log = logging.getLogger("cmc_fast")
     if distributed.rank_from_env() == 0:
         toolkit_log.addHandler(console)
@@ -229,6 +270,20 @@ def _evaluate(args: argparse.Namespace, held: list[Path]) -> int:
         return _run(Trainer(cfg, run_dir, evaluate_only=True))
 
 
+def _dispatch(args: argparse.Namespace, held: list[Path]) -> int:
+    if args.command == "train":
+        return _train(args, held)
+    if args.command == "evaluate":
+        return _evaluate(args, held)
+    if hasattr(args, "_command"):  # predict, export, tsne
+        return args._command(args)
+    if args.command == "data":
+        if args._data_check is None:
+            raise UsageError("data check is not available in this installation")
+        return args._data_check.run(args)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -237,16 +292,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     held: list[Path] = []  # the run folder once claimed: where the error line is logged too
     try:
-        if args.command == "train":
-            return _train(args, held)
-        if args.command == "evaluate":
-            return _evaluate(args, held)
-        if hasattr(args, "_command"):  # predict, export, tsne
-            return args._command(args)
-        if args.command == "data":
-            if args._data_check is None:
-                raise UsageError("data check is not available in this installation")
-            return args._data_check.run(args)
+        with _dataset_warnings_in_our_words():
+            return _dispatch(args, held)
     except (UsageError, FloatingPointError) as exc:  # a user's mistake, a bad file, a loss that diverged
         line = " ".join(str(exc).split())
         if held:
@@ -260,7 +307,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cmc-fast: interrupted; continue with `cmc-fast train --resume DIR`", file=sys.stderr)
         return 130
-    return 0
 
 
 if __name__ == "__main__":

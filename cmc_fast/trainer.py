@@ -25,7 +25,8 @@ from cmc_fast import distributed
 from cmc_fast.checkpoint import write_json, write_text
 from cmc_fast.checkpoint_manager import CheckpointManager
 from cmc_fast.config import Config
-from cmc_fast.data import PreparedData, SplitData, check_splits, prepare
+from cmc_fast.data import PreparedData, SplitData, check_splits, prepare, read_dataset, refuse_imageless
+from cmc_fast.data_pipeline.records import DatasetSplits
 from cmc_fast.data_pipeline.text import VocabTokenizer
 from cmc_fast.encoders import build_image_encoder
 from cmc_fast.errors import UsageError
@@ -59,6 +60,8 @@ class Trainer:
         self.data: PreparedData | None = None
         self.text_splits: dict[str, SplitData] = {}
         self.mm_splits: dict[str, SplitData] | None = None  # the posts with an image (None: no image variant)
+        self.records: DatasetSplits | None = None  # the dataset as read (check_inputs)
+        self.use_images = False
         self.build = ModelBuilder(cfg, self.device, self.ckpt_dir, resume=self.resume,
                                   evaluate_only=evaluate_only, notes=self.notes)
         self.ctx = StageContext(cfg, self.device, None, self.build)
@@ -77,16 +80,29 @@ class Trainer:
         self.ctx.amp_dtype = amp_dtype(cfg, self.device, self.notes)
         if main and not self.evaluate_only:  # evaluate writes only evaluate.json (and its lines in log.txt)
             write_json(asdict(cfg), self.run_dir / "config.json")
-        self.build.load_pretrained_text()  # fail fast, before data
-        use_images = any(v in IMAGE_VARIANTS for v in cfg.variants())
-        if use_images:  # surface a missing image checkpoint before any data work
+        self.check_inputs()
+        with distributed.main_first("data preparation"):  # rank 0 writes the image cache
+            self._prepare_data(self.use_images)
+
+    def check_inputs(self) -> None:
+        """What the run needs that can be checked without its folder (the CLI calls this before making one, so a
+        failed command leaves none): the text model, the dataset's records (read once, kept for setup), images in
+        them where image variants are asked for (before image weights are looked for), the image weights."""
+        if self.records is not None:
+            return
+        cfg = self.cfg
+        self.build.load_pretrained_text()
+        with distributed.main_first("reading the dataset"):  # rank 0 writes the synthetic data
+            records = read_dataset(cfg)
+        self.use_images = any(v in IMAGE_VARIANTS for v in cfg.variants())
+        if self.use_images:
+            refuse_imageless(cfg, records, cfg.variants())
             build_image_encoder(cfg.image_model, cfg.image_weights, tuple(cfg.image_size))
-        with distributed.main_first("data preparation"):  # rank 0 writes the synthetic data and image cache
-            self._prepare_data(use_images)
+        self.records = records
 
     def _prepare_data(self, use_images: bool) -> None:
         cfg, t0 = self.cfg, time.perf_counter()
-        self.data = prepare(cfg, tokenizer=self.build.tokenizer, use_images=use_images)
+        self.data = prepare(cfg, tokenizer=self.build.tokenizer, use_images=use_images, ds=self.records)
         self.build.tokenizer = self.data.tokenizer
         if isinstance(self.data.tokenizer, VocabTokenizer) and not self.evaluate_only and distributed.is_main():
             write_json(self.data.tokenizer.vocab, self.run_dir / "vocab.json")
