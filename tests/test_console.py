@@ -4,10 +4,10 @@ unknown model name answered with the choices."""
 import sys
 import warnings
 
+from cmc_fast.data_pipeline.readers import DatasetWarning
 from tiny import TINY
 
 from cmc_fast.cli import _dataset_warnings_in_our_words, main
-from cmc_fast.data_pipeline.readers import DatasetWarning
 
 
 def test_every_epoch_is_one_line_on_stderr_when_it_is_not_a_terminal(tmp_path, capsys):
