@@ -20,9 +20,19 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
-from cmc_fast.config import Config, preset, read_run_config
+from cmc_fast.config import DATASETS, Config, preset, read_run_config
 from cmc_fast.errors import CollectiveFailure, UsageError
 from cmc_fast.rundir import claim, clear_run, refuse_existing_run
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Each flag's default after its help, unless the help already says it or there is none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -54,6 +64,8 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
             continue
         kwargs = {"dest": f.name, "default": argparse.SUPPRESS, "help": f.metadata.get("help") or None}
         kind = types[f.name]
+        if kind is not bool and kwargs["help"]:
+            kwargs["help"] += _default_text(f)
         if kind is bool:
             kwargs["action"] = "store_false" if f.default is True else "store_true"
         else:
@@ -64,6 +76,22 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
             kwargs["metavar"] = f.metadata.get("metavar") or (
                 "{" + ",".join(kwargs["choices"]) + "}" if kwargs["choices"] else None)
         parser.add_argument(config_flag(f), **kwargs)
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    """`` (default: X; D1, D2: Y)``: the field's default, and the dataset presets that set it otherwise."""
+    def shown(value) -> str:
+        return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+    others: dict[str, list[str]] = {}
+    for dataset in DATASETS if f.name != "dataset" else ():
+        value = getattr(preset(dataset), f.name)
+        if value != f.default:
+            others.setdefault(shown(value), []).append(dataset)
+    if f.default is None and not others:
+        return ""  # the help says what happens when the flag is not given
+    text = f"default: {shown(f.default)}" + "".join(f"; {', '.join(d)}: {v}" for v, d in others.items())
+    return " (" + text.replace("%", "%%") + ")"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,8 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--synthetic-n", type=_pair, metavar="TRAIN,TEST", help="posts generated for --dataset synthetic")
 
     ev = sub.add_parser("evaluate", help="re-score a finished run's checkpoints on its test split")
-    ev.add_argument("--run", required=True, metavar="DIR")
-    ev.add_argument("--device", default=None)
+    ev.add_argument("--run", required=True, metavar="DIR", help="the run folder to re-score")
+    ev.add_argument("--device", default=None, help="auto, cpu or cuda[:N] (default: the run's own)")
+    ev.add_argument("--figures", action="store_true",
+                    help="also redraw curves.png, confusion.png, roc.png and pr.png in the run folder (needs the "
+                    "plots extra); otherwise evaluate writes only evaluate.json")
 
     for module in ("predict", "bundle", "tsne"):  # predict, export, tsne: each module parses its own flags
         importlib.import_module(f"cmc_fast.{module}").add_parser(sub)
@@ -95,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     if data_check is not None:
         data_check.add_arguments(check)
     check.set_defaults(_data_check=data_check)
+    for subparsers in (sub, data_sub):  # every subcommand's --help opens with what it does and shows defaults
+        for action in subparsers._choices_actions:
+            command = subparsers.choices[action.dest]
+            command.description = command.description or action.help
+            command.formatter_class = _HelpFormatter
     return parser
 
 
@@ -267,7 +303,7 @@ def _evaluate(args: argparse.Namespace, held: list[Path]) -> int:
     with _hold(run_dir, flag="--run", allow_foreign=True) as notes:
         held.append(run_dir)
         _say(run_dir, notes)
-        return _run(Trainer(cfg, run_dir, evaluate_only=True))
+        return _run(Trainer(cfg, run_dir, evaluate_only=True, figures=args.figures))
 
 
 def _dispatch(args: argparse.Namespace, held: list[Path]) -> int:
