@@ -13,6 +13,7 @@ import torch
 from cmc_fast.data_pipeline.image_source import CachedImages, ImageSource, StreamingImages
 from cmc_fast.data_pipeline.images import Limits
 from cmc_fast.data_pipeline.near_duplicates import group_summary, near_duplicate_groups
+from cmc_fast.data_pipeline.readers.manifest import NO_TEST_SPLIT_HELP
 from cmc_fast.data_pipeline.records import DatasetSplits, Record, Skipped, split_validation
 from cmc_fast.data_pipeline.registry import cache_root, load_dataset
 from cmc_fast.data_pipeline.text import VocabTokenizer, encode_texts
@@ -108,13 +109,8 @@ def read_dataset(cfg) -> DatasetSplits:
         raise UsageError(f"--dataset {cfg.dataset}: no training posts under {where}")
     if not ds.test:
         raise UsageError(f"--dataset {cfg.dataset}: no test split under {where}: its {len(ds.train)} posts are all "
-                         f"training posts. {NO_TEST_SPLIT_HELP}")
+                         f"training posts; {NO_TEST_SPLIT_HELP}")
     return ds
-
-
-# how a manifest gets its held-out posts (data check says it too)
-NO_TEST_SPLIT_HELP = ('Give the held-out posts "split": "test" in the manifest, or put them in test.jsonl (or '
-                      "test.csv) beside train.jsonl in one folder and pass the folder as --data-root")
 
 
 def refuse_imageless(cfg, ds: DatasetSplits, variants: list[str]) -> None:
