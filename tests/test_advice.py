@@ -107,3 +107,13 @@ def test_every_subcommand_help_has_its_description_and_defaults(capsys):
     assert "(default: 0)" in out and "--epochs EPOCHS stage-1" in out and "synthetic: 6" in out
     assert main(["predict", "--help"]) == 0
     assert "(default: 64)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_tsne_embeds_fine_tuned_text_and_image_together_though_their_widths_differ(tmp_path):
+    pytest.importorskip("sklearn")
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--variant", "finetune-t,finetune-v", "--tiny-text-dim", "32",  # image: 64 wide
+                 "--data-root", str(tmp_path / "data"), "--out", str(out)]) == 0
+    assert main(["tsne", "--run", str(out), "--max-points", "20"]) == 0
+    panel = json.loads((out / "tsne.json").read_text())["panels"]["fine-tuned"]
+    assert len(panel["shared"]) == 40 and all(len(p) == 2 for p in panel["shared"])
