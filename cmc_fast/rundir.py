@@ -180,11 +180,13 @@ def refuse_existing_run(run_dir: Path, *, overwrite: bool, held: bool = False) -
         raise UsageError(_in_use(holder, lock, "--out", run_dir))  # a run writing there now: say that first
     if overwrite or not is_run(run_dir):
         return
-    state = ("a finished run" if (run_dir / "metrics.json").is_file() else
-             "a run that stopped before its end")
-    raise UsageError(f"--out {run_dir}: holds {state} (config.json, checkpoints/); nothing was changed. Continue it "
-                     f"with `cmc-fast train --resume {run_dir}`, choose a new --out, or add --overwrite to delete "
-                     "everything in it and train anew")
+    if (run_dir / "metrics.json").is_file():
+        raise UsageError(f"--out {run_dir}: holds a finished run (config.json, metrics.json, checkpoints/); nothing "
+                         "was changed. Choose a new --out, or add --overwrite to delete everything in it and train "
+                         f"anew (`cmc-fast train --resume {run_dir}` continues only a run that stopped)")
+    raise UsageError(f"--out {run_dir}: holds a run that stopped before its end (config.json, checkpoints/); nothing "
+                     f"was changed. Continue it with `cmc-fast train --resume {run_dir}`, choose a new --out, or add "
+                     "--overwrite to delete everything in it and train anew")
 
 
 def clear_run(run_dir: Path) -> list[str]:
