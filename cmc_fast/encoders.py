@@ -6,6 +6,7 @@ checkpoint raises ``UsageError`` naming what is missing and the two ways to prov
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
 import pickle
@@ -97,6 +98,20 @@ def _missing_text_model(name: str, why: str) -> UsageError:
         f"and copy the cache to $HF_HOME here. Use --text-model tiny for a small randomly initialised BERT.")
 
 
+@contextlib.contextmanager
+def _quiet_hub_loading():
+    """transformers' "Loading weights" bar off while a model loads (it prints off a terminal too)."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
 def _in_hub_cache(name: str) -> bool:
     """A hub id whose config.json is in the local Hugging Face cache (no network)."""
     try:
@@ -128,8 +143,9 @@ def load_text_model(name: str) -> tuple[TextEncoder, object]:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True, trust_remote_code=False)
         # float32 whatever the checkpoint's dtype (transformers 5 would keep an fp16/bf16 checkpoint's): the heads
         # are float32, and --amp, not the file, decides the compute dtype
-        model = AutoModel.from_pretrained(source, local_files_only=True, dtype=torch.float32, trust_remote_code=False,
-                                          weights_only=True)
+        with _quiet_hub_loading():
+            model = AutoModel.from_pretrained(source, local_files_only=True, dtype=torch.float32,
+                                              trust_remote_code=False, weights_only=True)
     except (pickle.UnpicklingError, EOFError, RuntimeError) as exc:  # a weights file that is not plain tensors
         from cmc_fast.checkpoint import load_error_reason
 

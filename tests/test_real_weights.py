@@ -201,3 +201,10 @@ def test_long_texts_are_cut_without_the_tokenizers_length_warning(loaded, capfd)
     ids, mask = encode_texts(["word " * 700], tokenizer, 64)  # 700 tokens > MiniLM's 512: cut to head + tail
     assert mask.sum() == 64 and ids[0, 0] == tokenizer.cls_token_id and ids[0, 63] == tokenizer.sep_token_id
     assert "Token indices sequence length" not in capfd.readouterr().err
+
+
+def test_loading_the_weights_prints_no_progress_bar(minilm_dir, capfd):
+    from cmc_fast.encoders import load_text_model
+
+    load_text_model(str(minilm_dir))
+    assert "Loading weights" not in capfd.readouterr().err
