@@ -262,9 +262,6 @@ def _end_epoch(stage: Stage, manager: CheckpointManager, schedulers: dict, gen: 
     result.history.append({"epoch": epoch + 1, "train_loss": train_loss,
                            "val_accuracy": {k: v["accuracy"] for k, v in val.items()},
                            "val_predicted_fake": {k: v["predicted_fake"] for k, v in val.items()}})
-    if distributed.is_main():
-        log.info("%s epoch %d/%d: train loss %.4f, val %s", stage.name, epoch + 1, stage.epochs, train_loss,
-                 ", ".join(f"{k} acc {v['accuracy']:.4f}" for k, v in val.items()))
     best_epoch = {head: state["epoch"] for head, state in new_best.items()}
     record = {"modules": {k: m.state_dict() for k, m in stage.modules.items()},
               "optimizers": {k: o.state_dict() for k, o in stage.optimizers.items()},
