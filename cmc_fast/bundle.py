@@ -79,7 +79,11 @@ def train_command(cfg: Config) -> str:
         value = getattr(cfg, f.name)
         if f.name in skip or value == getattr(base, f.name):
             continue
-        if not f.metadata.get("cli", True) or value is None:
+        if f.name in _LOCAL_PATHS and value is not None and value not in _NAMED.get(f.name, ()):
+            flags.append(f"{config_flag(f)} {_LOCAL_PATHS[f.name]}")  # a path of the machine it was trained on
+        elif f.name == "image_weights" and value is None:
+            flags.append(f"{config_flag(f)} none")
+        elif not f.metadata.get("cli", True) or value is None:
             rest[f.name] = value
         elif isinstance(value, bool):  # a boolean flag sets the opposite of the field's default
             if value == (f.default is not True):
@@ -92,9 +96,21 @@ def train_command(cfg: Config) -> str:
             flags.append(f"{config_flag(f)} {value}")
     if (cfg.synthetic_train, cfg.synthetic_test) != (base.synthetic_train, base.synthetic_test):
         flags.append(f"--synthetic-n {cfg.synthetic_train},{cfg.synthetic_test}")
-    if rest:
-        flags.append(f"--config <a JSON file holding {json.dumps(rest)}>")
+    if rest:  # bash's process substitution: the command stays one line that runs as it is
+        flags.append(f"--config <(echo '{json.dumps(rest)}')")
     return "cmc-fast train " + " ".join(flags)
+
+
+# fields that hold a path of the machine a run was trained on: the model card shows a placeholder instead
+_LOCAL_PATHS = {"data_root": "DATA_DIR", "text_model": "TEXT_MODEL_DIR", "image_weights": "IMAGE_WEIGHTS_FILE"}
+_NAMED = {"text_model": ("tiny", "ngram"), "image_weights": ("imagenet",)}  # names, not paths
+
+
+def _card_value(key: str, value):
+    """A data summary's value as the card shows it: a path by its last part, a float rounded to 4 places."""
+    if key == "root" and isinstance(value, str):
+        return Path(value).name
+    return round(value, 4) if isinstance(value, float) else value
 
 
 def model_card(run_dir: Path, detector: Detector) -> str:
@@ -113,16 +129,21 @@ def model_card(run_dir: Path, detector: Detector) -> str:
              f"- text model: `{cfg.text_model}`; image model: `{cfg.image_model}` at {cfg.image_size[0]}x"
              f"{cfg.image_size[1]} (H x W); max_len {cfg.max_len}",
              f"- posts without a usable image: scored by {detector.text_fallback or 'nothing (not scored)'}", "",
-             "## Data", "", "```", *[f"{k}: {v}" for k, v in metrics.get("data", {}).items()], "```", "",
+             "## Data", "", "```", *[f"{k}: {_card_value(k, v)}" for k, v in metrics.get("data", {}).items()],
+             "```", "",
              "## Test metrics of the run (fake = positive class)", ""]
     if test:
         lines += ["| metric | value |", "|---|---:|", *[f"| {k} | {v:.4f} |" if isinstance(v, float) else
                                                       f"| {k} | {v} |" for k, v in test.items()], "",
-                  f"Scored on {row.get('posts', 'the test split')}; validation accuracy {row.get('val_accuracy')}."]
+                  f"Scored on {row.get('posts', 'the test split')}; validation accuracy "
+                  f"{_card_value('val_accuracy', row.get('val_accuracy'))}."]
     else:
         lines.append(f"(no metrics.json row for {detector.variant} in {run_dir})")
-    lines += ["", "## How it was trained", "", "```", train_command(cfg), "```", "",
-              "(Reconstructed from the run's config.json, which `config.json` here holds in full under `config`.)"]
+    if metrics.get("notes"):
+        lines += ["", "## Warnings of the run", "", *[f"- {note}" for note in metrics["notes"]]]
+    lines += ["", "## How it was trained", "", "```bash", train_command(cfg), "```", "",
+              "(Reconstructed from the run's config.json, which `config.json` here holds in full under `config`; "
+              "replace DATA_DIR and the other capitalised placeholders by your own paths.)"]
     return "\n".join(lines) + "\n"
 
 

@@ -16,12 +16,23 @@ import os
 import sys
 import time
 import typing
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
-from cmc_fast.config import Config, preset, read_run_config
+from cmc_fast.config import DATASETS, Config, preset, read_run_config
 from cmc_fast.errors import CollectiveFailure, UsageError
-from cmc_fast.rundir import claim
+from cmc_fast.rundir import claim, clear_run, refuse_existing_run
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Each flag's default after its help, unless the help already says it or there is none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -53,6 +64,8 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
             continue
         kwargs = {"dest": f.name, "default": argparse.SUPPRESS, "help": f.metadata.get("help") or None}
         kind = types[f.name]
+        if kind is not bool and kwargs["help"]:
+            kwargs["help"] += _default_text(f)
         if kind is bool:
             kwargs["action"] = "store_false" if f.default is True else "store_true"
         else:
@@ -65,6 +78,22 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(config_flag(f), **kwargs)
 
 
+def _default_text(f: dataclasses.Field) -> str:
+    """`` (default: X; D1, D2: Y)``: the field's default, and the dataset presets that set it otherwise."""
+    def shown(value) -> str:
+        return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+    others: dict[str, list[str]] = {}
+    for dataset in DATASETS if f.name != "dataset" else ():
+        value = getattr(preset(dataset), f.name)
+        if value != f.default:
+            others.setdefault(shown(value), []).append(dataset)
+    if f.default is None and not others:
+        return ""  # the help says what happens when the flag is not given
+    text = f"default: {shown(f.default)}" + "".join(f"; {', '.join(d)}: {v}" for v, d in others.items())
+    return " (" + text.replace("%", "%%") + ")"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cmc-fast", description="CMC multi-modal fake-news detection, fast.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -73,11 +102,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(tr)
     tr.add_argument("--config", help="JSON file of config keys, applied over the dataset's preset")
     tr.add_argument("--resume", metavar="DIR", help="continue the killed run in DIR with its saved config")
+    tr.add_argument("--overwrite", action="store_true",
+                    help="when --out holds a run, delete everything in it first (otherwise refused)")
     tr.add_argument("--synthetic-n", type=_pair, metavar="TRAIN,TEST", help="posts generated for --dataset synthetic")
 
     ev = sub.add_parser("evaluate", help="re-score a finished run's checkpoints on its test split")
-    ev.add_argument("--run", required=True, metavar="DIR")
-    ev.add_argument("--device", default=None)
+    ev.add_argument("--run", required=True, metavar="DIR", help="the run folder to re-score")
+    ev.add_argument("--device", default=None, help="auto, cpu or cuda[:N] (default: the run's own)")
+    ev.add_argument("--figures", action="store_true",
+                    help="also redraw curves.png, confusion.png, roc.png and pr.png in the run folder (needs the "
+                    "plots extra); otherwise evaluate writes only evaluate.json")
 
     for module in ("predict", "bundle", "tsne"):  # predict, export, tsne: each module parses its own flags
         importlib.import_module(f"cmc_fast.{module}").add_parser(sub)
@@ -92,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     if data_check is not None:
         data_check.add_arguments(check)
     check.set_defaults(_data_check=data_check)
+    for subparsers in (sub, data_sub):  # every subcommand's --help opens with what it does and shows defaults
+        for action in subparsers._choices_actions:
+            command = subparsers.choices[action.dest]
+            command.description = command.description or action.help
+            command.formatter_class = _HelpFormatter
     return parser
 
 
@@ -126,9 +165,12 @@ def _hold(run_dir: Path, **claim_options) -> Iterator[list[str]]:
 
 
 def _train(args: argparse.Namespace, held: list[Path]) -> int:
+    from cmc_fast import distributed
     from cmc_fast.trainer import Trainer
 
     if args.resume:
+        if args.overwrite:
+            raise UsageError("--overwrite: deletes the run --resume would continue; give one of the two")
         run_dir = Path(args.resume)
         cfg = read_run_config(run_dir, "--resume")
         applied = _resume_flags(args, cfg)
@@ -141,10 +183,17 @@ def _train(args: argparse.Namespace, held: list[Path]) -> int:
         raise UsageError("--out: required under torchrun (every process must name the same run directory)")
     run_dir = Path(cfg.out or f"runs/{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
     cfg.out = str(run_dir)
+    refuse_existing_run(run_dir, overwrite=args.overwrite)
+    trainer = Trainer(cfg, run_dir)
+    trainer.check_inputs()  # arguments and data, before any folder is made
     with _hold(run_dir, flag="--out") as notes:
         held.append(run_dir)
+        if distributed.rank_from_env() == 0:
+            # again, now that no one else can start there
+            refuse_existing_run(run_dir, overwrite=args.overwrite, held=True)
+            notes += clear_run(run_dir) if args.overwrite else []
         _say(run_dir, notes)
-        return _run(Trainer(cfg, run_dir))
+        return _run(trainer)
 
 
 # flags a resumed run applies (where and how it runs, not what it trains); every other flag is refused
@@ -188,15 +237,43 @@ def _say(run_dir: Path, lines: list[str], prefix: str = "cmc-fast: ") -> None:
         pass  # the line is on stderr; a folder that cannot take it was already reported
 
 
+class _ConsoleFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = "cmc-fast: warning: " if record.levelno >= logging.WARNING else "cmc-fast: "
+        return prefix + record.getMessage()
+
+
+@contextlib.contextmanager
+def _dataset_warnings_in_our_words() -> Iterator[None]:
+    """A reader's DatasetWarning (a kept-but-noteworthy condition) said once, as our one line, not as Python's
+    warning with its source file and line."""
+    from cmc_fast.data_pipeline.readers import DatasetWarning
+
+    said: set[str] = set()
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if not issubclass(category, DatasetWarning):
+            return default(message, category, filename, lineno, file, line)
+        if str(message) not in said:
+            said.add(str(message))
+            print(f"cmc-fast: warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        warnings.simplefilter("always", DatasetWarning)
+        yield
+
+
 def _run(trainer) -> int:
     from cmc_fast import distributed
     from cmc_fast.report import text_table
 
-    # the toolkit's warnings (--amp skipped, a model collapsed to one class) on stderr as they happen, once each
-    # (rank 0 alone under torchrun); they are also in log.txt and the report's notes
+    # the toolkit's warnings (--amp skipped, a model collapsed to one class) and one line per epoch on stderr as
+    # they happen, terminal or not (rank 0 alone under torchrun); they are also in log.txt and the report
     console = logging.StreamHandler(sys.stderr)
-    console.setLevel(logging.WARNING)
-    console.setFormatter(logging.Formatter("cmc-fast: warning: %(message)s"))
+    console.addFilter(lambda record: record.levelno >= logging.WARNING or getattr(record, "console", False))
+    console.setFormatter(_ConsoleFormatter())
     toolkit_log = logging.getLogger("cmc_fast")
     if distributed.rank_from_env() == 0:
         toolkit_log.addHandler(console)
@@ -226,7 +303,21 @@ def _evaluate(args: argparse.Namespace, held: list[Path]) -> int:
     with _hold(run_dir, flag="--run", allow_foreign=True) as notes:
         held.append(run_dir)
         _say(run_dir, notes)
-        return _run(Trainer(cfg, run_dir, evaluate_only=True))
+        return _run(Trainer(cfg, run_dir, evaluate_only=True, figures=args.figures))
+
+
+def _dispatch(args: argparse.Namespace, held: list[Path]) -> int:
+    if args.command == "train":
+        return _train(args, held)
+    if args.command == "evaluate":
+        return _evaluate(args, held)
+    if hasattr(args, "_command"):  # predict, export, tsne
+        return args._command(args)
+    if args.command == "data":
+        if args._data_check is None:
+            raise UsageError("data check is not available in this installation")
+        return args._data_check.run(args)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,16 +328,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     held: list[Path] = []  # the run folder once claimed: where the error line is logged too
     try:
-        if args.command == "train":
-            return _train(args, held)
-        if args.command == "evaluate":
-            return _evaluate(args, held)
-        if hasattr(args, "_command"):  # predict, export, tsne
-            return args._command(args)
-        if args.command == "data":
-            if args._data_check is None:
-                raise UsageError("data check is not available in this installation")
-            return args._data_check.run(args)
+        with _dataset_warnings_in_our_words():
+            return _dispatch(args, held)
     except (UsageError, FloatingPointError) as exc:  # a user's mistake, a bad file, a loss that diverged
         line = " ".join(str(exc).split())
         if held:
@@ -260,7 +343,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cmc-fast: interrupted; continue with `cmc-fast train --resume DIR`", file=sys.stderr)
         return 130
-    return 0
 
 
 if __name__ == "__main__":

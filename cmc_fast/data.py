@@ -13,7 +13,8 @@ import torch
 from cmc_fast.data_pipeline.image_source import CachedImages, ImageSource, StreamingImages
 from cmc_fast.data_pipeline.images import Limits
 from cmc_fast.data_pipeline.near_duplicates import group_summary, near_duplicate_groups
-from cmc_fast.data_pipeline.records import Record, Skipped, split_validation
+from cmc_fast.data_pipeline.readers.manifest import NO_TEST_SPLIT_HELP
+from cmc_fast.data_pipeline.records import DatasetSplits, Record, Skipped, split_validation
 from cmc_fast.data_pipeline.registry import cache_root, load_dataset
 from cmc_fast.data_pipeline.text import VocabTokenizer, encode_texts
 from cmc_fast.errors import UsageError
@@ -96,18 +97,37 @@ def build_image_source(cfg, records: list[Record], tag: str) -> ImageSource:
     return StreamingImages.build(paths, size, cfg.image_backend, validate=True, progress=cfg.progress, limits=limits)
 
 
-def prepare(cfg, tokenizer=None, use_images: bool = True) -> PreparedData:
-    """Load, split (seeded validation carved from train), tokenise and decode. ``tokenizer=None`` builds the
-    tiny model's vocabulary from the fit split."""
+def read_dataset(cfg) -> DatasetSplits:
+    """The dataset's records, refused in one line when unreadable or when its train or test split is empty."""
     try:
         ds = load_dataset(cfg.dataset, cfg.data_root, seed=cfg.seed, n_train=cfg.synthetic_train,
                           n_test=cfg.synthetic_test)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, NotADirectoryError, ValueError) as exc:
         raise UsageError(f"--data-root: {exc}") from None
+    where = ds.root or cfg.data_root
     if not ds.train:
-        raise UsageError(f"--dataset {cfg.dataset}: no training posts under {ds.root or cfg.data_root}")
+        raise UsageError(f"--dataset {cfg.dataset}: no training posts under {where}")
     if not ds.test:
-        raise UsageError(f"--dataset {cfg.dataset}: no test posts under {ds.root or cfg.data_root}")
+        raise UsageError(f"--dataset {cfg.dataset}: no test split under {where}: its {len(ds.train)} posts are all "
+                         f"training posts; {NO_TEST_SPLIT_HELP}")
+    return ds
+
+
+def refuse_imageless(cfg, ds: DatasetSplits, variants: list[str]) -> None:
+    """Image variants asked of a dataset none of whose posts names an image (e.g. PolitiFact's text release):
+    said before image weights are looked for or any image is decoded."""
+    image_variants = [v for v in variants if v != "finetune-t"]
+    if image_variants and not any(r.image_paths for r in (*ds.train, *ds.test)):
+        raise UsageError(f"--dataset {cfg.dataset}: none of the {len(ds.train) + len(ds.test)} posts under "
+                         f"{ds.root or cfg.data_root} names an image, so {', '.join(image_variants)} cannot train; "
+                         "this is text-only data: run --variant finetune-t")
+
+
+def prepare(cfg, tokenizer=None, use_images: bool = True, ds: DatasetSplits | None = None) -> PreparedData:
+    """Load (unless ``ds``, the records ``read_dataset`` returned, is given), split (seeded validation carved from
+    train), tokenise and decode. ``tokenizer=None`` builds the tiny model's vocabulary from the fit split."""
+    if ds is None:
+        ds = read_dataset(cfg)
     groups = None
     if cfg.val_split == "grouped" or cfg.group_sampling > 0:
         groups = near_duplicate_groups([r.text for r in ds.train])

@@ -143,14 +143,24 @@ def _vocabulary(run_dir: Path, cfg: Config) -> VocabTokenizer:
     return prepare(cfg, tokenizer=None, use_images=False).tokenizer
 
 
+def run_variants(run_dir: Path) -> list[str]:
+    """The variants whose best checkpoints are all in the run (the names the report's table uses)."""
+    names = {v: k for k, v in VARIANT_ALIASES.items()}
+    return [names.get(variant, variant) for variant, parts in RUN_PARTS.items()
+            if all(CheckpointManager(run_dir / "checkpoints", stage).best_path(head).is_file()
+                   for stage, head, _ in parts.values())]
+
+
 def load_run_states(run_dir: Path, variant: str) -> dict[str, dict]:
     """part -> state dict, from the run's best checkpoints, loaded without unpickling."""
     states, cache = {}, {}
     for part, (stage, head, key) in RUN_PARTS[variant].items():
         path = CheckpointManager(run_dir / "checkpoints", stage).best_path(head)
         if not path.is_file():
-            raise UsageError(f"--variant {variant}: {path} not found; the run did not train this variant "
-                             f"(train it with --variant {variant}) or has not finished it")
+            have = run_variants(run_dir)
+            raise UsageError(f"--variant {variant}: {path} not found; the run did not train this variant or has not "
+                             "finished it. The run's variants: "
+                             + (", ".join(have) + f" (pass --variant {have[0]})" if have else "none finished"))
         if path not in cache:
             cache[path] = load_checkpoint(path)  # pickle-free; a damaged or foreign file: one line naming it
         states[part] = cache[path]["modules"][key]

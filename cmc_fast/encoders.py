@@ -6,6 +6,8 @@ checkpoint raises ``UsageError`` naming what is missing and the two ways to prov
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import os
 import pickle
 from pathlib import Path
@@ -96,6 +98,30 @@ def _missing_text_model(name: str, why: str) -> UsageError:
         f"and copy the cache to $HF_HOME here. Use --text-model tiny for a small randomly initialised BERT.")
 
 
+@contextlib.contextmanager
+def _quiet_hub_loading():
+    """transformers' "Loading weights" bar off while a model loads (it prints off a terminal too)."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
+def _in_hub_cache(name: str) -> bool:
+    """A hub id whose config.json is in the local Hugging Face cache (no network)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # noqa: BLE001 - a malformed id, or no huggingface_hub: not in the cache
+        return False
+
+
 def load_text_model(name: str) -> tuple[TextEncoder, object]:
     """(encoder, tokenizer) from a local directory or a hub id already in the local cache. Offline only."""
     from transformers import AutoModel, AutoTokenizer
@@ -103,14 +129,23 @@ def load_text_model(name: str) -> tuple[TextEncoder, object]:
     local = Path(name).expanduser()
     if name.startswith((".", "/", "~")) and not local.is_dir():
         raise _missing_text_model(name, f"directory {local} does not exist")
+    if not local.is_dir() and not _in_hub_cache(name):  # transformers would answer with a hub-connection error
+        if "/" in name:
+            raise _missing_text_model(name, "not in the local Hugging Face cache, and nothing is downloaded")
+        close = difflib.get_close_matches(name, ("tiny", "ngram"), n=1)
+        raise UsageError(f"--text-model {name}: unknown model{f' (did you mean {close[0]}?)' if close else ''}; "
+                         "choose tiny (a small BERT trained from scratch), ngram (a bag of n-grams), a local "
+                         "directory holding config.json, the weights and the tokenizer, or a hub id already in the "
+                         "local Hugging Face cache (nothing is downloaded)")
     source = str(local) if local.is_dir() else name
     try:
         # a local directory is a file the user supplies: no code of its own runs, a .bin loads pickle-free
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True, trust_remote_code=False)
         # float32 whatever the checkpoint's dtype (transformers 5 would keep an fp16/bf16 checkpoint's): the heads
         # are float32, and --amp, not the file, decides the compute dtype
-        model = AutoModel.from_pretrained(source, local_files_only=True, dtype=torch.float32, trust_remote_code=False,
-                                          weights_only=True)
+        with _quiet_hub_loading():
+            model = AutoModel.from_pretrained(source, local_files_only=True, dtype=torch.float32,
+                                              trust_remote_code=False, weights_only=True)
     except (pickle.UnpicklingError, EOFError, RuntimeError) as exc:  # a weights file that is not plain tensors
         from cmc_fast.checkpoint import load_error_reason
 

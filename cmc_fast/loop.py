@@ -142,6 +142,7 @@ def fit(stage: Stage, manager: CheckpointManager, *, resume: bool = False, evalu
                          f"with `cmc-fast train --resume {run_dir}`")
     weights = stage.train_split.sampling_weights(cfg.group_sampling)
     wrapped = distributed.wrap(stage) if start < stage.epochs else {}
+    epoch_seconds: list[float] = []  # this process's epochs (a resumed run's ETA counts only these)
     try:
         for epoch in range(start, stage.epochs):
             # every rank draws the same global order (one process's); each then trains on its slice of each batch
@@ -150,13 +151,39 @@ def fit(stage: Stage, manager: CheckpointManager, *, resume: bool = False, evalu
             if distributed.active():
                 torch.manual_seed(distributed.epoch_seed(cfg.seed, stage.name, epoch))
                 host_batches = [distributed.local_slice(b) for b in host_batches]
+            t_epoch = time.perf_counter()
             steplog = train_epoch(stage, host_batches, schedulers, result.clock, epoch, first_fit_step=epoch == 0)
             _end_epoch(stage, manager, schedulers, gen, result, epoch, steplog)
+            epoch_seconds.append(time.perf_counter() - t_epoch)
+            if distributed.is_main():
+                log.info(epoch_line(stage.name, stage.epochs, result, epoch_seconds), extra={"console": True})
     finally:
         distributed.unwrap(stage, wrapped)
     for head, keys in stage.heads.items():
         manager.load_best(head, {k: stage.modules[k] for k in keys})
     return result
+
+
+def epoch_line(stage: str, epochs: int, result: FitResult, epoch_seconds: list[float]) -> str:
+    """The console's line for the epoch just ended (the last entry of ``result.history``): training loss, each
+    head's validation accuracy with the best so far and its epoch, the epoch's time and the stage's ETA. The CLI
+    prints it on stderr whether or not that is a terminal (``extra={"console": True}``)."""
+    last = result.history[-1]
+    epoch = last["epoch"]
+    heads = ", ".join(f"{head} val acc {acc:.4f} (best {result.best[head]:.4f} @ {result.best_epoch.get(head, '-')})"
+                      for head, acc in last["val_accuracy"].items())
+    mean = sum(epoch_seconds) / len(epoch_seconds)
+    eta = f", ETA {_duration(mean * (epochs - epoch))}" if epoch < epochs else ""
+    return (f"{stage} epoch {epoch}/{epochs}: loss {last['train_loss']:.4f}, {heads}, "
+            f"{_duration(epoch_seconds[-1])}{eta}")
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes}m{secs:02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
 
 
 def _resume(stage: Stage, manager: CheckpointManager, schedulers: dict, gen: torch.Generator,
@@ -235,9 +262,6 @@ def _end_epoch(stage: Stage, manager: CheckpointManager, schedulers: dict, gen: 
     result.history.append({"epoch": epoch + 1, "train_loss": train_loss,
                            "val_accuracy": {k: v["accuracy"] for k, v in val.items()},
                            "val_predicted_fake": {k: v["predicted_fake"] for k, v in val.items()}})
-    if distributed.is_main():
-        log.info("%s epoch %d/%d: train loss %.4f, val %s", stage.name, epoch + 1, stage.epochs, train_loss,
-                 ", ".join(f"{k} acc {v['accuracy']:.4f}" for k, v in val.items()))
     best_epoch = {head: state["epoch"] for head, state in new_best.items()}
     record = {"modules": {k: m.state_dict() for k, m in stage.modules.items()},
               "optimizers": {k: o.state_dict() for k, o in stage.optimizers.items()},

@@ -247,4 +247,9 @@ def run_predict(args: argparse.Namespace) -> int:
     else:
         summary = predict_file(detector, path, sys.stdout, batch_size=args.batch_size, progress=progress)
     print(f"{detector.variant} ({detector.source}): {summary.line()}", file=sys.stderr)
+    if detector.uses_images and summary.posts and summary.text_only == summary.posts:
+        print(f"cmc-fast: error: no image of {path} could be used, so no post was scored by {detector.variant} "
+              "itself, only by its text branch (see the lines above; image paths are relative to the input file)",
+              file=sys.stderr)
+        return 1
     return 1 if summary.failed else 0

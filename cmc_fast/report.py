@@ -19,7 +19,7 @@ def _rows(results: dict) -> list[list[str]]:
         test = r.get("test", {})
         rows.append([variant] + [f"{test.get(k, float('nan')):.3f}" for k in _KEYS]
                     + [str(test.get("n", "")), f"{r.get('val_accuracy', float('nan')):.3f}",
-                       f"{r.get('train_seconds', float('nan')):.1f}"])
+                       "-" if r.get("train_seconds") is None else f"{r['train_seconds']:.1f}"])
     return rows
 
 
@@ -36,25 +36,34 @@ def text_table(results: dict) -> str:
     return "\n".join([fmt(rows[0]), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows[1:]])
 
 
-def plot_history(history: dict[str, list[dict]], path) -> bool:
-    """Per-stage training loss and validation accuracy by epoch, as a PNG. False when matplotlib is absent."""
+def plot_history(history: dict[str, list[dict]], path, chosen: dict[str, dict[str, tuple]] | None = None) -> bool:
+    """Training loss and validation accuracy by epoch, a column per stage named by the variants it trained
+    (``chosen``: stage -> variant -> (epoch of the checkpoint it kept, head)), that epoch marked with a star.
+    False when matplotlib is absent."""
     plt = _pyplot()
     if plt is None:
         return False
     stages = [s for s, h in history.items() if h]
     if not stages:
         return False
-    fig, axes = plt.subplots(2, len(stages), figsize=(3.6 * len(stages), 5.5), squeeze=False)
+    chosen = chosen or {}
+    fig, axes = plt.subplots(2, len(stages), figsize=(3.8 * len(stages), 5.5), squeeze=False)
     for col, stage in enumerate(stages):
         epochs = [h["epoch"] for h in history[stage]]
+        variants = chosen.get(stage) or {head: (None, head) for head in history[stage][0]["val_accuracy"]}
         axes[0][col].plot(epochs, [h["train_loss"] for h in history[stage]], marker="o")
-        axes[0][col].set_title(stage)
+        names = ", ".join(variants)
+        axes[0][col].set_title(names if names == stage else f"{names}\n({stage})", fontsize=9)
         axes[0][col].set_ylabel("train loss" if col == 0 else "")
-        for head in history[stage][0]["val_accuracy"]:
-            axes[1][col].plot(epochs, [h["val_accuracy"][head] for h in history[stage]], marker="o", label=head)
+        for variant, (best, head) in variants.items():
+            acc = [h["val_accuracy"][head] for h in history[stage]]
+            line, = axes[1][col].plot(epochs, acc, marker="o", label=variant)
+            if best in epochs:
+                axes[1][col].plot([best], [acc[epochs.index(best)]], marker="*", markersize=15, linestyle="none",
+                                  color=line.get_color(), label=f"{variant}: chosen, epoch {best}")
         axes[1][col].set_xlabel("epoch")
         axes[1][col].set_ylabel("val accuracy" if col == 0 else "")
-        axes[1][col].legend(fontsize=8)
+        axes[1][col].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -110,6 +110,11 @@ def _take_over_stale(lock: Path, holder: dict, flag: str, run_dir: Path) -> str:
             "running")
 
 
+def _in_use(holder: dict, lock: Path, flag: str, run_dir: Path) -> str:
+    return (f"{flag} {run_dir}: in use by PID {holder.get('pid')} on {holder.get('host')} since "
+            f"{holder.get('started', '?')} (lock {lock}); wait for it or choose another folder")
+
+
 def _acquire(run_dir: Path, flag: str) -> tuple[Path, dict, str]:
     lock = run_dir / LOCK_NAME
     me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -127,8 +132,7 @@ def _acquire(run_dir: Path, flag: str) -> tuple[Path, dict, str]:
         if not isinstance(pid, int) or not isinstance(host, str):
             raise UsageError(f"{flag} {run_dir}: lock file {lock} is unreadable; delete it if no run uses the folder")
         if host != me["host"] or _pid_alive(pid):
-            raise UsageError(f"{flag} {run_dir}: in use by PID {pid} on {host} since {holder.get('started', '?')} "
-                             f"(lock {lock}); wait for it or choose another folder")
+            raise UsageError(_in_use(holder, lock, flag, run_dir))
         note = _take_over_stale(lock, holder, flag, run_dir) or note
     raise UsageError(f"{flag} {run_dir}: could not claim the lock {lock}; retry")
 
@@ -163,3 +167,40 @@ def claim(run_dir: str | Path, *, flag: str = "--out", allow_foreign: bool = Fal
     finally:
         if _read_lock(lock) == me:
             lock.unlink(missing_ok=True)
+
+
+def refuse_existing_run(run_dir: Path, *, overwrite: bool, held: bool = False) -> None:
+    """A new run never lands on top of another: an ``--out`` holding a cmc-fast run is refused, naming it and the
+    ways on (resume it, another ``--out``, ``--overwrite``), unless ``overwrite`` was asked for. A run writing
+    there now is named first (``held``: the caller holds the folder's lock itself)."""
+    lock = run_dir / LOCK_NAME
+    holder = None if held else _read_lock(lock)
+    if holder and isinstance(holder.get("pid"), int) and (holder.get("host") != socket.gethostname()
+                                                          or _pid_alive(holder["pid"])):
+        raise UsageError(_in_use(holder, lock, "--out", run_dir))  # a run writing there now: say that first
+    if overwrite or not is_run(run_dir):
+        return
+    if (run_dir / "metrics.json").is_file():
+        raise UsageError(f"--out {run_dir}: holds a finished run (config.json, metrics.json, checkpoints/); nothing "
+                         "was changed. Choose a new --out, or add --overwrite to delete everything in it and train "
+                         f"anew (`cmc-fast train --resume {run_dir}` continues only a run that stopped)")
+    raise UsageError(f"--out {run_dir}: holds a run that stopped before its end (config.json, checkpoints/); nothing "
+                     f"was changed. Continue it with `cmc-fast train --resume {run_dir}`, choose a new --out, or add "
+                     "--overwrite to delete everything in it and train anew")
+
+
+def clear_run(run_dir: Path) -> list[str]:
+    """Everything in the held ``run_dir`` but its lock deleted (``--overwrite``); a symlink is removed, never
+    followed. Returns the note to report."""
+    import shutil
+
+    removed = 0
+    for path in run_dir.iterdir():
+        if path.name == LOCK_NAME:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+        removed += 1
+    return [f"--overwrite: deleted the {removed} entries of the run in {run_dir}"] if removed else []

@@ -25,7 +25,8 @@ from cmc_fast import distributed
 from cmc_fast.checkpoint import write_json, write_text
 from cmc_fast.checkpoint_manager import CheckpointManager
 from cmc_fast.config import Config
-from cmc_fast.data import PreparedData, SplitData, check_splits, prepare
+from cmc_fast.data import PreparedData, SplitData, check_splits, prepare, read_dataset, refuse_imageless
+from cmc_fast.data_pipeline.records import DatasetSplits
 from cmc_fast.data_pipeline.text import VocabTokenizer
 from cmc_fast.encoders import build_image_encoder
 from cmc_fast.errors import UsageError
@@ -40,11 +41,13 @@ ALL_POSTS_ROW = "finetune-t (all posts)"
 
 
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: str | Path, *, resume: bool = False, evaluate_only: bool = False):
+    def __init__(self, cfg: Config, run_dir: str | Path, *, resume: bool = False, evaluate_only: bool = False,
+                 figures: bool = False):
         self.cfg = cfg.validate()
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.resume, self.evaluate_only = resume or evaluate_only, evaluate_only
+        self.figures = figures  # evaluate: redraw curves.png and the test figures (train always draws them)
         self.device = resolve_device(distributed.local_device(cfg.device))
         distributed.init_from_env(self.device)  # torchrun: join the process group (nothing otherwise)
         world = distributed.world()
@@ -55,10 +58,13 @@ class Trainer:
         self.results: dict[str, dict] = {}
         self.timings: dict[str, dict] = {}
         self.history: dict[str, list[dict]] = {}  # stage -> per-epoch train loss and validation accuracy
+        self.chosen: dict[str, dict[str, tuple]] = {}  # stage -> variant -> (epoch of its checkpoint, head)
         self.scores: dict[str, dict] = {}  # variant -> test p(fake), predicted and true labels (report figures)
         self.data: PreparedData | None = None
         self.text_splits: dict[str, SplitData] = {}
         self.mm_splits: dict[str, SplitData] | None = None  # the posts with an image (None: no image variant)
+        self.records: DatasetSplits | None = None  # the dataset as read (check_inputs)
+        self.use_images = False
         self.build = ModelBuilder(cfg, self.device, self.ckpt_dir, resume=self.resume,
                                   evaluate_only=evaluate_only, notes=self.notes)
         self.ctx = StageContext(cfg, self.device, None, self.build)
@@ -77,16 +83,29 @@ class Trainer:
         self.ctx.amp_dtype = amp_dtype(cfg, self.device, self.notes)
         if main and not self.evaluate_only:  # evaluate writes only evaluate.json (and its lines in log.txt)
             write_json(asdict(cfg), self.run_dir / "config.json")
-        self.build.load_pretrained_text()  # fail fast, before data
-        use_images = any(v in IMAGE_VARIANTS for v in cfg.variants())
-        if use_images:  # surface a missing image checkpoint before any data work
+        self.check_inputs()
+        with distributed.main_first("data preparation"):  # rank 0 writes the image cache
+            self._prepare_data(self.use_images)
+
+    def check_inputs(self) -> None:
+        """What the run needs that can be checked without its folder (the CLI calls this before making one, so a
+        failed command leaves none): the text model, the dataset's records (read once, kept for setup), images in
+        them where image variants are asked for (before image weights are looked for), the image weights."""
+        if self.records is not None:
+            return
+        cfg = self.cfg
+        self.build.load_pretrained_text()
+        with distributed.main_first("reading the dataset"):  # rank 0 writes the synthetic data
+            records = read_dataset(cfg)
+        self.use_images = any(v in IMAGE_VARIANTS for v in cfg.variants())
+        if self.use_images:
+            refuse_imageless(cfg, records, cfg.variants())
             build_image_encoder(cfg.image_model, cfg.image_weights, tuple(cfg.image_size))
-        with distributed.main_first("data preparation"):  # rank 0 writes the synthetic data and image cache
-            self._prepare_data(use_images)
+        self.records = records
 
     def _prepare_data(self, use_images: bool) -> None:
         cfg, t0 = self.cfg, time.perf_counter()
-        self.data = prepare(cfg, tokenizer=self.build.tokenizer, use_images=use_images)
+        self.data = prepare(cfg, tokenizer=self.build.tokenizer, use_images=use_images, ds=self.records)
         self.build.tokenizer = self.data.tokenizer
         if isinstance(self.data.tokenizer, VocabTokenizer) and not self.evaluate_only and distributed.is_main():
             write_json(self.data.tokenizer.vocab, self.run_dir / "vocab.json")
@@ -160,7 +179,8 @@ class Trainer:
         result = fit(stage, CheckpointManager(self.ckpt_dir, stage.name), resume=self.resume,
                      evaluate_only=self.evaluate_only, run_dir=str(self.run_dir))
         self.history[stage.name] = result.history
-        if result.clock.steps:
+        self.chosen[stage.name] = {variants[h]: (result.best_epoch.get(h), h) for h in variants}
+        if result.clock.steps and not self.evaluate_only:  # evaluate reports no training time as its own
             self.timings[stage.name] = result.clock.summary(self.cfg.compile)
             self._note_graph_breaks(stage.name, compile_counters)
         self._note_collapse(stage, result.history, variants)
@@ -168,12 +188,19 @@ class Trainer:
         posts = self.posts_scored(stage)
         for head, variant in variants.items():
             self.results[variant] = {"test": test[head], "val_accuracy": result.best[head],
-                                     "train_seconds": self.timings.get(stage.name, {}).get("train_seconds",
-                                                                                          float("nan")),
+                                     "train_seconds": self._pipeline_seconds(variant, stage.name),
                                      "stage": stage.name, "posts": posts}
             self.scores[variant] = stage.scores[head]
             log.info("%s: test accuracy %.4f on %s", variant, test[head]["accuracy"], posts)
         return stage
+
+    def _pipeline_seconds(self, variant: str, stage: str) -> float | None:
+        """The training seconds of every stage the variant's model went through (cmc: stage 1, then stage 2);
+        None under evaluate, which trains nothing."""
+        if self.evaluate_only:
+            return None
+        stages = ("stage1", "stage2") if variant == "cmc" else (stage,)
+        return sum(self.timings.get(s, {}).get("train_seconds", float("nan")) for s in stages)
 
     def _note_collapse(self, stage: Stage, history: list[dict], variants: dict[str, str]) -> None:
         """A head whose validation predictions were one class in every epoch of its run collapsed: its scores are
@@ -206,14 +233,21 @@ class Trainer:
         payload = {"results": self.results, "timings": self.timings, "history": self.history,
                    "text_mlm": self.build.text_mlm_history, "data": self.data.summary, "device": str(self.device),
                    "shared_loss": self.cfg.shared_loss, "wall_seconds": seconds, "notes": self.notes}
+        if self.evaluate_only and self.figures:
+            self._write_figures()
         write_json(payload, self.run_dir / f"{name}.json")
         if not self.evaluate_only:
-            if not plot_history(self.history, self.run_dir / "curves.png"):
-                self.notes.append("curves.png not written: install the plots extra (pip install cmc-fast[plots])")
-            figures = plot_test_figures(self.scores, self.run_dir)
+            figures = self._write_figures()
             write_text(markdown_report(asdict(self.cfg), self.results, self.data.summary, self.notes, self.timings,
                                        figures), self.run_dir / "report.md")
         log.info("done in %.1fs\n%s", seconds, text_table(self.results))
+
+    def _write_figures(self) -> list[str]:
+        """curves.png and the test figures in the run folder; the names written (a note when plots are absent)."""
+        if not plot_history(self.history, self.run_dir / "curves.png", self.chosen):
+            self.notes.append("figures not written: install the plots extra (pip install 'cmc-fast[plots]')")
+            return []
+        return plot_test_figures(self.scores, self.run_dir)
 
 
 def _graph_break_counters(compiled: bool):

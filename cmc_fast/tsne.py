@@ -95,12 +95,13 @@ def model_features(run_dir: Path, model: str, records: list, device: str) -> dic
     if v_feat is None:
         return None
     text, image = t_feat[torch.from_numpy(ok)], v_feat
-    shared = None
     proj = _projections(run_dir) if model == "CMC" else None
     if proj is not None:  # the space the NCE aligns
         text, image = F.linear(text, **proj[0]), F.linear(image, **proj[1])
-    if text.shape[1] == image.shape[1]:
-        shared = torch.cat([F.normalize(text, dim=1), F.normalize(image, dim=1)]).numpy()
+    text, image = F.normalize(text, dim=1), F.normalize(image, dim=1)
+    width = max(text.shape[1], image.shape[1])  # the fine-tuned networks share no space: embedded as they are,
+    text, image = F.pad(text, (0, width - text.shape[1])), F.pad(image, (0, width - image.shape[1]))  # zero-padded
+    shared = torch.cat([text, image]).numpy()
     return {"text": t_feat[torch.from_numpy(ok)].numpy(), "image": v_feat.numpy(), "shared": shared, "ok": ok}
 
 
@@ -120,10 +121,6 @@ def draw(plt, panels: dict, labels: np.ndarray, path: Path, title: str) -> None:
                          fontsize=9)
             ax.set_xticks([])
             ax.set_yticks([])
-            if points is None:
-                ax.text(0.5, 0.5, "no common space\n(feature widths differ)", ha="center", va="center",
-                        transform=ax.transAxes, fontsize=9)
-                continue
             pts, n = np.asarray(points), len(labels)
             groups = [(pts[:n], "o"), (pts[n:], "^")] if kind == "shared" else [(pts, "o")]
             for part, marker in groups:

@@ -26,6 +26,7 @@ import warnings
 from collections.abc import Sequence
 
 from . import images
+from .readers.manifest import NO_TEST_SPLIT_HELP
 from .records import FAKE, DatasetSplits, Record
 from .registry import DATASETS, load_dataset
 
@@ -199,12 +200,13 @@ def check_dataset(name: str, root: str | None, *, backend: str | None = None, de
             if not any(r.label == label for r in splits.train):
                 problems.append(f"the train split has no {word} posts")
     if records and not splits.test:
-        warn.append("the test split is empty: no final evaluation possible")
+        problems.append(f"no test split: all {len(records)} posts are training posts, so no final evaluation is "
+                        f"possible and train refuses; {NO_TEST_SPLIT_HELP}")
     elif splits.test and len({r.label for r in splits.test}) < 2:
         warn.append("the test split has one class only")
     image_ok = (stats["train"]["with_usable_image_fake"] > 0 and stats["train"]["with_usable_image_real"] > 0
                 and stats["test"]["with_usable_image"] > 0)
-    if records and not image_ok:
+    if records and splits.test and not image_ok:  # (no test split: said above, not as missing images)
         msg = "image variants cannot train: no decodable image for a train class or for the test split"
         (problems if require_images else warn).append(msg)
     if splits.skipped:

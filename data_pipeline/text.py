@@ -71,7 +71,9 @@ def encode_texts(texts: Sequence[str], tokenizer, max_len: int) -> tuple[torch.T
         pieces = [tokenizer.encode(t) for t in texts]
         cls_id, sep_id, pad_id = tokenizer.cls_id, tokenizer.sep_id, tokenizer.pad_id
     else:  # (a Hugging Face fast tokenizer raises IndexError on an empty batch)
-        pieces = tokenizer(list(texts), add_special_tokens=False, truncation=False)["input_ids"] if texts else []
+        # verbose=False: long texts are cut to head + tail below, so the "longer than the maximum" warning is noise
+        pieces = (tokenizer(list(texts), add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+                  if texts else [])
         cls_id = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
         sep_id = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

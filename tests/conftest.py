@@ -47,6 +47,13 @@ def _private_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("CMC_FAST_CACHE", str(tmp_path_factory.getbasetemp() / "cmc-fast-cache"))
 
 
+@pytest.fixture(autouse=True)
+def _private_cwd(tmp_path, monkeypatch):
+    """Each test runs in its own temporary folder: a command without --out writes its default runs/<dataset>-<time>
+    there, never into the user's runs/."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture
 def run_without_interpreter():
     """Runs Python code in a child process without TRITON_INTERPRET (code generation, e.g. building kernels for

@@ -107,7 +107,8 @@ def test_exit_codes_and_json(bad_images, tmp_path, capsys):
 
     one_class = write_manifest(tmp_path / "one", [{"text": "a", "label": 1}, {"text": "b", "label": 1}])
     assert main(["--dataset", "manifest", "--data-root", one_class, "--json", "--no-decode"]) == 1
-    assert json.loads(capsys.readouterr().out)["problems"] == ["the train split has no real posts"]
+    problems = json.loads(capsys.readouterr().out)["problems"]
+    assert problems[0] == "the train split has no real posts" and problems[1].startswith("no test split")
 
     nothing = write_manifest(tmp_path / "none", [{"text": "a", "label": 7}])
     assert main(["--dataset", "manifest", "--data-root", nothing]) == 1
@@ -184,3 +185,21 @@ def test_near_copies_across_train_and_test_are_reported(tmp_path, capsys):
     assert rep["near_duplicates"] == {"train_groups": 2, "train_posts_with_near_duplicates": 2,
                                       "largest_train_group": 2, "test_posts_with_near_copy_in_train": 1}
     assert "1 test posts have a near-copy in train (the test split partly measures memorisation)" in rep["warnings"]
+
+
+def test_no_test_split_is_named_as_such_by_check_and_train(tmp_path, capsys):
+    from cmc_fast.cli import main as cli_main
+
+    img = tmp_path / "ds" / "a.jpg"
+    img.parent.mkdir(parents=True)
+    img.write_bytes(image_bytes("JPEG", 4))
+    root = write_manifest(tmp_path / "ds", [{"id": f"p{i}", "text": f"post {i}", "image": "a.jpg", "label": i % 2}
+                                            for i in range(12)])
+    rep = check_dataset("manifest", root)
+    assert not rep["usable"] and rep["problems"][0].startswith("no test split: all 12 posts are training posts")
+    assert not any("image variants cannot train" in w for w in rep["warnings"] + rep["problems"])  # images are fine
+    assert cli_main(["train", "--dataset", "manifest", "--data-root", root, "--text-model", "tiny",
+                     "--image-model", "tiny", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "no test split under" in err and '"split": "test"' in err and "test.jsonl" in err
+    assert not (tmp_path / "run").exists()

@@ -360,9 +360,33 @@ def test_model_card_train_command_parses_back_to_the_run_config(tmp_path):
                               amp=True, seed=7)
     command = train_command(cfg)
     assert "--config" not in command, command
-    args = build_parser().parse_args(shlex.split(command)[1:])
+    assert str(tmp_path) not in command and "--data-root DATA_DIR" in command  # no path of this machine
+    args = build_parser().parse_args(shlex.split(command.replace("DATA_DIR", cfg.data_root))[1:])
     back = config_from_args(args)
     for f in dataclasses.fields(cfg):
         if f.name not in ("progress", "out"):
             assert getattr(back, f.name) == getattr(cfg, f.name) or list(getattr(back, f.name) or []) == list(
                 getattr(cfg, f.name) or []), f.name
+
+
+def test_model_card_has_no_local_paths_rounded_numbers_a_runnable_command_and_the_warnings(tmp_path):
+    import dataclasses
+    from types import SimpleNamespace
+
+    from cmc_fast.bundle import model_card
+    from cmc_fast.config import preset
+
+    cfg = dataclasses.replace(preset("manifest"), data_root=str(tmp_path / "wm" / "manifest.jsonl"),
+                              text_model="tiny", image_model="tiny", image_weights=None, threads=1)
+    note = "cmc-t (stage1): every validation post predicted real in all 2 epoch(s)"
+    (tmp_path / "metrics.json").write_text(json.dumps({
+        "results": {"cmc-t": {"test": {"accuracy": 0.3684210526315789, "n": 19}, "val_accuracy": 0.7647058823529411,
+                              "posts": "all 19 test posts"}},
+        "data": {"dataset": "manifest", "root": str(tmp_path / "wm" / "manifest.jsonl"), "fit_posts": 130},
+        "notes": [note]}))
+    detector = SimpleNamespace(cfg=cfg, variant="cmc-t", parts={"text": None}, text_fallback=None)
+    card = model_card(tmp_path, detector)
+    assert str(tmp_path) not in card and "root: manifest.jsonl" in card
+    assert "validation accuracy 0.7647." in card and "| accuracy | 0.3684 |" in card
+    assert "--image-weights none" in card and "JSON file holding" not in card and "--data-root DATA_DIR" in card
+    assert note in card

@@ -315,3 +315,16 @@ def test_real_fakenewsnet_politifact(shared_data):
     same = load_quiet("fakenewsnet", os.path.join(shared_data, "fakenewsnet_v1", "PolitiFact"))
     assert [r.id for r in same.test] == [r.id for r in d.test]
     assert all(r.text for r in d.train + d.test)
+
+
+def test_manifest_folder_of_train_and_test_files(tmp_path):
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"id": f"t{i}", "text": f"x {i}", "label": i % 2,
+                                                              "image": "a.jpg"}) + "\n" for i in range(5)))
+    (tmp_path / "test.jsonl").write_text(json.dumps({"id": "h1", "text": "held out", "label": 1, "split": "train"})
+                                         + "\n")  # the file decides the split
+    d = load_quiet("manifest", str(tmp_path))
+    assert [r.id for r in d.train] == [f"t{i}" for i in range(5)] and [r.id for r in d.test] == ["h1"]
+    assert d.train[0].image_paths == [str(tmp_path / "a.jpg")] and d.test[0].split == "test"
+    (tmp_path / "extra.jsonl").write_text("")
+    with pytest.raises(ValueError, match="keep only train.jsonl and test.jsonl"):
+        load_dataset("manifest", str(tmp_path))

@@ -192,3 +192,19 @@ def test_cli_finetune_t_with_real_weights(minilm_dir, tmp_path, monkeypatch):
     assert not torch.equal(trained, original[key]), "a training epoch should have changed the weights"
     # ... but only by fine-tuning steps from the pretrained start, not from a fresh random init
     assert (trained - original[key]).abs().max() < 0.05
+
+
+def test_long_texts_are_cut_without_the_tokenizers_length_warning(loaded, capfd):
+    from cmc_fast.data_pipeline.text import encode_texts
+
+    _, tokenizer = loaded
+    ids, mask = encode_texts(["word " * 700], tokenizer, 64)  # 700 tokens > MiniLM's 512: cut to head + tail
+    assert mask.sum() == 64 and ids[0, 0] == tokenizer.cls_token_id and ids[0, 63] == tokenizer.sep_token_id
+    assert "Token indices sequence length" not in capfd.readouterr().err
+
+
+def test_loading_the_weights_prints_no_progress_bar(minilm_dir, capfd):
+    from cmc_fast.encoders import load_text_model
+
+    load_text_model(str(minilm_dir))
+    assert "Loading weights" not in capfd.readouterr().err

@@ -27,7 +27,6 @@ from .common import (
     read_lines,
     require_dir,
     utf8_error,
-    warn,
     where,
 )
 from .spotfake import read_csv
@@ -39,18 +38,35 @@ IMAGE_KEYS = ("image", "image_path", "images", "image_paths")
 _SPLITS = {"train": "train", "test": "test"}
 
 
+# what to do when a manifest has no held-out posts (train and data check say it)
+NO_TEST_SPLIT_HELP = ('give the held-out posts "split": "test" in the manifest, or put them in test.jsonl (or '
+                      "test.csv) beside train.jsonl in one folder and pass the folder as --data-root")
+
+
 def find_manifest(root: str) -> str:
+    found = find_manifests(root)
+    return found[0][0]
+
+
+def find_manifests(root: str) -> list[tuple[str, str | None]]:
+    """The manifest file(s) under ``root``, each with the split its file name imposes (None: each post's own
+    ``split``, default train): the file itself, manifest.jsonl/.csv, a folder's only .jsonl/.csv, or a folder
+    holding train.jsonl (or .csv) and test.jsonl (or .csv)."""
     if os.path.isfile(root):
-        return root
+        return [(root, None)]
     for name in ("manifest.jsonl", "manifest.csv", "manifest.json"):
         if os.path.isfile(os.path.join(root, name)):
-            return os.path.join(root, name)
+            return [(os.path.join(root, name), None)]
     candidates = sorted(e.name for e in os.scandir(root) if e.is_file() and e.name.lower().endswith((".jsonl", ".csv")))
     if len(candidates) == 1:
-        return os.path.join(root, candidates[0])
+        return [(os.path.join(root, candidates[0]), None)]
+    by_split = {os.path.splitext(c)[0].lower(): c for c in candidates}
+    if len(candidates) == 2 and set(by_split) == {"train", "test"}:
+        return [(os.path.join(root, by_split[split]), split) for split in ("train", "test")]
     if candidates:
-        raise ValueError(f"manifest: {root} holds several candidate files ({', '.join(candidates)}); "
-                         f"pass the manifest file itself as --data-root")
+        raise ValueError(f"manifest: {root} holds several candidate files ({', '.join(candidates)}); pass the "
+                         "manifest file itself as --data-root, or keep only train.jsonl and test.jsonl (or .csv) "
+                         "in the folder")
     raise FileNotFoundError(f"manifest: no manifest.jsonl or manifest.csv in {root} (expected {LAYOUT})")
 
 
@@ -125,16 +141,21 @@ def read_jsonl(path: str, skipped: list[Skipped]) -> list[Record]:
 
 def read_manifest(root: str | os.PathLike | None, **_: object) -> DatasetSplits:
     root = require_dir(root, "manifest", LAYOUT)
-    path = find_manifest(root)
+    files = find_manifests(root)
     skipped: list[Skipped] = []
-    if path.lower().endswith(".csv"):
-        records = read_csv(path, "manifest", skipped, [os.path.dirname(os.path.abspath(path))], split_from_name=False)
-        for r in records:
-            r.split = r.split or "train"
-    else:
-        records = read_jsonl(path, skipped)
+    records: list[Record] = []
+    for path, split in files:
+        if path.lower().endswith(".csv"):
+            found = read_csv(path, "manifest", skipped, [os.path.dirname(os.path.abspath(path))],
+                             split_from_name=False)
+            for r in found:
+                r.split = r.split or "train"
+        else:
+            found = read_jsonl(path, skipped)
+        for r in found:
+            r.split = split or r.split  # train.jsonl / test.jsonl: the file decides
+        records += found
     train = [r for r in records if r.split == "train"]
     test = [r for r in records if r.split == "test"]
-    if records and not test:
-        warn(f"manifest: {path} gives no post split 'test'; every post is in train")
-    return DatasetSplits("manifest", train, test, skipped, path)
+    # (no test split: train refuses and data check calls it a problem, each naming NO_TEST_SPLIT_HELP)
+    return DatasetSplits("manifest", train, test, skipped, files[0][0] if len(files) == 1 else root)
