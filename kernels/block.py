@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import torch
 
@@ -97,6 +98,15 @@ GPUS = {
         "bf16": 989.4e12,  # idem: BF16 Tensor Core 1,979 TFLOPS with sparsity -> 989.4 dense (FP16 the same)
         "hbm": 3.35e12,  # idem: GPU memory bandwidth 3.35 TB/s (HBM3)
         "sms": 132,  # NVIDIA H100 whitepaper: 132 SMs on the SXM5 part
+        "clock_hz": 1.98e9,  # the boost clock its FP32 rate implies: 67e12 / (132 SMs x 128 lanes x 2 FLOP)
+    },
+    "H100 PCIe": {
+        "fp32": 51e12,  # NVIDIA H100 Tensor Core GPU datasheet, H100 PCIe column: FP32 51 TFLOPS
+        "tf32": 378e12,  # idem: TF32 Tensor Core 756 TFLOPS with sparsity -> 378 dense
+        "bf16": 756.5e12,  # idem: BF16 Tensor Core 1,513 TFLOPS with sparsity -> 756.5 dense
+        "hbm": 2.0e12,  # idem: GPU memory bandwidth 2 TB/s (HBM2e)
+        "sms": 114,  # NVIDIA H100 whitepaper: 114 SMs on the PCIe part
+        "clock_hz": 1.755e9,  # its boost clock (51e12 / (114 x 128 x 2) = 1.75 GHz agrees)
     },
     "H200": {
         "fp32": 67e12,  # NVIDIA H200 Tensor Core GPU datasheet, H200 SXM column: FP32 67 TFLOPS
@@ -104,6 +114,7 @@ GPUS = {
         "bf16": 989.4e12,  # idem: BF16 Tensor Core 1,979 TFLOPS with sparsity -> 989.4 dense
         "hbm": 4.8e12,  # idem: GPU memory bandwidth 4.8 TB/s (HBM3e)
         "sms": 132,  # same GH100 die configuration as the H100 SXM
+        "clock_hz": 1.98e9,  # as the H100 SXM (the same FP32 rate)
     },
 }
 
@@ -115,12 +126,28 @@ _EPS = 1e-12  # F.normalize's default eps
 
 # --------------------------------------------------------------------------------------------- kernels
 @triton.jit
-def _tile_rows(META, C, c, BLOCK_J: tl.constexpr, RANK_P: tl.constexpr, R, j0):
+def _chunk(META, C, c, R, S: tl.constexpr, ALIGN: tl.constexpr):
+    """Chunk c's size, column offset, flat weight offset and flat bias offset. S > 0: every chunk is S wide, so all
+    four are products of compile-time constants and Triton proves 16-byte alignment (vector loads, async copies);
+    S = 0: read from META, declared multiples of ALIGN (the largest power of two <= 16 dividing every chunk size,
+    hence every offset)."""
+    if S > 0:
+        s = S
+        col = c * S
+        w_off = c.to(tl.int64) * R * (S * S)
+        b_off = c * R * S
+    else:
+        s = tl.multiple_of(tl.load(META + c).to(tl.int32), ALIGN)
+        col = tl.multiple_of(tl.load(META + C + c), ALIGN)
+        w_off = tl.multiple_of(tl.load(META + 2 * C + c), ALIGN)
+        b_off = tl.multiple_of(tl.load(META + 3 * C + c), ALIGN)
+    return s, col, w_off, b_off
+
+
+@triton.jit
+def _tile_rows(s, w_off, b_off, BLOCK_J: tl.constexpr, RANK_P: tl.constexpr, R, j0):
     """Indices of one feature tile x all ranks (the N dimension of a tile: n = jj * RANK_P + r): the flat weight
     offset of each row r*s + j, the flat bias index, and which n are real (j < s, r < R)."""
-    s = tl.load(META + c)
-    w_off = tl.load(META + 2 * C + c)
-    b_off = tl.load(META + 3 * C + c)
     offs_n = tl.arange(0, BLOCK_J * RANK_P)
     r = offs_n % RANK_P
     j = j0 + offs_n // RANK_P
@@ -131,14 +158,19 @@ def _tile_rows(META, C, c, BLOCK_J: tl.constexpr, RANK_P: tl.constexpr, R, j0):
 
 @triton.jit
 def _tile_products(X, W, BIAS, x_row, w_row, b_idx, mask_b, mask_n, s, y,
-                   BLOCK_K: tl.constexpr, PREC: tl.constexpr):
+                   BLOCK_K: tl.constexpr, S: tl.constexpr, PREC: tl.constexpr):
     """y [BLOCK_B, N] += x_c[rows] W[tile rows]^T over the chunk's s inputs in steps of BLOCK_K, plus the bias.
-    x_row [BLOCK_B] int64: offset of each row's chunk start in X; w_row [N] int64: flat offset of each weight row."""
+    x_row [BLOCK_B] int64: offset of each row's chunk start in X; w_row [N] int64: flat offset of each weight row.
+    Chunks of a compile-time S that BLOCK_K divides load without a K mask."""
     for k0 in range(0, s, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < s
-        x = tl.load(X + x_row[:, None] + offs_k[None, :], mask=mask_b[:, None] & mask_k[None, :], other=0.0)
-        w = tl.load(W + w_row[None, :] + offs_k[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if S > 0 and S % BLOCK_K == 0:  # no K mask: the row and column masks are constant along K (vectors)
+            x = tl.load(X + x_row[:, None] + offs_k[None, :], mask=mask_b[:, None], other=0.0)
+            w = tl.load(W + w_row[None, :] + offs_k[:, None], mask=mask_n[None, :], other=0.0)
+        else:
+            mask_k = offs_k < s
+            x = tl.load(X + x_row[:, None] + offs_k[None, :], mask=mask_b[:, None] & mask_k[None, :], other=0.0)
+            w = tl.load(W + w_row[None, :] + offs_k[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         y = tl.dot(x, w.to(x.dtype), y, input_precision=PREC)  # [BLOCK_K, N]: W^T, gathered row by row
     bias = tl.load(BIAS + b_idx, mask=mask_n, other=0.0).to(tl.float32)
     return y + bias[None, :]
@@ -155,23 +187,22 @@ def _block_fwd_kernel(
     META,  # [4, C] int64: chunk size s_c, column offset, flat weight offset, flat bias offset
     n_rows, MM, C, R,  # B, mm_dim, chunks, rank
     BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, RANK_P: tl.constexpr,
-    NORMALIZE: tl.constexpr, FUSED_NORM: tl.constexpr, PREC: tl.constexpr,
+    NORMALIZE: tl.constexpr, FUSED_NORM: tl.constexpr, PREC: tl.constexpr, S: tl.constexpr, ALIGN: tl.constexpr,
 ):
     c = tl.program_id(0)
     pb = tl.program_id(1)
     pj = tl.program_id(2)
-    s = tl.load(META + c)
-    col = tl.load(META + C + c)
+    s, col, w_off, b_off = _chunk(META, C, c, R, S, ALIGN)
     j0 = pj * BLOCK_J
     if j0 < s:  # the grid is sized by the largest chunk: a shorter chunk's last tiles have nothing to do
         offs_b = (pb * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
         mask_b = offs_b < n_rows
-        w_row, b_idx, mask_n = _tile_rows(META, C, c, BLOCK_J, RANK_P, R, j0)
+        w_row, b_idx, mask_n = _tile_rows(s, w_off, b_off, BLOCK_J, RANK_P, R, j0)
         x_row = offs_b * MM + col
         y0 = tl.zeros([BLOCK_B, BLOCK_J * RANK_P], dtype=tl.float32)
         y1 = tl.zeros([BLOCK_B, BLOCK_J * RANK_P], dtype=tl.float32)
-        y0 = _tile_products(X0, W0, B0, x_row, w_row, b_idx, mask_b, mask_n, s, y0, BLOCK_K, PREC)
-        y1 = _tile_products(X1, W1, B1, x_row, w_row, b_idx, mask_b, mask_n, s, y1, BLOCK_K, PREC)
+        y0 = _tile_products(X0, W0, B0, x_row, w_row, b_idx, mask_b, mask_n, s, y0, BLOCK_K, S, PREC)
+        y1 = _tile_products(X1, W1, B1, x_row, w_row, b_idx, mask_b, mask_n, s, y1, BLOCK_K, S, PREC)
         z = tl.sum(tl.reshape(y0 * y1, (BLOCK_B, BLOCK_J, RANK_P)), axis=2)  # the rank sum, inside the tile
         offs_j = j0 + tl.arange(0, BLOCK_J)
         o_idx = x_row[:, None] + offs_j[None, :]
@@ -200,12 +231,12 @@ def _block_norm_kernel(
     NORM,  # [B, C] fp32 out: ||t||
     META,  # [4, C] int64 (see the forward)
     n_rows, MM, C,
-    BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_J: tl.constexpr, N_JP: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_J: tl.constexpr, N_JP: tl.constexpr, S: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
     c = tl.program_id(0)
     pb = tl.program_id(1)
-    s = tl.load(META + c)
-    col = tl.load(META + C + c)
+    s, col, _, _ = _chunk(META, C, c, 1, S, ALIGN)
     offs_b = (pb * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
     mask_b = offs_b < n_rows
     offs_p = tl.arange(0, N_JP)
@@ -243,6 +274,7 @@ def _block_bwd_dx_kernel(
     n_rows, MM, C, R,
     BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
     HEAD: tl.constexpr, TAIL: tl.constexpr, RANK_P: tl.constexpr, NORMALIZE: tl.constexpr, PREC: tl.constexpr,
+    S: tl.constexpr, ALIGN: tl.constexpr,
 ):
     # the chunk's width in the dx product is covered by a HEAD and a TAIL tile (64 + 16 for chunks of 80: no
     # padding, where one power-of-two tile of 128 wasted 37.5%); TAIL = 0: one tile
@@ -253,8 +285,7 @@ def _block_bwd_dx_kernel(
         X_OTHER, W_SELF, W_OTHER, B_OTHER, DX = X1, W0, W1, B1, DX0
     else:
         X_OTHER, W_SELF, W_OTHER, B_OTHER, DX = X0, W1, W0, B0, DX1
-    s = tl.load(META + c)
-    col = tl.load(META + C + c)
+    s, col, w_off, b_off = _chunk(META, C, c, R, S, ALIGN)
     offs_b = (pb * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
     mask_b = offs_b < n_rows
     x_row = offs_b * MM + col
@@ -277,9 +308,9 @@ def _block_bwd_dx_kernel(
         offs_t = HEAD + tl.arange(0, TAIL)
         dx_t = tl.zeros([BLOCK_B, TAIL], dtype=tl.float32)
     for j0 in range(0, s, BLOCK_J):
-        w_row, b_idx, mask_n = _tile_rows(META, C, c, BLOCK_J, RANK_P, R, j0)
+        w_row, b_idx, mask_n = _tile_rows(s, w_off, b_off, BLOCK_J, RANK_P, R, j0)
         y = tl.zeros([BLOCK_B, BLOCK_J * RANK_P], dtype=tl.float32)
-        y = _tile_products(X_OTHER, W_OTHER, B_OTHER, x_row, w_row, b_idx, mask_b, mask_n, s, y, BLOCK_K, PREC)
+        y = _tile_products(X_OTHER, W_OTHER, B_OTHER, x_row, w_row, b_idx, mask_b, mask_n, s, y, BLOCK_K, S, PREC)
         offs_j = j0 + tl.arange(0, BLOCK_J)
         j_idx = x_row[:, None] + offs_j[None, :]
         j_mask = mask_b[:, None] & (offs_j < s)[None, :]
@@ -314,7 +345,7 @@ def _block_bwd_dw_kernel(
     META,  # [4, C] int64 (see the forward)
     n_rows, MM, C, R,
     BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, HEAD: tl.constexpr, TAIL: tl.constexpr,
-    RANK_P: tl.constexpr, PREC: tl.constexpr,
+    RANK_P: tl.constexpr, PREC: tl.constexpr, S: tl.constexpr, ALIGN: tl.constexpr,
 ):
     c = tl.program_id(0)
     pj = tl.program_id(1)
@@ -323,11 +354,10 @@ def _block_bwd_dw_kernel(
         X_SELF, X_OTHER, W_OTHER, B_OTHER, DW, DB = X0, X1, W1, B1, DW0, DB0
     else:
         X_SELF, X_OTHER, W_OTHER, B_OTHER, DW, DB = X1, X0, W0, B0, DW1, DB1
-    s = tl.load(META + c)
-    col = tl.load(META + C + c)
+    s, col, w_off, b_off = _chunk(META, C, c, R, S, ALIGN)
     j0 = pj * BLOCK_J
     if j0 < s:  # the grid is sized by the largest chunk
-        w_row, b_idx, mask_n = _tile_rows(META, C, c, BLOCK_J, RANK_P, R, j0)
+        w_row, b_idx, mask_n = _tile_rows(s, w_off, b_off, BLOCK_J, RANK_P, R, j0)
         offs_h = tl.arange(0, HEAD)  # the chunk's width as a HEAD and a TAIL tile, as in the dx kernel
         offs_j = j0 + tl.arange(0, BLOCK_J)
         acc_h = tl.zeros([BLOCK_J * RANK_P, HEAD], dtype=tl.float32)
@@ -340,7 +370,8 @@ def _block_bwd_dw_kernel(
             mask_b = offs_b < n_rows
             x_row = offs_b * MM + col
             y = tl.zeros([BLOCK_B, BLOCK_J * RANK_P], dtype=tl.float32)
-            y = _tile_products(X_OTHER, W_OTHER, B_OTHER, x_row, w_row, b_idx, mask_b, mask_n, s, y, BLOCK_K, PREC)
+            y = _tile_products(X_OTHER, W_OTHER, B_OTHER, x_row, w_row, b_idx, mask_b, mask_n, s, y, BLOCK_K, S,
+                               PREC)
             dz = tl.load(DZ + x_row[:, None] + offs_j[None, :], mask=mask_b[:, None] & (offs_j < s)[None, :],
                          other=0.0)
             dz_n = tl.reshape(tl.broadcast_to(dz[:, :, None], (BLOCK_B, BLOCK_J, RANK_P)),
@@ -508,6 +539,15 @@ def _meta(sizes, rank: int, device: torch.device) -> torch.Tensor:
     return _meta_cached(tuple(int(s) for s in sizes), int(rank), str(device))
 
 
+def chunk_layout(sizes) -> dict[str, int]:
+    """The kernels' compile-time chunk arguments: S, the chunk size when every chunk has it (else 0: read from
+    META), and ALIGN, the largest power of two <= 16 dividing every chunk size (so every column, weight and bias
+    offset), declared to Triton so loads of 16-bit and 32-bit data vectorise where the sizes allow."""
+    sizes = [int(s) for s in sizes]
+    g = math.gcd(*sizes)
+    return {"S": sizes[0] if len(set(sizes)) == 1 else 0, "ALIGN": min(16, g & -g)}
+
+
 def dot_precision(dtype: torch.dtype, precision: str | None = None) -> str:
     """``tl.dot``'s input_precision: IEEE fp32 for float32 at "highest" (PyTorch's default), TF32 at "high" and
     "medium" (what cuBLAS uses there); 16-bit inputs ignore it (tensor cores either way)."""
@@ -572,16 +612,16 @@ def block_merge_forward_triton(x0: torch.Tensor, x1: torch.Tensor, w0: torch.Ten
     n_j = _fwd_tiles(plan, sizes)
     fused = normalize and n_j == 1
     sq = _scratch(n_j * n_rows * chunks if normalize and not fused else 1, dev)
-    meta, dummy = _meta(sizes, rank, dev), _scratch(1, dev)
+    meta, dummy, layout = _meta(sizes, rank, dev), _scratch(1, dev), chunk_layout(sizes)
     _block_fwd_kernel[(chunks, cdiv(n_rows, plan.fwd_b), n_j)](
         x0, x1, w0, b0, w1, b1, out, t if normalize else dummy, sq, norm if normalize else dummy, meta,
         n_rows, mm, chunks, int(rank), BLOCK_B=plan.fwd_b, BLOCK_J=plan.fwd_j, BLOCK_K=plan.block_k,
-        RANK_P=plan.rank_p, NORMALIZE=bool(normalize), FUSED_NORM=fused, PREC=prec,
+        RANK_P=plan.rank_p, NORMALIZE=bool(normalize), FUSED_NORM=fused, PREC=prec, **layout,
         num_warps=plan.fwd_warps)
     if normalize and not fused:
         _block_norm_kernel[(chunks, cdiv(n_rows, plan.norm_b))](
             t, sq, out, norm, meta, n_rows, mm, chunks, BLOCK_B=plan.norm_b, BLOCK_S=plan.block_s,
-            BLOCK_J=plan.fwd_j, N_JP=next_power_of_2(n_j), num_warps=4)
+            BLOCK_J=plan.fwd_j, N_JP=next_power_of_2(n_j), **layout, num_warps=4)
     return out, t, norm
 
 
@@ -610,17 +650,16 @@ def block_merge_backward_triton(grad: torch.Tensor, x0: torch.Tensor, x1: torch.
     dz = torch.empty(n_rows, mm, dtype=torch.float32, device=dev) if normalize else grad.float().contiguous()
     prec = dot_precision(x0.dtype)
     plan = plan or block_plan(n_rows, sizes, rank, sms=_sm_count(dev), ieee_fp32=_ieee_fp32(x0.dtype, prec))
-    meta, dummy = _meta(sizes, rank, dev), _scratch(1, dev)
+    meta, dummy, layout = _meta(sizes, rank, dev), _scratch(1, dev), chunk_layout(sizes)
     _block_bwd_dx_kernel[(chunks, cdiv(n_rows, plan.dx_b), 2)](
         x0, x1, w0, b0, w1, b1, grad, t if normalize else dummy, norm if normalize else dummy, dx0, dx1, dz, meta,
         n_rows, mm, chunks, int(rank), BLOCK_B=plan.dx_b, BLOCK_J=plan.dx_j, BLOCK_K=plan.block_k,
         BLOCK_S=plan.block_s, HEAD=plan.out_head, TAIL=plan.out_tail, RANK_P=plan.rank_p, NORMALIZE=bool(normalize),
-        PREC=prec, num_warps=plan.dx_warps)
+        PREC=prec, **layout, num_warps=plan.dx_warps)
     _block_bwd_dw_kernel[(chunks, cdiv(max(sizes), plan.dw_j), 2)](
         x0, x1, w0, b0, w1, b1, dz, dw0, db0, dw1, db1, meta, n_rows, mm, chunks, int(rank),
         BLOCK_B=plan.dw_b, BLOCK_J=plan.dw_j, BLOCK_K=plan.block_k, HEAD=plan.out_head, TAIL=plan.out_tail,
-        RANK_P=plan.rank_p,
-        PREC=prec, num_warps=plan.dw_warps)
+        RANK_P=plan.rank_p, PREC=prec, **layout, num_warps=plan.dw_warps)
     return dx0, dx1, dw0, db0, dw1, db1
 
 
@@ -899,7 +938,7 @@ def hopper_specs(shape: tuple[int, ...], dtype: str = "fp32", precision: str = "
     waste = padding_waste(plan, b, sizes, rank)
     n_j = _fwd_tiles(plan, sizes)
     fused = n_j == 1
-    common = {"RANK_P": plan.rank_p, "BLOCK_K": plan.block_k, "PREC": prec}
+    common = {"RANK_P": plan.rank_p, "BLOCK_K": plan.block_k, "PREC": prec, **chunk_layout(sizes)}
 
     def spec(fn, consts, warps, programs, inner, outputs):
         consts = {k: v for k, v in {**common, **consts, **ones}.items() if k in fn.arg_names}
@@ -913,7 +952,8 @@ def hopper_specs(shape: tuple[int, ...], dtype: str = "fp32", precision: str = "
                   chunks * cdiv(b, plan.fwd_b) * n_j, ("k",), ("fwd_n",))]
     if not fused:
         norm = Spec(_block_norm_kernel, types, {"BLOCK_B": plan.norm_b, "BLOCK_S": plan.block_s,
-                                                "BLOCK_J": plan.fwd_j, "N_JP": next_power_of_2(n_j), **{
+                                                "BLOCK_J": plan.fwd_j, "N_JP": next_power_of_2(n_j),
+                                                **chunk_layout(sizes), **{
                                                     k: v for k, v in ones.items() if k in ("n_rows", "C")}}, 4,
                     tuple(n for n in divisible if n in _block_norm_kernel.arg_names and n not in ones),
                     f"{dtype} {precision}", chunks * cdiv(b, plan.norm_b),
