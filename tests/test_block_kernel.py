@@ -24,6 +24,7 @@ from __future__ import annotations
 import warnings
 
 import cmc_fast.kernels.block as kb
+import cmc_fast.kernels.block_plan as kp
 import pytest
 import torch
 from cmc_fast.kernels.reference import block_chunk_sizes, block_merge_bmm, block_merge_reference, block_size_groups
@@ -177,7 +178,7 @@ def test_kernel_split_norm_by_default():
     sizes = [40, 33]
     plan = kb.block_plan(5, sizes, 15)
     assert kb._fwd_tiles(plan, sizes) > 1 and plan.rank_p == 16 and (plan.out_head, plan.out_tail) == (32, 16)
-    assert [kb._out_tiles(s, 1 << (s - 1).bit_length()) for s in (80, 15, 100, 12)] == [
+    assert [kp._out_tiles(s, 1 << (s - 1).bit_length()) for s in (80, 15, 100, 12)] == [
         (64, 16), (16, 0), (128, 0), (16, 0)]
     args, grad = make_inputs(5, sizes, 15, seed=6)
     check_all(sizes, 15, args, grad)
@@ -488,7 +489,7 @@ def test_dispatch_rule_choices(monkeypatch):
     every dtype; under torch.compile at B=256 in fp32 at "highest" (no tensor cores for either, 1.8x the FLOPs for
     the fused kernels' recomputation and padding) they pick the compiled bmm."""
     monkeypatch.setenv("CMC_FAST_KERNELS", "auto")
-    monkeypatch.setattr(kb, "triton_available", lambda: True)
+    monkeypatch.setattr(kp, "triton_available", lambda: True)
     big = block_chunk_sizes(1600, 20)
     small = block_chunk_sizes(256, 18)
     assert kb.choose_block_path([300, 20], 15, 64, torch.bfloat16, "cuda") == "bmm"
