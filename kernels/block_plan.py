@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
+import os
 
 import torch
 
@@ -88,7 +90,7 @@ def _block_k(sizes) -> int:
     return best[1]
 
 
-def block_plan(n_rows: int, sizes, rank: int, *, sms: int = 132, ieee_fp32: bool = False,
+def block_plan(n_rows: int, sizes, rank: int, *, sms: int = 132, ieee_fp32: bool = False, itemsize: int = 4,
                interpreted: bool | None = None, **overrides) -> BlockPlan:
     """Tiles for a launch, chosen to (1) keep every dot dimension a power of two >= 16, (2) hold two fp32 [rows, N]
     accumulators in <= 64 registers a thread, (3) give each of the forward, dx and dW launches >= ``sms`` programs
@@ -106,9 +108,7 @@ def block_plan(n_rows: int, sizes, rank: int, *, sms: int = 132, ieee_fp32: bool
     min_j = cdiv(MIN_DOT, rank_p)  # features a tile needs for N >= 16
     whole = max(min_j, next_power_of_2(max_s))  # one tile per chunk
     rows = max(MIN_DOT, min(64, next_power_of_2(n_rows)))  # the interpreter pays per program: few big tiles
-    # forward: a whole chunk per tile (normalised in the same launch) while N <= 256, else N = 128. Warps: 8 from
-    # 8192 accumulator elements or N = 256 (4 warps spilled 128 B at (256, 18, 15) in TF32); dW 8 (4 spilled 40-180 B
-    # at chunks of 15 and of 80)
+    # forward: a whole chunk per tile (normalised in the same launch) while N <= 256, else N = 128
     fwd_j = whole if whole * rank_p <= 256 else max(min_j, 128 // rank_p)
     fwd_b, budget = rows, 4096 if ieee_fp32 else 8192
     while fwd_b > MIN_DOT and fwd_b * fwd_j * rank_p > budget:
@@ -116,18 +116,27 @@ def block_plan(n_rows: int, sizes, rank: int, *, sms: int = 132, ieee_fp32: bool
     n_j = cdiv(max_s, fwd_j)
     while not interpreted and fwd_b > MIN_DOT and chunks * cdiv(n_rows, fwd_b) * n_j < sms:
         fwd_b //= 2
+    # warps: 8 from N = 256 (4 spilled 128 B at (256, 18, 15) in TF32) or, FFMA, 4096 accumulator elements; else 4
+    # (at 64 x 128 on tensor cores 8 warps issued 1.9x the instructions of 4: bf16 872 vs 904 a warp)
+    fwd_warps = 8 if fwd_j * rank_p >= 256 or (ieee_fp32 and fwd_b * fwd_j * rank_p >= budget) else 4
     norm_b = rows if interpreted else min(16, 1 << max(0, (chunks * n_rows // sms).bit_length() - 1))
-    # dx: [rows, block_s] accumulator and a [N, block_s] weight tile per step, N * block_s <= budget (FFMA: 4096;
-    # 8192 spilled 476 B there)
-    dx_j = max(min_j, min(min(128, max(MIN_DOT, budget // block_s)) // rank_p, whole))  # per block_s, not out_w
-    # dW: [N, block_s] accumulator, N * block_s <= 8192 (N * block_s = 16384 spilled 168 B at 8 warps in bf16)
+    # dx: [rows, block_s] accumulator and a [N, block_s] weight tile per step, N * block_s <= a budget (FFMA 4096:
+    # 8192 spilled 476 B there; TF32 8192: 16384 spilled 28 B; 16-bit 16384). Tensor cores: Triton stacks the
+    # warps of a dot fed by another dot along M ([warps, 1]), so the dx product needs 16 rows a warp -- 64 rows on 4
+    # warps (the old 16 rows on 8 warps computed each tile 8 times); FFMA dots (blocked layouts): 32 rows, 4 warps
+    dx_budget = 4096 if ieee_fp32 else 16384 if itemsize == 2 else 8192
+    dx_j = max(min_j, min(min(128, max(MIN_DOT, dx_budget // block_s)) // rank_p, whole))  # per block_s, not out_w
+    dx_b = rows if interpreted else min(32 if ieee_fp32 else 64, rows)
+    dx_warps = 4 if ieee_fp32 else max(1, dx_b // MIN_DOT)
+    # dW: [N, block_s] accumulator, N * block_s <= 8192 (N * block_s = 16384 spilled 168 B at 8 warps in bf16); 4
+    # warps on tensor cores (8 issued 1.75x the bound of 4 at (1600, 20, 15), B=64), 8 for FFMA
     dw_j = max(min_j, min(min(128, max(MIN_DOT, 8192 // block_s)) // rank_p, whole))  # idem
     dw_b = rows if interpreted else (MIN_DOT if ieee_fp32 else 32)
     plan = BlockPlan(
         rank_p=rank_p, block_k=_block_k(sizes), block_s=block_s, out_head=out_head, out_tail=out_tail,
-        fwd_b=fwd_b, fwd_j=fwd_j, fwd_warps=8 if fwd_b * fwd_j * rank_p >= budget or fwd_j * rank_p >= 256 else 4,
-        norm_b=norm_b, dx_b=rows if interpreted else MIN_DOT, dx_j=dx_j, dx_warps=8,
-        dw_b=dw_b, dw_j=dw_j, dw_warps=8)
+        fwd_b=fwd_b, fwd_j=fwd_j, fwd_warps=fwd_warps,
+        norm_b=norm_b, dx_b=dx_b, dx_j=dx_j, dx_warps=dx_warps,
+        dw_b=dw_b, dw_j=dw_j, dw_warps=8 if ieee_fp32 else 4)
     plan = dataclasses.replace(plan, **overrides)
     _check_plan(plan, max_s, rank)
     return plan
@@ -207,23 +216,26 @@ def _sm_count(device: torch.device) -> int:
 
 
 # --------------------------------------------------------------------------------------- the dispatch rule
-# choose_block_path picks the path with the smaller estimated time of one training step (forward + backward) from
-# the static model below. Its efficiencies and launch costs are ASSUMPTIONS (nothing here has run on a GPU yet; the
-# bench rows `pytest bench/bench_block.py` on an H100/H200 are what should replace them -- owed). Units: U = 2*B*R*S2
-# FLOPs, one side's products y over all chunks (S2 = sum_c s_c^2).
-#   fused: FLOPs = U * rank_p/R * (2 k + 2 k + 2 o + 2 k + 2 o) -- forward (2 products), dx (2 recomputed products,
-#          2 dx products over the padded chunk width o = (out_head + out_tail)/s), dW (likewise); k = padded K / s.
-#          time = launches * LAUNCH_TRITON + max(FLOPs / (rate * EFF_FUSED), bytes / HBM), launches 3 or 4.
-#   bmm:   FLOPs = 6 U (cuBLAS, no padding, no recomputation); y0, y1 and their gradients go through HBM:
-#          BMM_TRAFFIC x B*R*mm elements; launches per group of equal-size chunks, eager or under torch.compile.
-#          time = launches * LAUNCH + FLOPs / (rate * EFF_CUBLAS) + bytes / HBM (separate kernels: no overlap).
+# choose_block_path picks the path with the smaller estimated time of one training step (forward + backward).
+#   fused: launches * LAUNCH_TRITON + the kernels' issue bound (``fused_issue_bound``): the instructions one warp of
+#          each kernel executes, read from its sm_90 SASS with every loop weighted by its trips (the static report,
+#          kernels/hopper_build.py), at one instruction a cycle per scheduler on the device's SMs and clock. A lower
+#          bound on the kernels (latency and memory only add): the fused path is picked only when even its bound
+#          wins -- until GPU timings replace it (owed). Read from the committed table kernels/block_bounds.json
+#          (``python -m cmc_fast.kernels.block_plan bounds`` writes it), else computed once per shape (~10 s: four
+#          sm_90 builds) and cached; no bound (no Triton compiler, a chunking the table cannot name): not picked.
+#   bmm:   the GEMM floor of its 6 products (cuBLAS: no padding, no recomputation) at EFF_CUBLAS of the rate, plus
+#          y0, y1 and their gradients through HBM (BMM_TRAFFIC x B*R*mm elements) and its launches per group of
+#          equal-size chunks, eager or under torch.compile (separate kernels: no overlap).
+# The launch costs and EFF_CUBLAS are ASSUMPTIONS (nothing here has run on a GPU yet; the bench rows of
+# `pytest bench/bench_block.py` on an H100/H200 are what should replace them -- owed).
 LAUNCH_TRITON = 4e-6  # assumed: one Triton launch from Python incl. host overhead (no CUDA graph)
 LAUNCH_EAGER = 5e-6  # assumed: one eager PyTorch op (dispatcher + launch)
 LAUNCH_COMPILED = 3e-6  # assumed: one kernel of an Inductor graph
-EFF_FUSED = {"mma": 0.3, "ffma": 0.5}  # assumed share of the unit's peak the fused kernels reach (small tiles)
 EFF_CUBLAS = 0.6  # assumed share of peak for cuBLAS batched GEMMs of this size
 BMM_LAUNCHES = {"eager": (14, 30), "compiled": (3, 6)}  # per size group (forward, backward), counted from the code
 BMM_TRAFFIC = {"eager": 14, "compiled": 12}  # B*R*mm-element passes over HBM (y0, y1, their product, dy0, dy1)
+BOUNDS_FILE = os.path.join(os.path.dirname(__file__), "block_bounds.json")
 
 
 def _rate_key(dtype: torch.dtype, precision: str) -> str:
@@ -238,26 +250,100 @@ def _gpu_name(device: torch.device | str) -> str:
 
 @functools.lru_cache(maxsize=16)
 def _gpu_name_of(device: str) -> str:
+    """The key of ``GPUS`` for a device: by its name (H200, H100 PCIe), else the H100 SXM."""
     device = torch.device(device)
-    if device.type == "cuda" and torch.cuda.is_available() and "H200" in torch.cuda.get_device_name(device):
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" and torch.cuda.is_available() else ""
+    if "H200" in name:
         return "H200"
-    return "H100 SXM"
+    return "H100 PCIe" if "PCIe" in name else "H100 SXM"
 
 
-def estimate_fused(batch: int, sizes, rank: int, dtype: torch.dtype, precision: str, gpu: str = "H100 SXM"
-                   ) -> float:
-    """Estimated seconds of one fused forward + backward (the model above)."""
-    spec, key = GPUS[gpu], _rate_key(dtype, precision)
-    plan = block_plan(batch, sizes, rank, sms=spec["sms"], ieee_fp32=key == "fp32", interpreted=False)
-    s2 = sum(s * s for s in sizes)
-    unit = 2 * batch * rank * s2
-    k = sum(s * cdiv(s, plan.block_k) * plan.block_k for s in sizes) / s2
-    o = sum(s * (plan.out_head + plan.out_tail) for s in sizes) / s2
-    flops = unit * plan.rank_p / rank * (6 * k + 4 * o)
-    eff = EFF_FUSED["ffma" if key == "fp32" else "mma"]
-    launches = 3 + (_fwd_tiles(plan, sizes) > 1)
-    nbytes = block_merge_bytes(batch, sizes, rank, dtype.itemsize, dtype.itemsize, backward=True)
-    return launches * LAUNCH_TRITON + max(flops / (spec[key] * eff), nbytes / spec["hbm"])
+@functools.lru_cache(maxsize=16)
+def device_timing(device: str) -> dict:
+    """SM count and clock of the issue bound: the device's own where it says them (its SM count; its clock where
+    torch's properties carry ``clock_rate``, in kHz), the ``GPUS`` entry of its name otherwise."""
+    spec = GPUS[_gpu_name(device)]
+    timing = {"sms": spec["sms"], "clock_hz": spec["clock_hz"]}
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(device)
+        timing["sms"] = props.multi_processor_count
+        if getattr(props, "clock_rate", 0):
+            timing["clock_hz"] = props.clock_rate * 1e3
+    return timing
+
+
+def _bounds_key(batch: int, sizes, rank: int, dtype: str, precision: str) -> str:
+    return f"{batch},{sum(sizes)},{len(sizes)},{rank} {dtype} {precision}"
+
+
+def _table_dtype(dtype: torch.dtype, precision: str) -> tuple[str, str]:
+    """The report's (dtype, precision) whose code a call runs: fp16 compiles as bf16 does (same tiles, same
+    instruction counts), "medium" as "high" (both TF32), 16-bit inputs ignore the precision."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return "bf16", "highest"
+    return "fp32", "highest" if precision == "highest" else "high"
+
+
+@functools.lru_cache(maxsize=1)
+def _bounds_table() -> dict:
+    try:
+        with open(BOUNDS_FILE) as f:
+            return json.load(f)["entries"]
+    except FileNotFoundError:
+        return {}
+
+
+def kernel_counts(shape: tuple[int, int, int, int], dtype: str, precision: str) -> list[dict]:
+    """What the fused kernels execute at shape (B, DIM, CHUNKS, RANK), from their sm_90 SASS: per kernel, the
+    instructions one warp executes (loops x trips), its warps, programs and launches in one forward + backward."""
+    import tempfile
+
+    from .hopper_build import report_spec
+
+    with tempfile.TemporaryDirectory() as sass_dir:
+        rows = [report_spec(spec, sass_dir, i) for i, spec in enumerate(hopper_specs(shape, dtype, precision))]
+    return [{"kernel": r["kernel"], "instructions_per_warp": r["executed_per_warp"]["total"],
+             "num_warps": r["num_warps"], "programs": r["programs"], "launches": r["launches"]} for r in rows]
+
+
+@functools.lru_cache(maxsize=64)
+def _counts(batch: int, sizes: tuple[int, ...], rank: int, dtype: str, precision: str) -> tuple | None:
+    entry = _bounds_table().get(_bounds_key(batch, sizes, rank, dtype, precision))
+    if entry is not None:
+        return tuple(tuple(sorted(k.items())) for k in entry)
+    if list(sizes) != block_chunk_sizes(sum(sizes), len(sizes)):
+        return None  # the report names shapes by (DIM, CHUNKS): another chunking has no bound here
+    try:
+        counts = kernel_counts((batch, sum(sizes), len(sizes), rank), dtype, precision)
+    except Exception:  # noqa: BLE001 - no Triton compiler or ptxas here: no bound, so the fused path is not picked
+        return None
+    return tuple(tuple(sorted(k.items())) for k in counts)
+
+
+def fused_issue_bound(batch: int, sizes, rank: int, dtype: torch.dtype, precision: str, gpu: str = "H100 SXM",
+                      timing: dict | None = None) -> float | None:
+    """Seconds the fused kernels of one forward + backward take at least (their issue bound, see the dispatch
+    notes above) on ``gpu``'s SMs and clock (``timing`` {"sms", "clock_hz"} overrides them); None without
+    counts for that shape."""
+    from .hopper_build import issue_bound_s  # lazily: hopper_build imports Triton's compiler
+
+    counts = _counts(int(batch), tuple(int(s) for s in sizes), int(rank), *_table_dtype(dtype, precision))
+    if counts is None:
+        return None
+    timing = timing or {"sms": GPUS[gpu]["sms"], "clock_hz": GPUS[gpu]["clock_hz"]}
+    return sum(k["launches"] * issue_bound_s(k["instructions_per_warp"], k["num_warps"], k["programs"],
+                                             timing["sms"], timing["clock_hz"]) for k in map(dict, counts))
+
+
+def estimate_fused(batch: int, sizes, rank: int, dtype: torch.dtype, precision: str, gpu: str = "H100 SXM",
+                   timing: dict | None = None) -> float | None:
+    """Estimated seconds of one fused forward + backward: its launches plus its issue bound (None without one)."""
+    bound = fused_issue_bound(batch, sizes, rank, dtype, precision, gpu, timing)
+    if bound is None:
+        return None
+    launches = 3 + (_fwd_tiles(block_plan(batch, sizes, rank, interpreted=False), sizes) > 1)
+    return launches * LAUNCH_TRITON + bound
 
 
 def estimate_bmm(batch: int, sizes, rank: int, dtype: torch.dtype, precision: str, gpu: str = "H100 SXM",
@@ -279,8 +365,10 @@ def choose_block_path(sizes, rank: int, batch: int, dtype: torch.dtype, device: 
 
     ``CMC_FAST_KERNELS``: ``reference`` and ``bmm`` force those paths, ``triton`` the fused kernels (the reference
     where they do not fit: chunks > MAX_CHUNK or rank > MAX_RANK, as before). ``auto``: the reference off CUDA (as
-    before); on CUDA the bmm path where the kernels do not fit, else whichever of ``estimate_fused`` and
-    ``estimate_bmm`` is smaller, the bmm path counted compiled when the call is being traced by torch.compile."""
+    before); on CUDA the bmm path where the kernels do not fit, else the fused kernels only where
+    ``estimate_fused`` (their issue bound) beats ``estimate_bmm``, the bmm path counted compiled when the call is
+    being traced by torch.compile. ``gpu`` names the GPUS entry (default: the device's, with its own SM count and
+    clock)."""
     compiled = torch.compiler.is_compiling() if compiled is None else compiled
     return _path(tuple(int(s) for s in sizes), int(rank), int(batch), dtype, str(torch.device(device)), compiled,
                  precision, gpu)
@@ -299,18 +387,19 @@ def _path(sizes: tuple[int, ...], rank: int, batch: int, dtype: torch.dtype, dev
         return "reference"
     if not fits:
         return "bmm"
+    timing = None if gpu else tuple(sorted(device_timing(str(device)).items()))
     gpu = gpu or _gpu_name(device)
     precision = precision or torch.get_float32_matmul_precision()
-    return _cheaper_path(sizes, rank, batch, dtype, precision, gpu, compiled)
+    return _cheaper_path(sizes, rank, batch, dtype, precision, gpu, compiled, timing)
 
 
 @functools.lru_cache(maxsize=256)
 def _cheaper_path(sizes: tuple[int, ...], rank: int, batch: int, dtype: torch.dtype, precision: str, gpu: str,
-                  compiled: bool) -> str:
-    """The static estimates are pure functions of the shape: computed once per shape, not on every eager call."""
-    fused = estimate_fused(batch, sizes, rank, dtype, precision, gpu)
+                  compiled: bool, timing: tuple | None = None) -> str:
+    """The estimates are pure functions of the shape and the device: computed once per shape, not on every call."""
+    fused = estimate_fused(batch, sizes, rank, dtype, precision, gpu, dict(timing) if timing else None)
     bmm = estimate_bmm(batch, sizes, rank, dtype, precision, gpu, compiled)
-    return "fused" if fused <= bmm else "bmm"
+    return "fused" if fused is not None and fused < bmm else "bmm"
 
 
 # ---------------------------------------------------------------------------------------------- floors
@@ -369,7 +458,7 @@ def hopper_specs(shape: tuple[int, ...], dtype: str = "fp32", precision: str = "
     chunks, mm, max_s = len(sizes), sum(sizes), max(sizes)
     prec = dot_precision(_DTYPES[dtype], precision)
     plan = block_plan(b, sizes, rank, sms=spec_gpu["sms"], ieee_fp32=_ieee_fp32(_DTYPES[dtype], prec),
-                      interpreted=False)
+                      itemsize=_DTYPES[dtype].itemsize, interpreted=False)
     x, f32 = "*" + dtype, "*fp32"
     types = {"X0": x, "X1": x, "OUT": x, "G": x, "DX0": x, "DX1": x, "T": f32, "SQ": f32, "NORM": f32, "DZ": f32,
              "META": "*i64", **{n: x for n in ("W0", "B0", "W1", "B1", "DW0", "DB0", "DW1", "DB1")}}
@@ -441,3 +530,40 @@ def hopper_floors(shape: tuple[int, ...], dtype: str = "fp32", precision: str = 
     return {f"{gpu} {what} us": round(1e6 * block_merge_floor(b, sizes, rank, dtype=t, precision=precision, gpu=gpu,
                                                              backward=bwd), 2)
             for gpu in GPUS for what, bwd in (("fwd", False), ("fwd+bwd", True))}
+
+
+# ------------------------------------------------------------------------------------------- bounds table
+# The shapes of bench/bench_block.py (B in {64, 256} x (1600, 20, 15), (256, 18, 15)) in each report dtype.
+BENCH_SHAPES = [(b, *config) for config in ((1600, 20, 15), (256, 18, 15)) for b in (64, 256)]
+BENCH_DTYPES = [("fp32", "highest"), ("fp32", "high"), ("bf16", "highest")]
+
+
+def write_bounds_table(path: str = BOUNDS_FILE, shapes=BENCH_SHAPES, dtypes=BENCH_DTYPES) -> dict:
+    """Build the fused kernels for sm_90 at every shape and dtype and write what they execute (``kernel_counts``)
+    to ``path``: the table the dispatch reads its issue bounds from. Run without TRITON_INTERPRET."""
+    import triton
+
+    entries = {}
+    for shape in shapes:
+        b, dim, chunks, rank = shape
+        for dtype, precision in dtypes:
+            key = _bounds_key(b, block_chunk_sizes(dim, chunks), rank, dtype, precision)
+            entries[key] = kernel_counts(shape, dtype, precision)
+    table = {"what": "instructions one warp of each fused BLOCK kernel executes (sm_90 SASS, loops x trips), its "
+                     "warps, programs and launches per forward + backward; key 'B,DIM,CHUNKS,RANK dtype precision'",
+             "command": "python -m cmc_fast.kernels.block_plan bounds", "triton": triton.__version__,
+             "entries": entries}
+    with open(path, "w") as f:
+        json.dump(table, f, indent=1)
+        f.write("\n")
+    _bounds_table.cache_clear()
+    _counts.cache_clear()
+    return table
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["bounds"]:
+        sys.exit("usage: python -m cmc_fast.kernels.block_plan bounds  (rewrites kernels/block_bounds.json)")
+    write_bounds_table()

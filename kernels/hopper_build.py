@@ -303,6 +303,40 @@ def issue_bound_s(instructions_per_warp: int, num_warps: int, programs: int, sms
     return -(-per_sm // SCHEDULERS_PER_SM) * instructions_per_warp / clock_hz
 
 
+_LAYOUT = re.compile(r"^(#[\w]+) = #ttg\.(nvidia_mma|blocked)<\{(.*)\}>", re.M)
+_DOT = re.compile(r"(?:tt\.dot|ttng\.warp_group_dot)\b.*->\s*tensor<(\d+)x(\d+)x\w+,\s*(#\w+)>")
+
+
+def _layout_field(body: str, name: str) -> list[int]:
+    m = re.search(name + r" = \[([\d, ]+)\]", body)
+    return [int(v) for v in m.group(1).split(",")] if m else []
+
+
+def dot_replication(ttgir: str) -> list[dict]:
+    """Every dot of a kernel (Triton GPU IR) with its result tile, warps and how many times its warps compute each
+    element: coverage / tile per dimension, from the layout (MMA: warpsPerCTA x instrShape; FMA dots, blocked:
+    sizePerThread x threadsPerWarp x warpsPerCTA). ``replication`` > 1: warps computing the same tile twice or
+    more (e.g. 8 warps stacked over 16 rows)."""
+    layouts = {}
+    for name, kind, body in _LAYOUT.findall(ttgir):
+        warps = _layout_field(body, "warpsPerCTA")
+        if kind == "nvidia_mma":
+            per_warp = _layout_field(body, "instrShape")[:2]
+        else:
+            per_warp = [a * b for a, b in zip(_layout_field(body, "sizePerThread"),
+                                              _layout_field(body, "threadsPerWarp"))]
+        layouts[name] = (kind, [w * p for w, p in zip(warps, per_warp)], warps)
+    dots = []
+    for m, n, layout in _DOT.findall(ttgir):
+        kind, coverage, warps = layouts.get(layout, ("?", [0, 0], []))
+        shape = (int(m), int(n))
+        rep = 1
+        for size, cover in zip(shape, coverage):
+            rep *= max(1, cover // size)
+        dots.append({"tile": list(shape), "layout": kind, "warps": warps, "replication": rep})
+    return dots
+
+
 def _mix_class(text: str) -> str:
     op = text.split()[0].split(".")[0] if text else ""
     return next((c for c, ops in MIX_CLASSES.items() if op in ops), "other")
@@ -369,16 +403,20 @@ def report_spec(spec: Spec, sass_dir: str, index: int) -> dict:
         row["per_gathered_row"] = {k: round(v * spec.num_warps / spec.rows_per_iteration, 2) for k, v in mix.items()}
     row.update(spec.extra)
     if spec.loops is not None:
-        row.update(executed_row(spec, sass_instructions(sass)))
+        row.update(executed_row(spec, sass_instructions(sass), kernel.asm.get("ttgir")))
     return row
 
 
-def executed_row(spec: Spec, instructions: list[tuple[int, str]]) -> dict:
+def executed_row(spec: Spec, instructions: list[tuple[int, str]], ttgir: str | None = None) -> dict:
     """Report fields of what one launch of ``spec`` executes (its declared ``loops`` weighted by their trips):
-    the mix per warp and program and, where ``spec.timing`` gives the GPU, the issue-bound time of its
+    the mix per warp and program, each dot's warp replication (``dot_replication``, from the Triton GPU IR) and,
+    where ``spec.timing`` gives the GPU, the issue-bound time of its
     ``launches`` in one call beside their floor (``issue_bound_us``, ``floor_us``, both for all launches)."""
     mix = executed_mix(instructions, spec.loops, spec.kernel.__name__)
     row = {"executed_per_warp": mix, "launches": spec.launches}
+    if ttgir is not None:
+        dots = dot_replication(ttgir)
+        row.update(dots=dots, dot_replication=max((d["replication"] for d in dots), default=1))
     if spec.timing:
         t = spec.timing
         once = issue_bound_s(mix["total"], spec.num_warps, spec.programs, t["sms"], t["clock_hz"])
