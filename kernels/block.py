@@ -1,5 +1,6 @@
-"""BLOCK's block-superdiagonal bilinear merge (Ben-Younes et al. 2019): fused Triton kernels on tensor cores, a
-batched-bmm formulation, and the rule that picks between them per shape.
+"""BLOCK's block-superdiagonal bilinear merge (Ben-Younes et al. 2019): fused Triton kernels on tensor cores and
+their launchers, and the op that runs them or the batched-bmm formulation. Tiles, floors, the static report's
+specialisations and the rule that picks a path per shape live beside this file in ``kernels/block_plan.py``.
 
 Math (per chunk c of size s, rank R; DESIGN section 1): y0 = x0_c W0_c^T + b0_c, y1 likewise, both [B, R*s] with
 m index r*s + j; z[b, j] = sum_r y0[b, r*s+j] * y1[b, r*s+j]; t = sqrt(relu(z)) - sqrt(relu(-z));
@@ -39,14 +40,21 @@ recomputes y_other in dx and dW on tensor cores instead of storing y0 and y1: at
 recomputation (y1 and y0 in dx, again in dW) = ~2 us of TF32 at 495 TFLOP/s. At "highest" (FP32 FFMA, 67 TFLOP/s)
 the same recomputation costs ~15 us and keeping y would be cheaper: not done (that path is FFMA-bound anyway).
 
+Chunk layout. Where every chunk has one size S (1600 / 20: 80) the kernels take it as a compile-time constant
+(``S``): offsets are products of constants, Triton proves 16-byte alignment, loads vectorise and 16-bit tiles
+stream through asynchronous copies (LDGSTS) in a pipelined K loop, with no K mask where BLOCK_K divides S.
+Otherwise sizes and offsets come from META, declared multiples of ``ALIGN`` (the largest power of two <= 16
+dividing every size: 8 for chunks of 24 and 40, 1 for BLOCK's (256, 18) chunks of 15 and 1, which stay scalar).
+
 Limits: chunk sizes up to MAX_CHUNK = 256 (dx holds a [rows, block_s] row of g and t), rank up to MAX_RANK = 128;
 beyond, ``block_merge`` takes the bmm path on CUDA (the reference under ``CMC_FAST_KERNELS=triton``). Every dot
-dimension is >= 16 (``tl.dot``'s minimum on GPUs). Left open (static report, bench/results/block-sm90-static.md): at
-(1600, 20, 15), B=64 the forward's 200 and dx's 160 programs hold one block per SM (163-255 registers a thread), so
-they run in 1.5 and 1.2 waves on 132 SMs. Padding at chunks of 80: none in the K steps, the dx/dW output tiles or
-the batch; 6.25% in the rank (15 -> 16) of every N.
+dimension is >= 16 (``tl.dot``'s minimum on GPUs). Static cost (bench/results/block-sm90-static.md: sm_90 SASS,
+every loop weighted by its trips, issue-bound at one instruction a cycle per scheduler on an H100 SXM): at
+(1600, 20, 15), B=64 one forward + backward issues >= 10.4 us in bf16 (floor 7.5), 15.6 us in fp32 at "high"
+(14.9) and 90 us at "highest" (22: FFMA and the recomputation of y, left open); no dot tile computed twice.
+Padding at chunks of 80: none in the K steps, the dx/dW output tiles or the batch; 6.25% in the rank (15 -> 16).
 
-Floors per GPU (the ``GPUS`` table below). FLOPs 4*B*R*S2 forward and 8*B*R*S2 backward with S2 = sum_c s_c^2;
+Floors per GPU (``kernels.block_plan.GPUS``). FLOPs 4*B*R*S2 forward and 8*B*R*S2 backward with S2 = sum_c s_c^2;
 bytes (weights and activations once each) 2*R*S2*wb + 2*R*MM*wb + 3*B*MM*xb forward, 4*R*S2*wb + 4*R*MM*wb +
 5*B*MM*xb backward; floor = max(FLOPs / rate, bytes / HBM). Rates: FP32 (no tensor cores) for float32 at "highest",
 TF32 dense at "high"/"medium", BF16/FP16 dense for 16-bit inputs. At (1600, 20, 15), B=64 on an H100 SXM:
