@@ -439,7 +439,7 @@ def block_merge_forward_triton(x0: torch.Tensor, x1: torch.Tensor, w0: torch.Ten
         return out, t, norm
     prec = dot_precision(x0.dtype)
     plan = plan or block_plan(n_rows, sizes, rank, sms=_sm_count(dev), ieee_fp32=_ieee_fp32(x0.dtype, prec),
-                              itemsize=x0.dtype.itemsize)
+                              itemsize=max(x0.dtype.itemsize, w0.dtype.itemsize))
     n_j = _fwd_tiles(plan, sizes)
     fused = normalize and n_j == 1
     sq = _scratch(n_j * n_rows * chunks if normalize and not fused else 1, dev)
@@ -481,7 +481,7 @@ def block_merge_backward_triton(grad: torch.Tensor, x0: torch.Tensor, x1: torch.
     dz = torch.empty(n_rows, mm, dtype=torch.float32, device=dev) if normalize else grad.float().contiguous()
     prec = dot_precision(x0.dtype)
     plan = plan or block_plan(n_rows, sizes, rank, sms=_sm_count(dev), ieee_fp32=_ieee_fp32(x0.dtype, prec),
-                              itemsize=x0.dtype.itemsize)
+                              itemsize=max(x0.dtype.itemsize, w0.dtype.itemsize))
     meta, dummy, layout = _meta(sizes, rank, dev), _scratch(1, dev), chunk_layout(sizes)
     _block_bwd_dx_kernel[(chunks, cdiv(n_rows, plan.dx_b), 2)](
         x0, x1, w0, b0, w1, b1, grad, t if normalize else dummy, norm if normalize else dummy, dx0, dx1, dz, meta,

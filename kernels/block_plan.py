@@ -93,13 +93,15 @@ def _block_k(sizes) -> int:
 def block_plan(n_rows: int, sizes, rank: int, *, sms: int = 132, ieee_fp32: bool = False, itemsize: int = 4,
                interpreted: bool | None = None, **overrides) -> BlockPlan:
     """Tiles for a launch, chosen to (1) keep every dot dimension a power of two >= 16, (2) hold two fp32 [rows, N]
-    accumulators in <= 64 registers a thread, (3) give each of the forward, dx and dW launches >= ``sms`` programs
-    where the batch allows. ``ieee_fp32``: float32 dots at "highest" (FFMA, operands in registers): half the
-    forward, dx and dW tiles (the sm_90 build spilled 72, 636 and 20 B with the tensor-core tiles). Not timed on a
-    GPU yet (owed); checked for spills and tensor-core use in the sm_90 build
-    (tests/test_block_kernel.py, ``hopper_specs``). At (1600, 20, 15), B=64: rank_p 16, K step 16; forward 64 rows x
-    (8 features x 16 ranks) -> 20 x 1 x 10 = 200 programs + norm 20 x 8 = 160; dx 16 rows -> 20 x 4 x 2 = 160; dW
-    8 features x 16 ranks -> 20 x 10 x 2 = 400. ``overrides``: any field, e.g. to force tile shapes in tests."""
+    accumulators without spilling, (3) have no warp compute a dot tile another warp computes, (4) issue the fewest
+    instructions by the static report's count (sm_90 SASS, loops x trips: swept by hand at (1600, 20, 15), B=64).
+    ``ieee_fp32``: float32 dots at "highest" (FFMA, operands in registers): smaller tiles (the sm_90 build spilled
+    72, 636 and 20 B with the tensor-core tiles). ``itemsize``: the larger element size of x and the weights
+    (16-bit: a larger dx tile). Not timed on a GPU yet (owed); checked for spills, tile replication, tensor-core use
+    and the issue bound in the sm_90 build (tests/test_block_kernel.py, ``hopper_specs``). At (1600, 20, 15), B=64,
+    bf16: rank_p 16, K step 16; forward 64 rows x (8 features x 16 ranks) on 4 warps -> 20 x 1 x 10 = 200 programs +
+    norm 20 x 8 = 160; dx 64 rows x 8 features on 4 warps -> 20 x 1 x 2 = 40; dW 4 features x 16 ranks, 32 rows a
+    step, on 4 warps -> 20 x 20 x 2 = 800. ``overrides``: any field, e.g. to force tile shapes in tests."""
     interpreted = triton_interpreted() if interpreted is None else interpreted
     max_s, chunks = max(sizes), len(sizes)
     rank_p = next_power_of_2(rank)
@@ -125,7 +127,8 @@ def block_plan(n_rows: int, sizes, rank: int, *, sms: int = 132, ieee_fp32: bool
     # warps of a dot fed by another dot along M ([warps, 1]), so the dx product needs 16 rows a warp -- 64 rows on 4
     # warps (the old 16 rows on 8 warps computed each tile 8 times); FFMA dots (blocked layouts): 32 rows, 4 warps
     dx_budget = 4096 if ieee_fp32 else 16384 if itemsize == 2 else 8192
-    dx_j = max(min_j, min(min(128, max(MIN_DOT, dx_budget // block_s)) // rank_p, whole))  # per block_s, not out_w
+    dx_n = 64 if not ieee_fp32 and itemsize == 4 else 128  # TF32 at N = 128 spilled 12 B at chunks of 15
+    dx_j = max(min_j, min(min(dx_n, max(MIN_DOT, dx_budget // block_s)) // rank_p, whole))  # per block_s
     dx_b = rows if interpreted else min(32 if ieee_fp32 else 64, rows)
     dx_warps = 4 if ieee_fp32 else max(1, dx_b // MIN_DOT)
     # dW: [N, block_s] accumulator, N * block_s <= 8192 (N * block_s = 16384 spilled 168 B at 8 warps in bf16); 4
@@ -441,10 +444,11 @@ def _report_args(shape, dtype: str, precision: str):
 
 
 def hopper_specs(shape: tuple[int, ...], dtype: str = "fp32", precision: str = "highest",
-                 gpu: str = "H100 SXM") -> list:
+                 gpu: str = "H100 SXM", w_dtype: str | None = None) -> list:
     """The specialisations one ``block_merge`` forward + backward through the fused kernels runs at shape
     (B, DIM, CHUNKS, RANK) on ``gpu`` (a key of ``GPUS``: its SM count sizes the plan, its clock the issue bound),
-    x and weights of ``dtype``, float32 matmul precision ``precision``: forward (+ norm where a chunk spans several
+    x and weights of ``dtype`` (weights of ``w_dtype`` if given: AMP's fp32 master weights), float32 matmul
+    precision ``precision``: forward (+ norm where a chunk spans several
     feature tiles), dx, dW, each with its source loops and trip counts (``hopper_build.Loop``) and its share of the
     floor (``kernel_floors``). For ``kernels.hopper_build report``; whether ``block_merge`` picks this path at that
     shape is ``choose_block_path``'s call."""
@@ -457,11 +461,14 @@ def hopper_specs(shape: tuple[int, ...], dtype: str = "fp32", precision: str = "
     spec_gpu = GPUS[gpu]
     chunks, mm, max_s = len(sizes), sum(sizes), max(sizes)
     prec = dot_precision(_DTYPES[dtype], precision)
+    w_dtype = w_dtype or dtype
+    if w_dtype not in _DTYPES:
+        raise ValueError(f"w_dtype must be one of {sorted(_DTYPES)}, got {w_dtype!r}")
     plan = block_plan(b, sizes, rank, sms=spec_gpu["sms"], ieee_fp32=_ieee_fp32(_DTYPES[dtype], prec),
-                      itemsize=_DTYPES[dtype].itemsize, interpreted=False)
-    x, f32 = "*" + dtype, "*fp32"
+                      itemsize=max(_DTYPES[dtype].itemsize, _DTYPES[w_dtype].itemsize), interpreted=False)
+    x, w, f32 = "*" + dtype, "*" + w_dtype, "*fp32"
     types = {"X0": x, "X1": x, "OUT": x, "G": x, "DX0": x, "DX1": x, "T": f32, "SQ": f32, "NORM": f32, "DZ": f32,
-             "META": "*i64", **{n: x for n in ("W0", "B0", "W1", "B1", "DW0", "DB0", "DW1", "DB1")}}
+             "META": "*i64", **{n: w for n in ("W0", "B0", "W1", "B1", "DW0", "DB0", "DW1", "DB1")}}
     ints = {"n_rows": b, "MM": mm, "C": chunks, "R": rank}
     # what the JIT specialises: integers equal to 1 become constants, pointers and multiples of 16 are marked
     ones = {k: 1 for k, v in ints.items() if v == 1}

@@ -701,8 +701,7 @@ def block_check(ctx: Ctx, batch: int, sizes: list[int], rank: int, x_dtype, w_dt
     ``fused`` (the Triton kernels, CMC_FAST_KERNELS=triton) or ``bmm`` (``block_merge_bmm``, CMC_FAST_KERNELS=bmm),
     under float32 matmul precision ``precision``."""
     import torch
-    from cmc_fast.kernels import block_merge
-    from cmc_fast.kernels.block import dot_precision
+    from cmc_fast.kernels.block import block_merge, dot_precision
     from cmc_fast.kernels.reference import block_merge_reference
 
     g, mm = _gen(), sum(sizes)
