@@ -34,7 +34,8 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from cmc_fast.kernels.block import _gpu_name, block_merge, block_merge_floor, choose_block_path
+from cmc_fast.kernels.block import block_merge
+from cmc_fast.kernels.block_plan import _gpu_name, block_merge_floor, choose_block_path
 from cmc_fast.kernels.reference import block_chunk_sizes, block_merge_bmm
 from conftest import bench_device, peak_memory
 

@@ -1,5 +1,6 @@
-"""BLOCK's block-superdiagonal bilinear merge (Ben-Younes et al. 2019): fused Triton kernels on tensor cores, a
-batched-bmm formulation, and the rule that picks between them per shape.
+"""BLOCK's block-superdiagonal bilinear merge (Ben-Younes et al. 2019): fused Triton kernels on tensor cores and
+their launchers, and the op that runs them or the batched-bmm formulation. Tiles, floors, the static report's
+specialisations and the rule that picks a path per shape live beside this file in ``kernels/block_plan.py``.
 
 Math (per chunk c of size s, rank R; DESIGN section 1): y0 = x0_c W0_c^T + b0_c, y1 likewise, both [B, R*s] with
 m index r*s + j; z[b, j] = sum_r y0[b, r*s+j] * y1[b, r*s+j]; t = sqrt(relu(z)) - sqrt(relu(-z));
@@ -39,14 +40,21 @@ recomputes y_other in dx and dW on tensor cores instead of storing y0 and y1: at
 recomputation (y1 and y0 in dx, again in dW) = ~2 us of TF32 at 495 TFLOP/s. At "highest" (FP32 FFMA, 67 TFLOP/s)
 the same recomputation costs ~15 us and keeping y would be cheaper: not done (that path is FFMA-bound anyway).
 
+Chunk layout. Where every chunk has one size S (1600 / 20: 80) the kernels take it as a compile-time constant
+(``S``): offsets are products of constants, Triton proves 16-byte alignment, loads vectorise and 16-bit tiles
+stream through asynchronous copies (LDGSTS) in a pipelined K loop, with no K mask where BLOCK_K divides S.
+Otherwise sizes and offsets come from META, declared multiples of ``ALIGN`` (the largest power of two <= 16
+dividing every size: 8 for chunks of 24 and 40, 1 for BLOCK's (256, 18) chunks of 15 and 1, which stay scalar).
+
 Limits: chunk sizes up to MAX_CHUNK = 256 (dx holds a [rows, block_s] row of g and t), rank up to MAX_RANK = 128;
 beyond, ``block_merge`` takes the bmm path on CUDA (the reference under ``CMC_FAST_KERNELS=triton``). Every dot
-dimension is >= 16 (``tl.dot``'s minimum on GPUs). Left open (static report, bench/results/block-sm90-static.md): at
-(1600, 20, 15), B=64 the forward's 200 and dx's 160 programs hold one block per SM (163-255 registers a thread), so
-they run in 1.5 and 1.2 waves on 132 SMs. Padding at chunks of 80: none in the K steps, the dx/dW output tiles or
-the batch; 6.25% in the rank (15 -> 16) of every N.
+dimension is >= 16 (``tl.dot``'s minimum on GPUs). Static cost (bench/results/block-sm90-static.md: sm_90 SASS,
+every loop weighted by its trips, issue-bound at one instruction a cycle per scheduler on an H100 SXM): at
+(1600, 20, 15), B=64 one forward + backward issues >= 10.4 us in bf16 (floor 7.5), 15.6 us in fp32 at "high"
+(14.9) and 90 us at "highest" (22: FFMA and the recomputation of y, left open); no dot tile computed twice.
+Padding at chunks of 80: none in the K steps, the dx/dW output tiles or the batch; 6.25% in the rank (15 -> 16).
 
-Floors per GPU (the ``GPUS`` table below). FLOPs 4*B*R*S2 forward and 8*B*R*S2 backward with S2 = sum_c s_c^2;
+Floors per GPU (``kernels.block_plan.GPUS``). FLOPs 4*B*R*S2 forward and 8*B*R*S2 backward with S2 = sum_c s_c^2;
 bytes (weights and activations once each) 2*R*S2*wb + 2*R*MM*wb + 3*B*MM*xb forward, 4*R*S2*wb + 4*R*MM*wb +
 5*B*MM*xb backward; floor = max(FLOPs / rate, bytes / HBM). Rates: FP32 (no tensor cores) for float32 at "highest",
 TF32 dense at "high"/"medium", BF16/FP16 dense for 16-bit inputs. At (1600, 20, 15), B=64 on an H100 SXM:
@@ -56,19 +64,30 @@ fp32 highest fwd+bwd 1.47 GFLOP / 67 TFLOP/s = 22 us (bytes 49.9 MB / 3.35 TB/s 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import torch
 
-from .dispatch import kernel_mode, triton_available, triton_interpreted, use_triton
-from .reference import (
-    block_chunk_sizes,
-    block_merge_bmm,
-    block_merge_reference,
-    block_merge_sum_reference,
-    block_size_groups,
+from .block_plan import (
+    GPUS,
+    MAX_CHUNK,
+    MAX_RANK,
+    BlockPlan,
+    _fwd_tiles,
+    _ieee_fp32,
+    _sm_count,
+    block_merge_floor,
+    block_plan,
+    choose_block_path,
+    chunk_layout,
+    dot_precision,
+    estimate_bmm,
+    estimate_fused,
+    hopper_floors,
+    hopper_specs,
 )
+from .dispatch import use_triton
+from .reference import block_merge_bmm, block_merge_reference, block_merge_sum_reference
 from .utils import cdiv, contiguous, next_power_of_2, on_tensor_device, tl, triton
 
 __all__ = [
@@ -81,6 +100,8 @@ __all__ = [
     "block_merge_floor",
     "block_plan",
     "choose_block_path",
+    "estimate_bmm",
+    "estimate_fused",
     "hopper_specs",
     "hopper_floors",
     "GPUS",
@@ -88,39 +109,30 @@ __all__ = [
     "MAX_RANK",
 ]
 
-# ------------------------------------------------------------------------------------------ GPU constants
-# Dense rates (the datasheets quote tensor-core rates "with sparsity": half of that is dense) and HBM bandwidths.
-GPUS = {
-    "H100 SXM": {
-        "fp32": 67e12,  # NVIDIA H100 Tensor Core GPU datasheet, H100 SXM column: FP32 67 TFLOPS (no tensor cores)
-        "tf32": 494.7e12,  # idem: TF32 Tensor Core 989 TFLOPS with sparsity -> 494.7 dense
-        "bf16": 989.4e12,  # idem: BF16 Tensor Core 1,979 TFLOPS with sparsity -> 989.4 dense (FP16 the same)
-        "hbm": 3.35e12,  # idem: GPU memory bandwidth 3.35 TB/s (HBM3)
-        "sms": 132,  # NVIDIA H100 whitepaper: 132 SMs on the SXM5 part
-    },
-    "H200": {
-        "fp32": 67e12,  # NVIDIA H200 Tensor Core GPU datasheet, H200 SXM column: FP32 67 TFLOPS
-        "tf32": 494.7e12,  # idem: TF32 Tensor Core 989 TFLOPS with sparsity -> 494.7 dense
-        "bf16": 989.4e12,  # idem: BF16 Tensor Core 1,979 TFLOPS with sparsity -> 989.4 dense
-        "hbm": 4.8e12,  # idem: GPU memory bandwidth 4.8 TB/s (HBM3e)
-        "sms": 132,  # same GH100 die configuration as the H100 SXM
-    },
-}
-
-MAX_CHUNK = 256  # largest chunk the fused kernels take (dx/dW hold a [rows, pow2 >= chunk] tile)
-MAX_RANK = 128  # largest rank (a feature tile holds all ranks of its features)
-MIN_DOT = 16  # tl.dot needs every dimension >= 16 on NVIDIA GPUs; the interpreter does not check it
-_EPS = 1e-12  # F.normalize's default eps
-
-
 # --------------------------------------------------------------------------------------------- kernels
 @triton.jit
-def _tile_rows(META, C, c, BLOCK_J: tl.constexpr, RANK_P: tl.constexpr, R, j0):
+def _chunk(META, C, c, R, S: tl.constexpr, ALIGN: tl.constexpr):
+    """Chunk c's size, column offset, flat weight offset and flat bias offset. S > 0: every chunk is S wide, so all
+    four are products of compile-time constants and Triton proves 16-byte alignment (vector loads, async copies);
+    S = 0: read from META, declared multiples of ALIGN (the largest power of two <= 16 dividing every chunk size,
+    hence every offset)."""
+    if S > 0:
+        s = S
+        col = c * S
+        w_off = c.to(tl.int64) * R * (S * S)
+        b_off = c * R * S
+    else:
+        s = tl.multiple_of(tl.load(META + c).to(tl.int32), ALIGN)
+        col = tl.multiple_of(tl.load(META + C + c), ALIGN)
+        w_off = tl.multiple_of(tl.load(META + 2 * C + c), ALIGN)
+        b_off = tl.multiple_of(tl.load(META + 3 * C + c), ALIGN)
+    return s, col, w_off, b_off
+
+
+@triton.jit
+def _tile_rows(s, w_off, b_off, BLOCK_J: tl.constexpr, RANK_P: tl.constexpr, R, j0):
     """Indices of one feature tile x all ranks (the N dimension of a tile: n = jj * RANK_P + r): the flat weight
     offset of each row r*s + j, the flat bias index, and which n are real (j < s, r < R)."""
-    s = tl.load(META + c)
-    w_off = tl.load(META + 2 * C + c)
-    b_off = tl.load(META + 3 * C + c)
     offs_n = tl.arange(0, BLOCK_J * RANK_P)
     r = offs_n % RANK_P
     j = j0 + offs_n // RANK_P
@@ -131,14 +143,19 @@ def _tile_rows(META, C, c, BLOCK_J: tl.constexpr, RANK_P: tl.constexpr, R, j0):
 
 @triton.jit
 def _tile_products(X, W, BIAS, x_row, w_row, b_idx, mask_b, mask_n, s, y,
-                   BLOCK_K: tl.constexpr, PREC: tl.constexpr):
+                   BLOCK_K: tl.constexpr, S: tl.constexpr, PREC: tl.constexpr):
     """y [BLOCK_B, N] += x_c[rows] W[tile rows]^T over the chunk's s inputs in steps of BLOCK_K, plus the bias.
-    x_row [BLOCK_B] int64: offset of each row's chunk start in X; w_row [N] int64: flat offset of each weight row."""
+    x_row [BLOCK_B] int64: offset of each row's chunk start in X; w_row [N] int64: flat offset of each weight row.
+    Chunks of a compile-time S that BLOCK_K divides load without a K mask."""
     for k0 in range(0, s, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < s
-        x = tl.load(X + x_row[:, None] + offs_k[None, :], mask=mask_b[:, None] & mask_k[None, :], other=0.0)
-        w = tl.load(W + w_row[None, :] + offs_k[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if S > 0 and S % BLOCK_K == 0:  # no K mask: the row and column masks are constant along K (vectors)
+            x = tl.load(X + x_row[:, None] + offs_k[None, :], mask=mask_b[:, None], other=0.0)
+            w = tl.load(W + w_row[None, :] + offs_k[:, None], mask=mask_n[None, :], other=0.0)
+        else:
+            mask_k = offs_k < s
+            x = tl.load(X + x_row[:, None] + offs_k[None, :], mask=mask_b[:, None] & mask_k[None, :], other=0.0)
+            w = tl.load(W + w_row[None, :] + offs_k[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         y = tl.dot(x, w.to(x.dtype), y, input_precision=PREC)  # [BLOCK_K, N]: W^T, gathered row by row
     bias = tl.load(BIAS + b_idx, mask=mask_n, other=0.0).to(tl.float32)
     return y + bias[None, :]
@@ -155,23 +172,22 @@ def _block_fwd_kernel(
     META,  # [4, C] int64: chunk size s_c, column offset, flat weight offset, flat bias offset
     n_rows, MM, C, R,  # B, mm_dim, chunks, rank
     BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, RANK_P: tl.constexpr,
-    NORMALIZE: tl.constexpr, FUSED_NORM: tl.constexpr, PREC: tl.constexpr,
+    NORMALIZE: tl.constexpr, FUSED_NORM: tl.constexpr, PREC: tl.constexpr, S: tl.constexpr, ALIGN: tl.constexpr,
 ):
     c = tl.program_id(0)
     pb = tl.program_id(1)
     pj = tl.program_id(2)
-    s = tl.load(META + c)
-    col = tl.load(META + C + c)
+    s, col, w_off, b_off = _chunk(META, C, c, R, S, ALIGN)
     j0 = pj * BLOCK_J
     if j0 < s:  # the grid is sized by the largest chunk: a shorter chunk's last tiles have nothing to do
         offs_b = (pb * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
         mask_b = offs_b < n_rows
-        w_row, b_idx, mask_n = _tile_rows(META, C, c, BLOCK_J, RANK_P, R, j0)
+        w_row, b_idx, mask_n = _tile_rows(s, w_off, b_off, BLOCK_J, RANK_P, R, j0)
         x_row = offs_b * MM + col
         y0 = tl.zeros([BLOCK_B, BLOCK_J * RANK_P], dtype=tl.float32)
         y1 = tl.zeros([BLOCK_B, BLOCK_J * RANK_P], dtype=tl.float32)
-        y0 = _tile_products(X0, W0, B0, x_row, w_row, b_idx, mask_b, mask_n, s, y0, BLOCK_K, PREC)
-        y1 = _tile_products(X1, W1, B1, x_row, w_row, b_idx, mask_b, mask_n, s, y1, BLOCK_K, PREC)
+        y0 = _tile_products(X0, W0, B0, x_row, w_row, b_idx, mask_b, mask_n, s, y0, BLOCK_K, S, PREC)
+        y1 = _tile_products(X1, W1, B1, x_row, w_row, b_idx, mask_b, mask_n, s, y1, BLOCK_K, S, PREC)
         z = tl.sum(tl.reshape(y0 * y1, (BLOCK_B, BLOCK_J, RANK_P)), axis=2)  # the rank sum, inside the tile
         offs_j = j0 + tl.arange(0, BLOCK_J)
         o_idx = x_row[:, None] + offs_j[None, :]
@@ -200,12 +216,12 @@ def _block_norm_kernel(
     NORM,  # [B, C] fp32 out: ||t||
     META,  # [4, C] int64 (see the forward)
     n_rows, MM, C,
-    BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_J: tl.constexpr, N_JP: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_J: tl.constexpr, N_JP: tl.constexpr, S: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
     c = tl.program_id(0)
     pb = tl.program_id(1)
-    s = tl.load(META + c)
-    col = tl.load(META + C + c)
+    s, col, _, _ = _chunk(META, C, c, 1, S, ALIGN)
     offs_b = (pb * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
     mask_b = offs_b < n_rows
     offs_p = tl.arange(0, N_JP)
@@ -243,6 +259,7 @@ def _block_bwd_dx_kernel(
     n_rows, MM, C, R,
     BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
     HEAD: tl.constexpr, TAIL: tl.constexpr, RANK_P: tl.constexpr, NORMALIZE: tl.constexpr, PREC: tl.constexpr,
+    S: tl.constexpr, ALIGN: tl.constexpr,
 ):
     # the chunk's width in the dx product is covered by a HEAD and a TAIL tile (64 + 16 for chunks of 80: no
     # padding, where one power-of-two tile of 128 wasted 37.5%); TAIL = 0: one tile
@@ -253,8 +270,7 @@ def _block_bwd_dx_kernel(
         X_OTHER, W_SELF, W_OTHER, B_OTHER, DX = X1, W0, W1, B1, DX0
     else:
         X_OTHER, W_SELF, W_OTHER, B_OTHER, DX = X0, W1, W0, B0, DX1
-    s = tl.load(META + c)
-    col = tl.load(META + C + c)
+    s, col, w_off, b_off = _chunk(META, C, c, R, S, ALIGN)
     offs_b = (pb * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
     mask_b = offs_b < n_rows
     x_row = offs_b * MM + col
@@ -277,9 +293,9 @@ def _block_bwd_dx_kernel(
         offs_t = HEAD + tl.arange(0, TAIL)
         dx_t = tl.zeros([BLOCK_B, TAIL], dtype=tl.float32)
     for j0 in range(0, s, BLOCK_J):
-        w_row, b_idx, mask_n = _tile_rows(META, C, c, BLOCK_J, RANK_P, R, j0)
+        w_row, b_idx, mask_n = _tile_rows(s, w_off, b_off, BLOCK_J, RANK_P, R, j0)
         y = tl.zeros([BLOCK_B, BLOCK_J * RANK_P], dtype=tl.float32)
-        y = _tile_products(X_OTHER, W_OTHER, B_OTHER, x_row, w_row, b_idx, mask_b, mask_n, s, y, BLOCK_K, PREC)
+        y = _tile_products(X_OTHER, W_OTHER, B_OTHER, x_row, w_row, b_idx, mask_b, mask_n, s, y, BLOCK_K, S, PREC)
         offs_j = j0 + tl.arange(0, BLOCK_J)
         j_idx = x_row[:, None] + offs_j[None, :]
         j_mask = mask_b[:, None] & (offs_j < s)[None, :]
@@ -314,7 +330,7 @@ def _block_bwd_dw_kernel(
     META,  # [4, C] int64 (see the forward)
     n_rows, MM, C, R,
     BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, HEAD: tl.constexpr, TAIL: tl.constexpr,
-    RANK_P: tl.constexpr, PREC: tl.constexpr,
+    RANK_P: tl.constexpr, PREC: tl.constexpr, S: tl.constexpr, ALIGN: tl.constexpr,
 ):
     c = tl.program_id(0)
     pj = tl.program_id(1)
@@ -323,11 +339,10 @@ def _block_bwd_dw_kernel(
         X_SELF, X_OTHER, W_OTHER, B_OTHER, DW, DB = X0, X1, W1, B1, DW0, DB0
     else:
         X_SELF, X_OTHER, W_OTHER, B_OTHER, DW, DB = X1, X0, W0, B0, DW1, DB1
-    s = tl.load(META + c)
-    col = tl.load(META + C + c)
+    s, col, w_off, b_off = _chunk(META, C, c, R, S, ALIGN)
     j0 = pj * BLOCK_J
     if j0 < s:  # the grid is sized by the largest chunk
-        w_row, b_idx, mask_n = _tile_rows(META, C, c, BLOCK_J, RANK_P, R, j0)
+        w_row, b_idx, mask_n = _tile_rows(s, w_off, b_off, BLOCK_J, RANK_P, R, j0)
         offs_h = tl.arange(0, HEAD)  # the chunk's width as a HEAD and a TAIL tile, as in the dx kernel
         offs_j = j0 + tl.arange(0, BLOCK_J)
         acc_h = tl.zeros([BLOCK_J * RANK_P, HEAD], dtype=tl.float32)
@@ -340,7 +355,8 @@ def _block_bwd_dw_kernel(
             mask_b = offs_b < n_rows
             x_row = offs_b * MM + col
             y = tl.zeros([BLOCK_B, BLOCK_J * RANK_P], dtype=tl.float32)
-            y = _tile_products(X_OTHER, W_OTHER, B_OTHER, x_row, w_row, b_idx, mask_b, mask_n, s, y, BLOCK_K, PREC)
+            y = _tile_products(X_OTHER, W_OTHER, B_OTHER, x_row, w_row, b_idx, mask_b, mask_n, s, y, BLOCK_K, S,
+                               PREC)
             dz = tl.load(DZ + x_row[:, None] + offs_j[None, :], mask=mask_b[:, None] & (offs_j < s)[None, :],
                          other=0.0)
             dz_n = tl.reshape(tl.broadcast_to(dz[:, :, None], (BLOCK_B, BLOCK_J, RANK_P)),
@@ -363,133 +379,6 @@ def _block_bwd_dw_kernel(
         tl.store(DB + b_idx, acc_b.to(DB.dtype.element_ty), mask=mask_n)
 
 
-# ------------------------------------------------------------------------------------------------ tiles
-
-def _pow2(n: int) -> bool:
-    return n >= 1 and n & (n - 1) == 0
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockPlan:
-    """The tiles of the kernels for one (batch, chunk sizes, rank). A tile's N dimension is ``*_j * rank_p``."""
-    rank_p: int  # rank padded to a power of two
-    block_k: int  # contraction step over a chunk's inputs (forward and every recomputation of y)
-    block_s: int  # power of two >= the largest chunk: the dx kernel's row of g and t, the norm kernel's row
-    out_head: int  # the dx and dW outputs cover a chunk's width with a head tile and a tail tile (0: none)
-    out_tail: int
-    fwd_b: int  # forward: batch rows, features per tile, warps
-    fwd_j: int
-    fwd_warps: int
-    norm_b: int  # norm kernel: batch rows per program
-    dx_b: int  # dx kernel: batch rows, features per step, warps
-    dx_j: int
-    dx_warps: int
-    dw_b: int  # dW kernel: batch rows per step, features per program, warps
-    dw_j: int
-    dw_warps: int
-
-
-def _block_k(sizes) -> int:
-    """The K step with the least padding over the chunks (the larger on ties): 16 for chunks of 80 (0%; 32 would pad
-    to 96, 64 and the old whole-chunk tile to 128), 16 for chunks of 15 (6.25%)."""
-    best = None
-    for bk in (64, 32, 16):
-        waste = 1 - sum(sizes) / sum(cdiv(s, bk) * bk for s in sizes)
-        if best is None or waste < best[0] - 1e-12:
-            best = (waste, bk)
-    return best[1]
-
-
-def block_plan(n_rows: int, sizes, rank: int, *, sms: int = 132, ieee_fp32: bool = False,
-               interpreted: bool | None = None, **overrides) -> BlockPlan:
-    """Tiles for a launch, chosen to (1) keep every dot dimension a power of two >= 16, (2) hold two fp32 [rows, N]
-    accumulators in <= 64 registers a thread, (3) give each of the forward, dx and dW launches >= ``sms`` programs
-    where the batch allows. ``ieee_fp32``: float32 dots at "highest" (FFMA, operands in registers): half the
-    forward, dx and dW tiles (the sm_90 build spilled 72, 636 and 20 B with the tensor-core tiles). Not timed on a
-    GPU yet (owed); checked for spills and tensor-core use in the sm_90 build
-    (tests/test_block_kernel.py, ``hopper_specs``). At (1600, 20, 15), B=64: rank_p 16, K step 16; forward 64 rows x
-    (8 features x 16 ranks) -> 20 x 1 x 10 = 200 programs + norm 20 x 8 = 160; dx 16 rows -> 20 x 4 x 2 = 160; dW
-    8 features x 16 ranks -> 20 x 10 x 2 = 400. ``overrides``: any field, e.g. to force tile shapes in tests."""
-    interpreted = triton_interpreted() if interpreted is None else interpreted
-    max_s, chunks = max(sizes), len(sizes)
-    rank_p = next_power_of_2(rank)
-    block_s = max(MIN_DOT, next_power_of_2(max_s))
-    out_head, out_tail = _out_tiles(max_s, block_s)
-    min_j = cdiv(MIN_DOT, rank_p)  # features a tile needs for N >= 16
-    whole = max(min_j, next_power_of_2(max_s))  # one tile per chunk
-    rows = max(MIN_DOT, min(64, next_power_of_2(n_rows)))  # the interpreter pays per program: few big tiles
-    # forward: a whole chunk per tile (normalised in the same launch) while N <= 256, else N = 128. Warps: 8 from
-    # 8192 accumulator elements or N = 256 (4 warps spilled 128 B at (256, 18, 15) in TF32); dW 8 (4 spilled 40-180 B
-    # at chunks of 15 and of 80)
-    fwd_j = whole if whole * rank_p <= 256 else max(min_j, 128 // rank_p)
-    fwd_b, budget = rows, 4096 if ieee_fp32 else 8192
-    while fwd_b > MIN_DOT and fwd_b * fwd_j * rank_p > budget:
-        fwd_b //= 2
-    n_j = cdiv(max_s, fwd_j)
-    while not interpreted and fwd_b > MIN_DOT and chunks * cdiv(n_rows, fwd_b) * n_j < sms:
-        fwd_b //= 2
-    norm_b = rows if interpreted else min(16, 1 << max(0, (chunks * n_rows // sms).bit_length() - 1))
-    # dx: [rows, block_s] accumulator and a [N, block_s] weight tile per step, N * block_s <= budget (FFMA: 4096;
-    # 8192 spilled 476 B there)
-    dx_j = max(min_j, min(min(128, max(MIN_DOT, budget // block_s)) // rank_p, whole))  # per block_s, not out_w
-    # dW: [N, block_s] accumulator, N * block_s <= 8192 (N * block_s = 16384 spilled 168 B at 8 warps in bf16)
-    dw_j = max(min_j, min(min(128, max(MIN_DOT, 8192 // block_s)) // rank_p, whole))  # idem
-    dw_b = rows if interpreted else (MIN_DOT if ieee_fp32 else 32)
-    plan = BlockPlan(
-        rank_p=rank_p, block_k=_block_k(sizes), block_s=block_s, out_head=out_head, out_tail=out_tail,
-        fwd_b=fwd_b, fwd_j=fwd_j, fwd_warps=8 if fwd_b * fwd_j * rank_p >= budget or fwd_j * rank_p >= 256 else 4,
-        norm_b=norm_b, dx_b=rows if interpreted else MIN_DOT, dx_j=dx_j, dx_warps=8,
-        dw_b=dw_b, dw_j=dw_j, dw_warps=8)
-    plan = dataclasses.replace(plan, **overrides)
-    _check_plan(plan, max_s, rank)
-    return plan
-
-
-def _out_tiles(max_s: int, block_s: int) -> tuple[int, int]:
-    """(head, tail) widths covering a chunk of max_s in the dx/dW outputs: the largest power of two <= max_s and the
-    power of two >= the rest (80 -> 64 + 16, 40 -> 32 + 16), or one tile of block_s where that saves nothing
-    (100 -> 128, 15 -> 16)."""
-    head = max(MIN_DOT, 1 << (max_s.bit_length() - 1))
-    tail = 0 if max_s <= head else max(MIN_DOT, next_power_of_2(max_s - head))
-    return (head, tail) if head + tail < block_s else (block_s, 0)
-
-
-def _check_plan(plan: BlockPlan, max_s: int, rank: int) -> None:
-    dots = {"fwd_b": plan.fwd_b, "block_k": plan.block_k, "block_s": plan.block_s, "out_head": plan.out_head,
-            "out_tail": plan.out_tail or MIN_DOT, "dx_b": plan.dx_b,
-            "dw_b": plan.dw_b, "fwd_j*rank_p": plan.fwd_j * plan.rank_p, "dx_j*rank_p": plan.dx_j * plan.rank_p,
-            "dw_j*rank_p": plan.dw_j * plan.rank_p}
-    bad = {k: v for k, v in dots.items() if v < MIN_DOT or not _pow2(v)}
-    if bad:
-        raise ValueError(f"tl.dot needs tiles >= {MIN_DOT} in every dimension, powers of two; got {bad}")
-    others = {"rank_p": plan.rank_p, "fwd_j": plan.fwd_j, "dx_j": plan.dx_j, "dw_j": plan.dw_j, "norm_b": plan.norm_b}
-    bad = {k: v for k, v in others.items() if not _pow2(v)}
-    if bad:
-        raise ValueError(f"tile sizes must be powers of two, got {bad}")
-    if plan.rank_p < rank or plan.block_s < max_s or plan.out_head + plan.out_tail < max_s:
-        raise ValueError(f"rank_p={plan.rank_p} must be >= the rank ({rank}), block_s={plan.block_s} and out_head + "
-                         f"out_tail={plan.out_head}+{plan.out_tail} >= the largest chunk ({max_s})")
-
-
-def _fwd_tiles(plan: BlockPlan, sizes) -> int:
-    return cdiv(max(sizes), plan.fwd_j)
-
-
-def padding_waste(plan: BlockPlan, n_rows: int, sizes, rank: int) -> dict[str, float]:
-    """Share of each padded dimension that is padding, summed over chunks. Inner (contraction) dimensions: ``k``
-    (a chunk's inputs, in steps of block_k: forward and every recomputation of y), ``dx_n`` (features x ranks of the
-    dx product), ``dw_batch`` (rows of the dW product). Output dimensions: ``fwd_n`` (features x ranks of a forward
-    tile) and ``chunk_out`` (a chunk's inputs padded to out_head + out_tail in the dx and dW outputs)."""
-    total = sum(sizes)
-
-    def n_waste(j: int) -> float:
-        return 1 - rank * total / sum(cdiv(s, j) * j * plan.rank_p for s in sizes)
-
-    return {"k": 1 - total / sum(cdiv(s, plan.block_k) * plan.block_k for s in sizes),
-            "dx_n": n_waste(plan.dx_j), "dw_batch": 1 - n_rows / (cdiv(n_rows, plan.dw_b) * plan.dw_b),
-            "fwd_n": n_waste(plan.fwd_j), "chunk_out": 1 - total / (len(sizes) * (plan.out_head + plan.out_tail))}
-
-
 # ------------------------------------------------------------------------------------------- launchers
 @functools.lru_cache(maxsize=64)
 def _meta_cached(sizes: tuple[int, ...], rank: int, device: str) -> torch.Tensor:
@@ -506,25 +395,6 @@ def _meta_cached(sizes: tuple[int, ...], rank: int, device: str) -> torch.Tensor
 
 def _meta(sizes, rank: int, device: torch.device) -> torch.Tensor:
     return _meta_cached(tuple(int(s) for s in sizes), int(rank), str(device))
-
-
-def dot_precision(dtype: torch.dtype, precision: str | None = None) -> str:
-    """``tl.dot``'s input_precision: IEEE fp32 for float32 at "highest" (PyTorch's default), TF32 at "high" and
-    "medium" (what cuBLAS uses there); 16-bit inputs ignore it (tensor cores either way)."""
-    precision = precision or torch.get_float32_matmul_precision()
-    if precision not in ("highest", "high", "medium"):
-        raise ValueError(f"precision must be 'highest', 'high' or 'medium', got {precision!r}")
-    return "tf32" if dtype == torch.float32 and precision != "highest" else "ieee"
-
-
-def _ieee_fp32(dtype: torch.dtype, prec: str) -> bool:
-    return dtype == torch.float32 and prec == "ieee"
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return GPUS["H100 SXM"]["sms"]
 
 
 def _check(x0, x1, w0, b0, w1, b1, sizes, rank) -> None:
@@ -568,20 +438,21 @@ def block_merge_forward_triton(x0: torch.Tensor, x1: torch.Tensor, w0: torch.Ten
     if n_rows == 0:
         return out, t, norm
     prec = dot_precision(x0.dtype)
-    plan = plan or block_plan(n_rows, sizes, rank, sms=_sm_count(dev), ieee_fp32=_ieee_fp32(x0.dtype, prec))
+    plan = plan or block_plan(n_rows, sizes, rank, sms=_sm_count(dev), ieee_fp32=_ieee_fp32(x0.dtype, prec),
+                              itemsize=max(x0.dtype.itemsize, w0.dtype.itemsize))
     n_j = _fwd_tiles(plan, sizes)
     fused = normalize and n_j == 1
     sq = _scratch(n_j * n_rows * chunks if normalize and not fused else 1, dev)
-    meta, dummy = _meta(sizes, rank, dev), _scratch(1, dev)
+    meta, dummy, layout = _meta(sizes, rank, dev), _scratch(1, dev), chunk_layout(sizes)
     _block_fwd_kernel[(chunks, cdiv(n_rows, plan.fwd_b), n_j)](
         x0, x1, w0, b0, w1, b1, out, t if normalize else dummy, sq, norm if normalize else dummy, meta,
         n_rows, mm, chunks, int(rank), BLOCK_B=plan.fwd_b, BLOCK_J=plan.fwd_j, BLOCK_K=plan.block_k,
-        RANK_P=plan.rank_p, NORMALIZE=bool(normalize), FUSED_NORM=fused, PREC=prec,
+        RANK_P=plan.rank_p, NORMALIZE=bool(normalize), FUSED_NORM=fused, PREC=prec, **layout,
         num_warps=plan.fwd_warps)
     if normalize and not fused:
         _block_norm_kernel[(chunks, cdiv(n_rows, plan.norm_b))](
             t, sq, out, norm, meta, n_rows, mm, chunks, BLOCK_B=plan.norm_b, BLOCK_S=plan.block_s,
-            BLOCK_J=plan.fwd_j, N_JP=next_power_of_2(n_j), num_warps=4)
+            BLOCK_J=plan.fwd_j, N_JP=next_power_of_2(n_j), **layout, num_warps=4)
     return out, t, norm
 
 
@@ -609,18 +480,18 @@ def block_merge_backward_triton(grad: torch.Tensor, x0: torch.Tensor, x1: torch.
     # dz: written by the dx kernel with the epilogue; the output gradient itself without it
     dz = torch.empty(n_rows, mm, dtype=torch.float32, device=dev) if normalize else grad.float().contiguous()
     prec = dot_precision(x0.dtype)
-    plan = plan or block_plan(n_rows, sizes, rank, sms=_sm_count(dev), ieee_fp32=_ieee_fp32(x0.dtype, prec))
-    meta, dummy = _meta(sizes, rank, dev), _scratch(1, dev)
+    plan = plan or block_plan(n_rows, sizes, rank, sms=_sm_count(dev), ieee_fp32=_ieee_fp32(x0.dtype, prec),
+                              itemsize=max(x0.dtype.itemsize, w0.dtype.itemsize))
+    meta, dummy, layout = _meta(sizes, rank, dev), _scratch(1, dev), chunk_layout(sizes)
     _block_bwd_dx_kernel[(chunks, cdiv(n_rows, plan.dx_b), 2)](
         x0, x1, w0, b0, w1, b1, grad, t if normalize else dummy, norm if normalize else dummy, dx0, dx1, dz, meta,
         n_rows, mm, chunks, int(rank), BLOCK_B=plan.dx_b, BLOCK_J=plan.dx_j, BLOCK_K=plan.block_k,
         BLOCK_S=plan.block_s, HEAD=plan.out_head, TAIL=plan.out_tail, RANK_P=plan.rank_p, NORMALIZE=bool(normalize),
-        PREC=prec, num_warps=plan.dx_warps)
+        PREC=prec, **layout, num_warps=plan.dx_warps)
     _block_bwd_dw_kernel[(chunks, cdiv(max(sizes), plan.dw_j), 2)](
         x0, x1, w0, b0, w1, b1, dz, dw0, db0, dw1, db1, meta, n_rows, mm, chunks, int(rank),
         BLOCK_B=plan.dw_b, BLOCK_J=plan.dw_j, BLOCK_K=plan.block_k, HEAD=plan.out_head, TAIL=plan.out_tail,
-        RANK_P=plan.rank_p,
-        PREC=prec, num_warps=plan.dw_warps)
+        RANK_P=plan.rank_p, PREC=prec, **layout, num_warps=plan.dw_warps)
     return dx0, dx1, dw0, db0, dw1, db1
 
 
@@ -704,113 +575,6 @@ def _backward(ctx, grad, _grad_t, _grad_norm):
 _block_merge_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-# --------------------------------------------------------------------------------------- the dispatch rule
-# choose_block_path picks the path with the smaller estimated time of one training step (forward + backward) from
-# the static model below. Its efficiencies and launch costs are ASSUMPTIONS (nothing here has run on a GPU yet; the
-# bench rows `pytest bench/bench_block.py` on an H100/H200 are what should replace them -- owed). Units: U = 2*B*R*S2
-# FLOPs, one side's products y over all chunks (S2 = sum_c s_c^2).
-#   fused: FLOPs = U * rank_p/R * (2 k + 2 k + 2 o + 2 k + 2 o) -- forward (2 products), dx (2 recomputed products,
-#          2 dx products over the padded chunk width o = (out_head + out_tail)/s), dW (likewise); k = padded K / s.
-#          time = launches * LAUNCH_TRITON + max(FLOPs / (rate * EFF_FUSED), bytes / HBM), launches 3 or 4.
-#   bmm:   FLOPs = 6 U (cuBLAS, no padding, no recomputation); y0, y1 and their gradients go through HBM:
-#          BMM_TRAFFIC x B*R*mm elements; launches per group of equal-size chunks, eager or under torch.compile.
-#          time = launches * LAUNCH + FLOPs / (rate * EFF_CUBLAS) + bytes / HBM (separate kernels: no overlap).
-LAUNCH_TRITON = 4e-6  # assumed: one Triton launch from Python incl. host overhead (no CUDA graph)
-LAUNCH_EAGER = 5e-6  # assumed: one eager PyTorch op (dispatcher + launch)
-LAUNCH_COMPILED = 3e-6  # assumed: one kernel of an Inductor graph
-EFF_FUSED = {"mma": 0.3, "ffma": 0.5}  # assumed share of the unit's peak the fused kernels reach (small tiles)
-EFF_CUBLAS = 0.6  # assumed share of peak for cuBLAS batched GEMMs of this size
-BMM_LAUNCHES = {"eager": (14, 30), "compiled": (3, 6)}  # per size group (forward, backward), counted from the code
-BMM_TRAFFIC = {"eager": 14, "compiled": 12}  # B*R*mm-element passes over HBM (y0, y1, their product, dy0, dy1)
-
-
-def _rate_key(dtype: torch.dtype, precision: str) -> str:
-    if dtype in (torch.float16, torch.bfloat16):
-        return "bf16"
-    return "fp32" if precision == "highest" else "tf32"
-
-
-def _gpu_name(device: torch.device | str) -> str:
-    return _gpu_name_of(str(torch.device(device)))
-
-
-@functools.lru_cache(maxsize=16)
-def _gpu_name_of(device: str) -> str:
-    device = torch.device(device)
-    if device.type == "cuda" and torch.cuda.is_available() and "H200" in torch.cuda.get_device_name(device):
-        return "H200"
-    return "H100 SXM"
-
-
-def estimate_fused(batch: int, sizes, rank: int, dtype: torch.dtype, precision: str, gpu: str = "H100 SXM"
-                   ) -> float:
-    """Estimated seconds of one fused forward + backward (the model above)."""
-    spec, key = GPUS[gpu], _rate_key(dtype, precision)
-    plan = block_plan(batch, sizes, rank, sms=spec["sms"], ieee_fp32=key == "fp32", interpreted=False)
-    s2 = sum(s * s for s in sizes)
-    unit = 2 * batch * rank * s2
-    k = sum(s * cdiv(s, plan.block_k) * plan.block_k for s in sizes) / s2
-    o = sum(s * (plan.out_head + plan.out_tail) for s in sizes) / s2
-    flops = unit * plan.rank_p / rank * (6 * k + 4 * o)
-    eff = EFF_FUSED["ffma" if key == "fp32" else "mma"]
-    launches = 3 + (_fwd_tiles(plan, sizes) > 1)
-    nbytes = block_merge_bytes(batch, sizes, rank, dtype.itemsize, dtype.itemsize, backward=True)
-    return launches * LAUNCH_TRITON + max(flops / (spec[key] * eff), nbytes / spec["hbm"])
-
-
-def estimate_bmm(batch: int, sizes, rank: int, dtype: torch.dtype, precision: str, gpu: str = "H100 SXM",
-                 compiled: bool = False) -> float:
-    """Estimated seconds of one forward + backward of ``block_merge_bmm`` (the model above)."""
-    spec, key, how = GPUS[gpu], _rate_key(dtype, precision), "compiled" if compiled else "eager"
-    groups = len(block_size_groups(sizes))
-    launches = groups * sum(BMM_LAUNCHES[how]) + (2 if groups > 1 else 0)  # + the cat and its backward
-    flops = 6 * 2 * batch * rank * sum(s * s for s in sizes)
-    nbytes = BMM_TRAFFIC[how] * batch * rank * sum(sizes) * dtype.itemsize + block_merge_bytes(
-        batch, sizes, rank, dtype.itemsize, dtype.itemsize, backward=True)
-    launch = LAUNCH_COMPILED if compiled else LAUNCH_EAGER
-    return launches * launch + flops / (spec[key] * EFF_CUBLAS) + nbytes / spec["hbm"]
-
-
-def choose_block_path(sizes, rank: int, batch: int, dtype: torch.dtype, device: torch.device | str, *,
-                      compiled: bool | None = None, precision: str | None = None, gpu: str | None = None) -> str:
-    """'fused' (the Triton kernels), 'bmm' (``block_merge_bmm``) or 'reference' (the chunk loop) for one call.
-
-    ``CMC_FAST_KERNELS``: ``reference`` and ``bmm`` force those paths, ``triton`` the fused kernels (the reference
-    where they do not fit: chunks > MAX_CHUNK or rank > MAX_RANK, as before). ``auto``: the reference off CUDA (as
-    before); on CUDA the bmm path where the kernels do not fit, else whichever of ``estimate_fused`` and
-    ``estimate_bmm`` is smaller, the bmm path counted compiled when the call is being traced by torch.compile."""
-    compiled = torch.compiler.is_compiling() if compiled is None else compiled
-    return _path(tuple(int(s) for s in sizes), int(rank), int(batch), dtype, str(torch.device(device)), compiled,
-                 precision, gpu)
-
-
-@torch.compiler.assume_constant_result  # under torch.compile: decided at trace time, not traced into
-def _path(sizes: tuple[int, ...], rank: int, batch: int, dtype: torch.dtype, device: str, compiled: bool,
-          precision: str, gpu: str | None) -> str:
-    mode, device = kernel_mode(), torch.device(device)
-    fits = max(sizes) <= MAX_CHUNK and rank <= MAX_RANK
-    if mode in ("reference", "bmm"):
-        return mode
-    if mode == "triton":
-        return "fused" if fits else "reference"
-    if device.type != "cuda" or not triton_available():
-        return "reference"
-    if not fits:
-        return "bmm"
-    gpu = gpu or _gpu_name(device)
-    precision = precision or torch.get_float32_matmul_precision()
-    return _cheaper_path(sizes, rank, batch, dtype, precision, gpu, compiled)
-
-
-@functools.lru_cache(maxsize=256)
-def _cheaper_path(sizes: tuple[int, ...], rank: int, batch: int, dtype: torch.dtype, precision: str, gpu: str,
-                  compiled: bool) -> str:
-    """The static estimates are pure functions of the shape: computed once per shape, not on every eager call."""
-    fused = estimate_fused(batch, sizes, rank, dtype, precision, gpu)
-    bmm = estimate_bmm(batch, sizes, rank, dtype, precision, gpu, compiled)
-    return "fused" if fused <= bmm else "bmm"
-
-
 # ------------------------------------------------------------------------------------------- public API
 def _merge(x0, x1, w0, b0, w1, b1, sizes, rank, normalize) -> torch.Tensor:
     sizes, rank = [int(s) for s in sizes], int(rank)
@@ -838,100 +602,3 @@ def block_merge_sum(x0: torch.Tensor, x1: torch.Tensor, w0: torch.Tensor, b0: to
                     b1: torch.Tensor, *, sizes: list[int], rank: int) -> torch.Tensor:
     """As ``block_merge`` without the epilogue: the raw rank sums z, [B, mm] (BLOCK's ``pos_norm='after_cat'``)."""
     return _merge(x0, x1, w0, b0, w1, b1, sizes, rank, False)
-
-
-# ---------------------------------------------------------------------------------------------- floors
-def block_merge_bytes(batch: int, sizes, rank: int, x_bytes: int, w_bytes: int, *, backward: bool = False) -> int:
-    """HBM bytes the merge cannot avoid: weights and activations once each (see the module docstring)."""
-    s2, mm = sum(s * s for s in sizes), sum(sizes)
-    nbytes = 2 * rank * s2 * w_bytes + 2 * rank * mm * w_bytes + 3 * batch * mm * x_bytes
-    if backward:
-        nbytes += 4 * rank * s2 * w_bytes + 4 * rank * mm * w_bytes + 5 * batch * mm * x_bytes
-    return nbytes
-
-
-def block_merge_floor(batch: int, sizes, rank: int, *, dtype: torch.dtype = torch.float32,
-                      w_dtype: torch.dtype | None = None, precision: str = "highest", gpu: str = "H100 SXM",
-                      backward: bool = False) -> float:
-    """Seconds the merge cannot beat on ``gpu`` (a key of ``GPUS``): max(FLOPs / the rate of dtype and precision,
-    bytes / HBM bandwidth)."""
-    if gpu not in GPUS:
-        raise ValueError(f"gpu must be one of {sorted(GPUS)}, got {gpu!r}")
-    spec = GPUS[gpu]
-    flops = (12 if backward else 4) * batch * rank * sum(s * s for s in sizes)
-    nbytes = block_merge_bytes(batch, sizes, rank, dtype.itemsize, (w_dtype or dtype).itemsize, backward=backward)
-    return max(flops / spec[_rate_key(dtype, precision)], nbytes / spec["hbm"])
-
-
-# ======================================================================================= static report
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _report_args(shape, dtype: str, precision: str):
-    if len(shape) != 4:
-        raise ValueError(f"block shape is B,DIM,CHUNKS,RANK, got {shape}")
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-    if precision not in ("highest", "high", "medium"):
-        raise ValueError(f"precision must be highest, high or medium, got {precision!r}")
-    b, dim, chunks, rank = shape
-    return b, block_chunk_sizes(dim, chunks), rank
-
-
-def hopper_specs(shape: tuple[int, ...], dtype: str = "fp32", precision: str = "highest") -> list:
-    """The specialisations one ``block_merge`` forward + backward through the fused kernels runs at shape
-    (B, DIM, CHUNKS, RANK) on an H100/H200 (132 SMs), x and weights of ``dtype``, float32 matmul precision
-    ``precision``: forward (+ norm where a chunk spans several feature tiles), dx, dW. For ``kernels.hopper_build
-    report``; whether ``block_merge`` picks this path at that shape is ``choose_block_path``'s call."""
-    from .hopper_build import HOPPER_SMS, Spec  # lazily: hopper_build imports Triton's compiler
-
-    b, sizes, rank = _report_args(shape, dtype, precision)
-    chunks, mm, max_s = len(sizes), sum(sizes), max(sizes)
-    prec = dot_precision(_DTYPES[dtype], precision)
-    plan = block_plan(b, sizes, rank, sms=HOPPER_SMS, ieee_fp32=_ieee_fp32(_DTYPES[dtype], prec), interpreted=False)
-    x, f32 = "*" + dtype, "*fp32"
-    types = {"X0": x, "X1": x, "OUT": x, "G": x, "DX0": x, "DX1": x, "T": f32, "SQ": f32, "NORM": f32, "DZ": f32,
-             "META": "*i64", **{n: x for n in ("W0", "B0", "W1", "B1", "DW0", "DB0", "DW1", "DB1")}}
-    ints = {"n_rows": b, "MM": mm, "C": chunks, "R": rank}
-    # what the JIT specialises: integers equal to 1 become constants, pointers and multiples of 16 are marked
-    ones = {k: 1 for k, v in ints.items() if v == 1}
-    divisible = tuple(types) + tuple(k for k, v in ints.items() if v % 16 == 0 and v != 1)
-    waste = padding_waste(plan, b, sizes, rank)
-    n_j = _fwd_tiles(plan, sizes)
-    fused = n_j == 1
-    common = {"RANK_P": plan.rank_p, "BLOCK_K": plan.block_k, "PREC": prec}
-
-    def spec(fn, consts, warps, programs, inner, outputs):
-        consts = {k: v for k, v in {**common, **consts, **ones}.items() if k in fn.arg_names}
-        names = tuple(n for n in divisible if n in fn.arg_names and n not in consts)
-        return Spec(fn, types, consts, warps, names, f"{dtype} {precision}", programs,
-                    extra={"padding_waste": round(max(waste[k] for k in inner), 4),
-                           "padding": {k: round(waste[k], 4) for k in inner + outputs}, "dot_precision": prec})
-
-    specs = [spec(_block_fwd_kernel, {"BLOCK_B": plan.fwd_b, "BLOCK_J": plan.fwd_j, "NORMALIZE": True,
-                                      "FUSED_NORM": fused}, plan.fwd_warps,
-                  chunks * cdiv(b, plan.fwd_b) * n_j, ("k",), ("fwd_n",))]
-    if not fused:
-        norm = Spec(_block_norm_kernel, types, {"BLOCK_B": plan.norm_b, "BLOCK_S": plan.block_s,
-                                                "BLOCK_J": plan.fwd_j, "N_JP": next_power_of_2(n_j), **{
-                                                    k: v for k, v in ones.items() if k in ("n_rows", "C")}}, 4,
-                    tuple(n for n in divisible if n in _block_norm_kernel.arg_names and n not in ones),
-                    f"{dtype} {precision}", chunks * cdiv(b, plan.norm_b),
-                    extra={"padding_waste": None, "padding": {"chunk_out": round(waste["chunk_out"], 4)}})
-        specs.append(norm)
-    out = {"HEAD": plan.out_head, "TAIL": plan.out_tail}
-    specs.append(spec(_block_bwd_dx_kernel, {"BLOCK_B": plan.dx_b, "BLOCK_J": plan.dx_j, "BLOCK_S": plan.block_s,
-                                             "NORMALIZE": True, **out}, plan.dx_warps, chunks * cdiv(b, plan.dx_b) * 2,
-                      ("k", "dx_n"), ("chunk_out",)))
-    specs.append(spec(_block_bwd_dw_kernel, {"BLOCK_B": plan.dw_b, "BLOCK_J": plan.dw_j, **out},
-                      plan.dw_warps, chunks * cdiv(max_s, plan.dw_j) * 2, ("k", "dw_batch"), ("chunk_out",)))
-    return specs
-
-
-def hopper_floors(shape: tuple[int, ...], dtype: str = "fp32", precision: str = "highest") -> dict:
-    """Floors (microseconds) of the forward and the forward + backward at ``shape`` on each GPU of ``GPUS``."""
-    b, sizes, rank = _report_args(shape, dtype, precision)
-    t = _DTYPES[dtype]
-    return {f"{gpu} {what} us": round(1e6 * block_merge_floor(b, sizes, rank, dtype=t, precision=precision, gpu=gpu,
-                                                             backward=bwd), 2)
-            for gpu in GPUS for what, bwd in (("fwd", False), ("fwd+bwd", True))}

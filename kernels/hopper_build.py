@@ -40,6 +40,7 @@ REGISTER_ALLOC_UNIT = 256  # registers are allocated per warp in units of 256 (8
 SHARED_PER_SM = 228 * 1024
 SHARED_RESERVED_PER_BLOCK = 1024  # the runtime reserves 1 KB of shared memory per resident block
 WARPS_PER_SM = 64
+SCHEDULERS_PER_SM = 4  # warp schedulers, each issuing at most one instruction a cycle (H100 whitepaper: 4 SMSPs)
 BLOCKS_PER_SM = 32
 
 # Per-GPU bandwidths for floors, bytes/s. Each value names its source; None: not known here (owed to a measurement on
@@ -89,6 +90,20 @@ class Spec:
     programs: int = 0  # the grid at that shape
     rows_per_iteration: int | None = None  # kernels that gather bank rows: rows one program gathers per loop pass
     extra: dict = field(default_factory=dict)  # op-specific report fields (BLOCK adds padding_waste)
+    loops: tuple | None = None  # the source loops as Loop trees, outermost first (see executed_mix); None: not counted
+    launches: int = 1  # launches of this specialisation in one call of the op (e.g. one forward + backward)
+    timing: dict | None = None  # {"sms", "clock_hz", "floor_us"}: issue-bound time and floor (see issue_bound_s)
+
+
+@dataclass(frozen=True)
+class Loop:
+    """A loop of a kernel's source, for weighting its SASS by what runs: ``trips`` passes per enclosing pass.
+    ``unrollable``: its trip count is a compile-time constant, so the compiler may unroll it (then its copies are
+    straight-line code of the enclosing body and it matches no SASS loop)."""
+    name: str
+    trips: int
+    inner: tuple = ()
+    unrollable: bool = False
 
 
 # op -> "module:function" returning list[Spec]; options come from the CLI (NCE: bank_dtype; BLOCK: dtype, precision)
@@ -216,6 +231,117 @@ def hot_loop(instructions: list[tuple[int, str]]) -> list[str]:
     return max(body, key=len)
 
 
+# ------------------------------------------------------------------------------------- loops weighted by trips
+_BACK_BRANCH = re.compile(r"BRA(?:\.\S+)?\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)")
+
+
+def sass_loops(instructions: list[tuple[int, str]]) -> list[dict]:
+    """The loops of a listing as a tree: every backward branch closes a loop [target, branch]; one loop holds
+    another when its range contains it. Each node: {"start", "end", "inner": [...]}, in address order. Several
+    backward branches to one target (a loop with a ``continue``) are one loop, the last branch closing it."""
+    ends: dict[int, int] = {}
+    for addr, text in instructions:
+        m = _BACK_BRANCH.match(text)
+        if m and int(m.group(1), 16) < addr:
+            start = int(m.group(1), 16)
+            ends[start] = max(addr, ends.get(start, 0))
+    roots: list[dict] = []
+    stack: list[dict] = []
+    for start, end in sorted(ends.items(), key=lambda se: (se[0], -se[1])):
+        node = {"start": start, "end": end, "inner": []}
+        while stack and not (stack[-1]["start"] <= start and end <= stack[-1]["end"]):
+            stack.pop()
+        (stack[-1]["inner"] if stack else roots).append(node)
+        stack.append(node)
+    return roots
+
+
+def _match_loops(found: list[dict], declared: tuple, where: str) -> list[tuple[dict, Loop]]:
+    """Pair SASS loops with declared source loops level by level, in order; declared ``unrollable`` loops the
+    compiler unrolled match nothing. A structure that does not match is an error naming the kernel: counting
+    the wrong trips would report a figure for code that does not run."""
+    kept = list(declared)
+    if len(found) != len(kept):
+        kept = [d for d in declared if not d.unrollable]
+    if len(found) != len(kept):
+        raise ValueError(f"{where}: the SASS has {len(found)} loops at this level, the source declares "
+                         f"{[d.name for d in declared]} ({len(kept)} not unrollable): declare the spec's loops anew")
+    pairs = []
+    for node, loop in zip(found, kept):
+        pairs.append((node, loop))
+        pairs += _match_loops(node["inner"], loop.inner, f"{where}/{loop.name}")
+    return pairs
+
+
+def executed_mix(instructions: list[tuple[int, str]], loops: tuple, where: str = "kernel") -> dict:
+    """The instruction mix one warp of one program executes: every instruction weighted by the product of the trip
+    counts of the loops around it (``loops``: the source's loop trees, see ``Loop``). Both sides of a branch count
+    (an upper bound where a branch skips code, e.g. the last tile of a shorter chunk); an unrolled loop's copies
+    count once per enclosing pass, as written. Adds ``loops``: name -> instructions in one pass of its body."""
+    pairs = _match_loops(sass_loops(instructions), loops, where)
+    weights = [1] * len(instructions)
+    body = {}
+    for node, loop in pairs:
+        inside = [i for i, (a, _) in enumerate(instructions) if node["start"] <= a <= node["end"]]
+        body[loop.name] = len(inside)
+        for i in inside:
+            weights[i] *= loop.trips
+    mix = dict.fromkeys(MIX_CLASSES, 0)
+    mix["other"] = 0
+    for (_, text), w in zip(instructions, weights):
+        mix[_mix_class(text)] += w
+    mix["total"] = sum(weights)
+    mix["loops"] = body
+    return mix
+
+
+def issue_bound_s(instructions_per_warp: int, num_warps: int, programs: int, sms: int, clock_hz: float) -> float:
+    """Seconds one launch takes at best if every warp scheduler issues one instruction a cycle (4 per sm_90 SM) and
+    nothing else limits it: the busiest SM runs ceil(programs / sms) programs, their warps spread over its 4
+    schedulers. A lower bound on the launch (latency, the tensor pipe and memory can only add), not a prediction."""
+    per_sm = -(-programs // sms) * num_warps
+    return -(-per_sm // SCHEDULERS_PER_SM) * instructions_per_warp / clock_hz
+
+
+_LAYOUT = re.compile(r"^(#[\w]+) = #ttg\.(nvidia_mma|blocked)<\{(.*)\}>", re.M)
+_DOT = re.compile(r"(?:tt\.dot|ttng\.warp_group_dot)\b.*->\s*tensor<(\d+)x(\d+)x\w+,\s*(#\w+)>")
+
+
+def _layout_field(body: str, name: str) -> list[int]:
+    m = re.search(name + r" = \[([\d, ]+)\]", body)
+    return [int(v) for v in m.group(1).split(",")] if m else []
+
+
+def dot_replication(ttgir: str) -> list[dict]:
+    """Every dot of a kernel (Triton GPU IR) with its result tile, warps and how many times its warps compute each
+    element: coverage / tile per dimension, from the layout (MMA: warpsPerCTA x instrShape; FMA dots, blocked:
+    sizePerThread x threadsPerWarp x warpsPerCTA). ``replication`` > 1: warps computing the same tile twice or
+    more (e.g. 8 warps stacked over 16 rows)."""
+    layouts = {}
+    for name, kind, body in _LAYOUT.findall(ttgir):
+        warps = _layout_field(body, "warpsPerCTA")
+        if kind == "nvidia_mma":
+            per_warp = _layout_field(body, "instrShape")[:2]
+        else:
+            per_warp = [a * b for a, b in zip(_layout_field(body, "sizePerThread"),
+                                              _layout_field(body, "threadsPerWarp"))]
+        layouts[name] = (kind, [w * p for w, p in zip(warps, per_warp)], warps)
+    dots = []
+    for m, n, layout in _DOT.findall(ttgir):
+        kind, coverage, warps = layouts.get(layout, ("?", [0, 0], []))
+        shape = (int(m), int(n))
+        rep = 1
+        for size, cover in zip(shape, coverage):
+            rep *= max(1, cover // size)
+        dots.append({"tile": list(shape), "layout": kind, "warps": warps, "replication": rep})
+    return dots
+
+
+def _mix_class(text: str) -> str:
+    op = text.split()[0].split(".")[0] if text else ""
+    return next((c for c, ops in MIX_CLASSES.items() if op in ops), "other")
+
+
 def instruction_mix(instructions: list[str]) -> dict[str, int]:
     """Counts per class of ``MIX_CLASSES`` plus ``other`` (integer, moves, conversions, branches) and ``total``."""
     mix = dict.fromkeys(MIX_CLASSES, 0)
@@ -276,6 +402,26 @@ def report_spec(spec: Spec, sass_dir: str, index: int) -> dict:
         # warp-instructions the SM issues per gathered row: every warp runs the loop body once per pass
         row["per_gathered_row"] = {k: round(v * spec.num_warps / spec.rows_per_iteration, 2) for k, v in mix.items()}
     row.update(spec.extra)
+    if spec.loops is not None:
+        row.update(executed_row(spec, sass_instructions(sass), kernel.asm.get("ttgir")))
+    return row
+
+
+def executed_row(spec: Spec, instructions: list[tuple[int, str]], ttgir: str | None = None) -> dict:
+    """Report fields of what one launch of ``spec`` executes (its declared ``loops`` weighted by their trips):
+    the mix per warp and program, each dot's warp replication (``dot_replication``, from the Triton GPU IR) and,
+    where ``spec.timing`` gives the GPU, the issue-bound time of its
+    ``launches`` in one call beside their floor (``issue_bound_us``, ``floor_us``, both for all launches)."""
+    mix = executed_mix(instructions, spec.loops, spec.kernel.__name__)
+    row = {"executed_per_warp": mix, "launches": spec.launches}
+    if ttgir is not None:
+        dots = dot_replication(ttgir)
+        row.update(dots=dots, dot_replication=max((d["replication"] for d in dots), default=1))
+    if spec.timing:
+        t = spec.timing
+        once = issue_bound_s(mix["total"], spec.num_warps, spec.programs, t["sms"], t["clock_hz"])
+        row.update(issue_bound_us_per_launch=round(1e6 * once, 3), issue_bound_us=round(1e6 * once * spec.launches, 3),
+                   floor_us=round(t["floor_us"] * spec.launches, 3), timing_gpu=t.get("gpu"))
     return row
 
 
@@ -311,6 +457,22 @@ def format_table(rows: list[dict]) -> str:
         cells.append("per row" if per_row else "loop/warp")
         cells += [str(mix.get(k)) for k in _MIX_COLUMNS]
         lines.append(" | ".join(cells))
+    return "\n".join(lines) + format_bounds(rows)
+
+
+def format_bounds(rows: list[dict]) -> str:
+    """Rows with declared loops: instructions one warp executes (loops weighted by their trips), the issue bound
+    of the kernel's launches in one call beside their floor, and the totals of the call."""
+    timed = [r for r in rows if "executed_per_warp" in r]
+    if not timed:
+        return ""
+    lines = ["", "executed per warp (loops x trips) | launches | issue bound us | floor us | loop bodies"]
+    for r in timed:
+        lines.append(f"{r['kernel']}: {r['executed_per_warp']['total']} | {r['launches']} | "
+                     f"{r.get('issue_bound_us')} | {r.get('floor_us')} | {r['executed_per_warp']['loops']}")
+    if all("issue_bound_us" in r for r in timed):
+        bound, floor = (round(sum(r[k] for r in timed), 3) for k in ("issue_bound_us", "floor_us"))
+        lines.append(f"one call: issue bound {bound} us, floor {floor} us ({timed[0].get('timing_gpu')})")
     return "\n".join(lines)
 
 
@@ -336,9 +498,10 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--bank-dtype", choices=["fp32", "bf16", "fp16"], help="nce: the bank's dtype")
     rep.add_argument("--dtype", help="block: the operands' dtype")
     rep.add_argument("--precision", help="block: the matmul precision")
+    rep.add_argument("--gpu", help="block: the GPU of the issue bound and floors (a key of block_plan.GPUS)")
     args = parser.parse_args(argv)
     options = {k: v for k, v in (("bank_dtype", args.bank_dtype), ("dtype", args.dtype),
-                                 ("precision", args.precision)) if v is not None}
+                                 ("precision", args.precision), ("gpu", args.gpu)) if v is not None}
     try:
         load_reporter(args.op)
     except (ImportError, AttributeError) as e:  # e.g. block before its branch is merged: this op only

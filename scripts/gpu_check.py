@@ -701,8 +701,7 @@ def block_check(ctx: Ctx, batch: int, sizes: list[int], rank: int, x_dtype, w_dt
     ``fused`` (the Triton kernels, CMC_FAST_KERNELS=triton) or ``bmm`` (``block_merge_bmm``, CMC_FAST_KERNELS=bmm),
     under float32 matmul precision ``precision``."""
     import torch
-    from cmc_fast.ops import block_merge
-    from cmc_fast.kernels.block import dot_precision
+    from cmc_fast.kernels.block import block_merge, dot_precision
     from cmc_fast.kernels.reference import block_merge_reference
 
     g, mm = _gen(), sum(sizes)
@@ -797,7 +796,7 @@ def record_block_dispatch(ctx: Ctx) -> None:
     eager and under torch.compile, with the two estimates it compares. A static rule: the dry run asks it for CUDA
     (H100 SXM constants, this machine having no GPU) and records the same picks a GPU run of that kind makes; the
     timings section measures whether they are right."""
-    from cmc_fast.kernels.block import _gpu_name, choose_block_path, estimate_bmm, estimate_fused
+    from cmc_fast.kernels.block_plan import _gpu_name, choose_block_path, estimate_bmm, estimate_fused
     from cmc_fast.kernels.reference import block_chunk_sizes
 
     bench = _bench_module("bench_block")
@@ -973,7 +972,7 @@ def block_floor_fields(ctx: Ctx, batch: int, sizes: list[int], rank: int, dtype,
     """``kernels.block.block_merge_floor`` for this GPU (H200 by its name, else H100 SXM) at the row's dtype and
     precision, as bench/bench_block.py records it. Computed in the dry run too, kept there as ``gpu_floor_s`` with
     ``floor_s`` empty (a CPU's time over a GPU floor means nothing)."""
-    from cmc_fast.kernels.block import _gpu_name, block_merge_floor
+    from cmc_fast.kernels.block_plan import _gpu_name, block_merge_floor
 
     gpu = _gpu_name(ctx.device)
     floor = block_merge_floor(batch, sizes, rank, dtype=dtype, precision=precision, gpu=gpu, backward=backward)

@@ -1,0 +1,576 @@
+"""BLOCK's planning and cost model beside the op file ``kernels/block.py``: the GPU table, the kernels' tiles
+(``block_plan``), the compile-time chunk layout, the floors, the static report's specialisations
+(``hopper_specs``), and the rule that picks the fused kernels or the batched-bmm path per shape
+(``choose_block_path``) from the fused kernels' issue bound (``kernels/block_bounds.json``) against the bmm
+path's GEMM floors. Nothing here launches a kernel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+
+import torch
+
+from .dispatch import kernel_mode, triton_available, triton_interpreted
+from .reference import block_chunk_sizes, block_size_groups
+from .utils import cdiv, next_power_of_2
+
+# ------------------------------------------------------------------------------------------ GPU constants
+# Dense rates (the datasheets quote tensor-core rates "with sparsity": half of that is dense) and HBM bandwidths.
+GPUS = {
+    "H100 SXM": {
+        "fp32": 67e12,  # NVIDIA H100 Tensor Core GPU datasheet, H100 SXM column: FP32 67 TFLOPS (no tensor cores)
+        "tf32": 494.7e12,  # idem: TF32 Tensor Core 989 TFLOPS with sparsity -> 494.7 dense
+        "bf16": 989.4e12,  # idem: BF16 Tensor Core 1,979 TFLOPS with sparsity -> 989.4 dense (FP16 the same)
+        "hbm": 3.35e12,  # idem: GPU memory bandwidth 3.35 TB/s (HBM3)
+        "sms": 132,  # NVIDIA H100 whitepaper: 132 SMs on the SXM5 part
+        "clock_hz": 1.98e9,  # the boost clock its FP32 rate implies: 67e12 / (132 SMs x 128 lanes x 2 FLOP)
+    },
+    "H100 PCIe": {
+        "fp32": 51e12,  # NVIDIA H100 Tensor Core GPU datasheet, H100 PCIe column: FP32 51 TFLOPS
+        "tf32": 378e12,  # idem: TF32 Tensor Core 756 TFLOPS with sparsity -> 378 dense
+        "bf16": 756.5e12,  # idem: BF16 Tensor Core 1,513 TFLOPS with sparsity -> 756.5 dense
+        "hbm": 2.0e12,  # idem: GPU memory bandwidth 2 TB/s (HBM2e)
+        "sms": 114,  # NVIDIA H100 whitepaper: 114 SMs on the PCIe part
+        "clock_hz": 1.755e9,  # its boost clock (51e12 / (114 x 128 x 2) = 1.75 GHz agrees)
+    },
+    "H200": {
+        "fp32": 67e12,  # NVIDIA H200 Tensor Core GPU datasheet, H200 SXM column: FP32 67 TFLOPS
+        "tf32": 494.7e12,  # idem: TF32 Tensor Core 989 TFLOPS with sparsity -> 494.7 dense
+        "bf16": 989.4e12,  # idem: BF16 Tensor Core 1,979 TFLOPS with sparsity -> 989.4 dense
+        "hbm": 4.8e12,  # idem: GPU memory bandwidth 4.8 TB/s (HBM3e)
+        "sms": 132,  # same GH100 die configuration as the H100 SXM
+        "clock_hz": 1.98e9,  # as the H100 SXM (the same FP32 rate)
+    },
+}
+
+MAX_CHUNK = 256  # largest chunk the fused kernels take (dx/dW hold a [rows, pow2 >= chunk] tile)
+MAX_RANK = 128  # largest rank (a feature tile holds all ranks of its features)
+MIN_DOT = 16  # tl.dot needs every dimension >= 16 on NVIDIA GPUs; the interpreter does not check it
+
+
+# ------------------------------------------------------------------------------------------------ tiles
+
+def _pow2(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockPlan:
+    """The tiles of the kernels for one (batch, chunk sizes, rank). A tile's N dimension is ``*_j * rank_p``."""
+    rank_p: int  # rank padded to a power of two
+    block_k: int  # contraction step over a chunk's inputs (forward and every recomputation of y)
+    block_s: int  # power of two >= the largest chunk: the dx kernel's row of g and t, the norm kernel's row
+    out_head: int  # the dx and dW outputs cover a chunk's width with a head tile and a tail tile (0: none)
+    out_tail: int
+    fwd_b: int  # forward: batch rows, features per tile, warps
+    fwd_j: int
+    fwd_warps: int
+    norm_b: int  # norm kernel: batch rows per program
+    dx_b: int  # dx kernel: batch rows, features per step, warps
+    dx_j: int
+    dx_warps: int
+    dw_b: int  # dW kernel: batch rows per step, features per program, warps
+    dw_j: int
+    dw_warps: int
+
+
+def _block_k(sizes) -> int:
+    """The K step with the least padding over the chunks (the larger on ties): 16 for chunks of 80 (0%; 32 would pad
+    to 96, 64 and the old whole-chunk tile to 128), 16 for chunks of 15 (6.25%)."""
+    best = None
+    for bk in (64, 32, 16):
+        waste = 1 - sum(sizes) / sum(cdiv(s, bk) * bk for s in sizes)
+        if best is None or waste < best[0] - 1e-12:
+            best = (waste, bk)
+    return best[1]
+
+
+def block_plan(n_rows: int, sizes, rank: int, *, sms: int = 132, ieee_fp32: bool = False, itemsize: int = 4,
+               interpreted: bool | None = None, **overrides) -> BlockPlan:
+    """Tiles for a launch, chosen to (1) keep every dot dimension a power of two >= 16, (2) hold two fp32 [rows, N]
+    accumulators without spilling, (3) have no warp compute a dot tile another warp computes, (4) issue the fewest
+    instructions by the static report's count (sm_90 SASS, loops x trips: swept by hand at (1600, 20, 15), B=64).
+    ``ieee_fp32``: float32 dots at "highest" (FFMA, operands in registers): smaller tiles (the sm_90 build spilled
+    72, 636 and 20 B with the tensor-core tiles). ``itemsize``: the larger element size of x and the weights
+    (16-bit: a larger dx tile). Not timed on a GPU yet (owed); checked for spills, tile replication, tensor-core use
+    and the issue bound in the sm_90 build (tests/test_block_kernel.py, ``hopper_specs``). At (1600, 20, 15), B=64,
+    bf16: rank_p 16, K step 16; forward 64 rows x (8 features x 16 ranks) on 4 warps -> 20 x 1 x 10 = 200 programs +
+    norm 20 x 8 = 160; dx 64 rows x 8 features on 4 warps -> 20 x 1 x 2 = 40; dW 4 features x 16 ranks, 32 rows a
+    step, on 4 warps -> 20 x 20 x 2 = 800. ``overrides``: any field, e.g. to force tile shapes in tests."""
+    interpreted = triton_interpreted() if interpreted is None else interpreted
+    max_s, chunks = max(sizes), len(sizes)
+    rank_p = next_power_of_2(rank)
+    block_s = max(MIN_DOT, next_power_of_2(max_s))
+    out_head, out_tail = _out_tiles(max_s, block_s)
+    min_j = cdiv(MIN_DOT, rank_p)  # features a tile needs for N >= 16
+    whole = max(min_j, next_power_of_2(max_s))  # one tile per chunk
+    rows = max(MIN_DOT, min(64, next_power_of_2(n_rows)))  # the interpreter pays per program: few big tiles
+    # forward: a whole chunk per tile (normalised in the same launch) while N <= 256, else N = 128
+    fwd_j = whole if whole * rank_p <= 256 else max(min_j, 128 // rank_p)
+    fwd_b, budget = rows, 4096 if ieee_fp32 else 8192
+    while fwd_b > MIN_DOT and fwd_b * fwd_j * rank_p > budget:
+        fwd_b //= 2
+    n_j = cdiv(max_s, fwd_j)
+    while not interpreted and fwd_b > MIN_DOT and chunks * cdiv(n_rows, fwd_b) * n_j < sms:
+        fwd_b //= 2
+    # warps: 8 from N = 256 (4 spilled 128 B at (256, 18, 15) in TF32) or, FFMA, 4096 accumulator elements; else 4
+    # (at 64 x 128 on tensor cores 8 warps issued 1.9x the instructions of 4: bf16 872 vs 904 a warp)
+    fwd_warps = 8 if fwd_j * rank_p >= 256 or (ieee_fp32 and fwd_b * fwd_j * rank_p >= budget) else 4
+    norm_b = rows if interpreted else min(16, 1 << max(0, (chunks * n_rows // sms).bit_length() - 1))
+    # dx: [rows, block_s] accumulator and a [N, block_s] weight tile per step, N * block_s <= a budget (FFMA 4096:
+    # 8192 spilled 476 B there; TF32 8192: 16384 spilled 28 B; 16-bit 16384). Tensor cores: Triton stacks the
+    # warps of a dot fed by another dot along M ([warps, 1]), so the dx product needs 16 rows a warp -- 64 rows on 4
+    # warps (the old 16 rows on 8 warps computed each tile 8 times); FFMA dots (blocked layouts): 32 rows, 4 warps
+    dx_budget = 4096 if ieee_fp32 else 16384 if itemsize == 2 else 8192
+    dx_n = 64 if not ieee_fp32 and itemsize == 4 else 128  # TF32 at N = 128 spilled 12 B at chunks of 15
+    dx_j = max(min_j, min(min(dx_n, max(MIN_DOT, dx_budget // block_s)) // rank_p, whole))  # per block_s
+    dx_b = rows if interpreted else min(32 if ieee_fp32 else 64, rows)
+    dx_warps = 4 if ieee_fp32 else max(1, dx_b // MIN_DOT)
+    # dW: [N, block_s] accumulator, N * block_s <= 8192 (N * block_s = 16384 spilled 168 B at 8 warps in bf16); 4
+    # warps on tensor cores (8 issued 1.75x the bound of 4 at (1600, 20, 15), B=64), 8 for FFMA
+    dw_j = max(min_j, min(min(128, max(MIN_DOT, 8192 // block_s)) // rank_p, whole))  # idem
+    dw_b = rows if interpreted else (MIN_DOT if ieee_fp32 else 32)
+    plan = BlockPlan(
+        rank_p=rank_p, block_k=_block_k(sizes), block_s=block_s, out_head=out_head, out_tail=out_tail,
+        fwd_b=fwd_b, fwd_j=fwd_j, fwd_warps=fwd_warps,
+        norm_b=norm_b, dx_b=dx_b, dx_j=dx_j, dx_warps=dx_warps,
+        dw_b=dw_b, dw_j=dw_j, dw_warps=8 if ieee_fp32 else 4)
+    plan = dataclasses.replace(plan, **overrides)
+    _check_plan(plan, max_s, rank)
+    return plan
+
+
+def _out_tiles(max_s: int, block_s: int) -> tuple[int, int]:
+    """(head, tail) widths covering a chunk of max_s in the dx/dW outputs: the largest power of two <= max_s and the
+    power of two >= the rest (80 -> 64 + 16, 40 -> 32 + 16), or one tile of block_s where that saves nothing
+    (100 -> 128, 15 -> 16)."""
+    head = max(MIN_DOT, 1 << (max_s.bit_length() - 1))
+    tail = 0 if max_s <= head else max(MIN_DOT, next_power_of_2(max_s - head))
+    return (head, tail) if head + tail < block_s else (block_s, 0)
+
+
+def _check_plan(plan: BlockPlan, max_s: int, rank: int) -> None:
+    dots = {"fwd_b": plan.fwd_b, "block_k": plan.block_k, "block_s": plan.block_s, "out_head": plan.out_head,
+            "out_tail": plan.out_tail or MIN_DOT, "dx_b": plan.dx_b,
+            "dw_b": plan.dw_b, "fwd_j*rank_p": plan.fwd_j * plan.rank_p, "dx_j*rank_p": plan.dx_j * plan.rank_p,
+            "dw_j*rank_p": plan.dw_j * plan.rank_p}
+    bad = {k: v for k, v in dots.items() if v < MIN_DOT or not _pow2(v)}
+    if bad:
+        raise ValueError(f"tl.dot needs tiles >= {MIN_DOT} in every dimension, powers of two; got {bad}")
+    others = {"rank_p": plan.rank_p, "fwd_j": plan.fwd_j, "dx_j": plan.dx_j, "dw_j": plan.dw_j, "norm_b": plan.norm_b}
+    bad = {k: v for k, v in others.items() if not _pow2(v)}
+    if bad:
+        raise ValueError(f"tile sizes must be powers of two, got {bad}")
+    if plan.rank_p < rank or plan.block_s < max_s or plan.out_head + plan.out_tail < max_s:
+        raise ValueError(f"rank_p={plan.rank_p} must be >= the rank ({rank}), block_s={plan.block_s} and out_head + "
+                         f"out_tail={plan.out_head}+{plan.out_tail} >= the largest chunk ({max_s})")
+
+
+def _fwd_tiles(plan: BlockPlan, sizes) -> int:
+    return cdiv(max(sizes), plan.fwd_j)
+
+
+def padding_waste(plan: BlockPlan, n_rows: int, sizes, rank: int) -> dict[str, float]:
+    """Share of each padded dimension that is padding, summed over chunks. Inner (contraction) dimensions: ``k``
+    (a chunk's inputs, in steps of block_k: forward and every recomputation of y), ``dx_n`` (features x ranks of the
+    dx product), ``dw_batch`` (rows of the dW product). Output dimensions: ``fwd_n`` (features x ranks of a forward
+    tile) and ``chunk_out`` (a chunk's inputs padded to out_head + out_tail in the dx and dW outputs)."""
+    total = sum(sizes)
+
+    def n_waste(j: int) -> float:
+        return 1 - rank * total / sum(cdiv(s, j) * j * plan.rank_p for s in sizes)
+
+    return {"k": 1 - total / sum(cdiv(s, plan.block_k) * plan.block_k for s in sizes),
+            "dx_n": n_waste(plan.dx_j), "dw_batch": 1 - n_rows / (cdiv(n_rows, plan.dw_b) * plan.dw_b),
+            "fwd_n": n_waste(plan.fwd_j), "chunk_out": 1 - total / (len(sizes) * (plan.out_head + plan.out_tail))}
+
+
+def chunk_layout(sizes) -> dict[str, int]:
+    """The kernels' compile-time chunk arguments: S, the chunk size when every chunk has it (else 0: read from
+    META), and ALIGN, the largest power of two <= 16 dividing every chunk size (so every column, weight and bias
+    offset), declared to Triton so loads of 16-bit and 32-bit data vectorise where the sizes allow."""
+    sizes = [int(s) for s in sizes]
+    g = math.gcd(*sizes)
+    return {"S": sizes[0] if len(set(sizes)) == 1 else 0, "ALIGN": min(16, g & -g)}
+
+
+def dot_precision(dtype: torch.dtype, precision: str | None = None) -> str:
+    """``tl.dot``'s input_precision: IEEE fp32 for float32 at "highest" (PyTorch's default), TF32 at "high" and
+    "medium" (what cuBLAS uses there); 16-bit inputs ignore it (tensor cores either way)."""
+    precision = precision or torch.get_float32_matmul_precision()
+    if precision not in ("highest", "high", "medium"):
+        raise ValueError(f"precision must be 'highest', 'high' or 'medium', got {precision!r}")
+    return "tf32" if dtype == torch.float32 and precision != "highest" else "ieee"
+
+
+def _ieee_fp32(dtype: torch.dtype, prec: str) -> bool:
+    return dtype == torch.float32 and prec == "ieee"
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return GPUS["H100 SXM"]["sms"]
+
+
+# --------------------------------------------------------------------------------------- the dispatch rule
+# choose_block_path picks the path with the smaller estimated time of one training step (forward + backward).
+#   fused: launches * LAUNCH_TRITON + the kernels' issue bound (``fused_issue_bound``): the instructions one warp of
+#          each kernel executes, read from its sm_90 SASS with every loop weighted by its trips (the static report,
+#          kernels/hopper_build.py), at one instruction a cycle per scheduler on the device's SMs and clock. A lower
+#          bound on the kernels (latency and memory only add): the fused path is picked only when even its bound
+#          wins -- until GPU timings replace it (owed). Read from the committed table kernels/block_bounds.json
+#          (``python -m cmc_fast.kernels.block_plan bounds`` writes it), else computed once per shape (~10 s: four
+#          sm_90 builds) and cached; no bound (no Triton compiler, a chunking the table cannot name): not picked.
+#   bmm:   the GEMM floor of its 6 products (cuBLAS: no padding, no recomputation) at EFF_CUBLAS of the rate, plus
+#          y0, y1 and their gradients through HBM (BMM_TRAFFIC x B*R*mm elements) and its launches per group of
+#          equal-size chunks, eager or under torch.compile (separate kernels: no overlap).
+# The launch costs and EFF_CUBLAS are ASSUMPTIONS (nothing here has run on a GPU yet; the bench rows of
+# `pytest bench/bench_block.py` on an H100/H200 are what should replace them -- owed).
+LAUNCH_TRITON = 4e-6  # assumed: one Triton launch from Python incl. host overhead (no CUDA graph)
+LAUNCH_EAGER = 5e-6  # assumed: one eager PyTorch op (dispatcher + launch)
+LAUNCH_COMPILED = 3e-6  # assumed: one kernel of an Inductor graph
+EFF_CUBLAS = 0.6  # assumed share of peak for cuBLAS batched GEMMs of this size
+BMM_LAUNCHES = {"eager": (14, 30), "compiled": (3, 6)}  # per size group (forward, backward), counted from the code
+BMM_TRAFFIC = {"eager": 14, "compiled": 12}  # B*R*mm-element passes over HBM (y0, y1, their product, dy0, dy1)
+BOUNDS_FILE = os.path.join(os.path.dirname(__file__), "block_bounds.json")
+
+
+def _rate_key(dtype: torch.dtype, precision: str) -> str:
+    if dtype in (torch.float16, torch.bfloat16):
+        return "bf16"
+    return "fp32" if precision == "highest" else "tf32"
+
+
+def _gpu_name(device: torch.device | str) -> str:
+    return _gpu_name_of(str(torch.device(device)))
+
+
+@functools.lru_cache(maxsize=16)
+def _gpu_name_of(device: str) -> str:
+    """The key of ``GPUS`` for a device: by its name (H200, H100 PCIe), else the H100 SXM."""
+    device = torch.device(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" and torch.cuda.is_available() else ""
+    if "H200" in name:
+        return "H200"
+    return "H100 PCIe" if "PCIe" in name else "H100 SXM"
+
+
+@functools.lru_cache(maxsize=16)
+def device_timing(device: str) -> dict:
+    """SM count and clock of the issue bound: the device's own where it says them (its SM count; its clock where
+    torch's properties carry ``clock_rate``, in kHz), the ``GPUS`` entry of its name otherwise."""
+    spec = GPUS[_gpu_name(device)]
+    timing = {"sms": spec["sms"], "clock_hz": spec["clock_hz"]}
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(device)
+        timing["sms"] = props.multi_processor_count
+        if getattr(props, "clock_rate", 0):
+            timing["clock_hz"] = props.clock_rate * 1e3
+    return timing
+
+
+def _bounds_key(batch: int, sizes, rank: int, dtype: str, precision: str) -> str:
+    return f"{batch},{sum(sizes)},{len(sizes)},{rank} {dtype} {precision}"
+
+
+def _table_dtype(dtype: torch.dtype, precision: str) -> tuple[str, str]:
+    """The report's (dtype, precision) whose code a call runs: fp16 compiles as bf16 does (same tiles, same
+    instruction counts), "medium" as "high" (both TF32), 16-bit inputs ignore the precision."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return "bf16", "highest"
+    return "fp32", "highest" if precision == "highest" else "high"
+
+
+@functools.lru_cache(maxsize=1)
+def _bounds_table() -> dict:
+    try:
+        with open(BOUNDS_FILE) as f:
+            return json.load(f)["entries"]
+    except FileNotFoundError:
+        return {}
+
+
+def kernel_counts(shape: tuple[int, int, int, int], dtype: str, precision: str) -> list[dict]:
+    """What the fused kernels execute at shape (B, DIM, CHUNKS, RANK), from their sm_90 SASS: per kernel, the
+    instructions one warp executes (loops x trips), its warps, programs and launches in one forward + backward."""
+    import tempfile
+
+    from .hopper_build import report_spec
+
+    with tempfile.TemporaryDirectory() as sass_dir:
+        rows = [report_spec(spec, sass_dir, i) for i, spec in enumerate(hopper_specs(shape, dtype, precision))]
+    return [{"kernel": r["kernel"], "instructions_per_warp": r["executed_per_warp"]["total"],
+             "num_warps": r["num_warps"], "programs": r["programs"], "launches": r["launches"]} for r in rows]
+
+
+@functools.lru_cache(maxsize=64)
+def _counts(batch: int, sizes: tuple[int, ...], rank: int, dtype: str, precision: str) -> tuple | None:
+    entry = _bounds_table().get(_bounds_key(batch, sizes, rank, dtype, precision))
+    if entry is not None:
+        return tuple(tuple(sorted(k.items())) for k in entry)
+    if list(sizes) != block_chunk_sizes(sum(sizes), len(sizes)):
+        return None  # the report names shapes by (DIM, CHUNKS): another chunking has no bound here
+    try:
+        counts = kernel_counts((batch, sum(sizes), len(sizes), rank), dtype, precision)
+    except Exception:  # noqa: BLE001 - no Triton compiler or ptxas here: no bound, so the fused path is not picked
+        return None
+    return tuple(tuple(sorted(k.items())) for k in counts)
+
+
+def fused_issue_bound(batch: int, sizes, rank: int, dtype: torch.dtype, precision: str, gpu: str = "H100 SXM",
+                      timing: dict | None = None) -> float | None:
+    """Seconds the fused kernels of one forward + backward take at least (their issue bound, see the dispatch
+    notes above) on ``gpu``'s SMs and clock (``timing`` {"sms", "clock_hz"} overrides them); None without
+    counts for that shape."""
+    from .hopper_build import issue_bound_s  # lazily: hopper_build imports Triton's compiler
+
+    counts = _counts(int(batch), tuple(int(s) for s in sizes), int(rank), *_table_dtype(dtype, precision))
+    if counts is None:
+        return None
+    timing = timing or {"sms": GPUS[gpu]["sms"], "clock_hz": GPUS[gpu]["clock_hz"]}
+    return sum(k["launches"] * issue_bound_s(k["instructions_per_warp"], k["num_warps"], k["programs"],
+                                             timing["sms"], timing["clock_hz"]) for k in map(dict, counts))
+
+
+def estimate_fused(batch: int, sizes, rank: int, dtype: torch.dtype, precision: str, gpu: str = "H100 SXM",
+                   timing: dict | None = None) -> float | None:
+    """Estimated seconds of one fused forward + backward: its launches plus its issue bound (None without one)."""
+    bound = fused_issue_bound(batch, sizes, rank, dtype, precision, gpu, timing)
+    if bound is None:
+        return None
+    launches = 3 + (_fwd_tiles(block_plan(batch, sizes, rank, interpreted=False), sizes) > 1)
+    return launches * LAUNCH_TRITON + bound
+
+
+def estimate_bmm(batch: int, sizes, rank: int, dtype: torch.dtype, precision: str, gpu: str = "H100 SXM",
+                 compiled: bool = False) -> float:
+    """Estimated seconds of one forward + backward of ``block_merge_bmm`` (the model above)."""
+    spec, key, how = GPUS[gpu], _rate_key(dtype, precision), "compiled" if compiled else "eager"
+    groups = len(block_size_groups(sizes))
+    launches = groups * sum(BMM_LAUNCHES[how]) + (2 if groups > 1 else 0)  # + the cat and its backward
+    flops = 6 * 2 * batch * rank * sum(s * s for s in sizes)
+    nbytes = BMM_TRAFFIC[how] * batch * rank * sum(sizes) * dtype.itemsize + block_merge_bytes(
+        batch, sizes, rank, dtype.itemsize, dtype.itemsize, backward=True)
+    launch = LAUNCH_COMPILED if compiled else LAUNCH_EAGER
+    return launches * launch + flops / (spec[key] * EFF_CUBLAS) + nbytes / spec["hbm"]
+
+
+def choose_block_path(sizes, rank: int, batch: int, dtype: torch.dtype, device: torch.device | str, *,
+                      compiled: bool | None = None, precision: str | None = None, gpu: str | None = None) -> str:
+    """'fused' (the Triton kernels), 'bmm' (``block_merge_bmm``) or 'reference' (the chunk loop) for one call.
+
+    ``CMC_FAST_KERNELS``: ``reference`` and ``bmm`` force those paths, ``triton`` the fused kernels (the reference
+    where they do not fit: chunks > MAX_CHUNK or rank > MAX_RANK, as before). ``auto``: the reference off CUDA (as
+    before); on CUDA the bmm path where the kernels do not fit, else the fused kernels only where
+    ``estimate_fused`` (their issue bound) beats ``estimate_bmm``, the bmm path counted compiled when the call is
+    being traced by torch.compile. ``gpu`` names the GPUS entry (default: the device's, with its own SM count and
+    clock)."""
+    compiled = torch.compiler.is_compiling() if compiled is None else compiled
+    return _path(tuple(int(s) for s in sizes), int(rank), int(batch), dtype, str(torch.device(device)), compiled,
+                 precision, gpu)
+
+
+@torch.compiler.assume_constant_result  # under torch.compile: decided at trace time, not traced into
+def _path(sizes: tuple[int, ...], rank: int, batch: int, dtype: torch.dtype, device: str, compiled: bool,
+          precision: str, gpu: str | None) -> str:
+    mode, device = kernel_mode(), torch.device(device)
+    fits = max(sizes) <= MAX_CHUNK and rank <= MAX_RANK
+    if mode in ("reference", "bmm"):
+        return mode
+    if mode == "triton":
+        return "fused" if fits else "reference"
+    if device.type != "cuda" or not triton_available():
+        return "reference"
+    if not fits:
+        return "bmm"
+    timing = None if gpu else tuple(sorted(device_timing(str(device)).items()))
+    gpu = gpu or _gpu_name(device)
+    precision = precision or torch.get_float32_matmul_precision()
+    return _cheaper_path(sizes, rank, batch, dtype, precision, gpu, compiled, timing)
+
+
+@functools.lru_cache(maxsize=256)
+def _cheaper_path(sizes: tuple[int, ...], rank: int, batch: int, dtype: torch.dtype, precision: str, gpu: str,
+                  compiled: bool, timing: tuple | None = None) -> str:
+    """The estimates are pure functions of the shape and the device: computed once per shape, not on every call."""
+    fused = estimate_fused(batch, sizes, rank, dtype, precision, gpu, dict(timing) if timing else None)
+    bmm = estimate_bmm(batch, sizes, rank, dtype, precision, gpu, compiled)
+    return "fused" if fused is not None and fused < bmm else "bmm"
+
+
+# ---------------------------------------------------------------------------------------------- floors
+def block_merge_bytes(batch: int, sizes, rank: int, x_bytes: int, w_bytes: int, *, backward: bool = False) -> int:
+    """HBM bytes the merge cannot avoid: weights and activations once each (see the module docstring)."""
+    s2, mm = sum(s * s for s in sizes), sum(sizes)
+    nbytes = 2 * rank * s2 * w_bytes + 2 * rank * mm * w_bytes + 3 * batch * mm * x_bytes
+    if backward:
+        nbytes += 4 * rank * s2 * w_bytes + 4 * rank * mm * w_bytes + 5 * batch * mm * x_bytes
+    return nbytes
+
+
+def block_merge_floor(batch: int, sizes, rank: int, *, dtype: torch.dtype = torch.float32,
+                      w_dtype: torch.dtype | None = None, precision: str = "highest", gpu: str = "H100 SXM",
+                      backward: bool = False) -> float:
+    """Seconds the merge cannot beat on ``gpu`` (a key of ``GPUS``): max(FLOPs / the rate of dtype and precision,
+    bytes / HBM bandwidth)."""
+    if gpu not in GPUS:
+        raise ValueError(f"gpu must be one of {sorted(GPUS)}, got {gpu!r}")
+    spec = GPUS[gpu]
+    flops = (12 if backward else 4) * batch * rank * sum(s * s for s in sizes)
+    nbytes = block_merge_bytes(batch, sizes, rank, dtype.itemsize, (w_dtype or dtype).itemsize, backward=backward)
+    return max(flops / spec[_rate_key(dtype, precision)], nbytes / spec["hbm"])
+
+
+# ======================================================================================= static report
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _report_args(shape, dtype: str, precision: str):
+    if len(shape) != 4:
+        raise ValueError(f"block shape is B,DIM,CHUNKS,RANK, got {shape}")
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    if precision not in ("highest", "high", "medium"):
+        raise ValueError(f"precision must be highest, high or medium, got {precision!r}")
+    b, dim, chunks, rank = shape
+    return b, block_chunk_sizes(dim, chunks), rank
+
+
+def hopper_specs(shape: tuple[int, ...], dtype: str = "fp32", precision: str = "highest",
+                 gpu: str = "H100 SXM", w_dtype: str | None = None) -> list:
+    """The specialisations one ``block_merge`` forward + backward through the fused kernels runs at shape
+    (B, DIM, CHUNKS, RANK) on ``gpu`` (a key of ``GPUS``: its SM count sizes the plan, its clock the issue bound),
+    x and weights of ``dtype`` (weights of ``w_dtype`` if given: AMP's fp32 master weights), float32 matmul
+    precision ``precision``: forward (+ norm where a chunk spans several
+    feature tiles), dx, dW, each with its source loops and trip counts (``hopper_build.Loop``) and its share of the
+    floor (``kernel_floors``). For ``kernels.hopper_build report``; whether ``block_merge`` picks this path at that
+    shape is ``choose_block_path``'s call."""
+    from . import block as k  # lazily: the kernels live in the op file, which imports this module
+    from .hopper_build import Loop, Spec  # lazily: hopper_build imports Triton's compiler
+
+    b, sizes, rank = _report_args(shape, dtype, precision)
+    if gpu not in GPUS:
+        raise ValueError(f"gpu must be one of {sorted(GPUS)}, got {gpu!r}")
+    spec_gpu = GPUS[gpu]
+    chunks, mm, max_s = len(sizes), sum(sizes), max(sizes)
+    prec = dot_precision(_DTYPES[dtype], precision)
+    w_dtype = w_dtype or dtype
+    if w_dtype not in _DTYPES:
+        raise ValueError(f"w_dtype must be one of {sorted(_DTYPES)}, got {w_dtype!r}")
+    plan = block_plan(b, sizes, rank, sms=spec_gpu["sms"], ieee_fp32=_ieee_fp32(_DTYPES[dtype], prec),
+                      itemsize=max(_DTYPES[dtype].itemsize, _DTYPES[w_dtype].itemsize), interpreted=False)
+    x, w, f32 = "*" + dtype, "*" + w_dtype, "*fp32"
+    types = {"X0": x, "X1": x, "OUT": x, "G": x, "DX0": x, "DX1": x, "T": f32, "SQ": f32, "NORM": f32, "DZ": f32,
+             "META": "*i64", **{n: w for n in ("W0", "B0", "W1", "B1", "DW0", "DB0", "DW1", "DB1")}}
+    ints = {"n_rows": b, "MM": mm, "C": chunks, "R": rank}
+    # what the JIT specialises: integers equal to 1 become constants, pointers and multiples of 16 are marked
+    ones = {k: 1 for k, v in ints.items() if v == 1}
+    divisible = tuple(types) + tuple(k for k, v in ints.items() if v % 16 == 0 and v != 1)
+    waste = padding_waste(plan, b, sizes, rank)
+    n_j = _fwd_tiles(plan, sizes)
+    fused = n_j == 1
+    layout = chunk_layout(sizes)
+    common = {"RANK_P": plan.rank_p, "BLOCK_K": plan.block_k, "PREC": prec, **layout}
+    floors = kernel_floors(b, sizes, rank, _DTYPES[dtype], precision, gpu)
+    # trip counts at the largest chunk (a shorter one runs fewer: the bound is for the longest program)
+    const = layout["S"] > 0
+
+    def k_loop(name):
+        return Loop(name, cdiv(max_s, plan.block_k), unrollable=const)
+
+    def spec(fn, consts, warps, programs, inner, outputs, loops, floor_key):
+        consts = {k: v for k, v in {**common, **consts, **ones}.items() if k in fn.arg_names}
+        names = tuple(n for n in divisible if n in fn.arg_names and n not in consts)
+        return Spec(fn, types, consts, warps, names, f"{dtype} {precision}", programs,
+                    extra={"padding_waste": round(max(waste[k] for k in inner), 4) if inner else None,
+                           "padding": {k: round(waste[k], 4) for k in inner + outputs}, "dot_precision": prec},
+                    loops=loops, timing={"gpu": gpu, "sms": spec_gpu["sms"], "clock_hz": spec_gpu["clock_hz"],
+                                         "floor_us": 1e6 * floors[floor_key]})
+
+    specs = [spec(k._block_fwd_kernel, {"BLOCK_B": plan.fwd_b, "BLOCK_J": plan.fwd_j, "NORMALIZE": True,
+                                        "FUSED_NORM": fused}, plan.fwd_warps,
+                  chunks * cdiv(b, plan.fwd_b) * n_j, ("k",), ("fwd_n",), (k_loop("k y0"), k_loop("k y1")), "fwd")]
+    if not fused:
+        specs.append(spec(k._block_norm_kernel, {"BLOCK_B": plan.norm_b, "BLOCK_S": plan.block_s,
+                                                 "BLOCK_J": plan.fwd_j, "N_JP": next_power_of_2(n_j)}, 4,
+                          chunks * cdiv(b, plan.norm_b), (), ("chunk_out",), (), "norm"))
+    out = {"HEAD": plan.out_head, "TAIL": plan.out_tail}
+    dx_loops = (Loop("features", cdiv(max_s, plan.dx_j), (k_loop("k y"),), unrollable=const),)
+    specs.append(spec(k._block_bwd_dx_kernel, {"BLOCK_B": plan.dx_b, "BLOCK_J": plan.dx_j, "BLOCK_S": plan.block_s,
+                                               "NORMALIZE": True, **out}, plan.dx_warps,
+                      chunks * cdiv(b, plan.dx_b) * 2, ("k", "dx_n"), ("chunk_out",), dx_loops, "dx"))
+    dw_loops = (Loop("batch", cdiv(b, plan.dw_b), (k_loop("k y"),)),)
+    specs.append(spec(k._block_bwd_dw_kernel, {"BLOCK_B": plan.dw_b, "BLOCK_J": plan.dw_j, **out},
+                      plan.dw_warps, chunks * cdiv(max_s, plan.dw_j) * 2, ("k", "dw_batch"), ("chunk_out",),
+                      dw_loops, "dw"))
+    return specs
+
+
+def kernel_floors(batch: int, sizes, rank: int, dtype: torch.dtype, precision: str, gpu: str) -> dict[str, float]:
+    """Each kernel's share of the merge's floor, seconds: max(its FLOPs / the precision's rate, its bytes / HBM).
+    forward: 4 B R S2 FLOPs, weights, biases, x0, x1 and out; dx: the two dx products (4 B R S2, the recomputed y
+    not counted), weights, biases, x0, x1, g, dx0, dx1; dW: the two dW products (4 B R S2), dW and db written;
+    norm: nothing the merge needs (0). Their sum over one forward + backward is >= ``block_merge_floor``."""
+    spec = GPUS[gpu]
+    rate = spec[_rate_key(dtype, precision)]
+    s2, mm, xb, wb = sum(s * s for s in sizes), sum(sizes), dtype.itemsize, dtype.itemsize
+    weights = 2 * rank * s2 * wb + 2 * rank * mm * wb
+    flops = 4 * batch * rank * s2
+    return {"fwd": max(flops / rate, (weights + 3 * batch * mm * xb) / spec["hbm"]),
+            "norm": 0.0,
+            "dx": max(flops / rate, (weights + 5 * batch * mm * xb) / spec["hbm"]),
+            "dw": max(flops / rate, weights / spec["hbm"])}
+
+
+def hopper_floors(shape: tuple[int, ...], dtype: str = "fp32", precision: str = "highest",
+                  gpu: str = "H100 SXM") -> dict:
+    """Floors (microseconds) of the forward and the forward + backward at ``shape`` on each GPU of ``GPUS``."""
+    b, sizes, rank = _report_args(shape, dtype, precision)
+    t = _DTYPES[dtype]
+    return {f"{gpu} {what} us": round(1e6 * block_merge_floor(b, sizes, rank, dtype=t, precision=precision, gpu=gpu,
+                                                             backward=bwd), 2)
+            for gpu in GPUS for what, bwd in (("fwd", False), ("fwd+bwd", True))}
+
+
+# ------------------------------------------------------------------------------------------- bounds table
+# The shapes of bench/bench_block.py (B in {64, 256} x (1600, 20, 15), (256, 18, 15)) in each report dtype.
+BENCH_SHAPES = [(b, *config) for config in ((1600, 20, 15), (256, 18, 15)) for b in (64, 256)]
+BENCH_DTYPES = [("fp32", "highest"), ("fp32", "high"), ("bf16", "highest")]
+
+
+def write_bounds_table(path: str = BOUNDS_FILE, shapes=BENCH_SHAPES, dtypes=BENCH_DTYPES) -> dict:
+    """Build the fused kernels for sm_90 at every shape and dtype and write what they execute (``kernel_counts``)
+    to ``path``: the table the dispatch reads its issue bounds from. Run without TRITON_INTERPRET."""
+    import triton
+
+    entries = {}
+    for shape in shapes:
+        b, dim, chunks, rank = shape
+        for dtype, precision in dtypes:
+            key = _bounds_key(b, block_chunk_sizes(dim, chunks), rank, dtype, precision)
+            entries[key] = kernel_counts(shape, dtype, precision)
+    table = {"what": "instructions one warp of each fused BLOCK kernel executes (sm_90 SASS, loops x trips), its "
+                     "warps, programs and launches per forward + backward; key 'B,DIM,CHUNKS,RANK dtype precision'",
+             "command": "python -m cmc_fast.kernels.block_plan bounds", "triton": triton.__version__,
+             "entries": entries}
+    with open(path, "w") as f:
+        json.dump(table, f, indent=1)
+        f.write("\n")
+    _bounds_table.cache_clear()
+    _counts.cache_clear()
+    return table
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["bounds"]:
+        sys.exit("usage: python -m cmc_fast.kernels.block_plan bounds  (rewrites kernels/block_bounds.json)")
+    write_bounds_table()
