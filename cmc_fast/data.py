@@ -102,8 +102,8 @@ def prepare(cfg, tokenizer=None, use_images: bool = True) -> PreparedData:
     try:
         ds = load_dataset(cfg.dataset, cfg.data_root, seed=cfg.seed, n_train=cfg.synthetic_train,
                           n_test=cfg.synthetic_test)
-    except (FileNotFoundError, ValueError) as exc:
-        raise UsageError(f"--data-root: {exc}") from None
+    except (OSError, ValueError) as exc:  # missing, not a folder (a pipe, a device), a bad file (safe_io)
+        raise UsageError(f"--data-root: {' '.join(str(exc).split())}") from None
     if not ds.train:
         raise UsageError(f"--dataset {cfg.dataset}: no training posts under {ds.root or cfg.data_root}")
     if not ds.test:

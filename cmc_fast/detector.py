@@ -107,7 +107,7 @@ def text_classifier(cfg: Config, tokenizer, hf_config_dir: str | None = None,
         return Classifier(load_text_model(cfg.text_model)[0])
     from transformers import AutoConfig, AutoModel
 
-    hf_cfg = AutoConfig.from_pretrained(hf_config_dir, local_files_only=True)
+    hf_cfg = AutoConfig.from_pretrained(hf_config_dir, local_files_only=True, trust_remote_code=False)
     return Classifier(TextEncoder(AutoModel.from_config(hf_cfg, dtype=torch.float32), pooling="pooler"))
 
 

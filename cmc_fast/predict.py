@@ -19,6 +19,7 @@ Exit status: 0 every post was scored, 1 some lines were reported and skipped, 2 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
@@ -32,10 +33,13 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from cmc_fast.data_pipeline import safe_io
 from cmc_fast.detector import Detector
 from cmc_fast.errors import UsageError
 
 TEXT_KEYS = ("text", "content")
+MAX_LINE_BYTES = 16 << 20  # one post's line (JSONL) or field (CSV); a longer one is reported, not held
+csv.field_size_limit(MAX_LINE_BYTES)
 IMAGE_KEYS = ("image", "image_path")
 
 
@@ -59,7 +63,13 @@ def _post(obj: object, line: int, name: str, base: str) -> Post | BadLine:
     """One parsed row as a post, or why it is not one."""
     if not isinstance(obj, dict):
         return BadLine(line, f"expected a JSON object, got {type(obj).__name__}")
-    post_id = str(obj["id"]).strip() if obj.get("id") not in (None, "") else f"{name}:{line}"
+    bad_key = next((k for k in ("id", *TEXT_KEYS, *IMAGE_KEYS) if _unencodable(obj.get(k))), None)
+    if bad_key:  # a lone surrogate ("\ud800") parses but cannot be written out as UTF-8
+        return BadLine(line, f"{bad_key}: not valid Unicode (a lone surrogate escape)")
+    raw_id = obj.get("id")
+    if isinstance(raw_id, dict | list):
+        return BadLine(line, f"id: expected a string or a number, got {type(raw_id).__name__}")
+    post_id = str(raw_id).strip() if raw_id not in (None, "") else f"{name}:{line}"
     text_key = next((k for k in TEXT_KEYS if k in obj), None)
     if text_key is None:
         return BadLine(line, "missing field: text", post_id)
@@ -75,8 +85,38 @@ def _post(obj: object, line: int, name: str, base: str) -> Post | BadLine:
     return Post(line, post_id, text.strip(), path)
 
 
+def _bounded_lines(stream: io.BufferedReader) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, the line) for each line of at most ``MAX_LINE_BYTES``; a longer one is skipped through
+    unread in bounded pieces and given as None (so one huge line costs no more memory than a short one)."""
+    number = 0
+    while True:
+        raw = stream.readline(MAX_LINE_BYTES + 1)
+        if not raw:
+            return
+        number += 1
+        if len(raw) <= MAX_LINE_BYTES or raw.endswith(b"\n"):
+            yield number, raw
+            continue
+        while raw and not raw.endswith(b"\n"):
+            raw = stream.readline(MAX_LINE_BYTES)
+        yield number, None
+
+
+def _unencodable(value: object) -> bool:
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def _jsonl(stream: io.BufferedReader, name: str, base: str) -> Iterator[Post | BadLine]:
-    for number, raw in enumerate(stream, start=1):
+    for number, raw in _bounded_lines(stream):
+        if raw is None:
+            yield BadLine(number, f"line over {MAX_LINE_BYTES} bytes")
+            continue
         if not raw.strip():
             continue
         try:
@@ -89,6 +129,12 @@ def _jsonl(stream: io.BufferedReader, name: str, base: str) -> Iterator[Post | B
         except json.JSONDecodeError as exc:
             yield BadLine(number, f"invalid JSON: {exc.msg} at column {exc.colno}")
             continue
+        except RecursionError:
+            yield BadLine(number, "invalid JSON: nested too deeply")
+            continue
+        except ValueError as exc:  # an integer of more digits than Python converts
+            yield BadLine(number, f"invalid JSON: {' '.join(str(exc).split())[:120]}")
+            continue
         yield _post(obj, number, name, base)
 
 
@@ -97,7 +143,11 @@ def _csv(stream: io.BufferedReader, name: str, base: str) -> Iterator[Post | Bad
     bad_lines: set[int] = set()
 
     def decoded() -> Iterator[str]:
-        for number, raw in enumerate(stream, start=1):
+        for number, raw in _bounded_lines(stream):
+            if raw is None:  # over MAX_LINE_BYTES: reported as not readable, its row left empty
+                bad_lines.add(number)
+                yield "\n"
+                continue
             try:
                 yield raw.decode("utf-8")
             except UnicodeDecodeError:
@@ -105,12 +155,23 @@ def _csv(stream: io.BufferedReader, name: str, base: str) -> Iterator[Post | Bad
                 yield raw.decode("utf-8", errors="replace")
 
     reader = csv.reader(decoded())
-    header = next(reader, None)
+    try:
+        header = next(reader, None)
+    except csv.Error as exc:
+        yield BadLine(1, f"malformed CSV header: {exc}")
+        return
     if header is None:
         return
     header = [h.strip().lstrip("\ufeff").lower() for h in header]
     first = reader.line_num + 1
-    for row in reader:
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:  # a field over MAX_LINE_BYTES, a NUL: the rest of the file cannot be framed
+            yield BadLine(first, f"malformed CSV: {exc}; the rows after it are not read")
+            return
         lines = range(first, reader.line_num + 1)
         first = reader.line_num + 1
         if not any(cell.strip() for cell in row):
@@ -187,8 +248,9 @@ def predict_file(detector: Detector, path: Path, out, *, batch_size: int = 64, p
             _report(report, name, bad, summary)
         batch.clear()
 
-    with path.open("rb") as stream, tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc="predict",
-                                         disable=not progress, dynamic_ncols=True) as bar:
+    with safe_io.open_regular(path, allow_empty=True) as stream, tqdm(
+            total=os.fstat(stream.fileno()).st_size, unit="B", unit_scale=True, desc="predict", disable=not progress,
+            dynamic_ncols=True) as bar:
         for item in read_posts(path, stream):
             bar.update(stream.tell() - bar.n)  # bytes read so far (redrawn at tqdm's own pace)
             if isinstance(item, BadLine):
@@ -235,16 +297,20 @@ def load_detector(args: argparse.Namespace) -> Detector:
 
 def run_predict(args: argparse.Namespace) -> int:
     path = Path(args.input)
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise UsageError(f"--input: file not found: {path}")
+    problem = safe_io.file_problem(path, allow_empty=True)  # a pipe, a device, a folder: refused unopened
+    if problem:
+        raise UsageError(f"--input: {problem}")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size: must be >= 1, got {args.batch_size}")
-    detector = load_detector(args)
     progress = not args.no_progress and sys.stderr.isatty()
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as out:
-            summary = predict_file(detector, path, out, batch_size=args.batch_size, progress=progress)
-    else:
-        summary = predict_file(detector, path, sys.stdout, batch_size=args.batch_size, progress=progress)
+    with contextlib.ExitStack() as stack:
+        # --out is checked before the model loads, written beside itself and renamed once complete: never the
+        # input, never two writers at once, left as it was when the run fails
+        out = (stack.enter_context(safe_io.replacing_output(args.out, "--out", inputs=(path,))) if args.out
+               else sys.stdout)
+        detector = load_detector(args)
+        summary = predict_file(detector, path, out, batch_size=args.batch_size, progress=progress)
     print(f"{detector.variant} ({detector.source}): {summary.line()}", file=sys.stderr)
     return 1 if summary.failed else 0

@@ -96,7 +96,6 @@ import importlib.util
 import io
 import os
 import re
-import stat
 import threading
 import warnings
 from collections.abc import Callable, Sequence
@@ -106,6 +105,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from PIL import Image
+
+from . import safe_io
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -336,58 +337,21 @@ class Limits:
 
 DEFAULT_LIMITS = Limits()
 
-_NOT_REGULAR = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a character device"),
-                (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
-
-
-def _mode_problem(path: str, st: os.stat_result, limits: Limits) -> str | None:
-    if not stat.S_ISREG(st.st_mode):
-        kind = next((what for test, what in _NOT_REGULAR if test(st.st_mode)), "not a plain file")
-        return f"{path}: not a regular file ({kind}); only regular files are read"
-    if st.st_size == 0:
-        return f"{path}: empty file (0 bytes)"
-    if st.st_size > limits.max_bytes:
-        return f"{path}: {st.st_size} bytes, over the byte limit of {limits.max_bytes} (--max-image-bytes)"
-    return None
-
-
 def file_problem(path: str, limits: Limits = DEFAULT_LIMITS) -> str | None:
     """Why ``path`` will not be read (missing, not a regular file, empty, over the byte limit), from ``os.stat``
     alone: nothing is opened."""
-    try:
-        st = os.stat(path)
-    except OSError as exc:
-        return f"{path}: cannot read: {type(exc).__name__}: {exc.strerror or exc}"
-    return _mode_problem(path, st, limits)
+    return safe_io.file_problem(path, limits.max_bytes, "--max-image-bytes")
 
 
-def read_image_file(path: str | None, limits: Limits = DEFAULT_LIMITS) -> tuple[bytes | None, str | None]:
-    """(bytes, None) or (None, why). Regular files only, within ``limits.max_bytes``, read in one bounded call.
-    The open is non-blocking (a file swapped for a pipe after the stat cannot hang it) and checked again."""
+def read_image_file(path: str | None, limits: Limits = DEFAULT_LIMITS) -> tuple[bytearray | None, str | None]:
+    """(bytes, None) or (None, why). Regular files only, within ``limits.max_bytes``, read in one bounded call
+    into one buffer (``safe_io.read_bytes``: the open is non-blocking and checked again)."""
     if path is None:
         return None, "no image"
-    problem = file_problem(path, limits)
-    if problem:
-        return None, problem
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0))
-    except OSError as exc:
-        return None, f"{path}: cannot read: {type(exc).__name__}: {exc.strerror or exc}"
-    try:
-        problem = _mode_problem(path, os.fstat(fd), limits)
-        if problem:
-            return None, problem
-        with open(fd, "rb", closefd=False) as f:
-            data = f.read(limits.max_bytes + 1)
-    except OSError as exc:
-        return None, f"{path}: cannot read: {type(exc).__name__}: {exc.strerror or exc}"
-    finally:
-        os.close(fd)
-    if len(data) > limits.max_bytes:  # grew since the stat
-        return None, f"{path}: over the byte limit of {limits.max_bytes} (--max-image-bytes)"
-    if not data:
-        return None, f"{path}: empty file (0 bytes)"
-    return data, None
+        return safe_io.read_bytes(path, limits.max_bytes, "--max-image-bytes"), None
+    except safe_io.FileRefused as exc:
+        return None, str(exc)
 
 
 def _jpeg_dimensions(data: bytes) -> tuple[int, int] | None:
@@ -570,7 +534,8 @@ def _decode_torchvision(blobs: list[bytes], size: tuple[int, int], device: torch
 
     h, w = size
     out = torch.zeros((len(blobs), 3, h, w), dtype=torch.uint8, device=device)
-    encoded = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
+    # files are read into a bytearray already (safe_io.read_bytes): wrapped, not copied a second time
+    encoded = [torch.frombuffer(b if isinstance(b, bytearray) else bytearray(b), dtype=torch.uint8) for b in blobs]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torchvision\.io.*")
         warnings.filterwarnings("ignore", message=".*image decoding and encoding capabilities of TorchVision.*")

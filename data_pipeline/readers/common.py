@@ -19,6 +19,7 @@ import re
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 
+from .. import safe_io
 from ..records import FAKE, REAL, DatasetSplits, Record, Skipped
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp")
@@ -82,7 +83,7 @@ def surrogate_error(text: str, what: str) -> str | None:
 
 def read_lines(path: str | os.PathLike) -> Iterator[tuple[int, bytes, bool]]:
     """Stream ``(line_number, raw_line_without_newline, had_newline)``; a UTF-8 BOM on line 1 is removed."""
-    with open(path, "rb") as f:
+    with safe_io.open_regular(path, allow_empty=True) as f:  # a pipe or device as a manifest: one line, no hang
         for number, raw in enumerate(f, 1):
             had_newline = raw.endswith(b"\n")
             raw = raw.rstrip(b"\n").rstrip(b"\r")
@@ -177,10 +178,9 @@ def load_json_object(path: str, record_id: str, skipped: list[Skipped]) -> dict 
     """A JSON object from ``path`` (a leading BOM allowed), or ``None`` with the reason appended to ``skipped``:
     unreadable file, invalid UTF-8 (line and byte), invalid JSON (line and column), not an object."""
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as exc:
-        skipped.append(Skipped(record_id, f"unreadable file: {exc.strerror or exc}", where(path, 1)))
+        raw = bytes(safe_io.read_bytes(path, safe_io.JSON_LIMIT))
+    except safe_io.FileRefused as exc:
+        skipped.append(Skipped(record_id, f"unreadable file: {str(exc).removeprefix(f'{path}: ')}", where(path, 1)))
         return None
     if raw.startswith(b"\xef\xbb\xbf"):
         raw = raw[3:]
@@ -196,6 +196,9 @@ def load_json_object(path: str, record_id: str, skipped: list[Skipped]) -> dict 
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
         skipped.append(Skipped(record_id, f"invalid JSON: {exc.msg} at column {exc.colno}", where(path, exc.lineno)))
+        return None
+    except (RecursionError, ValueError):  # nested too deeply, an integer of thousands of digits
+        skipped.append(Skipped(record_id, "invalid JSON: nested too deeply or a number too long", where(path, 1)))
         return None
     if not isinstance(doc, dict):
         skipped.append(Skipped(record_id, f"invalid JSON: expected an object, got {type(doc).__name__}",

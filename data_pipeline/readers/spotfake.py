@@ -30,9 +30,11 @@ from __future__ import annotations
 
 import ast
 import csv
+import io
 import os
 import sys
 
+from .. import safe_io
 from ..records import FAKE, REAL, DatasetSplits, Record, Skipped
 from .common import (
     IMAGE_EXTENSIONS,
@@ -145,7 +147,8 @@ def read_csv(path: str, dataset: str, skipped: list[Skipped], dirs: list[str],
     file_split = _split_of_file(path) if split_from_name else None
     file_label = _label_of_file(path) if split_from_name else None
     records: list[Record] = []
-    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
+    with io.TextIOWrapper(safe_io.open_regular(path, allow_empty=True), encoding="utf-8-sig",
+                          errors="surrogateescape", newline="") as f:
         reader = csv.reader(f)
         try:
             header = next(reader)
