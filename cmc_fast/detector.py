@@ -20,6 +20,7 @@ safetensors + JSON (``bundle.py``).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -136,7 +137,7 @@ def run_tokenizer(run_dir: Path, cfg: Config) -> tuple[object, TextEncoder | Non
 
 
 def _vocabulary(run_dir: Path, cfg: Config) -> VocabTokenizer:
-    if (run_dir / VOCAB_FILE).is_file():
+    if os.path.lexists(run_dir / VOCAB_FILE):  # whatever it is, read through safe_io (a pipe: one line)
         return VocabTokenizer.load(run_dir / VOCAB_FILE)
     from cmc_fast.data import prepare  # same data, seed and split: the same vocabulary
 
@@ -148,7 +149,7 @@ def load_run_states(run_dir: Path, variant: str) -> dict[str, dict]:
     states, cache = {}, {}
     for part, (stage, head, key) in RUN_PARTS[variant].items():
         path = CheckpointManager(run_dir / "checkpoints", stage).best_path(head)
-        if not path.is_file():
+        if not os.path.lexists(path):
             raise UsageError(f"--variant {variant}: {path} not found; the run did not train this variant "
                              f"(train it with --variant {variant}) or has not finished it")
         if path not in cache:

@@ -34,6 +34,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from cmc_fast.data_pipeline import safe_io
+from cmc_fast.data_pipeline.readers.common import outside_reason, unencodable_key
 from cmc_fast.detector import Detector
 from cmc_fast.errors import UsageError
 
@@ -63,7 +64,7 @@ def _post(obj: object, line: int, name: str, base: str) -> Post | BadLine:
     """One parsed row as a post, or why it is not one."""
     if not isinstance(obj, dict):
         return BadLine(line, f"expected a JSON object, got {type(obj).__name__}")
-    bad_key = next((k for k in ("id", *TEXT_KEYS, *IMAGE_KEYS) if _unencodable(obj.get(k))), None)
+    bad_key = unencodable_key(obj, ("id", *TEXT_KEYS, *IMAGE_KEYS))
     if bad_key:  # a lone surrogate ("\ud800") parses but cannot be written out as UTF-8
         return BadLine(line, f"{bad_key}: not valid Unicode (a lone surrogate escape)")
     raw_id = obj.get("id")
@@ -81,7 +82,10 @@ def _post(obj: object, line: int, name: str, base: str) -> Post | BadLine:
     image = next((obj[k] for k in IMAGE_KEYS if k in obj), None)
     if image is not None and not isinstance(image, str):
         return BadLine(line, f"image: expected a path, got {type(image).__name__}", post_id)
-    path = os.path.join(base, image) if image else None  # an absolute path stays as it is
+    outside = outside_reason([image], base) if image else None
+    if outside:
+        return BadLine(line, outside, post_id)
+    path = os.path.join(base, image) if image else None
     return Post(line, post_id, text.strip(), path)
 
 

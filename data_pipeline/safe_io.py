@@ -148,10 +148,18 @@ def open_append(path: str | os.PathLike) -> io.TextIOWrapper:
     flags = (os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0)
              | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0))
     try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        raise FileRefused(cannot(path, exc, "write")) from None
+    if st is not None and stat.S_ISLNK(st.st_mode):
+        raise FileRefused(f"{os.fspath(path)}: is a symbolic link; not written through")
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        raise FileRefused(f"{os.fspath(path)}: not a regular file ({kind_of(st.st_mode)}); not written")
+    try:  # O_NOFOLLOW and the fstat below hold if the path is swapped after the lstat
         fd = os.open(path, flags, 0o666)
     except OSError as exc:
-        if os.path.islink(path):
-            raise FileRefused(f"{os.fspath(path)}: is a symbolic link; not written through") from None
         raise FileRefused(cannot(path, exc, "write")) from None
     try:
         st = os.fstat(fd)

@@ -41,9 +41,76 @@ def where(path: str | os.PathLike, line: int) -> str:
     return f"{os.fspath(path)}:{line}"
 
 
+_NUMERIC_LABELS = {"0": REAL, "1": FAKE, "0.0": REAL, "1.0": FAKE}
+
+
+class JsonNumber(str):
+    """A JSON number kept as written (``loads_keeping_numbers``): a label of ``1e-400`` or ``-0`` stays those
+    characters rather than becoming 0.0, and an integer of thousands of digits is never converted."""
+
+    def __repr__(self) -> str:  # shown as the number it is, not as a quoted string
+        return str(self)
+
+
+def loads_keeping_numbers(text: str) -> object:
+    """``json.loads`` with every number kept as its ``JsonNumber`` text."""
+    return json.loads(text, parse_int=JsonNumber, parse_float=JsonNumber, parse_constant=JsonNumber)
+
+
+# A manifest names its images relative to its own folder; a path that leaves it (absolute, or ``..`` past the
+# folder) is refused unless this variable is set to 1 (a manifest written by someone else cannot make the tool
+# open /etc/shadow or another user's files). Symbolic links inside the folder are followed as usual: only the
+# path as written is checked.
+IMAGES_ANYWHERE_ENV = "CMC_FAST_IMAGES_ANYWHERE"
+
+
+def images_anywhere() -> bool:
+    return os.environ.get(IMAGES_ANYWHERE_ENV, "") == "1"
+
+
+def image_outside(name: str, folder: str) -> str | None:
+    """Why the image path ``name`` written in a manifest in ``folder`` is refused (None: it is inside)."""
+    if images_anywhere():
+        return None
+    base = os.path.normpath(os.path.abspath(folder))
+    if os.path.isabs(name):
+        return f"image path {name!r} is absolute; paths are relative to the manifest's folder {base}"
+    joined = os.path.normpath(os.path.join(base, name))
+    if os.path.commonpath([base, joined]) != base:
+        return f"image path {name!r} leaves the manifest's folder {base}"
+    return None
+
+
+def outside_reason(names: Sequence[str], folder: str) -> str | None:
+    """The first refusal of ``image_outside`` among ``names``, with how to allow it."""
+    for name in names:
+        why = image_outside(name, folder)
+        if why:
+            return f"image outside the manifest's folder: {why} (set {IMAGES_ANYWHERE_ENV}=1 to allow)"
+    return None
+
+
+def unencodable_key(obj: dict, keys: Sequence[str]) -> str | None:
+    """The first of ``keys`` whose string value cannot be written as UTF-8 (a lone surrogate such as the JSON
+    escape ``"\\ud800"`` parses to one), else None."""
+    for key in keys:
+        value = obj.get(key)
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            if isinstance(v, str):
+                try:
+                    v.encode("utf-8")
+                except UnicodeEncodeError:
+                    return key
+    return None
+
+
 def parse_label(value: object) -> int | None:
-    """1 = fake, 0 = real. Accepts 0/1 (int, float 0.0/1.0, or string) and fake/real (rumor/non-rumor)
-    words, any case; ``None`` otherwise (the caller records the post as skipped)."""
+    """1 = fake, 0 = real. Accepts exactly 0/1 (a JSON integer, 0.0/1.0, or the ASCII strings "0", "1", "0.0",
+    "1.0") and the fake/real (rumor/non-rumor) words in any case, spaces around ignored; ``None`` for anything
+    else (the caller records the post as skipped). Strict on purpose: "1e-400" (0.0 once parsed), "-0", a
+    full-width "１" or an Arabic-Indic "١" would each be read as some label by ``float``; none is what a label
+    column means."""
     if isinstance(value, bool) or value is None:
         return None
     if isinstance(value, int | float):
@@ -53,11 +120,7 @@ def parse_label(value: object) -> int | None:
         return FAKE
     if text in _REAL_WORDS:
         return REAL
-    try:
-        number = float(text)
-    except ValueError:
-        return None
-    return int(number) if number in (0.0, 1.0) else None
+    return _NUMERIC_LABELS.get(text)
 
 
 def label_reason(value: object) -> str:

@@ -42,6 +42,7 @@ from .common import (
     label_reason,
     load_json_object,
     natural_key,
+    outside_reason,
     parse_label,
     require_dir,
     resolve_column,
@@ -218,7 +219,12 @@ def read_csv(path: str, dataset: str, skipped: list[Skipped], dirs: list[str],
                     skipped.append(Skipped(post_id, f"unknown split: {cell('split')!r} (expected train or test)", src))
                     continue
             text = "\n".join(p.strip() for p in (cell("title"), cell("text")) if p.strip())
-            images = [resolve_image(n, dirs) for n in split_image_value(cell("image"))] if cols["image"] else []
+            names = split_image_value(cell("image")) if cols["image"] else []
+            outside = outside_reason([n for n in names if "://" not in n], dirs[0]) if dataset == "manifest" else None
+            if outside:
+                skipped.append(Skipped(post_id, outside, src))
+                continue
+            images = [resolve_image(n, dirs) for n in names]
             records.append(Record(post_id, text, list(dict.fromkeys(images)), label, split or "", src))
     return records
 
