@@ -457,3 +457,86 @@ def test_safe_io_appends_never_through_a_link(tmp_path):
     with safe_io.open_append(tmp_path / "log") as f:
         f.write("line\n")
     assert (tmp_path / "log").read_text() == "line\n" and target.read_text() == "x"
+
+
+# ------------------------------------------------------------------------------------------ malformed lines
+def _hostile_lines(image=None):
+    good = {"text": "shocking secret news", "label": 1}
+    lines = [json.dumps({"id": "first", **good}),
+             "[" * 100_000 + "]" * 100_000,  # nested past the parser's recursion limit
+             '{"id": ' + "7" * 5000 + ', "text": "x", "label": 1}',  # an integer of 5000 digits
+             '{"id": "\\ud800", "text": "lone surrogate", "label": 0}',
+             json.dumps({"id": "last", **good, "label": 0})]
+    return "\n".join(lines) + "\n"
+
+
+def test_predict_skips_hostile_lines_by_number_and_scores_the_rest(trained, tmp_path, capsys):
+    posts = tmp_path / "posts.jsonl"
+    posts.write_text(_hostile_lines())
+    out = tmp_path / "scores.jsonl"
+    assert _predict_bundle(trained[1], posts, "--out", str(out)) == 1  # 1: some lines skipped
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert all(f"posts.jsonl:{n}: skipped" in err for n in (2, 3, 4)), err
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["first", "last"]
+
+
+def test_predict_reads_a_csv_field_over_the_default_limit(trained, tmp_path):
+    posts = tmp_path / "posts.csv"
+    posts.write_text("id,text\nbig," + "news " * 40_000 + "\nsmall,real news\n")  # a 200 KB field
+    out = tmp_path / "scores.jsonl"
+    assert _predict_bundle(trained[1], posts, "--out", str(out)) == 0
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["big", "small"]
+
+
+def test_train_skips_hostile_manifest_lines_and_writes_its_report(tmp_path, capsys):
+    rows = [json.dumps({"id": f"p{i}", "text": f"{'shocking secret' if i % 2 else 'official report'} {i}",
+                        "label": i % 2, "split": "test" if i % 5 == 0 else "train"}) for i in range(60)]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(_hostile_lines() + "\n".join(rows) + "\n")
+    out = tmp_path / "run"
+    assert main(["train", *TEXT_ONLY, "--dataset", "manifest", "--data-root", str(manifest), "--out", str(out),
+                 "--val-split", "random"]) == 0
+    skipped = json.loads((out / "skipped.json").read_text())
+    # line 3 (a 5000-digit id) is a usable post: numbers are kept as written, never converted
+    assert sorted(s["source"].rsplit(":", 1)[1] for s in skipped) == ["2", "4"]
+
+
+@pytest.mark.parametrize("value", ["1e-400", "-0", "１", "١", "0.5", "true", " 1.00"])
+def test_labels_are_parsed_strictly(value):
+    from cmc_fast.data_pipeline.readers import parse_label
+
+    assert parse_label(value) is None
+
+
+def test_json_number_labels_are_read_as_written(tmp_path):
+    from cmc_fast.data_pipeline.registry import load_dataset
+
+    rows = ['{"id": "a", "text": "t", "label": 1e-400}', '{"id": "b", "text": "t", "label": -0}',
+            '{"id": "c", "text": "t", "label": 1.0}', '{"id": "d", "text": "t", "label": 0}']
+    (tmp_path / "m.jsonl").write_text("\n".join(rows) + "\n")
+    ds = load_dataset("manifest", str(tmp_path / "m.jsonl"))
+    assert [(r.id, r.label) for r in ds.train] == [("c", 1), ("d", 0)]
+    assert sorted(s.id for s in ds.skipped) == ["a", "b"]
+
+
+@pytest.mark.parametrize("image", ["../outside.jpg", "/etc/shadow", "img/../../outside.jpg"])
+def test_manifest_images_outside_its_folder_are_refused_unless_allowed(tmp_path, monkeypatch, image):
+    from cmc_fast.data_pipeline.registry import load_dataset
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "m.jsonl").write_text(json.dumps({"id": "a", "text": "t", "image": image, "label": 1}) + "\n"
+                                    + json.dumps({"id": "b", "text": "t", "image": "img/ok.jpg", "label": 0}) + "\n")
+    ds = load_dataset("manifest", str(folder / "m.jsonl"))
+    assert [r.id for r in ds.train] == ["b"] and "outside the manifest's folder" in ds.skipped[0].reason
+    monkeypatch.setenv("CMC_FAST_IMAGES_ANYWHERE", "1")
+    assert [r.id for r in load_dataset("manifest", str(folder / "m.jsonl")).train] == ["a", "b"]
+
+
+def test_predict_refuses_an_image_outside_the_input_folder(trained, tmp_path, capsys):
+    posts = tmp_path / "in" / "posts.jsonl"
+    posts.parent.mkdir()
+    posts.write_text(json.dumps({"id": "x", "text": "news", "image": "/etc/shadow"}) + "\n")
+    assert _predict_bundle(trained[1], posts) == 1
+    assert "is absolute" in capsys.readouterr().err
