@@ -57,8 +57,8 @@ def loads_keeping_numbers(text: str) -> object:
     return json.loads(text, parse_int=JsonNumber, parse_float=JsonNumber, parse_constant=JsonNumber)
 
 
-# A manifest names its images relative to its own folder; a path that leaves it (absolute, or ``..`` past the
-# folder) is refused unless this variable is set to 1 (a manifest written by someone else cannot make the tool
+# A manifest names its images relative to its own folder (or absolute, inside it); a path that leaves the folder
+# (absolute elsewhere, or ``..`` past it) is refused unless this variable is set to 1 (a manifest written by someone else cannot make the tool
 # open /etc/shadow or another user's files). Symbolic links inside the folder are followed as usual: only the
 # path as written is checked.
 IMAGES_ANYWHERE_ENV = "CMC_FAST_IMAGES_ANYWHERE"
@@ -73,9 +73,7 @@ def image_outside(name: str, folder: str) -> str | None:
     if images_anywhere():
         return None
     base = os.path.normpath(os.path.abspath(folder))
-    if os.path.isabs(name):
-        return f"image path {name!r} is absolute; paths are relative to the manifest's folder {base}"
-    joined = os.path.normpath(os.path.join(base, name))
+    joined = os.path.normpath(os.path.join(base, name))  # an absolute name stands as it is
     if os.path.commonpath([base, joined]) != base:
         return f"image path {name!r} leaves the manifest's folder {base}"
     return None
