@@ -1,7 +1,8 @@
 """``cmc-fast predict --run DIR|--bundle DIR --input FILE [--variant cmc] [--out FILE.jsonl]``.
 
 The input is the manifest format: JSONL (one object a line) or CSV, with ``text``, ``image`` (a path relative to
-the input file; absent or empty: no image) and an optional ``id`` (default ``<file>:<line>``). Labels, when
+the input file, or absolute inside its folder; one leaving the folder is a bad line unless
+``CMC_FAST_IMAGES_ANYWHERE=1``; absent or empty: no image) and an optional ``id`` (default ``<file>:<line>``). Labels, when
 present, are ignored. Posts stream through in batches (``--batch-size``), so memory stays bounded whatever the
 input's size. One JSON line per scored post::
 
@@ -13,7 +14,7 @@ p(fake) is null where it is absent or was not trained. A line that cannot be use
 object, no text field, empty text, or a post the variant cannot score) is reported on stderr with its line
 number and reason, and the rest go on.
 
-Exit status: 0 every post was scored, 1 some lines were reported and skipped, 2 a usage error.
+Exit status: 0 every post was scored, 1 some lines were reported and skipped, 2 a usage error or a bad file.
 """
 
 from __future__ import annotations
