@@ -58,9 +58,9 @@ def loads_keeping_numbers(text: str) -> object:
 
 
 # A manifest names its images relative to its own folder (or absolute, inside it); a path that leaves the folder
-# (absolute elsewhere, or ``..`` past it) is refused unless this variable is set to 1 (a manifest written by someone else cannot make the tool
-# open /etc/shadow or another user's files). Symbolic links inside the folder are followed as usual: only the
-# path as written is checked.
+# (absolute elsewhere, or ``..`` past it) is refused unless this variable is set to 1: a manifest written by
+# someone else cannot make the tool open /etc/shadow or another user's files. Symbolic links inside the folder
+# are followed as usual: only the path as written is checked.
 IMAGES_ANYWHERE_ENV = "CMC_FAST_IMAGES_ANYWHERE"
 
 
