@@ -3,8 +3,8 @@
 The input is the manifest format: JSONL (one object a line) or CSV, with ``text``, ``image`` (a path relative to
 the input file, or absolute inside its folder; one leaving the folder is a bad line unless
 ``CMC_FAST_IMAGES_ANYWHERE=1``; absent or empty: no image) and an optional ``id`` (default ``<file>:<line>``).
-Labels, when present, are ignored. Posts stream through in batches (``--batch-size``), so memory stays bounded whatever the
-input's size. One JSON line per scored post::
+Labels, when present, are ignored. Posts stream through in batches (``--batch-size``), so memory stays bounded
+whatever the input's size. One JSON line per scored post::
 
     {"id", "p_fake", "label": "fake"|"real", "p_fake_text", "p_fake_image", "model", "image_error"?}
 
