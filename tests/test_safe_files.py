@@ -540,3 +540,13 @@ def test_predict_refuses_an_image_outside_the_input_folder(trained, tmp_path, ca
     posts.write_text(json.dumps({"id": "x", "text": "news", "image": "/etc/shadow"}) + "\n")
     assert _predict_bundle(trained[1], posts) == 1
     assert "'/etc/shadow' leaves the manifest's folder" in capsys.readouterr().err
+
+
+def test_a_named_pipe_for_the_last_checkpoint_is_refused_by_resume_without_hanging(run_copy, capsys):
+    path = run_copy / "checkpoints" / "finetune-t.last.pt"
+    path.unlink()
+    os.mkfifo(path)
+    assert _bounded(lambda: main(["train", "--resume", str(run_copy)]), fifos=[path]) == 2
+    line = _one_line_error(capsys)
+    assert str(path) in line and "a named pipe" in line
+    assert not (run_copy / LOCK_NAME).exists()  # the run is not left locked
