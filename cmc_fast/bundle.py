@@ -148,8 +148,14 @@ def read_bundle(bundle_dir: Path):
     parts = build_parts(cfg, variant, tokenizer, str(hf_dir) if hf_dir is not None else None)
     expected = {f"{name}.{key}": tuple(t.shape) for name, module in parts.items()
                 for key, t in module.state_dict().items()}
-    check_safetensors(bundle_dir / WEIGHTS, expected)
-    weights = load_file(str(bundle_dir / WEIGHTS))
+    with safe_io.open_regular(bundle_dir / WEIGHTS) as f:  # checked, then loaded from this very file
+        check_safetensors(f, bundle_dir / WEIGHTS, expected)
+        fd_path = f"/proc/self/fd/{f.fileno()}"
+        try:
+            weights = load_file(fd_path if os.path.exists(fd_path) else str(bundle_dir / WEIGHTS))
+        except Exception as exc:  # noqa: BLE001 - whatever the header check let through, one line
+            raise UsageError(f"--bundle: {bundle_dir / WEIGHTS}: not a loadable safetensors file "
+                             f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
     for name, module in parts.items():
         prefix = f"{name}."
         module.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)})
@@ -218,19 +224,18 @@ SAFETENSORS_HEADER_LIMIT = 64 * safe_io.MIB
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
-def check_safetensors(path: Path, expected: dict[str, tuple[int, ...]]) -> None:
-    """The safetensors file holds exactly the tensors ``expected`` names, of those shapes, within the file: its
-    header (length first, bounded) is parsed and checked before any tensor is read."""
-    with safe_io.open_regular(path) as f:
-        size = os.fstat(f.fileno()).st_size
-        head = f.read(8)
-        if len(head) < 8:
-            raise UsageError(f"--bundle: {path}: truncated ({size} bytes; no safetensors header)")
-        n = int.from_bytes(head, "little")
-        if n > min(SAFETENSORS_HEADER_LIMIT, size - 8):
-            raise UsageError(f"--bundle: {path}: header length {n} exceeds the file ({size} bytes) or the "
-                             f"{SAFETENSORS_HEADER_LIMIT}-byte limit; truncated or not a safetensors file")
-        raw = f.read(n)
+def check_safetensors(f, path: Path, expected: dict[str, tuple[int, ...]]) -> None:
+    """The safetensors file open as ``f`` holds exactly the tensors ``expected`` names, of those shapes, within
+    the file: its header (length first, bounded) is parsed and checked before any tensor is read."""
+    size = os.fstat(f.fileno()).st_size
+    head = f.read(8)
+    if len(head) < 8:
+        raise UsageError(f"--bundle: {path}: truncated ({size} bytes; no safetensors header)")
+    n = int.from_bytes(head, "little")
+    if n > min(SAFETENSORS_HEADER_LIMIT, size - 8):
+        raise UsageError(f"--bundle: {path}: header length {n} exceeds the file ({size} bytes) or the "
+                         f"{SAFETENSORS_HEADER_LIMIT}-byte limit; truncated or not a safetensors file")
+    raw = f.read(n)
     try:
         header = safe_io.parse_json(raw.decode("utf-8"), str(path))
     except UnicodeDecodeError:
