@@ -41,7 +41,6 @@ from cmc_fast.errors import UsageError
 
 TEXT_KEYS = ("text", "content")
 MAX_LINE_BYTES = 16 << 20  # one post's line (JSONL) or field (CSV); a longer one is reported, not held
-csv.field_size_limit(MAX_LINE_BYTES)
 IMAGE_KEYS = ("image", "image_path")
 
 
@@ -159,6 +158,8 @@ def _csv(stream: io.BufferedReader, name: str, base: str) -> Iterator[Post | Bad
                 bad_lines.add(number)
                 yield raw.decode("utf-8", errors="replace")
 
+    # csv's field limit is process-wide (128 KiB by default; the dataset readers raise it): at least one line's
+    csv.field_size_limit(max(csv.field_size_limit(), MAX_LINE_BYTES))
     reader = csv.reader(decoded())
     try:
         header = next(reader, None)
