@@ -301,6 +301,14 @@ def load_detector(args: argparse.Namespace) -> Detector:
     return Detector.from_run(args.run, args.variant or "cmc", device=args.device)
 
 
+def _model_files(folder: Path) -> list[Path]:
+    """The files of a run or bundle folder and its sub-folders (one level): none may be ``--out``."""
+    if not folder.is_dir():
+        return []
+    subfolders = [d for d in folder.iterdir() if d.is_dir() and not d.is_symlink()]
+    return [*folder.iterdir(), *(f for d in subfolders for f in d.iterdir())]
+
+
 def run_predict(args: argparse.Namespace) -> int:
     path = Path(args.input)
     if not os.path.lexists(path):
@@ -314,7 +322,8 @@ def run_predict(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         # --out is checked before the model loads, written beside itself and renamed once complete: never the
         # input, never two writers at once, left as it was when the run fails
-        out = (stack.enter_context(safe_io.replacing_output(args.out, "--out", inputs=(path,))) if args.out
+        inputs = (path, *_model_files(Path(args.run or args.bundle)))
+        out = (stack.enter_context(safe_io.replacing_output(args.out, "--out", inputs=inputs)) if args.out
                else sys.stdout)
         detector = load_detector(args)
         summary = predict_file(detector, path, out, batch_size=args.batch_size, progress=progress)

@@ -228,8 +228,8 @@ def replacing_output(path: str | os.PathLike, flag: str, inputs: tuple[str | os.
         raise FileRefused(f"{flag} {path}: {folder} is not a folder")
     for source in inputs:
         if same_file(path, source):
-            raise FileRefused(f"{flag} {path}: is the input {os.fspath(source)}; name another file (the input "
-                              "was not changed)")
+            raise FileRefused(f"{flag} {path}: is {os.fspath(source)}, which this command reads; name another "
+                              "file (it was not changed)")
     name = os.path.basename(path)
     with _output_lock(os.path.join(folder, f".{name}.{_TEMP_MARK}.lock"), flag, path):
         try:

@@ -236,8 +236,16 @@ def test_predict_out_equal_to_its_input_is_refused_and_the_input_kept(trained, t
             out.symlink_to(posts)
         capsys.readouterr()
         assert _predict_bundle(trained[1], posts, "--out", str(out)) == 2
-        assert "is the input" in _one_line_error(capsys)
+        assert "which this command reads" in _one_line_error(capsys)
         assert posts.read_bytes() == before
+
+
+def test_predict_out_naming_a_file_of_its_model_is_refused(run_copy, trained, capsys):
+    target = run_copy / "checkpoints" / "finetune-t.best-text.pt"
+    before = target.read_bytes()
+    assert main(["predict", "--run", str(run_copy), "--variant", "finetune-t", "--input", str(trained[2]),
+                 "--out", str(target)]) == 2
+    assert "which this command reads" in _one_line_error(capsys) and target.read_bytes() == before
 
 
 @pytest.mark.parametrize("where, reason", [("folder", "is a folder"), ("under_file", "is not a folder")])
