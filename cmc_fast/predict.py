@@ -40,7 +40,7 @@ from cmc_fast.detector import Detector
 from cmc_fast.errors import UsageError
 
 TEXT_KEYS = ("text", "content")
-MAX_LINE_BYTES = 16 << 20  # one post's line (JSONL) or field (CSV); a longer one is reported, not held
+MAX_LINE_BYTES = safe_io.LINE_LIMIT  # one post's line (JSONL) or field (CSV); a longer one is reported
 IMAGE_KEYS = ("image", "image_path")
 
 
@@ -89,35 +89,8 @@ def _post(obj: object, line: int, name: str, base: str) -> Post | BadLine:
     return Post(line, post_id, text.strip(), path)
 
 
-def _bounded_lines(stream: io.BufferedReader) -> Iterator[tuple[int, bytes | None]]:
-    """(line number, the line) for each line of at most ``MAX_LINE_BYTES``; a longer one is skipped through
-    unread in bounded pieces and given as None (so one huge line costs no more memory than a short one)."""
-    number = 0
-    while True:
-        raw = stream.readline(MAX_LINE_BYTES + 1)
-        if not raw:
-            return
-        number += 1
-        if len(raw) <= MAX_LINE_BYTES or raw.endswith(b"\n"):
-            yield number, raw
-            continue
-        while raw and not raw.endswith(b"\n"):
-            raw = stream.readline(MAX_LINE_BYTES)
-        yield number, None
-
-
-def _unencodable(value: object) -> bool:
-    if not isinstance(value, str):
-        return False
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
-
-
 def _jsonl(stream: io.BufferedReader, name: str, base: str) -> Iterator[Post | BadLine]:
-    for number, raw in _bounded_lines(stream):
+    for number, raw in safe_io.bounded_lines(stream, MAX_LINE_BYTES):
         if raw is None:
             yield BadLine(number, f"line over {MAX_LINE_BYTES} bytes")
             continue
@@ -147,7 +120,7 @@ def _csv(stream: io.BufferedReader, name: str, base: str) -> Iterator[Post | Bad
     bad_lines: set[int] = set()
 
     def decoded() -> Iterator[str]:
-        for number, raw in _bounded_lines(stream):
+        for number, raw in safe_io.bounded_lines(stream, MAX_LINE_BYTES):
             if raw is None:  # over MAX_LINE_BYTES: reported as not readable, its row left empty
                 bad_lines.add(number)
                 yield "\n"

@@ -32,6 +32,7 @@ KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
 # limits of the small files the tool writes itself; a file far over them was not written by it
 JSON_LIMIT = 16 * MIB  # a run's or bundle's config.json, metrics, a vocabulary list
 LOCK_LIMIT = 4 * KIB
+LINE_LIMIT = 16 * MIB  # one line of a manifest or a predict input: one post
 _OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0)
 _NOT_REGULAR = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a character device"),
                 (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symbolic link"))
@@ -140,6 +141,23 @@ def parse_json(text: str, where: str) -> Any:
 def read_json(path: str | os.PathLike, limit: int = JSON_LIMIT) -> Any:
     """The JSON document in a regular file of at most ``limit`` bytes; raises ``FileRefused``."""
     return parse_json(read_text(path, limit), os.fspath(path))
+
+
+def bounded_lines(stream: io.BufferedReader, limit: int = LINE_LIMIT) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, the line) for each line of at most ``limit`` bytes; a longer one is skipped through
+    unread in bounded pieces and given as None (so one huge line costs no more memory than a short one)."""
+    number = 0
+    while True:
+        raw = stream.readline(limit + 1)
+        if not raw:
+            return
+        number += 1
+        if len(raw) <= limit or raw.endswith(b"\n"):
+            yield number, raw
+            continue
+        while raw and not raw.endswith(b"\n"):
+            raw = stream.readline(limit)
+        yield number, None
 
 
 def open_append(path: str | os.PathLike) -> io.TextIOWrapper:

@@ -568,3 +568,23 @@ def test_a_named_pipe_for_the_last_checkpoint_is_refused_by_resume_without_hangi
     line = _one_line_error(capsys)
     assert str(path) in line and "a named pipe" in line
     assert not (run_copy / LOCK_NAME).exists()  # the run is not left locked
+
+
+def test_a_line_over_the_limit_is_skipped_unread_in_manifests_and_predict(trained, tmp_path, monkeypatch, capsys):
+    from cmc_fast.data_pipeline import safe_io
+    from cmc_fast.data_pipeline.registry import load_dataset
+
+    monkeypatch.setattr(safe_io, "LINE_LIMIT", 1000)
+    monkeypatch.setattr("cmc_fast.predict.MAX_LINE_BYTES", 1000)
+    long_line = json.dumps({"id": "long", "text": "news " * 1000, "label": 1})
+    rows = [json.dumps({"id": "a", "text": "short", "label": 0}), long_line,
+            json.dumps({"id": "b", "text": "short", "label": 1})]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join(rows) + "\n")
+    ds = load_dataset("manifest", str(manifest))
+    assert [r.id for r in ds.train] == ["a", "b"]
+    assert [(s.id, s.reason) for s in ds.skipped] == [("m.jsonl:2", "line too long: over 1000 bytes")]
+    out = tmp_path / "scores.jsonl"
+    assert _predict_bundle(trained[1], manifest, "--out", str(out)) == 1
+    assert "m.jsonl:2: skipped: line over 1000 bytes" in capsys.readouterr().err
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["a", "b"]

@@ -142,10 +142,15 @@ def surrogate_error(text: str, what: str) -> str | None:
     return None
 
 
-def read_lines(path: str | os.PathLike) -> Iterator[tuple[int, bytes, bool]]:
-    """Stream ``(line_number, raw_line_without_newline, had_newline)``; a UTF-8 BOM on line 1 is removed."""
+def read_lines(path: str | os.PathLike, limit: int | None = None) -> Iterator[tuple[int, bytes | None, bool]]:
+    """Stream ``(line_number, raw_line_without_newline, had_newline)``; a UTF-8 BOM on line 1 is removed. With
+    ``limit``, a line over that many bytes is skipped through unread and given as ``None``."""
     with safe_io.open_regular(path, allow_empty=True) as f:  # a pipe or device as a manifest: one line, no hang
-        for number, raw in enumerate(f, 1):
+        lines = safe_io.bounded_lines(f, limit) if limit is not None else enumerate(f, 1)
+        for number, raw in lines:
+            if raw is None:
+                yield number, None, True
+                continue
             had_newline = raw.endswith(b"\n")
             raw = raw.rstrip(b"\n").rstrip(b"\r")
             if number == 1 and raw.startswith(b"\xef\xbb\xbf"):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 
+from .. import safe_io
 from ..records import DatasetSplits, Record, Skipped
 from .common import (
     JsonNumber,
@@ -78,8 +79,11 @@ def read_jsonl(path: str, skipped: list[Skipped]) -> list[Record]:
     base = os.path.dirname(os.path.abspath(path))
     name = os.path.basename(path)
     records: list[Record] = []
-    for number, raw, _ in read_lines(path):
+    for number, raw, _ in read_lines(path, safe_io.LINE_LIMIT):
         src = where(path, number)
+        if raw is None:
+            skipped.append(Skipped(f"{name}:{number}", f"line too long: over {safe_io.LINE_LIMIT} bytes", src))
+            continue
         if not raw.strip():
             continue
         err = utf8_error(raw)
