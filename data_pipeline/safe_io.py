@@ -9,7 +9,13 @@ Every open is decided the same way, before a byte is read:
   opened descriptor is checked again (``fstat``), so what is read is what was checked;
 - a read is bounded: a file over its limit is refused by its size, and the rest is read in one call of at most
   ``limit + 1`` bytes (a file that grew since the stat is refused too);
-- appends (``log.txt``) never follow a symlink (``O_NOFOLLOW``) and only ever extend a regular file.
+- appends (``log.txt``) never follow a symlink (``O_NOFOLLOW``) and only ever extend a regular file;
+- lines (manifests, predict's input) are read at most ``LINE_LIMIT`` bytes at a time (``bounded_lines``).
+
+Writes the tool owns: ``make_temp`` names a temporary file ``.<target>.cmc-fast-<pid>.<random>.tmp`` (stray-file
+cleanup removes only those, of dead writers); ``replacing_output`` writes a user-named output (``predict --out``)
+beside it and renames it into place, refusing an output that is one of the command's inputs, a folder, or being
+written by another cmc-fast process.
 
 A refusal raises ``FileRefused`` (a ``ValueError``) whose message is one line starting with the file's path and
 saying what is wrong; the CLI prints it and exits 2. Imports nothing from ``cmc_fast``.
