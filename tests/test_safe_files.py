@@ -7,6 +7,7 @@ and 60 s; if it is still blocked then, the pipe is opened for writing to release
 import json
 import os
 import shutil
+import subprocess
 import threading
 
 import pytest
@@ -329,7 +330,7 @@ def test_cleanup_removes_only_the_tools_own_temporaries(run_copy, tmp_path):
     users = [run_copy / "my notes.tmp", run_copy / ".config.json.abc123.tmp", elsewhere / "upload.tmp"]
     for path in users:
         path.write_text("keep me")
-    child = __import__("subprocess").Popen(["true"])
+    child = subprocess.Popen(["true"])  # a PID that is gone: the writer of a temporary left behind
     child.wait()
     ours = run_copy / f".metrics.json.cmc-fast-{child.pid}.k2j4.tmp"
     ours.write_text("half")
