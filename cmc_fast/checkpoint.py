@@ -10,18 +10,18 @@ import json
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from cmc_fast.data_pipeline import safe_io
 from cmc_fast.errors import UsageError
 
 
 def _atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = safe_io.make_temp(path.parent, path.name)  # named as ours: stray-file cleanup may remove it
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600: a run folder is read by teammates too
         with os.fdopen(fd, "wb") as f:
@@ -47,10 +47,13 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """A checkpoint this tool wrote (tensors, numbers, strings, lists, dicts), never unpickling anything else."""
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise UsageError(f"{path}: checkpoint not found") from None
+    if not os.path.lexists(path):
+        raise UsageError(f"{path}: checkpoint not found")
+    try:  # a regular file only, opened non-blocking (a named pipe or /dev/zero in its place is refused unread)
+        with safe_io.open_regular(path) as f:
+            state = torch.load(f, map_location=map_location, weights_only=True)
+    except safe_io.FileRefused as exc:
+        raise UsageError(f"{exc}; restore it, or delete it to retrain that stage") from None
     except Exception as exc:  # noqa: BLE001 - truncated, empty, foreign or planted: all one answer
         raise UsageError(f"{path}: not a readable cmc-fast checkpoint ({load_error_reason(exc)}); restore it, "
                          "or delete it to retrain that stage") from None

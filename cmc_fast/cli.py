@@ -21,6 +21,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from cmc_fast.config import DATASETS, Config, preset, read_run_config
+from cmc_fast.data_pipeline import safe_io
+from cmc_fast.data_pipeline.safe_io import FileRefused
 from cmc_fast.errors import CollectiveFailure, UsageError
 from cmc_fast.rundir import claim, clear_run, refuse_existing_run
 
@@ -172,7 +174,7 @@ def _train(args: argparse.Namespace, held: list[Path]) -> int:
         if args.overwrite:
             raise UsageError("--overwrite: deletes the run --resume would continue; give one of the two")
         run_dir = Path(args.resume)
-        cfg = read_run_config(run_dir, "--resume")
+        cfg = read_run_config(run_dir, "--resume", resume=True)
         applied = _resume_flags(args, cfg)
         with _hold(run_dir, flag="--resume", allow_foreign=True) as notes:
             held.append(run_dir)
@@ -228,13 +230,13 @@ def _say(run_dir: Path, lines: list[str], prefix: str = "cmc-fast: ") -> None:
     for line in lines:
         print(f"{prefix}{line}", file=sys.stderr)
     try:
-        with open(run_dir / "log.txt", "a", encoding="utf-8") as f:
+        with safe_io.open_append(run_dir / "log.txt") as f:  # never through a link, never a pipe
             for line in lines:
                 record = logging.makeLogRecord({"msg": line, "levelno": level,
                                                 "levelname": logging.getLevelName(level)})
                 f.write(fmt.format(record) + "\n")
-    except OSError:
-        pass  # the line is on stderr; a folder that cannot take it was already reported
+    except (OSError, safe_io.FileRefused):
+        pass  # the line is on stderr; a log that cannot take it is reported by the run that opens it
 
 
 class _ConsoleFormatter(logging.Formatter):
@@ -330,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _dataset_warnings_in_our_words():
             return _dispatch(args, held)
-    except (UsageError, FloatingPointError) as exc:  # a user's mistake, a bad file, a loss that diverged
+    except (UsageError, FileRefused, FloatingPointError) as exc:  # a user's mistake, a bad file, a diverged loss
         line = " ".join(str(exc).split())
         if held:
             _say(held[0], [line], prefix="cmc-fast: error: ")

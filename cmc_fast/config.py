@@ -9,10 +9,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import typing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from cmc_fast.data_pipeline import safe_io
 from cmc_fast.errors import UsageError
 
 VARIANTS = ("finetune-t", "finetune-v", "cmc-t", "cmc-v", "cmc-shared", "cmc")
@@ -151,7 +153,27 @@ class Config:
              f"--image-size: need H,W >= 8, got {self.image_size}")
         need(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
              f"--device: choose auto, cpu or cuda[:N], got {self.device!r}")
+        need(self.synthetic_train >= 4 and self.synthetic_test >= 2,
+             f"--synthetic-n: need at least 4 training and 2 test posts, got {self.synthetic_train},"
+             f"{self.synthetic_test}")
+        self._check_upper_bounds(need)
         return self
+
+    def _check_upper_bounds(self, need) -> None:
+        """Sizes a file or a flag may ask for, bounded before anything is allocated (``UPPER_BOUNDS``), the image
+        batch within a quarter of this machine's memory, and ``--threads`` within its cores."""
+        for name, most in UPPER_BOUNDS.items():
+            need(getattr(self, name) <= most, f"--{_flag(name)}: must be <= {most}, got {getattr(self, name)}")
+        need(max(self.image_size) <= MAX_IMAGE_SIDE,
+             f"--image-size: each side must be <= {MAX_IMAGE_SIDE}, got {self.image_size}")
+        batch_bytes = self.batch_size * 3 * self.image_size[0] * self.image_size[1] * 4
+        memory = machine_memory()
+        need(memory is None or batch_bytes <= memory // 4,
+             f"--image-size {self.image_size[0]},{self.image_size[1]} at --batch-size {self.batch_size}: one float32 "
+             f"image batch takes {batch_bytes >> 20} MiB, over a quarter of this machine's "
+             f"{(memory or 0) >> 20} MiB; use smaller images or batches")
+        need(self.threads is None or self.threads <= usable_cores(),
+             f"--threads: must be <= the {usable_cores()} cores this process may use, got {self.threads}")
 
     def variants(self) -> list[str]:
         if self.variant == "all":
@@ -162,7 +184,12 @@ class Config:
         return json.dumps(asdict(self), indent=2)
 
     @classmethod
-    def from_dict(cls, data: dict, source: str = "config") -> Config:
+    def from_dict(cls, data: dict, source: str = "config", *, validate: bool = True) -> Config:
+        """A configuration from a JSON object (a run's or bundle's ``config.json``, a ``--config`` file): keys and
+        types checked, then (``validate``) every value as ``train`` checks its flags, before anything is built.
+        A saved ``threads`` over this machine's cores is lowered to them (where a run runs, not what it trains)."""
+        if not isinstance(data, dict):
+            raise UsageError(f"{source}: expected a JSON object of config keys")
         names = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - set(names))
         if unknown:
@@ -175,7 +202,15 @@ class Config:
         values.setdefault("shared_loss", "fused+distill")
         if "image_size" in values and values["image_size"] is not None:
             values["image_size"] = tuple(values["image_size"])
-        return cls(**values)
+        cfg = cls(**values)
+        if not validate:
+            return cfg
+        if cfg.threads is not None and cfg.threads > usable_cores():
+            cfg.threads = usable_cores()
+        try:
+            return cfg.validate()
+        except UsageError as exc:
+            raise UsageError(f"{source}: {exc}") from None
 
     @classmethod
     def read_overrides(cls, path: str | Path) -> dict:
@@ -184,7 +219,7 @@ class Config:
         if not p.is_file():
             raise UsageError(f"--config: file not found: {p}")
         data = read_json_object(p, "--config", "config keys")
-        cls.from_dict(data, source=f"--config: {p}")  # the same checks as a run's config.json
+        cls.from_dict(data, source=f"--config: {p}", validate=False)  # names and types; values once merged
         if data.get("image_size") is not None:
             data["image_size"] = tuple(data["image_size"])
         return data
@@ -193,24 +228,54 @@ class Config:
 def read_json_object(path: Path, flag: str, what: str) -> dict:
     """The JSON object in ``path``; a file that cannot be read, is not JSON or not an object ends in a UsageError
     naming ``flag`` and the file (with the line of a JSON error)."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{flag}: {path}: cannot read ({exc})") from None
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"{flag}: {path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+    try:  # a regular file within safe_io's JSON limit: a pipe, a device or a bomb is refused unread
+        data = safe_io.read_json(path)
+    except safe_io.FileRefused as exc:
+        raise UsageError(f"{flag}: {exc}") from None
     if not isinstance(data, dict):
         raise UsageError(f"{flag}: {path}: expected a JSON object of {what}")
     return data
 
 
-def read_run_config(run_dir: str | Path, flag: str) -> Config:
-    """A run directory's saved configuration (``train --resume``, ``evaluate``, ``predict``, ``tsne``)."""
+def read_run_config(run_dir: str | Path, flag: str, *, resume: bool = False) -> Config:
+    """A run directory's saved configuration (``train --resume``, ``evaluate``, ``predict``, ``tsne``), validated
+    as ``train`` validates its own. Only ``--resume`` continues the run's writing: for the others (which read a
+    run) the synthetic set is regenerated under the cache (it is deterministic in its settings), never in the
+    ``data_root`` the file names, which may be any folder of the user's."""
     run_dir = Path(run_dir)
     path = run_dir / "config.json"
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise UsageError(f"{flag}: {run_dir} is not a cmc-fast run directory (no config.json)")
-    return Config.from_dict(read_json_object(path, flag, "config keys"), source=f"{flag}: {path}")
+    cfg = Config.from_dict(read_json_object(path, flag, "config keys"), source=f"{flag}: {path}")
+    if cfg.dataset == "synthetic" and not resume:
+        cfg.data_root = None
+    return cfg
+
+
+# the largest value of each size a configuration may ask for: far above any real use (the authors' BERT takes 512
+# tokens, BLOCK's mm_dim is 1000 in the paper), far below what would exhaust memory before a check could say so
+UPPER_BOUNDS = {"max_len": 8192, "tiny_text_dim": 4096, "tiny_text_layers": 64, "proj_dim": 4096, "mm_dim": 16384,
+                "chunks": 1024, "rank": 1024, "nce_k": 1 << 20, "batch_size": 1 << 16, "epochs": 100_000,
+                "fusion_epochs": 100_000, "text_pretrain_epochs": 100_000, "log_every": 1 << 30, "seed": 2**32 - 1,
+                "synthetic_train": 1_000_000, "synthetic_test": 1_000_000, "max_image_bytes": 4 << 30,
+                "max_image_pixels": 1 << 30}
+MAX_IMAGE_SIDE = 4096
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def machine_memory() -> int | None:
+    """Physical memory in bytes (None where the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def _flag(name: str) -> str:

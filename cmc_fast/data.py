@@ -102,8 +102,8 @@ def read_dataset(cfg) -> DatasetSplits:
     try:
         ds = load_dataset(cfg.dataset, cfg.data_root, seed=cfg.seed, n_train=cfg.synthetic_train,
                           n_test=cfg.synthetic_test)
-    except (FileNotFoundError, NotADirectoryError, ValueError) as exc:
-        raise UsageError(f"--data-root: {exc}") from None
+    except (OSError, ValueError) as exc:  # missing, not a folder (a pipe, a device), a bad file (safe_io)
+        raise UsageError(f"--data-root: {' '.join(str(exc).split())}") from None
     where = ds.root or cfg.data_root
     if not ds.train:
         raise UsageError(f"--dataset {cfg.dataset}: no training posts under {where}")

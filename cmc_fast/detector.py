@@ -20,6 +20,7 @@ safetensors + JSON (``bundle.py``).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,7 +108,7 @@ def text_classifier(cfg: Config, tokenizer, hf_config_dir: str | None = None,
         return Classifier(load_text_model(cfg.text_model)[0])
     from transformers import AutoConfig, AutoModel
 
-    hf_cfg = AutoConfig.from_pretrained(hf_config_dir, local_files_only=True)
+    hf_cfg = AutoConfig.from_pretrained(hf_config_dir, local_files_only=True, trust_remote_code=False)
     return Classifier(TextEncoder(AutoModel.from_config(hf_cfg, dtype=torch.float32), pooling="pooler"))
 
 
@@ -136,7 +137,7 @@ def run_tokenizer(run_dir: Path, cfg: Config) -> tuple[object, TextEncoder | Non
 
 
 def _vocabulary(run_dir: Path, cfg: Config) -> VocabTokenizer:
-    if (run_dir / VOCAB_FILE).is_file():
+    if os.path.lexists(run_dir / VOCAB_FILE):  # whatever it is, read through safe_io (a pipe: one line)
         return VocabTokenizer.load(run_dir / VOCAB_FILE)
     from cmc_fast.data import prepare  # same data, seed and split: the same vocabulary
 
@@ -156,7 +157,7 @@ def load_run_states(run_dir: Path, variant: str) -> dict[str, dict]:
     states, cache = {}, {}
     for part, (stage, head, key) in RUN_PARTS[variant].items():
         path = CheckpointManager(run_dir / "checkpoints", stage).best_path(head)
-        if not path.is_file():
+        if not os.path.lexists(path):
             have = run_variants(run_dir)
             raise UsageError(f"--variant {variant}: {path} not found; the run did not train this variant or has not "
                              "finished it. The run's variants: "

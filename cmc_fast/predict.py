@@ -1,9 +1,10 @@
 """``cmc-fast predict --run DIR|--bundle DIR --input FILE [--variant cmc] [--out FILE.jsonl]``.
 
 The input is the manifest format: JSONL (one object a line) or CSV, with ``text``, ``image`` (a path relative to
-the input file; absent or empty: no image) and an optional ``id`` (default ``<file>:<line>``). Labels, when
-present, are ignored. Posts stream through in batches (``--batch-size``), so memory stays bounded whatever the
-input's size. One JSON line per scored post::
+the input file, or absolute inside its folder; one leaving the folder is a bad line unless
+``CMC_FAST_IMAGES_ANYWHERE=1``; absent or empty: no image) and an optional ``id`` (default ``<file>:<line>``).
+Labels, when present, are ignored. Posts stream through in batches (``--batch-size``), so memory stays bounded
+whatever the input's size. One JSON line per scored post::
 
     {"id", "p_fake", "label": "fake"|"real", "p_fake_text", "p_fake_image", "model", "image_error"?}
 
@@ -13,12 +14,13 @@ p(fake) is null where it is absent or was not trained. A line that cannot be use
 object, no text field, empty text, or a post the variant cannot score) is reported on stderr with its line
 number and reason, and the rest go on.
 
-Exit status: 0 every post was scored, 1 some lines were reported and skipped, 2 a usage error.
+Exit status: 0 every post was scored, 1 some lines were reported and skipped, 2 a usage error or a bad file.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
@@ -32,10 +34,13 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from cmc_fast.data_pipeline import safe_io
+from cmc_fast.data_pipeline.readers.common import outside_reason, unencodable_key
 from cmc_fast.detector import Detector
 from cmc_fast.errors import UsageError
 
 TEXT_KEYS = ("text", "content")
+MAX_LINE_BYTES = safe_io.LINE_LIMIT  # one post's line (JSONL) or field (CSV); a longer one is reported
 IMAGE_KEYS = ("image", "image_path")
 
 
@@ -59,7 +64,13 @@ def _post(obj: object, line: int, name: str, base: str) -> Post | BadLine:
     """One parsed row as a post, or why it is not one."""
     if not isinstance(obj, dict):
         return BadLine(line, f"expected a JSON object, got {type(obj).__name__}")
-    post_id = str(obj["id"]).strip() if obj.get("id") not in (None, "") else f"{name}:{line}"
+    bad_key = unencodable_key(obj, ("id", *TEXT_KEYS, *IMAGE_KEYS))
+    if bad_key:  # a lone surrogate ("\ud800") parses but cannot be written out as UTF-8
+        return BadLine(line, f"{bad_key}: not valid Unicode (a lone surrogate escape)")
+    raw_id = obj.get("id")
+    if isinstance(raw_id, dict | list):
+        return BadLine(line, f"id: expected a string or a number, got {type(raw_id).__name__}")
+    post_id = str(raw_id).strip() if raw_id not in (None, "") else f"{name}:{line}"
     text_key = next((k for k in TEXT_KEYS if k in obj), None)
     if text_key is None:
         return BadLine(line, "missing field: text", post_id)
@@ -71,12 +82,18 @@ def _post(obj: object, line: int, name: str, base: str) -> Post | BadLine:
     image = next((obj[k] for k in IMAGE_KEYS if k in obj), None)
     if image is not None and not isinstance(image, str):
         return BadLine(line, f"image: expected a path, got {type(image).__name__}", post_id)
-    path = os.path.join(base, image) if image else None  # an absolute path stays as it is
+    outside = outside_reason([image], base) if image else None
+    if outside:
+        return BadLine(line, outside, post_id)
+    path = os.path.join(base, image) if image else None
     return Post(line, post_id, text.strip(), path)
 
 
 def _jsonl(stream: io.BufferedReader, name: str, base: str) -> Iterator[Post | BadLine]:
-    for number, raw in enumerate(stream, start=1):
+    for number, raw in safe_io.bounded_lines(stream, MAX_LINE_BYTES):
+        if raw is None:
+            yield BadLine(number, f"line over {MAX_LINE_BYTES} bytes")
+            continue
         if not raw.strip():
             continue
         try:
@@ -89,6 +106,12 @@ def _jsonl(stream: io.BufferedReader, name: str, base: str) -> Iterator[Post | B
         except json.JSONDecodeError as exc:
             yield BadLine(number, f"invalid JSON: {exc.msg} at column {exc.colno}")
             continue
+        except RecursionError:
+            yield BadLine(number, "invalid JSON: nested too deeply")
+            continue
+        except ValueError as exc:  # an integer of more digits than Python converts
+            yield BadLine(number, f"invalid JSON: {' '.join(str(exc).split())[:120]}")
+            continue
         yield _post(obj, number, name, base)
 
 
@@ -97,20 +120,37 @@ def _csv(stream: io.BufferedReader, name: str, base: str) -> Iterator[Post | Bad
     bad_lines: set[int] = set()
 
     def decoded() -> Iterator[str]:
-        for number, raw in enumerate(stream, start=1):
+        for number, raw in safe_io.bounded_lines(stream, MAX_LINE_BYTES):
+            if raw is None:  # over MAX_LINE_BYTES: reported as not readable, its row left empty
+                bad_lines.add(number)
+                yield "\n"
+                continue
             try:
                 yield raw.decode("utf-8")
             except UnicodeDecodeError:
                 bad_lines.add(number)
                 yield raw.decode("utf-8", errors="replace")
 
+    # csv's field limit is process-wide (128 KiB by default; the dataset readers raise it): at least one line's
+    csv.field_size_limit(max(csv.field_size_limit(), MAX_LINE_BYTES))
     reader = csv.reader(decoded())
-    header = next(reader, None)
+    try:
+        header = next(reader, None)
+    except csv.Error as exc:
+        yield BadLine(1, f"malformed CSV header: {exc}")
+        return
     if header is None:
         return
     header = [h.strip().lstrip("\ufeff").lower() for h in header]
     first = reader.line_num + 1
-    for row in reader:
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:  # a field over MAX_LINE_BYTES, a NUL: the rest of the file cannot be framed
+            yield BadLine(first, f"malformed CSV: {exc}; the rows after it are not read")
+            return
         lines = range(first, reader.line_num + 1)
         first = reader.line_num + 1
         if not any(cell.strip() for cell in row):
@@ -187,8 +227,9 @@ def predict_file(detector: Detector, path: Path, out, *, batch_size: int = 64, p
             _report(report, name, bad, summary)
         batch.clear()
 
-    with path.open("rb") as stream, tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc="predict",
-                                         disable=not progress, dynamic_ncols=True) as bar:
+    with safe_io.open_regular(path, allow_empty=True) as stream, tqdm(
+            total=os.fstat(stream.fileno()).st_size, unit="B", unit_scale=True, desc="predict", disable=not progress,
+            dynamic_ncols=True) as bar:
         for item in read_posts(path, stream):
             bar.update(stream.tell() - bar.n)  # bytes read so far (redrawn at tqdm's own pace)
             if isinstance(item, BadLine):
@@ -233,19 +274,32 @@ def load_detector(args: argparse.Namespace) -> Detector:
     return Detector.from_run(args.run, args.variant or "cmc", device=args.device)
 
 
+def _model_files(folder: Path) -> list[Path]:
+    """The files of a run or bundle folder and its sub-folders (one level): none may be ``--out``."""
+    if not folder.is_dir():
+        return []
+    subfolders = [d for d in folder.iterdir() if d.is_dir() and not d.is_symlink()]
+    return [*folder.iterdir(), *(f for d in subfolders for f in d.iterdir())]
+
+
 def run_predict(args: argparse.Namespace) -> int:
     path = Path(args.input)
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise UsageError(f"--input: file not found: {path}")
+    problem = safe_io.file_problem(path, allow_empty=True)  # a pipe, a device, a folder: refused unopened
+    if problem:
+        raise UsageError(f"--input: {problem}")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size: must be >= 1, got {args.batch_size}")
-    detector = load_detector(args)
     progress = not args.no_progress and sys.stderr.isatty()
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as out:
-            summary = predict_file(detector, path, out, batch_size=args.batch_size, progress=progress)
-    else:
-        summary = predict_file(detector, path, sys.stdout, batch_size=args.batch_size, progress=progress)
+    with contextlib.ExitStack() as stack:
+        # --out is checked before the model loads, written beside itself and renamed once complete: never the
+        # input, never two writers at once, left as it was when the run fails
+        inputs = (path, *_model_files(Path(args.run or args.bundle)))
+        out = (stack.enter_context(safe_io.replacing_output(args.out, "--out", inputs=inputs)) if args.out
+               else sys.stdout)
+        detector = load_detector(args)
+        summary = predict_file(detector, path, out, batch_size=args.batch_size, progress=progress)
     print(f"{detector.variant} ({detector.source}): {summary.line()}", file=sys.stderr)
     if detector.uses_images and summary.posts and summary.text_only == summary.posts:
         print(f"cmc-fast: error: no image of {path} could be used, so no post was scored by {detector.variant} "

@@ -9,7 +9,8 @@ writes:
 - ``.lock`` holds ``{"pid", "host", "started"}`` while the run writes. A second run on the folder is refused with
   one line naming the holder's PID and host; a lock left by a dead process on this host is taken over (and
   said so); a lock from another host is never presumed dead;
-- once held, stray ``*.tmp`` files left by a write that was killed (``checkpoint._atomic_write``) are removed.
+- once held, the temporary files a killed write of the tool left (named as its own by ``safe_io.make_temp``, their
+  writer gone) are removed; nothing else is.
 
 The lock file appears atomically with its content (written beside it, then hard-linked into place), so a reader
 never sees it half-written.
@@ -26,28 +27,22 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from cmc_fast.data_pipeline import safe_io
 from cmc_fast.errors import UsageError
 
 LOCK_NAME = ".lock"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by someone else
-        return True
-    return True
+MAX_PID = 1 << 22  # Linux's pid_max ceiling: a lock naming a larger PID was not written by a process
 
 
 def _read_lock(path: Path) -> dict | None:
-    try:
-        holder = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    """The lock's holder; {} when the lock is not a small regular file of JSON (``safe_io``: a pipe or a link to
+    /dev/zero is refused unread), None when there is no lock."""
+    if not os.path.lexists(path):
         return None
-    except (OSError, ValueError):
-        return {}
+    try:
+        holder = safe_io.read_json(path, safe_io.LOCK_LIMIT)
+    except safe_io.FileRefused:
+        return None if not os.path.lexists(path) else {}
     return holder if isinstance(holder, dict) else {}
 
 
@@ -57,8 +52,8 @@ def is_run(run_dir: Path) -> bool:
     from cmc_fast.config import Config
 
     try:
-        data = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        data = safe_io.read_json(run_dir / "config.json")
+    except safe_io.FileRefused:
         return False
     fields = {f.name for f in dataclasses.fields(Config)}
     return isinstance(data, dict) and "dataset" in data and set(data) <= fields
@@ -81,9 +76,11 @@ def _check_folder(run_dir: Path, flag: str, allow_foreign: bool) -> None:
 
 def _try_lock(lock: Path, me: dict) -> bool:
     """Create ``lock`` holding ``me``, atomically; False when it already exists."""
-    tmp = lock.with_name(f"{LOCK_NAME}.{me['pid']}.tmp")
-    tmp.write_text(json.dumps(me), encoding="utf-8")
+    fd, name = safe_io.make_temp(lock.parent, LOCK_NAME)  # a new file (O_EXCL): never written through a link
+    tmp = Path(name)
     try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(me))
         os.link(tmp, lock)
         return True
     except FileExistsError:
@@ -129,24 +126,28 @@ def _acquire(run_dir: Path, flag: str) -> tuple[Path, dict, str]:
         if holder is None:
             continue  # released between our attempt and the read
         pid, host = holder.get("pid"), holder.get("host")
-        if not isinstance(pid, int) or not isinstance(host, str):
+        if not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid <= MAX_PID or not isinstance(host, str):
             raise UsageError(f"{flag} {run_dir}: lock file {lock} is unreadable; delete it if no run uses the folder")
-        if host != me["host"] or _pid_alive(pid):
+        if host != me["host"] or safe_io.pid_alive(pid):
             raise UsageError(_in_use(holder, lock, flag, run_dir))
         note = _take_over_stale(lock, holder, flag, run_dir) or note
     raise UsageError(f"{flag} {run_dir}: could not claim the lock {lock}; retry")
 
 
 def remove_stray_temporaries(run_dir: Path) -> list[Path]:
-    """The ``*.tmp`` files a killed atomic write left in the run folder and its checkpoints (ours to remove once
-    the folder is held)."""
+    """The temporary files a killed atomic write left in the run folder and its checkpoints: only files named as
+    the tool's own (``safe_io.make_temp``) whose writing process is gone, never a user's ``*.tmp``, never a link,
+    and never inside a ``checkpoints`` that is a link to a folder elsewhere."""
     removed = []
     for folder in (run_dir, run_dir / "checkpoints"):
-        if folder.is_dir():
-            for path in folder.glob("*.tmp"):
-                if path.is_file() and not path.name.startswith(f"{LOCK_NAME}."):
-                    path.unlink(missing_ok=True)
-                    removed.append(path)
+        if folder.is_symlink() or not folder.is_dir():
+            continue
+        for entry in os.scandir(folder):
+            pid = safe_io.owned_temp_pid(entry.name)
+            if pid is None or not entry.is_file(follow_symlinks=False) or safe_io.pid_alive(pid):
+                continue
+            Path(entry.path).unlink(missing_ok=True)
+            removed.append(Path(entry.path))
     return removed
 
 
@@ -176,7 +177,7 @@ def refuse_existing_run(run_dir: Path, *, overwrite: bool, held: bool = False) -
     lock = run_dir / LOCK_NAME
     holder = None if held else _read_lock(lock)
     if holder and isinstance(holder.get("pid"), int) and (holder.get("host") != socket.gethostname()
-                                                          or _pid_alive(holder["pid"])):
+                                                          or safe_io.pid_alive(holder["pid"])):
         raise UsageError(_in_use(holder, lock, "--out", run_dir))  # a run writing there now: say that first
     if overwrite or not is_run(run_dir):
         return

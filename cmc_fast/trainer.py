@@ -26,6 +26,7 @@ from cmc_fast.checkpoint import write_json, write_text
 from cmc_fast.checkpoint_manager import CheckpointManager
 from cmc_fast.config import Config
 from cmc_fast.data import PreparedData, SplitData, check_splits, prepare, read_dataset, refuse_imageless
+from cmc_fast.data_pipeline import safe_io
 from cmc_fast.data_pipeline.records import DatasetSplits
 from cmc_fast.data_pipeline.text import VocabTokenizer
 from cmc_fast.encoders import build_image_encoder
@@ -36,6 +37,18 @@ from cmc_fast.report import markdown_report, plot_history, plot_test_figures, te
 from cmc_fast.stages import FinetuneStage, FusionStage, MutualStage, SharedStage, Stage, StageContext
 
 log = logging.getLogger("cmc_fast")
+
+
+class RunLogHandler(logging.FileHandler):
+    """The run's ``log.txt``, appended through ``safe_io.open_append``: never through a symbolic link, never a
+    pipe or device (refused with one line naming it)."""
+
+    def __init__(self, path: Path):
+        super().__init__(path, encoding="utf-8")
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+
+    def _open(self):
+        return safe_io.open_append(self.baseFilename)
 IMAGE_VARIANTS = ("finetune-v", "cmc-t", "cmc-v", "cmc", "cmc-shared")
 ALL_POSTS_ROW = "finetune-t (all posts)"
 
@@ -126,8 +139,7 @@ class Trainer:
         for h in list(log.handlers):
             if getattr(h, "_cmc_run", False):
                 log.removeHandler(h)
-        fh = logging.FileHandler(self.run_dir / "log.txt", encoding="utf-8")
-        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        fh = RunLogHandler(self.run_dir / "log.txt")
         fh._cmc_run = True
         log.addHandler(fh)
 

@@ -18,6 +18,7 @@ directory). Needs scikit-learn and matplotlib: ``pip install 'cmc-fast[plots]'``
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import numpy as np
@@ -71,7 +72,7 @@ def _projections(run_dir: Path) -> tuple[dict, dict] | None:
     out = []
     for head, name in (("text", "embed_t"), ("image", "embed_v")):
         path = CheckpointManager(run_dir / "checkpoints", "stage1").best_path(head)
-        if not path.is_file():
+        if not os.path.lexists(path):
             return None
         distiller = load_checkpoint(path)["modules"].get("distiller", {})
         if f"{name}.weight" not in distiller:

@@ -115,7 +115,7 @@ def _format_findings(found: dict, path: str, data: bytes) -> bool:
     expected = _EXT_FORMAT.get(ext)
     if fmt is None:
         found["extension_mismatch"].append({"path": path, "extension": ext, "format": "unknown",
-                                            "starts_with": repr(head[:8])})
+                                            "starts_with": repr(bytes(head[:8]))})
     elif expected is not None and fmt != expected:
         found["extension_mismatch"].append({"path": path, "extension": ext, "format": fmt})
     # a lenient decoder (LOAD_TRUNCATED_IMAGES, DALI) may fill in a truncated JPEG: flagged whatever it decodes to

@@ -31,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import images as _images
+from . import safe_io
 from .images import DEFAULT_CHUNK, DEFAULT_LIMITS, Limits, _assign, decode_uint8, normalize, resolve_backend
 
 CACHE_FORMAT = 2  # 2: the image limits are part of the key
@@ -275,9 +276,10 @@ class CachedImages:
     @classmethod
     def _load(cls, cache_path: str, key: str, n: int, size: tuple[int, int]) -> CachedImages | None:
         try:
-            with open(f"{cache_path}.json") as f:
-                meta = json.load(f)
-        except (OSError, ValueError):
+            meta = safe_io.read_json(f"{cache_path}.json")
+        except safe_io.FileRefused:
+            return None
+        if not isinstance(meta, dict):
             return None
         if meta.get("key") != key or meta.get("n") != n or meta.get("format") != CACHE_FORMAT:
             return None

@@ -96,7 +96,6 @@ import importlib.util
 import io
 import os
 import re
-import stat
 import threading
 import warnings
 from collections.abc import Callable, Sequence
@@ -106,6 +105,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from PIL import Image
+
+from . import safe_io
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -328,6 +329,12 @@ class Limits:
 
     max_bytes: int = 64 << 20  # 64 MiB: a 50-megapixel photo at high JPEG quality is ~25 MB
     max_pixels: int = 40_000_000  # 120 MB decoded as RGB; below PIL's own bomb warning (89.5 million)
+    # a JPEG's scans (SOS markers): libjpeg's progressive script writes 10 (6 for greyscale), mozjpeg's up to ~20;
+    # each scan is another pass over the whole image, so a file repeating its last scan thousands of times stalls
+    # any decoder (2,000 repeats of a 4000x4000: 29 s in PIL) within both limits above
+    max_jpeg_scans: int = 64
+    # the decode work of a JPEG, scans x pixels, at most this many full passes over a max_pixels image
+    max_scan_passes: int = 16
 
     def __post_init__(self):
         if self.max_bytes < 1 or self.max_pixels < 1:
@@ -336,58 +343,21 @@ class Limits:
 
 DEFAULT_LIMITS = Limits()
 
-_NOT_REGULAR = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a character device"),
-                (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
-
-
-def _mode_problem(path: str, st: os.stat_result, limits: Limits) -> str | None:
-    if not stat.S_ISREG(st.st_mode):
-        kind = next((what for test, what in _NOT_REGULAR if test(st.st_mode)), "not a plain file")
-        return f"{path}: not a regular file ({kind}); only regular files are read"
-    if st.st_size == 0:
-        return f"{path}: empty file (0 bytes)"
-    if st.st_size > limits.max_bytes:
-        return f"{path}: {st.st_size} bytes, over the byte limit of {limits.max_bytes} (--max-image-bytes)"
-    return None
-
-
 def file_problem(path: str, limits: Limits = DEFAULT_LIMITS) -> str | None:
     """Why ``path`` will not be read (missing, not a regular file, empty, over the byte limit), from ``os.stat``
     alone: nothing is opened."""
-    try:
-        st = os.stat(path)
-    except OSError as exc:
-        return f"{path}: cannot read: {type(exc).__name__}: {exc.strerror or exc}"
-    return _mode_problem(path, st, limits)
+    return safe_io.file_problem(path, limits.max_bytes, "--max-image-bytes")
 
 
-def read_image_file(path: str | None, limits: Limits = DEFAULT_LIMITS) -> tuple[bytes | None, str | None]:
-    """(bytes, None) or (None, why). Regular files only, within ``limits.max_bytes``, read in one bounded call.
-    The open is non-blocking (a file swapped for a pipe after the stat cannot hang it) and checked again."""
+def read_image_file(path: str | None, limits: Limits = DEFAULT_LIMITS) -> tuple[bytearray | None, str | None]:
+    """(bytes, None) or (None, why). Regular files only, within ``limits.max_bytes``, read in one bounded call
+    into one buffer (``safe_io.read_bytes``: the open is non-blocking and checked again)."""
     if path is None:
         return None, "no image"
-    problem = file_problem(path, limits)
-    if problem:
-        return None, problem
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0))
-    except OSError as exc:
-        return None, f"{path}: cannot read: {type(exc).__name__}: {exc.strerror or exc}"
-    try:
-        problem = _mode_problem(path, os.fstat(fd), limits)
-        if problem:
-            return None, problem
-        with open(fd, "rb", closefd=False) as f:
-            data = f.read(limits.max_bytes + 1)
-    except OSError as exc:
-        return None, f"{path}: cannot read: {type(exc).__name__}: {exc.strerror or exc}"
-    finally:
-        os.close(fd)
-    if len(data) > limits.max_bytes:  # grew since the stat
-        return None, f"{path}: over the byte limit of {limits.max_bytes} (--max-image-bytes)"
-    if not data:
-        return None, f"{path}: empty file (0 bytes)"
-    return data, None
+        return safe_io.read_bytes(path, limits.max_bytes, "--max-image-bytes"), None
+    except safe_io.FileRefused as exc:
+        return None, str(exc)
 
 
 def _jpeg_dimensions(data: bytes) -> tuple[int, int] | None:
@@ -437,15 +407,55 @@ def header_dimensions(data: bytes) -> tuple[int, int] | None:
         return None
 
 
+def _png_depth(data: bytes) -> int:
+    """Bytes per sample of a PNG (IHDR bit depth 16: 2, else 1)."""
+    return 2 if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 25 and data[24] == 16 else 1
+
+
+def _ico_dimensions(data: bytes) -> tuple[int, int] | None:
+    """The largest (width, height) among an ICO/CUR's images, read from each embedded image's own header (a PNG's
+    IHDR, a BMP's DIB header) rather than the directory, which may say 16x16 for a 13000x13000 PNG."""
+    count = int.from_bytes(data[4:6], "little")
+    best = None
+    for k in range(min(count, 256)):
+        entry = data[6 + 16 * k:22 + 16 * k]
+        if len(entry) < 16:
+            return None
+        offset = int.from_bytes(entry[12:16], "little")
+        image = data[offset:offset + 40]
+        if image[:8] == b"\x89PNG\r\n\x1a\n" and len(image) >= 24:
+            dims = int.from_bytes(image[16:20], "big"), int.from_bytes(image[20:24], "big")
+        elif len(image) >= 12:  # BITMAPINFOHEADER: its height counts the colour and mask halves
+            dims = (abs(int.from_bytes(image[4:8], "little", signed=True)),
+                    abs(int.from_bytes(image[8:12], "little", signed=True)) // 2)
+        else:
+            dims = (entry[0] or 256, entry[1] or 256)
+        if best is None or dims[0] * dims[1] > best[0] * best[1]:
+            best = dims
+    return best
+
+
 def pixel_problem(name: str, data: bytes, limits: Limits = DEFAULT_LIMITS) -> str | None:
-    """Why ``data`` will not be decoded: over the byte limit, or its header declares more pixels than allowed."""
+    """Why ``data`` will not be decoded, decided from its bytes and header alone: over the byte limit; more pixels
+    than allowed (a 16-bit PNG's pixels count twice: decoded they take twice the memory); an ICO/CUR holding an
+    image over the limit; a JPEG with more scans, or more scan-passes over its pixels, than ``limits`` allow."""
     if len(data) > limits.max_bytes:
         return f"{name}: {len(data)} bytes, over the byte limit of {limits.max_bytes} (--max-image-bytes)"
-    dims = header_dimensions(data)
-    if dims is not None and dims[0] * dims[1] > limits.max_pixels:
-        w, h = dims
-        return (f"{name}: {w}x{h} = {w * h} pixels in its header, over the pixel limit of {limits.max_pixels} "
+    dims = _ico_dimensions(data) if data[:4] in (b"\x00\x00\x01\x00", b"\x00\x00\x02\x00") else None
+    dims = dims or header_dimensions(data)
+    if dims is None:
+        return None
+    w, h = dims
+    depth = _png_depth(data)
+    if w * h * depth > limits.max_pixels:
+        bits = " at 16 bits (counted twice)" if depth == 2 else ""
+        return (f"{name}: {w}x{h} = {w * h} pixels{bits} in its header, over the pixel limit of {limits.max_pixels} "
                 "(--max-image-pixels); not decoded")
+    if data[:3] == b"\xff\xd8\xff":
+        scans = data.count(b"\xff\xda")  # 0xFF is byte-stuffed inside scans: this pair only starts one
+        if scans > limits.max_jpeg_scans or scans * w * h > limits.max_scan_passes * limits.max_pixels:
+            return (f"{name}: JPEG of {w}x{h} pixels in {scans} scans, over the decode budget ({limits.max_jpeg_scans}"
+                    f" scans, {limits.max_scan_passes} passes over {limits.max_pixels} pixels); not decoded")
     return None
 
 
@@ -473,7 +483,10 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     if im.mode == "RGB":
         return im
     if im.mode in _HIGH_BIT_GREY:  # convert() would clip 0..65535 at 255 (a white image): keep the top 8 bits
-        grey = np.right_shift(np.clip(np.asarray(im, dtype=np.int64), 0, 65535), 8).astype(np.uint8)
+        samples = np.asarray(im)  # uint16 (I;16*) or int32 (I), no wider copy
+        if samples.dtype != np.uint16:
+            samples = np.clip(samples, 0, 65535)
+        grey = (samples >> 8).astype(np.uint8)
         return Image.fromarray(grey, "L").convert("RGB")
     return im.convert("RGB")
 
@@ -570,7 +583,8 @@ def _decode_torchvision(blobs: list[bytes], size: tuple[int, int], device: torch
 
     h, w = size
     out = torch.zeros((len(blobs), 3, h, w), dtype=torch.uint8, device=device)
-    encoded = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
+    # files are read into a bytearray already (safe_io.read_bytes): wrapped, not copied a second time
+    encoded = [torch.frombuffer(b if isinstance(b, bytearray) else bytearray(b), dtype=torch.uint8) for b in blobs]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torchvision\.io.*")
         warnings.filterwarnings("ignore", message=".*image decoding and encoding capabilities of TorchVision.*")
@@ -768,7 +782,9 @@ def _route(names: Sequence[str], loaded: Sequence[tuple[bytes | None, str | None
 
 def _decode_loaded(names: Sequence[str], loaded: Sequence[tuple[bytes | None, str | None]], size: Sequence[int],
                    backend: str, *, normalize_output: bool, device: torch.device | str | None,
-                   dtype: torch.dtype, chunk: int, workers: int | None, limits: Limits | None = None) -> ImageBatch:
+                   dtype: torch.dtype, chunk: int, workers: int | None, limits: Limits | None = None,
+                   out: torch.Tensor | None = None) -> ImageBatch:
+    """Decode ``loaded`` into ``out`` (allocated when None: zeros [n, 3, H, W])."""
     h, w = _check_size(size)
     limits = limits or DEFAULT_LIMITS
     workers = usable_cores() if workers is None else max(1, int(workers))
@@ -776,7 +792,7 @@ def _decode_loaded(names: Sequence[str], loaded: Sequence[tuple[bytes | None, st
     name = resolve_backend(backend, dev)
     n = len(loaded)
     out_dtype = dtype if normalize_output else torch.uint8
-    out = torch.zeros((n, 3, h, w), dtype=out_dtype, device=dev)
+    out = torch.zeros((n, 3, h, w), dtype=out_dtype, device=dev) if out is None else out
     ok = torch.zeros(n, dtype=torch.bool)
     fallback: dict[int, str] = {}
     errors, fast, to_pil = _route(names, loaded, name, limits)
@@ -822,6 +838,58 @@ def _decode_loaded(names: Sequence[str], loaded: Sequence[tuple[bytes | None, st
     return ImageBatch(out, ok, dict(sorted(errors.items())), dict(sorted(fallback.items())), name)
 
 
+# encoded bytes one decode call holds at once: files are read one at a time into groups of at most this much (a
+# file larger than it forms a group alone), each decoded into its rows of the output before the next is read, so
+# 64 posts naming one 50 MB file cost 50 MB of encoded bytes at a time, not 3.2 GB
+READ_BUDGET = 256 << 20
+
+
+def _read_groups(paths: Sequence[str | None], budget: int) -> list[tuple[int, int]]:
+    """Consecutive [start, stop) ranges of ``paths`` whose files' sizes (``os.stat``) sum to at most ``budget``."""
+    groups, start, total = [], 0, 0
+    for i, path in enumerate(paths):
+        try:
+            size = os.stat(path).st_size if path is not None else 0
+        except (OSError, ValueError):
+            size = 0
+        if i > start and total + size > budget:
+            groups.append((start, i))
+            start, total = i, 0
+        total += size
+    groups.append((start, len(paths)))
+    return groups
+
+
+def _decode_paths(paths: Sequence[str | None], size: Sequence[int], backend: str, *, normalize_output: bool,
+                  device: torch.device | str | None, dtype: torch.dtype, chunk: int, workers: int | None,
+                  limits: Limits, budget: int | None = None) -> ImageBatch:
+    """Read and decode ``paths`` group by group (``_read_groups``) into one output tensor."""
+    groups = _read_groups(paths, READ_BUDGET if budget is None else budget)
+    names = [str(p) for p in paths]
+    if len(groups) == 1:
+        loaded = [read_image_file(p, limits) for p in paths]
+        return _decode_loaded(names, loaded, size, backend, normalize_output=normalize_output, device=device,
+                              dtype=dtype, chunk=chunk, workers=workers, limits=limits)
+    h, w = _check_size(size)
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    out = torch.zeros((len(paths), 3, h, w), dtype=dtype if normalize_output else torch.uint8, device=dev)
+    ok = torch.zeros(len(paths), dtype=torch.bool)
+    errors: dict[int, str] = {}
+    fallback: dict[int, str] = {}
+    name = backend
+    for start, stop in groups:
+        loaded = [read_image_file(p, limits) for p in paths[start:stop]]
+        part = _decode_loaded(names[start:stop], loaded, size, backend, normalize_output=normalize_output,
+                              device=device, dtype=dtype, chunk=chunk, workers=workers, limits=limits,
+                              out=out[start:stop])
+        del loaded
+        ok[start:stop] = part.ok
+        errors.update({start + i: e for i, e in part.errors.items()})
+        fallback.update({start + i: e for i, e in part.fallback.items()})
+        name = part.backend
+    return ImageBatch(out, ok, errors, fallback, name)
+
+
 def decode_uint8(paths: Sequence[str | None], size: Sequence[int], backend: str = "pil", *,
                  device: torch.device | str | None = None, chunk: int = DEFAULT_CHUNK,
                  workers: int | None = None, limits: Limits | None = None) -> ImageBatch:
@@ -831,10 +899,8 @@ def decode_uint8(paths: Sequence[str | None], size: Sequence[int], backend: str 
     decoding runs and the output lives (CUDA: nvJPEG through DALI "mixed" or torchvision); CPU by default.
     ``workers``: CPU threads decoding side by side (default: the usable cores, at most 16). ``limits``: what a
     file may be (``DEFAULT_LIMITS`` when None; see "Bounds")."""
-    limits = limits or DEFAULT_LIMITS
-    loaded = [read_image_file(p, limits) for p in paths]
-    return _decode_loaded([str(p) for p in paths], loaded, size, backend, normalize_output=False, device=device,
-                          dtype=torch.uint8, chunk=chunk, workers=workers, limits=limits)
+    return _decode_paths(paths, size, backend, normalize_output=False, device=device, dtype=torch.uint8, chunk=chunk,
+                         workers=workers, limits=limits or DEFAULT_LIMITS)
 
 
 def decode(paths: Sequence[str | None], size: Sequence[int], backend: str = "auto", *, normalize: bool = True,
@@ -842,10 +908,8 @@ def decode(paths: Sequence[str | None], size: Sequence[int], backend: str = "aut
            chunk: int = DEFAULT_CHUNK, workers: int | None = None, limits: Limits | None = None) -> ImageBatch:
     """Like ``decode_uint8`` but, with ``normalize=True``, float ``dtype`` ImageNet-normalised pixels (DALI
     normalises inside its pipeline). Failed samples stay all zero."""
-    limits = limits or DEFAULT_LIMITS
-    loaded = [read_image_file(p, limits) for p in paths]
-    return _decode_loaded([str(p) for p in paths], loaded, size, backend, normalize_output=normalize,
-                          device=device, dtype=dtype, chunk=chunk, workers=workers, limits=limits)
+    return _decode_paths(paths, size, backend, normalize_output=normalize, device=device, dtype=dtype, chunk=chunk,
+                         workers=workers, limits=limits or DEFAULT_LIMITS)
 
 
 def decode_encoded(blobs: Sequence[bytes | None], size: Sequence[int], backend: str = "auto", *,

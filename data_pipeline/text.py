@@ -11,11 +11,14 @@ from pathlib import Path
 
 import torch
 
+from . import safe_io
+
 # CJK characters stand alone (Chinese has no spaces); other scripts split into lower-cased words. The word class
 # excludes CJK explicitly: \w matches CJK too, so '2013年7月' would otherwise be glued into one token.
 _CJK = "\u3400-\u9fff\uf900-\ufaff"
 _TOKEN_RE = re.compile(rf"[{_CJK}]|[^\W_{_CJK}]+|[^\w\s]", re.UNICODE)
 PAD, UNK, CLS, SEP = "[PAD]", "[UNK]", "[CLS]", "[SEP]"
+VOCAB_FILE_LIMIT = 64 << 20  # a 1-million-token vocabulary is ~15 MB of JSON
 
 
 def split_tokens(text: str) -> list[str]:
@@ -56,7 +59,17 @@ class VocabTokenizer:
 
     @classmethod
     def load(cls, path: str | Path) -> VocabTokenizer:
-        return cls(json.loads(Path(path).read_text(encoding="utf-8")))
+        """A saved vocabulary: a JSON list of distinct strings holding the special tokens, read through
+        ``safe_io`` (a regular file within ``VOCAB_FILE_LIMIT``); anything else raises ``FileRefused`` naming it."""
+        vocab = safe_io.read_json(path, VOCAB_FILE_LIMIT)
+        if not isinstance(vocab, list) or not all(isinstance(t, str) for t in vocab):
+            raise safe_io.FileRefused(f"{path}: not a vocabulary (expected a JSON list of strings)")
+        if len(set(vocab)) != len(vocab):
+            raise safe_io.FileRefused(f"{path}: not a vocabulary (a token is listed twice)")
+        try:
+            return cls(vocab)
+        except ValueError as exc:
+            raise safe_io.FileRefused(f"{path}: not a vocabulary ({exc})") from None
 
     def encode(self, text: str) -> list[int]:
         return [self.index.get(t, self.unk_id) for t in split_tokens(text)]

@@ -23,12 +23,12 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from . import safe_io
 from . import text as text_module
 from .registry import cache_root
 from .text import VocabTokenizer, encode_texts
@@ -105,13 +105,14 @@ def cache_path(texts: Sequence[str], tokenizer, max_len: int, cache_dir: str | o
 
 def _load(path: Path, n: int, max_len: int, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        with safe_io.open_regular(path) as f:  # a pipe or device planted in the cache is refused unopened
+            blob = torch.load(f, map_location="cpu", weights_only=True)
         ids, mask = blob["input_ids"], blob["attention_mask"]
         if blob.get("key") != key or tuple(ids.shape) != (n, max_len) or tuple(mask.shape) != (n, max_len):
             raise ValueError("shape or key mismatch")
-    except FileNotFoundError:
-        return None
     except Exception as exc:  # noqa: BLE001 - any unreadable entry is recomputed
+        if not os.path.lexists(path):
+            return None
         log.warning("token cache: %s unusable (%s: %s); recomputing", path, type(exc).__name__, exc)
         return None
     return ids.to(torch.long), mask.to(torch.long)
@@ -121,7 +122,7 @@ def _save(path: Path, ids: torch.Tensor, mask: torch.Tensor, key: str, meta: dic
     path.parent.mkdir(parents=True, exist_ok=True)
     small = torch.int32 if (ids.numel() == 0 or int(ids.max()) < 2**31) else torch.long
     blob = {"key": key, "input_ids": ids.to(small), "attention_mask": mask.to(torch.uint8), "meta": meta}
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    fd, tmp = safe_io.make_temp(path.parent, path.name)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(blob, f)

@@ -123,8 +123,9 @@ def _write_bad_input(tmp_path, records):
     return path
 
 
-def test_bad_lines_are_reported_with_their_line_and_reason_and_the_rest_go_on(run, tmp_path, capsys):
+def test_bad_lines_are_reported_with_their_line_and_reason_and_the_rest_go_on(run, tmp_path, capsys, monkeypatch):
     out, _, records, _ = run
+    monkeypatch.setenv("CMC_FAST_IMAGES_ANYWHERE", "1")  # the input names the run's images by absolute path
     path = _write_bad_input(tmp_path, records)
     dest = tmp_path / "pred.jsonl"
     assert main(["predict", "--run", str(out), "--input", str(path), "--out", str(dest), "--no-progress"]) == 1
@@ -152,8 +153,9 @@ def test_bad_lines_are_reported_with_their_line_and_reason_and_the_rest_go_on(ru
     assert {line["id"] for line in _lines(dest)} == {"good"}
 
 
-def test_csv_input_and_a_clean_file_exit_zero(run, tmp_path, capsys):
+def test_csv_input_and_a_clean_file_exit_zero(run, tmp_path, capsys, monkeypatch):
     out, _, records, _ = run
+    monkeypatch.setenv("CMC_FAST_IMAGES_ANYWHERE", "1")  # the input names the run's images by absolute path
     r = records[1]
     path = tmp_path / "posts.csv"
     path.write_bytes(b"id,text,image\n" + f'a,"{r.text}\nsecond line",{r.image_paths[0]}\n'.encode()

@@ -211,7 +211,8 @@ def test_spotfake_empty_root_explains_layouts(tmp_path):
 # ------------------------------------------------------------------------------------------ manifest
 
 
-def test_manifest_jsonl(tmp_path):
+def test_manifest_jsonl(tmp_path, monkeypatch):
+    monkeypatch.setenv("CMC_FAST_IMAGES_ANYWHERE", "1")  # the opt-in that keeps the absolute /abs/b.jpg
     (tmp_path / "img").mkdir()
     (tmp_path / "img" / "a.jpg").write_bytes(jpeg())
     rows = [json.dumps({"id": "m1", "text": "one", "image": "img/a.jpg", "label": 1}),

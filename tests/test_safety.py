@@ -186,9 +186,17 @@ def test_a_folder_that_is_not_a_run_is_refused_untouched(tmp_path, capsys):
     assert (mine / "config.json").read_text() == '{"my": "settings"}'
 
 
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
 def test_stray_temporaries_are_removed_on_resume(tmp_path, monkeypatch, capsys):
     broken = _killed_run(tmp_path, monkeypatch)
-    strays = [broken / ".metrics.json.x1.tmp", broken / "checkpoints" / ".finetune-t.last.pt.x2.tmp"]
+    gone = _dead_pid()
+    strays = [broken / f".metrics.json.cmc-fast-{gone}.x1.tmp",
+              broken / "checkpoints" / f".finetune-t.last.pt.cmc-fast-{gone}.x2.tmp"]
     for path in strays:
         path.write_bytes(b"half")
     assert main(["train", "--resume", str(broken)]) == 0

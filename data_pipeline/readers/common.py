@@ -19,6 +19,7 @@ import re
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 
+from .. import safe_io
 from ..records import FAKE, REAL, DatasetSplits, Record, Skipped
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp")
@@ -40,9 +41,74 @@ def where(path: str | os.PathLike, line: int) -> str:
     return f"{os.fspath(path)}:{line}"
 
 
+_NUMERIC_LABELS = {"0": REAL, "1": FAKE, "0.0": REAL, "1.0": FAKE}
+
+
+class JsonNumber(str):
+    """A JSON number kept as written (``loads_keeping_numbers``): a label of ``1e-400`` or ``-0`` stays those
+    characters rather than becoming 0.0, and an integer of thousands of digits is never converted."""
+
+    def __repr__(self) -> str:  # shown as the number it is, not as a quoted string
+        return str(self)
+
+
+def loads_keeping_numbers(text: str) -> object:
+    """``json.loads`` with every number kept as its ``JsonNumber`` text."""
+    return json.loads(text, parse_int=JsonNumber, parse_float=JsonNumber, parse_constant=JsonNumber)
+
+
+# A manifest names its images relative to its own folder (or absolute, inside it); a path that leaves the folder
+# (absolute elsewhere, or ``..`` past it) is refused unless this variable is set to 1: a manifest written by
+# someone else cannot make the tool open /etc/shadow or another user's files. Symbolic links inside the folder
+# are followed as usual: only the path as written is checked.
+IMAGES_ANYWHERE_ENV = "CMC_FAST_IMAGES_ANYWHERE"
+
+
+def images_anywhere() -> bool:
+    return os.environ.get(IMAGES_ANYWHERE_ENV, "") == "1"
+
+
+def image_outside(name: str, folder: str) -> str | None:
+    """Why the image path ``name`` written in a manifest in ``folder`` is refused (None: it is inside)."""
+    if images_anywhere():
+        return None
+    base = os.path.normpath(os.path.abspath(folder))
+    joined = os.path.normpath(os.path.join(base, name))  # an absolute name stands as it is
+    if os.path.commonpath([base, joined]) != base:
+        return f"image path {name!r} leaves the manifest's folder {base}"
+    return None
+
+
+def outside_reason(names: Sequence[str], folder: str) -> str | None:
+    """The first refusal of ``image_outside`` among ``names``, with how to allow it."""
+    for name in names:
+        why = image_outside(name, folder)
+        if why:
+            return f"image outside the manifest's folder: {why} (set {IMAGES_ANYWHERE_ENV}=1 to allow)"
+    return None
+
+
+def unencodable_key(obj: dict, keys: Sequence[str]) -> str | None:
+    """The first of ``keys`` whose string value cannot be written as UTF-8 (a lone surrogate such as the JSON
+    escape ``"\\ud800"`` parses to one), else None."""
+    for key in keys:
+        value = obj.get(key)
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            if isinstance(v, str):
+                try:
+                    v.encode("utf-8")
+                except UnicodeEncodeError:
+                    return key
+    return None
+
+
 def parse_label(value: object) -> int | None:
-    """1 = fake, 0 = real. Accepts 0/1 (int, float 0.0/1.0, or string) and fake/real (rumor/non-rumor)
-    words, any case; ``None`` otherwise (the caller records the post as skipped)."""
+    """1 = fake, 0 = real. Accepts exactly 0/1 (a JSON integer, 0.0/1.0, or the ASCII strings "0", "1", "0.0",
+    "1.0") and the fake/real (rumor/non-rumor) words in any case, spaces around ignored; ``None`` for anything
+    else (the caller records the post as skipped). Strict on purpose: "1e-400" (0.0 once parsed), "-0", a
+    full-width "１" or an Arabic-Indic "١" would each be read as some label by ``float``; none is what a label
+    column means."""
     if isinstance(value, bool) or value is None:
         return None
     if isinstance(value, int | float):
@@ -52,11 +118,7 @@ def parse_label(value: object) -> int | None:
         return FAKE
     if text in _REAL_WORDS:
         return REAL
-    try:
-        number = float(text)
-    except ValueError:
-        return None
-    return int(number) if number in (0.0, 1.0) else None
+    return _NUMERIC_LABELS.get(text)
 
 
 def label_reason(value: object) -> str:
@@ -80,10 +142,15 @@ def surrogate_error(text: str, what: str) -> str | None:
     return None
 
 
-def read_lines(path: str | os.PathLike) -> Iterator[tuple[int, bytes, bool]]:
-    """Stream ``(line_number, raw_line_without_newline, had_newline)``; a UTF-8 BOM on line 1 is removed."""
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, 1):
+def read_lines(path: str | os.PathLike, limit: int | None = None) -> Iterator[tuple[int, bytes | None, bool]]:
+    """Stream ``(line_number, raw_line_without_newline, had_newline)``; a UTF-8 BOM on line 1 is removed. With
+    ``limit``, a line over that many bytes is skipped through unread and given as ``None``."""
+    with safe_io.open_regular(path, allow_empty=True) as f:  # a pipe or device as a manifest: one line, no hang
+        lines = safe_io.bounded_lines(f, limit) if limit is not None else enumerate(f, 1)
+        for number, raw in lines:
+            if raw is None:
+                yield number, None, True
+                continue
             had_newline = raw.endswith(b"\n")
             raw = raw.rstrip(b"\n").rstrip(b"\r")
             if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
@@ -177,10 +244,9 @@ def load_json_object(path: str, record_id: str, skipped: list[Skipped]) -> dict 
     """A JSON object from ``path`` (a leading BOM allowed), or ``None`` with the reason appended to ``skipped``:
     unreadable file, invalid UTF-8 (line and byte), invalid JSON (line and column), not an object."""
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as exc:
-        skipped.append(Skipped(record_id, f"unreadable file: {exc.strerror or exc}", where(path, 1)))
+        raw = bytes(safe_io.read_bytes(path, safe_io.JSON_LIMIT))
+    except safe_io.FileRefused as exc:
+        skipped.append(Skipped(record_id, f"unreadable file: {str(exc).removeprefix(f'{path}: ')}", where(path, 1)))
         return None
     if raw.startswith(b"\xef\xbb\xbf"):
         raw = raw[3:]
@@ -196,6 +262,9 @@ def load_json_object(path: str, record_id: str, skipped: list[Skipped]) -> dict 
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
         skipped.append(Skipped(record_id, f"invalid JSON: {exc.msg} at column {exc.colno}", where(path, exc.lineno)))
+        return None
+    except (RecursionError, ValueError):  # nested too deeply, an integer of thousands of digits
+        skipped.append(Skipped(record_id, "invalid JSON: nested too deeply or a number too long", where(path, 1)))
         return None
     if not isinstance(doc, dict):
         skipped.append(Skipped(record_id, f"invalid JSON: expected an object, got {type(doc).__name__}",

@@ -20,12 +20,17 @@ from __future__ import annotations
 import json
 import os
 
+from .. import safe_io
 from ..records import DatasetSplits, Record, Skipped
 from .common import (
+    JsonNumber,
     label_reason,
+    loads_keeping_numbers,
+    outside_reason,
     parse_label,
     read_lines,
     require_dir,
+    unencodable_key,
     utf8_error,
     where,
 )
@@ -80,8 +85,8 @@ def _first(obj: dict, keys: tuple[str, ...]) -> tuple[str | None, object]:
 def _id_of(raw: bytes) -> str:
     """The id of a line that is not valid UTF-8, when the rest of it parses (for the report only)."""
     try:
-        obj = json.loads(raw.decode("utf-8", errors="replace"))
-    except json.JSONDecodeError:
+        obj = loads_keeping_numbers(raw.decode("utf-8", errors="replace"))
+    except (json.JSONDecodeError, RecursionError):
         return ""
     return str(obj.get("id", "")).strip() if isinstance(obj, dict) else ""
 
@@ -90,8 +95,11 @@ def read_jsonl(path: str, skipped: list[Skipped]) -> list[Record]:
     base = os.path.dirname(os.path.abspath(path))
     name = os.path.basename(path)
     records: list[Record] = []
-    for number, raw, _ in read_lines(path):
+    for number, raw, _ in read_lines(path, safe_io.LINE_LIMIT):
         src = where(path, number)
+        if raw is None:
+            skipped.append(Skipped(f"{name}:{number}", f"line too long: over {safe_io.LINE_LIMIT} bytes", src))
+            continue
         if not raw.strip():
             continue
         err = utf8_error(raw)
@@ -99,13 +107,21 @@ def read_jsonl(path: str, skipped: list[Skipped]) -> list[Record]:
             skipped.append(Skipped(_id_of(raw) or f"{name}:{number}", err, src))
             continue
         try:
-            obj = json.loads(raw.decode("utf-8"))
+            obj = loads_keeping_numbers(raw.decode("utf-8"))
         except json.JSONDecodeError as exc:
             skipped.append(Skipped(f"{name}:{number}", f"invalid JSON: {exc.msg} at column {exc.colno}", src))
+            continue
+        except RecursionError:
+            skipped.append(Skipped(f"{name}:{number}", "invalid JSON: nested too deeply", src))
             continue
         if not isinstance(obj, dict):
             skipped.append(Skipped(f"{name}:{number}", f"invalid JSON: expected an object, got {type(obj).__name__}",
                                    src))
+            continue
+        bad_key = unencodable_key(obj, ("id", *TEXT_KEYS, *IMAGE_KEYS, "label", "split"))
+        if bad_key:
+            skipped.append(Skipped(f"{name}:{number}", f"invalid text: {bad_key} holds a lone surrogate (not "
+                                   "valid Unicode)", src))
             continue
         post_id = str(obj["id"]).strip() if obj.get("id") not in (None, "") else f"{name}:{number}"
         text_key, text = _first(obj, TEXT_KEYS)
@@ -127,12 +143,16 @@ def read_jsonl(path: str, skipped: list[Skipped]) -> list[Record]:
         _, image = _first(obj, IMAGE_KEYS)
         if image is None or image == "":
             images = []
-        elif isinstance(image, str):
+        elif isinstance(image, str) and not isinstance(image, JsonNumber):
             images = [image]
-        elif isinstance(image, list) and all(isinstance(p, str) for p in image):
+        elif isinstance(image, list) and all(isinstance(p, str) and not isinstance(p, JsonNumber) for p in image):
             images = [p for p in image if p]
         else:
             skipped.append(Skipped(post_id, f"invalid image: expected a path or a list of paths, got {image!r}", src))
+            continue
+        outside = outside_reason(images, base)
+        if outside:
+            skipped.append(Skipped(post_id, outside, src))
             continue
         paths = [p if os.path.isabs(p) else os.path.join(base, p) for p in images]
         records.append(Record(post_id, "" if text is None else str(text).strip(), paths, label, split, src))

@@ -30,9 +30,11 @@ from __future__ import annotations
 
 import ast
 import csv
+import io
 import os
 import sys
 
+from .. import safe_io
 from ..records import FAKE, REAL, DatasetSplits, Record, Skipped
 from .common import (
     IMAGE_EXTENSIONS,
@@ -40,6 +42,7 @@ from .common import (
     label_reason,
     load_json_object,
     natural_key,
+    outside_reason,
     parse_label,
     require_dir,
     resolve_column,
@@ -145,7 +148,8 @@ def read_csv(path: str, dataset: str, skipped: list[Skipped], dirs: list[str],
     file_split = _split_of_file(path) if split_from_name else None
     file_label = _label_of_file(path) if split_from_name else None
     records: list[Record] = []
-    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
+    with io.TextIOWrapper(safe_io.open_regular(path, allow_empty=True), encoding="utf-8-sig",
+                          errors="surrogateescape", newline="") as f:
         reader = csv.reader(f)
         try:
             header = next(reader)
@@ -215,7 +219,12 @@ def read_csv(path: str, dataset: str, skipped: list[Skipped], dirs: list[str],
                     skipped.append(Skipped(post_id, f"unknown split: {cell('split')!r} (expected train or test)", src))
                     continue
             text = "\n".join(p.strip() for p in (cell("title"), cell("text")) if p.strip())
-            images = [resolve_image(n, dirs) for n in split_image_value(cell("image"))] if cols["image"] else []
+            names = split_image_value(cell("image")) if cols["image"] else []
+            outside = outside_reason([n for n in names if "://" not in n], dirs[0]) if dataset == "manifest" else None
+            if outside:
+                skipped.append(Skipped(post_id, outside, src))
+                continue
+            images = [resolve_image(n, dirs) for n in names]
             records.append(Record(post_id, text, list(dict.fromkeys(images)), label, split or "", src))
     return records
 
