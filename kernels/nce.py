@@ -42,17 +42,19 @@ unit vectors is fine in float32; exp(89) is not), and with an accurate log1p so 
 from __future__ import annotations
 
 import functools
-import math
+import warnings
 from dataclasses import dataclass
 
 import torch
 
 from .dispatch import index_checks, triton_interpreted, use_triton
-from .reference import bank_update_reference_, nce_partition_reference
+from .nce_plan import DENSE_BLOCK_B, DENSE_MAX_D, choose_nce_path, floor_bytes, nce_constants, nce_path
+from .reference import bank_update_reference_, nce_counts_reference, nce_dense_reference, nce_partition_reference
 from .utils import cdiv, contiguous, libdevice, next_power_of_2, on_tensor_device, tl, triton
 
-__all__ = ["nce_loss", "nce_partition", "bank_update_", "nce_fwd_triton", "nce_partition_triton",
-           "bank_update_triton_", "nce_fwd_torch"]
+__all__ = ["nce_loss", "nce_partition", "bank_update_", "nce_counts", "nce_counts_for", "nce_fwd_triton",
+           "nce_dense_triton", "nce_counts_triton", "nce_partition_triton", "bank_update_triton_", "nce_fwd_torch",
+           "floor_bytes"]
 
 _TILE = 8192  # elements of the [BLOCK_K, BLOCK_D] gathered tile held in registers by one program
 _TILE_INTERPRETED = 1 << 18  # the interpreter pays per op, not per element: far larger tiles there
@@ -221,6 +223,87 @@ def _bank_update_kernel(
         tl.store(ptrs, out.to(bank_ptr.dtype.element_ty), mask=mask_d)
 
 
+@triton.jit
+def _nce_counts_kernel(
+    idx_ptr,  # [B, K1] int32/int64, contiguous; column 0 (the positive) is skipped
+    counts_ptr,  # [B, N] int32, contiguous, zeroed: += 1 per negative drawn
+    K1, N,
+    BLOCK_K: tl.constexpr,
+):
+    # The negatives' histogram of the dense form: integer atomics, so the counts are exact whatever the order.
+    row = tl.program_id(0).to(tl.int64)
+    offs = 1 + tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = offs < K1
+    ids = tl.load(idx_ptr + row * K1 + offs, mask=mask, other=0).to(tl.int64)
+    tl.atomic_add(counts_ptr + row * N + ids, tl.full([BLOCK_K], 1, tl.int32), mask=mask, sem="relaxed")
+
+
+@triton.jit
+def _nce_dense_kernel(
+    anchor_ptr,  # [B, D] fp32/bf16/fp16, contiguous
+    bank_ptr,  # [N, D] fp32/bf16/fp16, strides (stride_bn, stride_bd)
+    idx_ptr,  # [B, K1] int32/int64, contiguous: only column 0 (the positive) is read
+    counts_ptr,  # [B, N] int32, contiguous: how often each bank row was drawn as a negative for each anchor
+    z_ptr,  # [] float: the frozen partition Z
+    part_loss_ptr,  # [B, S] fp32 out: sum of this split's loss terms (before the -1/B)
+    part_grad_ptr,  # [B, S, D] fp32 out: sum over this split of W[i, n] * M[n] (before the 1/(B*tau))
+    inv_tau, log_c, log_noise_over_c,  # fp32 scalars, as the gather kernel's
+    B, N, K1, D, stride_bn, stride_bd, chunk,  # chunk: bank rows per split (a multiple of BLOCK_N)
+    COMPUTE_GRAD: tl.constexpr, LIBDEVICE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # One program: BLOCK_B anchors against the bank rows [split * chunk, +chunk), BLOCK_N rows per pass. Each pass
+    # loads one bank tile and uses it twice on tensor cores: the scores T = A M^T / tau - log Z - log c, then (after
+    # the terms and weights, elementwise on the [BLOCK_B, BLOCK_N] tile) the gradient W M. The bank is read once per
+    # anchor tile; nothing is gathered. PRECISION "tf32x3" keeps float32 accuracy on tensor cores (a bf16/fp16 bank
+    # is exact in tf32: only the anchors' and weights' low halves take the extra products).
+    pid_b = tl.program_id(0)
+    split = tl.program_id(1)
+    n_split = tl.num_programs(1)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask_b = offs_b < B
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    rows_b = offs_b.to(tl.int64)
+    a = tl.load(anchor_ptr + rows_b[:, None] * D + offs_d[None, :], mask=mask_b[:, None] & mask_d[None, :],
+                other=0.0).to(tl.float32) * inv_tau
+    shift = tl.log(tl.load(z_ptr).to(tl.float32)) + log_c
+    pos = tl.load(idx_ptr + rows_b * K1, mask=mask_b, other=-1).to(tl.int64)  # -1: never a bank row
+    start = split * chunk
+    end = tl.minimum(start + chunk, N)
+    acc_l = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
+    acc_g = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < end
+        m = tl.load(bank_ptr + offs_n.to(tl.int64)[:, None] * stride_bn + offs_d[None, :] * stride_bd,
+                    mask=mask_n[:, None] & mask_d[None, :], other=0.0).to(tl.float32)  # [BLOCK_N, BLOCK_D]
+        t = tl.dot(a, tl.trans(m), input_precision=PRECISION) - shift  # [BLOCK_B, BLOCK_N]
+        # past the end or past B: count 0 and never the positive, so the (finite) t there adds nothing
+        cnt = tl.load(counts_ptr + rows_b[:, None] * N + offs_n[None, :], mask=mask_b[:, None] & mask_n[None, :],
+                      other=0).to(tl.float32)
+        is_pos = (offs_n.to(tl.int64)[None, :] == pos[:, None]) & mask_n[None, :]
+        e = tl.exp(-tl.abs(t))
+        if LIBDEVICE:
+            l1p = libdevice.log1p(e)
+        else:  # the interpreter has no libdevice: Goldberg's log(u) * e / (u - 1), u = 1 + e
+            u = 1.0 + e
+            du = u - 1.0
+            l1p = tl.where(du == 0.0, e, tl.log(u) * (e / tl.where(du == 0.0, 1.0, du)))
+        # softplus(t) = max(t, 0) + l1p; negative term log(noise/c) - softplus(t), positive -softplus(-t)
+        acc_l += cnt * (log_noise_over_c - tl.maximum(t, 0.0) - l1p) + tl.where(is_pos, -tl.maximum(-t, 0.0) - l1p,
+                                                                                  0.0)
+        if COMPUTE_GRAD:
+            r = 1.0 / (1.0 + e)
+            big = t >= 0.0  # sigmoid(t) = r when t >= 0 else e*r; sigmoid(-t) the other one: no cancellation
+            w = cnt * tl.where(big, 1.0, e) * r - tl.where(is_pos, tl.where(big, e, 1.0) * r, 0.0)
+            acc_g = tl.dot(w, m, acc_g, input_precision=PRECISION)
+    out = rows_b * n_split + split
+    tl.store(part_loss_ptr + out, tl.sum(acc_l, axis=1), mask=mask_b)
+    if COMPUTE_GRAD:
+        tl.store(part_grad_ptr + out[:, None] * D + offs_d[None, :], acc_g, mask=mask_b[:, None] & mask_d[None, :])
+
+
 # The loss kernel's launch (see _FwdLaunch): no autotune -- the configuration follows from d and the bank's element
 # size, and was chosen from the static sm_90 report (``python -m cmc_fast.kernels.hopper_build report --op nce``):
 # the warp-instructions per gathered row, registers and spills of each candidate. The number of splits of K+1 then
@@ -309,7 +392,8 @@ def _occupancy(regs: int, shared: int, num_warps: int, regs_per_sm: int = 65536,
 
 def _resident_programs(compiled, num_warps: int, device: torch.device) -> int:
     """Programs of a compiled kernel one SM of ``device`` holds at once, from its registers and shared memory.
-    Falls back to 2 if Triton's handle does not say."""
+    Where Triton's handle does not say (another handle layout), 2 -- with a warning: the grid may then be sized
+    for half (or double) the programs that really fit."""
     try:
         compiled._init_handles()
         props = torch.cuda.get_device_properties(device)
@@ -317,23 +401,26 @@ def _resident_programs(compiled, num_warps: int, device: torch.device) -> int:
                           getattr(props, "regs_per_multiprocessor", 65536),
                           getattr(props, "max_threads_per_multi_processor", 2048),
                           getattr(props, "shared_memory_per_multiprocessor", 233472))
-    except Exception:  # noqa: BLE001 - an older/newer handle layout: a safe guess, the launch itself still runs
+    except Exception as e:  # noqa: BLE001 - an older/newer handle layout: a guess, the launch itself still runs
+        warnings.warn(f"kernels/nce.py: cannot read the occupancy of {getattr(compiled, 'name', 'a kernel')} "
+                      f"({type(e).__name__}: {e}); sizing its grid for 2 programs per SM, which may under- or "
+                      "over-fill the GPU", RuntimeWarning, stacklevel=2)
         return 2
 
 
 _SLOTS: dict = {}
 
 
-def _fwd_slots(args: tuple, consts: dict, launch: _FwdLaunch, device: torch.device) -> int:
-    """Resident programs of the loss kernel on the whole GPU (SMs x per SM), once per specialisation (a compiled
-    launch on CUDA; the interpreter has none)."""
-    k1, d, stride_bn, stride_bd, _chunk = args[-5:]
-    key = (device.index, k1 == 1, d, stride_bn, stride_bd, tuple(a.dtype for a in args if hasattr(a, "dtype")),
+def _kernel_slots(kernel, args: tuple, consts: dict, num_warps: int, device: torch.device) -> int:
+    """Resident programs of ``kernel`` on the whole GPU (SMs x per SM), once per specialisation (a compiled launch
+    on CUDA; the interpreter has none). ``args`` end with the integer arguments the JIT specialises on."""
+    ints = tuple((a == 1, a % 16 == 0) for a in args if isinstance(a, int))
+    key = (kernel.__name__, device.index, ints, tuple(a.dtype for a in args if hasattr(a, "dtype")),
            tuple(sorted(consts.items())))
     if key not in _SLOTS:
-        compiled = _nce_fwd_kernel.warmup(*args, grid=(1,), num_warps=launch.num_warps, **consts)
+        compiled = kernel.warmup(*args, grid=(1,), num_warps=num_warps, **consts)
         index = device.index if device.index is not None else torch.cuda.current_device()
-        _SLOTS[key] = _sm_count(index) * _resident_programs(compiled, launch.num_warps, device)
+        _SLOTS[key] = _sm_count(index) * _resident_programs(compiled, num_warps, device)
     return _SLOTS[key]
 
 
@@ -361,14 +448,6 @@ def _check_nce_args(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor)
         raise TypeError(f"idx must be int64 (or int32), got {idx.dtype}")
     if not (anchor.is_floating_point() and bank.is_floating_point()):
         raise TypeError(f"anchor and bank must be floating point, got {anchor.dtype} and {bank.dtype}")
-
-
-def _nce_constants(k1: int, n_data: int, eps: float) -> tuple[float, float]:
-    """(log c, log(noise / c)) with noise = K/N, c = noise + eps, in float64 on the host. With K = 0 there are no
-    negatives and the second is never used."""
-    noise = (k1 - 1) / n_data
-    log_c = math.log(noise + eps)
-    return log_c, (math.log(noise) - log_c if noise > 0 else 0.0)
 
 
 def _check_index_range(idx: torch.Tensor, n: int, *, sync: bool) -> None:
@@ -408,14 +487,14 @@ def nce_fwd_triton(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, 
         return loss, anchor.new_zeros((0, d) if need_grad else (0,), dtype=torch.float32)
     interpreted = dev.type != "cuda" or triton_interpreted()
     launch = _fwd_launch(d, bank.element_size(), interpreted, block_k, k1)
-    log_c, log_noise_over_c = _nce_constants(k1, n_data, eps)
+    log_c, log_noise_over_c = nce_constants(k1, n_data, eps)
     consts = _fwd_consts(launch, d, need_grad, libdevice_log1p=not interpreted)
     if interpreted:  # the interpreter pays per operation: one program per row, no occupancy to fill
         slots, splits = 1, 1 if splits is None else splits
     else:
         placeholder = (anchor, bank, idx, z, torch.float32, torch.float32, 1.0 / tau, log_c, log_noise_over_c,
                        k1, d, bank.stride(0), bank.stride(1), max(16, launch.block_k))
-        slots = _fwd_slots(placeholder, consts, launch, dev)
+        slots = _kernel_slots(_nce_fwd_kernel, placeholder, consts, launch.num_warps, dev)
     n_split, chunk = _choose_splits(b, k1, launch.block_k, slots, splits)
     part_loss = torch.empty(b * n_split, device=dev, dtype=torch.float32)
     part_grad = torch.empty((b, n_split, d) if need_grad else (1,), device=dev, dtype=torch.float32)
@@ -424,11 +503,7 @@ def nce_fwd_triton(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, 
     _nce_fwd_kernel[(b, n_split)](anchor, bank, idx, z, part_loss, part_grad, 1.0 / tau, log_c, log_noise_over_c,
                                   k1, d, bank.stride(0), bank.stride(1), chunk, num_warps=launch.num_warps,
                                   **consts)
-    block_d = next_power_of_2(d)
-    _nce_finalize_kernel[(b if need_grad else 1,)](
-        part_loss, part_grad, loss, grad, b * n_split, n_split, d, -1.0 / b, 1.0 / (b * tau),
-        COMPUTE_GRAD=need_grad, BLOCK_S=min(next_power_of_2(n_split), max(1, _TILE // block_d)),
-        BLOCK_D=block_d, BLOCK_P=min(next_power_of_2(b * n_split), 1024))
+    _finalize(part_loss, part_grad, loss, grad, b, n_split, d, tau, need_grad)
     return loss, (grad if need_grad else anchor.new_empty(0, dtype=torch.float32))
 
 
@@ -448,6 +523,95 @@ def nce_partition_triton(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Te
                                         chunk, BLOCK_K=block_k or _block_k(block_d, chunk, anchor.device),
                                         BLOCK_D=block_d)
     return (part.double().sum() / (b * k1) * n_data).float()
+
+
+@dataclass(frozen=True)
+class _DenseLaunch:
+    """Tile of the dense kernel: block_b anchors x block_n bank rows per pass, the whole (padded) d at once."""
+    block_b: int
+    block_n: int
+    block_d: int
+    num_warps: int
+    precision: str
+
+
+_DENSE_WARPS = 8
+
+
+def _dense_launch(b: int, d: int, n: int, interpreted: bool) -> _DenseLaunch:
+    """tl.dot needs >= 16 on every side. On a GPU: 64 anchors x 64 bank rows at d <= 128 (from the static sm_90
+    report: no spills at 8 warps), fewer as d grows so the [block_b, d] and [block_n, d] tiles stay ~32 KB each.
+    The interpreter pays per operation, not per element: one tall tile of bank rows there."""
+    block_d = max(16, next_power_of_2(d))
+    if block_d > DENSE_MAX_D:
+        raise ValueError(f"the dense NCE kernel takes d <= {DENSE_MAX_D}, got d={d} (CMC_FAST_NCE=gather)")
+    block_b = min(DENSE_BLOCK_B, max(16, next_power_of_2(b)), max(16, 8192 // block_d))
+    block_n = max(16, min(next_power_of_2(n), 2048)) if interpreted else max(16, min(64, 8192 // block_d))
+    return _DenseLaunch(block_b, block_n, block_d, _DENSE_WARPS, "tf32x3")
+
+
+def _dense_consts(launch: _DenseLaunch, need_grad: bool, libdevice_log1p: bool) -> dict:
+    return {"COMPUTE_GRAD": need_grad, "LIBDEVICE": libdevice_log1p, "PRECISION": launch.precision,
+            "BLOCK_B": launch.block_b, "BLOCK_N": launch.block_n, "BLOCK_D": launch.block_d}
+
+
+@on_tensor_device
+def nce_counts_triton(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """The negatives' histogram C [B, N] int32 (``nce_counts_reference``), with integer atomics."""
+    (idx,) = contiguous(idx)
+    if index_checks():
+        _check_index_range(idx, n, sync=True)
+    b, k1 = idx.shape
+    counts = torch.zeros((b, n), device=idx.device, dtype=torch.int32)
+    if b and k1 > 1:
+        block = min(1024, next_power_of_2(k1 - 1))
+        _nce_counts_kernel[(b, cdiv(k1 - 1, block))](idx, counts, k1, n, BLOCK_K=block)
+    return counts
+
+
+@on_tensor_device
+def nce_dense_triton(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor,
+                     z: torch.Tensor, tau: float, n_data: int, eps: float, need_grad: bool, *,
+                     splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the dense loss (+ anchor gradient) kernel and its finalize. Returns (loss [] fp32, grad [B, d] fp32
+    or [0]). ``splits`` forces the number of slices of the bank (tests)."""
+    anchor, idx, counts = contiguous(anchor, idx, counts)
+    z = z.reshape(()).to(device=anchor.device, dtype=torch.float32)
+    b, d = anchor.shape
+    n, k1, dev = bank.shape[0], idx.shape[1], anchor.device
+    if b == 0:
+        loss = torch.full((), float("nan"), device=dev, dtype=torch.float32)
+        return loss, anchor.new_zeros((0, d) if need_grad else (0,), dtype=torch.float32)
+    interpreted = dev.type != "cuda" or triton_interpreted()
+    launch = _dense_launch(b, d, n, interpreted)
+    log_c, log_noise_over_c = nce_constants(k1, n_data, eps)
+    consts = _dense_consts(launch, need_grad, libdevice_log1p=not interpreted)
+    b_tiles = cdiv(b, launch.block_b)
+    if interpreted:
+        slots, splits = 1, 1 if splits is None else splits
+    else:
+        placeholder = (anchor, bank, idx, counts, z, z, z, 1.0 / tau, log_c, log_noise_over_c, b, n, k1, d,
+                       bank.stride(0), bank.stride(1), launch.block_n)
+        slots = _kernel_slots(_nce_dense_kernel, placeholder, consts, launch.num_warps, dev)
+    n_split, chunk = _choose_splits(b_tiles, max(n, 1), launch.block_n, slots, splits)
+    part_loss = torch.empty(b * n_split, device=dev, dtype=torch.float32)
+    part_grad = torch.empty((b, n_split, d) if need_grad else (1,), device=dev, dtype=torch.float32)
+    loss = torch.empty((), device=dev, dtype=torch.float32)
+    grad = torch.empty((b, d), device=dev, dtype=torch.float32) if need_grad else loss
+    _nce_dense_kernel[(b_tiles, n_split)](anchor, bank, idx, counts, z, part_loss, part_grad, 1.0 / tau, log_c,
+                                          log_noise_over_c, b, n, k1, d, bank.stride(0), bank.stride(1), chunk,
+                                          num_warps=launch.num_warps, **consts)
+    _finalize(part_loss, part_grad, loss, grad, b, n_split, d, tau, need_grad)
+    return loss, (grad if need_grad else anchor.new_empty(0, dtype=torch.float32))
+
+
+def _finalize(part_loss, part_grad, loss, grad, b: int, n_split: int, d: int, tau: float, need_grad: bool) -> None:
+    """Sum the [B, S] partials of a loss kernel (gather or dense) in a fixed order: loss and gradient."""
+    block_d = next_power_of_2(d)
+    _nce_finalize_kernel[(b if need_grad else 1,)](
+        part_loss, part_grad, loss, grad, b * n_split, n_split, d, -1.0 / b, 1.0 / (b * tau),
+        COMPUTE_GRAD=need_grad, BLOCK_S=min(next_power_of_2(n_split), max(1, _TILE // block_d)),
+        BLOCK_D=block_d, BLOCK_P=min(next_power_of_2(b * n_split), 1024))
 
 
 @on_tensor_device
@@ -505,19 +669,54 @@ def _nce_setup_context(ctx, inputs, output):
     anchor, need_grad = inputs[0], inputs[-1]
     ctx.anchor_dtype = anchor.dtype
     ctx.need_grad = need_grad
+    ctx.n_inputs = len(inputs)
     ctx.save_for_backward(output[1])
     ctx.mark_non_differentiable(output[1])
 
 
 def _nce_backward(ctx, grad_loss, _grad_grad):
+    """Both loss ops (gather and dense) computed dL/danchor in their forward: scale it, nothing else."""
     if not ctx.need_grad:
         raise RuntimeError("cmc_fast::nce_fwd ran with need_grad=False; call nce_loss with grad enabled")
     (grad,) = ctx.saved_tensors
     # grad_loss is a 0-dim tensor (possibly an expanded view under compile): a broadcast multiply reads it fine
-    return (grad_loss * grad).to(ctx.anchor_dtype), None, None, None, None, None, None, None
+    return ((grad_loss * grad).to(ctx.anchor_dtype),) + (None,) * (ctx.n_inputs - 1)
 
 
 _nce_fwd_op.register_autograd(_nce_backward, setup_context=_nce_setup_context)
+
+
+@torch.library.custom_op("cmc_fast::nce_dense_fwd", mutates_args=())
+def _nce_dense_op(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor,
+                  z: torch.Tensor, tau: float, n_data: int, eps: float,
+                  need_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_triton(anchor):
+        return nce_dense_triton(anchor, bank, idx, counts, z, tau, n_data, eps, need_grad)
+    _check_index_range(idx[:, :1], bank.shape[0], sync=index_checks())
+    return nce_dense_reference(anchor, bank, idx, counts, z, tau, n_data, eps, need_grad)
+
+
+@_nce_dense_op.register_fake
+def _(anchor, bank, idx, counts, z, tau, n_data, eps, need_grad):
+    loss = anchor.new_empty((), dtype=torch.float32)
+    grad = anchor.new_empty(anchor.shape if need_grad else (0,), dtype=torch.float32)
+    return loss, grad
+
+
+_nce_dense_op.register_autograd(_nce_backward, setup_context=_nce_setup_context)
+
+
+@torch.library.custom_op("cmc_fast::nce_counts", mutates_args=())
+def _nce_counts_op(idx: torch.Tensor, n: int) -> torch.Tensor:
+    if use_triton(idx):
+        return nce_counts_triton(idx, n)
+    _check_index_range(idx, n, sync=index_checks())
+    return nce_counts_reference(idx, n)
+
+
+@_nce_counts_op.register_fake
+def _(idx, n):
+    return idx.new_empty((idx.shape[0], n), dtype=torch.int32)
 
 
 @torch.library.custom_op("cmc_fast::nce_partition", mutates_args=())
@@ -550,14 +749,21 @@ def _(bank, index, feats, momentum):
 
 # ===================================================================================== public functions
 def nce_loss(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, *, tau: float,
-             z: float | torch.Tensor, n_data: int, eps: float = 1e-7) -> torch.Tensor:
+             z: float | torch.Tensor, n_data: int, eps: float = 1e-7,
+             counts: torch.Tensor | None = None) -> torch.Tensor:
     """CRD's NCE loss for one direction (DESIGN sections 1 and 3): a float32 scalar, differentiable in ``anchor``.
 
     anchor [B, d] (normalised by the caller), bank [N, d] (float32/bfloat16/float16; no gradient), idx [B, K+1]
     int32 or int64 with column 0 the positive (an index outside the bank: IndexError on the reference path, and on
-    the Triton path under CMC_FAST_CHECK_INDEX=1), z the frozen partition (float or 0-dim tensor, kept on device). The
-    Triton path gathers bank rows by index, never builds [B, K+1, d], accumulates in float32 and computes the
-    anchor gradient in the same pass; backward only scales it by the incoming gradient.
+    the Triton path under CMC_FAST_CHECK_INDEX=1), z the frozen partition (float or 0-dim tensor, kept on device),
+    n_data the pool the negatives are drawn from (the noise prior K/n_data).
+
+    Two exact forms, chosen by shape (``kernels.nce_plan.choose_nce_path``; ``CMC_FAST_NCE=dense|gather`` forces
+    one): the gather fetches the B*(K+1) bank rows by index, never building [B, K+1, d]; the dense form scores the
+    whole bank once (S = A M^T / tau, tensor cores on a GPU) and weights each score by ``counts`` -- the negatives'
+    histogram ``nce_counts(idx, N)``, computed here when not given: pass the one from ``nce_counts_for`` to every
+    call sharing idx. Both accumulate in float32 and compute the anchor gradient in the forward pass; backward only
+    scales it by the incoming gradient.
     """
     _check_nce_args(anchor, bank, idx)
     if isinstance(z, torch.Tensor):
@@ -565,8 +771,36 @@ def nce_loss(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, *, tau
     else:
         z = torch.full((), float(z), device=anchor.device, dtype=torch.float32)
     need_grad = anchor.requires_grad and torch.is_grad_enabled()
-    loss, _ = _nce_fwd_op(anchor, bank.detach(), idx, z, float(tau), int(n_data), float(eps), need_grad)
+    b, d = anchor.shape
+    n = bank.shape[0]
+    path = choose_nce_path(b, d, idx.shape[1], n, bank.element_size(), anchor.device.type)
+    if path == "gather":
+        loss, _ = _nce_fwd_op(anchor, bank.detach(), idx, z, float(tau), int(n_data), float(eps), need_grad)
+        return loss
+    if counts is None:
+        counts = _nce_counts_op(idx, n)
+    elif counts.shape != (b, n) or counts.dtype != torch.int32:
+        raise ValueError(f"counts must be the int32 [B, N] = [{b}, {n}] histogram of idx (nce_counts), got "
+                         f"{counts.dtype} {tuple(counts.shape)}")
+    loss, _ = _nce_dense_op(anchor, bank.detach(), idx, counts, z, float(tau), int(n_data), float(eps), need_grad)
     return loss
+
+
+def nce_counts(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """C [B, N] int32: how often each of the bank's N rows was drawn as a negative (idx[:, 1:]) for each anchor --
+    the weights of the dense form. Integer adds: exact and deterministic."""
+    if idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"idx must be int32/int64 [B, K+1], got {idx.dtype} {tuple(idx.shape)}")
+    return _nce_counts_op(idx, int(n))
+
+
+def nce_counts_for(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor) -> torch.Tensor | None:
+    """The histogram ``nce_loss`` would build at this shape (dense form), or None (gather): compute it once per
+    step and pass it as ``counts=`` to every ``nce_loss`` sharing idx and the bank's size (both directions)."""
+    _check_nce_args(anchor, bank, idx)
+    path = nce_path(anchor.shape[0], anchor.shape[1], idx.shape[1], bank.shape[0], bank.element_size(),
+                    anchor.device.type)
+    return nce_counts(idx, bank.shape[0]) if path == "dense" else None
 
 
 def nce_partition(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, *, tau: float,
@@ -640,15 +874,6 @@ def hopper_specs(shape: tuple[int, ...], bank_dtype: str = "fp32") -> list:
     specs.append(Spec(_nce_finalize_kernel, fin_types, fin_consts, 4,
                       ("part_loss_ptr", "part_grad_ptr", "loss_ptr", "grad_ptr"), path, b))
     return specs
-
-
-def floor_bytes(b: int, d: int, k: int, n: int, bank_elem: int, idx_elem: int = 4) -> dict[str, int]:
-    """Bytes one forward+backward of ``nce_loss`` must move: ``l2_gather`` the gathered bank rows B*(K+1)*d*elem
-    (served from L2 when the bank fits there: 2-5 MB here against 50 MB of L2); ``hbm`` what crosses HBM at least
-    once -- the indices B*(K+1)*idx_elem, the anchors read and the gradient written 2*B*d*4, and the bank N*d*elem
-    once (it may still sit in L2 from the step's bank update: then less)."""
-    return {"l2_gather": b * (k + 1) * d * bank_elem,
-            "hbm": b * (k + 1) * idx_elem + 2 * b * d * 4 + n * d * bank_elem}
 
 
 def hopper_floors(shape: tuple[int, ...], bank_dtype: str = "fp32") -> dict[str, object]:
