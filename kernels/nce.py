@@ -43,12 +43,28 @@ from __future__ import annotations
 
 import functools
 import warnings
-from dataclasses import dataclass
 
 import torch
 
 from .dispatch import index_checks, triton_interpreted, use_triton
-from .nce_plan import DENSE_BLOCK_B, DENSE_MAX_D, choose_nce_path, floor_bytes, nce_constants, nce_path
+from .nce_plan import (  # noqa: F401 - launch plans and the static report, re-exported for the report and tests
+    _TILE,
+    _TILE_INTERPRETED,
+    _choose_splits,
+    _dense_consts,
+    _dense_launch,
+    _dense_spec_args,
+    _fwd_consts,
+    _fwd_launch,
+    _fwd_spec_args,
+    _occupancy,
+    choose_nce_path,
+    floor_bytes,
+    hopper_floors,
+    hopper_specs,
+    nce_constants,
+    nce_path,
+)
 from .reference import bank_update_reference_, nce_counts_reference, nce_dense_reference, nce_partition_reference
 from .utils import cdiv, contiguous, libdevice, next_power_of_2, on_tensor_device, tl, triton
 
@@ -56,8 +72,6 @@ __all__ = ["nce_loss", "nce_partition", "bank_update_", "nce_counts", "nce_count
            "nce_dense_triton", "nce_counts_triton", "nce_partition_triton", "bank_update_triton_", "nce_fwd_torch",
            "floor_bytes"]
 
-_TILE = 8192  # elements of the [BLOCK_K, BLOCK_D] gathered tile held in registers by one program
-_TILE_INTERPRETED = 1 << 18  # the interpreter pays per op, not per element: far larger tiles there
 _CHUNK_ALIGN = 128  # columns per split of the partition kernel are a multiple of this
 
 
@@ -271,7 +285,7 @@ def _nce_dense_kernel(
     pos = tl.load(idx_ptr + rows_b * K1, mask=mask_b, other=-1).to(tl.int64)  # -1: never a bank row
     start = split * chunk
     end = tl.minimum(start + chunk, N)
-    acc_l = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
+    acc_l = tl.zeros([BLOCK_B], dtype=tl.float32)
     acc_g = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -291,26 +305,17 @@ def _nce_dense_kernel(
             du = u - 1.0
             l1p = tl.where(du == 0.0, e, tl.log(u) * (e / tl.where(du == 0.0, 1.0, du)))
         # softplus(t) = max(t, 0) + l1p; negative term log(noise/c) - softplus(t), positive -softplus(-t)
-        acc_l += cnt * (log_noise_over_c - tl.maximum(t, 0.0) - l1p) + tl.where(is_pos, -tl.maximum(-t, 0.0) - l1p,
-                                                                                  0.0)
+        acc_l += tl.sum(cnt * (log_noise_over_c - tl.maximum(t, 0.0) - l1p)
+                        + tl.where(is_pos, -tl.maximum(-t, 0.0) - l1p, 0.0), axis=1)
         if COMPUTE_GRAD:
             r = 1.0 / (1.0 + e)
             big = t >= 0.0  # sigmoid(t) = r when t >= 0 else e*r; sigmoid(-t) the other one: no cancellation
             w = cnt * tl.where(big, 1.0, e) * r - tl.where(is_pos, tl.where(big, e, 1.0) * r, 0.0)
             acc_g = tl.dot(w, m, acc_g, input_precision=PRECISION)
     out = rows_b * n_split + split
-    tl.store(part_loss_ptr + out, tl.sum(acc_l, axis=1), mask=mask_b)
+    tl.store(part_loss_ptr + out, acc_l, mask=mask_b)
     if COMPUTE_GRAD:
         tl.store(part_grad_ptr + out[:, None] * D + offs_d[None, :], acc_g, mask=mask_b[:, None] & mask_d[None, :])
-
-
-# The loss kernel's launch (see _FwdLaunch): no autotune -- the configuration follows from d and the bank's element
-# size, and was chosen from the static sm_90 report (``python -m cmc_fast.kernels.hopper_build report --op nce``):
-# the warp-instructions per gathered row, registers and spills of each candidate. The number of splits of K+1 then
-# follows from the compiled kernel's occupancy, so the grid fills the GPU's resident slots with no wave tail.
-_ROW_BYTES_PER_THREAD = 128  # bytes of one bank row one thread loads (8 x 16-byte vectors): sets lanes per row
-_FWD_WARPS = 4
-_MIN_LAST_WAVE = 0.9  # splits are chosen so the last wave of programs fills at least this share of the slots
 
 
 # ========================================================================================== launchers
@@ -324,70 +329,6 @@ def _block_k(block_d: int, chunk: int, device: torch.device) -> int:
     if device.type == "cuda" and not triton_interpreted():
         return max(4, min(64, _TILE // block_d))  # from d > 2048 on, 4 rows is more than _TILE (may spill)
     return max(16, min(next_power_of_2(chunk), _TILE_INTERPRETED // block_d))
-
-
-@dataclass(frozen=True)
-class _FwdLaunch:
-    """Tile of the loss kernel: [n_chunks, block_k, chunk_d], one bank row on chunk_d / vector lanes."""
-    block_k: int  # rows gathered per program per loop pass
-    n_chunks: int
-    chunk_d: int
-    num_warps: int
-
-
-def _fwd_launch(d: int, elem: int, interpreted: bool, block_k: int | None = None, k1: int = 1 << 30) -> _FwdLaunch:
-    """16-byte vectors (4 fp32 or 8 bf16/fp16 elements) per thread; lanes per row such that a thread holds ~128 bytes
-    of its row (fp32 d = 128: 4 lanes, 8 rows per warp; bf16 d = 128: 2 lanes, 16 rows per warp; d = 1024 fp32: 32
-    lanes), so the dot product's shuffles and the per-row math are shared by 8-16 rows per warp-instruction.
-    Rows per pass: one per row-slot of the warps (two rows per thread, from the sm_90 report at d = 128: fp32 192
-    registers instead of 120 for 20.2 warp-instructions per row instead of 20.6; bf16 spilled 728 bytes). The
-    interpreter pays per operation, not per element: far taller tiles there."""
-    block_d = next_power_of_2(d)
-    vec = max(1, 16 // elem)
-    lanes = max(2, min(32, block_d * elem // _ROW_BYTES_PER_THREAD))
-    chunk_d = min(block_d, lanes * vec)
-    rows_per_warp = 32 // max(1, chunk_d // vec)
-    if block_k is None:
-        tall = max(16, min(_TILE_INTERPRETED // block_d, 1024, next_power_of_2(k1)))
-        block_k = tall if interpreted else rows_per_warp * _FWD_WARPS
-    return _FwdLaunch(block_k, block_d // chunk_d, chunk_d, _FWD_WARPS)
-
-
-def _fwd_consts(launch: _FwdLaunch, d: int, need_grad: bool, libdevice_log1p: bool) -> dict:
-    """The loss kernel's constexprs for a launch (the launcher and the static report build the same kernel)."""
-    return {"COMPUTE_GRAD": need_grad, "LIBDEVICE": libdevice_log1p, "BLOCK_K": launch.block_k,
-            "N_CHUNKS": launch.n_chunks, "CHUNK_D": launch.chunk_d, "EVEN_D": d == launch.n_chunks * launch.chunk_d}
-
-
-def _choose_splits(b: int, k1: int, block_k: int, slots: int, splits: int | None = None) -> tuple[int, int]:
-    """(S, columns per split): the fewest splits of K+1 for which the B x S programs end with a last wave at least
-    _MIN_LAST_WAVE full of ``slots`` (programs resident at once on the GPU); chunks are multiples of block_k (and of
-    16, so the JIT specialises ``chunk`` the same way for every S). ``splits`` forces S (tests)."""
-    align = max(16, block_k)
-    most = max(1, cdiv(k1, align))
-    candidates = [max(1, min(int(splits), most))] if splits is not None else range(1, most + 1)
-    best = None
-    for want in candidates:
-        chunk = cdiv(cdiv(k1, want), align) * align
-        n = cdiv(k1, chunk)
-        programs = b * n
-        last = programs % slots
-        fill = 1.0 if last == 0 else last / slots
-        if splits is not None or (programs >= _MIN_LAST_WAVE * slots and fill >= _MIN_LAST_WAVE):
-            return n, chunk
-        if best is None or fill > best[0]:
-            best = (fill, n, chunk)
-    return best[1], best[2]  # no S reaches the target (short K): the best-filled
-
-
-def _occupancy(regs: int, shared: int, num_warps: int, regs_per_sm: int = 65536, threads_per_sm: int = 2048,
-               shared_per_sm: int = 233472) -> int:
-    """Blocks of ``num_warps`` warps one SM holds at once (the occupancy calculator's rules: registers allocated per
-    warp in units of 256, 1 KB of shared memory reserved per block, at most 32 blocks); defaults: an H100/H200 SM.
-    kernels/hopper_build.resident_blocks computes the same for the static report (a test checks they agree)."""
-    per_warp = cdiv(max(regs, 1) * 32, 256) * 256
-    return max(1, min(32, regs_per_sm // (per_warp * num_warps), threads_per_sm // (32 * num_warps),
-                      shared_per_sm // (shared + 1024)))
 
 
 def _resident_programs(compiled, num_warps: int, device: torch.device) -> int:
@@ -523,36 +464,6 @@ def nce_partition_triton(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Te
                                         chunk, BLOCK_K=block_k or _block_k(block_d, chunk, anchor.device),
                                         BLOCK_D=block_d)
     return (part.double().sum() / (b * k1) * n_data).float()
-
-
-@dataclass(frozen=True)
-class _DenseLaunch:
-    """Tile of the dense kernel: block_b anchors x block_n bank rows per pass, the whole (padded) d at once."""
-    block_b: int
-    block_n: int
-    block_d: int
-    num_warps: int
-    precision: str
-
-
-_DENSE_WARPS = 8
-
-
-def _dense_launch(b: int, d: int, n: int, interpreted: bool) -> _DenseLaunch:
-    """tl.dot needs >= 16 on every side. On a GPU: 64 anchors x 64 bank rows at d <= 128 (from the static sm_90
-    report: no spills at 8 warps), fewer as d grows so the [block_b, d] and [block_n, d] tiles stay ~32 KB each.
-    The interpreter pays per operation, not per element: one tall tile of bank rows there."""
-    block_d = max(16, next_power_of_2(d))
-    if block_d > DENSE_MAX_D:
-        raise ValueError(f"the dense NCE kernel takes d <= {DENSE_MAX_D}, got d={d} (CMC_FAST_NCE=gather)")
-    block_b = min(DENSE_BLOCK_B, max(16, next_power_of_2(b)), max(16, 8192 // block_d))
-    block_n = max(16, min(next_power_of_2(n), 2048)) if interpreted else max(16, min(64, 8192 // block_d))
-    return _DenseLaunch(block_b, block_n, block_d, _DENSE_WARPS, "tf32x3")
-
-
-def _dense_consts(launch: _DenseLaunch, need_grad: bool, libdevice_log1p: bool) -> dict:
-    return {"COMPUTE_GRAD": need_grad, "LIBDEVICE": libdevice_log1p, "PRECISION": launch.precision,
-            "BLOCK_B": launch.block_b, "BLOCK_N": launch.block_n, "BLOCK_D": launch.block_d}
 
 
 @on_tensor_device
@@ -822,72 +733,3 @@ def bank_update_(bank: torch.Tensor, index: torch.Tensor, feats: torch.Tensor, m
     if index.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"index must be int64 (or int32), got {index.dtype}")
     _bank_update_op(bank, index, feats.detach(), float(momentum))
-
-
-# ======================================================================================= static report
-_BANK_ELEM = {"fp32": 4, "bf16": 2, "fp16": 2}  # bytes per element of each bank dtype the report takes
-
-
-def _fwd_spec_args(d: int, k1: int, chunk: int, bank_type: str) -> tuple[dict, tuple]:
-    """(types, divisible_by_16) of the loss kernel as the JIT specialises a launch: contiguous fp32 anchors, a
-    contiguous [N, d] bank (stride_bd == 1 becomes a constant), int32 indices, torch's 16-byte-aligned pointers."""
-    f32 = "*fp32"
-    types = {"anchor_ptr": f32, "bank_ptr": "*" + bank_type, "idx_ptr": "*i32", "z_ptr": f32,
-             "part_loss_ptr": f32, "part_grad_ptr": f32, "inv_tau": "fp32", "log_c": "fp32",
-             "log_noise_over_c": "fp32"}
-    ints = {"K1": k1, "D": d, "stride_bn": d, "chunk": chunk}
-    divisible = ("anchor_ptr", "bank_ptr", "idx_ptr", "z_ptr", "part_loss_ptr", "part_grad_ptr") + tuple(
-        name for name, v in ints.items() if v % 16 == 0)
-    return types, divisible
-
-
-def hopper_specs(shape: tuple[int, ...], bank_dtype: str = "fp32") -> list:
-    """The specialisations one ``nce_loss`` forward+backward at shape (B, d, K, N) runs on an H100/H200 (132 SMs)
-    with a contiguous bank of ``bank_dtype``, fp32 anchors and int32 indices: the loss kernel (its splits chosen
-    from its sm_90 build's occupancy, as the launcher does on the GPU) and the finalize kernel. For
-    ``python -m cmc_fast.kernels.hopper_build report --op nce``."""
-    from .hopper_build import HOPPER_SMS, Spec, build, resident_blocks  # lazily: imports Triton's compiler
-
-    if len(shape) != 4 or min(shape) < 0 or shape[1] < 1:
-        raise ValueError(f"nce shape is B,D,K,N (non-negative, d >= 1), got {shape}")
-    if bank_dtype not in _BANK_ELEM:
-        raise ValueError(f"bank_dtype must be one of {sorted(_BANK_ELEM)}, got {bank_dtype!r}")
-    b, d, k, _n = shape
-    k1 = k + 1
-    bank_type, elem = bank_dtype, _BANK_ELEM[bank_dtype]
-    launch = _fwd_launch(d, elem, interpreted=False)
-    consts = {**_fwd_consts(launch, d, need_grad=True, libdevice_log1p=True), "stride_bd": 1}
-    types, divisible = _fwd_spec_args(d, k1, max(16, launch.block_k), bank_type)
-    built = build(_nce_fwd_kernel, types, consts, launch.num_warps, divisible)
-    slots = HOPPER_SMS * resident_blocks(built.registers, built.shared, launch.num_warps)
-    n_split, chunk = _choose_splits(max(b, 1), k1, launch.block_k, slots)
-    types, divisible = _fwd_spec_args(d, k1, chunk, bank_type)
-    path = f"BLOCK_K={launch.block_k} tile={launch.n_chunks}x{launch.block_k}x{launch.chunk_d} S={n_split}"
-    specs = [Spec(_nce_fwd_kernel, types, consts, launch.num_warps, divisible, path, b * n_split, launch.block_k,
-                  {"splits": n_split, "chunk": chunk})]
-    block_d = next_power_of_2(d)
-    f32 = "*fp32"
-    fin_types = {"part_loss_ptr": f32, "part_grad_ptr": f32, "loss_ptr": f32, "grad_ptr": f32,
-                 "loss_scale": "fp32", "grad_scale": "fp32"}
-    fin_consts = {"COMPUTE_GRAD": True, "BLOCK_S": min(next_power_of_2(n_split), max(1, _TILE // block_d)),
-                  "BLOCK_D": block_d, "BLOCK_P": min(next_power_of_2(b * n_split), 1024)}
-    specs.append(Spec(_nce_finalize_kernel, fin_types, fin_consts, 4,
-                      ("part_loss_ptr", "part_grad_ptr", "loss_ptr", "grad_ptr"), path, b))
-    return specs
-
-
-def hopper_floors(shape: tuple[int, ...], bank_dtype: str = "fp32") -> dict[str, object]:
-    """Floors of one forward+backward at (B, d, K, N) per GPU (``kernels.hopper_build.GPUS``; int32 indices): the
-    L2 gather floor (bytes / L2 bandwidth; owed where no L2 bandwidth is known) beside the HBM floor at the
-    specified and, where known, the measured bandwidth. For the report's footer."""
-    from .hopper_build import GPUS
-
-    b, d, k, n = shape
-    nbytes = floor_bytes(b, d, k, n, _BANK_ELEM[bank_dtype])
-    out: dict[str, object] = {"bytes": nbytes}
-    for gpu, bw in GPUS.items():
-        us = lambda n, rate: round(n / rate * 1e6, 2) if rate else "owed"  # noqa: E731
-        out[gpu] = {"l2_gather_us": us(nbytes["l2_gather"], bw["l2_measured"]),
-                    "hbm_us_spec": us(nbytes["hbm"], bw["hbm_spec"]),
-                    "hbm_us_measured": us(nbytes["hbm"], bw["hbm_measured"])}
-    return out

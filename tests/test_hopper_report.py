@@ -61,3 +61,27 @@ except Exception as e:
     out = run_without_interpreter(check)
     assert "RC 2 op 'block' has no report here: ModuleNotFoundError" in out
     assert "SHAPE ERROR --shape must be comma-separated integers" in out
+
+
+_CLI_DENSE = _CLI.replace('"--json"', '"--nce-path", "dense", "--json"')
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_nce_dense_report_tensor_cores_no_spills_and_floor(run_without_interpreter, tmp_path, dtype):
+    """The dense form at the paper's shape (issue 21): histogram, dense loss and finalize kernels, each with its SASS;
+    tensor-core instructions in the dense kernel's hot loop, no spills anywhere, one wave of programs at least 90%
+    full; and its floor at most 1/5 of the gather's L2 floor (at the assumed 10 TB/s of L2: owed to a GPU)."""
+    out = run_without_interpreter(_CLI_DENSE.format(shape="64,128,16384,9528", dtype=dtype, sass=tmp_path))
+    rows = json.loads(out)
+    assert {r["kernel"] for r in rows} == {"_nce_counts_kernel", "_nce_dense_kernel", "_nce_finalize_kernel"}
+    for r in rows:
+        assert set(r) >= FIELDS, FIELDS - set(r)
+        assert r["spilled"] == 0 and r["registers"] > 0 and r["programs"] > 0
+    dense = next(r for r in rows if r["kernel"] == "_nce_dense_kernel")
+    assert dense["per_gathered_row"]["tensor"] > 0 and dense["loop_instructions_per_warp"]["tensor"] > 0
+    assert dense["waves"] <= 1.0 and dense["last_wave_fill"] >= 0.9, dense
+    floors = json.loads(run_without_interpreter(
+        "import json\nfrom cmc_fast.kernels.nce import hopper_floors\n"
+        f"print(json.dumps(hopper_floors((64, 128, 16384, 9528), '{dtype}', 'dense')))"))
+    for gpu in ("H100 SXM", "H200"):
+        assert floors[gpu]["dense_over_gather_l2"] <= 0.2, floors[gpu]

@@ -532,6 +532,15 @@ for block_d in (128, 512, 2048):
 build_checked(kn._nce_finalize_kernel, {"part_loss_ptr": F, "part_grad_ptr": F, "loss_ptr": F, "grad_ptr": F,
                                         "loss_scale": "fp32", "grad_scale": "fp32"},
               {"COMPUTE_GRAD": True, "BLOCK_S": 16, "BLOCK_D": 128, "BLOCK_P": 1024})
+# The dense form: its loss kernel as the launcher configures it on a GPU (up to d = 128, DENSE_MAX_D) for each bank
+# dtype, and the histogram.
+for bank_type in ("fp32", "bf16", "fp16"):
+    for d in (16, 50, 64, 128):
+        launch = kn._dense_launch(64, d, 9528, interpreted=False)
+        consts = {**kn._dense_consts(launch, need_grad=True, libdevice_log1p=True), "stride_bd": 1}
+        types, divisible = kn._dense_spec_args(d, 9528, 16385, 1024, bank_type)
+        build_checked(kn._nce_dense_kernel, types, consts, launch.num_warps, divisible)
+build_checked(kn._nce_counts_kernel, {"idx_ptr": "*i32", "counts_ptr": "*i32"}, {"BLOCK_K": 1024})
 build_checked(kn._bank_update_kernel, {"bank_ptr": "*bf16", "index_ptr": "*i64", "feats_ptr": F, "momentum": "fp32"},
               {"BLOCK_N": 1024, "BLOCK_D": 128})
 print("BUILD OK")
