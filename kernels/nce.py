@@ -115,11 +115,17 @@ def _nce_fwd_kernel(
     idx_row_ptr = idx_ptr + row * K1
     acc_l = tl.zeros([BLOCK_K], dtype=tl.float32)
     acc_g = tl.zeros([N_CHUNKS, BLOCK_K, CHUNK_D], dtype=tl.float32)
+    # past the end: row 0 is gathered (it exists) and its terms are zeroed below, so the gather needs no mask. The
+    # next pass's indices are loaded before this pass's rows are used: their latency hides behind this pass's math
+    # instead of stalling the gather that depends on them.
+    offs_next = start + tl.arange(0, BLOCK_K)
+    ids_next = tl.load(idx_row_ptr + offs_next, mask=offs_next < end, other=0)
     for k0 in range(start, end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < end
-        # past the end: row 0 is gathered (it exists) and its terms are zeroed below, so the gather needs no mask
-        ids = tl.load(idx_row_ptr + offs_k, mask=mask_k, other=0).to(tl.int64)
+        ids = ids_next.to(tl.int64)
+        offs_next = offs_k + BLOCK_K
+        ids_next = tl.load(idx_row_ptr + offs_next, mask=offs_next < end, other=0)
         ptrs = bank_ptr + ids[None, :, None] * stride_bn + offs_d * stride_bd
         if EVEN_D:  # noqa: SIM108 - a constexpr branch: only the unmasked load is compiled
             m = tl.load(ptrs).to(tl.float32)  # [C, BLOCK_K, W]

@@ -185,6 +185,10 @@ def nce_constants(k1: int, n_data: int, eps: float) -> tuple[float, float]:
 # the warp-instructions per gathered row, registers and spills of each candidate. The number of splits of K+1 then
 # follows from the compiled kernel's occupancy, so the grid fills the GPU's resident slots with no wave tail.
 _ROW_BYTES_PER_THREAD = 128  # bytes of one bank row one thread loads (8 x 16-byte vectors): sets lanes per row
+# 2-byte banks: 64 bytes (32 elements, as fp32's) per thread -- 4 lanes per row at d = 128, 128 registers, 4 blocks of
+# 4 warps = 16 warps per SM (sm_90 report), for ~26 warp-instructions per gathered row. 128 bytes (2 lanes) gave 21.2
+# per row but 231-236 registers: 8 warps per SM, too few to hide the gather's latency (issue 21); GPU timing owed.
+_ROW_BYTES_PER_THREAD_HALF = 64
 _FWD_WARPS = 4
 _MIN_LAST_WAVE = 0.9  # splits are chosen so the last wave of programs fills at least this share of the slots
 _TILE = 8192  # elements of the [BLOCK_K, BLOCK_D] gathered tile held in registers by one program
@@ -202,14 +206,15 @@ class _FwdLaunch:
 
 def _fwd_launch(d: int, elem: int, interpreted: bool, block_k: int | None = None, k1: int = 1 << 30) -> _FwdLaunch:
     """16-byte vectors (4 fp32 or 8 bf16/fp16 elements) per thread; lanes per row such that a thread holds ~128 bytes
-    of its row (fp32 d = 128: 4 lanes, 8 rows per warp; bf16 d = 128: 2 lanes, 16 rows per warp; d = 1024 fp32: 32
-    lanes), so the dot product's shuffles and the per-row math are shared by 8-16 rows per warp-instruction.
+    of an fp32 row, 64 of a 2-byte one (d = 128: 4 lanes, 8 rows per warp for both; d = 1024 fp32: 32 lanes), so the
+    dot product's shuffles and the per-row math are shared by 8 rows per warp-instruction.
     Rows per pass: one per row-slot of the warps (two rows per thread, from the sm_90 report at d = 128: fp32 192
     registers instead of 120 for 20.2 warp-instructions per row instead of 20.6; bf16 spilled 728 bytes). The
     interpreter pays per operation, not per element: far taller tiles there."""
     block_d = next_power_of_2(d)
     vec = max(1, 16 // elem)
-    lanes = max(2, min(32, block_d * elem // _ROW_BYTES_PER_THREAD))
+    row_bytes = _ROW_BYTES_PER_THREAD if elem >= 4 else _ROW_BYTES_PER_THREAD_HALF
+    lanes = max(2, min(32, block_d * elem // row_bytes))
     chunk_d = min(block_d, lanes * vec)
     rows_per_warp = 32 // max(1, chunk_d // vec)
     if block_k is None:
