@@ -1,33 +1,30 @@
-"""Cross-modal NCE over a memory bank: fused Triton loss + anchor gradient, first-batch partition, bank update.
+"""Cross-modal NCE over a memory bank: fused Triton loss + anchor gradient in two exact forms (gather and dense),
+the negatives' histogram, first-batch partition, bank update.
 
-Floors (DESIGN section 5; ``hopper_floors`` below, printed by the static report): one forward+backward of
-``nce_loss`` gathers B*(K+1) bank rows (``l2_gather``: B*(K+1)*d*elem bytes) and must move across HBM the int32
-indices B*(K+1)*4, the anchors and gradient 2*B*d*4 and the bank once N*d*elem (``hbm``):
-
-    (B, d, K, N)          bank   L2 gather   HBM       HBM floor H100 (3.35 TB/s spec)   H200 (4.8 spec / 4.3 measured)
-    (64, 128, 1500, 7531)  fp32   49.2 MB    4.3 MB     1.3 us                            0.9 / 1.0 us
-    (64, 128, 16384, 9528) fp32  536.9 MB    9.1 MB     2.7 us                            1.9 / 2.1 us
-    (64, 128, 16384, 9528) bf16  268.5 MB    6.7 MB     2.0 us                            1.4 / 1.6 us
-
-The whole bank (N*d*elem = 2-5 MB) sits in the 50 MB L2 of an H100/H200, so the gather is served from L2: the
-floor that binds is the L2 gather (bytes / L2 bandwidth), and NVIDIA publishes no L2 bandwidth -- that figure is
-owed to a measurement on the device. The FLOPs (2 dot products of length d per row, ~0.5 GFLOP at K=16384) are
-negligible; what the SMs must issue is: built for sm_90 at B=64, d=128, K=16384 the loss kernel's loop runs 20.6
-warp-instructions per gathered row with an fp32 bank and 21.1 with bf16 (``python -m cmc_fast.kernels.hopper_build
-report --op nce``), ~22 M warp-instructions per call: ~21 us of issue on 132 SMs x 4 schedulers at an assumed
-1.98 GHz SM clock. Extra memory of the Triton path: partials B*S*(d+1)*4 + the gradient B*d*4 bytes (S = 4-8
-splits at K=16384: ~0.3 MB), against the eager reference's float32 [B, K+1, d] gather (537 MB at K=16384).
+Two forms of one loss, same idx, same loss and gradient (DESIGN 3), chosen by shape in ``nce_plan.choose_nce_path``
+(``CMC_FAST_NCE=dense|gather`` forces one; the model, its constants and the static report live in kernels/nce_plan.py):
+  gather  ``_nce_fwd_kernel``: fetches the B*(K+1) bank rows by index (B*(K+1)*d*elem bytes through L2: 537 MB at
+          B=64, d=128, K=16384 against a 4.9 MB bank, each row ~110 times), one dot and one axpy per row; 20.9
+          warp-instructions per gathered row on sm_90, ~21 us of issue per call at that shape.
+  dense   ``_nce_counts_kernel`` builds C [B, N] int32, how often each bank row was drawn as a negative (once per
+          step: both directions share it), then ``_nce_dense_kernel`` scores the whole bank once per tile of 16
+          anchors on tensor cores (tl.dot 3xTF32: float32 accuracy), turns each score tile into the C-weighted terms
+          and gradient weights W and takes W M on the same bank tile; 14 MB and ~5 us of issue at that shape.
+Floors and the instruction mix of both: ``python -m cmc_fast.kernels.hopper_build report --op nce --nce-path
+dense|gather`` (bench/results/nce-hopper-sm90-report.md). The gather stays for banks far larger than B*(K+1) and
+wherever the [B, N] working set is too large.
 
 Layout of this file (Liger-Kernel style): Triton kernels, then launchers (pointer arguments commented with
-shapes), then the torch.library ops (``cmc_fast::nce_fwd``, ``cmc_fast::nce_partition``,
-``cmc_fast::bank_update_``) with fake (meta) and autograd registrations, then the public functions.
+shapes), then the torch.library ops (``cmc_fast::nce_fwd``, ``cmc_fast::nce_dense_fwd``, ``cmc_fast::nce_counts``,
+``cmc_fast::nce_partition``, ``cmc_fast::bank_update_``) with fake (meta) and autograd registrations, then the public
+functions. Launch configurations and the static report's specialisations: kernels/nce_plan.py.
 
 Device choice: every op is a ``torch.library.custom_op`` whose single implementation dispatches with
 ``kernels.dispatch.use_triton`` -- the Triton launcher for CUDA tensors (or CPU tensors under
 TRITON_INTERPRET=1 with CMC_FAST_KERNELS=triton), the PyTorch reference otherwise. Under torch.compile the
 op is opaque (Inductor calls it as an extern kernel), which compiles with fullgraph=True on CPU and CUDA
 alike; a ``triton_op`` would let Inductor see into the CUDA kernel but fails on CPU tensors (DESIGN 3), and
-the loss is one memory-bound gather with nothing for Inductor to fuse around it.
+each form is one fused kernel with nothing for Inductor to fuse around it.
 
 Math (DESIGN section 1), with lp_ij = log P_ij = s_ij - log Z, c = K/N + eps, noise = K/N:
     positive term   log(P/(P+c))          = -softplus(log c - lp)

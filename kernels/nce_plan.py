@@ -18,7 +18,8 @@ Model (seconds of one forward+backward, per device profile; every constant is na
                       incremented, read) + 2*B*d*4;   L2 bytes  the bank again per further tile of BLOCK_B anchors
                       + the partial gradients 2*S*B*d*4
            flops  4*B*N*d (two products);   terms B*N
-  GPU: time = max(L2 bytes / L2 + HBM bytes / HBM, flops / rate, terms / term rate) (the kernel overlaps them);
+  issue    warp-instructions of the hot loops: rows x per row (gather B*(K+1); dense ceil(B/16)*N), from the report
+  GPU: time = max(L2 bytes / L2 + HBM bytes / HBM, flops / rate, terms / term rate, issue) (a kernel overlaps them);
   CPU (PyTorch, one pass per op, all anchors in one GEMM): the sum. Dense also needs the [B, N] working set (int32
   counts): above DENSE_MAX_COUNTS_BYTES the gather runs whatever the estimate.
 """
@@ -38,6 +39,11 @@ PATHS = ("gather", "dense")
 _MODES = ("auto",) + PATHS
 
 DENSE_MAX_COUNTS_BYTES = 256 << 20  # the [B, N] int32 histogram above which the dense form is not run (a choice)
+# Warp-instructions of the hot loops per bank row at d = 128, by the bank's bytes per element (the sm_90 report,
+# bench/results/nce-hopper-sm90-report.md): the gather per gathered row, the dense kernel per bank row scored against
+# one tile of 16 anchors (3xTF32 splits and bf16 conversions included). Scaled linearly with d elsewhere (a guess).
+GATHER_INSTRUCTIONS_PER_ROW = {4: 20.9, 2: 26.1, 1: 26.1}
+DENSE_INSTRUCTIONS_PER_ROW = {4: 130.3, 2: 209.6, 1: 209.6}
 GPU_SLOTS = 264  # resident programs of the dense kernel on a 132-SM H100/H200 (2 per SM: sm_90 report)
 DENSE_BLOCK_B = 16  # anchors per tile of the dense kernel on a GPU (``_dense_launch``): bank reads per call
 
@@ -52,6 +58,7 @@ class DeviceProfile:
     dense_flops_per_s: float  # the dense form's products (GPU: tensor cores, 3xTF32; CPU: BLAS)
     terms_per_s: float  # per-score transcendental terms (exp, log1p, sigmoid and their arithmetic)
     overlap: bool
+    warp_instructions_per_s: float | None = None  # GPU: the issue bound of the kernels' hot loops
 
 
 PROFILES = {
@@ -59,7 +66,9 @@ PROFILES = {
     # to a measurement); FP32 67 TFLOP/s (datasheet) at an assumed 0.5 for the gather's dot/axpy; TF32 tensor
     # 495 TFLOP/s dense (datasheet), 3xTF32 a third of it, at an ASSUMED 0.5 for 64x64 tiles; terms: 132 SMs x 16
     # MUFU per clock at 1.98 GHz / 3 MUFU per term, ~1.4e12/s, taken at half (ASSUMED). GPU timings are owed.
-    "cuda": DeviceProfile(10e12, 3.35e12, 0.5 * 67e12, 0.5 * 495e12 / 3, 0.7e12, overlap=True),
+    # Issue: 132 SMs x 4 schedulers x an assumed 1.98 GHz; warp-instructions per row from the sm_90 report below.
+    "cuda": DeviceProfile(10e12, 3.35e12, 0.5 * 67e12, 0.5 * 495e12 / 3, 0.7e12, overlap=True,
+                          warp_instructions_per_s=132 * 4 * 1.98e9),
     # This project's 2-core x86-64 VM (shared with other work, so rough), fitted to side-by-side timings of the two
     # PyTorch forms (nce_fwd_torch, nce_dense_reference) at B=64, d=128 and (K, N) from (64, 9528) to (16384, 9528)
     # and (256 | 4096, 100000): gathered rows ~0.15 GB/s (advanced indexing + float copy + two bmm), streamed
@@ -80,7 +89,8 @@ def gather_cost(b: int, d: int, k1: int, n: int, bank_elem: int, idx_elem: int =
     """Bytes, FLOPs and per-score terms of one gather forward+backward: ``bytes_l2`` the gathered rows (served from
     L2 on a GPU), ``bytes_hbm`` the indices, anchors and gradient."""
     return {"bytes_l2": b * k1 * d * bank_elem, "bytes_hbm": b * k1 * idx_elem + 2 * b * d * 4,
-            "flops": 4 * b * k1 * d, "terms": b * k1}
+            "flops": 4 * b * k1 * d, "terms": b * k1,
+            "warp_instructions": b * k1 * GATHER_INSTRUCTIONS_PER_ROW[min(bank_elem, 4)] * d / 128}
 
 
 def dense_cost(b: int, d: int, k1: int, n: int, bank_elem: int, idx_elem: int = 4, *, anchor_tiles: int = 1,
@@ -92,13 +102,15 @@ def dense_cost(b: int, d: int, k1: int, n: int, bank_elem: int, idx_elem: int = 
     bank = n * d * bank_elem
     return {"bytes_l2": (anchor_tiles - 1) * bank + 2 * splits * b * d * 4,
             "bytes_hbm": bank + b * k1 * idx_elem + 3 * b * n * 4 + 2 * b * d * 4,
-            "flops": 4 * b * n * d, "terms": b * n}
+            "flops": 4 * b * n * d, "terms": b * n,
+            "warp_instructions": anchor_tiles * n * DENSE_INSTRUCTIONS_PER_ROW[min(bank_elem, 4)] * d / 128}
 
 
 def estimate_seconds(cost: dict[str, float], profile: DeviceProfile, dense: bool) -> float:
     parts = (cost["bytes_l2"] / profile.gather_bytes_per_s + cost["bytes_hbm"] / profile.stream_bytes_per_s,
              cost["flops"] / (profile.dense_flops_per_s if dense else profile.gather_flops_per_s),
-             cost["terms"] / profile.terms_per_s)
+             cost["terms"] / profile.terms_per_s,
+             cost["warp_instructions"] / profile.warp_instructions_per_s if profile.warp_instructions_per_s else 0.0)
     return max(parts) if profile.overlap else sum(parts)
 
 
