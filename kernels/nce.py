@@ -252,6 +252,8 @@ def _nce_counts_kernel(
     offs = 1 + tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = offs < K1
     ids = tl.load(idx_ptr + row * K1 + offs, mask=mask, other=0).to(tl.int64)
+    # an index outside the bank is never written through (CMC_FAST_CHECK_INDEX=1 names it before the launch)
+    mask &= (ids >= 0) & (ids < N)
     tl.atomic_add(counts_ptr + row * N + ids, tl.full([BLOCK_K], 1, tl.int32), mask=mask, sem="relaxed")
 
 

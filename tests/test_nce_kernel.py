@@ -299,8 +299,11 @@ def test_empty_batch_gives_what_the_reference_gives(monkeypatch, path):
 
 
 @pytest.mark.parametrize("bad", [100, -1])
-def test_out_of_range_index_is_never_silent(monkeypatch, bad):
-    """The reference path always raises a clear IndexError; the kernel path does under CMC_FAST_CHECK_INDEX=1."""
+@pytest.mark.parametrize("form", ["gather", "dense"])
+def test_out_of_range_index_is_never_silent(monkeypatch, bad, form):
+    """The reference path always raises a clear IndexError; the kernel path does under CMC_FAST_CHECK_INDEX=1. Both
+    forms of the loss (the dense one checks in its histogram)."""
+    monkeypatch.setenv("CMC_FAST_NCE", form)
     anchor, bank, idx = make_inputs(3, 16, 17, 100, seed=99)
     idx[1, 7] = bad
     monkeypatch.setenv("CMC_FAST_KERNELS", "reference")
