@@ -282,10 +282,12 @@ def test_int32_indices_match_int64(triton_path):
     assert_loss_close(loss32, want_loss, LOSS_RTOL_KERNEL)
 
 
+@pytest.mark.parametrize("form", ["gather", "dense"])
 @pytest.mark.parametrize("path", ["triton", "reference"])
-def test_empty_batch_gives_what_the_reference_gives(monkeypatch, path):
+def test_empty_batch_gives_what_the_reference_gives(monkeypatch, path, form):
     """B = 0: the reference's mean over no rows is nan and the gradient is [0, d]; the kernel path gives the same,
-    never uninitialised memory."""
+    never uninitialised memory; both forms of the loss."""
+    monkeypatch.setenv("CMC_FAST_NCE", form)
     if path == "triton" and not CUDA and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         pytest.skip("no CUDA and TRITON_INTERPRET is not set")
     monkeypatch.setenv("CMC_FAST_KERNELS", path)
