@@ -479,14 +479,14 @@ class _Step(torch.nn.Module):
         return loss
 
 
-@pytest.mark.parametrize("form", ["gather", "dense"])
+@pytest.mark.parametrize("form", ["gather", "dense", "auto"])
 @pytest.mark.parametrize("mode", ["auto", "triton"])
 def test_compiled_step_fullgraph_matches_eager(monkeypatch, mode, form):
     """torch.compile(fullgraph=True) of a step with nce_loss and bank_update_ compiles without graph breaks --
     fullgraph raises on any -- and its loss, AOT-compiled backward and bank update match eager, twice in a row
     (step 2 reads the bank step 1 updated). auto: the ops' reference implementation on CPU, Triton on CUDA;
     triton: the Triton launchers, in the interpreter on CPU (the op is opaque to the compiler either way); both
-    forms of the loss (the dense one adds the histogram op to the graph)."""
+    forms of the loss (the dense one adds the histogram op to the graph) and the form chosen by shape at trace time."""
     if mode == "triton" and not CUDA and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         pytest.skip("no CUDA and TRITON_INTERPRET is not set")
     monkeypatch.setenv("CMC_FAST_KERNELS", mode)
