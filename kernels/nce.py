@@ -8,8 +8,8 @@ Two forms of one loss, same idx, same loss and gradient (DESIGN 3), chosen by sh
           warp-instructions per gathered row on sm_90, ~21 us of issue per call at that shape.
   dense   ``_nce_counts_kernel`` builds C [B, N] int32, how often each bank row was drawn as a negative (once per
           step: both directions share it), then ``_nce_dense_kernel`` scores the whole bank once per tile of 16
-          anchors on tensor cores (tl.dot 3xTF32: float32 accuracy), turns each score tile into the C-weighted terms
-          and gradient weights W and takes W M on the same bank tile; 14 MB and ~5 us of issue at that shape.
+          anchors on tensor cores (split tf32 products: float32 accuracy), turns each score tile into the C-weighted
+          terms and gradient weights W and takes W M on the same bank tile; 14 MB and ~5 us of issue at that shape.
 Floors and the instruction mix of both: ``python -m cmc_fast.kernels.hopper_build report --op nce --nce-path
 dense|gather`` (bench/results/nce-hopper-sm90-report.md). The gather stays for banks far larger than B*(K+1) and
 wherever the [B, N] working set is too large.
@@ -268,14 +268,13 @@ def _nce_dense_kernel(
     part_grad_ptr,  # [B, S, D] fp32 out: sum over this split of W[i, n] * M[n] (before the 1/(B*tau))
     inv_tau, log_c, log_noise_over_c,  # fp32 scalars, as the gather kernel's
     B, N, K1, D, stride_bn, stride_bd, chunk,  # chunk: bank rows per split (a multiple of BLOCK_N)
-    COMPUTE_GRAD: tl.constexpr, LIBDEVICE: tl.constexpr, PRECISION: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, LIBDEVICE: tl.constexpr, EXACT_TF32_BANK: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # One program: BLOCK_B anchors against the bank rows [split * chunk, +chunk), BLOCK_N rows per pass. Each pass
     # loads one bank tile and uses it twice on tensor cores: the scores T = A M^T / tau - log Z - log c, then (after
     # the terms and weights, elementwise on the [BLOCK_B, BLOCK_N] tile) the gradient W M. The bank is read once per
-    # anchor tile; nothing is gathered. PRECISION "tf32x3" keeps float32 accuracy on tensor cores (a bf16/fp16 bank
-    # is exact in tf32: only the anchors' and weights' low halves take the extra products).
+    # anchor tile; nothing is gathered. Split tf32 products keep float32 accuracy on tensor cores.
     pid_b = tl.program_id(0)
     split = tl.program_id(1)
     n_split = tl.num_programs(1)
@@ -286,6 +285,13 @@ def _nce_dense_kernel(
     rows_b = offs_b.to(tl.int64)
     a = tl.load(anchor_ptr + rows_b[:, None] * D + offs_d[None, :], mask=mask_b[:, None] & mask_d[None, :],
                 other=0.0).to(tl.float32) * inv_tau
+    if EXACT_TF32_BANK:
+        # A 2-byte bank is exact in tf32: split the float32 operand alone, x = hi + lo with hi its top 10 mantissa
+        # bits (exact in tf32), so hi*m + lo*m carries ~21 bits in two tf32 products instead of tf32x3's three -- and
+        # the anchors are split once here, not on every pass (sm_90 report: 122 warp-instructions per bank row, was
+        # 210 with tf32x3). An fp32 bank keeps tf32x3 (the same split by hand spilled at d = 128).
+        a_hi = (a.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+        a_lo = a - a_hi
     shift = tl.log(tl.load(z_ptr).to(tl.float32)) + log_c
     pos = tl.load(idx_ptr + rows_b * K1, mask=mask_b, other=-1).to(tl.int64)  # -1: never a bank row
     start = split * chunk
@@ -297,7 +303,11 @@ def _nce_dense_kernel(
         mask_n = offs_n < end
         m = tl.load(bank_ptr + offs_n.to(tl.int64)[:, None] * stride_bn + offs_d[None, :] * stride_bd,
                     mask=mask_n[:, None] & mask_d[None, :], other=0.0).to(tl.float32)  # [BLOCK_N, BLOCK_D]
-        t = tl.dot(a, tl.trans(m), input_precision=PRECISION) - shift  # [BLOCK_B, BLOCK_N]
+        if EXACT_TF32_BANK:
+            t = tl.dot(a_lo, tl.trans(m), tl.dot(a_hi, tl.trans(m), input_precision="tf32"), input_precision="tf32")
+        else:
+            t = tl.dot(a, tl.trans(m), input_precision="tf32x3")
+        t -= shift  # [BLOCK_B, BLOCK_N]
         # past the end or past B: count 0 and never the positive, so the (finite) t there adds nothing
         cnt = tl.load(counts_ptr + rows_b[:, None] * N + offs_n[None, :], mask=mask_b[:, None] & mask_n[None, :],
                       other=0).to(tl.float32)
@@ -316,7 +326,12 @@ def _nce_dense_kernel(
             r = 1.0 / (1.0 + e)
             big = t >= 0.0  # sigmoid(t) = r when t >= 0 else e*r; sigmoid(-t) the other one: no cancellation
             w = cnt * tl.where(big, 1.0, e) * r - tl.where(is_pos, tl.where(big, e, 1.0) * r, 0.0)
-            acc_g = tl.dot(w, m, acc_g, input_precision=PRECISION)
+            if EXACT_TF32_BANK:
+                w_hi = (w.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+                acc_g = tl.dot(w_hi, m, acc_g, input_precision="tf32")
+                acc_g = tl.dot(w - w_hi, m, acc_g, input_precision="tf32")
+            else:
+                acc_g = tl.dot(w, m, acc_g, input_precision="tf32x3")
     out = rows_b * n_split + split
     tl.store(part_loss_ptr + out, acc_l, mask=mask_b)
     if COMPUTE_GRAD:
@@ -499,7 +514,7 @@ def nce_dense_triton(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor
         loss = torch.full((), float("nan"), device=dev, dtype=torch.float32)
         return loss, anchor.new_zeros((0, d) if need_grad else (0,), dtype=torch.float32)
     interpreted = dev.type != "cuda" or triton_interpreted()
-    launch = _dense_launch(b, d, n, interpreted)
+    launch = _dense_launch(b, d, n, interpreted, bank.element_size())
     log_c, log_noise_over_c = nce_constants(k1, n_data, eps)
     consts = _dense_consts(launch, need_grad, libdevice_log1p=not interpreted)
     b_tiles = cdiv(b, launch.block_b)

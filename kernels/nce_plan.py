@@ -41,9 +41,9 @@ _MODES = ("auto",) + PATHS
 DENSE_MAX_COUNTS_BYTES = 256 << 20  # the [B, N] int32 histogram above which the dense form is not run (a choice)
 # Warp-instructions of the hot loops per bank row at d = 128, by the bank's bytes per element (the sm_90 report,
 # bench/results/nce-hopper-sm90-report.md): the gather per gathered row, the dense kernel per bank row scored against
-# one tile of 16 anchors (3xTF32 splits and bf16 conversions included). Scaled linearly with d elsewhere (a guess).
+# one tile of 16 anchors (split tf32 products, bf16 conversions included). Scaled linearly with d elsewhere (a guess).
 GATHER_INSTRUCTIONS_PER_ROW = {4: 20.9, 2: 26.1, 1: 26.1}
-DENSE_INSTRUCTIONS_PER_ROW = {4: 130.3, 2: 209.6, 1: 209.6}
+DENSE_INSTRUCTIONS_PER_ROW = {4: 130.3, 2: 121.9, 1: 121.9}
 GPU_SLOTS = 264  # resident programs of the dense kernel on a 132-SM H100/H200 (2 per SM: sm_90 report)
 DENSE_BLOCK_B = 16  # anchors per tile of the dense kernel on a GPU (``_dense_launch``): bank reads per call
 
@@ -55,7 +55,7 @@ class DeviceProfile:
     gather_bytes_per_s: float  # gathered rows (GPU: L2; CPU: memory, random rows)
     stream_bytes_per_s: float  # streamed bytes: bank, idx, counts, partials (GPU: HBM)
     gather_flops_per_s: float  # the gather's dot/axpy (GPU: FP32 CUDA cores)
-    dense_flops_per_s: float  # the dense form's products (GPU: tensor cores, 3xTF32; CPU: BLAS)
+    dense_flops_per_s: float  # the dense form's products (GPU: tensor cores, split tf32; CPU: BLAS)
     terms_per_s: float  # per-score transcendental terms (exp, log1p, sigmoid and their arithmetic)
     overlap: bool
     warp_instructions_per_s: float | None = None  # GPU: the issue bound of the kernels' hot loops
@@ -279,10 +279,14 @@ class _DenseLaunch:
     block_n: int
     block_d: int
     num_warps: int
-    precision: str
+    exact_tf32_bank: bool  # a 2-byte bank is exact in tf32: two products per dot instead of three
+
+    @property
+    def precision(self) -> str:
+        return "2xTF32" if self.exact_tf32_bank else "3xTF32"
 
 
-def _dense_launch(b: int, d: int, n: int, interpreted: bool) -> _DenseLaunch:
+def _dense_launch(b: int, d: int, n: int, interpreted: bool, elem: int = 4) -> _DenseLaunch:
     """tl.dot needs >= 16 on every side. On a GPU, from the static sm_90 report at 4 warps and 3xTF32: 16 anchors x
     32 bank rows up to d = 128 (~200-220 registers, no spill; 64 x 64 and 32 x 64 spilled 800+ bytes at d = 128,
     16 x 64 spilled 12 at d = 16, d = 256 spilled 480). The interpreter pays per operation, not per element: taller
@@ -290,14 +294,14 @@ def _dense_launch(b: int, d: int, n: int, interpreted: bool) -> _DenseLaunch:
     block_d = max(16, next_power_of_2(d))
     if interpreted:
         block_b = min(64, max(16, next_power_of_2(b)))
-        return _DenseLaunch(block_b, max(16, min(next_power_of_2(n), 2048)), block_d, 4, "tf32x3")
+        return _DenseLaunch(block_b, max(16, min(next_power_of_2(n), 2048)), block_d, 4, elem < 4)
     if block_d > DENSE_MAX_D:
         raise ValueError(f"the dense NCE kernel takes d <= {DENSE_MAX_D} on a GPU, got d={d} (CMC_FAST_NCE=gather)")
-    return _DenseLaunch(DENSE_BLOCK_B, 32, block_d, 4, "tf32x3")
+    return _DenseLaunch(DENSE_BLOCK_B, 32, block_d, 4, elem < 4)
 
 
 def _dense_consts(launch: _DenseLaunch, need_grad: bool, libdevice_log1p: bool) -> dict:
-    return {"COMPUTE_GRAD": need_grad, "LIBDEVICE": libdevice_log1p, "PRECISION": launch.precision,
+    return {"COMPUTE_GRAD": need_grad, "LIBDEVICE": libdevice_log1p, "EXACT_TF32_BANK": launch.exact_tf32_bank,
             "BLOCK_B": launch.block_b, "BLOCK_N": launch.block_n, "BLOCK_D": launch.block_d}
 
 
@@ -361,7 +365,7 @@ def hopper_specs(shape: tuple[int, ...], bank_dtype: str = "fp32", nce_path: str
         specs.append(Spec(_nce_fwd_kernel, types, consts, launch.num_warps, divisible, path, b * n_split,
                           launch.block_k, {"splits": n_split, "chunk": chunk}))
     else:
-        launch = _dense_launch(b, d, n, interpreted=False)
+        launch = _dense_launch(b, d, n, interpreted=False, elem=elem)
         consts = {**_dense_consts(launch, need_grad=True, libdevice_log1p=True), "stride_bd": 1}
         types, divisible = _dense_spec_args(d, n, k1, launch.block_n, bank_type)
         built = build(_nce_dense_kernel, types, consts, launch.num_warps, divisible)
@@ -392,14 +396,14 @@ def hopper_floors(shape: tuple[int, ...], bank_dtype: str = "fp32", nce_path: st
     """Floors of one forward+backward at (B, d, K, N) per GPU (``kernels.hopper_build.GPUS``; int32 indices), both
     forms side by side whichever ``nce_path`` the report built: the gather's L2 floor (bytes / L2 bandwidth; owed where
     no L2 bandwidth is known, with an assumed 10 TB/s beside it) and HBM floor; the dense form's bytes (bank once,
-    idx, [B, N] counts, anchors and gradient: all over HBM) and its 3xTF32 tensor-core floor; and the ratio of the
+    idx, [B, N] counts, anchors and gradient: all over HBM) and its split-tf32 tensor-core floor; and the ratio of the
     dense floor to the gather's L2 floor at the assumed L2 bandwidth."""
     from .hopper_build import GPUS
 
     b, d, k, n = shape
     nbytes = floor_bytes(b, d, k, n, _BANK_ELEM[bank_dtype])
-    dense_flops = 3 * 4 * b * n * d  # two products, three tf32 MMAs each (3xTF32)
-    out: dict[str, object] = {"bytes": nbytes, "dense_flops_3xtf32": dense_flops}
+    dense_flops = (2 if _BANK_ELEM[bank_dtype] < 4 else 3) * 4 * b * n * d  # two products, 3 (2) tf32 MMAs each
+    out: dict[str, object] = {"bytes": nbytes, "dense_tf32_flops": dense_flops}
     assumed_l2 = PROFILES["cuda"].gather_bytes_per_s
     us = lambda n, rate: round(n / rate * 1e6, 2) if rate else "owed"  # noqa: E731
     for gpu, bw in GPUS.items():

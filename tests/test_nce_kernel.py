@@ -539,9 +539,9 @@ build_checked(kn._nce_finalize_kernel, {"part_loss_ptr": F, "part_grad_ptr": F, 
               {"COMPUTE_GRAD": True, "BLOCK_S": 16, "BLOCK_D": 128, "BLOCK_P": 1024})
 # The dense form: its loss kernel as the launcher configures it on a GPU (up to d = 128, DENSE_MAX_D) for each bank
 # dtype, and the histogram.
-for bank_type in ("fp32", "bf16", "fp16"):
+for bank_type, elem in (("fp32", 4), ("bf16", 2), ("fp16", 2)):
     for d in (16, 50, 64, 128):
-        launch = kn._dense_launch(64, d, 9528, interpreted=False)
+        launch = kn._dense_launch(64, d, 9528, interpreted=False, elem=elem)
         consts = {**kn._dense_consts(launch, need_grad=True, libdevice_log1p=True), "stride_bd": 1}
         types, divisible = kn._dense_spec_args(d, 9528, 16385, 1024, bank_type)
         build_checked(kn._nce_dense_kernel, types, consts, launch.num_warps, divisible)
@@ -632,12 +632,13 @@ def test_dense_matches_float64(monkeypatch, impl, b, d, k1, n, pool, n_data):
         assert_grad_close(grad, 1.7 * want_grad, torch.float32, f"dense {impl} vs float64")
 
 
-@pytest.mark.parametrize("splits", [1, 3])
-def test_dense_kernel_splits_and_tiles(triton_path, splits):
+@pytest.mark.parametrize("splits,bank_dtype", [(1, torch.float32), (3, torch.float32), (2, torch.float16)])
+def test_dense_kernel_splits_and_tiles(triton_path, splits, bank_dtype):
     """The launcher called directly: the bank cut into several slices (tails not on a tile boundary), B not a
-    multiple of the anchor tile, an opposite-class n_data; loss and gradient against float64."""
+    multiple of the anchor tile, an opposite-class n_data; a 2-byte bank (exact in tf32: the anchors and weights split
+    by hand into two tf32 products); loss and gradient against float64 on the bank's stored values."""
     b, d, k1, n, n_data = 19, 40, 301, 999, 420
-    anchor, bank, idx = _dense_inputs(b, d, k1, n, None, seed=splits)
+    anchor, bank, idx = _dense_inputs(b, d, k1, n, None, seed=splits, bank_dtype=bank_dtype)
     z = torch.tensor(z_of(anchor, bank, idx, n_data), device=DEVICE)
     counts = nce_mod.nce_counts_triton(idx, n)
     loss, grad = nce_mod.nce_dense_triton(anchor, bank, idx, counts, z, TAU, n_data, EPS, True, splits=splits)
