@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from cmc_fast.kernels.hopper_build import GPUS
 from cmc_fast.kernels.nce import nce_fwd_torch
-from cmc_fast.kernels.nce_plan import floor_bytes, nce_path
+from cmc_fast.kernels.nce_plan import _auto_path, floor_bytes
 from cmc_fast.kernels.reference import nce_counts_reference, nce_dense_reference, nce_loss_reference
 from conftest import bench_device, device_name, peak_memory
 
@@ -138,5 +138,5 @@ def test_nce(benchmark, record, monkeypatch, provider, b, d, k, n, dtype):
     record(benchmark, group=f"nce fwd+bwd B={b} d={d} K={k} N={n} bank={str(dtype).replace('torch.', '')}",
            provider=provider, floor_s=(nbytes["l2_gather"] / l2) if l2 else None, gpu_time_s=gpu_time,
            l2_gather_bytes=nbytes["l2_gather"], hbm_bytes=nbytes["hbm"], dense_bytes=nbytes["dense"],
-           auto_path=nce_path(b, d, k + 1, n, elem, DEVICE.type), loss=float(loss),
+           auto_path=_auto_path(b, d, k + 1, n, elem, DEVICE.type), loss=float(loss.detach()),
            hbm_floor_s=(nbytes["hbm"] / hbm) if hbm else None, peak_bytes=peak_memory(step, DEVICE))
