@@ -1,28 +1,34 @@
-"""NCE loss forward+backward: fused Triton kernel vs eager reference vs torch.compile of the reference (default and
-max-autotune).
+"""NCE loss forward+backward: the dense form vs the gather vs the eager reference vs torch.compile of each.
 
-Run with ``pytest bench --benchmark-only``. One test per provider, each over (B, d, K, N) in
-{(64, 128, 1500, 7531), (64, 128, 16384, 9528)} x bank dtype {float32, bfloat16}, int32 indices; results land in
-bench/results/<device>.{json,md} via the ``record`` fixture: the synchronised wall time of a step (pytest-benchmark,
-method unchanged), beside it on CUDA the GPU time alone (``triton.testing.do_bench``: CUDA events around the same
-step without the host sync, median), peak extra memory, and the floors.
-
-Floors (kernels/nce.py ``floor_bytes`` / ``hopper_floors``): the L2 gather floor -- gathered rows B*(K+1)*d*elem
-over the L2 bandwidth, the one that binds since the bank sits in L2, owed until an L2 bandwidth is measured -- and
-the HBM floor: indices, anchors, gradient and the bank once over the HBM bandwidth (specified: H100 SXM 3.35 TB/s,
-H200 4.8 TB/s; see kernels/hopper_build.GPUS). ``floor_s`` is the L2 gather floor where known, else None; both
-byte counts are recorded. On a CPU the Triton and max-autotune providers are skipped: the interpreter is far too
-slow to time, and max-autotune's GPU kernel search has nothing to search there.
+Run with ``pytest bench/bench_nce.py --benchmark-only``. Providers, all on the same inputs (int32 indices):
+  eager            ``nce_loss_reference`` (gather of [B, K+1, d], autograd backward)
+  compile          ``torch.compile`` of it
+  gather / dense   ``ops.nce_loss`` forced to one form (CMC_FAST_NCE): on CUDA the Triton kernels, on the CPU the
+                   PyTorch forms (``nce_fwd_torch``: gather + closed-form gradient; ``nce_counts_reference`` +
+                   ``nce_dense_reference``: the bank scored once, weighted by the negatives' histogram)
+  compile-gather / compile-dense   ``torch.compile`` of those PyTorch forms (the ops are opaque to the compiler)
+  auto             ``ops.nce_loss`` as the trainer calls it: the form ``choose_nce_path`` picks (recorded per row)
+  compile-max-autotune (CUDA only) Inductor's max-autotune of the reference
+Shapes (B, d, K, N): the paper's (64, 128, 16384, 9528) and (64, 128, 1500, 9528), a larger batch
+(256, 128, 16384, 9528) and an ImageNet-scale bank (256, 128, 16384, 1_000_000), where the gather should win. fp32
+banks, and bf16 on CUDA. Results land in bench/results/<device>.{json,md} via the ``record`` fixture: the
+synchronised wall time of a step (pytest-benchmark), beside it on CUDA the GPU time alone
+(``triton.testing.do_bench``), peak extra memory, and the floors (``nce_plan.floor_bytes``: the gather's L2 bytes,
+its HBM bytes, the dense form's bytes). On a CPU the numbers are a side-by-side smoke measurement on a shared
+2-core VM, not GPU figures; the Triton providers need CUDA (the interpreter is far too slow to time).
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 from cmc_fast.kernels.hopper_build import GPUS
-from cmc_fast.kernels.nce import floor_bytes
-from cmc_fast.kernels.reference import nce_loss_reference
+from cmc_fast.kernels.nce import nce_fwd_torch
+from cmc_fast.kernels.nce_plan import _auto_path, floor_bytes
+from cmc_fast.kernels.reference import nce_counts_reference, nce_dense_reference, nce_loss_reference
 from conftest import bench_device, device_name, peak_memory
 
 from cmc_fast import ops
@@ -30,9 +36,10 @@ from cmc_fast import ops
 DEVICE = bench_device()
 CUDA = DEVICE.type == "cuda"
 TAU = 0.07
-CASES = [(64, 128, 1500, 7531), (64, 128, 16384, 9528)]
-DTYPES = [torch.float32, torch.bfloat16]
-ROUNDS, WARMUP = (30, 5) if CUDA else (2, 0)  # CPU: a smoke run (the step already ran once untimed)
+CASES = [(64, 128, 16384, 9528), (64, 128, 1500, 9528), (256, 128, 16384, 9528), (256, 128, 16384, 1_000_000)]
+DTYPES = [torch.float32, torch.bfloat16] if CUDA else [torch.float32]
+ROUNDS, WARMUP = (30, 5) if CUDA else (3, 0)  # CPU: a smoke run (the step already ran once untimed)
+PROVIDERS = ["eager", "compile", "gather", "dense", "compile-gather", "compile-dense", "auto"]
 
 
 def gpu_bandwidths() -> dict:
@@ -47,7 +54,7 @@ def make_case(b, d, k, n, dtype):
     anchor = F.normalize(torch.randn(b, d, generator=g), dim=1).to(DEVICE).requires_grad_()
     bank = F.normalize(torch.randn(n, d, generator=g), dim=1).to(DEVICE, dtype)
     idx = torch.cat([torch.randperm(n, generator=g)[:b, None], torch.randint(0, n, (b, k), generator=g)], 1)
-    idx = idx.to(DEVICE, torch.int32)  # int32 end to end: half the index stream of int64
+    idx = idx.to(DEVICE, torch.int32)  # int32 end to end, as the trainer samples them
     with torch.no_grad():
         z = torch.tensor(ops.nce_partition(anchor, bank, idx, tau=TAU, n_data=n), device=DEVICE)
     return anchor, bank, idx, z
@@ -58,37 +65,58 @@ def _sync():
         torch.cuda.synchronize()
 
 
+def gather_torch(anchor, bank, idx, *, tau, z, n_data):
+    """The gather's PyTorch form as one differentiable step: (loss, dL/danchor) in closed form."""
+    return nce_fwd_torch(anchor.detach(), bank, idx, z, tau, n_data, 1e-7, True)
+
+
+def dense_torch(anchor, bank, idx, *, tau, z, n_data):
+    """The dense form's PyTorch form: the histogram, then the scores, terms and gradient."""
+    counts = nce_counts_reference(idx, bank.shape[0])
+    return nce_dense_reference(anchor.detach(), bank, idx, counts, z, tau, n_data, 1e-7, True)
+
+
 _COMPILED = {}
 
 
-def loss_fn(provider):
-    if provider == "triton":
-        return ops.nce_loss
+def _compiled(name, fn, mode=None):
+    if name not in _COMPILED:
+        _COMPILED[name] = torch.compile(fn, fullgraph=True, dynamic=False, mode=mode)
+    return _COMPILED[name]
+
+
+def step_fn(provider, monkeypatch):
+    """A callable (anchor, bank, idx, tau, z, n_data) -> (loss, grad) for ``provider``."""
+    def autograd_step(loss_fn):
+        def run(anchor, bank, idx, **kw):
+            loss = loss_fn(anchor, bank, idx, **kw)
+            return loss, torch.autograd.grad(loss, anchor)[0]
+        return run
+
+    if provider in ("gather", "dense", "auto"):
+        monkeypatch.setenv("CMC_FAST_NCE", provider)
+        return autograd_step(ops.nce_loss)
     if provider == "eager":
-        return nce_loss_reference
-    if provider not in _COMPILED:
+        return autograd_step(nce_loss_reference)
+    if provider in ("compile", "compile-max-autotune"):
         mode = "max-autotune" if provider == "compile-max-autotune" else None
-        _COMPILED[provider] = torch.compile(nce_loss_reference, fullgraph=True, dynamic=False, mode=mode)
-    return _COMPILED[provider]
+        return autograd_step(_compiled(provider, nce_loss_reference, mode))
+    return _compiled(provider, gather_torch if provider == "compile-gather" else dense_torch)
 
 
-def gpu_time(fn) -> float | None:
-    """Median GPU time of ``fn`` in seconds (CUDA events, ``triton.testing.do_bench``); None on CPU."""
-    if not CUDA:
-        return None
-    from triton.testing import do_bench
-
-    return do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e-3
-
-
-def run_provider(benchmark, record, provider, b, d, k, n, dtype):
+@pytest.mark.parametrize("provider", PROVIDERS + (["compile-max-autotune"] if CUDA else []))
+@pytest.mark.parametrize("b,d,k,n,dtype", [(*c, t) for c in CASES for t in DTYPES],
+                         ids=[f"B{c[0]}-K{c[2]}-N{c[3]}-{str(t).replace('torch.', '')}" for c in CASES for t in DTYPES])
+def test_nce(benchmark, record, monkeypatch, provider, b, d, k, n, dtype):
+    if provider == "compile-dense" and b * n > 64 * 10**6:
+        pytest.skip("the dense form's Python loop over bank slices would be unrolled into a huge graph at this N")
+    if os.environ.get("CMC_BENCH_NCE_PROVIDERS") and provider not in os.environ["CMC_BENCH_NCE_PROVIDERS"].split(","):
+        pytest.skip("not in CMC_BENCH_NCE_PROVIDERS")
     anchor, bank, idx, z = make_case(b, d, k, n, dtype)
-    fn = loss_fn(provider)
+    fn = step_fn(provider, monkeypatch)
 
     def unsynced():
-        loss = fn(anchor, bank, idx, tau=TAU, z=z, n_data=n)
-        (grad,) = torch.autograd.grad(loss, anchor)
-        return loss, grad
+        return fn(anchor, bank, idx, tau=TAU, z=z, n_data=n)
 
     def step():
         out = unsynced()
@@ -98,41 +126,17 @@ def run_provider(benchmark, record, provider, b, d, k, n, dtype):
     loss, grad = step()  # compile / first launch outside the timing, and a sanity check of the numbers
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
     benchmark.pedantic(step, rounds=ROUNDS, iterations=1, warmup_rounds=WARMUP)
-    nbytes = floor_bytes(b, d, k, n, torch.empty((), dtype=dtype).element_size(), idx.element_size())
+    elem = torch.empty((), dtype=dtype).element_size()
+    nbytes = floor_bytes(b, d, k, n, elem, idx.element_size())
     bw = gpu_bandwidths()
     l2, hbm = bw.get("l2_measured"), bw.get("hbm_spec")
+    gpu_time = None
+    if CUDA:
+        from triton.testing import do_bench
+
+        gpu_time = do_bench(unsynced, warmup=25, rep=200, return_mode="median") * 1e-3
     record(benchmark, group=f"nce fwd+bwd B={b} d={d} K={k} N={n} bank={str(dtype).replace('torch.', '')}",
-           provider=provider, floor_s=(nbytes["l2_gather"] / l2) if l2 else None, gpu_time_s=gpu_time(unsynced),
-           l2_gather_bytes=nbytes["l2_gather"], hbm_bytes=nbytes["hbm"],
+           provider=provider, floor_s=(nbytes["l2_gather"] / l2) if l2 else None, gpu_time_s=gpu_time,
+           l2_gather_bytes=nbytes["l2_gather"], hbm_bytes=nbytes["hbm"], dense_bytes=nbytes["dense"],
+           auto_path=_auto_path(b, d, k + 1, n, elem, DEVICE.type), loss=float(loss.detach()),
            hbm_floor_s=(nbytes["hbm"] / hbm) if hbm else None, peak_bytes=peak_memory(step, DEVICE))
-
-
-PARAMS = pytest.mark.parametrize(
-    "b,d,k,n,dtype", [(*c, t) for c in CASES for t in DTYPES],
-    ids=[f"K{c[2]}-{str(t).replace('torch.', '')}" for c in CASES for t in DTYPES])
-
-
-@PARAMS
-def test_nce_triton(benchmark, record, b, d, k, n, dtype):
-    if not CUDA:
-        pytest.skip("Triton provider needs CUDA (the interpreter is far too slow to benchmark)")
-    run_provider(benchmark, record, "triton", b, d, k, n, dtype)
-
-
-@PARAMS
-def test_nce_eager(benchmark, record, b, d, k, n, dtype):
-    run_provider(benchmark, record, "eager", b, d, k, n, dtype)
-
-
-@PARAMS
-def test_nce_compile(benchmark, record, b, d, k, n, dtype):
-    run_provider(benchmark, record, "compile", b, d, k, n, dtype)
-
-
-@PARAMS
-def test_nce_compile_max_autotune(benchmark, record, b, d, k, n, dtype):
-    """Inductor's max-autotune (with coordinate-descent tuning, as its mode sets) may turn the reference's gather +
-    bmm into a fused gather kernel: measured beside the default mode."""
-    if not CUDA:
-        pytest.skip("max-autotune searches GPU kernels: nothing to search on a CPU")
-    run_provider(benchmark, record, "compile-max-autotune", b, d, k, n, dtype)

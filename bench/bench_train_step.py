@@ -45,3 +45,29 @@ def test_train_step(benchmark, record, tmp_path, monkeypatch, stage_name, kernel
     benchmark.pedantic(step, rounds=10 if not ON_GPU else 30, warmup_rounds=2, iterations=1)
     record(benchmark, group=f"train step {stage_name} (synthetic preset, batch {cfg.batch_size})",
            provider=f"{label}, kernels={kernels_mode}")
+
+
+@pytest.mark.parametrize("nce_form", ["gather", "dense"])
+def test_stage1_step_nce_forms(benchmark, record, tmp_path, monkeypatch, nce_form):
+    """One stage-1 step at the paper's K = 16384 with a ~9.5k-row bank and batch 64 (synthetic preset, tiny
+    encoders), the NCE loss forced to each form: before (gather, as every step ran until issue 21) and after (dense,
+    what ``choose_nce_path`` picks at this shape). Both forms draw the same idx."""
+    monkeypatch.setenv("CMC_FAST_KERNELS", "auto")
+    monkeypatch.setenv("CMC_FAST_NCE", nce_form)
+    cfg = preset("synthetic")
+    cfg.nce_k, cfg.batch_size, cfg.synthetic_train = 16384, 64, 10600  # the fit split keeps ~9.5k of them
+    cfg.data_root = os.environ.get("CMC_FAST_BENCH_DATA")
+    torch._dynamo.reset()
+    tr, stage = build_stage(cfg, "stage1", str(tmp_path / "run"))
+    stage.train()
+    gen = torch.Generator().manual_seed(0)
+    n = len(stage.train_split)
+
+    def step():
+        rows = torch.randperm(n, generator=gen)[: cfg.batch_size]
+        loss, _ = stage.step(rows)
+        return float(loss)
+
+    benchmark.pedantic(step, rounds=10 if not ON_GPU else 30, warmup_rounds=2, iterations=1)
+    record(benchmark, group=f"train step stage1 K=16384 N={n} batch 64 (synthetic preset)",
+           provider=f"nce={nce_form}")

@@ -58,7 +58,7 @@ class CrossModalNCE(nn.Module):
         self.noise_pool = n if negatives == "uniform" else max(1, round(2 * n0 * n1 / n))
 
     def sample_indices(self, index: torch.Tensor) -> torch.Tensor:
-        """idx [B, K+1]: the sample's own bank slot, then K negatives (never the positive's slot)."""
+        """idx [B, K+1] int32: the sample's own bank slot, then K negatives (never the positive's slot)."""
         b, n = index.shape[0], self.n_data
         if self.negatives == "uniform":
             neg = torch.randint(0, n, (b, self.k), device=index.device)
@@ -70,7 +70,8 @@ class CrossModalNCE(nn.Module):
             u = torch.rand(b, self.k, device=index.device)
             pos = (u * self.label_count[other][:, None]).long().clamp_max(self.label_count[other][:, None] - 1)
             neg = self.by_label[self.label_start[other][:, None] + pos]
-        return torch.cat([index[:, None], neg], dim=1)
+        # int32 for the kernels (half the index stream); drawn as before, so a run's indices are the same values
+        return torch.cat([index[:, None], neg], dim=1).to(torch.int32)
 
     def project(self, text_feat: torch.Tensor, image_feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t = F.normalize(self.embed_t(text_feat.float()), dim=1)
@@ -91,8 +92,12 @@ class CrossModalNCE(nn.Module):
         """(L_{V->T}, L_{T->V}) for a batch of training samples ``index``; then both banks take the batch."""
         t, v = self.project(text_feat, image_feat)
         idx = self.sample_indices(index)
-        loss_v2t = ops.nce_loss(t, self.memory_v, idx, tau=self.tau, z=self.z_v2t, n_data=self.noise_pool)
-        loss_t2v = ops.nce_loss(v, self.memory_t, idx, tau=self.tau, z=self.z_t2v, n_data=self.noise_pool)
+        # where the dense form runs, one histogram of idx serves both directions (same idx, banks of one size)
+        counts = ops.nce_counts_for(t, self.memory_v, idx)
+        loss_v2t = ops.nce_loss(t, self.memory_v, idx, tau=self.tau, z=self.z_v2t, n_data=self.noise_pool,
+                                counts=counts)
+        loss_t2v = ops.nce_loss(v, self.memory_t, idx, tau=self.tau, z=self.z_t2v, n_data=self.noise_pool,
+                                counts=counts)
         if self.training:
             # data parallel: every rank takes the whole global batch, gathered in rank order (= one process's
             # batch), so every replica applies the same update and a repeated index has the same winner

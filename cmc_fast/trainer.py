@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from cmc_fast import distributed
+from cmc_fast import distributed, ops
 from cmc_fast.checkpoint import write_json, write_text
 from cmc_fast.checkpoint_manager import CheckpointManager
 from cmc_fast.config import Config
@@ -188,6 +188,7 @@ class Trainer:
     def fit_and_score(self, stage: Stage, variants: dict[str, str]) -> Stage:
         """Train (or, resumed, reload) ``stage`` and score each of its heads once on the test split."""
         compile_counters = _graph_break_counters(self.cfg.compile)
+        ops.nce_paths_taken(reset=True)
         result = fit(stage, CheckpointManager(self.ckpt_dir, stage.name), resume=self.resume,
                      evaluate_only=self.evaluate_only, run_dir=str(self.run_dir))
         self.history[stage.name] = result.history
@@ -196,6 +197,9 @@ class Trainer:
             self.timings[stage.name] = result.clock.summary(self.cfg.compile)
             self._note_graph_breaks(stage.name, compile_counters)
         self._note_collapse(stage, result.history, variants)
+        nce_paths = ops.nce_paths_taken(reset=True)
+        if nce_paths:  # which form of the NCE loss ran (dense or gather, chosen by shape or CMC_FAST_NCE)
+            self.notes.append(f"{stage.name}: NCE loss form: " + "; ".join(nce_paths))
         test = stage.evaluate(stage.test_split, keep_scores=True)
         posts = self.posts_scored(stage)
         for head, variant in variants.items():

@@ -496,11 +496,12 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--sass-dir", required=True, help="directory the SASS files are written to")
     rep.add_argument("--json", action="store_true", help="print a JSON list, one object per specialisation")
     rep.add_argument("--bank-dtype", choices=["fp32", "bf16", "fp16"], help="nce: the bank's dtype")
+    rep.add_argument("--nce-path", choices=["gather", "dense"], help="nce: the form of the loss (default gather)")
     rep.add_argument("--dtype", help="block: the operands' dtype")
     rep.add_argument("--precision", help="block: the matmul precision")
     rep.add_argument("--gpu", help="block: the GPU of the issue bound and floors (a key of block_plan.GPUS)")
     args = parser.parse_args(argv)
-    options = {k: v for k, v in (("bank_dtype", args.bank_dtype), ("dtype", args.dtype),
+    options = {k: v for k, v in (("bank_dtype", args.bank_dtype), ("nce_path", args.nce_path), ("dtype", args.dtype),
                                  ("precision", args.precision), ("gpu", args.gpu)) if v is not None}
     try:
         load_reporter(args.op)

@@ -1,33 +1,30 @@
-"""Cross-modal NCE over a memory bank: fused Triton loss + anchor gradient, first-batch partition, bank update.
+"""Cross-modal NCE over a memory bank: fused Triton loss + anchor gradient in two exact forms (gather and dense),
+the negatives' histogram, first-batch partition, bank update.
 
-Floors (DESIGN section 5; ``hopper_floors`` below, printed by the static report): one forward+backward of
-``nce_loss`` gathers B*(K+1) bank rows (``l2_gather``: B*(K+1)*d*elem bytes) and must move across HBM the int32
-indices B*(K+1)*4, the anchors and gradient 2*B*d*4 and the bank once N*d*elem (``hbm``):
-
-    (B, d, K, N)          bank   L2 gather   HBM       HBM floor H100 (3.35 TB/s spec)   H200 (4.8 spec / 4.3 measured)
-    (64, 128, 1500, 7531)  fp32   49.2 MB    4.3 MB     1.3 us                            0.9 / 1.0 us
-    (64, 128, 16384, 9528) fp32  536.9 MB    9.1 MB     2.7 us                            1.9 / 2.1 us
-    (64, 128, 16384, 9528) bf16  268.5 MB    6.7 MB     2.0 us                            1.4 / 1.6 us
-
-The whole bank (N*d*elem = 2-5 MB) sits in the 50 MB L2 of an H100/H200, so the gather is served from L2: the
-floor that binds is the L2 gather (bytes / L2 bandwidth), and NVIDIA publishes no L2 bandwidth -- that figure is
-owed to a measurement on the device. The FLOPs (2 dot products of length d per row, ~0.5 GFLOP at K=16384) are
-negligible; what the SMs must issue is: built for sm_90 at B=64, d=128, K=16384 the loss kernel's loop runs 20.6
-warp-instructions per gathered row with an fp32 bank and 21.1 with bf16 (``python -m cmc_fast.kernels.hopper_build
-report --op nce``), ~22 M warp-instructions per call: ~21 us of issue on 132 SMs x 4 schedulers at an assumed
-1.98 GHz SM clock. Extra memory of the Triton path: partials B*S*(d+1)*4 + the gradient B*d*4 bytes (S = 4-8
-splits at K=16384: ~0.3 MB), against the eager reference's float32 [B, K+1, d] gather (537 MB at K=16384).
+Two forms of one loss, same idx, same loss and gradient (DESIGN 3), chosen by shape in ``nce_plan.choose_nce_path``
+(``CMC_FAST_NCE=dense|gather`` forces one; the model, its constants and the static report live in kernels/nce_plan.py):
+  gather  ``_nce_fwd_kernel``: fetches the B*(K+1) bank rows by index (B*(K+1)*d*elem bytes through L2: 537 MB at
+          B=64, d=128, K=16384 against a 4.9 MB bank, each row ~110 times), one dot and one axpy per row; 20.9
+          warp-instructions per gathered row on sm_90, ~21 us of issue per call at that shape.
+  dense   ``_nce_counts_kernel`` builds C [B, N] int32, how often each bank row was drawn as a negative (once per
+          step: both directions share it), then ``_nce_dense_kernel`` scores the whole bank once per tile of 16
+          anchors on tensor cores (split tf32 products: float32 accuracy), turns each score tile into the C-weighted
+          terms and gradient weights W and takes W M on the same bank tile; 14 MB and ~5 us of issue at that shape.
+Floors and the instruction mix of both: ``python -m cmc_fast.kernels.hopper_build report --op nce --nce-path
+dense|gather`` (bench/results/nce-hopper-sm90-report.md). The gather stays for banks far larger than B*(K+1) and
+wherever the [B, N] working set is too large.
 
 Layout of this file (Liger-Kernel style): Triton kernels, then launchers (pointer arguments commented with
-shapes), then the torch.library ops (``cmc_fast::nce_fwd``, ``cmc_fast::nce_partition``,
-``cmc_fast::bank_update_``) with fake (meta) and autograd registrations, then the public functions.
+shapes), then the torch.library ops (``cmc_fast::nce_fwd``, ``cmc_fast::nce_dense_fwd``, ``cmc_fast::nce_counts``,
+``cmc_fast::nce_partition``, ``cmc_fast::bank_update_``) with fake (meta) and autograd registrations, then the public
+functions. Launch configurations and the static report's specialisations: kernels/nce_plan.py.
 
 Device choice: every op is a ``torch.library.custom_op`` whose single implementation dispatches with
 ``kernels.dispatch.use_triton`` -- the Triton launcher for CUDA tensors (or CPU tensors under
 TRITON_INTERPRET=1 with CMC_FAST_KERNELS=triton), the PyTorch reference otherwise. Under torch.compile the
 op is opaque (Inductor calls it as an extern kernel), which compiles with fullgraph=True on CPU and CUDA
 alike; a ``triton_op`` would let Inductor see into the CUDA kernel but fails on CPU tensors (DESIGN 3), and
-the loss is one memory-bound gather with nothing for Inductor to fuse around it.
+each form is one fused kernel with nothing for Inductor to fuse around it.
 
 Math (DESIGN section 1), with lp_ij = log P_ij = s_ij - log Z, c = K/N + eps, noise = K/N:
     positive term   log(P/(P+c))          = -softplus(log c - lp)
@@ -42,20 +39,36 @@ unit vectors is fine in float32; exp(89) is not), and with an accurate log1p so 
 from __future__ import annotations
 
 import functools
-import math
-from dataclasses import dataclass
+import warnings
 
 import torch
 
 from .dispatch import index_checks, triton_interpreted, use_triton
-from .reference import bank_update_reference_, nce_partition_reference
+from .nce_plan import (  # noqa: F401 - launch plans and the static report, re-exported for the report and tests
+    _TILE,
+    _TILE_INTERPRETED,
+    _choose_splits,
+    _dense_consts,
+    _dense_launch,
+    _dense_spec_args,
+    _fwd_consts,
+    _fwd_launch,
+    _fwd_spec_args,
+    _occupancy,
+    choose_nce_path,
+    floor_bytes,
+    hopper_floors,
+    hopper_specs,
+    nce_constants,
+    nce_path,
+)
+from .reference import bank_update_reference_, nce_counts_reference, nce_dense_reference, nce_partition_reference
 from .utils import cdiv, contiguous, libdevice, next_power_of_2, on_tensor_device, tl, triton
 
-__all__ = ["nce_loss", "nce_partition", "bank_update_", "nce_fwd_triton", "nce_partition_triton",
-           "bank_update_triton_", "nce_fwd_torch"]
+__all__ = ["nce_loss", "nce_partition", "bank_update_", "nce_counts", "nce_counts_for", "nce_fwd_triton",
+           "nce_dense_triton", "nce_counts_triton", "nce_partition_triton", "bank_update_triton_", "nce_fwd_torch",
+           "floor_bytes"]
 
-_TILE = 8192  # elements of the [BLOCK_K, BLOCK_D] gathered tile held in registers by one program
-_TILE_INTERPRETED = 1 << 18  # the interpreter pays per op, not per element: far larger tiles there
 _CHUNK_ALIGN = 128  # columns per split of the partition kernel are a multiple of this
 
 
@@ -99,11 +112,17 @@ def _nce_fwd_kernel(
     idx_row_ptr = idx_ptr + row * K1
     acc_l = tl.zeros([BLOCK_K], dtype=tl.float32)
     acc_g = tl.zeros([N_CHUNKS, BLOCK_K, CHUNK_D], dtype=tl.float32)
+    # past the end: row 0 is gathered (it exists) and its terms are zeroed below, so the gather needs no mask. The
+    # next pass's indices are loaded before this pass's rows are used: their latency hides behind this pass's math
+    # instead of stalling the gather that depends on them.
+    offs_next = start + tl.arange(0, BLOCK_K)
+    ids_next = tl.load(idx_row_ptr + offs_next, mask=offs_next < end, other=0)
     for k0 in range(start, end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < end
-        # past the end: row 0 is gathered (it exists) and its terms are zeroed below, so the gather needs no mask
-        ids = tl.load(idx_row_ptr + offs_k, mask=mask_k, other=0).to(tl.int64)
+        ids = ids_next.to(tl.int64)
+        offs_next = offs_k + BLOCK_K
+        ids_next = tl.load(idx_row_ptr + offs_next, mask=offs_next < end, other=0)
         ptrs = bank_ptr + ids[None, :, None] * stride_bn + offs_d * stride_bd
         if EVEN_D:  # noqa: SIM108 - a constexpr branch: only the unmasked load is compiled
             m = tl.load(ptrs).to(tl.float32)  # [C, BLOCK_K, W]
@@ -221,13 +240,102 @@ def _bank_update_kernel(
         tl.store(ptrs, out.to(bank_ptr.dtype.element_ty), mask=mask_d)
 
 
-# The loss kernel's launch (see _FwdLaunch): no autotune -- the configuration follows from d and the bank's element
-# size, and was chosen from the static sm_90 report (``python -m cmc_fast.kernels.hopper_build report --op nce``):
-# the warp-instructions per gathered row, registers and spills of each candidate. The number of splits of K+1 then
-# follows from the compiled kernel's occupancy, so the grid fills the GPU's resident slots with no wave tail.
-_ROW_BYTES_PER_THREAD = 128  # bytes of one bank row one thread loads (8 x 16-byte vectors): sets lanes per row
-_FWD_WARPS = 4
-_MIN_LAST_WAVE = 0.9  # splits are chosen so the last wave of programs fills at least this share of the slots
+@triton.jit
+def _nce_counts_kernel(
+    idx_ptr,  # [B, K1] int32/int64, contiguous; column 0 (the positive) is skipped
+    counts_ptr,  # [B, N] int32, contiguous, zeroed: += 1 per negative drawn
+    K1, N,
+    BLOCK_K: tl.constexpr,
+):
+    # The negatives' histogram of the dense form: integer atomics, so the counts are exact whatever the order.
+    row = tl.program_id(0).to(tl.int64)
+    offs = 1 + tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = offs < K1
+    ids = tl.load(idx_ptr + row * K1 + offs, mask=mask, other=0).to(tl.int64)
+    # an index outside the bank is never written through (CMC_FAST_CHECK_INDEX=1 names it before the launch)
+    mask &= (ids >= 0) & (ids < N)
+    tl.atomic_add(counts_ptr + row * N + ids, tl.full([BLOCK_K], 1, tl.int32), mask=mask, sem="relaxed")
+
+
+@triton.jit
+def _nce_dense_kernel(
+    anchor_ptr,  # [B, D] fp32/bf16/fp16, contiguous
+    bank_ptr,  # [N, D] fp32/bf16/fp16, strides (stride_bn, stride_bd)
+    idx_ptr,  # [B, K1] int32/int64, contiguous: only column 0 (the positive) is read
+    counts_ptr,  # [B, N] int32, contiguous: how often each bank row was drawn as a negative for each anchor
+    z_ptr,  # [] float: the frozen partition Z
+    part_loss_ptr,  # [B, S] fp32 out: sum of this split's loss terms (before the -1/B)
+    part_grad_ptr,  # [B, S, D] fp32 out: sum over this split of W[i, n] * M[n] (before the 1/(B*tau))
+    inv_tau, log_c, log_noise_over_c,  # fp32 scalars, as the gather kernel's
+    B, N, K1, D, stride_bn, stride_bd, chunk,  # chunk: bank rows per split (a multiple of BLOCK_N)
+    COMPUTE_GRAD: tl.constexpr, LIBDEVICE: tl.constexpr, EXACT_TF32_BANK: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # One program: BLOCK_B anchors against the bank rows [split * chunk, +chunk), BLOCK_N rows per pass. Each pass
+    # loads one bank tile and uses it twice on tensor cores: the scores T = A M^T / tau - log Z - log c, then (after
+    # the terms and weights, elementwise on the [BLOCK_B, BLOCK_N] tile) the gradient W M. The bank is read once per
+    # anchor tile; nothing is gathered. Split tf32 products keep float32 accuracy on tensor cores.
+    pid_b = tl.program_id(0)
+    split = tl.program_id(1)
+    n_split = tl.num_programs(1)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask_b = offs_b < B
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    rows_b = offs_b.to(tl.int64)
+    a = tl.load(anchor_ptr + rows_b[:, None] * D + offs_d[None, :], mask=mask_b[:, None] & mask_d[None, :],
+                other=0.0).to(tl.float32) * inv_tau
+    if EXACT_TF32_BANK:
+        # A 2-byte bank is exact in tf32: split the float32 operand alone, x = hi + lo with hi its top 10 mantissa
+        # bits (exact in tf32), so hi*m + lo*m carries ~21 bits in two tf32 products instead of tf32x3's three -- and
+        # the anchors are split once here, not on every pass (sm_90 report: 122 warp-instructions per bank row, was
+        # 210 with tf32x3). An fp32 bank keeps tf32x3 (the same split by hand spilled at d = 128).
+        a_hi = (a.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+        a_lo = a - a_hi
+    shift = tl.log(tl.load(z_ptr).to(tl.float32)) + log_c
+    pos = tl.load(idx_ptr + rows_b * K1, mask=mask_b, other=-1).to(tl.int64)  # -1: never a bank row
+    start = split * chunk
+    end = tl.minimum(start + chunk, N)
+    acc_l = tl.zeros([BLOCK_B], dtype=tl.float32)
+    acc_g = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < end
+        m = tl.load(bank_ptr + offs_n.to(tl.int64)[:, None] * stride_bn + offs_d[None, :] * stride_bd,
+                    mask=mask_n[:, None] & mask_d[None, :], other=0.0).to(tl.float32)  # [BLOCK_N, BLOCK_D]
+        if EXACT_TF32_BANK:
+            t = tl.dot(a_lo, tl.trans(m), tl.dot(a_hi, tl.trans(m), input_precision="tf32"), input_precision="tf32")
+        else:
+            t = tl.dot(a, tl.trans(m), input_precision="tf32x3")
+        t -= shift  # [BLOCK_B, BLOCK_N]
+        # past the end or past B: count 0 and never the positive, so the (finite) t there adds nothing
+        cnt = tl.load(counts_ptr + rows_b[:, None] * N + offs_n[None, :], mask=mask_b[:, None] & mask_n[None, :],
+                      other=0).to(tl.float32)
+        is_pos = (offs_n.to(tl.int64)[None, :] == pos[:, None]) & mask_n[None, :]
+        e = tl.exp(-tl.abs(t))
+        if LIBDEVICE:
+            l1p = libdevice.log1p(e)
+        else:  # the interpreter has no libdevice: Goldberg's log(u) * e / (u - 1), u = 1 + e
+            u = 1.0 + e
+            du = u - 1.0
+            l1p = tl.where(du == 0.0, e, tl.log(u) * (e / tl.where(du == 0.0, 1.0, du)))
+        # softplus(t) = max(t, 0) + l1p; negative term log(noise/c) - softplus(t), positive -softplus(-t)
+        acc_l += tl.sum(cnt * (log_noise_over_c - tl.maximum(t, 0.0) - l1p)
+                        + tl.where(is_pos, -tl.maximum(-t, 0.0) - l1p, 0.0), axis=1)
+        if COMPUTE_GRAD:
+            r = 1.0 / (1.0 + e)
+            big = t >= 0.0  # sigmoid(t) = r when t >= 0 else e*r; sigmoid(-t) the other one: no cancellation
+            w = cnt * tl.where(big, 1.0, e) * r - tl.where(is_pos, tl.where(big, e, 1.0) * r, 0.0)
+            if EXACT_TF32_BANK:
+                w_hi = (w.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+                acc_g = tl.dot(w_hi, m, acc_g, input_precision="tf32")
+                acc_g = tl.dot(w - w_hi, m, acc_g, input_precision="tf32")
+            else:
+                acc_g = tl.dot(w, m, acc_g, input_precision="tf32x3")
+    out = rows_b * n_split + split
+    tl.store(part_loss_ptr + out, acc_l, mask=mask_b)
+    if COMPUTE_GRAD:
+        tl.store(part_grad_ptr + out[:, None] * D + offs_d[None, :], acc_g, mask=mask_b[:, None] & mask_d[None, :])
 
 
 # ========================================================================================== launchers
@@ -243,73 +351,10 @@ def _block_k(block_d: int, chunk: int, device: torch.device) -> int:
     return max(16, min(next_power_of_2(chunk), _TILE_INTERPRETED // block_d))
 
 
-@dataclass(frozen=True)
-class _FwdLaunch:
-    """Tile of the loss kernel: [n_chunks, block_k, chunk_d], one bank row on chunk_d / vector lanes."""
-    block_k: int  # rows gathered per program per loop pass
-    n_chunks: int
-    chunk_d: int
-    num_warps: int
-
-
-def _fwd_launch(d: int, elem: int, interpreted: bool, block_k: int | None = None, k1: int = 1 << 30) -> _FwdLaunch:
-    """16-byte vectors (4 fp32 or 8 bf16/fp16 elements) per thread; lanes per row such that a thread holds ~128 bytes
-    of its row (fp32 d = 128: 4 lanes, 8 rows per warp; bf16 d = 128: 2 lanes, 16 rows per warp; d = 1024 fp32: 32
-    lanes), so the dot product's shuffles and the per-row math are shared by 8-16 rows per warp-instruction.
-    Rows per pass: one per row-slot of the warps (two rows per thread, from the sm_90 report at d = 128: fp32 192
-    registers instead of 120 for 20.2 warp-instructions per row instead of 20.6; bf16 spilled 728 bytes). The
-    interpreter pays per operation, not per element: far taller tiles there."""
-    block_d = next_power_of_2(d)
-    vec = max(1, 16 // elem)
-    lanes = max(2, min(32, block_d * elem // _ROW_BYTES_PER_THREAD))
-    chunk_d = min(block_d, lanes * vec)
-    rows_per_warp = 32 // max(1, chunk_d // vec)
-    if block_k is None:
-        tall = max(16, min(_TILE_INTERPRETED // block_d, 1024, next_power_of_2(k1)))
-        block_k = tall if interpreted else rows_per_warp * _FWD_WARPS
-    return _FwdLaunch(block_k, block_d // chunk_d, chunk_d, _FWD_WARPS)
-
-
-def _fwd_consts(launch: _FwdLaunch, d: int, need_grad: bool, libdevice_log1p: bool) -> dict:
-    """The loss kernel's constexprs for a launch (the launcher and the static report build the same kernel)."""
-    return {"COMPUTE_GRAD": need_grad, "LIBDEVICE": libdevice_log1p, "BLOCK_K": launch.block_k,
-            "N_CHUNKS": launch.n_chunks, "CHUNK_D": launch.chunk_d, "EVEN_D": d == launch.n_chunks * launch.chunk_d}
-
-
-def _choose_splits(b: int, k1: int, block_k: int, slots: int, splits: int | None = None) -> tuple[int, int]:
-    """(S, columns per split): the fewest splits of K+1 for which the B x S programs end with a last wave at least
-    _MIN_LAST_WAVE full of ``slots`` (programs resident at once on the GPU); chunks are multiples of block_k (and of
-    16, so the JIT specialises ``chunk`` the same way for every S). ``splits`` forces S (tests)."""
-    align = max(16, block_k)
-    most = max(1, cdiv(k1, align))
-    candidates = [max(1, min(int(splits), most))] if splits is not None else range(1, most + 1)
-    best = None
-    for want in candidates:
-        chunk = cdiv(cdiv(k1, want), align) * align
-        n = cdiv(k1, chunk)
-        programs = b * n
-        last = programs % slots
-        fill = 1.0 if last == 0 else last / slots
-        if splits is not None or (programs >= _MIN_LAST_WAVE * slots and fill >= _MIN_LAST_WAVE):
-            return n, chunk
-        if best is None or fill > best[0]:
-            best = (fill, n, chunk)
-    return best[1], best[2]  # no S reaches the target (short K): the best-filled
-
-
-def _occupancy(regs: int, shared: int, num_warps: int, regs_per_sm: int = 65536, threads_per_sm: int = 2048,
-               shared_per_sm: int = 233472) -> int:
-    """Blocks of ``num_warps`` warps one SM holds at once (the occupancy calculator's rules: registers allocated per
-    warp in units of 256, 1 KB of shared memory reserved per block, at most 32 blocks); defaults: an H100/H200 SM.
-    kernels/hopper_build.resident_blocks computes the same for the static report (a test checks they agree)."""
-    per_warp = cdiv(max(regs, 1) * 32, 256) * 256
-    return max(1, min(32, regs_per_sm // (per_warp * num_warps), threads_per_sm // (32 * num_warps),
-                      shared_per_sm // (shared + 1024)))
-
-
 def _resident_programs(compiled, num_warps: int, device: torch.device) -> int:
     """Programs of a compiled kernel one SM of ``device`` holds at once, from its registers and shared memory.
-    Falls back to 2 if Triton's handle does not say."""
+    Where Triton's handle does not say (another handle layout), 2 -- with a warning: the grid may then be sized
+    for half (or double) the programs that really fit."""
     try:
         compiled._init_handles()
         props = torch.cuda.get_device_properties(device)
@@ -317,23 +362,26 @@ def _resident_programs(compiled, num_warps: int, device: torch.device) -> int:
                           getattr(props, "regs_per_multiprocessor", 65536),
                           getattr(props, "max_threads_per_multi_processor", 2048),
                           getattr(props, "shared_memory_per_multiprocessor", 233472))
-    except Exception:  # noqa: BLE001 - an older/newer handle layout: a safe guess, the launch itself still runs
+    except Exception as e:  # noqa: BLE001 - an older/newer handle layout: a guess, the launch itself still runs
+        warnings.warn(f"kernels/nce.py: cannot read the occupancy of {getattr(compiled, 'name', 'a kernel')} "
+                      f"({type(e).__name__}: {e}); sizing its grid for 2 programs per SM, which may under- or "
+                      "over-fill the GPU", RuntimeWarning, stacklevel=2)
         return 2
 
 
 _SLOTS: dict = {}
 
 
-def _fwd_slots(args: tuple, consts: dict, launch: _FwdLaunch, device: torch.device) -> int:
-    """Resident programs of the loss kernel on the whole GPU (SMs x per SM), once per specialisation (a compiled
-    launch on CUDA; the interpreter has none)."""
-    k1, d, stride_bn, stride_bd, _chunk = args[-5:]
-    key = (device.index, k1 == 1, d, stride_bn, stride_bd, tuple(a.dtype for a in args if hasattr(a, "dtype")),
+def _kernel_slots(kernel, args: tuple, consts: dict, num_warps: int, device: torch.device) -> int:
+    """Resident programs of ``kernel`` on the whole GPU (SMs x per SM), once per specialisation (a compiled launch
+    on CUDA; the interpreter has none). ``args`` end with the integer arguments the JIT specialises on."""
+    ints = tuple((a == 1, a % 16 == 0) for a in args if isinstance(a, int))
+    key = (kernel.__name__, device.index, ints, tuple(a.dtype for a in args if hasattr(a, "dtype")),
            tuple(sorted(consts.items())))
     if key not in _SLOTS:
-        compiled = _nce_fwd_kernel.warmup(*args, grid=(1,), num_warps=launch.num_warps, **consts)
+        compiled = kernel.warmup(*args, grid=(1,), num_warps=num_warps, **consts)
         index = device.index if device.index is not None else torch.cuda.current_device()
-        _SLOTS[key] = _sm_count(index) * _resident_programs(compiled, launch.num_warps, device)
+        _SLOTS[key] = _sm_count(index) * _resident_programs(compiled, num_warps, device)
     return _SLOTS[key]
 
 
@@ -361,14 +409,6 @@ def _check_nce_args(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor)
         raise TypeError(f"idx must be int64 (or int32), got {idx.dtype}")
     if not (anchor.is_floating_point() and bank.is_floating_point()):
         raise TypeError(f"anchor and bank must be floating point, got {anchor.dtype} and {bank.dtype}")
-
-
-def _nce_constants(k1: int, n_data: int, eps: float) -> tuple[float, float]:
-    """(log c, log(noise / c)) with noise = K/N, c = noise + eps, in float64 on the host. With K = 0 there are no
-    negatives and the second is never used."""
-    noise = (k1 - 1) / n_data
-    log_c = math.log(noise + eps)
-    return log_c, (math.log(noise) - log_c if noise > 0 else 0.0)
 
 
 def _check_index_range(idx: torch.Tensor, n: int, *, sync: bool) -> None:
@@ -408,14 +448,14 @@ def nce_fwd_triton(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, 
         return loss, anchor.new_zeros((0, d) if need_grad else (0,), dtype=torch.float32)
     interpreted = dev.type != "cuda" or triton_interpreted()
     launch = _fwd_launch(d, bank.element_size(), interpreted, block_k, k1)
-    log_c, log_noise_over_c = _nce_constants(k1, n_data, eps)
+    log_c, log_noise_over_c = nce_constants(k1, n_data, eps)
     consts = _fwd_consts(launch, d, need_grad, libdevice_log1p=not interpreted)
     if interpreted:  # the interpreter pays per operation: one program per row, no occupancy to fill
         slots, splits = 1, 1 if splits is None else splits
     else:
         placeholder = (anchor, bank, idx, z, torch.float32, torch.float32, 1.0 / tau, log_c, log_noise_over_c,
                        k1, d, bank.stride(0), bank.stride(1), max(16, launch.block_k))
-        slots = _fwd_slots(placeholder, consts, launch, dev)
+        slots = _kernel_slots(_nce_fwd_kernel, placeholder, consts, launch.num_warps, dev)
     n_split, chunk = _choose_splits(b, k1, launch.block_k, slots, splits)
     part_loss = torch.empty(b * n_split, device=dev, dtype=torch.float32)
     part_grad = torch.empty((b, n_split, d) if need_grad else (1,), device=dev, dtype=torch.float32)
@@ -424,11 +464,7 @@ def nce_fwd_triton(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, 
     _nce_fwd_kernel[(b, n_split)](anchor, bank, idx, z, part_loss, part_grad, 1.0 / tau, log_c, log_noise_over_c,
                                   k1, d, bank.stride(0), bank.stride(1), chunk, num_warps=launch.num_warps,
                                   **consts)
-    block_d = next_power_of_2(d)
-    _nce_finalize_kernel[(b if need_grad else 1,)](
-        part_loss, part_grad, loss, grad, b * n_split, n_split, d, -1.0 / b, 1.0 / (b * tau),
-        COMPUTE_GRAD=need_grad, BLOCK_S=min(next_power_of_2(n_split), max(1, _TILE // block_d)),
-        BLOCK_D=block_d, BLOCK_P=min(next_power_of_2(b * n_split), 1024))
+    _finalize(part_loss, part_grad, loss, grad, b, n_split, d, tau, need_grad)
     return loss, (grad if need_grad else anchor.new_empty(0, dtype=torch.float32))
 
 
@@ -448,6 +484,65 @@ def nce_partition_triton(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Te
                                         chunk, BLOCK_K=block_k or _block_k(block_d, chunk, anchor.device),
                                         BLOCK_D=block_d)
     return (part.double().sum() / (b * k1) * n_data).float()
+
+
+@on_tensor_device
+def nce_counts_triton(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """The negatives' histogram C [B, N] int32 (``nce_counts_reference``), with integer atomics."""
+    (idx,) = contiguous(idx)
+    if index_checks():
+        _check_index_range(idx, n, sync=True)
+    b, k1 = idx.shape
+    counts = torch.zeros((b, n), device=idx.device, dtype=torch.int32)
+    if b and k1 > 1:
+        block = min(1024, next_power_of_2(k1 - 1))
+        _nce_counts_kernel[(b, cdiv(k1 - 1, block))](idx, counts, k1, n, BLOCK_K=block)
+    return counts
+
+
+@on_tensor_device
+def nce_dense_triton(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor,
+                     z: torch.Tensor, tau: float, n_data: int, eps: float, need_grad: bool, *,
+                     splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the dense loss (+ anchor gradient) kernel and its finalize. Returns (loss [] fp32, grad [B, d] fp32
+    or [0]). ``splits`` forces the number of slices of the bank (tests)."""
+    anchor, idx, counts = contiguous(anchor, idx, counts)
+    z = z.reshape(()).to(device=anchor.device, dtype=torch.float32)
+    b, d = anchor.shape
+    n, k1, dev = bank.shape[0], idx.shape[1], anchor.device
+    if b == 0:
+        loss = torch.full((), float("nan"), device=dev, dtype=torch.float32)
+        return loss, anchor.new_zeros((0, d) if need_grad else (0,), dtype=torch.float32)
+    interpreted = dev.type != "cuda" or triton_interpreted()
+    launch = _dense_launch(b, d, n, interpreted, bank.element_size())
+    log_c, log_noise_over_c = nce_constants(k1, n_data, eps)
+    consts = _dense_consts(launch, need_grad, libdevice_log1p=not interpreted)
+    b_tiles = cdiv(b, launch.block_b)
+    if interpreted:
+        slots, splits = 1, 1 if splits is None else splits
+    else:
+        placeholder = (anchor, bank, idx, counts, z, z, z, 1.0 / tau, log_c, log_noise_over_c, b, n, k1, d,
+                       bank.stride(0), bank.stride(1), launch.block_n)
+        slots = _kernel_slots(_nce_dense_kernel, placeholder, consts, launch.num_warps, dev)
+    n_split, chunk = _choose_splits(b_tiles, max(n, 1), launch.block_n, slots, splits)
+    part_loss = torch.empty(b * n_split, device=dev, dtype=torch.float32)
+    part_grad = torch.empty((b, n_split, d) if need_grad else (1,), device=dev, dtype=torch.float32)
+    loss = torch.empty((), device=dev, dtype=torch.float32)
+    grad = torch.empty((b, d), device=dev, dtype=torch.float32) if need_grad else loss
+    _nce_dense_kernel[(b_tiles, n_split)](anchor, bank, idx, counts, z, part_loss, part_grad, 1.0 / tau, log_c,
+                                          log_noise_over_c, b, n, k1, d, bank.stride(0), bank.stride(1), chunk,
+                                          num_warps=launch.num_warps, **consts)
+    _finalize(part_loss, part_grad, loss, grad, b, n_split, d, tau, need_grad)
+    return loss, (grad if need_grad else anchor.new_empty(0, dtype=torch.float32))
+
+
+def _finalize(part_loss, part_grad, loss, grad, b: int, n_split: int, d: int, tau: float, need_grad: bool) -> None:
+    """Sum the [B, S] partials of a loss kernel (gather or dense) in a fixed order: loss and gradient."""
+    block_d = next_power_of_2(d)
+    _nce_finalize_kernel[(b if need_grad else 1,)](
+        part_loss, part_grad, loss, grad, b * n_split, n_split, d, -1.0 / b, 1.0 / (b * tau),
+        COMPUTE_GRAD=need_grad, BLOCK_S=min(next_power_of_2(n_split), max(1, _TILE // block_d)),
+        BLOCK_D=block_d, BLOCK_P=min(next_power_of_2(b * n_split), 1024))
 
 
 @on_tensor_device
@@ -505,19 +600,54 @@ def _nce_setup_context(ctx, inputs, output):
     anchor, need_grad = inputs[0], inputs[-1]
     ctx.anchor_dtype = anchor.dtype
     ctx.need_grad = need_grad
+    ctx.n_inputs = len(inputs)
     ctx.save_for_backward(output[1])
     ctx.mark_non_differentiable(output[1])
 
 
 def _nce_backward(ctx, grad_loss, _grad_grad):
+    """Both loss ops (gather and dense) computed dL/danchor in their forward: scale it, nothing else."""
     if not ctx.need_grad:
         raise RuntimeError("cmc_fast::nce_fwd ran with need_grad=False; call nce_loss with grad enabled")
     (grad,) = ctx.saved_tensors
     # grad_loss is a 0-dim tensor (possibly an expanded view under compile): a broadcast multiply reads it fine
-    return (grad_loss * grad).to(ctx.anchor_dtype), None, None, None, None, None, None, None
+    return ((grad_loss * grad).to(ctx.anchor_dtype),) + (None,) * (ctx.n_inputs - 1)
 
 
 _nce_fwd_op.register_autograd(_nce_backward, setup_context=_nce_setup_context)
+
+
+@torch.library.custom_op("cmc_fast::nce_dense_fwd", mutates_args=())
+def _nce_dense_op(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor,
+                  z: torch.Tensor, tau: float, n_data: int, eps: float,
+                  need_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_triton(anchor):
+        return nce_dense_triton(anchor, bank, idx, counts, z, tau, n_data, eps, need_grad)
+    _check_index_range(idx[:, :1], bank.shape[0], sync=index_checks())
+    return nce_dense_reference(anchor, bank, idx, counts, z, tau, n_data, eps, need_grad)
+
+
+@_nce_dense_op.register_fake
+def _(anchor, bank, idx, counts, z, tau, n_data, eps, need_grad):
+    loss = anchor.new_empty((), dtype=torch.float32)
+    grad = anchor.new_empty(anchor.shape if need_grad else (0,), dtype=torch.float32)
+    return loss, grad
+
+
+_nce_dense_op.register_autograd(_nce_backward, setup_context=_nce_setup_context)
+
+
+@torch.library.custom_op("cmc_fast::nce_counts", mutates_args=())
+def _nce_counts_op(idx: torch.Tensor, n: int) -> torch.Tensor:
+    if use_triton(idx):
+        return nce_counts_triton(idx, n)
+    _check_index_range(idx, n, sync=index_checks())
+    return nce_counts_reference(idx, n)
+
+
+@_nce_counts_op.register_fake
+def _(idx, n):
+    return idx.new_empty((idx.shape[0], n), dtype=torch.int32)
 
 
 @torch.library.custom_op("cmc_fast::nce_partition", mutates_args=())
@@ -550,14 +680,21 @@ def _(bank, index, feats, momentum):
 
 # ===================================================================================== public functions
 def nce_loss(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, *, tau: float,
-             z: float | torch.Tensor, n_data: int, eps: float = 1e-7) -> torch.Tensor:
+             z: float | torch.Tensor, n_data: int, eps: float = 1e-7,
+             counts: torch.Tensor | None = None) -> torch.Tensor:
     """CRD's NCE loss for one direction (DESIGN sections 1 and 3): a float32 scalar, differentiable in ``anchor``.
 
     anchor [B, d] (normalised by the caller), bank [N, d] (float32/bfloat16/float16; no gradient), idx [B, K+1]
     int32 or int64 with column 0 the positive (an index outside the bank: IndexError on the reference path, and on
-    the Triton path under CMC_FAST_CHECK_INDEX=1), z the frozen partition (float or 0-dim tensor, kept on device). The
-    Triton path gathers bank rows by index, never builds [B, K+1, d], accumulates in float32 and computes the
-    anchor gradient in the same pass; backward only scales it by the incoming gradient.
+    the Triton path under CMC_FAST_CHECK_INDEX=1), z the frozen partition (float or 0-dim tensor, kept on device),
+    n_data the pool the negatives are drawn from (the noise prior K/n_data).
+
+    Two exact forms, chosen by shape (``kernels.nce_plan.choose_nce_path``; ``CMC_FAST_NCE=dense|gather`` forces
+    one): the gather fetches the B*(K+1) bank rows by index, never building [B, K+1, d]; the dense form scores the
+    whole bank once (S = A M^T / tau, tensor cores on a GPU) and weights each score by ``counts`` -- the negatives'
+    histogram ``nce_counts(idx, N)``, computed here when not given: pass the one from ``nce_counts_for`` to every
+    call sharing idx. Both accumulate in float32 and compute the anchor gradient in the forward pass; backward only
+    scales it by the incoming gradient.
     """
     _check_nce_args(anchor, bank, idx)
     if isinstance(z, torch.Tensor):
@@ -565,8 +702,36 @@ def nce_loss(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, *, tau
     else:
         z = torch.full((), float(z), device=anchor.device, dtype=torch.float32)
     need_grad = anchor.requires_grad and torch.is_grad_enabled()
-    loss, _ = _nce_fwd_op(anchor, bank.detach(), idx, z, float(tau), int(n_data), float(eps), need_grad)
+    b, d = anchor.shape
+    n = bank.shape[0]
+    path = choose_nce_path(b, d, idx.shape[1], n, bank.element_size(), anchor.device.type)
+    if path == "gather":
+        loss, _ = _nce_fwd_op(anchor, bank.detach(), idx, z, float(tau), int(n_data), float(eps), need_grad)
+        return loss
+    if counts is None:
+        counts = _nce_counts_op(idx, n)
+    elif counts.shape != (b, n) or counts.dtype != torch.int32:
+        raise ValueError(f"counts must be the int32 [B, N] = [{b}, {n}] histogram of idx (nce_counts), got "
+                         f"{counts.dtype} {tuple(counts.shape)}")
+    loss, _ = _nce_dense_op(anchor, bank.detach(), idx, counts, z, float(tau), int(n_data), float(eps), need_grad)
     return loss
+
+
+def nce_counts(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """C [B, N] int32: how often each of the bank's N rows was drawn as a negative (idx[:, 1:]) for each anchor --
+    the weights of the dense form. Integer adds: exact and deterministic."""
+    if idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"idx must be int32/int64 [B, K+1], got {idx.dtype} {tuple(idx.shape)}")
+    return _nce_counts_op(idx, int(n))
+
+
+def nce_counts_for(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor) -> torch.Tensor | None:
+    """The histogram ``nce_loss`` would build at this shape (dense form), or None (gather): compute it once per
+    step and pass it as ``counts=`` to every ``nce_loss`` sharing idx and the bank's size (both directions)."""
+    _check_nce_args(anchor, bank, idx)
+    path = nce_path(anchor.shape[0], anchor.shape[1], idx.shape[1], bank.shape[0], bank.element_size(),
+                    anchor.device.type)
+    return nce_counts(idx, bank.shape[0]) if path == "dense" else None
 
 
 def nce_partition(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, *, tau: float,
@@ -588,81 +753,3 @@ def bank_update_(bank: torch.Tensor, index: torch.Tensor, feats: torch.Tensor, m
     if index.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"index must be int64 (or int32), got {index.dtype}")
     _bank_update_op(bank, index, feats.detach(), float(momentum))
-
-
-# ======================================================================================= static report
-_BANK_ELEM = {"fp32": 4, "bf16": 2, "fp16": 2}  # bytes per element of each bank dtype the report takes
-
-
-def _fwd_spec_args(d: int, k1: int, chunk: int, bank_type: str) -> tuple[dict, tuple]:
-    """(types, divisible_by_16) of the loss kernel as the JIT specialises a launch: contiguous fp32 anchors, a
-    contiguous [N, d] bank (stride_bd == 1 becomes a constant), int32 indices, torch's 16-byte-aligned pointers."""
-    f32 = "*fp32"
-    types = {"anchor_ptr": f32, "bank_ptr": "*" + bank_type, "idx_ptr": "*i32", "z_ptr": f32,
-             "part_loss_ptr": f32, "part_grad_ptr": f32, "inv_tau": "fp32", "log_c": "fp32",
-             "log_noise_over_c": "fp32"}
-    ints = {"K1": k1, "D": d, "stride_bn": d, "chunk": chunk}
-    divisible = ("anchor_ptr", "bank_ptr", "idx_ptr", "z_ptr", "part_loss_ptr", "part_grad_ptr") + tuple(
-        name for name, v in ints.items() if v % 16 == 0)
-    return types, divisible
-
-
-def hopper_specs(shape: tuple[int, ...], bank_dtype: str = "fp32") -> list:
-    """The specialisations one ``nce_loss`` forward+backward at shape (B, d, K, N) runs on an H100/H200 (132 SMs)
-    with a contiguous bank of ``bank_dtype``, fp32 anchors and int32 indices: the loss kernel (its splits chosen
-    from its sm_90 build's occupancy, as the launcher does on the GPU) and the finalize kernel. For
-    ``python -m cmc_fast.kernels.hopper_build report --op nce``."""
-    from .hopper_build import HOPPER_SMS, Spec, build, resident_blocks  # lazily: imports Triton's compiler
-
-    if len(shape) != 4 or min(shape) < 0 or shape[1] < 1:
-        raise ValueError(f"nce shape is B,D,K,N (non-negative, d >= 1), got {shape}")
-    if bank_dtype not in _BANK_ELEM:
-        raise ValueError(f"bank_dtype must be one of {sorted(_BANK_ELEM)}, got {bank_dtype!r}")
-    b, d, k, _n = shape
-    k1 = k + 1
-    bank_type, elem = bank_dtype, _BANK_ELEM[bank_dtype]
-    launch = _fwd_launch(d, elem, interpreted=False)
-    consts = {**_fwd_consts(launch, d, need_grad=True, libdevice_log1p=True), "stride_bd": 1}
-    types, divisible = _fwd_spec_args(d, k1, max(16, launch.block_k), bank_type)
-    built = build(_nce_fwd_kernel, types, consts, launch.num_warps, divisible)
-    slots = HOPPER_SMS * resident_blocks(built.registers, built.shared, launch.num_warps)
-    n_split, chunk = _choose_splits(max(b, 1), k1, launch.block_k, slots)
-    types, divisible = _fwd_spec_args(d, k1, chunk, bank_type)
-    path = f"BLOCK_K={launch.block_k} tile={launch.n_chunks}x{launch.block_k}x{launch.chunk_d} S={n_split}"
-    specs = [Spec(_nce_fwd_kernel, types, consts, launch.num_warps, divisible, path, b * n_split, launch.block_k,
-                  {"splits": n_split, "chunk": chunk})]
-    block_d = next_power_of_2(d)
-    f32 = "*fp32"
-    fin_types = {"part_loss_ptr": f32, "part_grad_ptr": f32, "loss_ptr": f32, "grad_ptr": f32,
-                 "loss_scale": "fp32", "grad_scale": "fp32"}
-    fin_consts = {"COMPUTE_GRAD": True, "BLOCK_S": min(next_power_of_2(n_split), max(1, _TILE // block_d)),
-                  "BLOCK_D": block_d, "BLOCK_P": min(next_power_of_2(b * n_split), 1024)}
-    specs.append(Spec(_nce_finalize_kernel, fin_types, fin_consts, 4,
-                      ("part_loss_ptr", "part_grad_ptr", "loss_ptr", "grad_ptr"), path, b))
-    return specs
-
-
-def floor_bytes(b: int, d: int, k: int, n: int, bank_elem: int, idx_elem: int = 4) -> dict[str, int]:
-    """Bytes one forward+backward of ``nce_loss`` must move: ``l2_gather`` the gathered bank rows B*(K+1)*d*elem
-    (served from L2 when the bank fits there: 2-5 MB here against 50 MB of L2); ``hbm`` what crosses HBM at least
-    once -- the indices B*(K+1)*idx_elem, the anchors read and the gradient written 2*B*d*4, and the bank N*d*elem
-    once (it may still sit in L2 from the step's bank update: then less)."""
-    return {"l2_gather": b * (k + 1) * d * bank_elem,
-            "hbm": b * (k + 1) * idx_elem + 2 * b * d * 4 + n * d * bank_elem}
-
-
-def hopper_floors(shape: tuple[int, ...], bank_dtype: str = "fp32") -> dict[str, object]:
-    """Floors of one forward+backward at (B, d, K, N) per GPU (``kernels.hopper_build.GPUS``; int32 indices): the
-    L2 gather floor (bytes / L2 bandwidth; owed where no L2 bandwidth is known) beside the HBM floor at the
-    specified and, where known, the measured bandwidth. For the report's footer."""
-    from .hopper_build import GPUS
-
-    b, d, k, n = shape
-    nbytes = floor_bytes(b, d, k, n, _BANK_ELEM[bank_dtype])
-    out: dict[str, object] = {"bytes": nbytes}
-    for gpu, bw in GPUS.items():
-        us = lambda n, rate: round(n / rate * 1e6, 2) if rate else "owed"  # noqa: E731
-        out[gpu] = {"l2_gather_us": us(nbytes["l2_gather"], bw["l2_measured"]),
-                    "hbm_us_spec": us(nbytes["hbm"], bw["hbm_spec"]),
-                    "hbm_us_measured": us(nbytes["hbm"], bw["hbm_measured"])}
-    return out

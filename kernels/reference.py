@@ -10,9 +10,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .nce_plan import nce_constants
+
 __all__ = [
     "nce_loss_reference",
     "nce_partition_reference",
+    "nce_counts_reference",
+    "nce_dense_reference",
     "bank_update_reference_",
     "block_merge_reference",
     "block_merge_sum_reference",
@@ -60,6 +64,61 @@ def nce_partition_reference(anchor: torch.Tensor, bank: torch.Tensor, idx: torch
     """The first-batch estimate Z = mean(exp(s)) * N (CRD's ``Z_v``), returned as a Python float."""
     with torch.no_grad():
         return float(torch.exp(_nce_scores(anchor, bank, idx, tau)).mean().item() * n_data)
+
+
+def nce_counts_reference(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """C [B, N] int32: C[i, r] = how often bank row r was drawn as a negative for anchor i (idx[i, 1:]); the
+    positive idx[i, 0] counts only where it was also drawn among the negatives. Integer adds: exact, deterministic."""
+    b, k1 = idx.shape
+    counts = torch.zeros(b, n, dtype=torch.int32, device=idx.device)
+    if k1 > 1:
+        neg = idx[:, 1:].long()
+        counts.scatter_add_(1, neg, torch.ones(1, dtype=torch.int32, device=idx.device).expand_as(neg))
+    return counts
+
+
+def nce_dense_reference(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor,
+                        z: torch.Tensor | float, tau: float, n_data: int, eps: float,
+                        need_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dense form of ``nce_loss_reference``: (loss [] fp32, dL/danchor [B, d] fp32 or [0]), same idx, same loss.
+
+    S = A M^T / tau over the whole bank [B, N] (the bank read once, one GEMM), the negatives weighted by their
+    histogram ``counts`` (``nce_counts_reference(idx, N)``), the positive idx[:, 0] added on its own; the gradient
+    (W M) / (B tau) with W = C * sigmoid(t) minus sigmoid(-t) at the positive. In log space, t = s - log Z - log c
+    (c = K/N + eps), as the Triton kernels: positive term -softplus(-t), negative term log(noise/c) - softplus(t).
+    Written for the CPU and as the oracle of the dense kernel; columns are taken in slices so the [B, N] working set
+    stays bounded whatever N."""
+    b = idx.shape[0]
+    log_c, log_noise_over_c = nce_constants(idx.shape[1], n_data, eps)
+    z = torch.as_tensor(z, dtype=torch.float32, device=anchor.device).reshape(1)
+    minus_shift = -(torch.log(z) + log_c)
+    a = anchor.detach().float()
+    pos = idx[:, :1].long()
+    # negatives: sum_n C * (log(noise/c) - softplus(t)); sum_n C is K per anchor when counts come from idx
+    loss = counts.sum(dtype=torch.float64).float() * log_noise_over_c
+    grad = anchor.new_zeros(anchor.shape, dtype=torch.float32) if need_grad else None
+    step = max(1, _DENSE_SLICE // max(b, 1))
+    for lo in range(0, bank.shape[0], step):
+        rows = bank.detach()[lo:lo + step].float()  # [n, d]
+        t = torch.addmm(minus_shift, a, rows.T, alpha=1.0 / tau)  # [B, n]: s - log Z - log c
+        weight = counts[:, lo:lo + step].float()
+        softplus_t = F.softplus(t)  # log1p(exp(t)) below 20 (accurate for tiny P/c), t above
+        loss = loss - (weight * softplus_t).sum()
+        mine = (pos >= lo) & (pos < lo + rows.shape[0])  # [B, 1]: the positive falls in this slice
+        at = (pos - lo).clamp(0, rows.shape[0] - 1)
+        t_pos = t.gather(1, at)
+        loss = loss - torch.where(mine, F.softplus(-t_pos), 0.0).sum()
+        if need_grad:
+            weight.mul_(torch.sigmoid(t))
+            weight.scatter_add_(1, at, torch.where(mine, -torch.sigmoid(-t_pos), 0.0))
+            grad.addmm_(weight, rows)
+    loss = -loss / b
+    if not need_grad:
+        return loss, anchor.new_empty(0, dtype=torch.float32)
+    return loss, grad / (b * tau)
+
+
+_DENSE_SLICE = 1 << 22  # elements of one [B, n] slice of the scores (16 MB in float32)
 
 
 def last_occurrence_mask(index: torch.Tensor) -> torch.Tensor:

@@ -98,3 +98,57 @@ def test_the_noise_prior_counts_the_pool_the_negatives_come_from():
     noise, eps = 12 / 24, 1e-7
     expected = -(torch.log(p[:, 0] / (p[:, 0] + noise + eps)) + torch.log(noise / (p[:, 1:] + noise + eps)).sum(1))
     torch.testing.assert_close(l_v2t.double(), expected.mean(), rtol=1e-5, atol=1e-6)
+
+
+def _draw_as_before(d, index, seed):
+    """The sampling as the distiller drew it with int64 indices (before they became int32), written out here."""
+    torch.manual_seed(seed)
+    b, n = index.shape[0], d.n_data
+    if d.negatives == "uniform":
+        neg = torch.randint(0, n, (b, d.k))
+        shift = torch.randint(1, n, (b, d.k))
+        neg = torch.where(neg == index[:, None], (neg + shift) % n, neg)
+    else:
+        other = 1 - d.labels[index]
+        u = torch.rand(b, d.k)
+        pos = (u * d.label_count[other][:, None]).long().clamp_max(d.label_count[other][:, None] - 1)
+        neg = d.by_label[d.label_start[other][:, None] + pos]
+    return torch.cat([index[:, None], neg], dim=1)
+
+
+def test_indices_are_int32_with_the_same_values_from_the_same_rng_stream():
+    """The kernels take int32 idx; the draw is unchanged, so a seeded run samples the very same negatives (its
+    history is the same to float32 rounding) and the RNG is left where it was."""
+    for negatives in ("uniform", "opposite-class"):
+        d, _ = _distiller(negatives, n=97, k=300, seed=5)
+        index = torch.tensor([0, 3, 96, 41, 41])
+        want = _draw_as_before(d, index, seed=11)
+        after_want = torch.rand(3)
+        torch.manual_seed(11)
+        idx = d.sample_indices(index)
+        assert idx.dtype == torch.int32
+        assert torch.equal(idx.long(), want), negatives
+        assert torch.equal(torch.rand(3), after_want)  # the same number of draws
+
+
+def test_one_histogram_serves_both_directions(monkeypatch):
+    """Forced to the dense form, the distiller builds the negatives' histogram once per step and both losses equal
+    the gather form's on the same idx (same RNG state)."""
+    from cmc_fast.kernels import nce as nce_mod
+
+    calls = []
+    real = nce_mod._nce_counts_op
+    monkeypatch.setattr(nce_mod, "_nce_counts_op", lambda idx, n: calls.append(n) or real(idx, n))
+    g = torch.Generator().manual_seed(2)
+    t_feat, v_feat = torch.randn(6, 10, generator=g), torch.randn(6, 14, generator=g)
+    index = torch.tensor([3, 7, 11, 19, 23, 42])
+    losses = {}
+    for path in ("dense", "gather"):
+        monkeypatch.setenv("CMC_FAST_NCE", path)
+        d, _ = _distiller(k=40)
+        d.init_partition(t_feat, v_feat, index)
+        torch.manual_seed(9)
+        losses[path] = d(t_feat, v_feat, index)
+    assert calls == [50]  # one histogram, in the dense step only
+    for dense, gather in zip(losses["dense"], losses["gather"]):
+        torch.testing.assert_close(dense, gather, rtol=2e-6, atol=0)

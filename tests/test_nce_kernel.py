@@ -282,10 +282,12 @@ def test_int32_indices_match_int64(triton_path):
     assert_loss_close(loss32, want_loss, LOSS_RTOL_KERNEL)
 
 
+@pytest.mark.parametrize("form", ["gather", "dense"])
 @pytest.mark.parametrize("path", ["triton", "reference"])
-def test_empty_batch_gives_what_the_reference_gives(monkeypatch, path):
+def test_empty_batch_gives_what_the_reference_gives(monkeypatch, path, form):
     """B = 0: the reference's mean over no rows is nan and the gradient is [0, d]; the kernel path gives the same,
-    never uninitialised memory."""
+    never uninitialised memory; both forms of the loss."""
+    monkeypatch.setenv("CMC_FAST_NCE", form)
     if path == "triton" and not CUDA and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         pytest.skip("no CUDA and TRITON_INTERPRET is not set")
     monkeypatch.setenv("CMC_FAST_KERNELS", path)
@@ -299,8 +301,11 @@ def test_empty_batch_gives_what_the_reference_gives(monkeypatch, path):
 
 
 @pytest.mark.parametrize("bad", [100, -1])
-def test_out_of_range_index_is_never_silent(monkeypatch, bad):
-    """The reference path always raises a clear IndexError; the kernel path does under CMC_FAST_CHECK_INDEX=1."""
+@pytest.mark.parametrize("form", ["gather", "dense"])
+def test_out_of_range_index_is_never_silent(monkeypatch, bad, form):
+    """The reference path always raises a clear IndexError; the kernel path does under CMC_FAST_CHECK_INDEX=1. Both
+    forms of the loss (the dense one checks in its histogram)."""
+    monkeypatch.setenv("CMC_FAST_NCE", form)
     anchor, bank, idx = make_inputs(3, 16, 17, 100, seed=99)
     idx[1, 7] = bad
     monkeypatch.setenv("CMC_FAST_KERNELS", "reference")
@@ -474,15 +479,18 @@ class _Step(torch.nn.Module):
         return loss
 
 
+@pytest.mark.parametrize("form", ["gather", "dense", "auto"])
 @pytest.mark.parametrize("mode", ["auto", "triton"])
-def test_compiled_step_fullgraph_matches_eager(monkeypatch, mode):
+def test_compiled_step_fullgraph_matches_eager(monkeypatch, mode, form):
     """torch.compile(fullgraph=True) of a step with nce_loss and bank_update_ compiles without graph breaks --
     fullgraph raises on any -- and its loss, AOT-compiled backward and bank update match eager, twice in a row
     (step 2 reads the bank step 1 updated). auto: the ops' reference implementation on CPU, Triton on CUDA;
-    triton: the Triton launchers, in the interpreter on CPU (the op is opaque to the compiler either way)."""
+    triton: the Triton launchers, in the interpreter on CPU (the op is opaque to the compiler either way); both
+    forms of the loss (the dense one adds the histogram op to the graph) and the form chosen by shape at trace time."""
     if mode == "triton" and not CUDA and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         pytest.skip("no CUDA and TRITON_INTERPRET is not set")
     monkeypatch.setenv("CMC_FAST_KERNELS", mode)
+    monkeypatch.setenv("CMC_FAST_NCE", form)
     n, d_in, d, b, k1 = 64, 24, 16, 6, 17
     eager, compiled = _Step(n, d_in, d, seed=3).to(DEVICE), _Step(n, d_in, d, seed=3).to(DEVICE)
     fwd = torch.compile(compiled, fullgraph=True)
@@ -529,6 +537,15 @@ for block_d in (128, 512, 2048):
 build_checked(kn._nce_finalize_kernel, {"part_loss_ptr": F, "part_grad_ptr": F, "loss_ptr": F, "grad_ptr": F,
                                         "loss_scale": "fp32", "grad_scale": "fp32"},
               {"COMPUTE_GRAD": True, "BLOCK_S": 16, "BLOCK_D": 128, "BLOCK_P": 1024})
+# The dense form: its loss kernel as the launcher configures it on a GPU (up to d = 128, DENSE_MAX_D) for each bank
+# dtype, and the histogram.
+for bank_type, elem in (("fp32", 4), ("bf16", 2), ("fp16", 2)):
+    for d in (16, 50, 64, 128):
+        launch = kn._dense_launch(64, d, 9528, interpreted=False, elem=elem)
+        consts = {**kn._dense_consts(launch, need_grad=True, libdevice_log1p=True), "stride_bd": 1}
+        types, divisible = kn._dense_spec_args(d, 9528, 16385, 1024, bank_type)
+        build_checked(kn._nce_dense_kernel, types, consts, launch.num_warps, divisible)
+build_checked(kn._nce_counts_kernel, {"idx_ptr": "*i32", "counts_ptr": "*i32"}, {"BLOCK_K": 1024})
 build_checked(kn._bank_update_kernel, {"bank_ptr": "*bf16", "index_ptr": "*i64", "feats_ptr": F, "momentum": "fp32"},
               {"BLOCK_N": 1024, "BLOCK_D": 128})
 print("BUILD OK")
@@ -566,3 +583,177 @@ def test_splits_fill_the_last_wave(b, k1, block_k, slots):
     fill = (programs % slots or slots) / slots
     if b * (k1 // max(16, block_k)) >= slots:  # enough tiles to fill one wave
         assert programs >= 0.9 * slots and fill >= 0.9, (programs, slots, fill)
+
+
+# ------------------------------------------------------------------------------------- the dense form
+# S = A M^T / tau over the whole bank, negatives weighted by their histogram C (kernels/nce.py _nce_dense_kernel,
+# the PyTorch form reference.nce_dense_reference). Same idx, same loss: checked against the float64 gather formula.
+def _random_dense_cases(seed, count):
+    """Fresh shapes from a seeded generator, with the edge cases named: (b, d, k1, n, pool, n_data)."""
+    g = torch.Generator().manual_seed(seed)
+    pick = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))  # noqa: E731
+    cases = [
+        (pick(2, 5), 16 * pick(1, 3), pick(40, 90), pick(8, 20), None, None),  # K+1 > N: every row drawn often
+        (pick(1, 4), pick(17, 40), pick(2, 9), pick(300, 700), None, None),  # K+1 << N, d not a multiple of 16
+        (pick(3, 6), 32, pick(30, 60), 200, 7, None),  # a pool of 7 rows: repeated indices in every row
+        (pick(2, 5), 16, pick(20, 50), 120, None, pick(40, 70)),  # opposite-class: n_data = the pool, not N
+        (1, 16, 1, 33, None, None),  # K = 0: the positive alone
+    ]
+    return cases[:count]
+
+
+DENSE_CASES = _random_dense_cases(seed=2101, count=5)
+DENSE_IDS = ["K1_gt_N", "K1_lt_N", "repeats", "pool_n_data", "K0"]
+
+
+def _dense_inputs(b, d, k1, n, pool, seed, bank_dtype=torch.float32):
+    anchor, bank, idx = make_inputs(b, d, k1, n, seed, bank_dtype=bank_dtype, pool=pool)
+    if k1 > 2:
+        idx[0, 1 + seed % (k1 - 1)] = idx[0, 0]  # the positive also drawn as a negative
+    return anchor, bank, idx
+
+
+@pytest.mark.parametrize("b,d,k1,n,pool,n_data", DENSE_CASES, ids=DENSE_IDS)
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_dense_matches_float64(monkeypatch, impl, b, d, k1, n, pool, n_data):
+    """ops.nce_loss forced to the dense form (CMC_FAST_NCE=dense), PyTorch and Triton, forward and backward, int32
+    and int64 idx, against the float64 formula of the gather on the same idx."""
+    if impl == "triton" and not CUDA and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        pytest.skip("no CUDA and TRITON_INTERPRET is not set")
+    monkeypatch.setenv("CMC_FAST_KERNELS", impl)
+    monkeypatch.setenv("CMC_FAST_NCE", "dense")
+    n_data = n_data or n
+    anchor, bank, idx = _dense_inputs(b, d, k1, n, pool, seed=b * 1000 + k1)
+    z = torch.tensor(z_of(anchor, bank, idx, n_data), device=DEVICE)
+    want_loss, want_grad = loss64(anchor, bank, idx, z=z, n=n_data)
+    for index_dtype in (torch.int32, torch.int64):
+        loss, grad = run_public(anchor, bank, idx.to(index_dtype), z=z, n=n_data, upstream=1.7)
+        assert_loss_close(loss, want_loss, LOSS_RTOL_KERNEL, f"dense {impl} vs float64")
+        assert_grad_close(grad, 1.7 * want_grad, torch.float32, f"dense {impl} vs float64")
+
+
+@pytest.mark.parametrize("splits,bank_dtype", [(1, torch.float32), (3, torch.float32), (2, torch.float16)])
+def test_dense_kernel_splits_and_tiles(triton_path, splits, bank_dtype):
+    """The launcher called directly: the bank cut into several slices (tails not on a tile boundary), B not a
+    multiple of the anchor tile, an opposite-class n_data; a 2-byte bank (exact in tf32: the anchors and weights split
+    by hand into two tf32 products); loss and gradient against float64 on the bank's stored values."""
+    b, d, k1, n, n_data = 19, 40, 301, 999, 420
+    anchor, bank, idx = _dense_inputs(b, d, k1, n, None, seed=splits, bank_dtype=bank_dtype)
+    z = torch.tensor(z_of(anchor, bank, idx, n_data), device=DEVICE)
+    counts = nce_mod.nce_counts_triton(idx, n)
+    loss, grad = nce_mod.nce_dense_triton(anchor, bank, idx, counts, z, TAU, n_data, EPS, True, splits=splits)
+    want_loss, want_grad = loss64(anchor, bank, idx, z=z, n=n_data)
+    assert_loss_close(loss, want_loss, LOSS_RTOL_KERNEL, "dense kernel vs float64")
+    assert_grad_close(grad, want_grad, torch.float32, "dense kernel vs float64")
+
+
+def test_dense_reference_half_banks_and_tiny_terms(reference_path, monkeypatch):
+    """The PyTorch dense form with bfloat16 and float16 banks (the interpreter has no bfloat16: the kernel's are
+    checked on a GPU), and a Z so large every negative term is tiny (P << K/N): their digits survive."""
+    monkeypatch.setenv("CMC_FAST_NCE", "dense")
+    for bank_dtype in (torch.bfloat16, torch.float16):
+        anchor, bank, idx = _dense_inputs(4, 64, 257, 400, None, seed=77, bank_dtype=bank_dtype)
+        for z in (z_of(anchor, bank, idx, 400), 1e12):
+            loss, grad = run_public(anchor, bank, idx, z=z, n=400)
+            want_loss, want_grad = loss64(anchor, bank, idx, z=z, n=400)
+            assert_loss_close(loss, want_loss, LOSS_RTOL_KERNEL, f"dense {bank_dtype} z={z}")
+            assert_grad_close(grad, want_grad, torch.float32, f"dense {bank_dtype} z={z}")
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_counts_are_the_negatives_histogram(monkeypatch, impl):
+    """C[i, r] = how often r appears in idx[i, 1:] (the positive only where also drawn), counted here by a Python
+    loop; repeated indices, K+1 > N and int32/int64 idx."""
+    if impl == "triton" and not CUDA and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        pytest.skip("no CUDA and TRITON_INTERPRET is not set")
+    monkeypatch.setenv("CMC_FAST_KERNELS", impl)
+    g = torch.Generator().manual_seed(31)
+    n = 13
+    idx = torch.randint(0, n, (5, 1 + 1500), generator=g)
+    idx[2, 5] = idx[2, 0]
+    want = torch.zeros(5, n, dtype=torch.int32)
+    for i, row in enumerate(idx.tolist()):
+        for r in row[1:]:
+            want[i, r] += 1
+    for index_dtype in (torch.int32, torch.int64):
+        got = ops.nce_counts(idx.to(DEVICE, index_dtype), n)
+        assert got.dtype == torch.int32 and torch.equal(got.cpu(), want)
+    assert ops.nce_counts(idx[:, :1].to(DEVICE), n).sum() == 0  # K = 0: no negatives
+
+
+def test_counts_argument_is_checked_and_shared(reference_path, monkeypatch):
+    monkeypatch.setenv("CMC_FAST_NCE", "dense")
+    anchor, bank, idx = _dense_inputs(3, 16, 33, 50, None, seed=3)
+    counts = ops.nce_counts_for(anchor, bank, idx)
+    assert counts is not None and counts.shape == (3, 50)
+    a = anchor.clone().requires_grad_()
+    shared = ops.nce_loss(a, bank, idx, tau=TAU, z=10.0, n_data=50, counts=counts)
+    assert torch.equal(shared, ops.nce_loss(a, bank, idx, tau=TAU, z=10.0, n_data=50))
+    with pytest.raises(ValueError, match=r"counts must be the int32 \[B, N\] = \[3, 50\]"):
+        ops.nce_loss(a, bank, idx, tau=TAU, z=10.0, n_data=50, counts=counts.float())
+    monkeypatch.setenv("CMC_FAST_NCE", "gather")
+    assert ops.nce_counts_for(anchor, bank, idx) is None
+    monkeypatch.setenv("CMC_FAST_NCE", "sparse")
+    with pytest.raises(ValueError, match="CMC_FAST_NCE='sparse' is not one of auto, gather, dense"):
+        ops.nce_loss(a, bank, idx, tau=TAU, z=10.0, n_data=50)
+
+
+# ------------------------------------------------------------------------------------ the choice by shape
+def test_choice_rule_by_shape(monkeypatch):
+    """Dense at every shape of the paper (B*(K+1) well above N), the gather for a bank far larger than B*(K+1) or
+    a [B, N] working set past the cap, for K = 0 and past the dense kernel's widest d; CMC_FAST_NCE forces one."""
+    from cmc_fast.kernels import nce_plan as plan
+
+    monkeypatch.delenv("CMC_FAST_NCE", raising=False)
+    for device in ("cpu", "cuda"):
+        for b, k, n in [(64, 16384, 9528), (256, 16384, 9528), (64, 1500, 7531)]:
+            assert plan.nce_path(b, 128, k + 1, n, 4, device) == "dense", (device, b, k, n)
+        assert plan.nce_path(256, 128, 16385, 1_000_000, 4, device) == "gather"  # 1 GB of counts
+        assert plan.nce_path(64, 128, 65, 500_000, 4, device) == "gather"  # B*(K+1) << N, within the cap
+        assert plan.nce_path(64, 128, 1, 100, 4, device) == "gather"  # K = 0: nothing to histogram
+        assert plan.nce_path(64, 2048, 16385, 9528, 4, device) == "gather"
+    monkeypatch.setenv("CMC_FAST_NCE", "dense")
+    assert plan.nce_path(256, 128, 16385, 1_000_000, 4, "cpu") == "dense"
+    monkeypatch.setenv("CMC_FAST_NCE", "gather")
+    assert plan.nce_path(64, 128, 16385, 9528, 4, "cpu") == "gather"
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_auto_choice_matches_float64_and_is_recorded(reference_path, monkeypatch, seed):
+    """Left to the rule, on fresh random shapes on both sides of it: whichever form runs gives the float64 loss and
+    gradient, and the run's record names the form that ran."""
+    from cmc_fast.kernels import nce_plan as plan
+
+    monkeypatch.delenv("CMC_FAST_NCE", raising=False)
+    g = torch.Generator().manual_seed(seed)
+    b, d = int(torch.randint(2, 9, (1,), generator=g)), int(torch.randint(16, 48, (1,), generator=g))
+    ops.nce_paths_taken(reset=True)
+    seen = set()
+    for k1, n in [(int(torch.randint(200, 400, (1,), generator=g)), 60), (2, 3000)]:  # dense side, gather side
+        anchor, bank, idx = _dense_inputs(b, d, k1, n, None, seed=seed + k1)
+        z = z_of(anchor, bank, idx, n)
+        loss, grad = run_public(anchor, bank, idx, z=z, n=n)
+        want_loss, want_grad = loss64(anchor, bank, idx, z=z, n=n)
+        path = plan.nce_path(b, d, k1, n, 4, DEVICE.type)
+        seen.add(path)
+        rtol = LOSS_RTOL_KERNEL if path == "dense" else LOSS_RTOL_REFERENCE
+        assert_loss_close(loss, want_loss, rtol, path, atol=0 if path == "dense" else ref_atol(k1))
+        assert_grad_close(grad, want_grad, torch.float32, path, atol=0 if path == "dense" else ref_grad_atol(b, k1))
+    assert seen == {"dense", "gather"}
+    taken = ops.nce_paths_taken(reset=True)
+    assert any(line.startswith(f"dense (auto) at B={b} d={d}") for line in taken), taken
+    assert any(line.startswith(f"gather (auto) at B={b} d={d} K=1 N=3000") for line in taken), taken
+    assert ops.nce_paths_taken() == []
+
+
+def test_dense_ops_registrations():
+    """Schema, fake (meta) and autograd registrations of the dense ops (torch.library.opcheck)."""
+    anchor, bank, idx = _dense_inputs(3, 16, 17, 40, None, seed=5)
+    anchor.requires_grad_()
+    z = torch.tensor(z_of(anchor, bank, idx, 40), device=DEVICE)
+    counts = ops.nce_counts(idx, 40)
+    torch.library.opcheck(torch.ops.cmc_fast.nce_dense_fwd.default,
+                          (anchor, bank, idx, counts, z, TAU, 40, EPS, True),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    torch.library.opcheck(torch.ops.cmc_fast.nce_counts.default, (idx, 40),
+                          test_utils=("test_schema", "test_faketensor"))

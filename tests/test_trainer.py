@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -29,6 +30,8 @@ def test_cli_end_to_end_writes_a_complete_run_directory(tmp_path, capsys):
     assert "| cmc |" in report and "Fake F1" in report
     assert "cmc-shared loss: fused (the paper's CMC-shared baseline" in report
     assert "scored on the 40 test posts with an image (all of them)" in report
+    assert re.search(r"- stage1: NCE loss form: (dense|gather) \(auto\) at B=\d+ d=\d+ K=\d+ N=\d+ fp32 bank on cpu: "
+                     r"\d+ calls", report), report  # which form of the NCE loss ran (issue 21)
     assert json.loads((out / "config.json").read_text())["epochs"] == 1
     assert (out / "log.txt").stat().st_size > 0
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
