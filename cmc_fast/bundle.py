@@ -71,13 +71,14 @@ def train_command(cfg: Config) -> str:
     dataset's preset (the CLI's own flag names, ``cli.config_flag``); fields a flag cannot express go through
     ``--config``."""
     from cmc_fast.cli import config_flag
+    from cmc_fast.recipes import ENCODER_KEYS, recipe_base
 
-    base = preset(cfg.dataset)
+    base, tuned = preset(cfg.dataset), recipe_base(cfg)  # encoders against the preset, the rest their recipe
     flags, rest = [f"--dataset {cfg.dataset}"], {}
     skip = ("dataset", "out", "progress", "synthetic_train", "synthetic_test")
     for f in dataclasses.fields(Config):
         value = getattr(cfg, f.name)
-        if f.name in skip or value == getattr(base, f.name):
+        if f.name in skip or value == getattr(base if f.name in ENCODER_KEYS else tuned, f.name):
             continue
         if not f.metadata.get("cli", True) or value is None:
             rest[f.name] = value

@@ -19,8 +19,9 @@ import typing
 from collections.abc import Iterator
 from pathlib import Path
 
-from cmc_fast.config import Config, preset, read_run_config
+from cmc_fast.config import Config, read_run_config
 from cmc_fast.errors import CollectiveFailure, UsageError
+from cmc_fast.recipes import configure
 from cmc_fast.rundir import claim
 
 
@@ -101,7 +102,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if hasattr(args, f.name)}
     overrides = Config.read_overrides(args.config) if args.config else {}
     dataset = given.get("dataset") or overrides.get("dataset", "synthetic")
-    cfg = dataclasses.replace(preset(dataset), **{**overrides, **given})
+    cfg, recipe = configure(dataset, {**overrides, **given})
+    args.recipe_description = recipe  # the trainer's report states the recipe that ran
     if isinstance(cfg.image_weights, str) and cfg.image_weights.lower() == "none":
         cfg.image_weights = None
     if cfg.image_model == "tiny" and "image_weights" not in given and "image_weights" not in overrides:
@@ -144,7 +146,7 @@ def _train(args: argparse.Namespace, held: list[Path]) -> int:
     with _hold(run_dir, flag="--out") as notes:
         held.append(run_dir)
         _say(run_dir, notes)
-        return _run(Trainer(cfg, run_dir))
+        return _run(Trainer(cfg, run_dir, recipe=args.recipe_description))
 
 
 # flags a resumed run applies (where and how it runs, not what it trains); every other flag is refused
