@@ -197,7 +197,7 @@ def test_every_row_is_scored_on_the_posts_with_an_image_and_all_posts_is_its_own
     assert results["finetune-t (all posts)"]["posts"] == "all 40 test posts"
     report = (out / "report.md").read_text()
     assert "| finetune-t (all posts) |" in report
-    assert "- finetune-t, finetune-v: scored on the 35 test posts with an image (of 40)" in report
+    assert f"- finetune-t, finetune-v, {BASELINE_ROW}: scored on the 35 test posts with an image (of 40)" in report
     assert "- finetune-t (all posts): scored on all 40 test posts" in report
 
 
