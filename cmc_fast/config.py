@@ -194,6 +194,8 @@ class Config:
         values.setdefault("val_split", "random")
         # and one written before --shared-loss trained cmc-shared with the distillation terms
         values.setdefault("shared_loss", "fused+distill")
+        # and one written before --class-weights trained unweighted whatever its split
+        values.setdefault("class_weights", "none")
         if "image_size" in values and values["image_size"] is not None:
             values["image_size"] = tuple(values["image_size"])
         return cls(**values)

@@ -21,7 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,14 +139,17 @@ def main() -> int:
     results = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, no GPU",
                "rows": previous.get("rows", {})}
     jobs = [(row, seed) for row in args.rows for seed in args.seeds]
+    runs: list[dict] = []
     with ThreadPoolExecutor(max(1, args.parallel)) as pool:
-        runs = list(pool.map(lambda job: run_one(*job, args), jobs))
-    for row in args.rows:
-        mine = [r for r in runs if r["row"] == row]
-        results["rows"][row] = {**summarise(mine), "runs": mine, "parallel": args.parallel, "threads": args.threads}
-    DEST.parent.mkdir(parents=True, exist_ok=True)
-    DEST.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
-    DEST.with_suffix(".md").write_text(markdown(results))
+        for future in as_completed([pool.submit(run_one, *job, args) for job in jobs]):
+            runs.append(future.result())  # written after every run: a stopped benchmark keeps what finished
+            row = runs[-1]["row"]
+            mine = sorted((r for r in runs if r["row"] == row), key=lambda r: r["seed"])
+            results["rows"][row] = {**summarise(mine), "runs": mine, "parallel": args.parallel,
+                                    "threads": args.threads}
+            DEST.parent.mkdir(parents=True, exist_ok=True)
+            DEST.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+            DEST.with_suffix(".md").write_text(markdown(results))
     print(markdown(results))
     return 0
 

@@ -263,3 +263,14 @@ def test_without_scikit_learn_one_line_says_why_the_row_is_missing(tmp_path, mon
 def test_lr_warmup_follows_the_flag():
     f = loop.lr_factor("linear", 100, 0.2)
     assert [f(s) for s in (0, 19)] == pytest.approx([1 / 20, 1.0]) and f(20) == pytest.approx(1.0)
+
+
+def test_run_directories_from_before_class_weights_stay_unweighted(tmp_path):
+    from tiny import tiny_config
+
+    from cmc_fast.config import Config
+
+    saved = json.loads(tiny_config(tmp_path).to_json())
+    assert Config.from_dict(saved).class_weights == "auto"
+    del saved["class_weights"]
+    assert Config.from_dict(saved).class_weights == "none"
