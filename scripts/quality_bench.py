@@ -121,6 +121,11 @@ def _goal(row: str) -> str:
     return goal + f"within {MAX_GAP} of baseline"
 
 
+def _saved_rows() -> dict:
+    path = DEST.with_suffix(".json")
+    return json.loads(path.read_text()).get("rows", {}) if path.is_file() else {}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
@@ -135,9 +140,8 @@ def main() -> int:
         root = DATASETS[name][DATASETS[name].index("--data-root") + 1]
         if not Path(root).is_dir():
             ap.error(f"{name}: data not found at {root}")
-    previous = json.loads(DEST.with_suffix(".json").read_text()) if DEST.with_suffix(".json").is_file() else {}
     results = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, no GPU",
-               "rows": previous.get("rows", {})}
+               "rows": _saved_rows()}
     jobs = [(row, seed) for row in args.rows for seed in args.seeds]
     runs: list[dict] = []
     with ThreadPoolExecutor(max(1, args.parallel)) as pool:
@@ -145,8 +149,8 @@ def main() -> int:
             runs.append(future.result())  # written after every run: a stopped benchmark keeps what finished
             row = runs[-1]["row"]
             mine = sorted((r for r in runs if r["row"] == row), key=lambda r: r["seed"])
-            results["rows"][row] = {**summarise(mine), "runs": mine, "parallel": args.parallel,
-                                    "threads": args.threads}
+            results["rows"] = {**_saved_rows(), row: {**summarise(mine), "runs": mine, "parallel": args.parallel,
+                                                      "threads": args.threads}}  # another benchmark may have written
             DEST.parent.mkdir(parents=True, exist_ok=True)
             DEST.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
             DEST.with_suffix(".md").write_text(markdown(results))
