@@ -75,7 +75,6 @@ class Trainer:
         self.build = ModelBuilder(cfg, self.device, self.ckpt_dir, resume=self.resume,
                                   evaluate_only=evaluate_only, notes=self.notes)
         self.ctx = StageContext(cfg, self.device, None, self.build)
-        self.baseline_scores: dict | None = None
 
     # ---------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
