@@ -109,7 +109,8 @@ def markdown(results: dict) -> str:
     for row in ROWS:
         s = results["rows"].get(row)
         if s and s.get("recipe"):
-            lines.append(f"- {row} (parallel {s.get('parallel', 1)}): {s['recipe']} Baseline: {s['baseline_model']}.")
+            lines.append(f"- {row} ({s.get('parallel', 1)} run(s) at a time): {s['recipe']} Baseline (seed "
+                         f"{s['seeds'][0]}): {s['baseline_model']}.")
     errors = [e for s in results["rows"].values() for e in s.get("errors", [])]
     if errors:
         lines += ["", "Failed runs:", "", *[f"- {e['row']} seed {e['seed']}: {e['error']}" for e in errors]]
@@ -133,7 +134,12 @@ def main() -> int:
     ap.add_argument("--parallel", type=int, default=1, help="runs at a time")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per run (1 when --parallel > 1)")
     ap.add_argument("--out", default=str(ROOT / "runs" / "quality"))
+    ap.add_argument("--markdown-only", action="store_true", help="rewrite the .md from the saved .json, run nothing")
     args = ap.parse_args()
+    if args.markdown_only:
+        saved = json.loads(DEST.with_suffix(".json").read_text())
+        DEST.with_suffix(".md").write_text(markdown(saved))
+        return 0
     if args.parallel > 1 and args.threads is None:
         args.threads = 1  # two 2-thread runs on two cores stall each other's OpenMP
     for name in {r.split(":")[0] for r in args.rows}:
