@@ -6,7 +6,8 @@ few hundred articles at batch 32 are a handful of optimiser steps a pass: the da
 Precedence, lowest first: the Config defaults, the dataset preset, the recipe of the run's encoder kinds, a
 ``--config`` file, the flags typed. A preset's own values win over the recipe where the preset names the encoder
 the run uses (its values were tuned for it: the synthetic preset's tiny models, the authors' BERT length).
-``--recipe none`` keeps the preset and the defaults only.
+``--recipe none`` keeps the preset and the defaults only. ``--epochs`` given without ``--min-steps`` drops the
+recipe's minimum steps (the epochs asked for are the epochs that run).
 
     text kinds   ngram, tiny, tiny+mlm (--text-pretrain-epochs > 0), pretrained (a Hugging Face model)
     image kinds  cnn-scratch (--image-model tiny or --image-weights none), cnn-pretrained
@@ -67,7 +68,8 @@ def configure(dataset: str, user: dict | None = None) -> tuple[Config, dict]:
     applied, kept = {}, {}
     for side, table in (("image", IMAGE_RECIPES), ("text", TEXT_RECIPES)):
         for key, value in table[kinds[side]].items():
-            if key in user:
+            # epochs you give are the epochs that run: the recipe's minimum steps would raise them
+            if key in user or (key == "min_steps" and "epochs" in user):
                 continue
             if same_encoder[side] and key in tuned:
                 kept[key] = getattr(base, key)

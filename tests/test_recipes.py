@@ -57,6 +57,9 @@ def test_recipes_differ_where_the_encoders_need_it():
 def test_flags_and_config_files_override_the_recipe(tmp_path):
     cfg = _cli("--dataset", "fakenewsnet", "--text-model", "ngram", "--text-lr", "0.5", "--min-steps", "7")
     assert (cfg.text_lr, cfg.min_steps, cfg.epochs) == (0.5, 7, TEXT_RECIPES["ngram"]["epochs"])
+    # epochs typed are the epochs that run: the recipe's minimum steps no longer raise them
+    assert (_cli("--dataset", "manifest", "--text-model", "tiny", "--epochs", "2").min_steps,
+            _cli("--dataset", "manifest", "--text-model", "tiny").min_steps) == (0, TEXT_RECIPES["tiny"]["min_steps"])
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"epochs": 2, "text_lr": 0.25}))
     cfg = _cli("--dataset", "fakenewsnet", "--text-model", "ngram", "--config", str(path), "--text-lr", "0.125")
