@@ -72,13 +72,14 @@ def train_command(cfg: Config) -> str:
     dataset's preset (the CLI's own flag names, ``cli.config_flag``); fields a flag cannot express go through
     ``--config``."""
     from cmc_fast.cli import config_flag
+    from cmc_fast.recipes import ENCODER_KEYS, recipe_base
 
-    base = preset(cfg.dataset)
+    base, tuned = preset(cfg.dataset), recipe_base(cfg)  # encoders against the preset, the rest their recipe
     flags, rest = [f"--dataset {cfg.dataset}"], {}
     skip = ("dataset", "out", "progress", "synthetic_train", "synthetic_test")
     for f in dataclasses.fields(Config):
         value = getattr(cfg, f.name)
-        if f.name in skip or value == getattr(base, f.name):
+        if f.name in skip or value == getattr(base if f.name in ENCODER_KEYS else tuned, f.name):
             continue
         if f.name in _LOCAL_PATHS and value is not None and value not in _NAMED.get(f.name, ()):
             flags.append(f"{config_flag(f)} {_LOCAL_PATHS[f.name]}")  # a path of the machine it was trained on

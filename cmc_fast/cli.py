@@ -24,6 +24,7 @@ from cmc_fast.config import DATASETS, Config, preset, read_run_config
 from cmc_fast.data_pipeline import safe_io
 from cmc_fast.data_pipeline.safe_io import FileRefused
 from cmc_fast.errors import CollectiveFailure, UsageError
+from cmc_fast.recipes import configure
 from cmc_fast.rundir import claim, clear_run, refuse_existing_run
 
 
@@ -142,7 +143,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if hasattr(args, f.name)}
     overrides = Config.read_overrides(args.config) if args.config else {}
     dataset = given.get("dataset") or overrides.get("dataset", "synthetic")
-    cfg = dataclasses.replace(preset(dataset), **{**overrides, **given})
+    cfg, recipe = configure(dataset, {**overrides, **given})
+    args.recipe_description = recipe  # the trainer's report states the recipe that ran
     if isinstance(cfg.image_weights, str) and cfg.image_weights.lower() == "none":
         cfg.image_weights = None
     if cfg.image_model == "tiny" and "image_weights" not in given and "image_weights" not in overrides:
@@ -186,7 +188,7 @@ def _train(args: argparse.Namespace, held: list[Path]) -> int:
     run_dir = Path(cfg.out or f"runs/{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
     cfg.out = str(run_dir)
     refuse_existing_run(run_dir, overwrite=args.overwrite)
-    trainer = Trainer(cfg, run_dir)
+    trainer = Trainer(cfg, run_dir, recipe=args.recipe_description)
     trainer.check_inputs()  # arguments and data, before any folder is made
     with _hold(run_dir, flag="--out") as notes:
         held.append(run_dir)

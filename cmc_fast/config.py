@@ -88,8 +88,24 @@ class Config:
     bank_dtype: str = option("float32", "memory banks' storage: bfloat16 halves their memory (updates mix and "
                              "normalise in float32)", choices=("float32", "bfloat16"))
     lr_schedule: str = option("constant", "per-step learning rate of every optimiser: constant (the authors'), or "
-                              "6%% linear warm-up then linear / cosine decay to 0", choices=("constant", "linear",
-                                                                                              "cosine"))
+                              "linear warm-up (--warmup) then linear / cosine decay to 0",
+                              choices=("constant", "linear", "cosine"))
+    warmup: float = option(0.06, "share of a stage's optimiser steps spent warming the learning rate up (linear and "
+                           "cosine schedules)")
+    text_weight_decay: float = option(0.0, "text network weight decay (AdamW when > 0, else Adam)")
+    min_steps: int = option(0, "minimum optimiser steps of each stage: its epochs are raised to reach them (small "
+                            "data sets get enough updates)")
+    patience: int = option(0, "stop a stage after N epochs without a better validation score on any head (0: run "
+                           "every epoch)", metavar="N")
+    select_metric: str = option("accuracy", "validation metric that picks each head's checkpoint and drives "
+                                "--patience", choices=("accuracy", "macro-f1", "auc"))
+    class_weights: str = option("auto", "weight the cross-entropy by inverse class frequency of the fit split: "
+                                "balanced, none, or auto (balanced when the rarer class is under 40%% of the fit "
+                                "posts)", choices=("auto", "balanced", "none"))
+    recipe: str = option("auto", "auto: learning rate, schedule, epochs and minimum steps chosen for the encoder "
+                         "kinds (flags you give win); none: the dataset preset and the defaults only",
+                         choices=("auto", "none"))
+    baseline: bool = option(True, "no TF-IDF + logistic-regression baseline row (needs scikit-learn)")
     shared_loss: str = option("fused", "cmc-shared: fused (the paper's CMC-shared baseline: BLOCK over both "
                               "encoders, one stage, fused CE, no distillation) or fused+distill (adds CE_T, CE_V and "
                               "both NCE terms)", choices=SHARED_LOSSES)
@@ -126,6 +142,11 @@ class Config:
         variants = self.variants()
         need(all(v in VARIANTS for v in variants),
              f"--variant: unknown variant {self.variant!r}; choose 'all' or a comma list of {', '.join(VARIANTS)}")
+        need(0.0 <= self.warmup < 1.0, f"--warmup: must be in [0, 1), got {self.warmup}")
+        need(0.0 <= self.text_weight_decay < math.inf, f"--text-weight-decay: must be >= 0, got "
+             f"{self.text_weight_decay}")
+        for name in ("min_steps", "patience"):
+            need(getattr(self, name) >= 0, f"--{_flag(name)}: must be >= 0, got {getattr(self, name)}")
         for name in ("epochs", "fusion_epochs", "batch_size", "nce_k", "proj_dim", "mm_dim", "chunks", "rank",
                      "tiny_text_dim", "tiny_text_layers", "log_every"):
             need(getattr(self, name) >= 1, f"--{name.replace('_', '-')}: must be >= 1, got {getattr(self, name)}")
@@ -200,6 +221,8 @@ class Config:
         values.setdefault("val_split", "random")
         # and one written before --shared-loss trained cmc-shared with the distillation terms
         values.setdefault("shared_loss", "fused+distill")
+        # and one written before --class-weights trained unweighted whatever its split
+        values.setdefault("class_weights", "none")
         if "image_size" in values and values["image_size"] is not None:
             values["image_size"] = tuple(values["image_size"])
         cfg = cls(**values)
@@ -341,7 +364,7 @@ def _synthetic() -> dict:
     return dict(dataset="synthetic", synthetic_train=800, synthetic_test=400, text_model="tiny", image_model="tiny",
                 image_weights=None, max_len=40,
                 image_size=(64, 64), epochs=6, fusion_epochs=8, batch_size=32, text_lr=1e-3, image_lr=0.03,
-                nce_k=256, fusion_lr=1e-3, mm_dim=128, chunks=8, rank=8, tiny_text_dim=64)
+                nce_k=256, fusion_lr=1e-3, mm_dim=128, chunks=8, rank=8, tiny_text_dim=64, min_steps=0)
 
 
 PRESETS: dict[str, dict] = {

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from cmc_fast import distributed
 from cmc_fast.checkpoint_manager import CheckpointManager, capture_rng, restore_rng
 from cmc_fast.errors import UsageError
+from cmc_fast.metrics import selection_score
 from cmc_fast.stages import Stage
 
 log = logging.getLogger("cmc_fast")
@@ -113,24 +114,27 @@ class StageClock:
 
 @dataclass
 class FitResult:
-    best: dict[str, float]  # head -> best validation accuracy
+    best: dict[str, float]  # head -> best validation score (--select-metric)
     history: list[dict]
     clock: StageClock
     best_epoch: dict[str, int] = field(default_factory=dict)  # head -> the epoch its best checkpoint holds
+    best_val: dict[str, dict] = field(default_factory=dict)  # head -> validation metrics of that epoch
+    stopped_early: bool = False  # --patience ended the stage before its planned epochs
 
 
 def _schedulers(stage: Stage, cfg) -> dict:
     if cfg.lr_schedule == "constant":
         return {}
     steps_per_epoch = len(batches(len(stage.train_split), cfg.batch_size, shuffle=False, drop_last=True))
-    factor = lr_factor(cfg.lr_schedule, stage.epochs * steps_per_epoch)
+    factor = lr_factor(cfg.lr_schedule, stage.epochs * steps_per_epoch, cfg.warmup)
     return {key: torch.optim.lr_scheduler.LambdaLR(opt, factor) for key, opt in stage.optimizers.items()}
 
 
 def fit(stage: Stage, manager: CheckpointManager, *, resume: bool = False, evaluate_only: bool = False,
         run_dir: str = "") -> FitResult:
     """Train ``stage`` for its epochs (resuming from its last checkpoint when asked), keep each head's best
-    checkpoint by validation accuracy, and load every head's best state at the end."""
+    checkpoint by its validation score (``--select-metric``; ``--patience`` epochs without a better one on any
+    head end the stage early), and load every head's best state at the end."""
     cfg = stage.cfg
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + zlib.crc32(stage.name.encode()) % 1000)
     schedulers = _schedulers(stage, cfg)
@@ -156,7 +160,10 @@ def fit(stage: Stage, manager: CheckpointManager, *, resume: bool = False, evalu
             _end_epoch(stage, manager, schedulers, gen, result, epoch, steplog)
             epoch_seconds.append(time.perf_counter() - t_epoch)
             if distributed.is_main():
-                log.info(epoch_line(stage.name, stage.epochs, result, epoch_seconds), extra={"console": True})
+                log.info(epoch_line(stage.name, stage.epochs, result, epoch_seconds, cfg.select_metric),
+                         extra={"console": True})
+            if result.stopped_early:
+                break
     finally:
         distributed.unwrap(stage, wrapped)
     for head, keys in stage.heads.items():
@@ -164,14 +171,14 @@ def fit(stage: Stage, manager: CheckpointManager, *, resume: bool = False, evalu
     return result
 
 
-def epoch_line(stage: str, epochs: int, result: FitResult, epoch_seconds: list[float]) -> str:
+def epoch_line(stage: str, epochs: int, result: FitResult, epoch_seconds: list[float], metric: str) -> str:
     """The console's line for the epoch just ended (the last entry of ``result.history``): training loss, each
-    head's validation accuracy with the best so far and its epoch, the epoch's time and the stage's ETA. The CLI
-    prints it on stderr whether or not that is a terminal (``extra={"console": True}``)."""
+    head's validation accuracy with the best selection score so far (``--select-metric``) and its epoch, the
+    epoch's time and the stage's ETA. The CLI prints it on stderr, terminal or not (``extra={"console": True}``)."""
     last = result.history[-1]
     epoch = last["epoch"]
-    heads = ", ".join(f"{head} val acc {acc:.4f} (best {result.best[head]:.4f} @ {result.best_epoch.get(head, '-')})"
-                      for head, acc in last["val_accuracy"].items())
+    heads = ", ".join(f"{head} val acc {acc:.4f} (best {metric} {result.best[head]:.4f} @ "
+                      f"{result.best_epoch.get(head, '-')})" for head, acc in last["val_accuracy"].items())
     mean = sum(epoch_seconds) / len(epoch_seconds)
     eta = f", ETA {_duration(mean * (epochs - epoch))}" if epoch < epochs else ""
     return (f"{stage} epoch {epoch}/{epochs}: loss {last['train_loss']:.4f}, {heads}, "
@@ -202,7 +209,11 @@ def _resume(stage: Stage, manager: CheckpointManager, schedulers: dict, gen: tor
     restore_rng(rng, gen)
     result.best, result.history = dict(record["best"]), list(record["history"])
     result.best_epoch = dict(record.get("best_epoch", {}))
+    result.best_val = dict(record.get("best_val", {}))
+    result.stopped_early = bool(record.get("stopped_early", False))
     result.clock = StageClock(**record.get("clock", {}))
+    if result.stopped_early:  # --patience ended it: the stage is finished
+        return stage.epochs
     if record["epoch"] < stage.epochs:
         log.info("%s: resuming at epoch %d/%d", stage.name, record["epoch"] + 1, stage.epochs)
     return record["epoch"]
@@ -254,20 +265,28 @@ def _end_epoch(stage: Stage, manager: CheckpointManager, schedulers: dict, gen: 
     val = stage.evaluate(stage.val_split)
     new_best = {}
     for head in stage.heads:
-        if val[head]["accuracy"] > result.best[head]:
-            result.best[head] = val[head]["accuracy"]
+        score = selection_score(val[head], stage.cfg.select_metric)
+        if score > result.best[head]:
+            result.best[head], result.best_val[head] = score, val[head]
             new_best[head] = {"modules": {k: m.state_dict() for k, m in stage.modules.items()}, "epoch": epoch + 1,
                               "val": val[head]}
     train_loss = steplog.last.get("loss", 0.0)
     result.history.append({"epoch": epoch + 1, "train_loss": train_loss,
                            "val_accuracy": {k: v["accuracy"] for k, v in val.items()},
+                           "val_score": {k: selection_score(v, stage.cfg.select_metric) for k, v in val.items()},
                            "val_predicted_fake": {k: v["predicted_fake"] for k, v in val.items()}})
     best_epoch = {head: state["epoch"] for head, state in new_best.items()}
+    patience, last_best = stage.cfg.patience, max([*result.best_epoch.values(), *best_epoch.values(), 0])
+    result.stopped_early = bool(patience) and epoch + 1 < stage.epochs and epoch + 1 - last_best >= patience
+    if result.stopped_early and distributed.is_main():
+        log.info("%s: stopped after epoch %d/%d: no better validation %s for %d epoch(s)", stage.name, epoch + 1,
+                 stage.epochs, stage.cfg.select_metric, patience)
     record = {"modules": {k: m.state_dict() for k, m in stage.modules.items()},
               "optimizers": {k: o.state_dict() for k, o in stage.optimizers.items()},
               "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
               "epoch": epoch + 1, "best": result.best, "best_epoch": {**result.best_epoch, **best_epoch},
-              "history": result.history, "rng": capture_rng(gen), "clock": vars(result.clock)}
+              "history": result.history, "rng": capture_rng(gen), "clock": vars(result.clock),
+              "best_val": result.best_val, "stopped_early": result.stopped_early}
     distributed.barrier(f"{stage.name} epoch {epoch + 1}: end of epoch")
     if distributed.is_main():  # the modules and banks are the same on every rank: rank 0 alone writes
         manager.save(record, new_best)

@@ -1,4 +1,5 @@
-"""The paper's metrics (Tables 2 and 3): accuracy, and precision / recall / F1 of the fake and real classes."""
+"""The paper's metrics (Tables 2 and 3): accuracy, and precision / recall / F1 of the fake and real classes; the
+macro F1 and ROC AUC a run may select its checkpoints on (``--select-metric``)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,31 @@ def classification_metrics(pred: torch.Tensor, target: torch.Tensor) -> dict[str
     out = {"accuracy": (c["tp"] + c["tn"]) / n if n else 0.0}
     out.update(zip(KEYS[1:4], fake))
     out.update(zip(KEYS[4:], real))
+    out["macro_f1"] = (out["fake_f1"] + out["real_f1"]) / 2
     out["n"] = n
     out["predicted_fake"] = c["tp"] + c["fp"]  # 0 or n: every post given one class (a collapsed model)
     return out
+
+
+def roc_curve(p_fake, label) -> tuple[list[float], list[float], float]:
+    """(false-positive rates, true-positive rates, area) over every threshold, fake = positive; tied scores
+    move together (one point per distinct score)."""
+    order = sorted(range(len(p_fake)), key=lambda i: -float(p_fake[i]))
+    pos = sum(int(y) == 1 for y in label)
+    neg = len(label) - pos
+    fpr, tpr, tp, fp = [0.0], [0.0], 0, 0
+    for k, i in enumerate(order):
+        tp, fp = tp + (int(label[i]) == 1), fp + (int(label[i]) != 1)
+        if k + 1 == len(order) or float(p_fake[order[k + 1]]) != float(p_fake[i]):
+            fpr.append(fp / neg if neg else 0.0)
+            tpr.append(tp / pos if pos else 0.0)
+    area = sum((fpr[j] - fpr[j - 1]) * (tpr[j] + tpr[j - 1]) / 2 for j in range(1, len(fpr)))
+    return fpr, tpr, area
+
+
+SELECT_KEYS = {"accuracy": "accuracy", "macro-f1": "macro_f1", "auc": "auc"}
+
+
+def selection_score(metrics: dict[str, float], select_metric: str) -> float:
+    """The value ``--select-metric`` reads from a head's validation metrics (higher is better)."""
+    return float(metrics[SELECT_KEYS[select_metric]])

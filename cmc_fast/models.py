@@ -170,6 +170,8 @@ class ModelBuilder:
             self.device)
 
     def text_optimizer(self, params) -> torch.optim.Optimizer:
+        if self.cfg.text_weight_decay > 0:  # decoupled decay (AdamW), as pretrained transformers are fine-tuned
+            return torch.optim.AdamW(params, lr=self.cfg.text_lr, weight_decay=self.cfg.text_weight_decay)
         return torch.optim.Adam(params, lr=self.cfg.text_lr)
 
     def image_optimizer(self, params) -> torch.optim.Optimizer:
@@ -183,7 +185,9 @@ class ModelBuilder:
         cfg = self.cfg
         k = min(cfg.nce_k, len(fit) - 1)
         if k < cfg.nce_k and not any("nce_k lowered" in n for n in self.notes):
-            self.notes.append(f"nce_k lowered from {cfg.nce_k} to {k}: the bank holds {len(fit)} samples")
+            note = f"nce_k lowered from {cfg.nce_k} to {k}: the bank holds {len(fit)} samples"
+            self.notes.append(note)
+            log.warning(note)  # on the console too (the CLI shows the toolkit's warnings)
         return CrossModalNCE(text_net.encoder.out_dim, image_net.encoder.out_dim, fit.labels, proj_dim=cfg.proj_dim,
                              k=k, tau=cfg.nce_t, momentum=cfg.nce_momentum, negatives=cfg.negatives,
                              bank_dtype=getattr(torch, cfg.bank_dtype)).to(self.device)

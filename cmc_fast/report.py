@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from cmc_fast.config import VARIANTS
-from cmc_fast.metrics import confusion
+from cmc_fast.metrics import confusion, roc_curve
 
 _HEAD = ["Variant", "Accuracy", "Fake P", "Fake R", "Fake F1", "Real P", "Real R", "Real F1", "n test", "val acc",
          "time s"]
 # the text-only row on all posts sits under finetune-t
-_ORDER = [*VARIANTS[:1], "finetune-t (all posts)", *VARIANTS[1:]]
+_ORDER = [*VARIANTS[:1], "finetune-t (all posts)", *VARIANTS[1:], "baseline: tf-idf + logistic regression"]
 _KEYS = ["accuracy", "fake_precision", "fake_recall", "fake_f1", "real_precision", "real_recall", "real_f1"]
 
 
@@ -68,22 +68,6 @@ def plot_history(history: dict[str, list[dict]], path, chosen: dict[str, dict[st
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
-
-
-def roc_curve(p_fake, label) -> tuple[list[float], list[float], float]:
-    """(false-positive rates, true-positive rates, area) over every threshold, fake = positive; tied scores
-    move together (one point per distinct score)."""
-    order = sorted(range(len(p_fake)), key=lambda i: -float(p_fake[i]))
-    pos = sum(int(y) == 1 for y in label)
-    neg = len(label) - pos
-    fpr, tpr, tp, fp = [0.0], [0.0], 0, 0
-    for k, i in enumerate(order):
-        tp, fp = tp + (int(label[i]) == 1), fp + (int(label[i]) != 1)
-        if k + 1 == len(order) or float(p_fake[order[k + 1]]) != float(p_fake[i]):
-            fpr.append(fp / neg if neg else 0.0)
-            tpr.append(tp / pos if pos else 0.0)
-    area = sum((fpr[j] - fpr[j - 1]) * (tpr[j] + tpr[j - 1]) / 2 for j in range(1, len(fpr)))
-    return fpr, tpr, area
 
 
 def pr_curve(p_fake, label) -> tuple[list[float], list[float], float]:
@@ -214,17 +198,27 @@ def shared_loss_line(config: dict) -> str:
             "on the fused cross-entropy, no distillation).")
 
 
+def baseline_lines(results: dict) -> list[str]:
+    return [f"The baseline row: TF-IDF ({r['model']}) + logistic regression, fitted on the same fit split and "
+            "scored on the same test posts: a text row far below it did not learn the task." for v, r in
+            results.items() if r.get("stage") == "baseline"]
+
+
 def markdown_report(config: dict, results: dict, data_summary: dict, notes: list[str],
-                    timings: dict[str, dict] | None = None, figures: list[str] | None = None) -> str:
+                    timings: dict[str, dict] | None = None, figures: list[str] | None = None,
+                    recipe: str | None = None) -> str:
+    metric = config.get("select_metric", "accuracy")
     parts = [
         f"# CMC run: {config.get('dataset')}",
         "",
         "Test metrics of each variant, scored once on the test split with the checkpoint chosen on the "
-        "validation split (carved from the training set, seed "
+        f"validation split by {metric} (carved from the training set, seed "
         f"{config.get('seed')}). Fake = positive class.",
         "",
         markdown_table(results),
         "",
+        *baseline_lines(results),
+        *([recipe, ""] if recipe else []),
         "Posts each row was scored on:",
         "",
         *posts_lines(results),

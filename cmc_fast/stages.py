@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from cmc_fast import distributed
 from cmc_fast.config import Config
 from cmc_fast.data import SplitData
-from cmc_fast.metrics import classification_metrics
+from cmc_fast.metrics import classification_metrics, roc_curve
 from cmc_fast.models import Classifier, ModelBuilder
 
 
@@ -74,7 +74,8 @@ class Stage:
     def __init__(self, ctx: StageContext, splits: dict[str, SplitData], epochs: int):
         self.ctx, self.cfg, self.device = ctx, ctx.cfg, ctx.device
         self.train_split, self.val_split, self.test_split = splits["fit"], splits["val"], splits["test"]
-        self.epochs = epochs
+        self.epochs = planned_epochs(epochs, len(self.train_split), ctx.cfg.batch_size, ctx.cfg.min_steps)
+        self.class_weight = class_weight(ctx.cfg.class_weights, self.train_split.labels)
         self.modules: dict[str, nn.Module] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.heads: dict[str, tuple[str, ...]] = {}
@@ -145,7 +146,38 @@ class Stage:
         if keep_scores:
             self.scores = {h: {"p_fake": both[:, j, 1], "pred": preds[:, j], "label": labels}
                            for j, h in enumerate(heads)}
-        return {h: classification_metrics(preds[:, j], labels) for j, h in enumerate(heads)}
+        out = {}
+        for j, h in enumerate(heads):
+            out[h] = classification_metrics(preds[:, j], labels)
+            out[h]["auc"] = roc_curve(both[:, j, 1].tolist(), labels.tolist())[2]
+        return out
+
+    def cross_entropy(self, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The fit split's cross-entropy on ``rows``, weighted by ``--class-weights``."""
+        return F.cross_entropy(logits.float(), self.train_split.labels[rows], weight=self.class_weight)
+
+
+def planned_epochs(epochs: int, n_fit: int, batch_size: int, min_steps: int) -> int:
+    """``epochs``, raised until the stage takes ``min_steps`` optimiser steps (``fit`` drops a ragged last batch,
+    so an epoch is max(1, n // batch) steps)."""
+    per_epoch = max(1, n_fit // batch_size)
+    return max(epochs, -(-min_steps // per_epoch))
+
+
+def imbalanced(labels: torch.Tensor, share: float = 0.4) -> bool:
+    """The rarer class is under ``share`` of ``labels`` (what ``--class-weights auto`` and the collapse note
+    read)."""
+    counts = torch.bincount(labels.cpu(), minlength=2)
+    return bool(counts.sum() > 0 and counts.min() < share * counts.sum())
+
+
+def class_weight(mode: str, labels: torch.Tensor) -> torch.Tensor | None:
+    """Per-class cross-entropy weights n / (2 n_c) (scikit-learn's "balanced") for ``balanced``, and for
+    ``auto`` when the split is imbalanced; None (unweighted) otherwise."""
+    if mode == "none" or (mode == "auto" and not imbalanced(labels)):
+        return None
+    counts = torch.bincount(labels.cpu(), minlength=2).double().clamp_min(1)
+    return (counts.sum() / (2 * counts)).float().to(labels.device)
 
 
 def _text_logits_and_features(net: Classifier, split: SplitData, rows: torch.Tensor):
@@ -171,8 +203,8 @@ def _mutual_loss(stage: MutualStage | SharedStage, t_logits: torch.Tensor, t_fea
     """(first +) CE_T + alpha L_{V->T} + CE_V + beta L_{T->V}, with CE_T, CE_V and L_{V->T} + L_{T->V}. The NCE runs
     in float32 outside autocast (exp(s / tau) reaches ~1.6e6); each term's gradient reaches only its own network,
     so one backward of the sum is exact."""
-    cfg, y = stage.cfg, stage.train_split.labels[rows]
-    ce_t, ce_v = F.cross_entropy(t_logits.float(), y), F.cross_entropy(v_logits.float(), y)
+    cfg = stage.cfg
+    ce_t, ce_v = stage.cross_entropy(t_logits, rows), stage.cross_entropy(v_logits, rows)
     l_v2t, l_t2v = stage.distiller(t_feat.float(), v_feat.float(), rows)
     start = ce_t if first is None else first + ce_t  # the order of the sum as it always was (bit-equal runs)
     return start + cfg.alpha * l_v2t + ce_v + cfg.beta * l_t2v, ce_t, ce_v, l_v2t + l_t2v
@@ -196,10 +228,9 @@ class FinetuneStage(Stage):
         return self.net(pixels)[0]
 
     def loss(self, rows, pixels):
-        fit = self.train_split
         with self.ctx.autocast():
-            logits = self._logits(fit, rows, pixels)
-        return F.cross_entropy(logits.float(), fit.labels[rows]), {}
+            logits = self._logits(self.train_split, rows, pixels)
+        return self.cross_entropy(logits, rows), {}
 
     def head_logits(self, split, batch):
         return {self.modality: self._logits(split, batch.rows, batch.pixels)}
@@ -272,7 +303,7 @@ class FusionStage(Stage):
         fit_t, fit_v = self.features[self.train_split.name]
         with self.ctx.autocast():
             logits = self.block([fit_t[rows], fit_v[rows]])
-        return F.cross_entropy(logits.float(), self.train_split.labels[rows]), {}
+        return self.cross_entropy(logits, rows), {}
 
     def head_logits(self, split, batch):
         t, v = self.features[split.name]
@@ -315,7 +346,7 @@ class SharedStage(Stage):
             t_logits, t_feat = _text_logits_and_features(self.text_net, self.train_split, rows)
             v_logits, v_feat = self.image_net(pixels)
             fused = self.block([t_feat, v_feat])
-        ce_f = F.cross_entropy(fused.float(), self.train_split.labels[rows])
+        ce_f = self.cross_entropy(fused, rows)
         if self.distiller is None:
             return ce_f, {}
         loss = _mutual_loss(self, t_logits, t_feat, v_logits, v_feat, rows, first=ce_f)[0]

@@ -33,8 +33,18 @@ from cmc_fast.encoders import build_image_encoder
 from cmc_fast.errors import UsageError
 from cmc_fast.loop import fit
 from cmc_fast.models import ModelBuilder, amp_dtype, resolve_device
+from cmc_fast.recipes import describe
 from cmc_fast.report import markdown_report, plot_history, plot_test_figures, text_table
-from cmc_fast.stages import FinetuneStage, FusionStage, MutualStage, SharedStage, Stage, StageContext
+from cmc_fast.stages import (
+    FinetuneStage,
+    FusionStage,
+    MutualStage,
+    SharedStage,
+    Stage,
+    StageContext,
+    class_weight,
+    imbalanced,
+)
 
 log = logging.getLogger("cmc_fast")
 
@@ -51,12 +61,14 @@ class RunLogHandler(logging.FileHandler):
         return safe_io.open_append(self.baseFilename)
 IMAGE_VARIANTS = ("finetune-v", "cmc-t", "cmc-v", "cmc", "cmc-shared")
 ALL_POSTS_ROW = "finetune-t (all posts)"
+BASELINE_ROW = "baseline: tf-idf + logistic regression"
 
 
 class Trainer:
     def __init__(self, cfg: Config, run_dir: str | Path, *, resume: bool = False, evaluate_only: bool = False,
-                 figures: bool = False):
+                 figures: bool = False, recipe: dict | None = None):
         self.cfg = cfg.validate()
+        self.recipe = recipe  # how recipes.configure chose the training values (None: as the config says)
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.resume, self.evaluate_only = resume or evaluate_only, evaluate_only
@@ -170,7 +182,9 @@ class Trainer:
             self.fit_and_score(SharedStage(ctx, shared), {"fused": "cmc-shared"})
         if "finetune-t" in variants and self._some_posts_lack_an_image():
             self.fit_and_score(FinetuneStage(ctx, self.text_splits, "text", "finetune-t-all"), {"text": ALL_POSTS_ROW})
-        keep = variants | ({ALL_POSTS_ROW} if "finetune-t" in variants else set())
+        keep = variants | ({ALL_POSTS_ROW} if "finetune-t" in variants else set()) | {BASELINE_ROW}
+        if self.cfg.baseline and distributed.is_main():
+            self.score_baseline(shared)
         self.results = {v: r for v, r in self.results.items() if v in keep}
 
     def _some_posts_lack_an_image(self) -> bool:
@@ -179,8 +193,11 @@ class Trainer:
 
     def posts_scored(self, stage: Stage) -> str:
         """Which test posts a stage's rows are scored on, in words, with their count."""
-        n = len(stage.test_split)
-        if self.mm_splits is None or stage.test_split is self.text_splits["test"]:
+        return self.posts_scored_split(stage.test_split)
+
+    def posts_scored_split(self, test_split: SplitData) -> str:
+        n = len(test_split)
+        if self.mm_splits is None or test_split is self.text_splits["test"]:
             return f"all {n} test posts"
         whole = len(self.text_splits["test"])
         return f"the {n} test posts with an image" + (" (all of them)" if n == whole else f" (of {whole})")
@@ -200,10 +217,14 @@ class Trainer:
         nce_paths = ops.nce_paths_taken(reset=True)
         if nce_paths:  # which form of the NCE loss ran (dense or gather, chosen by shape or CMC_FAST_NCE)
             self.notes.append(f"{stage.name}: NCE loss form: " + "; ".join(nce_paths))
+        self._note_class_weights(stage)
         test = stage.evaluate(stage.test_split, keep_scores=True)
         posts = self.posts_scored(stage)
         for head, variant in variants.items():
-            self.results[variant] = {"test": test[head], "val_accuracy": result.best[head],
+            chosen = result.best_val.get(head, {})
+            self.results[variant] = {"test": test[head], "val_accuracy": chosen.get("accuracy", result.best[head]),
+                                     "val_score": {self.cfg.select_metric: result.best[head]},
+                                     "epochs_run": len(result.history), "stopped_early": result.stopped_early,
                                      "train_seconds": self._pipeline_seconds(variant, stage.name),
                                      "stage": stage.name, "posts": posts}
             self.scores[variant] = stage.scores[head]
@@ -230,9 +251,48 @@ class Trainer:
             if one:
                 note = (f"{variants.get(head, head)} ({stage.name}): every validation post predicted {one} in all "
                         f"{len(history)} epoch(s): the model collapsed to one class and its scores are a constant "
-                        "guess (a learning rate, --alpha or --beta too large?)")
+                        f"guess ({self._collapse_cause(stage)})")
                 self.notes.append(note)
                 log.warning(note)
+
+    def _collapse_cause(self, stage: Stage) -> str:
+        counts = torch.bincount(stage.train_split.labels.cpu(), minlength=2).tolist()
+        if not imbalanced(stage.train_split.labels):
+            return "a learning rate, --alpha or --beta too large?"
+        weighting = ("the cross-entropy was class-weighted already" if stage.class_weight is not None
+                     else "try --class-weights balanced")
+        return (f"the fit split is imbalanced, {counts[1]} fake / {counts[0]} real: {weighting}, and --select-metric "
+                "macro-f1 or auc; or a learning rate too large")
+
+    def _note_class_weights(self, stage: Stage) -> None:
+        weight = stage.class_weight
+        if weight is None or any(n.startswith(f"class weights ({self.cfg.class_weights})") for n in self.notes):
+            return
+        counts = torch.bincount(stage.train_split.labels.cpu(), minlength=2).tolist()
+        note = (f"class weights ({self.cfg.class_weights}): cross-entropy weighted real {weight[0]:.2f}, fake "
+                f"{weight[1]:.2f} for a fit split of {counts[1]} fake / {counts[0]} real posts")
+        self.notes.append(note)
+        log.info(note)
+
+    def score_baseline(self, splits: dict[str, SplitData]) -> None:
+        """The TF-IDF + logistic-regression row on the posts every row uses (fit, validation and test splits)."""
+        from cmc_fast.baseline import tfidf_logistic_regression
+
+        t0 = time.perf_counter()
+        out = tfidf_logistic_regression(*([r.text for r in splits[n].records] for n in ("fit", "val", "test")),
+                                        *(splits[n].labels.cpu() for n in ("fit", "val", "test")),
+                                        select_metric=self.cfg.select_metric, seed=self.cfg.seed,
+                                        balanced=class_weight(self.cfg.class_weights, splits["fit"].labels) is not None)
+        if isinstance(out, str):
+            self.notes.append(f"{BASELINE_ROW} row missing: {out}")
+            log.warning("%s row missing: %s", BASELINE_ROW, out)
+            return
+        self.results[BASELINE_ROW] = {"test": out["test"], "val_accuracy": out["val"]["accuracy"],
+                                      "val_score": {self.cfg.select_metric: out["val_score"]},
+                                      "train_seconds": time.perf_counter() - t0, "stage": "baseline",
+                                      "posts": self.posts_scored_split(splits["test"]), "model": out["model"]}
+        self.scores[BASELINE_ROW] = out["scores"]
+        log.info("%s (%s): test accuracy %.4f", BASELINE_ROW, out["model"], out["test"]["accuracy"])
 
     def _note_graph_breaks(self, stage: str, counters) -> None:
         if counters is None:
@@ -244,18 +304,22 @@ class Trainer:
                               f"{'; '.join(list(breaks)[:3])}")
 
     # --------------------------------------------------------------------------------------- outputs
+    def recipe_line(self) -> str:
+        return describe(self.recipe, self.cfg)
+
     def _write_outputs(self, seconds: float) -> None:
         name = "evaluate" if self.evaluate_only else "metrics"
         payload = {"results": self.results, "timings": self.timings, "history": self.history,
                    "text_mlm": self.build.text_mlm_history, "data": self.data.summary, "device": str(self.device),
-                   "shared_loss": self.cfg.shared_loss, "wall_seconds": seconds, "notes": self.notes}
+                   "shared_loss": self.cfg.shared_loss, "wall_seconds": seconds, "notes": self.notes,
+                   "recipe": self.recipe_line(), "select_metric": self.cfg.select_metric}
         if self.evaluate_only and self.figures:
             self._write_figures()
         write_json(payload, self.run_dir / f"{name}.json")
         if not self.evaluate_only:
             figures = self._write_figures()
             write_text(markdown_report(asdict(self.cfg), self.results, self.data.summary, self.notes, self.timings,
-                                       figures), self.run_dir / "report.md")
+                                       figures, recipe=self.recipe_line()), self.run_dir / "report.md")
         log.info("done in %.1fs\n%s", seconds, text_table(self.results))
 
     def _write_figures(self) -> list[str]:

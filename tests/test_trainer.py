@@ -12,7 +12,7 @@ from cmc_fast import checkpoint_manager, loop
 from cmc_fast.cli import main
 from cmc_fast.config import Config
 from cmc_fast.stages import FusionStage, MutualStage
-from cmc_fast.trainer import Trainer
+from cmc_fast.trainer import BASELINE_ROW, Trainer
 
 
 def test_cli_end_to_end_writes_a_complete_run_directory(tmp_path, capsys):
@@ -23,7 +23,7 @@ def test_cli_end_to_end_writes_a_complete_run_directory(tmp_path, capsys):
     for variant in ("finetune-t", "finetune-v", "cmc-t", "cmc-v", "cmc-shared", "cmc"):
         assert variant in printed
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics["results"]) == {"finetune-t", "finetune-v", "cmc-t", "cmc-v", "cmc-shared", "cmc"}
+    assert set(metrics["results"]) == {"finetune-t", "finetune-v", "cmc-t", "cmc-v", "cmc-shared", "cmc", BASELINE_ROW}
     for r in metrics["results"].values():
         assert 0.0 <= r["test"]["accuracy"] <= 1.0 and r["test"]["n"] == 40
     report = (out / "report.md").read_text()
@@ -193,14 +193,14 @@ def test_every_row_is_scored_on_the_posts_with_an_image_and_all_posts_is_its_own
     assert main(["train", *TINY, "--variant", "finetune-t,finetune-v", "--data-root", str(tmp_path / "data"),
                  "--out", str(out)]) == 0
     results = json.loads((out / "metrics.json").read_text())["results"]
-    assert set(results) == {"finetune-t", "finetune-v", "finetune-t (all posts)"}
+    assert set(results) == {"finetune-t", "finetune-v", "finetune-t (all posts)", BASELINE_ROW}
     assert results["finetune-t"]["test"]["n"] == results["finetune-v"]["test"]["n"] == 35
     assert results["finetune-t (all posts)"]["test"]["n"] == 40
     assert results["finetune-t"]["posts"] == "the 35 test posts with an image (of 40)"
     assert results["finetune-t (all posts)"]["posts"] == "all 40 test posts"
     report = (out / "report.md").read_text()
     assert "| finetune-t (all posts) |" in report
-    assert "- finetune-t, finetune-v: scored on the 35 test posts with an image (of 40)" in report
+    assert f"- finetune-t, finetune-v, {BASELINE_ROW}: scored on the 35 test posts with an image (of 40)" in report
     assert "- finetune-t (all posts): scored on all 40 test posts" in report
 
 

@@ -1,0 +1,113 @@
+"""Training recipes per encoder kind: the optimisation values that make each kind of encoder learn, chosen by
+default. A randomly initialised bag of n-grams needs a learning rate a thousand times a pretrained BERT's, and a
+few hundred articles at batch 32 are a handful of optimiser steps a pass: the dataset presets carry dataset facts
+(which encoders, K, text length), a recipe carries how to train the encoders a run actually uses.
+
+Precedence, lowest first: the Config defaults, the dataset preset, the recipe of the run's encoder kinds, a
+``--config`` file, the flags typed. A preset's own values win over the recipe where the preset names the encoder
+the run uses (its values were tuned for it: the synthetic preset's tiny models, the authors' BERT length).
+``--recipe none`` keeps the preset and the defaults only. ``--epochs`` given without ``--min-steps`` drops the
+recipe's minimum steps (the epochs asked for are the epochs that run).
+
+    text kinds   ngram, tiny, tiny+mlm (--text-pretrain-epochs > 0), pretrained (a Hugging Face model)
+    image kinds  cnn-scratch (--image-model tiny or --image-weights none), cnn-pretrained
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from cmc_fast.config import PRESETS, Config, preset
+
+TEXT_RECIPES: dict[str, dict] = {
+    # a hashed n-gram bag from scratch: a large step size, enough steps for its embeddings to move, and each
+    # near-duplicate story sampled once an epoch (+1.8 points of Weibo test accuracy on two seeds,
+    # bench/results/weibo-text-sweep-cpu.md)
+    "ngram": dict(text_lr=1e-2, epochs=6, min_steps=150, group_sampling=1.0),
+    # a tiny BERT from scratch (bench/results/weibo-finetune-t-*-cpu.md), with or without masked-LM pre-training
+    "tiny": dict(text_lr=1e-3, epochs=8, min_steps=300),
+    "tiny+mlm": dict(text_lr=1e-3, epochs=8, min_steps=300),
+    # fine-tuning a pretrained transformer (Devlin et al. 2019; Mosbach et al. 2021 on small data: more steps, a
+    # warm-up, bias-corrected AdamW): a few passes, at least 60 optimiser steps, linear warm-up and decay
+    "pretrained": dict(text_lr=5e-5, lr_schedule="linear", warmup=0.1, text_weight_decay=0.01, epochs=3,
+                       min_steps=60, max_len=256),
+}
+IMAGE_RECIPES: dict[str, dict] = {
+    "cnn-pretrained": dict(image_lr=3e-4),  # the authors' SGD step for ImageNet VGG19
+    "cnn-scratch": dict(image_lr=0.03),
+}
+
+
+def text_kind(cfg: Config) -> str:
+    if cfg.text_model == "ngram":
+        return "ngram"
+    if cfg.text_model == "tiny":
+        return "tiny+mlm" if cfg.text_pretrain_epochs else "tiny"
+    return "pretrained"
+
+
+def image_kind(cfg: Config) -> str:
+    weights = cfg.image_weights
+    scratch = cfg.image_model == "tiny" or weights is None or (isinstance(weights, str) and weights.lower() == "none")
+    return "cnn-scratch" if scratch else "cnn-pretrained"
+
+
+def configure(dataset: str, user: dict | None = None) -> tuple[Config, dict]:
+    """The run's Config (not yet validated) from the dataset's preset, the recipe of its encoder kinds and
+    ``user`` (the keys of ``--config`` and the flags typed, which always win), and the recipe that ran, for the
+    report (``describe``)."""
+    user = dict(user or {})
+    base = preset(dataset)
+    tuned = set(PRESETS.get(dataset, {}))
+    probe = dataclasses.replace(base, **user)
+    kinds = {"text": text_kind(probe), "image": image_kind(probe)}
+    if probe.recipe == "none":
+        return probe, _description(kinds, {}, {}, user)
+    same_encoder = {"text": base.text_model == probe.text_model,
+                    "image": (base.image_model, base.image_weights) == (probe.image_model, probe.image_weights)}
+    applied, kept = {}, {}
+    for side, table in (("image", IMAGE_RECIPES), ("text", TEXT_RECIPES)):
+        for key, value in table[kinds[side]].items():
+            # epochs you give are the epochs that run: the recipe's minimum steps would raise them
+            if key in user or (key == "min_steps" and "epochs" in user):
+                continue
+            if same_encoder[side] and key in tuned:
+                kept[key] = getattr(base, key)
+            else:
+                applied[key] = value
+    return dataclasses.replace(base, **applied, **user), _description(kinds, applied, kept, user)
+
+
+ENCODER_KEYS = ("text_model", "text_pretrain_epochs", "image_model", "image_weights", "recipe")
+
+
+def recipe_base(cfg: Config) -> Config:
+    """What ``configure`` gives for ``cfg``'s dataset and encoders alone: the values a command reproducing
+    ``cfg`` need not spell out."""
+    return configure(cfg.dataset, {k: getattr(cfg, k) for k in ENCODER_KEYS})[0]
+
+
+def _description(kinds: dict, applied: dict, kept: dict, user: dict) -> dict:
+    recipe_keys = {k for side in ("text", "image") for k in {**TEXT_RECIPES, **IMAGE_RECIPES}.get(kinds[side], {})}
+    return {"text_kind": kinds["text"], "image_kind": kinds["image"], "from_recipe": applied,
+            "from_preset": kept, "from_user": {k: v for k, v in user.items() if k in recipe_keys}}
+
+
+def describe(recipe: dict | None, cfg: Config) -> str:
+    """One line of the report: the encoder kinds and where each recipe value came from."""
+    if not recipe:
+        return (f"Recipe: text {text_kind(cfg)}, image {image_kind(cfg)}; values as saved in config.json "
+                f"(text_lr {cfg.text_lr}, epochs {cfg.epochs}, min_steps {cfg.min_steps}).")
+
+    def fmt(values: dict) -> str:
+        return ", ".join(f"{k} {v}" for k, v in values.items())
+
+    parts = [f"Recipe: text {recipe['text_kind']}, image {recipe['image_kind']}"]
+    for key, what in (("from_recipe", "from the recipe"), ("from_preset", "kept from the dataset preset (tuned for "
+                                                                          "this encoder)"),
+                      ("from_user", "given by you")):
+        if recipe.get(key):
+            parts.append(f"{what}: {fmt(recipe[key])}")
+    if len(parts) == 1:
+        parts.append("--recipe none: the preset and defaults only")
+    return "; ".join(parts) + "."
