@@ -111,6 +111,8 @@ def markdown(results: dict) -> str:
         if s and s.get("recipe"):
             lines.append(f"- {row} ({s.get('parallel', 1)} run(s) at a time): {s['recipe']} Baseline (seed "
                          f"{s['seeds'][0]}): {s['baseline_model']}.")
+    if results.get("notes"):  # what was not run, and why (kept by hand in the .json)
+        lines += ["", "Not run:", "", *[f"- {n}" for n in results["notes"]]]
     errors = [e for s in results["rows"].values() for e in s.get("errors", [])]
     if errors:
         lines += ["", "Failed runs:", "", *[f"- {e['row']} seed {e['seed']}: {e['error']}" for e in errors]]

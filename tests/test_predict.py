@@ -47,6 +47,11 @@ def run(tmp_path_factory):
     return out, manifest, records, evaluator.scores
 
 
+def _scored(pred, target, p_fake) -> dict:
+    """The test metrics a run stores for a row: the paper's, and the ROC AUC of its probabilities."""
+    return {**classification_metrics(pred, target), "auc": roc_curve(p_fake, target.tolist())[2]}
+
+
 def _lines(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -63,7 +68,7 @@ def test_predict_on_the_test_split_reproduces_evaluate(run, tmp_path, variant):
     pred = torch.tensor([1 if line["label"] == "fake" else 0 for line in lines])
     target = torch.tensor([r.label for r in records])
     metrics = json.loads((out / "metrics.json").read_text())["results"][variant]["test"]
-    assert classification_metrics(pred, target) == metrics
+    assert _scored(pred, target, [line["p_fake"] for line in lines]) == pytest.approx(metrics)
     # the same posts, the same labels and probabilities as the trainer's stage scored them
     assert torch.equal(pred, scores[variant]["pred"])
     np.testing.assert_allclose([line["p_fake"] for line in lines], scores[variant]["p_fake"].numpy(), atol=2e-6)
@@ -327,7 +332,8 @@ def test_predict_reproduces_both_finetune_t_rows_when_some_posts_lack_an_image(t
         scored = {line["id"]: line for line in _lines(tmp_path / "pred.jsonl")}
         pred = torch.tensor([1 if scored[row["id"]]["label"] == "fake" else 0 for row in posts])
         target = torch.tensor([row["label"] for row in posts])
-        assert classification_metrics(pred, target) == results[variant]["test"]
+        assert _scored(pred, target, [scored[row["id"]]["p_fake"] for row in posts]) == pytest.approx(
+            results[variant]["test"])
         assert {scored[row["id"]]["model"] for row in posts} == {detector_module.variant_key(variant)}
 
 
