@@ -413,7 +413,10 @@ def hopper_floors(shape: tuple[int, ...], bank_dtype: str = "fp32", nce_path: st
                     "hbm_us_spec": us(nbytes["hbm"], bw["hbm_spec"]),
                     "hbm_us_measured": us(nbytes["hbm"], bw["hbm_measured"]),
                     "dense_us_spec": dense_us,
-                    "dense_over_gather_l2": round(dense_us / us(nbytes["l2_gather"], assumed_l2), 3)}
+                    # from the unrounded times: at tiny shapes both round to 0 us
+                    "dense_over_gather_l2": round(max(nbytes["dense"] / bw["hbm_spec"],
+                                                      dense_flops / _TF32_DENSE_SPEC[gpu])
+                                                  / (nbytes["l2_gather"] / assumed_l2), 3)}
     return out
 
 
