@@ -186,6 +186,7 @@ def _results(run: Path, name: str = "metrics.json") -> dict:
 
 def test_two_rank_run_equals_one_process_run_and_evaluates_the_same(tmp_path):
     from cmc_fast.cli import main
+    from cmc_fast.trainer import BASELINE_ROW
 
     # finetune-t without dropout: nothing random inside a step, no BatchNorm, so 2 ranks compute one process's
     # steps up to float32 rounding and the predictions (argmax) come out the same. cmc (stage 1, then stage 2 on
@@ -207,7 +208,7 @@ def test_two_rank_run_equals_one_process_run_and_evaluates_the_same(tmp_path):
     two_eval = _results(tmp_path / "two", "evaluate.json")["results"]
     assert main(["evaluate", "--run", str(tmp_path / "two")]) == 0
     one_eval = _results(tmp_path / "two", "evaluate.json")["results"]
-    assert set(one_eval) == {"finetune-t", "cmc"}
+    assert set(one_eval) == {"finetune-t", "cmc", BASELINE_ROW}
     assert {v: r["test"] for v, r in two_eval.items()} == {v: r["test"] for v, r in one_eval.items()}
 
 
