@@ -15,7 +15,7 @@ import torch
 from cmc_fast.data_pipeline import token_cache
 from cmc_fast.data_pipeline.text import VocabTokenizer, encode_texts
 from safetensors.torch import load_file, save_file
-from tiny import TINY
+from tiny import TINY, one_line_error
 
 from cmc_fast.cli import main
 from cmc_fast.config import Config
@@ -23,14 +23,6 @@ from cmc_fast.errors import UsageError
 from cmc_fast.rundir import LOCK_NAME
 
 TEXT_ONLY = [*TINY, "--variant", "finetune-t"]
-
-
-def _one_line_error(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("cmc-fast: error:")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def _bounded(call, fifos=(), seconds: float = 60.0):
@@ -113,7 +105,7 @@ def test_a_bundle_tokenizer_naming_custom_code_is_refused_and_nothing_runs(bundl
     (bundle_copy / "text_model").mkdir()
     capsys.readouterr()
     assert _bounded(lambda: _predict_bundle(bundle_copy, trained[2])) == 2
-    line = _one_line_error(capsys)
+    line = one_line_error(capsys)
     assert str(tok) in line and ("holds no code" in line if with_code_file else "custom code" in line)
     assert not marker.exists()
 
@@ -163,7 +155,7 @@ def test_a_tampered_bundle_vocabulary_is_one_line_within_bounded_time(bundle_cop
         vocab.write_text("[" * 100_000 + "]" * 100_000)
     capsys.readouterr()
     assert _bounded(lambda: _predict_bundle(bundle_copy, trained[2]), fifos=[vocab]) == 2
-    line = _one_line_error(capsys)
+    line = one_line_error(capsys)
     assert str(vocab) in line and reason in line, line
 
 
@@ -181,7 +173,7 @@ def test_a_bundle_config_out_of_bounds_is_refused_before_anything_is_built(bundl
     _edit_json(bundle_copy / "config.json", **{key: value})
     capsys.readouterr()
     assert _predict_bundle(bundle_copy, trained[2]) == 2
-    line = _one_line_error(capsys)
+    line = one_line_error(capsys)
     assert str(bundle_copy / "config.json") in line and f"--{key.replace('_', '-')}" in line, line
 
 
@@ -223,7 +215,7 @@ def test_a_tampered_safetensors_file_is_one_line(bundle_copy, trained, capsys, d
         os.mkfifo(path)
     capsys.readouterr()
     assert _bounded(lambda: _predict_bundle(bundle_copy, trained[2]), fifos=[path]) == 2
-    line = _one_line_error(capsys)
+    line = one_line_error(capsys)
     assert str(path) in line and reason in line, line
 
 
@@ -237,7 +229,7 @@ def test_predict_out_equal_to_its_input_is_refused_and_the_input_kept(trained, t
             out.symlink_to(posts)
         capsys.readouterr()
         assert _predict_bundle(trained[1], posts, "--out", str(out)) == 2
-        assert "which this command reads" in _one_line_error(capsys)
+        assert "which this command reads" in one_line_error(capsys)
         assert posts.read_bytes() == before
 
 
@@ -246,14 +238,14 @@ def test_predict_out_naming_a_file_of_its_model_is_refused(run_copy, trained, ca
     before = target.read_bytes()
     assert main(["predict", "--run", str(run_copy), "--variant", "finetune-t", "--input", str(trained[2]),
                  "--out", str(target)]) == 2
-    assert "which this command reads" in _one_line_error(capsys) and target.read_bytes() == before
+    assert "which this command reads" in one_line_error(capsys) and target.read_bytes() == before
 
 
 @pytest.mark.parametrize("where, reason", [("folder", "is a folder"), ("under_file", "is not a folder")])
 def test_predict_out_naming_a_folder_or_a_path_under_a_file_is_one_line(trained, tmp_path, capsys, where, reason):
     out = tmp_path if where == "folder" else trained[2] / "out.jsonl"
     assert _predict_bundle(trained[1], trained[2], "--out", str(out)) == 2
-    assert reason in _one_line_error(capsys)
+    assert reason in one_line_error(capsys)
 
 
 def test_predict_out_held_by_another_predict_is_refused(trained, tmp_path, capsys):
@@ -264,7 +256,7 @@ def test_predict_out_held_by_another_predict_is_refused(trained, tmp_path, capsy
         held.write("theirs\n")
         capsys.readouterr()
         assert _predict_bundle(trained[1], trained[2], "--out", str(out)) == 2
-        assert "being written by another cmc-fast process" in _one_line_error(capsys)
+        assert "being written by another cmc-fast process" in one_line_error(capsys)
     assert out.read_text() == "theirs\n"  # the holder's output, whole
     assert _predict_bundle(trained[1], trained[2], "--out", str(out)) == 0  # released: the next one runs
     assert len(out.read_text().splitlines()) == 5
@@ -319,7 +311,7 @@ def test_evaluate_never_follows_a_symlinked_log(run_copy, tmp_path, capsys):
     (run_copy / "log.txt").unlink()
     (run_copy / "log.txt").symlink_to(elsewhere)
     assert main(["evaluate", "--run", str(run_copy)]) == 2
-    assert "is a symbolic link" in _one_line_error(capsys)
+    assert "is a symbolic link" in one_line_error(capsys)
     assert elsewhere.read_text() == "theirs\n"
 
 
@@ -352,7 +344,7 @@ def test_a_hostile_lock_file_is_one_line_within_bounded_time(run_copy, capsys, l
     else:
         path.write_text(lock.replace("%s", socket.gethostname()))
     assert _bounded(lambda: main(["evaluate", "--run", str(run_copy)]), fifos=[path]) == 2
-    assert reason in _one_line_error(capsys)
+    assert reason in one_line_error(capsys)
 
 
 @pytest.mark.parametrize("command", ["evaluate", "predict"])
@@ -363,7 +355,7 @@ def test_a_named_pipe_for_a_checkpoint_is_refused_without_hanging(run_copy, trai
     argv = (["evaluate", "--run", str(run_copy)] if command == "evaluate" else
             ["predict", "--run", str(run_copy), "--variant", "finetune-t", "--input", str(trained[2])])
     assert _bounded(lambda: main(argv), fifos=[path]) == 2
-    line = _one_line_error(capsys)
+    line = one_line_error(capsys)
     assert str(path) in line and "a named pipe" in line
     assert not (run_copy / LOCK_NAME).exists()  # released with the error
 
@@ -372,14 +364,14 @@ def test_a_named_pipe_as_log_is_refused_without_hanging(run_copy, capsys):
     (run_copy / "log.txt").unlink()
     os.mkfifo(run_copy / "log.txt")
     assert _bounded(lambda: main(["evaluate", "--run", str(run_copy)]), fifos=[run_copy / "log.txt"]) == 2
-    assert "a named pipe" in _one_line_error(capsys)
+    assert "a named pipe" in one_line_error(capsys)
 
 
 def test_a_named_pipe_as_run_config_is_refused_without_hanging(run_copy, capsys):
     (run_copy / "config.json").unlink()
     os.mkfifo(run_copy / "config.json")
     assert _bounded(lambda: main(["evaluate", "--run", str(run_copy)]), fifos=[run_copy / "config.json"]) == 2
-    assert "a named pipe" in _one_line_error(capsys)
+    assert "a named pipe" in one_line_error(capsys)
 
 
 def test_a_named_pipe_in_the_token_cache_is_recomputed_without_hanging(tmp_path):
@@ -405,7 +397,7 @@ def test_a_loaded_config_is_validated_like_a_typed_one(key, value, flag):
 def test_a_run_config_out_of_bounds_is_refused_by_evaluate(run_copy, capsys):
     _set_run_config(run_copy, image_size=[20000, 20000])
     assert main(["evaluate", "--run", str(run_copy)]) == 2
-    assert "--image-size" in _one_line_error(capsys)
+    assert "--image-size" in one_line_error(capsys)
 
 
 @pytest.mark.parametrize("argv, flag", [(["--image-size", "20000,20000"], "--image-size"),
@@ -413,7 +405,7 @@ def test_a_run_config_out_of_bounds_is_refused_by_evaluate(run_copy, capsys):
                                         (["--threads", "10000"], "--threads")])
 def test_train_refuses_sizes_beyond_the_machine(tmp_path, capsys, argv, flag):
     assert main(["train", *TEXT_ONLY, *argv, "--out", str(tmp_path / "run")]) == 2
-    assert flag in _one_line_error(capsys)
+    assert flag in one_line_error(capsys)
     assert not (tmp_path / "run" / "config.json").exists()
 
 
@@ -431,7 +423,7 @@ def test_a_data_root_that_is_a_pipe_or_device_is_one_line(tmp_path, capsys, kind
         root.symlink_to("/dev/zero")
     argv = ["train", *TEXT_ONLY, "--dataset", "manifest", "--data-root", str(root), "--out", str(tmp_path / "r")]
     assert _bounded(lambda: main(argv), fifos=[root]) == 2
-    assert "--data-root" in _one_line_error(capsys)
+    assert "--data-root" in one_line_error(capsys)
 
 
 # ------------------------------------------------------------------------------------------ the reader
@@ -566,7 +558,7 @@ def test_a_named_pipe_for_the_last_checkpoint_is_refused_by_resume_without_hangi
     path.unlink()
     os.mkfifo(path)
     assert _bounded(lambda: main(["train", "--resume", str(run_copy)]), fifos=[path]) == 2
-    line = _one_line_error(capsys)
+    line = one_line_error(capsys)
     assert str(path) in line and "a named pipe" in line
     assert not (run_copy / LOCK_NAME).exists()  # the run is not left locked
 

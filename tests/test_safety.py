@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from tiny import TINY
+from tiny import TINY, one_line_error
 
 from cmc_fast import checkpoint_manager
 from cmc_fast import trainer as trainer_mod
@@ -35,14 +35,6 @@ class _Planted:
 
 def _plant(path, marker) -> None:
     torch.save({"modules": _Planted(f"touch {marker}"), "epoch": 1}, path)
-
-
-def _one_line_error(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("cmc-fast: error:")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def _kill_after_first_epoch(monkeypatch, at_last_checkpoint: int = 1):
@@ -74,7 +66,7 @@ def test_a_planted_best_checkpoint_does_not_run_under_evaluate(finished_run, tmp
     capsys.readouterr()
     assert main(["evaluate", "--run", str(finished_run)]) == 2
     assert not marker.exists()
-    line = _one_line_error(capsys)
+    line = one_line_error(capsys)
     assert str(target) in line and "could run code" in line
     assert line.removeprefix("cmc-fast: error: ") in (finished_run / "log.txt").read_text()
 
@@ -95,7 +87,7 @@ def test_a_planted_last_checkpoint_does_not_run_under_resume(tmp_path, monkeypat
     capsys.readouterr()
     assert main(["train", "--resume", str(broken)]) == 2
     assert not marker.exists()
-    assert str(target) in _one_line_error(capsys)
+    assert str(target) in one_line_error(capsys)
 
 
 def test_a_planted_masked_lm_cache_does_not_run_under_resume(tmp_path, monkeypatch, capsys):
@@ -106,7 +98,7 @@ def test_a_planted_masked_lm_cache_does_not_run_under_resume(tmp_path, monkeypat
     capsys.readouterr()
     assert main(["train", "--resume", str(broken)]) == 2
     assert not marker.exists()
-    assert str(target) in _one_line_error(capsys)
+    assert str(target) in one_line_error(capsys)
 
 
 @pytest.mark.parametrize("damage", ["empty", "truncated"])
@@ -116,7 +108,7 @@ def test_a_damaged_checkpoint_is_one_line_naming_the_file(finished_run, capsys, 
     target.write_bytes(b"" if damage == "empty" else data[: len(data) // 2])
     capsys.readouterr()
     assert main(["evaluate", "--run", str(finished_run)]) == 2
-    assert str(target) in _one_line_error(capsys)
+    assert str(target) in one_line_error(capsys)
 
 
 def test_the_checkpoints_the_trainer_writes_load_pickle_free(finished_run):
@@ -133,7 +125,7 @@ def test_junk_image_weights_are_our_one_line_error(tmp_path, capsys):
     for path in (junk, planted):
         assert main(["train", *TINY, "--variant", "finetune-v", "--image-model", "resnet50", "--image-weights",
                      str(path), "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "r")]) == 2
-        line = _one_line_error(capsys)
+        line = one_line_error(capsys)
         assert "--image-weights" in line and str(path) in line and "weights_only=False" not in line
     assert not marker.exists()
 
@@ -155,7 +147,7 @@ def test_a_second_train_on_a_folder_in_use_is_refused_and_a_dead_holders_lock_ta
         (out / LOCK_NAME).write_text(json.dumps(lock))
         args = ["train", *TEXT_ONLY, "--data-root", str(tmp_path / "data"), "--out", str(out)]
         assert main(args) == 2
-        line = _one_line_error(capsys)
+        line = one_line_error(capsys)
         assert f"PID {holder.pid} on {socket.gethostname()}" in line
         assert not (out / "config.json").exists() and not (out / "log.txt").exists()  # nothing written
     finally:
@@ -181,7 +173,7 @@ def test_a_folder_that_is_not_a_run_is_refused_untouched(tmp_path, capsys):
     (mine / "config.json").write_text('{"my": "settings"}')
     (mine / "report.md").write_text("my report")
     assert main(["train", *TEXT_ONLY, "--data-root", str(tmp_path / "data"), "--out", str(mine)]) == 2
-    assert "is not a cmc-fast run" in _one_line_error(capsys)
+    assert "is not a cmc-fast run" in one_line_error(capsys)
     assert sorted(p.name for p in mine.iterdir()) == ["config.json", "report.md"]
     assert (mine / "config.json").read_text() == '{"my": "settings"}'
 
@@ -236,7 +228,7 @@ def test_user_mistakes_are_one_line_exit_2(tmp_path, capsys, case):
     if case == "resume-config-types":
         (run / "config.json").write_text('{"dataset": "synthetic", "seed": "7"}')
     assert main(argv) == 2
-    line = _one_line_error(capsys)
+    line = one_line_error(capsys)
     assert needle in line
     if case.startswith("config"):
         assert "c-" in line and ".json" in line
@@ -251,7 +243,7 @@ def test_a_read_only_out_folder_is_one_line(tmp_path, capsys):
     ro.chmod(0o500)
     try:
         assert main(["train", *TEXT_ONLY, "--data-root", str(tmp_path / "data"), "--out", str(ro / "run")]) == 2
-        assert "--out" in _one_line_error(capsys)
+        assert "--out" in one_line_error(capsys)
     finally:
         ro.chmod(0o700)
 
@@ -260,7 +252,7 @@ def test_a_diverged_loss_is_one_line_and_in_the_log(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", *TEXT_ONLY, "--text-lr", "1e30", "--data-root", str(tmp_path / "data"),
                  "--out", str(out)]) == 2
-    line = _one_line_error(capsys).removeprefix("cmc-fast: error: ")
+    line = one_line_error(capsys).removeprefix("cmc-fast: error: ")
     assert "loss became" in line
     assert f"ERROR {line}" in (out / "log.txt").read_text()
 
@@ -286,7 +278,7 @@ def test_an_empty_fit_split_is_caught_before_training(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", *TEXT_ONLY, "--synthetic-n", "40,20", "--val-fraction", "0.99", "--val-split", "random",
                  "--data-root", str(tmp_path / "data"), "--out", str(out)]) == 2
-    line = _one_line_error(capsys)
+    line = one_line_error(capsys)
     assert "the fit split has no posts" in line and "--val-fraction 0.99 of 40 training posts" in line
     assert not list((out / "checkpoints").glob("*.pt"))
 
@@ -300,7 +292,7 @@ def test_a_grouped_split_that_leaves_no_validation_posts_says_why(tmp_path, caps
               {"text": "test post two about the market", "label": 0, "split": "test"}]
     assert main(["train", *TEXT_ONLY, "--dataset", "manifest", "--data-root", _manifest(tmp_path, posts),
                  "--out", str(tmp_path / "run")]) == 2
-    line = _one_line_error(capsys)
+    line = one_line_error(capsys)
     assert "the val split has no posts" in line and "2 near-duplicate groups whole" in line
 
 
@@ -311,7 +303,7 @@ def test_image_variants_without_decodable_images_are_caught_before_training(tmp_
     assert main(["train", *TINY, "--variant", "finetune-t,cmc", "--dataset", "manifest", "--val-split", "random",
                  "--image-model", "tiny", "--image-weights", "none", "--data-root", _manifest(tmp_path, posts),
                  "--out", str(tmp_path / "run")]) == 2
-    line = _one_line_error(capsys)
+    line = one_line_error(capsys)
     assert "--variant cmc:" in line and "the fit split has no posts with a decodable image" in line
     assert "36 posts have no decodable image" in line
 
@@ -335,7 +327,7 @@ def test_resume_refuses_flags_it_would_ignore_and_applies_where_it_runs(tmp_path
     broken = _killed_run(tmp_path, monkeypatch)
     capsys.readouterr()
     assert main(["train", "--resume", str(broken), "--epochs", "5", "--seed", "7"]) == 2
-    line = _one_line_error(capsys)
+    line = one_line_error(capsys)
     assert "--epochs, --seed" in line and "--out" in line
     assert main(["train", "--resume", str(broken), "--device", "cpu", "--threads", "1"]) == 0
     err = capsys.readouterr().err
@@ -400,7 +392,7 @@ def test_a_planted_text_model_bin_does_not_run(tmp_path, capsys):
     assert main(["train", *TEXT_ONLY, "--text-model", str(model_dir), "--data-root", str(tmp_path / "data"),
                  "--out", str(tmp_path / "run")]) == 2
     assert not marker.exists()
-    line = _one_line_error(capsys)
+    line = one_line_error(capsys)
     assert "--text-model" in line and str(model_dir) in line and "could run code" in line
 
 
@@ -419,7 +411,7 @@ def test_two_real_runs_on_one_folder(tmp_path, capsys):
             time.sleep(0.2)
         assert first.poll() is None and (out / LOCK_NAME).exists()
         assert main(["train", *args]) == 2
-        assert f"in use by PID {first.pid} on {socket.gethostname()}" in _one_line_error(capsys)
+        assert f"in use by PID {first.pid} on {socket.gethostname()}" in one_line_error(capsys)
         assert json.loads((out / "config.json").read_text())["epochs"] == 200  # the first run's, untouched
     finally:
         first.kill()

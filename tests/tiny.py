@@ -17,3 +17,12 @@ def tiny_config(tmp_path, **overrides) -> Config:
     for k, v in values.items():
         setattr(cfg, k, v)
     return cfg.validate()
+
+
+def one_line_error(capsys) -> str:
+    """The one ``cmc-fast: error:`` line a refused command printed on stderr (and no traceback)."""
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("cmc-fast: error:")]
+    assert len(lines) == 1, err
+    return lines[0]
