@@ -106,7 +106,11 @@ def read_dataset(cfg) -> DatasetSplits:
         raise UsageError(f"--data-root: {' '.join(str(exc).split())}") from None
     where = ds.root or cfg.data_root
     if not ds.train:
-        raise UsageError(f"--dataset {cfg.dataset}: no training posts under {where}")
+        why = ""
+        if ds.skipped:  # every post dropped: say for what, e.g. images outside a manifest's folder
+            why = (f": all {len(ds.skipped)} were skipped, e.g. {ds.skipped[0].source or ds.skipped[0].id}: "
+                   f"{ds.skipped[0].reason}")
+        raise UsageError(f"--dataset {cfg.dataset}: no training posts under {where}{why}")
     if not ds.test:
         raise UsageError(f"--dataset {cfg.dataset}: no test split under {where}: its {len(ds.train)} posts are all "
                          f"training posts; {NO_TEST_SPLIT_HELP}")

@@ -545,6 +545,19 @@ def test_manifest_images_outside_its_folder_are_refused_unless_allowed(tmp_path,
     assert [r.id for r in load_dataset("manifest", str(folder / "m.jsonl")).train] == ["a", "b"]
 
 
+
+def test_train_on_a_manifest_all_of_whose_images_leave_its_folder_says_why_nothing_is_left(tmp_path, capsys):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    rows = [{"id": f"p{i}", "text": "t", "image": f"/elsewhere/{i}.jpg", "label": i % 2, "split": split}
+            for i, split in enumerate(["train"] * 4 + ["test"] * 2)]
+    (folder / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["train", *TINY, "--dataset", "manifest", "--data-root", str(folder / "m.jsonl"),
+                 "--out", str(tmp_path / "run")]) == 2
+    line = one_line_error(capsys)
+    assert "no training posts" in line and "all 6 were skipped" in line and "CMC_FAST_IMAGES_ANYWHERE=1" in line
+    assert not (tmp_path / "run").exists()
+
 def test_predict_refuses_an_image_outside_the_input_folder(trained, tmp_path, capsys):
     posts = tmp_path / "in" / "posts.jsonl"
     posts.parent.mkdir()
