@@ -1,6 +1,6 @@
 """Build a Triton kernel for Hopper (sm_90) without a GPU, read what ptxas says of it, and report its static cost.
 
-The interpreter (how the tests run kernels on a CPU) checks neither code generation (libdevice calls, tl.dot's
+The interpreter (how the tests run kernels on a CPU) checks neither code generation (libdevice functions, tl.dot's
 minimum tiles, types across branches) nor resources. ``build`` compiles one specialisation with Triton's bundled
 ptxas and returns its shared memory and, where that ptxas can be found, its registers and spilled bytes.
 Code generation does not work under TRITON_INTERPRET=1: call this in a process without it (the tests do).

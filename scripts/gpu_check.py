@@ -1,6 +1,7 @@
 """One GPU run that brings back the decisive numbers, each kept the moment it exists (issue 13).
 
-On a lent H100/H200, in the repository root (``bash scripts/gpu_check.sh`` sets the environment and calls this)::
+On a CUDA machine with an H100/H200, in the repository root (``bash scripts/gpu_check.sh`` sets the environment
+and calls this)::
 
     python3 scripts/gpu_check.py [--dry-run] [--budget-s S] [--out DIR]     # DIR: $OUT where set
 
@@ -1190,9 +1191,9 @@ def _train_variant(ctx: Ctx, models: list, batches: list, b: int, label: str, am
 
 # ----------------------------------------------------------------------------------------------- images
 def weibo_jpegs(ctx: Ctx) -> list[str]:
-    """The Weibo JPEGs carried with the command (.gpu_carry/weibo), or those of CMC_FAST_SHARED_DATA / ../shared;
+    """The Weibo JPEGs of CMC_FAST_SHARED_DATA or ../shared/data;
     in the dry run 8 small generated ones when none is there."""
-    roots = [os.environ.get("CMC_FAST_SHARED_DATA"), str(ROOT / ".gpu_carry"), str(ROOT.parent / "shared" / "data")]
+    roots = [os.environ.get("CMC_FAST_SHARED_DATA"), str(ROOT.parent / "shared" / "data")]
     for root in filter(None, roots):
         folders = [Path(root, "weibo", d) for d in ("rumor_images", "nonrumor_images")]
         paths = sorted(str(p) for f in folders if f.is_dir() for p in f.iterdir() if p.is_file())
@@ -1215,8 +1216,8 @@ def weibo_jpegs(ctx: Ctx) -> list[str]:
 def section_images(ctx: Ctx) -> None:
     paths = weibo_jpegs(ctx)
     if not paths:
-        ctx.emit("images", "Weibo JPEGs", "owed", note="no JPEGs here: carry .gpu_carry/weibo (python "
-                 "scripts/gpu_stage.py stage --no-dali) with the command")
+        ctx.emit("images", "Weibo JPEGs", "owed", note="no JPEGs here: set CMC_FAST_SHARED_DATA to a folder "
+                 "holding weibo/")
         return
     workers = 0 if ctx.dry_run else _bench_module("bench_images").usable_cores()
     _time_images(ctx, f"pil DataLoader ({workers} workers)", _pil_loader_pass(paths, workers), len(paths))

@@ -554,7 +554,7 @@ print("BUILD OK")
 
 @pytest.mark.skipif(CUDA, reason="on a GPU the kernels run for real in the tests above")
 def test_kernels_compile_for_hopper_without_spilling(run_without_interpreter):
-    """The interpreter checks neither libdevice calls, nor types across branches, nor registers: build every
+    """The interpreter checks neither libdevice functions, nor types across branches, nor registers: build every
     kernel for sm_90 with Triton's bundled ptxas (no GPU needed), specialised as the JIT would specialise the launch
     -- the loss kernel with the launcher's tile for fp32, bf16 and fp16 banks at d = 16 to 1024, aligned and not --
     and check none spills a byte and each fits a block's shared memory."""
