@@ -17,7 +17,7 @@ import os
 import random
 import re
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 from .. import safe_io
 from ..records import FAKE, REAL, DatasetSplits, Record, Skipped
@@ -231,13 +231,6 @@ def drop_posts_without_images(splits: DatasetSplits) -> DatasetSplits:
                 detail = "no image listed" if not r.image_paths else "none of " + ", ".join(r.image_paths) + " exists"
                 skipped.append(Skipped(r.id, f"no local image: {detail}", r.source))
     return DatasetSplits(splits.name, kept["train"], kept["test"], skipped, splits.root)
-
-
-def first_existing(candidates: Iterable[str]) -> str | None:
-    for c in candidates:
-        if os.path.isfile(c):
-            return c
-    return None
 
 
 def load_json_object(path: str, record_id: str, skipped: list[Skipped]) -> dict | None:

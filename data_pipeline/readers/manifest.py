@@ -48,11 +48,6 @@ NO_TEST_SPLIT_HELP = ('give the held-out posts "split": "test" in the manifest, 
                       "test.csv) beside train.jsonl in one folder and pass the folder as --data-root")
 
 
-def find_manifest(root: str) -> str:
-    found = find_manifests(root)
-    return found[0][0]
-
-
 def find_manifests(root: str) -> list[tuple[str, str | None]]:
     """The manifest file(s) under ``root``, each with the split its file name imposes (None: each post's own
     ``split``, default train): the file itself, manifest.jsonl/.csv, a folder's only .jsonl/.csv, or a folder
