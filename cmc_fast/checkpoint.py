@@ -19,30 +19,8 @@ from cmc_fast.data_pipeline import safe_io
 from cmc_fast.errors import UsageError
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = safe_io.make_temp(path.parent, path.name)  # named as ours: stray-file cleanup may remove it
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600: a run folder is read by teammates too
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)  # the only way to read it is to set it; put it back at once
-    os.umask(mask)
-    return mask
-
-
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
-    _atomic_write(Path(path), lambda f: torch.save(state, f))
+    safe_io.atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -78,7 +56,7 @@ def write_json(obj: Any, path: str | Path) -> None:
     """Standard JSON only: a non-finite float (a timing never measured, a NaN metric) is written as null, never
     as the bare NaN / Infinity that strict parsers reject."""
     text = json.dumps(_finite(obj), indent=2, ensure_ascii=False, allow_nan=False)
-    _atomic_write(Path(path), lambda f: f.write(text.encode("utf-8")))
+    safe_io.atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def _finite(obj: Any) -> Any:
@@ -92,4 +70,4 @@ def _finite(obj: Any) -> Any:
 
 
 def write_text(text: str, path: str | Path) -> None:
-    _atomic_write(Path(path), lambda f: f.write(text.encode("utf-8")))
+    safe_io.atomic_write(path, lambda f: f.write(text.encode("utf-8")))

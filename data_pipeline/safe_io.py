@@ -31,8 +31,9 @@ import os
 import re
 import stat
 import tempfile
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
 
 KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
 # limits of the small files the tool writes itself; a file far over them was not written by it
@@ -209,6 +210,26 @@ def make_temp(folder: str | os.PathLike, target_name: str) -> tuple[int, str]:
     return tempfile.mkstemp(dir=folder, prefix=f".{target_name}.{_TEMP_MARK}-{os.getpid()}.", suffix=".tmp")
 
 
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
+    """``write(f)`` into a temporary file beside ``path`` (named as the tool's own), synced, given the mode the
+    umask sets (mkstemp makes it 0600: a run folder is read by teammates too), then renamed over ``path``: a
+    reader sees the old file or the whole new one, and a killed write leaves only a temporary cleanup removes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = make_temp(path.parent, path.name)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
 def owned_temp_pid(name: str) -> int | None:
     """The PID that wrote this temporary file, when its name marks it as the tool's own (else None)."""
     found = OWNED_TEMP.match(name)
@@ -273,7 +294,7 @@ def replacing_output(path: str | os.PathLike, flag: str, inputs: tuple[str | os.
 
 
 def _umask() -> int:
-    mask = os.umask(0)
+    mask = os.umask(0)  # the only way to read it is to set it; put it back at once
     os.umask(mask)
     return mask
 

@@ -18,7 +18,6 @@ mismatching file is recomputed and overwritten. Default directory: ``$CMC_FAST_C
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -119,18 +118,9 @@ def _load(path: Path, n: int, max_len: int, key: str) -> tuple[torch.Tensor, tor
 
 
 def _save(path: Path, ids: torch.Tensor, mask: torch.Tensor, key: str, meta: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     small = torch.int32 if (ids.numel() == 0 or int(ids.max()) < 2**31) else torch.long
     blob = {"key": key, "input_ids": ids.to(small), "attention_mask": mask.to(torch.uint8), "meta": meta}
-    fd, tmp = safe_io.make_temp(path.parent, path.name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(blob, f)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    safe_io.atomic_write(path, lambda f: torch.save(blob, f))
 
 
 def cached_encode(texts: Sequence[str], tokenizer, max_len: int, cache_dir: str | os.PathLike | None = None,
