@@ -14,8 +14,10 @@ import time
 
 import pytest
 import torch
+from cmc_fast.data_pipeline.decoders import decode_pil_path, usable_cores
+from cmc_fast.data_pipeline.image_backend import available_backends
 from cmc_fast.data_pipeline.image_source import CachedImages
-from cmc_fast.data_pipeline.images import available_backends, decode_pil_path, decode_uint8, usable_cores
+from cmc_fast.data_pipeline.images import decode_uint8
 from torch.utils.data import DataLoader, Dataset
 
 SIZE = (224, 224)
@@ -136,11 +138,11 @@ def test_gpu_dali_bare(benchmark, record, weibo, fancy):
     if "dali" not in available_backends():
         pytest.skip("dali not installed")
     import numpy as np
-    from cmc_fast.data_pipeline.images import _dali_pipeline
+    from cmc_fast.data_pipeline.decoders import dali_pipeline
 
     blobs = [np.fromfile(p, dtype=np.uint8) for p in weibo]
     # the contract's own pipeline (uint8 CHW out), fed directly
-    dali = _dali_pipeline((*SIZE, BATCH, torch.cuda.current_device(), False, usable_cores()), libjpeg_chroma=fancy)
+    dali = dali_pipeline((*SIZE, BATCH, torch.cuda.current_device(), False, usable_cores()), libjpeg_chroma=fancy)
 
     def one_pass():
         for i in range(0, len(blobs), BATCH):

@@ -12,7 +12,7 @@ import os
 
 import pytest
 import torch
-from cmc_fast.data_pipeline.images import resolve_backend
+from cmc_fast.data_pipeline.image_backend import resolve_backend
 from cmc_fast.data_pipeline.registry import load_dataset
 from conftest import bench_device
 

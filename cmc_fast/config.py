@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cmc_fast.data_pipeline import safe_io
+from cmc_fast.data_pipeline.image_files import Limits
 from cmc_fast.errors import UsageError
 
 VARIANTS = ("finetune-t", "finetune-v", "cmc-t", "cmc-v", "cmc-shared", "cmc")
@@ -50,7 +51,7 @@ class Config:
     image_backend: str = option("auto", "image decoder", choices=("auto", "dali", "torchvision", "pil"))
     image_cache: bool = option(True, "decode images from the files every epoch instead of once into the uint8 "
                                "cache", flag="--image-stream")
-    # image files are read only when regular and within these bounds, by every backend alike (see images.py)
+    # image files are read only when regular and within these bounds, by every backend alike (image_files.py)
     max_image_bytes: int = option(64 << 20, "image files larger than N bytes are skipped and reported (default "
                                   "64 MiB)", metavar="N")
     max_image_pixels: int = option(40_000_000, "images whose header declares more than N pixels are skipped and "
@@ -161,8 +162,10 @@ class Config:
         for name in ("alpha", "beta"):
             need(0.0 <= getattr(self, name) < math.inf, f"--{name}: must be >= 0, got {getattr(self, name)}")
         need(self.seed >= 0, f"--seed: must be >= 0, got {self.seed}")
-        for name in ("max_image_bytes", "max_image_pixels"):
-            need(getattr(self, name) >= 1, f"--{_flag(name)}: must be >= 1, got {getattr(self, name)}")
+        try:
+            Limits(self.max_image_bytes, self.max_image_pixels)  # the image-limits gate; its error names the flag
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
         need(self.threads is None or self.threads >= 1, f"--threads: must be >= 1, got {self.threads}")
         need(self.max_len >= 3, f"--max-len: must be >= 3, got {self.max_len}")
         need(0.0 <= self.group_sampling <= 1.0, f"--group-sampling: must be in [0, 1], got {self.group_sampling}")

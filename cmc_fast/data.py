@@ -10,12 +10,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from cmc_fast.data_pipeline.caches import cache_root
+from cmc_fast.data_pipeline.image_files import Limits
 from cmc_fast.data_pipeline.image_source import CachedImages, ImageSource, StreamingImages
-from cmc_fast.data_pipeline.images import Limits
 from cmc_fast.data_pipeline.near_duplicates import group_summary, near_duplicate_groups
 from cmc_fast.data_pipeline.readers.manifest import NO_TEST_SPLIT_HELP
 from cmc_fast.data_pipeline.records import DatasetSplits, Record, Skipped, split_validation
-from cmc_fast.data_pipeline.registry import cache_root, load_dataset
+from cmc_fast.data_pipeline.registry import load_dataset
 from cmc_fast.data_pipeline.text import VocabTokenizer, encode_texts
 from cmc_fast.errors import UsageError
 

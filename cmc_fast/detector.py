@@ -31,8 +31,9 @@ import torch.nn as nn
 from cmc_fast.checkpoint import load_checkpoint
 from cmc_fast.checkpoint_manager import CheckpointManager
 from cmc_fast.config import Config, read_run_config
+from cmc_fast.data_pipeline.image_files import Limits
 from cmc_fast.data_pipeline.image_source import finish_batch
-from cmc_fast.data_pipeline.images import Limits, decode_uint8
+from cmc_fast.data_pipeline.images import decode_uint8
 from cmc_fast.data_pipeline.text import VocabTokenizer, encode_texts
 from cmc_fast.encoders import TextEncoder, build_image_encoder, load_text_model
 from cmc_fast.errors import UsageError

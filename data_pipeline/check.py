@@ -25,7 +25,9 @@ import time
 import warnings
 from collections.abc import Sequence
 
-from . import images
+from .image_files import DEFAULT_LIMITS, Admission, Limits, open_image
+from .images import decode_encoded
+from .jpeg import sniff as sniff_kind
 from .readers.manifest import NO_TEST_SPLIT_HELP
 from .records import FAKE, DatasetSplits, Record
 from .registry import DATASETS, load_dataset
@@ -38,8 +40,8 @@ _EXT_FORMAT = {".jpg": "JPEG", ".jpeg": "JPEG", ".jpe": "JPEG", ".jfif": "JPEG",
 
 
 def sniff(head: bytes) -> str | None:
-    """Image format from the first bytes of a file (``data_pipeline.images.sniff``), ``None`` when unknown."""
-    kind = images.sniff(head)
+    """Image format from the first bytes of a file (``jpeg.sniff``), ``None`` when unknown."""
+    kind = sniff_kind(head)
     if kind in ("empty", "unknown"):
         return None
     return "JPEG" if kind.startswith("jpeg") else kind.upper()
@@ -58,9 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--require-images", action="store_true",
                         help="also exit 1 when image variants cannot train (no decodable image for a train class "
                              "or for the test split)")
-    parser.add_argument("--max-image-bytes", type=int, default=images.DEFAULT_LIMITS.max_bytes, metavar="N",
+    parser.add_argument("--max-image-bytes", type=int, default=DEFAULT_LIMITS.max_bytes, metavar="N",
                         help="image files larger than N bytes are reported, not read (default 64 MiB, as train)")
-    parser.add_argument("--max-image-pixels", type=int, default=images.DEFAULT_LIMITS.max_pixels, metavar="N",
+    parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_LIMITS.max_pixels, metavar="N",
                         help="images whose header declares more than N pixels are reported, not decoded "
                              "(default 40 million, as train)")
     parser.add_argument("--show", type=int, default=5, metavar="N",
@@ -68,28 +70,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check_images(paths: Sequence[str], backend: str | None = None, decode: bool = True,
-                 limits: images.Limits | None = None) -> dict:
+                 limits: Limits | None = None) -> dict:
     """Existence, size, magic bytes and (``decode``) a full decode of each path. Returns per-path findings.
-    Files are read as training reads them (``images.read_image_file``: regular files within ``limits`` only,
-    one bounded read each), so both refuse the same files for the same reasons."""
-    limits = limits or images.DEFAULT_LIMITS
+    Every file goes through the image-limits gate as training's do (``image_files.open_image``: regular files
+    within ``limits`` only, one bounded read each, then the header and a JPEG's scans), so both refuse the same
+    files for the same reasons."""
+    limits = limits or DEFAULT_LIMITS
     found = {"missing": [], "empty": [], "unreadable": [], "extension_mismatch": []}
-    pending: list[tuple[str, bytes]] = []  # read, waiting to be decoded: at most BATCH files or BATCH_BYTES
+    pending: list[tuple[str, Admission]] = []  # read, waiting to be decoded: at most BATCH files or BATCH_BYTES
     for path in paths:
-        data, err = images.read_image_file(path, limits)
-        if data is None:
-            _file_finding(found, path, err)
+        image = open_image(path, limits)
+        if image.data is None:
+            _file_finding(found, path, image.problem)
             continue
-        truncated = _format_findings(found, path, data)
+        truncated = _format_findings(found, path, image.data)
         if not decode:
-            too_big = images.pixel_problem(path, data, limits)  # decoding checks this itself
-            if too_big:
-                found["unreadable"].append({"path": path, "error": too_big.removeprefix(f"{path}: ")})
+            if image.problem:
+                found["unreadable"].append({"path": path, "error": image.problem.removeprefix(f"{path}: ")})
             continue
         if truncated:  # already reported: a decode could only repeat it
             continue
-        pending.append((path, data))
-        if len(pending) >= BATCH or sum(len(d) for _, d in pending) >= BATCH_BYTES:
+        pending.append((path, image))
+        if len(pending) >= BATCH or sum(len(im.data) for _, im in pending) >= BATCH_BYTES:
             _decode_findings(found, pending, backend, limits)
             pending = []
     if pending:
@@ -126,14 +128,18 @@ def _format_findings(found: dict, path: str, data: bytes) -> bool:
     return False
 
 
-def _decode_findings(found: dict, batch: list[tuple[str, bytes]], backend: str | None, limits: images.Limits) -> None:
-    names = [p for p, _ in batch]
+def _decode_findings(found: dict, batch: list[tuple[str, Admission]], backend: str | None, limits: Limits) -> None:
+    """What the gate refused, and what the decoder could not decode of the rest, in the batch's order."""
+    admitted = [k for k, (_, image) in enumerate(batch) if not image.problem]
     with warnings.catch_warnings():  # torch's one-time note about read-only numpy arrays is not a finding
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        result = images.decode_encoded([d for _, d in batch], DECODE_SIZE, backend=backend or "pil", names=names,
-                                       limits=limits)
-    for pos, err in sorted(result.errors.items()):
-        found["unreadable"].append({"path": names[pos], "error": err.removeprefix(f"{names[pos]}: ")})
+        result = decode_encoded([batch[k][1].data for k in admitted], DECODE_SIZE, backend=backend or "pil",
+                                names=[batch[k][0] for k in admitted], limits=limits)
+    errors = {k: batch[k][1].problem for k in range(len(batch)) if batch[k][1].problem}
+    errors.update({admitted[pos]: err for pos, err in result.errors.items()})
+    for k, err in sorted(errors.items()):
+        path = batch[k][0]
+        found["unreadable"].append({"path": path, "error": err.removeprefix(f"{path}: ")})
 
 
 def _split_stats(records: list[Record], bad_paths: set[str]) -> dict:
@@ -165,7 +171,7 @@ def _near_duplicates(train: list[Record], test: list[Record]) -> dict:
 
 
 def check_dataset(name: str, root: str | None, *, backend: str | None = None, decode: bool = True,
-                  require_images: bool = False, limits: images.Limits | None = None, **options: object) -> dict:
+                  require_images: bool = False, limits: Limits | None = None, **options: object) -> dict:
     """Load ``name`` from ``root`` and build the report (a JSON-able dict). Raises what the loader raises
     (ValueError, FileNotFoundError) for an unknown dataset or a root without the layout."""
     t0 = time.perf_counter()
@@ -305,12 +311,8 @@ def _usage_error(message: str) -> int:
     return 2
 
 
-def _limits(args: argparse.Namespace) -> images.Limits:
-    max_bytes, max_pixels = args.max_image_bytes, args.max_image_pixels
-    for flag, value in (("--max-image-bytes", max_bytes), ("--max-image-pixels", max_pixels)):
-        if value < 1:
-            raise ValueError(f"{flag}: must be >= 1, got {value}")
-    return images.Limits(max_bytes, max_pixels)
+def _limits(args: argparse.Namespace) -> Limits:
+    return Limits(args.max_image_bytes, args.max_image_pixels)  # ValueError naming the flag: a usage error
 
 
 def run(args: argparse.Namespace) -> int:

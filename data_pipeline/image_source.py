@@ -30,9 +30,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import images as _images
 from . import safe_io
-from .images import DEFAULT_CHUNK, DEFAULT_LIMITS, Limits, _assign, decode_uint8, normalize, resolve_backend
+from .image_backend import resolve_backend
+from .image_files import DEFAULT_LIMITS, Limits, file_problem
+from .images import DEFAULT_CHUNK, assign_rows, decode_uint8, normalize
 
 CACHE_FORMAT = 2  # 2: the image limits are part of the key
 
@@ -90,10 +91,10 @@ class PinnedStaging:
 
 
 def _next_readable(cands: Sequence[str], k: int, notes: list[str], limits: Limits) -> int:
-    """The first candidate from ``k`` on that ``images.file_problem`` lets through (``len(cands)``: none); the
+    """The first candidate from ``k`` on that ``image_files.file_problem`` lets through (``len(cands)``: none); the
     ones passed over get their reason in ``notes``."""
     while k < len(cands):
-        problem = _images.file_problem(cands[k], limits)
+        problem = file_problem(cands[k], limits)
         if problem is None:
             return k
         notes.append(problem)
@@ -151,7 +152,8 @@ class _Records:
             if len(pending) == len(rows) and not ok.any():
                 out = res.pixels  # the usual case: every record in one go, failed rows already zero
             elif good:
-                _assign(out, [pending[j] for j in good], res.pixels[torch.as_tensor(good, device=res.pixels.device)])
+                decoded = res.pixels[torch.as_tensor(good, device=res.pixels.device)]
+                assign_rows(out, [pending[j] for j in good], decoded)
             retry = []
             for j, p in enumerate(pending):
                 r = rows[p]
@@ -243,7 +245,7 @@ class CachedImages:
                 for start in range(0, n, chunk):
                     rows = list(range(start, min(start + chunk, n)))
                     px, _ = recs.decode(rows, dev)
-                    _assign(pixels, rows, px.cpu())
+                    assign_rows(pixels, rows, px.cpu())
                     bar.update(len(rows))
         except BaseException:
             if storage is not None:  # no half-written cache left behind

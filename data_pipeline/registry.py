@@ -1,4 +1,4 @@
-"""The dataset registry: every dataset name ``cmc-fast`` accepts, and where its caches live.
+"""The dataset registry: every dataset name ``cmc-fast`` accepts.
 
 ``load_dataset(name, root)`` returns ``DatasetSplits`` (records with id, text, image paths, label 1 = fake, split)
 for every name in ``DATASETS``. Imports nothing from ``cmc_fast``.
@@ -6,16 +6,9 @@ for every name in ``DATASETS``. Imports nothing from ``cmc_fast``.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
-from pathlib import Path
 
 from .records import DatasetSplits
-
-
-def cache_root() -> Path:
-    """Where decoded images, token ids and generated data are cached: ``$CMC_FAST_CACHE`` or ~/.cache/cmc-fast."""
-    return Path(os.environ.get("CMC_FAST_CACHE") or Path.home() / ".cache" / "cmc-fast")
 
 
 def _synthetic(root: str | None, *, seed: int = 0, n_train: int = 1200, n_test: int = 400,

@@ -61,9 +61,14 @@ def stat_problem(path: str | os.PathLike, st: os.stat_result, limit: int | None 
     if st.st_size == 0 and not allow_empty:
         return f"{os.fspath(path)}: empty file (0 bytes)"
     if limit is not None and st.st_size > limit:
-        hint = f" ({limit_flag})" if limit_flag else ""
-        return f"{os.fspath(path)}: {st.st_size} bytes, over the byte limit of {limit}{hint}"
+        return size_problem(path, st.st_size, limit, limit_flag)
     return None
+
+
+def size_problem(path: str | os.PathLike, size: int, limit: int, limit_flag: str = "") -> str:
+    """The refusal of ``size`` bytes over a ``limit`` (set by ``limit_flag``), worded alike for files and bytes."""
+    hint = f" ({limit_flag})" if limit_flag else ""
+    return f"{os.fspath(path)}: {size} bytes, over the byte limit of {limit}{hint}"
 
 
 def file_problem(path: str | os.PathLike, limit: int | None = None, limit_flag: str = "",

@@ -1235,11 +1235,11 @@ def section_images(ctx: Ctx) -> None:
 
 def dali_unusable_reason(ctx: Ctx, path: str) -> str | None:
     """None once one image went through a DALI ``mixed`` pipeline on this GPU, else why DALI cannot be measured."""
-    from cmc_fast.data_pipeline import images
+    from cmc_fast.data_pipeline import image_backend, images
 
     if ctx.device.type != "cuda":
         return "no CUDA device (dry run): DALI's mixed pipeline needs one"
-    if not images.dali_available():
+    if not image_backend.dali_available():
         return "DALI is not installed in this image (the optional second command stages it)"
     driver = ctx.facts.get("driver") or ""
     try:

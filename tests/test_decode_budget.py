@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 from cmc_fast.data_pipeline import images
-from cmc_fast.data_pipeline.images import Limits, decode_encoded, decode_uint8, pixel_problem
+from cmc_fast.data_pipeline.image_backend import available_backends
+from cmc_fast.data_pipeline.image_files import Limits, admit, read_image_file
+from cmc_fast.data_pipeline.images import decode_encoded, decode_uint8
 from PIL import Image
 
 
@@ -32,10 +34,10 @@ def test_a_jpeg_repeating_its_last_scan_is_refused_from_its_bytes_alone():
     plain = _progressive()
     scans = plain.count(b"\xff\xda")
     assert 2 <= scans <= 12  # what PIL's progressive encoder writes
-    assert pixel_problem("ok.jpg", plain) is None
+    assert admit("ok.jpg", plain).problem is None
     bomb = _repeat_last_scan(plain, 200)
     assert Image.open(io.BytesIO(bomb)).size == (64, 48)  # still a JPEG PIL opens
-    why = pixel_problem("bomb.jpg", bomb)
+    why = admit("bomb.jpg", bomb).problem
     assert why is not None and f"in {scans + 200} scans" in why and "not decoded" in why
     batch = decode_encoded([plain, bomb], (16, 16), "pil", names=["ok.jpg", "bomb.jpg"])
     assert batch.ok.tolist() == [True, False] and "scans" in batch.errors[1]
@@ -48,8 +50,8 @@ def test_the_scan_budget_scales_with_the_image():
     # 64 x 48 pixels in n scans: within 16 passes of a limit of 64 * 48 * n / 16 pixels, over one slightly smaller
     fits = Limits(max_pixels=64 * 48 * n // 16)
     tight = Limits(max_pixels=64 * 48 * n // 16 - 1)
-    assert pixel_problem("a.jpg", few, fits) is None
-    assert "scans" in pixel_problem("a.jpg", few, tight)
+    assert admit("a.jpg", few, fits).problem is None
+    assert "scans" in admit("a.jpg", few, tight).problem
 
 
 def _png(array: np.ndarray, mode: str | None = None) -> bytes:
@@ -64,8 +66,8 @@ def test_a_16_bit_png_counts_its_pixels_twice():
     shallow = _png(rng.integers(0, 256, (100, 120), dtype=np.uint8))
     assert deep[24] == 16 and shallow[24] == 8  # IHDR bit depth
     limits = Limits(max_pixels=100 * 120 + 1)
-    assert pixel_problem("8.png", shallow, limits) is None
-    assert "at 16 bits" in pixel_problem("16.png", deep, limits)
+    assert admit("8.png", shallow, limits).problem is None
+    assert "at 16 bits" in admit("16.png", deep, limits).problem
     # within the limit, it decodes to its top 8 bits as before
     grey = np.asarray(Image.open(io.BytesIO(deep)))
     batch = decode_encoded([deep], (100, 120), "pil", limits=Limits(max_pixels=100 * 120 * 2))
@@ -89,8 +91,8 @@ def test_an_ico_is_checked_by_its_embedded_image_not_its_directory(monkeypatch):
     def no_decoding(*args, **kwargs):
         raise AssertionError("PIL opened an image already over the limit")
 
-    monkeypatch.setattr(images.Image, "open", no_decoding)
-    why = pixel_problem("icon.ico", ico, limits)
+    monkeypatch.setattr(Image, "open", no_decoding)
+    why = admit("icon.ico", ico, limits).problem
     assert why is not None and "300x300" in why
     batch = decode_encoded([ico], (16, 16), "pil", names=["icon.ico"], limits=limits)
     assert not batch.ok[0] and "300x300" in batch.errors[0]
@@ -117,7 +119,7 @@ def test_files_are_read_in_groups_within_the_byte_budget(tmp_path, monkeypatch):
     real = images._decode_loaded
 
     def watched(names, loaded, *args, **kwargs):
-        held.append(sum(len(data) for data, _ in loaded if data is not None))
+        held.append(sum(len(image.data) for image in loaded if image.data is not None))
         return real(names, loaded, *args, **kwargs)
 
     monkeypatch.setattr(images, "_decode_loaded", watched)
@@ -131,11 +133,11 @@ def test_files_are_read_in_groups_within_the_byte_budget(tmp_path, monkeypatch):
 def test_files_are_read_into_one_buffer_each(tmp_path):
     path = tmp_path / "a.jpg"
     Image.new("RGB", (8, 8)).save(path, "JPEG")
-    data, err = images.read_image_file(str(path))
+    data, err = read_image_file(str(path))
     assert err is None and isinstance(data, bytearray)  # torchvision wraps it as it is, no second copy
 
 
-@pytest.mark.parametrize("backend", [b for b in ("torchvision",) if b in images.available_backends()])
+@pytest.mark.parametrize("backend", [b for b in ("torchvision",) if b in available_backends()])
 def test_a_fast_backend_decodes_the_grouped_files_as_pil_does(tmp_path, monkeypatch, backend):
     rng = np.random.default_rng(3)
     paths = []

@@ -295,18 +295,18 @@ def test_lines_are_plain_json(tmp_path):
 
 def test_dali_is_proven_before_it_is_measured(tmp_path, monkeypatch):
     """No DALI row unless one image went through a DALI pipeline on the GPU and came back decoded by DALI."""
-    from cmc_fast.data_pipeline import images
+    from cmc_fast.data_pipeline import decoders, image_backend, images
 
     results = gc.Results(tmp_path, False, time.monotonic())
     ctx = gc.Ctx(results, False, torch.device("cuda"), time.monotonic() + 60, {"driver": "575.51"})
     batch = lambda ok, fallback: images.ImageBatch(torch.zeros(1, 3, 2, 2, dtype=torch.uint8),  # noqa: E731
                                                    torch.tensor([ok]), {}, fallback, "dali")
-    monkeypatch.setattr(images, "dali_available", lambda: False)
+    monkeypatch.setattr(image_backend, "dali_available", lambda: False)
     assert "not installed" in gc.dali_unusable_reason(ctx, "x.jpg")
-    monkeypatch.setattr(images, "dali_available", lambda: True)
+    monkeypatch.setattr(image_backend, "dali_available", lambda: True)
 
     def unbuildable(*args, **kwargs):
-        raise images.DaliUnusableError("a DALI GPU pipeline could not be built: driver too old")
+        raise decoders.DaliUnusableError("a DALI GPU pipeline could not be built: driver too old")
 
     monkeypatch.setattr(images, "decode_uint8", unbuildable)
     reason = gc.dali_unusable_reason(ctx, "x.jpg")

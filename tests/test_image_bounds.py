@@ -12,14 +12,15 @@ import textwrap
 
 import pytest
 import torch
-from cmc_fast.data_pipeline import images
 from cmc_fast.data_pipeline.check import check_images
+from cmc_fast.data_pipeline.image_backend import available_backends
+from cmc_fast.data_pipeline.image_files import Limits, header_dimensions, read_image_file
 from cmc_fast.data_pipeline.image_source import CachedImages, StreamingImages
-from cmc_fast.data_pipeline.images import Limits, decode_encoded, decode_uint8, header_dimensions, read_image_file
+from cmc_fast.data_pipeline.images import decode_encoded, decode_uint8
 from PIL import Image
 
 BOMB_SIDE = 16000
-FAST = [b for b in ("torchvision", "dali") if b in images.available_backends()]
+FAST = [b for b in ("torchvision", "dali") if b in available_backends()]
 BACKENDS = ["pil", *FAST]
 
 

@@ -9,8 +9,9 @@ import cmc_fast.data_pipeline.image_source as image_source_module
 import numpy as np
 import pytest
 import torch
+from cmc_fast.data_pipeline.image_backend import available_backends
 from cmc_fast.data_pipeline.image_source import CachedImages, ImageSource, StreamingImages, finish_batch, image_source
-from cmc_fast.data_pipeline.images import available_backends, decode_uint8, normalize
+from cmc_fast.data_pipeline.images import decode_uint8, normalize
 from PIL import Image
 
 SIZE = (40, 32)

@@ -8,18 +8,10 @@ import os
 import numpy as np
 import pytest
 import torch
-from cmc_fast.data_pipeline import images
-from cmc_fast.data_pipeline.images import (
-    ImageBatch,
-    available_backends,
-    dali_available,
-    decode,
-    decode_encoded,
-    decode_uint8,
-    normalize,
-    resolve_backend,
-    sniff,
-)
+from cmc_fast.data_pipeline import decoders, image_backend, images
+from cmc_fast.data_pipeline.image_backend import available_backends, dali_available, resolve_backend
+from cmc_fast.data_pipeline.images import ImageBatch, decode, decode_encoded, decode_uint8, normalize
+from cmc_fast.data_pipeline.jpeg import sniff
 from PIL import Image
 
 BACKENDS = available_backends()  # concrete backends here: dali (when installed), torchvision, pil
@@ -293,10 +285,10 @@ def test_fast_failure_falls_back_to_pil(bad_files, monkeypatch):
             if any(blobs[j] is gray for j in idx):
                 raise RuntimeError("simulated decoder failure")
             for j in idx:
-                out[j] = torch.from_numpy(images._pil_one(blobs[j], size))
+                out[j] = torch.from_numpy(decoders.pil_decode(blobs[j], size))
 
         out = torch.zeros((len(blobs), 3, *size), dtype=torch.uint8)
-        return out, images._isolating(run, len(blobs))
+        return out, decoders.isolate_failures(run, len(blobs))
 
     monkeypatch.setitem(images._FAST, "torchvision", picky)
     res = decode_encoded([good, good, gray, good, good], (40, 40), backend="torchvision")
@@ -338,12 +330,12 @@ def test_float_contract_zeroes_failures(bad_files):
 
 def test_backend_choice(monkeypatch):
     assert resolve_backend("auto") == "torchvision"  # on the CPU: DALI's CPU pipeline is not the cheaper one
-    monkeypatch.setattr(images, "_dali_builds_on", lambda device: True)  # tested below: the probe on CUDA
+    monkeypatch.setattr(image_backend, "_dali_builds_on", lambda device: True)  # tested below: the probe on CUDA
     assert resolve_backend("auto", "cuda") == BACKENDS[0]
     assert resolve_backend("PIL") == "pil"
     with pytest.raises(ValueError, match="unknown image backend"):
         resolve_backend("opencv")
-    monkeypatch.setattr(images, "dali_available", lambda: False)
+    monkeypatch.setattr(image_backend, "dali_available", lambda: False)
     assert resolve_backend("auto", "cuda") == "torchvision"
     with pytest.raises(ImportError, match="cmc-fast\\[dali\\]"):
         resolve_backend("dali")
@@ -355,10 +347,10 @@ def test_backend_choice(monkeypatch):
 
 @needs_dali
 def test_dali_pipeline_reused(bad_files):
-    images._DALI_PIPES.clear()
+    decoders._DALI_PIPES.clear()
     decode_uint8([bad_files["good"]] * 5, (32, 32), backend="dali", chunk=4)  # chunks of 4 and 1: one pipeline
     decode_uint8([bad_files["good"]] * 2, (32, 32), backend="dali", chunk=4)
-    assert list(images._DALI_PIPES) == [(32, 32, 4, None, False, images.usable_cores())]
+    assert list(decoders._DALI_PIPES) == [(32, 32, 4, None, False, decoders.usable_cores())]
 
 
 @pytest.fixture
@@ -367,8 +359,8 @@ def broken_dali_build(monkeypatch):
     The module's pipelines and usability marks are restored afterwards."""
     from nvidia.dali.pipeline import Pipeline
 
-    monkeypatch.setattr(images, "_DALI_PIPES", {})
-    monkeypatch.setattr(images, "_DALI_UNUSABLE", {})
+    monkeypatch.setattr(decoders, "_DALI_PIPES", {})
+    monkeypatch.setattr(decoders, "_DALI_UNUSABLE", {})
     builds = []
 
     def build(self, *args, **kwargs):
@@ -386,17 +378,17 @@ def test_dali_pipeline_that_cannot_be_built_is_built_once(bad_files, broken_dali
     bisection (127 builds) and PIL then decoded every image under the name 'dali'."""
     paths = [bad_files["good"]] * 64 + [bad_files["gray"]] * 64  # two chunks of 64
     with (pytest.warns(RuntimeWarning, match="could not be built"),
-          pytest.raises(images.DaliUnusableError, match="driver version is insufficient")):
+          pytest.raises(decoders.DaliUnusableError, match="driver version is insufficient")):
         decode_uint8(paths, (32, 32), backend="dali")
     assert len(broken_dali_build) == 1
-    with pytest.raises(images.DaliUnusableError, match="could not be built"):
+    with pytest.raises(decoders.DaliUnusableError, match="could not be built"):
         decode_uint8(paths[:3], (32, 32), backend="dali")
-    with pytest.raises(images.DaliUnusableError, match="--image-backend torchvision"):
+    with pytest.raises(decoders.DaliUnusableError, match="--image-backend torchvision"):
         resolve_backend("dali")
     assert len(broken_dali_build) == 1
-    assert "driver version is insufficient" in images.dali_unusable_reason("cpu")
-    assert ">= 580" not in images.dali_unusable_reason("cpu")  # the driver hint is for GPU pipelines only
-    assert images.dali_unusable_reason("cuda") is None  # the GPU pipeline was never tried
+    assert "driver version is insufficient" in decoders.dali_unusable_reason("cpu")
+    assert ">= 580" not in decoders.dali_unusable_reason("cpu")  # the driver hint is for GPU pipelines only
+    assert decoders.dali_unusable_reason("cuda") is None  # the GPU pipeline was never tried
     assert decode_uint8(paths[:2], (32, 32), backend="torchvision").backend == "torchvision"
 
 
@@ -407,9 +399,9 @@ def test_auto_on_cuda_probes_dali_once(broken_dali_build):
     with pytest.warns(RuntimeWarning, match="GPU pipeline could not be built"):
         assert resolve_backend("auto", "cuda:0") == "torchvision"
     assert resolve_backend("auto", "cuda") == "torchvision" and len(broken_dali_build) == 1
-    with pytest.raises(images.DaliUnusableError, match="driver version is insufficient.*>= 580"):
+    with pytest.raises(decoders.DaliUnusableError, match="driver version is insufficient.*>= 580"):
         resolve_backend("dali", "cuda")
-    assert resolve_backend("auto") == "torchvision" and images.dali_unusable_reason("cpu") is None
+    assert resolve_backend("auto") == "torchvision" and decoders.dali_unusable_reason("cpu") is None
 
 
 @pytest.mark.parametrize("backend", ["pil", "torchvision"])
