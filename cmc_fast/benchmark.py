@@ -24,8 +24,11 @@ import math
 import os
 import platform
 import re
+import signal
 import statistics
+import sys
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -155,6 +158,72 @@ def matmul_precision(precision: str) -> Iterator[None]:
         yield
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+# ====================================================================================== the budget
+START_FRACTION, CAP_FACTOR = 0.5, 1.5  # a section starts with >= half its seconds left, is stopped at 1.5x them
+
+
+class OverTime(BaseException):
+    """A section's alarm; a BaseException, so library code's ``except Exception`` lets it through."""
+
+
+class Terminated(BaseException):
+    """SIGTERM."""
+
+
+def _on_alarm(signum, frame):
+    if _IN_SECTION[0]:  # never inside the runner's own bookkeeping
+        raise OverTime
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated
+
+
+_IN_SECTION = [False]
+
+
+def run_sections(sections: list[tuple[str, Fn, float]], record: Callable[[dict], None], *, deadline: float,
+                 scale: float = 1.0, capped: bool = True) -> None:
+    """Runs each (name, fn, expected seconds) in order within a shared budget ending at ``deadline``
+    (``time.monotonic``): a section starts only with START_FRACTION of its expected seconds (times ``scale``) left and
+    is stopped by SIGALRM at CAP_FACTOR times them (``capped``) or at the deadline. ``record`` gets each section's
+    {section, status: ok/error/stopped/skipped, seconds, expected_s, note}. A SIGTERM stops the section in hand,
+    is recorded, and re-raised as ``Terminated``."""
+    before = {s: signal.signal(s, h) for s, h in ((signal.SIGTERM, _on_sigterm), (signal.SIGALRM, _on_alarm))}
+    try:
+        for name, fn, expected in sections:
+            expected *= scale
+            left = deadline - time.monotonic()
+            entry = {"section": name, "status": "skipped", "seconds": 0.0, "expected_s": expected, "note": ""}
+            if left <= 0 or left < START_FRACTION * expected:
+                record({**entry, "note": f"budget: {max(left, 0):.1f} s left, expects {expected:.1f} s"})
+                continue
+            cap, t0, stop = min(left, CAP_FACTOR * expected) if capped else left, time.monotonic(), None
+            try:
+                _IN_SECTION[0] = True
+                signal.setitimer(signal.ITIMER_REAL, max(cap, 0.01))
+                fn()
+                _IN_SECTION[0] = False
+                entry["status"] = "ok"
+            except OverTime:
+                entry.update(status="stopped", note=f"over time at its cap of {cap:.1f} s")
+            except Terminated as exc:
+                entry.update(status="stopped", note="SIGTERM")
+                stop = exc
+            except Exception as exc:  # noqa: BLE001 - one section failing must not cost the others
+                entry.update(status="error", note=f"{type(exc).__name__}: {exc}"[:300])
+                print(traceback.format_exc(), file=sys.stderr, flush=True)
+            finally:
+                _IN_SECTION[0] = False
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            record({**entry, "seconds": time.monotonic() - t0})
+            if stop is not None:
+                raise stop
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
 
 
 # ========================================================================================= the writer

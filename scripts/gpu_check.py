@@ -25,14 +25,13 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import os
 import platform
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-import traceback
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,21 +47,12 @@ from cmc_fast import benchmark as hb
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_NAME = "gpu-results"
 DEFAULT_BUDGET_S = 420.0
-START_FRACTION, CAP_FACTOR = 0.5, 1.5  # a section starts with >= half its seconds left, is stopped at 1.5x them
 KERNEL_TESTS = ("tests/test_nce_kernel.py", "tests/test_block_kernel.py")
 DRY_RUN_TESTS = {"tests/test_nce_kernel.py": "::test_partition[1-16-1-None]",  # one small test each, interpreted
                  "tests/test_block_kernel.py": "::test_kernel_forward_backward[1-1]"}
 
 
 # ========================================================================================= the run
-class OverTime(BaseException):  # a section's alarm; BaseException: library code's ``except Exception`` lets it by
-    pass
-
-
-class Terminated(BaseException):  # SIGTERM
-    pass
-
-
 @dataclass
 class Run:
     out: Path
@@ -396,59 +386,6 @@ SECTIONS: list[tuple[str, Callable[[Run], None], float]] = [
 
 
 # ========================================================================================= driver
-def _on_alarm(signum, frame):
-    if _ACTIVE["section"]:
-        raise OverTime("over time")
-
-
-def _on_sigterm(signum, frame):
-    raise Terminated("SIGTERM")
-
-
-_ACTIVE = {"section": False}  # the alarm only stops a section in progress, never the driver's own bookkeeping
-
-
-def run_sections(run: Run, sections: list[tuple[str, Callable[[Run], None], float]], scale: float = 1.0,
-                 capped: bool = True) -> None:
-    """Each section in order, within its share of the budget: started with at least START_FRACTION of its expected
-    seconds (times ``scale``) left, stopped at CAP_FACTOR times them (``capped``) or at the budget's end. Its outcome
-    (ok, error, stopped, skipped) and seconds are recorded in ``run.sections`` and written; a SIGTERM is re-raised
-    after that record is written."""
-    for name, fn, expected in sections:
-        expected *= scale
-        left = run.left()
-        entry = {"section": name, "status": "skipped", "seconds": 0.0, "expected_s": expected, "note": ""}
-        if left <= 0 or left < START_FRACTION * expected:
-            entry["note"] = f"budget: {max(left, 0):.1f} s left, expects {expected:.1f} s"
-            run.sections.append(entry)
-            run.save()
-            continue
-        cap = min(left, CAP_FACTOR * expected) if capped else left
-        t0 = time.monotonic()
-        try:
-            _ACTIVE["section"] = True
-            signal.setitimer(signal.ITIMER_REAL, max(cap, 0.01))
-            fn(run)
-            _ACTIVE["section"] = False
-            entry["status"] = "ok"
-        except OverTime:
-            entry.update(status="stopped", note=f"over time at its cap of {cap:.1f} s")
-        except Terminated:
-            entry.update(status="stopped", note="SIGTERM", seconds=time.monotonic() - t0)
-            run.sections.append(entry)
-            run.save()
-            raise
-        except Exception as exc:  # noqa: BLE001 - one section failing must not cost the others
-            entry.update(status="error", note=f"{type(exc).__name__}: {exc}"[:300])
-            print(traceback.format_exc(), file=sys.stderr, flush=True)
-        finally:
-            _ACTIVE["section"] = False
-            signal.setitimer(signal.ITIMER_REAL, 0)
-        entry["seconds"] = time.monotonic() - t0
-        run.sections.append(entry)
-        run.save()
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     names = [n for n, _, _ in SECTIONS]
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -482,16 +419,16 @@ def main(argv: list[str] | None = None) -> int:
     run = Run(out, args.dry_run, device, time.monotonic() + args.budget_s,
               {"budget_s": args.budget_s, "env": {"device": name}})
     wanted = set(args.sections.split(","))
-    before = {s: signal.signal(s, h) for s, h in ((signal.SIGTERM, _on_sigterm), (signal.SIGALRM, _on_alarm))}
-    try:
-        # the dry run's sections start on a fiftieth of their GPU seconds and may take the whole budget (a loaded CPU)
-        run_sections(run, [s for s in SECTIONS if s[0] in wanted], scale=0.02 if args.dry_run else 1.0,
-                     capped=not args.dry_run)
-    except Terminated:
+
+    def record(entry: dict) -> None:
+        run.sections.append(entry)
+        run.save()
+
+    try:  # the dry run's sections start on a fiftieth of their GPU seconds and may take the whole budget
+        hb.run_sections([(n, functools.partial(fn, run), s) for n, fn, s in SECTIONS if n in wanted], record,
+                        deadline=run.deadline, scale=0.02 if args.dry_run else 1.0, capped=not args.dry_run)
+    except hb.Terminated:
         return 143
-    finally:
-        for s, h in before.items():
-            signal.signal(s, h)
     print((out / f"{RESULTS_NAME}.md").read_text()[-6000:], flush=True)  # a device tool returns the output's end
     if correctness_failed(run.meta) or any(s["status"] == "error" for s in run.sections):
         return 1
