@@ -28,11 +28,11 @@ import dataclasses
 import functools
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
 import time
-import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,34 +107,46 @@ def _nvidia_smi(query: str) -> str | None:
 
 
 # =================================================================================== correctness
-def junit_counts(path: Path) -> dict:
-    """{test module: {tests, passed, failed, errors, skipped, failing: [names]}} from a pytest --junitxml report."""
-    out: dict[str, dict] = {}
-    for case in ET.parse(path).getroot().iter("testcase"):
-        counts = out.setdefault(case.get("classname", "?").split(".")[-1] + ".py",
-                                {"tests": 0, "passed": 0, "failed": 0, "errors": 0, "skipped": 0, "failing": []})
-        outcome = next((k for tag, k in (("failure", "failed"), ("error", "errors"), ("skipped", "skipped"))
-                        if case.find(tag) is not None), "passed")
-        counts["tests"] += 1
-        counts[outcome] += 1
-        if outcome in ("failed", "errors"):
-            counts["failing"].append(case.get("name"))
-    return out
+TEST_LINE = re.compile(r"^(?:\S*/)?(test_\w+\.py)::(\S+) (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)\b")
+OUTCOME = {"PASSED": "passed", "XPASS": "passed", "FAILED": "failed", "ERROR": "errors", "SKIPPED": "skipped",
+           "XFAIL": "skipped"}
+
+
+def count_test_line(result: dict, line: str) -> None:
+    """One line of ``pytest -v`` into ``result[module]``'s counts (tests, passed, failed, errors, skipped) and the
+    failing tests' names; any other line is left alone."""
+    found = TEST_LINE.match(line)
+    if not found:
+        return
+    module, name, outcome = found.group(1), found.group(2), OUTCOME[found.group(3)]
+    counts = result.setdefault(module, {"tests": 0, "passed": 0, "failed": 0, "errors": 0, "skipped": 0,
+                                        "failing": []})
+    counts["tests"] += 1
+    counts[outcome] += 1
+    if outcome in ("failed", "errors"):
+        counts["failing"].append(name)
 
 
 def section_correctness(run: Run) -> None:
-    """The kernel tests themselves, run by pytest on this device (one process: one CUDA context and import)."""
-    report = run.out / "junit-kernel-tests.xml"
+    """The kernel tests themselves, run by pytest on this device, counted line by line as they finish: a stop at
+    the section's cap keeps the counts so far (``exit_code`` stays None)."""
     targets = [f + (DRY_RUN_TESTS[f] if run.dry_run else "") for f in KERNEL_TESTS]
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}", *targets]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(1.0, run.left()))
-    run.meta["correctness"] = {"exit_code": proc.returncode, "command": " ".join(cmd[1:]),
-                               **(junit_counts(report) if report.is_file() else {"output": proc.stdout[-800:]})}
+    cmd = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", *targets]
+    result = run.meta["correctness"] = {"command": " ".join(cmd[1:]), "exit_code": None}
+    with subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        try:
+            for line in proc.stdout:
+                count_test_line(result, line)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        result["exit_code"] = proc.wait()
 
 
 def correctness_failed(meta: dict) -> bool:
-    result = meta.get("correctness")
-    return result is not None and (result["exit_code"] != 0 or "output" in result)
+    result = meta.get("correctness", {})
+    modules = [v for v in result.values() if isinstance(v, dict)]
+    return result.get("exit_code") not in (0, None) or any(m["failed"] or m["errors"] for m in modules)
 
 
 # ======================================================================================= timings

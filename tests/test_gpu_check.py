@@ -12,7 +12,6 @@ import random
 import signal
 import sys
 import time
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
@@ -217,19 +216,22 @@ def test_sigterm_stops_the_section_records_it_and_runs_no_more():
 
 
 # ================================================================================================ driver
-def test_junit_counts_per_module(tmp_path):
-    suite = ET.Element("testsuite")
-    for name, outcome in [("a", None), ("b", "failure"), ("c", "skipped"), ("d", None), ("e", "error")]:
-        case = ET.SubElement(suite, "testcase", classname="tests.test_x", name=name)
-        if outcome:
-            ET.SubElement(case, outcome)
-    ET.SubElement(suite, "testcase", classname="tests.test_y", name="f")
-    path = tmp_path / "j.xml"
-    ET.ElementTree(suite).write(path)
-    counts = gc.junit_counts(path)
-    assert counts["test_x.py"] == {"tests": 5, "passed": 2, "failed": 1, "errors": 1, "skipped": 1,
-                                   "failing": ["b", "e"]}
-    assert counts["test_y.py"]["passed"] == 1
+def test_pytest_lines_are_counted_per_module():
+    result = {}
+    lines = ["tests/test_x.py::test_a PASSED                      [ 10%]",
+             "tests/test_x.py::test_b[1-2] FAILED                 [ 20%]",
+             "tests/test_x.py::test_c SKIPPED (needs CUDA)        [ 30%]",
+             "tests/test_x.py::test_d ERROR                       [ 40%]",
+             "tests/test_y.py::test_e PASSED                      [ 50%]",
+             "FAILED tests/test_x.py::test_b[1-2] - assert 1 == 2",  # the summary repeats a failure: not counted
+             "collected 5 items"]
+    for line in lines:
+        gc.count_test_line(result, line)
+    assert result["test_x.py"] == {"tests": 4, "passed": 1, "failed": 1, "errors": 1, "skipped": 1,
+                                   "failing": ["test_b[1-2]", "test_d"]}
+    assert result["test_y.py"]["passed"] == 1
+    assert gc.correctness_failed({"correctness": {"exit_code": None, **result}})
+    assert not gc.correctness_failed({"correctness": {"exit_code": 0, "test_y.py": result["test_y.py"]}})
 
 
 def test_dali_is_proven_before_it_is_measured(tmp_path, monkeypatch):
