@@ -3,32 +3,33 @@ peak memory, the result writer). ``bash scripts/gpu_check.sh`` sets the environm
 
     python3 scripts/gpu_check.py [--dry-run] [--budget-s S] [--out DIR] [--sections env,correctness,...]
 
-Sections in order (``SECTIONS``): ``env`` (device, driver, versions); ``correctness`` (pytest on the kernel tests,
-tests/test_nce_kernel.py and tests/test_block_kernel.py, on this GPU: counts and failing names); ``timings`` (NCE
-gather/dense/auto/eager and BLOCK fused/auto/loop/bmm at bench/'s shapes, group and provider names: wall median and
-IQR, kernel time apart from host overhead, peak memory, floors); ``compiled`` (torch.compile of the PyTorch
-references, the compile apart); ``train`` (the trainer's own stage-1 step through ``stages.build_stage``: eager fp32,
-AMP, AMP + compile); ``images`` (the Weibo JPEGs of CMC_FAST_SHARED_DATA or ../shared/data: PIL on all cores,
-torchvision on the GPU, DALI once one image went through its ``mixed`` pipeline). Each row's ``launched`` is what
-ran, asked of the plan modules: the NCE form, slots and splits; the BLOCK path.
+Sections in order (``SECTIONS``): ``env``; ``correctness``: pytest on the kernel tests (tests/test_nce_kernel.py,
+tests/test_block_kernel.py) on this GPU, counted; ``timings``: the L2 gather probe, NCE (auto/gather/dense/eager)
+and BLOCK (fused/auto/loop/bmm) at bench/'s shapes and names: wall median and IQR, kernel time apart from host
+overhead, peak memory, floors; ``compiled``: torch.compile of the PyTorch references; ``train``: the trainer's own
+stage-1 step via ``stages.build_stage`` (eager fp32, AMP, AMP + compile); ``images``: the Weibo JPEGs
+(CMC_FAST_SHARED_DATA or ../shared/data) through PIL, torchvision on the GPU, and DALI once proven. Each row's
+``launched`` is what ran, asked of the plan modules (NCE form, slots and splits; BLOCK path).
 
-The budget (``--budget-s``, default 420 s) is shared out: a section starts only with half its expected seconds left
-and is stopped (SIGALRM) at 1.5 times them, so a slow one cannot eat the run. Every row is written atomically as it
-is measured to ``DIR/gpu-results.{json,md}``; a SIGTERM or a stop keeps all that finished.
-``python scripts/gpu_results.py DIR/gpu-results.json`` merges the rows into ``bench/results/<device>.{json,md}``.
-``--dry-run``: every section on the CPU with the same calls (tiny shapes, Triton's interpreter, one kernel test per
-file, compile's ``eager`` backend); the test suite runs it. Its file says ``dry_run: true``: not GPU figures.
+The budget (``--budget-s``, default 420 s) is shared out by ``benchmark.run_sections``: a section starts with half
+its expected seconds left and is stopped at 1.5 times them. Each row is written atomically as it is measured to
+``DIR/gpu-results.{json,md}``; ``python scripts/gpu_results.py DIR/gpu-results.json`` merges them into
+``bench/results/<device>.{json,md}``. ``--dry-run``: every section on the CPU with the same calls at tiny shapes
+(Triton's interpreter, one kernel test per file, compile's ``eager`` backend); the test suite runs it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import functools
+import importlib.metadata
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -41,12 +42,13 @@ if __name__ == "__main__" and "--dry-run" in sys.argv[1:]:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported, as tests/conftest.py
 
 import torch
+import triton
+import triton.language as tl
 
 from cmc_fast import benchmark as hb
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_NAME = "gpu-results"
-DEFAULT_BUDGET_S = 420.0
 KERNEL_TESTS = ("tests/test_nce_kernel.py", "tests/test_block_kernel.py")
 DRY_RUN_TESTS = {"tests/test_nce_kernel.py": "::test_partition[1-16-1-None]",  # one small test each, interpreted
                  "tests/test_block_kernel.py": "::test_kernel_forward_backward[1-1]"}
@@ -79,31 +81,23 @@ class Run:
 
 # =========================================================================================== env
 def section_env(run: Run) -> None:
-    info = {"device": run.meta["env"]["device"],
-            "python": platform.python_version(), "torch": torch.__version__, "cuda_runtime": torch.version.cuda,
-            "triton": _version("triton"), "torchvision": _version("torchvision"), "dali": _version("nvidia.dali"),
-            "cpu_cores": len(os.sched_getaffinity(0)), "budget_s": run.meta.get("budget_s")}
+    smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
+                         text=True, timeout=10) if shutil.which("nvidia-smi") else None
+    info = {"device": run.meta["env"]["device"], "python": platform.python_version(),
+            **{m: _version(m) for m in ("triton", "torchvision", "nvidia-dali-cuda130")}, "torch": torch.__version__,
+            "cuda_runtime": torch.version.cuda, "cpu_cores": len(os.sched_getaffinity(0)),
+            "driver": smi.stdout.strip() if smi and smi.returncode == 0 else None}
     if run.device.type == "cuda":
         props = torch.cuda.get_device_properties(0)
         info.update(sms=props.multi_processor_count, memory_bytes=props.total_memory,
-                    capability=f"{props.major}.{props.minor}", driver=_nvidia_smi("driver_version"))
+                    capability=f"{props.major}.{props.minor}")
     run.meta["env"] = info
 
 
-def _version(module: str) -> str | None:
-    try:
-        return __import__(module, fromlist=["__version__"]).__version__
-    except Exception:  # noqa: BLE001 - absent or broken: recorded as None
-        return None
-
-
-def _nvidia_smi(query: str) -> str | None:
-    try:
-        out = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=10)
-        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
-    except (OSError, subprocess.SubprocessError):
-        return None
+def _version(distribution: str) -> str | None:
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+        return importlib.metadata.version(distribution)
+    return None
 
 
 # =================================================================================== correctness
@@ -171,10 +165,10 @@ def nce_launched(taken: list[str], b, d, k1, n, dtype, device) -> str:
     """The NCE form ``nce_loss`` took (``nce_plan.nce_paths_taken``) and, for a Triton launch, its grid as the plan
     module sizes it: the tile, the resident programs (slots) the launcher measured and the splits chosen for them."""
     from cmc_fast.kernels import nce, nce_plan
-    from cmc_fast.kernels.dispatch import triton_interpreted
+    from cmc_fast.kernels.dispatch import triton_interpreted, use_triton
 
     form = "gather" if any(t.startswith("gather") for t in taken) else "dense" if taken else "reference"
-    if form == "reference" or os.environ.get("CMC_FAST_KERNELS") == "reference":
+    if form == "reference" or not use_triton(torch.empty(0, device=device)):  # the op's own dispatch rule
         return f"{form} (PyTorch)"
     elem, interpreted = torch.empty((), dtype=dtype).element_size(), device.type != "cuda" or triton_interpreted()
     if form == "gather":
@@ -190,32 +184,57 @@ def nce_launched(taken: list[str], b, d, k1, n, dtype, device) -> str:
     return f"{form} (Triton) tiles={tiles} slots={slots} splits={splits} chunk={chunk}"
 
 
-def nce_floor(b, d, k, n, dtype, run: Run) -> dict:
+@triton.jit
+def _gather_sum_kernel(bank_ptr, idx_ptr, out_ptr, ROWS: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Each program sums the ROWS bank rows its indices name (the sum keeps every load live)."""
+    pid = tl.program_id(0)
+    offs_r, offs_d = tl.arange(0, BLOCK_R), tl.arange(0, D)
+    acc = tl.zeros([BLOCK_R, D], dtype=tl.float32)
+    for start in range(0, ROWS, BLOCK_R):
+        rows = tl.load(idx_ptr + pid * ROWS + start + offs_r).to(tl.int64)
+        acc += tl.load(bank_ptr + rows[:, None] * D + offs_d[None, :]).to(tl.float32)
+    tl.store(out_ptr + pid, tl.sum(tl.sum(acc, axis=1), axis=0))
+
+
+def l2_gather_probe(run: Run, dtype) -> None:
+    """The L2 gather rate ``hopper_build.GPUS`` owes (NVIDIA publishes none), which the NCE gather's floor divides
+    by: random rows of the NCE benchmark's 9528 x 128 bank (L2-resident), 256 consecutive indices a program, checked
+    against torch's gather. A lower bound of what L2 serves (a simple probe, 4 warps, 32 rows a step)."""
+    (n, d), rows = ((9528, 128), 1 << 20) if not run.dry_run else ((64, 16), 1024)
+    g = torch.Generator().manual_seed(3)
+    bank = torch.randn(n, d, generator=g).to(run.device, dtype)
+    idx = torch.randint(0, n, (rows,), generator=g, dtype=torch.int32).to(run.device)
+    out = torch.empty(rows // 256, device=run.device, dtype=torch.float32)
+    launch = lambda: _gather_sum_kernel[(rows // 256,)](bank, idx, out, ROWS=256, D=d, BLOCK_R=32)  # noqa: E731
+    launch()
+    want = bank[idx.long()].double().view(-1, 256, d).sum((1, 2))
+    if not torch.allclose(out.double(), want, rtol=1e-4, atol=1e-3):
+        raise AssertionError("the L2 gather probe's sums differ from torch's gather")
+    fields = hb.measure(launch, run.device)
+    nbytes = rows * d * bank.element_size()
+    fields.update(bytes=nbytes, bytes_per_s=nbytes / (fields["kernel_s"] or fields["median_s"]), launched="probe")
+    if run.device.type == "cuda":  # the NCE floors divide by it
+        run.meta.setdefault("l2_gather_bytes_per_s", {})[bank.element_size()] = fields["bytes_per_s"]
+    run.add("timings", f"L2 gather: {rows} random rows of a {n}x{d} bank", str(dtype)[6:], fields)
+
+
+def time_nce(run: Run, section: str, provider: str, b, d, k, n, dtype, loss_fn: Callable) -> None:
+    """One NCE forward + backward of ``loss_fn``; the floor: the L2-gathered bytes (``nce_plan.floor_bytes``) over
+    this run's L2 gather rate, else ``hopper_build.GPUS``'s figure."""
     from cmc_fast.kernels.hopper_build import GPUS
-    from cmc_fast.kernels.nce_plan import floor_bytes
-
-    nbytes = floor_bytes(b, d, k, n, torch.empty((), dtype=dtype).element_size(), 4)
-    name = run.meta.get("env", {}).get("device", "")
-    gpu = GPUS.get("H200" if "H200" in name else "H100 SXM", {})
-    floor = nbytes["l2_gather"] / gpu["l2_measured"] if gpu.get("l2_measured") else None
-    return {"floor_s": floor} if run.device.type == "cuda" else {"floor_s": None, "gpu_floor_s": floor}
-
-
-def time_nce(run: Run, section: str, provider: str, b, d, k, n, dtype, step_of: Callable) -> None:
-    from cmc_fast.kernels.nce_plan import nce_paths_taken
+    from cmc_fast.kernels.nce_plan import floor_bytes, nce_paths_taken
 
     anchor, bank, idx, z = hb.nce_case(b, d, k, n, dtype, run.device)
-    loss_fn = step_of(provider)
-
-    def step():
-        loss = loss_fn(anchor, bank, idx, tau=hb.NCE_TAU, z=z, n_data=n)
-        return torch.autograd.grad(loss, anchor)
-
     nce_paths_taken(reset=True)
-    fields = hb.measure(step, run.device)
-    fields.update(nce_floor(b, d, k, n, dtype, run))
-    fields["measured_over_floor"] = fields["median_s"] / fields["floor_s"] if fields["floor_s"] else None
+    fields = hb.measure(lambda: torch.autograd.grad(loss_fn(anchor, bank, idx, tau=hb.NCE_TAU, z=z, n_data=n),
+                                                    anchor), run.device)
     fields["launched"] = nce_launched(nce_paths_taken(reset=True), b, d, k + 1, n, dtype, run.device)
+    elem, name = bank.element_size(), run.meta["env"]["device"]
+    rate = run.meta.get("l2_gather_bytes_per_s", {}).get(elem)
+    rate = rate or GPUS.get("H200" if "H200" in name else "H100 SXM", {}).get("l2_measured")
+    floor = floor_bytes(b, d, k, n, elem, 4)["l2_gather"] / rate if rate else None
+    fields.update(floor_s=floor if run.device.type == "cuda" else None, gpu_floor_s=floor)
+    fields["measured_over_floor"] = fields["median_s"] / fields["floor_s"] if fields["floor_s"] else None
     run.add(section, f"nce fwd+bwd B={b} d={d} K={k} N={n} bank={str(dtype)[6:]}", provider, fields)
 
 
@@ -240,16 +259,15 @@ def time_block(run: Run, section: str, provider: str, config, batch, dtype_id, w
     run.add(section, f"block_merge fwd+bwd mm={mm} chunks={chunks} rank={rank} B={batch} {dtype_id}", provider, fields)
 
 
-def nce_provider(provider: str) -> Callable:
+def section_timings(run: Run) -> None:
+    """The L2 gather probe (the NCE floor's rate), then NCE and BLOCK cases in turn, the most decisive first, so a
+    stop at the cap leaves both ops measured."""
     from cmc_fast.kernels.reference import nce_loss_reference
 
     from cmc_fast import ops
 
-    return nce_loss_reference if provider == "eager" else ops.nce_loss
-
-
-def section_timings(run: Run) -> None:
-    """NCE and BLOCK cases in turn, the most decisive first, so a stop at the cap leaves both ops measured."""
+    for dtype in (torch.float32, torch.bfloat16):
+        l2_gather_probe(run, dtype)
     nce, block = nce_cases(run), block_cases(run)
     for i in range(max(len(nce), len(block))):
         for case in nce[i:i + 1]:
@@ -257,7 +275,8 @@ def section_timings(run: Run) -> None:
                 forced = provider in ("gather", "dense")
                 with hb.env_var("CMC_FAST_KERNELS", "triton" if forced else "auto"), \
                         hb.env_var("CMC_FAST_NCE", provider if forced else "auto"):
-                    time_nce(run, "timings", provider, *case, nce_provider)
+                    loss_fn = nce_loss_reference if provider == "eager" else ops.nce_loss
+                    time_nce(run, "timings", provider, *case, loss_fn)
         for case in block[i:i + 1]:
             for provider in ("fused", "auto", "loop", "bmm"):
                 time_block(run, "timings", provider, *case)
@@ -275,7 +294,7 @@ def section_compiled(run: Run) -> None:
 
     compiled_ref = torch.compile(nce_loss_reference, fullgraph=True, dynamic=False, backend=backend)
     for case in nce_cases(run)[::2][:2]:  # two shapes, float32
-        time_nce(run, "compiled", "compile", *case, lambda provider: compiled_ref)
+        time_nce(run, "compiled", "compile", *case, compiled_ref)
     for case in block_cases(run)[:1] + block_cases(run)[3:4]:
         for provider in ("compile", "bmm-compile"):
             time_block(run, "compiled", provider, *case, wrap=wrap)
@@ -353,17 +372,14 @@ def dali_unusable_reason(run: Run, path: str) -> str | None:
     """None once one image went through a DALI ``mixed`` pipeline on this GPU, else why DALI is not measured."""
     from cmc_fast.data_pipeline import images
 
-    if run.device.type != "cuda":
-        return "no CUDA device: DALI's mixed pipeline needs one"
-    if not images.dali_available():
-        return "DALI is not installed"
+    if run.device.type != "cuda" or not images.dali_available():
+        return "no CUDA device" if run.device.type != "cuda" else "DALI is not installed"
     try:
         res = images.decode_uint8([path], (224, 224), backend="dali", device=run.device)
     except Exception as exc:  # noqa: BLE001 - reported: DALI is then not measured
         return f"one image through a mixed pipeline failed (driver {run.meta['env'].get('driver')}): {exc}"
-    if not bool(res.ok.all()) or res.fallback:
-        return f"one image through a mixed pipeline was not decoded by DALI: {res.errors or res.fallback}"
-    return None
+    ok = bool(res.ok.all()) and not res.fallback
+    return None if ok else f"one image through a mixed pipeline was not decoded by DALI: {res.errors or res.fallback}"
 
 
 def section_images(run: Run) -> None:
@@ -393,7 +409,7 @@ def section_images(run: Run) -> None:
 
 
 SECTIONS: list[tuple[str, Callable[[Run], None], float]] = [
-    ("env", section_env, 5), ("correctness", section_correctness, 90), ("timings", section_timings, 60),
+    ("env", section_env, 5), ("correctness", section_correctness, 90), ("timings", section_timings, 70),
     ("compiled", section_compiled, 120), ("train", section_train, 100), ("images", section_images, 30)]
 
 
@@ -402,17 +418,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     names = [n for n, _, _ in SECTIONS]
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="on the CPU, tiny shapes, the interpreter (tests)")
-    parser.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S, help="seconds for the whole run")
+    parser.add_argument("--budget-s", type=float, default=420.0, help="seconds for the whole run")
     parser.add_argument("--out", default=os.environ.get("OUT"), help="results folder (default: $OUT)")
     parser.add_argument("--sections", default=",".join(names), help="comma-separated subset, run in the fixed order")
     args = parser.parse_args(argv)
-    if not args.out:
-        parser.error("--out: no folder given and $OUT is not set")
-    if args.budget_s <= 0:
-        parser.error(f"--budget-s: must be > 0, got {args.budget_s}")
-    unknown = set(args.sections.split(",")) - set(names)
-    if unknown:
-        parser.error(f"--sections: unknown {sorted(unknown)}; choose from {names}")
+    unknown = sorted(set(args.sections.split(",")) - set(names))
+    for bad, why in ((not args.out, "--out: no folder given and $OUT is not set"),
+                     (args.budget_s <= 0, f"--budget-s: must be > 0, got {args.budget_s}"),
+                     (unknown, f"--sections: unknown {unknown}; choose from {names}")):
+        if bad:
+            parser.error(why)
     return args
 
 
