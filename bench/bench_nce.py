@@ -49,10 +49,6 @@ def gpu_bandwidths() -> dict:
     return GPUS.get(key, {}) if CUDA and key else {}
 
 
-def make_case(b, d, k, n, dtype):
-    return nce_case(b, d, k, n, dtype, DEVICE)
-
-
 def _sync():
     if CUDA:
         torch.cuda.synchronize()
@@ -105,7 +101,7 @@ def test_nce(benchmark, record, monkeypatch, provider, b, d, k, n, dtype):
         pytest.skip("the dense form's Python loop over bank slices would be unrolled into a huge graph at this N")
     if os.environ.get("CMC_BENCH_NCE_PROVIDERS") and provider not in os.environ["CMC_BENCH_NCE_PROVIDERS"].split(","):
         pytest.skip("not in CMC_BENCH_NCE_PROVIDERS")
-    anchor, bank, idx, z = make_case(b, d, k, n, dtype)
+    anchor, bank, idx, z = nce_case(b, d, k, n, dtype, DEVICE)
     fn = step_fn(provider, monkeypatch)
 
     def unsynced():
@@ -123,10 +119,10 @@ def test_nce(benchmark, record, monkeypatch, provider, b, d, k, n, dtype):
     nbytes = floor_bytes(b, d, k, n, elem, idx.element_size())
     bw = gpu_bandwidths()
     l2, hbm = bw.get("l2_measured"), bw.get("hbm_spec")
-    gpu_time, gpu_method = kernel_seconds(unsynced) if CUDA else (None, None)
+    kernel_s, kernel_method = kernel_seconds(unsynced) if CUDA else (None, None)
     record(benchmark, group=f"nce fwd+bwd B={b} d={d} K={k} N={n} bank={str(dtype).replace('torch.', '')}",
-           provider=provider, floor_s=(nbytes["l2_gather"] / l2) if l2 else None, kernel_s=gpu_time,
-           kernel_method=gpu_method,
+           provider=provider, floor_s=(nbytes["l2_gather"] / l2) if l2 else None, kernel_s=kernel_s,
+           kernel_method=kernel_method,
            l2_gather_bytes=nbytes["l2_gather"], hbm_bytes=nbytes["hbm"], dense_bytes=nbytes["dense"],
            auto_path=_auto_path(b, d, k + 1, n, elem, DEVICE.type), loss=float(loss.detach()),
            hbm_floor_s=(nbytes["hbm"] / hbm) if hbm else None, peak_bytes=peak_bytes(step, DEVICE))
