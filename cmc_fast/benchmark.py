@@ -74,7 +74,7 @@ def cuda_graph_seconds(fn: Fn) -> float:
     """Median device seconds per call, the calls replayed from one CUDA graph (no host work between kernels)."""
     from triton.testing import do_bench_cudagraph
 
-    return do_bench_cudagraph(fn, rep=50, return_mode="median") * 1e-3
+    return do_bench_cudagraph(fn, rep=20, return_mode="median") * 1e-3
 
 
 def profiler_kernel_seconds(fn: Fn, calls: int = 10) -> float:
@@ -97,8 +97,9 @@ def kernel_seconds(fn: Fn) -> tuple[float | None, str]:
     try:
         return cuda_graph_seconds(fn), "cuda-graph"
     except Exception as exc:  # noqa: BLE001 - not capturable (a sync, a host tensor): the profiler then
-        torch.cuda.synchronize()
         reason = f"{type(exc).__name__}"
+        with contextlib.suppress(RuntimeError):  # the failed capture's error may surface once more here
+            torch.cuda.synchronize()
     try:
         return profiler_kernel_seconds(fn), f"profiler (not capturable in a CUDA graph: {reason})"
     except Exception as exc:  # noqa: BLE001 - reported in the row, the wall time still stands
@@ -130,7 +131,7 @@ def measure(fn: Fn, device: torch.device | str, *, rounds: int | None = None, wa
     sync()
     row = {"first_call_s": clock() - t0}
     row.update(summarize(wall_samples(fn, rounds=rounds, warmup=warmup, sync=sync, clock=clock)))
-    kernel, method = kernel_timer(fn) if cuda and kernel_time else (None, "not measured (no CUDA device)")
+    kernel, method = (kernel_timer(fn) if kernel_time else (None, "not asked")) if cuda else (None, "no CUDA device")
     row.update(kernel_s=kernel, kernel_method=method,
                host_overhead_s=max(0.0, row["median_s"] - kernel) if kernel is not None else None)
     row["peak_bytes"] = peak_bytes(fn, device)

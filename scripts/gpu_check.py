@@ -161,16 +161,16 @@ def block_cases(run: Run) -> list[tuple]:
     return [((64, 4, 3), 4, "float32")] if run.dry_run else BLOCK_CASES
 
 
-def nce_launched(taken: list[str], b, d, k1, n, dtype, device) -> str:
+def nce_launched(taken: list[str], bank, b, d, k1, n) -> str:
     """The NCE form ``nce_loss`` took (``nce_plan.nce_paths_taken``) and, for a Triton launch, its grid as the plan
     module sizes it: the tile, the resident programs (slots) the launcher measured and the splits chosen for them."""
     from cmc_fast.kernels import nce, nce_plan
     from cmc_fast.kernels.dispatch import triton_interpreted, use_triton
 
     form = "gather" if any(t.startswith("gather") for t in taken) else "dense" if taken else "reference"
-    if form == "reference" or not use_triton(torch.empty(0, device=device)):  # the op's own dispatch rule
+    if form == "reference" or not use_triton(bank):  # the op's own dispatch rule
         return f"{form} (PyTorch)"
-    elem, interpreted = torch.empty((), dtype=dtype).element_size(), device.type != "cuda" or triton_interpreted()
+    elem, interpreted = bank.element_size(), bank.device.type != "cuda" or triton_interpreted()
     if form == "gather":
         launch, kernel = nce_plan._fwd_launch(d, elem, interpreted, None, k1), "_nce_fwd_kernel"
         tiles, width, block = b, k1, launch.block_k
@@ -228,7 +228,7 @@ def time_nce(run: Run, section: str, provider: str, b, d, k, n, dtype, loss_fn: 
     nce_paths_taken(reset=True)
     fields = hb.measure(lambda: torch.autograd.grad(loss_fn(anchor, bank, idx, tau=hb.NCE_TAU, z=z, n_data=n),
                                                     anchor), run.device)
-    fields["launched"] = nce_launched(nce_paths_taken(reset=True), b, d, k + 1, n, dtype, run.device)
+    fields["launched"] = nce_launched(nce_paths_taken(reset=True), bank, b, d, k + 1, n)
     elem, name = bank.element_size(), run.meta["env"]["device"]
     rate = run.meta.get("l2_gather_bytes_per_s", {}).get(elem)
     rate = rate or GPUS.get("H200" if "H200" in name else "H100 SXM", {}).get("l2_measured")

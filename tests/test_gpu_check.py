@@ -12,6 +12,7 @@ import random
 import signal
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -298,3 +299,21 @@ def test_dry_run_end_to_end_on_the_cpu(tmp_path):
     assert rows[("timings", "dense")]["launched"].startswith("dense (Triton)")
     assert rows[("timings", "fused")]["launched"] == "fused"
     assert rows[("train", "eager fp32, kernels=reference")]["launched"].startswith(("dense", "gather"))
+
+
+def test_launched_reports_the_slots_the_launcher_measured_and_splits_covering_k(monkeypatch):
+    """On a GPU (the dispatch stubbed to say Triton runs, not interpreted), the NCE grid reported is built from the
+    slots the launcher recorded, and its splits cover the K+1 columns (or the bank's rows) exactly once."""
+    from cmc_fast.kernels import dispatch, nce
+
+    monkeypatch.setattr(dispatch, "use_triton", lambda t: True)
+    monkeypatch.setattr(dispatch, "triton_interpreted", lambda: False)
+    for form, kernel, width in (("gather", "_nce_fwd_kernel", 16385), ("dense", "_nce_dense_kernel", 9528)):
+        slots = random.choice([264, 528, 396])
+        monkeypatch.setitem(nce._SLOTS, (kernel, 0, (), (), ()), slots)
+        bank = types.SimpleNamespace(device=torch.device("cuda"), element_size=lambda: 4)  # an fp32 bank on CUDA
+        text = gc.nce_launched([f"{form} (auto) at ..."], bank, 64, 128, 16385, 9528)
+        fields = dict(kv.split("=") for kv in text.split() if "=" in kv)
+        assert text.startswith(f"{form} (Triton)") and int(fields["slots"]) == slots
+        splits, chunk = int(fields["splits"]), int(fields["chunk"])
+        assert (splits - 1) * chunk < width <= splits * chunk
