@@ -71,7 +71,7 @@ def compiled(name: str, fn):
 def make_case(provider: str, batch: int, sizes: list[int], rank: int, dtype: torch.dtype):
     """``cmc_fast.benchmark.block_case``; ``compile``/``bmm-compile`` compile the loop's or bmm's function."""
     base = {"compile": "loop", "bmm-compile": "bmm"}.get(provider, provider)
-    wrap = (lambda name, fn: compiled(name, fn)) if provider in COMPILED else (lambda name, fn: fn)
+    wrap = compiled if provider in COMPILED else (lambda name, fn: fn)
     return block_case(base, batch, sizes, rank, dtype, DEVICE, wrap)
 
 
