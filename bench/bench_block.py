@@ -33,11 +33,10 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
-from cmc_fast.kernels.block import block_merge
 from cmc_fast.kernels.block_plan import _gpu_name, block_merge_floor, choose_block_path
-from cmc_fast.kernels.reference import block_chunk_sizes, block_merge_bmm
-from conftest import bench_device, peak_memory
+from cmc_fast.kernels.reference import block_chunk_sizes
+
+from cmc_fast.benchmark import bench_device, block_case, matmul_precision, peak_bytes
 
 DEVICE = bench_device()
 ON_GPU = DEVICE.type == "cuda"
@@ -55,19 +54,6 @@ ROUNDS = 20 if ON_GPU else 5
 
 
 # ---------------------------------------------------------------------------------------- providers
-def loop_merge(x0, x1, ws0, bs0, ws1, bs1, rank: int):
-    """block.bootstrap.pytorch's Block.forward merge, verbatim in substance."""
-    zs, begin = [], 0
-    for w0, b0, w1, b1 in zip(ws0, bs0, ws1, bs1):
-        s = w0.shape[1]
-        m = F.linear(x0.narrow(1, begin, s), w0, b0) * F.linear(x1.narrow(1, begin, s), w1, b1)
-        z = torch.sum(m.view(m.shape[0], rank, s), 1)
-        z = torch.sqrt(F.relu(z)) - torch.sqrt(F.relu(-z))
-        zs.append(F.normalize(z, p=2))
-        begin += s
-    return torch.cat(zs, 1)
-
-
 _COMPILED = {}
 
 
@@ -83,27 +69,10 @@ def compiled(name: str, fn):
 
 # ------------------------------------------------------------------------------------------- inputs
 def make_case(provider: str, batch: int, sizes: list[int], rank: int, dtype: torch.dtype):
-    gen = torch.Generator().manual_seed(0)
-    mm = sum(sizes)
-    x0, x1 = (torch.randn(batch, mm, generator=gen) for _ in range(2))
-    ws = [[torch.randn(rank * s, s, generator=gen) * s ** -0.5 for s in sizes] for _ in range(2)]
-    bs = [[0.1 * torch.randn(rank * s, generator=gen) for s in sizes] for _ in range(2)]
-    grad = torch.randn(batch, mm, generator=gen).to(DEVICE, dtype)
-
-    def leaf(t):
-        return t.to(DEVICE, dtype).requires_grad_()
-
-    xs = [leaf(x0), leaf(x1)]
-    if provider in ("loop", "compile"):
-        params = [[leaf(t) for t in group] for group in (ws[0], bs[0], ws[1], bs[1])]
-        fn = compiled("loop", loop_merge) if provider == "compile" else loop_merge
-        leaves = xs + [t for group in params for t in group]
-        return (lambda: fn(*xs, *params, rank)), leaves, grad
-    flat = [leaf(torch.cat([t.reshape(-1) for t in group])) for group in (ws[0], bs[0], ws[1], bs[1])]
-    if provider in ("bmm", "bmm-compile"):
-        fn = compiled("bmm", block_merge_bmm) if provider == "bmm-compile" else block_merge_bmm
-        return (lambda: fn(*xs, *flat, sizes=sizes, rank=rank)), xs + flat, grad
-    return (lambda: block_merge(*xs, *flat, sizes=sizes, rank=rank)), xs + flat, grad
+    """``cmc_fast.benchmark.block_case``; ``compile``/``bmm-compile`` compile the loop's or bmm's function."""
+    base = {"compile": "loop", "bmm-compile": "bmm"}.get(provider, provider)
+    wrap = compiled if provider in COMPILED else (lambda name, fn: fn)
+    return block_case(base, batch, sizes, rank, dtype, DEVICE, wrap)
 
 
 def _timed(fn, inner: int):
@@ -155,12 +124,8 @@ def test_block_merge(benchmark, record, monkeypatch, provider, mode, config, bat
         pytest.skip(reason)
     dtype, precision = DTYPES[dtype_id]
     monkeypatch.setenv("CMC_FAST_KERNELS", "triton" if provider == "fused" else "auto")
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(precision)
-    try:
+    with matmul_precision(precision):
         _run(benchmark, record, provider, mode, config, batch, dtype, precision, dtype_id)
-    finally:
-        torch.set_float32_matmul_precision(before)
 
 
 def _run(benchmark, record, provider, mode, config, batch, dtype, precision, dtype_id):
@@ -176,7 +141,7 @@ def _run(benchmark, record, provider, mode, config, batch, dtype, precision, dty
 
     for _ in range(2):  # compile, autotune caches, allocator
         op()
-    peak = peak_memory(op, DEVICE)
+    peak = peak_bytes(op, DEVICE)
     if ON_GPU:
         torch.cuda.synchronize()
     benchmark.pedantic(_timed(op, INNER), rounds=ROUNDS, iterations=INNER, warmup_rounds=1 if ON_GPU else 0)

@@ -13,7 +13,8 @@ Shapes (B, d, K, N): the paper's (64, 128, 16384, 9528) and (64, 128, 1500, 9528
 (256, 128, 16384, 9528) and an ImageNet-scale bank (256, 128, 16384, 1_000_000), where the gather should win. fp32
 banks, and bf16 on CUDA. Results land in bench/results/<device>.{json,md} via the ``record`` fixture: the
 synchronised wall time of a step (pytest-benchmark), beside it on CUDA the GPU time alone
-(``triton.testing.do_bench``), peak extra memory, and the floors (``nce_plan.floor_bytes``: the gather's L2 bytes,
+(``cmc_fast.benchmark.kernel_seconds``: a CUDA graph's replay, or the profiler's kernel times),
+peak extra memory, and the floors (``nce_plan.floor_bytes``: the gather's L2 bytes,
 its HBM bytes, the dense form's bytes). On a CPU the numbers are a side-by-side smoke measurement on a shared
 2-core VM, not GPU figures; the Triton providers need CUDA (the interpreter is far too slow to time).
 """
@@ -24,18 +25,17 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 from cmc_fast.kernels.hopper_build import GPUS
 from cmc_fast.kernels.nce import nce_fwd_torch
 from cmc_fast.kernels.nce_plan import _auto_path, floor_bytes
 from cmc_fast.kernels.reference import nce_counts_reference, nce_dense_reference, nce_loss_reference
-from conftest import bench_device, device_name, peak_memory
 
 from cmc_fast import ops
+from cmc_fast.benchmark import NCE_TAU, bench_device, device_name, kernel_seconds, nce_case, peak_bytes
 
 DEVICE = bench_device()
 CUDA = DEVICE.type == "cuda"
-TAU = 0.07
+TAU = NCE_TAU
 CASES = [(64, 128, 16384, 9528), (64, 128, 1500, 9528), (256, 128, 16384, 9528), (256, 128, 16384, 1_000_000)]
 DTYPES = [torch.float32, torch.bfloat16] if CUDA else [torch.float32]
 ROUNDS, WARMUP = (30, 5) if CUDA else (3, 0)  # CPU: a smoke run (the step already ran once untimed)
@@ -47,17 +47,6 @@ def gpu_bandwidths() -> dict:
     name = device_name()
     key = "H200" if "H200" in name else ("H100 SXM" if "H100" in name else None)
     return GPUS.get(key, {}) if CUDA and key else {}
-
-
-def make_case(b, d, k, n, dtype):
-    g = torch.Generator().manual_seed(1234 + k)
-    anchor = F.normalize(torch.randn(b, d, generator=g), dim=1).to(DEVICE).requires_grad_()
-    bank = F.normalize(torch.randn(n, d, generator=g), dim=1).to(DEVICE, dtype)
-    idx = torch.cat([torch.randperm(n, generator=g)[:b, None], torch.randint(0, n, (b, k), generator=g)], 1)
-    idx = idx.to(DEVICE, torch.int32)  # int32 end to end, as the trainer samples them
-    with torch.no_grad():
-        z = torch.tensor(ops.nce_partition(anchor, bank, idx, tau=TAU, n_data=n), device=DEVICE)
-    return anchor, bank, idx, z
 
 
 def _sync():
@@ -112,7 +101,7 @@ def test_nce(benchmark, record, monkeypatch, provider, b, d, k, n, dtype):
         pytest.skip("the dense form's Python loop over bank slices would be unrolled into a huge graph at this N")
     if os.environ.get("CMC_BENCH_NCE_PROVIDERS") and provider not in os.environ["CMC_BENCH_NCE_PROVIDERS"].split(","):
         pytest.skip("not in CMC_BENCH_NCE_PROVIDERS")
-    anchor, bank, idx, z = make_case(b, d, k, n, dtype)
+    anchor, bank, idx, z = nce_case(b, d, k, n, dtype, DEVICE)
     fn = step_fn(provider, monkeypatch)
 
     def unsynced():
@@ -130,13 +119,10 @@ def test_nce(benchmark, record, monkeypatch, provider, b, d, k, n, dtype):
     nbytes = floor_bytes(b, d, k, n, elem, idx.element_size())
     bw = gpu_bandwidths()
     l2, hbm = bw.get("l2_measured"), bw.get("hbm_spec")
-    gpu_time = None
-    if CUDA:
-        from triton.testing import do_bench
-
-        gpu_time = do_bench(unsynced, warmup=25, rep=200, return_mode="median") * 1e-3
+    kernel_s, kernel_method = kernel_seconds(unsynced) if CUDA else (None, None)
     record(benchmark, group=f"nce fwd+bwd B={b} d={d} K={k} N={n} bank={str(dtype).replace('torch.', '')}",
-           provider=provider, floor_s=(nbytes["l2_gather"] / l2) if l2 else None, gpu_time_s=gpu_time,
+           provider=provider, floor_s=(nbytes["l2_gather"] / l2) if l2 else None, kernel_s=kernel_s,
+           kernel_method=kernel_method,
            l2_gather_bytes=nbytes["l2_gather"], hbm_bytes=nbytes["hbm"], dense_bytes=nbytes["dense"],
            auto_path=_auto_path(b, d, k + 1, n, elem, DEVICE.type), loss=float(loss.detach()),
-           hbm_floor_s=(nbytes["hbm"] / hbm) if hbm else None, peak_bytes=peak_memory(step, DEVICE))
+           hbm_floor_s=(nbytes["hbm"] / hbm) if hbm else None, peak_bytes=peak_bytes(step, DEVICE))

@@ -14,8 +14,8 @@ import pytest
 import torch
 from cmc_fast.data_pipeline.image_backend import resolve_backend
 from cmc_fast.data_pipeline.registry import load_dataset
-from conftest import bench_device
 
+from cmc_fast.benchmark import bench_device
 from cmc_fast.cli import main
 from cmc_fast.config import Config
 from cmc_fast.detector import Detector

@@ -10,8 +10,8 @@ import os
 
 import pytest
 import torch
-from conftest import bench_device
 
+from cmc_fast.benchmark import bench_device
 from cmc_fast.config import preset
 from cmc_fast.stages import build_stage
 

@@ -5,10 +5,10 @@
 #   CMC_FAST_SHARED_DATA=DIR bash scripts/gpu_check.sh   # DIR/weibo holds the Weibo JPEGs for the image rows
 #
 # runs scripts/gpu_check.py (7-minute budget, every compile included; see its docstring for the sections) with
-# the environment it needs. Every result is a JSON line in $OUT/gpu-results.jsonl, flushed as it is measured, and
-# $OUT/gpu-results.md is rewritten after every section, so a run stopped early still keeps all that finished.
-# Afterwards:  python scripts/gpu_results.py $OUT/gpu-results.jsonl  (-> bench/results/<device>.json, .md and
-# -gpu-check.md). Without Weibo JPEGs (CMC_FAST_SHARED_DATA or ../shared/data) the image rows are reported owed.
+# the environment it needs. $OUT/gpu-results.json and .md are rewritten (atomically) after every measured row, so a
+# run stopped early still keeps all that finished.
+# Afterwards:  python scripts/gpu_results.py $OUT/gpu-results.json  (-> bench/results/<device>.json and .md).
+# Without Weibo JPEGs (CMC_FAST_SHARED_DATA or ../shared/data) the image rows are reported owed.
 #
 # DALI on the GPU, where nvidia-dali-cuda130 is installed:  bash scripts/gpu_check.sh dali   -> $OUT/dali/
 # Extra arguments go to gpu_check.py (e.g. --budget-s 300, --sections env,correctness).
