@@ -19,8 +19,8 @@ Shapes: (mm_dim, chunks, rank) = (1600, 20, 15) (BLOCK's default) and (256, 18, 
 256} on a GPU, 64 on a CPU. dtypes: float32 at float32 matmul precision "highest" (``float32``) and "high"
 (``float32-tf32``), bfloat16; a CPU runs ``float32`` only.
 
-Floor beside each row: ``kernels.block.block_merge_floor`` for the GPU the row ran on (H200 when the device name says
-so, else H100 SXM) at the row's dtype and precision. On a CPU the floor column stays empty (the H100 floor is kept
+Floor beside each row: ``kernels.block_plan.block_merge_floor`` for the GPU the row ran on (H200 when the device name
+says so, else H100 SXM) at the row's dtype and precision. On a CPU the floor column stays empty (the H100 floor is kept
 as ``gpu_floor_s``, a reference point, not this CPU's).
 
 GPU timing: each round runs ``INNER`` calls back to back and synchronises once at its end (the counter in
@@ -35,7 +35,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from cmc_fast.kernels.block import block_merge
-from cmc_fast.kernels.block_plan import _gpu_name, block_merge_floor, choose_block_path
+from cmc_fast.kernels.block_plan import block_merge_floor, choose_block_path
+from cmc_fast.kernels.gpus import gpu_name
 from cmc_fast.kernels.reference import block_chunk_sizes, block_merge_bmm
 from conftest import bench_device, peak_memory
 
@@ -180,7 +181,7 @@ def _run(benchmark, record, provider, mode, config, batch, dtype, precision, dty
     if ON_GPU:
         torch.cuda.synchronize()
     benchmark.pedantic(_timed(op, INNER), rounds=ROUNDS, iterations=INNER, warmup_rounds=1 if ON_GPU else 0)
-    gpu = _gpu_name(DEVICE)
+    gpu = gpu_name(DEVICE)
     floor = block_merge_floor(batch, sizes, rank, dtype=dtype, precision=precision, gpu=gpu, backward=mode != "fwd")
     extra = {"path": choose_block_path(sizes, rank, batch, dtype, DEVICE)} if provider == "auto" else {}
     record(benchmark, group=f"block_merge {mode} mm={mm} chunks={chunks} rank={rank} B={batch} {dtype_id}",

@@ -2,7 +2,7 @@
 the negatives' histogram, first-batch partition, bank update.
 
 Two forms of one loss, same idx, same loss and gradient (DESIGN 3), chosen by shape in ``nce_plan.choose_nce_path``
-(``CMC_FAST_NCE=dense|gather`` forces one; the model, its constants and the static report live in kernels/nce_plan.py):
+(``CMC_FAST_NCE=dense|gather`` forces one; the model, its constants and the grid sizing live in kernels/nce_plan.py):
   gather  ``_nce_fwd_kernel``: fetches the B*(K+1) bank rows by index (B*(K+1)*d*elem bytes through L2: 537 MB at
           B=64, d=128, K=16384 against a 4.9 MB bank, each row ~110 times), one dot and one axpy per row; 20.9
           warp-instructions per gathered row on sm_90, ~21 us of issue per call at that shape.
@@ -10,14 +10,15 @@ Two forms of one loss, same idx, same loss and gradient (DESIGN 3), chosen by sh
           step: both directions share it), then ``_nce_dense_kernel`` scores the whole bank once per tile of 16
           anchors on tensor cores (split tf32 products: float32 accuracy), turns each score tile into the C-weighted
           terms and gradient weights W and takes W M on the same bank tile; 14 MB and ~5 us of issue at that shape.
-Floors and the instruction mix of both: ``python -m cmc_fast.kernels.hopper_build report --op nce --nce-path
+Floors and the instruction mix of both: ``python -m cmc_fast.kernels.sm90_report report --op nce --nce-path
 dense|gather`` (bench/results/nce-hopper-sm90-report.md). The gather stays for banks far larger than B*(K+1) and
 wherever the [B, N] working set is too large.
 
 Layout of this file (Liger-Kernel style): Triton kernels, then launchers (pointer arguments commented with
 shapes), then the torch.library ops (``cmc_fast::nce_fwd``, ``cmc_fast::nce_dense_fwd``, ``cmc_fast::nce_counts``,
 ``cmc_fast::nce_partition``, ``cmc_fast::bank_update_``) with fake (meta) and autograd registrations, then the public
-functions. Launch configurations and the static report's specialisations: kernels/nce_plan.py.
+functions. Launch configurations and grid sizing: kernels/nce_plan.py; the static report's specialisations:
+kernels/nce_sm90.py.
 
 Device choice: every op is a ``torch.library.custom_op`` whose single implementation dispatches with
 ``kernels.dispatch.use_triton`` -- the Triton launcher for CUDA tensors (or CPU tensors under
@@ -38,39 +39,34 @@ unit vectors is fine in float32; exp(89) is not), and with an accurate log1p so 
 
 from __future__ import annotations
 
-import functools
-import warnings
-
 import torch
 
-from .dispatch import index_checks, triton_interpreted, use_triton
-from .nce_plan import (  # noqa: F401 - launch plans and the static report, re-exported for the report and tests
+from .dispatch import check_index_range, index_checks, triton_interpreted, use_triton
+from .nce_plan import (
     _TILE,
-    _TILE_INTERPRETED,
+    _block_k,
     _choose_splits,
     _dense_consts,
     _dense_launch,
-    _dense_spec_args,
     _fwd_consts,
     _fwd_launch,
-    _fwd_spec_args,
-    _occupancy,
+    _kernel_slots,
+    _splits,
     choose_nce_path,
-    floor_bytes,
-    hopper_floors,
-    hopper_specs,
     nce_constants,
     nce_path,
 )
-from .reference import bank_update_reference_, nce_counts_reference, nce_dense_reference, nce_partition_reference
+from .reference import (
+    bank_update_reference_,
+    nce_counts_reference,
+    nce_dense_reference,
+    nce_fwd_torch,
+    nce_partition_reference,
+)
 from .utils import cdiv, contiguous, libdevice, next_power_of_2, on_tensor_device, tl, triton
 
 __all__ = ["nce_loss", "nce_partition", "bank_update_", "nce_counts", "nce_counts_for", "nce_fwd_triton",
-           "nce_dense_triton", "nce_counts_triton", "nce_partition_triton", "bank_update_triton_", "nce_fwd_torch",
-           "floor_bytes"]
-
-_CHUNK_ALIGN = 128  # columns per split of the partition kernel are a multiple of this
-
+           "nce_dense_triton", "nce_counts_triton", "nce_partition_triton", "bank_update_triton_", "nce_fwd_torch"]
 
 # ============================================================================================ kernels
 # The kernels are written without @triton.jit helper functions on purpose: the interpreter (the CPU test path)
@@ -339,67 +335,6 @@ def _nce_dense_kernel(
 
 
 # ========================================================================================== launchers
-@functools.lru_cache(maxsize=8)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-
-def _block_k(block_d: int, chunk: int, device: torch.device) -> int:
-    if device.type == "cuda" and not triton_interpreted():
-        return max(4, min(64, _TILE // block_d))  # from d > 2048 on, 4 rows is more than _TILE (may spill)
-    return max(16, min(next_power_of_2(chunk), _TILE_INTERPRETED // block_d))
-
-
-def _resident_programs(compiled, num_warps: int, device: torch.device) -> int:
-    """Programs of a compiled kernel one SM of ``device`` holds at once, from its registers and shared memory.
-    Where Triton's handle does not say (another handle layout), 2 -- with a warning: the grid may then be sized
-    for half (or double) the programs that really fit."""
-    try:
-        compiled._init_handles()
-        props = torch.cuda.get_device_properties(device)
-        return _occupancy(int(compiled.n_regs), int(compiled.metadata.shared), num_warps,
-                          getattr(props, "regs_per_multiprocessor", 65536),
-                          getattr(props, "max_threads_per_multi_processor", 2048),
-                          getattr(props, "shared_memory_per_multiprocessor", 233472))
-    except Exception as e:  # noqa: BLE001 - an older/newer handle layout: a guess, the launch itself still runs
-        warnings.warn(f"kernels/nce.py: cannot read the occupancy of {getattr(compiled, 'name', 'a kernel')} "
-                      f"({type(e).__name__}: {e}); sizing its grid for 2 programs per SM, which may under- or "
-                      "over-fill the GPU", RuntimeWarning, stacklevel=2)
-        return 2
-
-
-_SLOTS: dict = {}
-
-
-def _kernel_slots(kernel, args: tuple, consts: dict, num_warps: int, device: torch.device) -> int:
-    """Resident programs of ``kernel`` on the whole GPU (SMs x per SM), once per specialisation (a compiled launch
-    on CUDA; the interpreter has none). ``args`` end with the integer arguments the JIT specialises on."""
-    ints = tuple((a == 1, a % 16 == 0) for a in args if isinstance(a, int))
-    key = (kernel.__name__, device.index, ints, tuple(a.dtype for a in args if hasattr(a, "dtype")),
-           tuple(sorted(consts.items())))
-    if key not in _SLOTS:
-        compiled = kernel.warmup(*args, grid=(1,), num_warps=num_warps, **consts)
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        _SLOTS[key] = _sm_count(index) * _resident_programs(compiled, num_warps, device)
-    return _SLOTS[key]
-
-
-def _splits(b: int, k1: int, device: torch.device, splits: int | None) -> tuple[int, int]:
-    """(number of splits S of the K+1 columns, columns per split). Enough programs to fill the GPU: with
-    B = 64 rows alone, a 132-SM H100 would sit half idle, so each row's columns are cut into S chunks."""
-    if splits is None:
-        if device.type == "cuda":
-            target = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-            splits = max(1, cdiv(target, b))
-        else:
-            splits = 1  # interpreter: fewer, larger programs are faster
-    splits = max(1, min(int(splits), cdiv(k1, 16)))
-    align = _CHUNK_ALIGN if device.type == "cuda" else 16
-    chunk = cdiv(cdiv(k1, splits), align) * align
-    return cdiv(k1, chunk), chunk
-
-
 def _check_nce_args(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor) -> None:
     if anchor.dim() != 2 or bank.dim() != 2 or anchor.shape[1] != bank.shape[1]:
         raise ValueError(f"anchor must be [B, d] and bank [N, d], got {tuple(anchor.shape)} and {tuple(bank.shape)}")
@@ -411,25 +346,6 @@ def _check_nce_args(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor)
         raise TypeError(f"anchor and bank must be floating point, got {anchor.dtype} and {bank.dtype}")
 
 
-def _check_index_range(idx: torch.Tensor, n: int, *, sync: bool) -> None:
-    """A clear IndexError for an index outside [0, N). ``sync=False`` (the reference path by default) asserts
-    without a host sync: on the CPU the assert fails at once and the culprit is then named; on a GPU it is a
-    device-side assert at the next sync -- never silent, where a negative index would otherwise wrap around.
-    ``sync=True`` (CMC_FAST_CHECK_INDEX=1) reads the range on the host, naming the culprit on every device."""
-    if idx.numel() == 0:
-        return
-    if not sync:
-        try:
-            torch._assert_async(((idx >= 0) & (idx < n)).all(), f"idx holds values outside the bank's {n} rows")
-            return
-        except RuntimeError:  # raised at once on the CPU: name the culprit below
-            pass
-    lo, hi = int(idx.min()), int(idx.max())
-    if lo < 0 or hi >= n:
-        bad = lo if lo < 0 else hi
-        raise IndexError(f"idx holds {bad}, outside the bank's {n} rows (valid: 0 to {n - 1})")
-
-
 @on_tensor_device
 def nce_fwd_triton(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, z: torch.Tensor, tau: float,
                    n_data: int, eps: float, need_grad: bool, *, block_k: int | None = None,
@@ -438,7 +354,7 @@ def nce_fwd_triton(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, 
     ``block_k`` / ``splits`` override the heuristics (tests use them to exercise several splits)."""
     anchor, idx = contiguous(anchor, idx)  # the bank is passed with its strides: never copied
     if index_checks():
-        _check_index_range(idx, bank.shape[0], sync=True)
+        check_index_range(idx, bank.shape[0], sync=True)
     z = z.reshape(()).to(device=anchor.device, dtype=torch.float32)
     b, d = anchor.shape
     k1 = idx.shape[1]
@@ -474,7 +390,7 @@ def nce_partition_triton(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Te
     """Z = mean(exp(s)) * N as a 0-dim float32 tensor (the sum of partials is taken in float64)."""
     anchor, idx = contiguous(anchor, idx)
     if index_checks():
-        _check_index_range(idx, bank.shape[0], sync=True)
+        check_index_range(idx, bank.shape[0], sync=True)
     b, d = anchor.shape
     k1 = idx.shape[1]
     block_d = next_power_of_2(d)
@@ -491,7 +407,7 @@ def nce_counts_triton(idx: torch.Tensor, n: int) -> torch.Tensor:
     """The negatives' histogram C [B, N] int32 (``nce_counts_reference``), with integer atomics."""
     (idx,) = contiguous(idx)
     if index_checks():
-        _check_index_range(idx, n, sync=True)
+        check_index_range(idx, n, sync=True)
     b, k1 = idx.shape
     counts = torch.zeros((b, n), device=idx.device, dtype=torch.int32)
     if b and k1 > 1:
@@ -557,29 +473,6 @@ def bank_update_triton_(bank: torch.Tensor, index: torch.Tensor, feats: torch.Te
                               BLOCK_N=min(next_power_of_2(n), 1024), BLOCK_D=next_power_of_2(d))
 
 
-def nce_fwd_torch(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, z: torch.Tensor | float, tau: float,
-                  n_data: int, eps: float, need_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference path of ``cmc_fast::nce_fwd``: the loss exactly as ``nce_loss_reference`` computes it, and
-    its anchor gradient in closed form (autograd cannot run inside a custom op's implementation). Checked
-    against autograd of the reference by the tests. An index outside the bank raises a clear IndexError."""
-    _check_index_range(idx, bank.shape[0], sync=index_checks())
-    rows = bank.detach()[idx].float()  # [B, K+1, d]
-    b, k1 = idx.shape
-    s = torch.bmm(rows, anchor.float().unsqueeze(2)).squeeze(2) / tau
-    p = torch.exp(s) / z
-    noise = (k1 - 1) / n_data
-    log_pos = torch.log(p[:, 0] / (p[:, 0] + noise + eps))
-    log_neg = torch.log(noise / (p[:, 1:] + noise + eps)).sum(1)
-    loss = -(log_pos + log_neg).mean()
-    if not need_grad:
-        return loss, anchor.new_empty(0, dtype=torch.float32)
-    c = noise + eps
-    w = p / (p + c)
-    w = torch.cat([-c / (p[:, :1] + c), w[:, 1:]], dim=1)
-    grad = torch.bmm(w.unsqueeze(1), rows).squeeze(1) / (b * tau)
-    return loss, grad
-
-
 # ================================================================================== torch.library ops
 @torch.library.custom_op("cmc_fast::nce_fwd", mutates_args=())
 def _nce_fwd_op(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, z: torch.Tensor, tau: float,
@@ -623,7 +516,7 @@ def _nce_dense_op(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, c
                   need_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     if use_triton(anchor):
         return nce_dense_triton(anchor, bank, idx, counts, z, tau, n_data, eps, need_grad)
-    _check_index_range(idx[:, :1], bank.shape[0], sync=index_checks())
+    check_index_range(idx[:, :1], bank.shape[0], sync=index_checks())
     return nce_dense_reference(anchor, bank, idx, counts, z, tau, n_data, eps, need_grad)
 
 
@@ -641,7 +534,7 @@ _nce_dense_op.register_autograd(_nce_backward, setup_context=_nce_setup_context)
 def _nce_counts_op(idx: torch.Tensor, n: int) -> torch.Tensor:
     if use_triton(idx):
         return nce_counts_triton(idx, n)
-    _check_index_range(idx, n, sync=index_checks())
+    check_index_range(idx, n, sync=index_checks())
     return nce_counts_reference(idx, n)
 
 
@@ -655,7 +548,7 @@ def _nce_partition_op(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Tenso
                       n_data: int) -> torch.Tensor:
     if use_triton(anchor):
         return nce_partition_triton(anchor, bank, idx, tau, n_data)
-    _check_index_range(idx, bank.shape[0], sync=index_checks())
+    check_index_range(idx, bank.shape[0], sync=index_checks())
     z = nce_partition_reference(anchor, bank, idx, tau=tau, n_data=n_data)
     return torch.tensor(z, dtype=torch.float32, device=anchor.device)
 

@@ -556,7 +556,7 @@ def section_bandwidth(ctx: Ctx) -> None:
             _measure_l2_gather(ctx, dtype)
 
 
-# The L2 gather bandwidth that kernels/hopper_build.GPUS owes (NVIDIA publishes none): random rows of a bank that
+# The L2 gather bandwidth that kernels/gpus.GPUS owes (NVIDIA publishes none): random rows of a bank that
 # fits in L2 (the NCE benchmark's 9528 x 128, 4.9 MB in fp32 against 50-60 MB of L2), summed so that nothing but the
 # rows and their indices is read; the NCE loss's L2 floor is its gathered bytes over this rate. It is this simple
 # probe's rate (4096 programs of 4 warps, 32 rows a step), a lower bound of what L2 can serve: a kernel that keeps
@@ -702,7 +702,8 @@ def block_check(ctx: Ctx, batch: int, sizes: list[int], rank: int, x_dtype, w_dt
     ``fused`` (the Triton kernels, CMC_FAST_KERNELS=triton) or ``bmm`` (``block_merge_bmm``, CMC_FAST_KERNELS=bmm),
     under float32 matmul precision ``precision``."""
     import torch
-    from cmc_fast.kernels.block import block_merge, dot_precision
+    from cmc_fast.kernels.block import block_merge
+    from cmc_fast.kernels.block_plan import dot_precision
     from cmc_fast.kernels.reference import block_merge_reference
 
     g, mm = _gen(), sum(sizes)
@@ -797,12 +798,13 @@ def record_block_dispatch(ctx: Ctx) -> None:
     eager and under torch.compile, with the two estimates it compares. A static rule: the dry run asks it for CUDA
     (H100 SXM constants, this machine having no GPU) and records the same picks a GPU run of that kind makes; the
     timings section measures whether they are right."""
-    from cmc_fast.kernels.block_plan import _gpu_name, choose_block_path, estimate_bmm, estimate_fused
+    from cmc_fast.kernels.block_plan import choose_block_path, estimate_bmm, estimate_fused
+    from cmc_fast.kernels.gpus import gpu_name
     from cmc_fast.kernels.reference import block_chunk_sizes
 
     bench = _bench_module("bench_block")
     device = "cuda"  # the rule on CPU tensors is always the reference: ask for the GPU's pick
-    gpu = _gpu_name(ctx.device)
+    gpu = gpu_name(ctx.device)
     with kernel_mode("auto"):
         for (mm, chunks, rank), batch, dtype_id in _block_bench_shapes(bench):
             dtype, precision = bench.DTYPES[dtype_id]
@@ -873,8 +875,7 @@ def section_timings(ctx: Ctx) -> None:
 
 
 def _nce_provider(ctx: Ctx, provider: str):
-    from cmc_fast.kernels.nce import nce_fwd_torch
-    from cmc_fast.kernels.reference import nce_loss_reference
+    from cmc_fast.kernels.reference import nce_fwd_torch, nce_loss_reference
 
     from cmc_fast import ops
 
@@ -916,7 +917,8 @@ def nce_floors(ctx: Ctx, b, d, k, n, dtype, idx_elem: int) -> dict:
     by its name, else H100 SXM: the specified HBM bandwidth, "owed" where no figure exists). The dry run computes
     both (the same calls) but keeps no measured floor: a CPU's bandwidths are no GPU's."""
     import torch
-    from cmc_fast.kernels.nce import floor_bytes, hopper_floors
+    from cmc_fast.kernels.nce_plan import floor_bytes
+    from cmc_fast.kernels.nce_sm90 import hopper_floors
 
     elem = torch.empty((), dtype=dtype).element_size()
     nbytes = floor_bytes(b, d, k, n, elem, idx_elem)
@@ -973,9 +975,10 @@ def block_floor_fields(ctx: Ctx, batch: int, sizes: list[int], rank: int, dtype,
     """``kernels.block.block_merge_floor`` for this GPU (H200 by its name, else H100 SXM) at the row's dtype and
     precision, as bench/bench_block.py records it. Computed in the dry run too, kept there as ``gpu_floor_s`` with
     ``floor_s`` empty (a CPU's time over a GPU floor means nothing)."""
-    from cmc_fast.kernels.block_plan import _gpu_name, block_merge_floor
+    from cmc_fast.kernels.block_plan import block_merge_floor
+    from cmc_fast.kernels.gpus import gpu_name
 
-    gpu = _gpu_name(ctx.device)
+    gpu = gpu_name(ctx.device)
     floor = block_merge_floor(batch, sizes, rank, dtype=dtype, precision=precision, gpu=gpu, backward=backward)
     if ctx.device.type == "cuda":
         return {"floor_s": floor, "floor_gpu": gpu}
@@ -990,7 +993,7 @@ def _block_provider_mode(ctx: Ctx, provider: str) -> str:
 
 def _time_block(ctx: Ctx, provider: str, mode: str, config: tuple, batch: int, dtype_id: str) -> None:
     import torch
-    from cmc_fast.kernels.block import choose_block_path
+    from cmc_fast.kernels.block_plan import choose_block_path
     from cmc_fast.kernels.reference import block_chunk_sizes
 
     bench = _bench_module("bench_block")
