@@ -53,7 +53,7 @@ def hopper_specs(shape: tuple[int, ...], dtype: str = "fp32", precision: str = "
     x and weights of ``dtype`` (weights of ``w_dtype`` if given: AMP's fp32 master weights), float32 matmul
     precision ``precision``: forward (+ norm where a chunk spans several
     feature tiles), dx, dW, each with its source loops and trip counts (``hopper_build.Loop``) and its share of the
-    floor (``kernel_floors``). For ``kernels.hopper_build report``; whether ``block_merge`` picks this path at that
+    floor (``kernel_floors``). For ``kernels.sm90_report report``; whether ``block_merge`` picks this path at that
     shape is ``choose_block_path``'s call."""
     b, sizes, rank = _report_args(shape, dtype, precision)
     if gpu not in GPUS:

@@ -1,7 +1,7 @@
 """Which implementation an op runs: Triton for CUDA tensors, the PyTorch reference for CPU tensors.
 
 ``CMC_FAST_KERNELS=triton|reference|auto`` (default ``auto``) overrides it; ``bmm`` forces BLOCK's batched-bmm path
-(``kernels.block.choose_block_path``) and means ``auto`` for the other ops. ``triton`` on CPU tensors only
+(``kernels.block_plan.choose_block_path``) and means ``auto`` for the other ops. ``triton`` on CPU tensors only
 works under ``TRITON_INTERPRET=1`` (set before importing ``cmc_fast.kernels``): that is how the kernels are tested on
 machines without a GPU.
 

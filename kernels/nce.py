@@ -1,5 +1,5 @@
 """Cross-modal NCE over a memory bank: fused Triton loss + anchor gradient in two exact forms (gather and dense),
-the negatives' histogram, first-batch partition, bank update.
+the negatives' histogram, the first-batch partition (the bank's momentum update: kernels/bank.py).
 
 Two forms of one loss, same idx, same loss and gradient (DESIGN 3), chosen by shape in ``nce_plan.choose_nce_path``
 (``CMC_FAST_NCE=dense|gather`` forces one; the model, its constants and the grid sizing live in kernels/nce_plan.py):
@@ -16,7 +16,7 @@ wherever the [B, N] working set is too large.
 
 Layout of this file (Liger-Kernel style): Triton kernels, then launchers (pointer arguments commented with
 shapes), then the torch.library ops (``cmc_fast::nce_fwd``, ``cmc_fast::nce_dense_fwd``, ``cmc_fast::nce_counts``,
-``cmc_fast::nce_partition``, ``cmc_fast::bank_update_``) with fake (meta) and autograd registrations, then the public
+``cmc_fast::nce_partition``) with fake (meta) and autograd registrations, then the public
 functions. Launch configurations and grid sizing: kernels/nce_plan.py; the static report's specialisations:
 kernels/nce_sm90.py.
 
@@ -57,7 +57,6 @@ from .nce_plan import (
     nce_path,
 )
 from .reference import (
-    bank_update_reference_,
     nce_counts_reference,
     nce_dense_reference,
     nce_fwd_torch,
@@ -65,8 +64,8 @@ from .reference import (
 )
 from .utils import cdiv, contiguous, libdevice, next_power_of_2, on_tensor_device, tl, triton
 
-__all__ = ["nce_loss", "nce_partition", "bank_update_", "nce_counts", "nce_counts_for", "nce_fwd_triton",
-           "nce_dense_triton", "nce_counts_triton", "nce_partition_triton", "bank_update_triton_", "nce_fwd_torch"]
+__all__ = ["nce_loss", "nce_partition", "nce_counts", "nce_counts_for", "nce_fwd_triton", "nce_dense_triton",
+           "nce_counts_triton", "nce_partition_triton", "nce_fwd_torch"]
 
 # ============================================================================================ kernels
 # The kernels are written without @triton.jit helper functions on purpose: the interpreter (the CPU test path)
@@ -205,35 +204,6 @@ def _nce_partition_kernel(
                     mask=mask_k[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
         acc += tl.where(mask_k, tl.exp(tl.sum(m * a[None, :], axis=1) * inv_tau), 0.0)
     tl.store(part_ptr + row * tl.num_programs(1) + split, tl.sum(acc, axis=0))
-
-
-@triton.jit
-def _bank_update_kernel(
-    bank_ptr,  # [N, D] fp32/bf16/fp16, strides (stride_bn, stride_bd); updated in place
-    index_ptr,  # [n] int64/int32, contiguous: the bank row each feature goes to
-    feats_ptr,  # [n, D] float, contiguous
-    n, D, stride_bn, stride_bd, momentum,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    i = tl.program_id(0)
-    mine = tl.load(index_ptr + i)
-    # The last occurrence of a repeated index wins: a program whose index reappears later writes nothing, so
-    # each bank row is read and written by exactly one program and every row is computed from the pre-call bank.
-    later = tl.zeros([BLOCK_N], dtype=tl.int32)
-    for n0 in range(0, n, BLOCK_N):
-        offs = n0 + tl.arange(0, BLOCK_N)
-        other = tl.load(index_ptr + offs, mask=offs < n, other=0)
-        later += ((other == mine) & (offs > i) & (offs < n)).to(tl.int32)
-    if tl.sum(later, axis=0) == 0:
-        offs_d = tl.arange(0, BLOCK_D)
-        mask_d = offs_d < D
-        ptrs = bank_ptr + mine.to(tl.int64) * stride_bn + offs_d * stride_bd
-        old = tl.load(ptrs, mask=mask_d, other=0.0).to(tl.float32)
-        f = tl.load(feats_ptr + i.to(tl.int64) * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-        mixed = old * momentum + f * (1.0 - momentum)
-        norm = tl.sqrt(tl.sum(mixed * mixed, axis=0))
-        out = mixed / tl.maximum(norm, 1e-12)  # F.normalize's eps
-        tl.store(ptrs, out.to(bank_ptr.dtype.element_ty), mask=mask_d)
 
 
 @triton.jit
@@ -461,18 +431,6 @@ def _finalize(part_loss, part_grad, loss, grad, b: int, n_split: int, d: int, ta
         BLOCK_D=block_d, BLOCK_P=min(next_power_of_2(b * n_split), 1024))
 
 
-@on_tensor_device
-def bank_update_triton_(bank: torch.Tensor, index: torch.Tensor, feats: torch.Tensor, momentum: float) -> None:
-    """In place, one program per batch row; rows whose index repeats later in the batch write nothing."""
-    index, feats = contiguous(index.reshape(-1), feats)
-    n = index.numel()
-    if n == 0:
-        return
-    d = bank.shape[1]
-    _bank_update_kernel[(n,)](bank, index, feats, n, d, bank.stride(0), bank.stride(1), float(momentum),
-                              BLOCK_N=min(next_power_of_2(n), 1024), BLOCK_D=next_power_of_2(d))
-
-
 # ================================================================================== torch.library ops
 @torch.library.custom_op("cmc_fast::nce_fwd", mutates_args=())
 def _nce_fwd_op(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, z: torch.Tensor, tau: float,
@@ -558,19 +516,6 @@ def _(anchor, bank, idx, tau, n_data):
     return anchor.new_empty((), dtype=torch.float32)
 
 
-@torch.library.custom_op("cmc_fast::bank_update_", mutates_args=("bank",))
-def _bank_update_op(bank: torch.Tensor, index: torch.Tensor, feats: torch.Tensor, momentum: float) -> None:
-    if use_triton(bank):
-        bank_update_triton_(bank, index, feats, momentum)
-    else:
-        bank_update_reference_(bank, index, feats, momentum)
-
-
-@_bank_update_op.register_fake
-def _(bank, index, feats, momentum):
-    return None
-
-
 # ===================================================================================== public functions
 def nce_loss(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, *, tau: float,
              z: float | torch.Tensor, n_data: int, eps: float = 1e-7,
@@ -633,16 +578,3 @@ def nce_partition(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, *
     _check_nce_args(anchor, bank, idx)
     with torch.no_grad():
         return float(_nce_partition_op(anchor.detach(), bank.detach(), idx, float(tau), int(n_data)).item())
-
-
-def bank_update_(bank: torch.Tensor, index: torch.Tensor, feats: torch.Tensor, momentum: float) -> None:
-    """In place: M[i] <- normalize(m * M[i] + (1 - m) * f_i) for each i in ``index``; float32 arithmetic, stored
-    in the bank's dtype. Every row is computed from the pre-call bank; a repeated index: the last occurrence wins.
-    """
-    index = index.reshape(-1)
-    if bank.dim() != 2 or feats.dim() != 2 or feats.shape != (index.numel(), bank.shape[1]):
-        raise ValueError(f"bank must be [N, d], index [n] and feats [n, d]; got {tuple(bank.shape)}, "
-                         f"{tuple(index.shape)}, {tuple(feats.shape)}")
-    if index.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"index must be int64 (or int32), got {index.dtype}")
-    _bank_update_op(bank, index, feats.detach(), float(momentum))

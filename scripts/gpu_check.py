@@ -794,7 +794,7 @@ def section_correctness(ctx: Ctx) -> None:
 
 
 def record_block_dispatch(ctx: Ctx) -> None:
-    """``kernels.block.choose_block_path``'s pick (CMC_FAST_KERNELS=auto) at every shape of bench/bench_block.py,
+    """``kernels.block_plan.choose_block_path``'s pick (CMC_FAST_KERNELS=auto) at every shape of bench/bench_block.py,
     eager and under torch.compile, with the two estimates it compares. A static rule: the dry run asks it for CUDA
     (H100 SXM constants, this machine having no GPU) and records the same picks a GPU run of that kind makes; the
     timings section measures whether they are right."""
@@ -972,7 +972,7 @@ def block_group(mode: str, config: tuple, batch: int, dtype_id: str) -> str:
 
 def block_floor_fields(ctx: Ctx, batch: int, sizes: list[int], rank: int, dtype, precision: str,
                        backward: bool) -> dict:
-    """``kernels.block.block_merge_floor`` for this GPU (H200 by its name, else H100 SXM) at the row's dtype and
+    """``kernels.block_plan.block_merge_floor`` for this GPU (H200 by its name, else H100 SXM) at the row's dtype and
     precision, as bench/bench_block.py records it. Computed in the dry run too, kept there as ``gpu_floor_s`` with
     ``floor_s`` empty (a CPU's time over a GPU floor means nothing)."""
     from cmc_fast.kernels.block_plan import block_merge_floor

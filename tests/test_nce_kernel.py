@@ -519,6 +519,7 @@ os.environ.pop("TRITON_INTERPRET", None)  # code generation does not work in int
 import torch
 import cmc_fast.kernels.nce as kn
 import cmc_fast.kernels.nce_plan as plan
+from cmc_fast.kernels.bank import _bank_update_kernel
 from cmc_fast.kernels.hopper_build import build_checked
 from cmc_fast.kernels.nce_sm90 import _dense_spec_args, _fwd_spec_args
 
@@ -549,7 +550,7 @@ for bank_type, elem in (("fp32", 4), ("bf16", 2), ("fp16", 2)):
         types, divisible = _dense_spec_args(d, 9528, 16385, 1024, bank_type)
         build_checked(kn._nce_dense_kernel, types, consts, launch.num_warps, divisible)
 build_checked(kn._nce_counts_kernel, {"idx_ptr": "*i32", "counts_ptr": "*i32"}, {"BLOCK_K": 1024})
-build_checked(kn._bank_update_kernel, {"bank_ptr": "*bf16", "index_ptr": "*i64", "feats_ptr": F, "momentum": "fp32"},
+build_checked(_bank_update_kernel, {"bank_ptr": "*bf16", "index_ptr": "*i64", "feats_ptr": F, "momentum": "fp32"},
               {"BLOCK_N": 1024, "BLOCK_D": 128})
 print("BUILD OK")
 """
