@@ -33,7 +33,8 @@ import os
 
 import pytest
 import torch
-from cmc_fast.kernels.block_plan import _gpu_name, block_merge_floor, choose_block_path
+from cmc_fast.kernels.block_plan import block_merge_floor, choose_block_path
+from cmc_fast.kernels.gpus import gpu_name
 from cmc_fast.kernels.reference import block_chunk_sizes
 
 from cmc_fast.benchmark import bench_device, block_case, matmul_precision, peak_bytes
@@ -145,7 +146,7 @@ def _run(benchmark, record, provider, mode, config, batch, dtype, precision, dty
     if ON_GPU:
         torch.cuda.synchronize()
     benchmark.pedantic(_timed(op, INNER), rounds=ROUNDS, iterations=INNER, warmup_rounds=1 if ON_GPU else 0)
-    gpu = _gpu_name(DEVICE)
+    gpu = gpu_name(DEVICE)
     floor = block_merge_floor(batch, sizes, rank, dtype=dtype, precision=precision, gpu=gpu, backward=mode != "fwd")
     extra = {"path": choose_block_path(sizes, rank, batch, dtype, DEVICE)} if provider == "auto" else {}
     record(benchmark, group=f"block_merge {mode} mm={mm} chunks={chunks} rank={rank} B={batch} {dtype_id}",

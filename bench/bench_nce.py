@@ -25,10 +25,9 @@ import os
 
 import pytest
 import torch
-from cmc_fast.kernels.hopper_build import GPUS
-from cmc_fast.kernels.nce import nce_fwd_torch
+from cmc_fast.kernels.gpus import GPUS
 from cmc_fast.kernels.nce_plan import _auto_path, floor_bytes
-from cmc_fast.kernels.reference import nce_counts_reference, nce_dense_reference, nce_loss_reference
+from cmc_fast.kernels.reference import nce_counts_reference, nce_dense_reference, nce_fwd_torch, nce_loss_reference
 
 from cmc_fast import ops
 from cmc_fast.benchmark import NCE_TAU, bench_device, device_name, kernel_seconds, nce_case, peak_bytes

@@ -1,6 +1,6 @@
 """BLOCK's block-superdiagonal bilinear merge (Ben-Younes et al. 2019): fused Triton kernels on tensor cores and
-their launchers, and the op that runs them or the batched-bmm formulation. Tiles, floors, the static report's
-specialisations and the rule that picks a path per shape live beside this file in ``kernels/block_plan.py``.
+their launchers, and the op that runs them or the batched-bmm formulation. Tiles, floors and the rule that picks a
+path per shape live in ``kernels/block_plan.py``; the static sm_90 report's specialisations in kernels/block_sm90.py.
 
 Math (per chunk c of size s, rank R; DESIGN section 1): y0 = x0_c W0_c^T + b0_c, y1 likewise, both [B, R*s] with
 m index r*s + j; z[b, j] = sum_r y0[b, r*s+j] * y1[b, r*s+j]; t = sqrt(relu(z)) - sqrt(relu(-z));
@@ -54,7 +54,7 @@ every loop weighted by its trips, issue-bound at one instruction a cycle per sch
 (14.9) and 90 us at "highest" (22: FFMA and the recomputation of y, left open); no dot tile computed twice.
 Padding at chunks of 80: none in the K steps, the dx/dW output tiles or the batch; 6.25% in the rank (15 -> 16).
 
-Floors per GPU (``kernels.block_plan.GPUS``). FLOPs 4*B*R*S2 forward and 8*B*R*S2 backward with S2 = sum_c s_c^2;
+Floors per GPU (``kernels.gpus.GPUS``). FLOPs 4*B*R*S2 forward and 8*B*R*S2 backward with S2 = sum_c s_c^2;
 bytes (weights and activations once each) 2*R*S2*wb + 2*R*MM*wb + 3*B*MM*xb forward, 4*R*S2*wb + 4*R*MM*wb +
 5*B*MM*xb backward; floor = max(FLOPs / rate, bytes / HBM). Rates: FP32 (no tensor cores) for float32 at "highest",
 TF32 dense at "high"/"medium", BF16/FP16 dense for 16-bit inputs. At (1600, 20, 15), B=64 on an H100 SXM:
@@ -69,25 +69,17 @@ import functools
 import torch
 
 from .block_plan import (
-    GPUS,
-    MAX_CHUNK,
-    MAX_RANK,
     BlockPlan,
     _fwd_tiles,
     _ieee_fp32,
-    _sm_count,
-    block_merge_floor,
     block_plan,
     choose_block_path,
     chunk_layout,
     dot_precision,
-    estimate_bmm,
-    estimate_fused,
-    hopper_floors,
-    hopper_specs,
 )
 from .dispatch import use_triton
-from .reference import block_merge_bmm, block_merge_reference, block_merge_sum_reference
+from .gpus import sm_count as _sm_count
+from .reference import block_merge_bmm, block_merge_reference
 from .utils import cdiv, contiguous, next_power_of_2, on_tensor_device, tl, triton
 
 __all__ = [
@@ -96,17 +88,6 @@ __all__ = [
     "block_merge_forward_triton",
     "block_merge_backward_triton",
     "block_merge_backward_reference",
-    "block_merge_sum_reference",
-    "block_merge_floor",
-    "block_plan",
-    "choose_block_path",
-    "estimate_bmm",
-    "estimate_fused",
-    "hopper_specs",
-    "hopper_floors",
-    "GPUS",
-    "MAX_CHUNK",
-    "MAX_RANK",
 ]
 
 # --------------------------------------------------------------------------------------------- kernels

@@ -1,8 +1,8 @@
-"""BLOCK's planning and cost model beside the op file ``kernels/block.py``: the GPU table, the kernels' tiles
-(``block_plan``), the compile-time chunk layout, the floors, the static report's specialisations
-(``hopper_specs``), and the rule that picks the fused kernels or the batched-bmm path per shape
-(``choose_block_path``) from the fused kernels' issue bound (``kernels/block_bounds.json``) against the bmm
-path's GEMM floors. Nothing here launches a kernel.
+"""BLOCK's planning and cost model beside the op file ``kernels/block.py``: the kernels' tiles (``block_plan``), the
+compile-time chunk layout, the floors, and the rule that picks the fused kernels or the batched-bmm path per shape
+(``choose_block_path``) from the fused kernels' issue bound (``kernels/block_bounds.json``) against the bmm path's
+GEMM floors. The GPUs' figures come from ``kernels/gpus.py``; the static report's specialisations and the writer
+of the bounds table live in ``kernels/block_sm90.py``. Nothing here launches or builds a kernel.
 """
 
 from __future__ import annotations
@@ -16,37 +16,9 @@ import os
 import torch
 
 from .dispatch import kernel_mode, triton_available, triton_interpreted
-from .reference import block_chunk_sizes, block_size_groups
+from .gpus import GPUS, device_timing, gpu_name, issue_bound_s
+from .reference import block_size_groups
 from .utils import cdiv, next_power_of_2
-
-# ------------------------------------------------------------------------------------------ GPU constants
-# Dense rates (the datasheets quote tensor-core rates "with sparsity": half of that is dense) and HBM bandwidths.
-GPUS = {
-    "H100 SXM": {
-        "fp32": 67e12,  # NVIDIA H100 Tensor Core GPU datasheet, H100 SXM column: FP32 67 TFLOPS (no tensor cores)
-        "tf32": 494.7e12,  # idem: TF32 Tensor Core 989 TFLOPS with sparsity -> 494.7 dense
-        "bf16": 989.4e12,  # idem: BF16 Tensor Core 1,979 TFLOPS with sparsity -> 989.4 dense (FP16 the same)
-        "hbm": 3.35e12,  # idem: GPU memory bandwidth 3.35 TB/s (HBM3)
-        "sms": 132,  # NVIDIA H100 whitepaper: 132 SMs on the SXM5 part
-        "clock_hz": 1.98e9,  # the boost clock its FP32 rate implies: 67e12 / (132 SMs x 128 lanes x 2 FLOP)
-    },
-    "H100 PCIe": {
-        "fp32": 51e12,  # NVIDIA H100 Tensor Core GPU datasheet, H100 PCIe column: FP32 51 TFLOPS
-        "tf32": 378e12,  # idem: TF32 Tensor Core 756 TFLOPS with sparsity -> 378 dense
-        "bf16": 756.5e12,  # idem: BF16 Tensor Core 1,513 TFLOPS with sparsity -> 756.5 dense
-        "hbm": 2.0e12,  # idem: GPU memory bandwidth 2 TB/s (HBM2e)
-        "sms": 114,  # NVIDIA H100 whitepaper: 114 SMs on the PCIe part
-        "clock_hz": 1.755e9,  # its boost clock (51e12 / (114 x 128 x 2) = 1.75 GHz agrees)
-    },
-    "H200": {
-        "fp32": 67e12,  # NVIDIA H200 Tensor Core GPU datasheet, H200 SXM column: FP32 67 TFLOPS
-        "tf32": 494.7e12,  # idem: TF32 Tensor Core 989 TFLOPS with sparsity -> 494.7 dense
-        "bf16": 989.4e12,  # idem: BF16 Tensor Core 1,979 TFLOPS with sparsity -> 989.4 dense
-        "hbm": 4.8e12,  # idem: GPU memory bandwidth 4.8 TB/s (HBM3e)
-        "sms": 132,  # same GH100 die configuration as the H100 SXM
-        "clock_hz": 1.98e9,  # as the H100 SXM (the same FP32 rate)
-    },
-}
 
 MAX_CHUNK = 256  # largest chunk the fused kernels take (dx/dW hold a [rows, pow2 >= chunk] tile)
 MAX_RANK = 128  # largest rank (a feature tile holds all ranks of its features)
@@ -212,21 +184,15 @@ def _ieee_fp32(dtype: torch.dtype, prec: str) -> bool:
     return dtype == torch.float32 and prec == "ieee"
 
 
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return GPUS["H100 SXM"]["sms"]
-
-
 # --------------------------------------------------------------------------------------- the dispatch rule
 # choose_block_path picks the path with the smaller estimated time of one training step (forward + backward).
 #   fused: launches * LAUNCH_TRITON + the kernels' issue bound (``fused_issue_bound``): the instructions one warp of
 #          each kernel executes, read from its sm_90 SASS with every loop weighted by its trips (the static report,
-#          kernels/hopper_build.py), at one instruction a cycle per scheduler on the device's SMs and clock. A lower
+#          kernels/block_sm90.py), at one instruction a cycle per scheduler on the device's SMs and clock. A lower
 #          bound on the kernels (latency and memory only add): the fused path is picked only when even its bound
 #          wins -- until GPU timings replace it (owed). Read from the committed table kernels/block_bounds.json
-#          (``python -m cmc_fast.kernels.block_plan bounds`` writes it), else computed once per shape (~10 s: four
-#          sm_90 builds) and cached; no bound (no Triton compiler, a chunking the table cannot name): not picked.
+#          (``python -m cmc_fast.kernels.sm90_report bounds`` writes it); a shape the table does not hold has no
+#          bound, so the fused path is not picked there (the plan reads the report's table, never builds kernels).
 #   bmm:   the GEMM floor of its 6 products (cuBLAS: no padding, no recomputation) at EFF_CUBLAS of the rate, plus
 #          y0, y1 and their gradients through HBM (BMM_TRAFFIC x B*R*mm elements) and its launches per group of
 #          equal-size chunks, eager or under torch.compile (separate kernels: no overlap).
@@ -245,35 +211,6 @@ def _rate_key(dtype: torch.dtype, precision: str) -> str:
     if dtype in (torch.float16, torch.bfloat16):
         return "bf16"
     return "fp32" if precision == "highest" else "tf32"
-
-
-def _gpu_name(device: torch.device | str) -> str:
-    return _gpu_name_of(str(torch.device(device)))
-
-
-@functools.lru_cache(maxsize=16)
-def _gpu_name_of(device: str) -> str:
-    """The key of ``GPUS`` for a device: by its name (H200, H100 PCIe), else the H100 SXM."""
-    device = torch.device(device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" and torch.cuda.is_available() else ""
-    if "H200" in name:
-        return "H200"
-    return "H100 PCIe" if "PCIe" in name else "H100 SXM"
-
-
-@functools.lru_cache(maxsize=16)
-def device_timing(device: str) -> dict:
-    """SM count and clock of the issue bound: the device's own where it says them (its SM count; its clock where
-    torch's properties carry ``clock_rate``, in kHz), the ``GPUS`` entry of its name otherwise."""
-    spec = GPUS[_gpu_name(device)]
-    timing = {"sms": spec["sms"], "clock_hz": spec["clock_hz"]}
-    device = torch.device(device)
-    if device.type == "cuda" and torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(device)
-        timing["sms"] = props.multi_processor_count
-        if getattr(props, "clock_rate", 0):
-            timing["clock_hz"] = props.clock_rate * 1e3
-    return timing
 
 
 def _bounds_key(batch: int, sizes, rank: int, dtype: str, precision: str) -> str:
@@ -297,31 +234,11 @@ def _bounds_table() -> dict:
         return {}
 
 
-def kernel_counts(shape: tuple[int, int, int, int], dtype: str, precision: str) -> list[dict]:
-    """What the fused kernels execute at shape (B, DIM, CHUNKS, RANK), from their sm_90 SASS: per kernel, the
-    instructions one warp executes (loops x trips), its warps, programs and launches in one forward + backward."""
-    import tempfile
-
-    from .hopper_build import report_spec
-
-    with tempfile.TemporaryDirectory() as sass_dir:
-        rows = [report_spec(spec, sass_dir, i) for i, spec in enumerate(hopper_specs(shape, dtype, precision))]
-    return [{"kernel": r["kernel"], "instructions_per_warp": r["executed_per_warp"]["total"],
-             "num_warps": r["num_warps"], "programs": r["programs"], "launches": r["launches"]} for r in rows]
-
-
 @functools.lru_cache(maxsize=64)
 def _counts(batch: int, sizes: tuple[int, ...], rank: int, dtype: str, precision: str) -> tuple | None:
+    """What the fused kernels execute at a shape, from the bounds table; None where the table has no entry."""
     entry = _bounds_table().get(_bounds_key(batch, sizes, rank, dtype, precision))
-    if entry is not None:
-        return tuple(tuple(sorted(k.items())) for k in entry)
-    if list(sizes) != block_chunk_sizes(sum(sizes), len(sizes)):
-        return None  # the report names shapes by (DIM, CHUNKS): another chunking has no bound here
-    try:
-        counts = kernel_counts((batch, sum(sizes), len(sizes), rank), dtype, precision)
-    except Exception:  # noqa: BLE001 - no Triton compiler or ptxas here: no bound, so the fused path is not picked
-        return None
-    return tuple(tuple(sorted(k.items())) for k in counts)
+    return None if entry is None else tuple(tuple(sorted(k.items())) for k in entry)
 
 
 def fused_issue_bound(batch: int, sizes, rank: int, dtype: torch.dtype, precision: str, gpu: str = "H100 SXM",
@@ -329,8 +246,6 @@ def fused_issue_bound(batch: int, sizes, rank: int, dtype: torch.dtype, precisio
     """Seconds the fused kernels of one forward + backward take at least (their issue bound, see the dispatch
     notes above) on ``gpu``'s SMs and clock (``timing`` {"sms", "clock_hz"} overrides them); None without
     counts for that shape."""
-    from .hopper_build import issue_bound_s  # lazily: hopper_build imports Triton's compiler
-
     counts = _counts(int(batch), tuple(int(s) for s in sizes), int(rank), *_table_dtype(dtype, precision))
     if counts is None:
         return None
@@ -391,7 +306,7 @@ def _path(sizes: tuple[int, ...], rank: int, batch: int, dtype: torch.dtype, dev
     if not fits:
         return "bmm"
     timing = None if gpu else tuple(sorted(device_timing(str(device)).items()))
-    gpu = gpu or _gpu_name(device)
+    gpu = gpu or gpu_name(device)
     precision = precision or torch.get_float32_matmul_precision()
     return _cheaper_path(sizes, rank, batch, dtype, precision, gpu, compiled, timing)
 
@@ -426,151 +341,3 @@ def block_merge_floor(batch: int, sizes, rank: int, *, dtype: torch.dtype = torc
     flops = (12 if backward else 4) * batch * rank * sum(s * s for s in sizes)
     nbytes = block_merge_bytes(batch, sizes, rank, dtype.itemsize, (w_dtype or dtype).itemsize, backward=backward)
     return max(flops / spec[_rate_key(dtype, precision)], nbytes / spec["hbm"])
-
-
-# ======================================================================================= static report
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _report_args(shape, dtype: str, precision: str):
-    if len(shape) != 4:
-        raise ValueError(f"block shape is B,DIM,CHUNKS,RANK, got {shape}")
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-    if precision not in ("highest", "high", "medium"):
-        raise ValueError(f"precision must be highest, high or medium, got {precision!r}")
-    b, dim, chunks, rank = shape
-    return b, block_chunk_sizes(dim, chunks), rank
-
-
-def hopper_specs(shape: tuple[int, ...], dtype: str = "fp32", precision: str = "highest",
-                 gpu: str = "H100 SXM", w_dtype: str | None = None) -> list:
-    """The specialisations one ``block_merge`` forward + backward through the fused kernels runs at shape
-    (B, DIM, CHUNKS, RANK) on ``gpu`` (a key of ``GPUS``: its SM count sizes the plan, its clock the issue bound),
-    x and weights of ``dtype`` (weights of ``w_dtype`` if given: AMP's fp32 master weights), float32 matmul
-    precision ``precision``: forward (+ norm where a chunk spans several
-    feature tiles), dx, dW, each with its source loops and trip counts (``hopper_build.Loop``) and its share of the
-    floor (``kernel_floors``). For ``kernels.hopper_build report``; whether ``block_merge`` picks this path at that
-    shape is ``choose_block_path``'s call."""
-    from . import block as k  # lazily: the kernels live in the op file, which imports this module
-    from .hopper_build import Loop, Spec  # lazily: hopper_build imports Triton's compiler
-
-    b, sizes, rank = _report_args(shape, dtype, precision)
-    if gpu not in GPUS:
-        raise ValueError(f"gpu must be one of {sorted(GPUS)}, got {gpu!r}")
-    spec_gpu = GPUS[gpu]
-    chunks, mm, max_s = len(sizes), sum(sizes), max(sizes)
-    prec = dot_precision(_DTYPES[dtype], precision)
-    w_dtype = w_dtype or dtype
-    if w_dtype not in _DTYPES:
-        raise ValueError(f"w_dtype must be one of {sorted(_DTYPES)}, got {w_dtype!r}")
-    plan = block_plan(b, sizes, rank, sms=spec_gpu["sms"], ieee_fp32=_ieee_fp32(_DTYPES[dtype], prec),
-                      itemsize=max(_DTYPES[dtype].itemsize, _DTYPES[w_dtype].itemsize), interpreted=False)
-    x, w, f32 = "*" + dtype, "*" + w_dtype, "*fp32"
-    types = {"X0": x, "X1": x, "OUT": x, "G": x, "DX0": x, "DX1": x, "T": f32, "SQ": f32, "NORM": f32, "DZ": f32,
-             "META": "*i64", **{n: w for n in ("W0", "B0", "W1", "B1", "DW0", "DB0", "DW1", "DB1")}}
-    ints = {"n_rows": b, "MM": mm, "C": chunks, "R": rank}
-    # what the JIT specialises: integers equal to 1 become constants, pointers and multiples of 16 are marked
-    ones = {k: 1 for k, v in ints.items() if v == 1}
-    divisible = tuple(types) + tuple(k for k, v in ints.items() if v % 16 == 0 and v != 1)
-    waste = padding_waste(plan, b, sizes, rank)
-    n_j = _fwd_tiles(plan, sizes)
-    fused = n_j == 1
-    layout = chunk_layout(sizes)
-    common = {"RANK_P": plan.rank_p, "BLOCK_K": plan.block_k, "PREC": prec, **layout}
-    floors = kernel_floors(b, sizes, rank, _DTYPES[dtype], precision, gpu)
-    # trip counts at the largest chunk (a shorter one runs fewer: the bound is for the longest program)
-    const = layout["S"] > 0
-
-    def k_loop(name):
-        return Loop(name, cdiv(max_s, plan.block_k), unrollable=const)
-
-    def spec(fn, consts, warps, programs, inner, outputs, loops, floor_key):
-        consts = {k: v for k, v in {**common, **consts, **ones}.items() if k in fn.arg_names}
-        names = tuple(n for n in divisible if n in fn.arg_names and n not in consts)
-        return Spec(fn, types, consts, warps, names, f"{dtype} {precision}", programs,
-                    extra={"padding_waste": round(max(waste[k] for k in inner), 4) if inner else None,
-                           "padding": {k: round(waste[k], 4) for k in inner + outputs}, "dot_precision": prec},
-                    loops=loops, timing={"gpu": gpu, "sms": spec_gpu["sms"], "clock_hz": spec_gpu["clock_hz"],
-                                         "floor_us": 1e6 * floors[floor_key]})
-
-    specs = [spec(k._block_fwd_kernel, {"BLOCK_B": plan.fwd_b, "BLOCK_J": plan.fwd_j, "NORMALIZE": True,
-                                        "FUSED_NORM": fused}, plan.fwd_warps,
-                  chunks * cdiv(b, plan.fwd_b) * n_j, ("k",), ("fwd_n",), (k_loop("k y0"), k_loop("k y1")), "fwd")]
-    if not fused:
-        specs.append(spec(k._block_norm_kernel, {"BLOCK_B": plan.norm_b, "BLOCK_S": plan.block_s,
-                                                 "BLOCK_J": plan.fwd_j, "N_JP": next_power_of_2(n_j)}, 4,
-                          chunks * cdiv(b, plan.norm_b), (), ("chunk_out",), (), "norm"))
-    out = {"HEAD": plan.out_head, "TAIL": plan.out_tail}
-    dx_loops = (Loop("features", cdiv(max_s, plan.dx_j), (k_loop("k y"),), unrollable=const),)
-    specs.append(spec(k._block_bwd_dx_kernel, {"BLOCK_B": plan.dx_b, "BLOCK_J": plan.dx_j, "BLOCK_S": plan.block_s,
-                                               "NORMALIZE": True, **out}, plan.dx_warps,
-                      chunks * cdiv(b, plan.dx_b) * 2, ("k", "dx_n"), ("chunk_out",), dx_loops, "dx"))
-    dw_loops = (Loop("batch", cdiv(b, plan.dw_b), (k_loop("k y"),)),)
-    specs.append(spec(k._block_bwd_dw_kernel, {"BLOCK_B": plan.dw_b, "BLOCK_J": plan.dw_j, **out},
-                      plan.dw_warps, chunks * cdiv(max_s, plan.dw_j) * 2, ("k", "dw_batch"), ("chunk_out",),
-                      dw_loops, "dw"))
-    return specs
-
-
-def kernel_floors(batch: int, sizes, rank: int, dtype: torch.dtype, precision: str, gpu: str) -> dict[str, float]:
-    """Each kernel's share of the merge's floor, seconds: max(its FLOPs / the precision's rate, its bytes / HBM).
-    forward: 4 B R S2 FLOPs, weights, biases, x0, x1 and out; dx: the two dx products (4 B R S2, the recomputed y
-    not counted), weights, biases, x0, x1, g, dx0, dx1; dW: the two dW products (4 B R S2), dW and db written;
-    norm: nothing the merge needs (0). Their sum over one forward + backward is >= ``block_merge_floor``."""
-    spec = GPUS[gpu]
-    rate = spec[_rate_key(dtype, precision)]
-    s2, mm, xb, wb = sum(s * s for s in sizes), sum(sizes), dtype.itemsize, dtype.itemsize
-    weights = 2 * rank * s2 * wb + 2 * rank * mm * wb
-    flops = 4 * batch * rank * s2
-    return {"fwd": max(flops / rate, (weights + 3 * batch * mm * xb) / spec["hbm"]),
-            "norm": 0.0,
-            "dx": max(flops / rate, (weights + 5 * batch * mm * xb) / spec["hbm"]),
-            "dw": max(flops / rate, weights / spec["hbm"])}
-
-
-def hopper_floors(shape: tuple[int, ...], dtype: str = "fp32", precision: str = "highest",
-                  gpu: str = "H100 SXM") -> dict:
-    """Floors (microseconds) of the forward and the forward + backward at ``shape`` on each GPU of ``GPUS``."""
-    b, sizes, rank = _report_args(shape, dtype, precision)
-    t = _DTYPES[dtype]
-    return {f"{gpu} {what} us": round(1e6 * block_merge_floor(b, sizes, rank, dtype=t, precision=precision, gpu=gpu,
-                                                             backward=bwd), 2)
-            for gpu in GPUS for what, bwd in (("fwd", False), ("fwd+bwd", True))}
-
-
-# ------------------------------------------------------------------------------------------- bounds table
-# The shapes of bench/bench_block.py (B in {64, 256} x (1600, 20, 15), (256, 18, 15)) in each report dtype.
-BENCH_SHAPES = [(b, *config) for config in ((1600, 20, 15), (256, 18, 15)) for b in (64, 256)]
-BENCH_DTYPES = [("fp32", "highest"), ("fp32", "high"), ("bf16", "highest")]
-
-
-def write_bounds_table(path: str = BOUNDS_FILE, shapes=BENCH_SHAPES, dtypes=BENCH_DTYPES) -> dict:
-    """Build the fused kernels for sm_90 at every shape and dtype and write what they execute (``kernel_counts``)
-    to ``path``: the table the dispatch reads its issue bounds from. Run without TRITON_INTERPRET."""
-    import triton
-
-    entries = {}
-    for shape in shapes:
-        b, dim, chunks, rank = shape
-        for dtype, precision in dtypes:
-            key = _bounds_key(b, block_chunk_sizes(dim, chunks), rank, dtype, precision)
-            entries[key] = kernel_counts(shape, dtype, precision)
-    table = {"what": "instructions one warp of each fused BLOCK kernel executes (sm_90 SASS, loops x trips), its "
-                     "warps, programs and launches per forward + backward; key 'B,DIM,CHUNKS,RANK dtype precision'",
-             "command": "python -m cmc_fast.kernels.block_plan bounds", "triton": triton.__version__,
-             "entries": entries}
-    with open(path, "w") as f:
-        json.dump(table, f, indent=1)
-        f.write("\n")
-    _bounds_table.cache_clear()
-    _counts.cache_clear()
-    return table
-
-
-if __name__ == "__main__":
-    import sys
-
-    if sys.argv[1:] != ["bounds"]:
-        sys.exit("usage: python -m cmc_fast.kernels.block_plan bounds  (rewrites kernels/block_bounds.json)")
-    write_bounds_table()

@@ -1,7 +1,7 @@
 """Which implementation an op runs: Triton for CUDA tensors, the PyTorch reference for CPU tensors.
 
 ``CMC_FAST_KERNELS=triton|reference|auto`` (default ``auto``) overrides it; ``bmm`` forces BLOCK's batched-bmm path
-(``kernels.block.choose_block_path``) and means ``auto`` for the other ops. ``triton`` on CPU tensors only
+(``kernels.block_plan.choose_block_path``) and means ``auto`` for the other ops. ``triton`` on CPU tensors only
 works under ``TRITON_INTERPRET=1`` (set before importing ``cmc_fast.kernels``): that is how the kernels are tested on
 machines without a GPU.
 
@@ -37,6 +37,25 @@ def kernel_mode() -> str:
 def index_checks() -> bool:
     """CMC_FAST_CHECK_INDEX=1: the Triton launchers validate gather indices (debug switch, see the module doc)."""
     return os.environ.get("CMC_FAST_CHECK_INDEX", "0") not in ("", "0")
+
+
+def check_index_range(idx: torch.Tensor, n: int, *, sync: bool) -> None:
+    """A clear IndexError for an index outside [0, N). ``sync=False`` (the reference path by default) asserts
+    without a host sync: on the CPU the assert fails at once and the culprit is then named; on a GPU it is a
+    device-side assert at the next sync -- never silent, where a negative index would otherwise wrap around.
+    ``sync=True`` (CMC_FAST_CHECK_INDEX=1) reads the range on the host, naming the culprit on every device."""
+    if idx.numel() == 0:
+        return
+    if not sync:
+        try:
+            torch._assert_async(((idx >= 0) & (idx < n)).all(), f"idx holds values outside the bank's {n} rows")
+            return
+        except RuntimeError:  # raised at once on the CPU: name the culprit below
+            pass
+    lo, hi = int(idx.min()), int(idx.max())
+    if lo < 0 or hi >= n:
+        bad = lo if lo < 0 else hi
+        raise IndexError(f"idx holds {bad}, outside the bank's {n} rows (valid: 0 to {n - 1})")
 
 
 def triton_interpreted() -> bool:

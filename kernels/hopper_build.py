@@ -1,27 +1,22 @@
-"""Build a Triton kernel for Hopper (sm_90) without a GPU, read what ptxas says of it, and report its static cost.
+"""Build a Triton kernel for Hopper (sm_90) without a GPU, read what ptxas says of it, and count its static cost.
 
 The interpreter (how the tests run kernels on a CPU) checks neither code generation (libdevice functions, tl.dot's
 minimum tiles, types across branches) nor resources. ``build`` compiles one specialisation with Triton's bundled
 ptxas and returns its shared memory and, where that ptxas can be found, its registers and spilled bytes.
 Code generation does not work under TRITON_INTERPRET=1: call this in a process without it (the tests do).
 
-The static report (``python -m cmc_fast.kernels.hopper_build report --op nce --shape B,D,K,N --bank-dtype fp32
---sass-dir DIR [--json]``) builds every specialisation one launch of an op can run at a shape -- the op module's
-``hopper_specs(shape, **options)`` lists them as ``Spec`` objects (see ``REPORTERS``) -- writes each one's SASS
-(Triton's bundled cuobjdump) into DIR and prints, per specialisation, registers, spills, shared memory, the grid
-against the resident slots of a 132-SM H100/H200, and the hot loop's instruction mix per gathered row. Nothing here
-runs a kernel: these are counts of the code, not times.
+``report_spec`` builds one ``Spec`` (a specialisation one launch of an op runs at a shape: the per-op lists are
+``kernels/nce_sm90.py`` and ``kernels/block_sm90.py``), writes its SASS (Triton's bundled cuobjdump) and returns
+its row: registers, spills, shared memory, the grid against the resident slots of a 132-SM H100/H200, the hot
+loop's instruction mix and, where the spec declares its loops, what one warp executes. The command line is
+``python -m cmc_fast.kernels.sm90_report``. Nothing here runs a kernel: these are counts of the code, not times.
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib
-import json
 import os
 import re
 import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass, field
 
@@ -29,35 +24,10 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from .gpus import HOPPER_SMS, issue_bound_s, resident_blocks
+
 HOPPER = GPUTarget("cuda", 90, 32)
 SHARED_PER_BLOCK = 227 * 1024  # the most shared memory one block may use on an H100/H200
-
-# Resident-block limits of one sm_90 SM (CUDA C Programming Guide, "Compute Capabilities", table of technical
-# specifications for compute capability 9.0): they bound how many programs run at once, hence the waves.
-HOPPER_SMS = 132  # H100 SXM and H200 (NVIDIA H100/H200 datasheets): 132 SMs
-REGISTERS_PER_SM = 65536
-REGISTER_ALLOC_UNIT = 256  # registers are allocated per warp in units of 256 (8 per thread)
-SHARED_PER_SM = 228 * 1024
-SHARED_RESERVED_PER_BLOCK = 1024  # the runtime reserves 1 KB of shared memory per resident block
-WARPS_PER_SM = 64
-SCHEDULERS_PER_SM = 4  # warp schedulers, each issuing at most one instruction a cycle (H100 whitepaper: 4 SMSPs)
-BLOCKS_PER_SM = 32
-
-# Per-GPU bandwidths for floors, bytes/s. Each value names its source; None: not known here (owed to a measurement on
-# the device). "measured" values are someone's measurement, not this project's.
-GPUS = {
-    "H100 SXM": {
-        "hbm_spec": 3.35e12,  # NVIDIA H100 datasheet, SXM5 (HBM3): 3.35 TB/s
-        "hbm_measured": None,  # owed: no H100 copy measured in this project yet
-        "l2_measured": None,  # owed: NVIDIA publishes no L2 bandwidth; measure a gather over an L2-resident bank
-    },
-    "H200": {
-        "hbm_spec": 4.8e12,  # NVIDIA H200 datasheet (HBM3e): 4.8 TB/s
-        "hbm_measured": 4.3e12,  # issue #11: a device-to-device copy on an H200 reaches ~4.3 TB/s
-        "l2_measured": None,  # owed, as for the H100
-    },
-}
-
 
 # The instruction classes of the hot-loop mix (SASS opcodes, the part before the first '.').
 MIX_CLASSES = {
@@ -104,10 +74,6 @@ class Loop:
     trips: int
     inner: tuple = ()
     unrollable: bool = False
-
-
-# op -> "module:function" returning list[Spec]; options come from the CLI (NCE: bank_dtype; BLOCK: dtype, precision)
-REPORTERS = {"nce": "cmc_fast.kernels.nce:hopper_specs", "block": "cmc_fast.kernels.block:hopper_specs"}
 
 
 # =========================================================================================== building
@@ -295,14 +261,6 @@ def executed_mix(instructions: list[tuple[int, str]], loops: tuple, where: str =
     return mix
 
 
-def issue_bound_s(instructions_per_warp: int, num_warps: int, programs: int, sms: int, clock_hz: float) -> float:
-    """Seconds one launch takes at best if every warp scheduler issues one instruction a cycle (4 per sm_90 SM) and
-    nothing else limits it: the busiest SM runs ceil(programs / sms) programs, their warps spread over its 4
-    schedulers. A lower bound on the launch (latency, the tensor pipe and memory can only add), not a prediction."""
-    per_sm = -(-programs // sms) * num_warps
-    return -(-per_sm // SCHEDULERS_PER_SM) * instructions_per_warp / clock_hz
-
-
 _LAYOUT = re.compile(r"^(#[\w]+) = #ttg\.(nvidia_mma|blocked)<\{(.*)\}>", re.M)
 _DOT = re.compile(r"(?:tt\.dot|ttng\.warp_group_dot)\b.*->\s*tensor<(\d+)x(\d+)x\w+,\s*(#\w+)>")
 
@@ -359,16 +317,6 @@ def instruction_mix(instructions: list[str]) -> dict[str, int]:
 
 
 # ============================================================================================== waves
-def resident_blocks(registers: int | None, shared: int, num_warps: int) -> int:
-    """Blocks one sm_90 SM holds at once, limited by registers, shared memory, warps and blocks."""
-    limits = [BLOCKS_PER_SM, WARPS_PER_SM // num_warps]
-    if registers:
-        per_warp = -(-registers * 32 // REGISTER_ALLOC_UNIT) * REGISTER_ALLOC_UNIT
-        limits.append(REGISTERS_PER_SM // (per_warp * num_warps))
-    limits.append(SHARED_PER_SM // (shared + SHARED_RESERVED_PER_BLOCK))
-    return max(0, min(limits))
-
-
 def waves(programs: int, slots: int) -> tuple[float, float]:
     """(programs / slots, how full the last wave is in [0, 1]); slots = SMs x resident blocks per SM."""
     if programs <= 0 or slots <= 0:
@@ -423,108 +371,3 @@ def executed_row(spec: Spec, instructions: list[tuple[int, str]], ttgir: str | N
         row.update(issue_bound_us_per_launch=round(1e6 * once, 3), issue_bound_us=round(1e6 * once * spec.launches, 3),
                    floor_us=round(t["floor_us"] * spec.launches, 3), timing_gpu=t.get("gpu"))
     return row
-
-
-def load_reporter(op: str):
-    """The ``hopper_specs`` function of ``op`` (ImportError/AttributeError when its module does not provide it)."""
-    if op not in REPORTERS:
-        raise ValueError(f"--op must be one of {sorted(REPORTERS)}, got {op!r}")
-    module, func = REPORTERS[op].split(":")
-    return getattr(importlib.import_module(module), func)
-
-
-def report(op: str, shape: tuple[int, ...], sass_dir: str, **options) -> list[dict]:
-    os.makedirs(sass_dir, exist_ok=True)
-    specs = load_reporter(op)(shape, **options)
-    return [report_spec(s, sass_dir, i) for i, s in enumerate(specs)]
-
-
-_COLUMNS = [("kernel", 24), ("path", 22), ("num_warps", 5), ("registers", 5), ("spilled", 5), ("shared", 6),
-            ("programs", 8), ("waves", 6), ("last_wave_fill", 5), ("rows_per_iteration", 5)]
-_MIX_COLUMNS = ["total", "loads", "shuffles", "barriers", "mufu", "fp32", "tensor"]
-
-
-def format_table(rows: list[dict]) -> str:
-    """A plain-text table; the instruction mix is per gathered row where the kernel gathers rows, else per warp
-    and pass (``loop/warp``)."""
-    head = ["kernel", "path", "warps", "regs", "spill", "shared", "programs", "waves", "last", "rows",
-            "mix"] + _MIX_COLUMNS
-    lines = [" | ".join(head)]
-    for r in rows:
-        cells = [str(r.get(k)) for k, _ in _COLUMNS]
-        per_row = r.get("per_gathered_row")
-        mix = per_row or r["loop_instructions_per_warp"]
-        cells.append("per row" if per_row else "loop/warp")
-        cells += [str(mix.get(k)) for k in _MIX_COLUMNS]
-        lines.append(" | ".join(cells))
-    return "\n".join(lines) + format_bounds(rows)
-
-
-def format_bounds(rows: list[dict]) -> str:
-    """Rows with declared loops: instructions one warp executes (loops weighted by their trips), the issue bound
-    of the kernel's launches in one call beside their floor, and the totals of the call."""
-    timed = [r for r in rows if "executed_per_warp" in r]
-    if not timed:
-        return ""
-    lines = ["", "executed per warp (loops x trips) | launches | issue bound us | floor us | loop bodies"]
-    for r in timed:
-        lines.append(f"{r['kernel']}: {r['executed_per_warp']['total']} | {r['launches']} | "
-                     f"{r.get('issue_bound_us')} | {r.get('floor_us')} | {r['executed_per_warp']['loops']}")
-    if all("issue_bound_us" in r for r in timed):
-        bound, floor = (round(sum(r[k] for r in timed), 3) for k in ("issue_bound_us", "floor_us"))
-        lines.append(f"one call: issue bound {bound} us, floor {floor} us ({timed[0].get('timing_gpu')})")
-    return "\n".join(lines)
-
-
-def _parse_shape(text: str) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--shape must be comma-separated integers, got {text!r}") from None
-    if any(x < 0 for x in shape):
-        raise argparse.ArgumentTypeError(f"--shape must be non-negative, got {text!r}")
-    return shape
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cmc_fast.kernels.hopper_build",
-                                     description="Static sm_90 cost report of a Triton op (no GPU needed)")
-    sub = parser.add_subparsers(dest="command", required=True)
-    rep = sub.add_parser("report", help="build every specialisation a launch at --shape runs; SASS + table")
-    rep.add_argument("--op", required=True, choices=sorted(REPORTERS))
-    rep.add_argument("--shape", required=True, type=_parse_shape, help="e.g. B,D,K,N for nce")
-    rep.add_argument("--sass-dir", required=True, help="directory the SASS files are written to")
-    rep.add_argument("--json", action="store_true", help="print a JSON list, one object per specialisation")
-    rep.add_argument("--bank-dtype", choices=["fp32", "bf16", "fp16"], help="nce: the bank's dtype")
-    rep.add_argument("--nce-path", choices=["gather", "dense"], help="nce: the form of the loss (default gather)")
-    rep.add_argument("--dtype", help="block: the operands' dtype")
-    rep.add_argument("--precision", help="block: the matmul precision")
-    rep.add_argument("--gpu", help="block: the GPU of the issue bound and floors (a key of block_plan.GPUS)")
-    args = parser.parse_args(argv)
-    options = {k: v for k, v in (("bank_dtype", args.bank_dtype), ("nce_path", args.nce_path), ("dtype", args.dtype),
-                                 ("precision", args.precision), ("gpu", args.gpu)) if v is not None}
-    try:
-        load_reporter(args.op)
-    except (ImportError, AttributeError) as e:  # e.g. block before its branch is merged: this op only
-        print(f"op {args.op!r} has no report here: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
-    rows = report(args.op, args.shape, args.sass_dir, **options)
-    floors = _floors(args.op, args.shape, options)
-    if args.json:
-        print(json.dumps(rows, indent=1, default=str))  # default: constexprs such as Triton dtypes
-    else:
-        print(format_table(rows))
-        if floors:
-            print("\nfloors:\n" + "\n".join(f"  {k}: {v}" for k, v in floors.items()))
-    return 0
-
-
-def _floors(op: str, shape: tuple[int, ...], options: dict) -> dict | None:
-    """The op module's optional ``hopper_floors(shape, **options)`` (a dict of named floors), or None."""
-    module = importlib.import_module(REPORTERS[op].split(":")[0])
-    fn = getattr(module, "hopper_floors", None)
-    return fn(shape, **options) if fn else None
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,8 +1,8 @@
 """Cross-modal NCE over a memory bank: fused Triton loss + anchor gradient in two exact forms (gather and dense),
-the negatives' histogram, first-batch partition, bank update.
+the negatives' histogram, the first-batch partition (the bank's momentum update: kernels/bank.py).
 
 Two forms of one loss, same idx, same loss and gradient (DESIGN 3), chosen by shape in ``nce_plan.choose_nce_path``
-(``CMC_FAST_NCE=dense|gather`` forces one; the model, its constants and the static report live in kernels/nce_plan.py):
+(``CMC_FAST_NCE=dense|gather`` forces one; the model, its constants and the grid sizing live in kernels/nce_plan.py):
   gather  ``_nce_fwd_kernel``: fetches the B*(K+1) bank rows by index (B*(K+1)*d*elem bytes through L2: 537 MB at
           B=64, d=128, K=16384 against a 4.9 MB bank, each row ~110 times), one dot and one axpy per row; 20.9
           warp-instructions per gathered row on sm_90, ~21 us of issue per call at that shape.
@@ -10,14 +10,15 @@ Two forms of one loss, same idx, same loss and gradient (DESIGN 3), chosen by sh
           step: both directions share it), then ``_nce_dense_kernel`` scores the whole bank once per tile of 16
           anchors on tensor cores (split tf32 products: float32 accuracy), turns each score tile into the C-weighted
           terms and gradient weights W and takes W M on the same bank tile; 14 MB and ~5 us of issue at that shape.
-Floors and the instruction mix of both: ``python -m cmc_fast.kernels.hopper_build report --op nce --nce-path
+Floors and the instruction mix of both: ``python -m cmc_fast.kernels.sm90_report report --op nce --nce-path
 dense|gather`` (bench/results/nce-hopper-sm90-report.md). The gather stays for banks far larger than B*(K+1) and
 wherever the [B, N] working set is too large.
 
 Layout of this file (Liger-Kernel style): Triton kernels, then launchers (pointer arguments commented with
 shapes), then the torch.library ops (``cmc_fast::nce_fwd``, ``cmc_fast::nce_dense_fwd``, ``cmc_fast::nce_counts``,
-``cmc_fast::nce_partition``, ``cmc_fast::bank_update_``) with fake (meta) and autograd registrations, then the public
-functions. Launch configurations and the static report's specialisations: kernels/nce_plan.py.
+``cmc_fast::nce_partition``) with fake (meta) and autograd registrations, then the public
+functions. Launch configurations and grid sizing: kernels/nce_plan.py; the static report's specialisations:
+kernels/nce_sm90.py.
 
 Device choice: every op is a ``torch.library.custom_op`` whose single implementation dispatches with
 ``kernels.dispatch.use_triton`` -- the Triton launcher for CUDA tensors (or CPU tensors under
@@ -38,39 +39,33 @@ unit vectors is fine in float32; exp(89) is not), and with an accurate log1p so 
 
 from __future__ import annotations
 
-import functools
-import warnings
-
 import torch
 
-from .dispatch import index_checks, triton_interpreted, use_triton
-from .nce_plan import (  # noqa: F401 - launch plans and the static report, re-exported for the report and tests
+from .dispatch import check_index_range, index_checks, triton_interpreted, use_triton
+from .nce_plan import (
     _TILE,
-    _TILE_INTERPRETED,
+    _block_k,
     _choose_splits,
     _dense_consts,
     _dense_launch,
-    _dense_spec_args,
     _fwd_consts,
     _fwd_launch,
-    _fwd_spec_args,
-    _occupancy,
+    _kernel_slots,
+    _splits,
     choose_nce_path,
-    floor_bytes,
-    hopper_floors,
-    hopper_specs,
     nce_constants,
     nce_path,
 )
-from .reference import bank_update_reference_, nce_counts_reference, nce_dense_reference, nce_partition_reference
+from .reference import (
+    nce_counts_reference,
+    nce_dense_reference,
+    nce_fwd_torch,
+    nce_partition_reference,
+)
 from .utils import cdiv, contiguous, libdevice, next_power_of_2, on_tensor_device, tl, triton
 
-__all__ = ["nce_loss", "nce_partition", "bank_update_", "nce_counts", "nce_counts_for", "nce_fwd_triton",
-           "nce_dense_triton", "nce_counts_triton", "nce_partition_triton", "bank_update_triton_", "nce_fwd_torch",
-           "floor_bytes"]
-
-_CHUNK_ALIGN = 128  # columns per split of the partition kernel are a multiple of this
-
+__all__ = ["nce_loss", "nce_partition", "nce_counts", "nce_counts_for", "nce_fwd_triton", "nce_dense_triton",
+           "nce_counts_triton", "nce_partition_triton", "nce_fwd_torch"]
 
 # ============================================================================================ kernels
 # The kernels are written without @triton.jit helper functions on purpose: the interpreter (the CPU test path)
@@ -212,35 +207,6 @@ def _nce_partition_kernel(
 
 
 @triton.jit
-def _bank_update_kernel(
-    bank_ptr,  # [N, D] fp32/bf16/fp16, strides (stride_bn, stride_bd); updated in place
-    index_ptr,  # [n] int64/int32, contiguous: the bank row each feature goes to
-    feats_ptr,  # [n, D] float, contiguous
-    n, D, stride_bn, stride_bd, momentum,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    i = tl.program_id(0)
-    mine = tl.load(index_ptr + i)
-    # The last occurrence of a repeated index wins: a program whose index reappears later writes nothing, so
-    # each bank row is read and written by exactly one program and every row is computed from the pre-call bank.
-    later = tl.zeros([BLOCK_N], dtype=tl.int32)
-    for n0 in range(0, n, BLOCK_N):
-        offs = n0 + tl.arange(0, BLOCK_N)
-        other = tl.load(index_ptr + offs, mask=offs < n, other=0)
-        later += ((other == mine) & (offs > i) & (offs < n)).to(tl.int32)
-    if tl.sum(later, axis=0) == 0:
-        offs_d = tl.arange(0, BLOCK_D)
-        mask_d = offs_d < D
-        ptrs = bank_ptr + mine.to(tl.int64) * stride_bn + offs_d * stride_bd
-        old = tl.load(ptrs, mask=mask_d, other=0.0).to(tl.float32)
-        f = tl.load(feats_ptr + i.to(tl.int64) * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-        mixed = old * momentum + f * (1.0 - momentum)
-        norm = tl.sqrt(tl.sum(mixed * mixed, axis=0))
-        out = mixed / tl.maximum(norm, 1e-12)  # F.normalize's eps
-        tl.store(ptrs, out.to(bank_ptr.dtype.element_ty), mask=mask_d)
-
-
-@triton.jit
 def _nce_counts_kernel(
     idx_ptr,  # [B, K1] int32/int64, contiguous; column 0 (the positive) is skipped
     counts_ptr,  # [B, N] int32, contiguous, zeroed: += 1 per negative drawn
@@ -339,67 +305,6 @@ def _nce_dense_kernel(
 
 
 # ========================================================================================== launchers
-@functools.lru_cache(maxsize=8)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-
-def _block_k(block_d: int, chunk: int, device: torch.device) -> int:
-    if device.type == "cuda" and not triton_interpreted():
-        return max(4, min(64, _TILE // block_d))  # from d > 2048 on, 4 rows is more than _TILE (may spill)
-    return max(16, min(next_power_of_2(chunk), _TILE_INTERPRETED // block_d))
-
-
-def _resident_programs(compiled, num_warps: int, device: torch.device) -> int:
-    """Programs of a compiled kernel one SM of ``device`` holds at once, from its registers and shared memory.
-    Where Triton's handle does not say (another handle layout), 2 -- with a warning: the grid may then be sized
-    for half (or double) the programs that really fit."""
-    try:
-        compiled._init_handles()
-        props = torch.cuda.get_device_properties(device)
-        return _occupancy(int(compiled.n_regs), int(compiled.metadata.shared), num_warps,
-                          getattr(props, "regs_per_multiprocessor", 65536),
-                          getattr(props, "max_threads_per_multi_processor", 2048),
-                          getattr(props, "shared_memory_per_multiprocessor", 233472))
-    except Exception as e:  # noqa: BLE001 - an older/newer handle layout: a guess, the launch itself still runs
-        warnings.warn(f"kernels/nce.py: cannot read the occupancy of {getattr(compiled, 'name', 'a kernel')} "
-                      f"({type(e).__name__}: {e}); sizing its grid for 2 programs per SM, which may under- or "
-                      "over-fill the GPU", RuntimeWarning, stacklevel=2)
-        return 2
-
-
-_SLOTS: dict = {}
-
-
-def _kernel_slots(kernel, args: tuple, consts: dict, num_warps: int, device: torch.device) -> int:
-    """Resident programs of ``kernel`` on the whole GPU (SMs x per SM), once per specialisation (a compiled launch
-    on CUDA; the interpreter has none). ``args`` end with the integer arguments the JIT specialises on."""
-    ints = tuple((a == 1, a % 16 == 0) for a in args if isinstance(a, int))
-    key = (kernel.__name__, device.index, ints, tuple(a.dtype for a in args if hasattr(a, "dtype")),
-           tuple(sorted(consts.items())))
-    if key not in _SLOTS:
-        compiled = kernel.warmup(*args, grid=(1,), num_warps=num_warps, **consts)
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        _SLOTS[key] = _sm_count(index) * _resident_programs(compiled, num_warps, device)
-    return _SLOTS[key]
-
-
-def _splits(b: int, k1: int, device: torch.device, splits: int | None) -> tuple[int, int]:
-    """(number of splits S of the K+1 columns, columns per split). Enough programs to fill the GPU: with
-    B = 64 rows alone, a 132-SM H100 would sit half idle, so each row's columns are cut into S chunks."""
-    if splits is None:
-        if device.type == "cuda":
-            target = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-            splits = max(1, cdiv(target, b))
-        else:
-            splits = 1  # interpreter: fewer, larger programs are faster
-    splits = max(1, min(int(splits), cdiv(k1, 16)))
-    align = _CHUNK_ALIGN if device.type == "cuda" else 16
-    chunk = cdiv(cdiv(k1, splits), align) * align
-    return cdiv(k1, chunk), chunk
-
-
 def _check_nce_args(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor) -> None:
     if anchor.dim() != 2 or bank.dim() != 2 or anchor.shape[1] != bank.shape[1]:
         raise ValueError(f"anchor must be [B, d] and bank [N, d], got {tuple(anchor.shape)} and {tuple(bank.shape)}")
@@ -411,25 +316,6 @@ def _check_nce_args(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor)
         raise TypeError(f"anchor and bank must be floating point, got {anchor.dtype} and {bank.dtype}")
 
 
-def _check_index_range(idx: torch.Tensor, n: int, *, sync: bool) -> None:
-    """A clear IndexError for an index outside [0, N). ``sync=False`` (the reference path by default) asserts
-    without a host sync: on the CPU the assert fails at once and the culprit is then named; on a GPU it is a
-    device-side assert at the next sync -- never silent, where a negative index would otherwise wrap around.
-    ``sync=True`` (CMC_FAST_CHECK_INDEX=1) reads the range on the host, naming the culprit on every device."""
-    if idx.numel() == 0:
-        return
-    if not sync:
-        try:
-            torch._assert_async(((idx >= 0) & (idx < n)).all(), f"idx holds values outside the bank's {n} rows")
-            return
-        except RuntimeError:  # raised at once on the CPU: name the culprit below
-            pass
-    lo, hi = int(idx.min()), int(idx.max())
-    if lo < 0 or hi >= n:
-        bad = lo if lo < 0 else hi
-        raise IndexError(f"idx holds {bad}, outside the bank's {n} rows (valid: 0 to {n - 1})")
-
-
 @on_tensor_device
 def nce_fwd_triton(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, z: torch.Tensor, tau: float,
                    n_data: int, eps: float, need_grad: bool, *, block_k: int | None = None,
@@ -438,7 +324,7 @@ def nce_fwd_triton(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, 
     ``block_k`` / ``splits`` override the heuristics (tests use them to exercise several splits)."""
     anchor, idx = contiguous(anchor, idx)  # the bank is passed with its strides: never copied
     if index_checks():
-        _check_index_range(idx, bank.shape[0], sync=True)
+        check_index_range(idx, bank.shape[0], sync=True)
     z = z.reshape(()).to(device=anchor.device, dtype=torch.float32)
     b, d = anchor.shape
     k1 = idx.shape[1]
@@ -474,7 +360,7 @@ def nce_partition_triton(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Te
     """Z = mean(exp(s)) * N as a 0-dim float32 tensor (the sum of partials is taken in float64)."""
     anchor, idx = contiguous(anchor, idx)
     if index_checks():
-        _check_index_range(idx, bank.shape[0], sync=True)
+        check_index_range(idx, bank.shape[0], sync=True)
     b, d = anchor.shape
     k1 = idx.shape[1]
     block_d = next_power_of_2(d)
@@ -491,7 +377,7 @@ def nce_counts_triton(idx: torch.Tensor, n: int) -> torch.Tensor:
     """The negatives' histogram C [B, N] int32 (``nce_counts_reference``), with integer atomics."""
     (idx,) = contiguous(idx)
     if index_checks():
-        _check_index_range(idx, n, sync=True)
+        check_index_range(idx, n, sync=True)
     b, k1 = idx.shape
     counts = torch.zeros((b, n), device=idx.device, dtype=torch.int32)
     if b and k1 > 1:
@@ -545,41 +431,6 @@ def _finalize(part_loss, part_grad, loss, grad, b: int, n_split: int, d: int, ta
         BLOCK_D=block_d, BLOCK_P=min(next_power_of_2(b * n_split), 1024))
 
 
-@on_tensor_device
-def bank_update_triton_(bank: torch.Tensor, index: torch.Tensor, feats: torch.Tensor, momentum: float) -> None:
-    """In place, one program per batch row; rows whose index repeats later in the batch write nothing."""
-    index, feats = contiguous(index.reshape(-1), feats)
-    n = index.numel()
-    if n == 0:
-        return
-    d = bank.shape[1]
-    _bank_update_kernel[(n,)](bank, index, feats, n, d, bank.stride(0), bank.stride(1), float(momentum),
-                              BLOCK_N=min(next_power_of_2(n), 1024), BLOCK_D=next_power_of_2(d))
-
-
-def nce_fwd_torch(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, z: torch.Tensor | float, tau: float,
-                  n_data: int, eps: float, need_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference path of ``cmc_fast::nce_fwd``: the loss exactly as ``nce_loss_reference`` computes it, and
-    its anchor gradient in closed form (autograd cannot run inside a custom op's implementation). Checked
-    against autograd of the reference by the tests. An index outside the bank raises a clear IndexError."""
-    _check_index_range(idx, bank.shape[0], sync=index_checks())
-    rows = bank.detach()[idx].float()  # [B, K+1, d]
-    b, k1 = idx.shape
-    s = torch.bmm(rows, anchor.float().unsqueeze(2)).squeeze(2) / tau
-    p = torch.exp(s) / z
-    noise = (k1 - 1) / n_data
-    log_pos = torch.log(p[:, 0] / (p[:, 0] + noise + eps))
-    log_neg = torch.log(noise / (p[:, 1:] + noise + eps)).sum(1)
-    loss = -(log_pos + log_neg).mean()
-    if not need_grad:
-        return loss, anchor.new_empty(0, dtype=torch.float32)
-    c = noise + eps
-    w = p / (p + c)
-    w = torch.cat([-c / (p[:, :1] + c), w[:, 1:]], dim=1)
-    grad = torch.bmm(w.unsqueeze(1), rows).squeeze(1) / (b * tau)
-    return loss, grad
-
-
 # ================================================================================== torch.library ops
 @torch.library.custom_op("cmc_fast::nce_fwd", mutates_args=())
 def _nce_fwd_op(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, z: torch.Tensor, tau: float,
@@ -623,7 +474,7 @@ def _nce_dense_op(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, c
                   need_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     if use_triton(anchor):
         return nce_dense_triton(anchor, bank, idx, counts, z, tau, n_data, eps, need_grad)
-    _check_index_range(idx[:, :1], bank.shape[0], sync=index_checks())
+    check_index_range(idx[:, :1], bank.shape[0], sync=index_checks())
     return nce_dense_reference(anchor, bank, idx, counts, z, tau, n_data, eps, need_grad)
 
 
@@ -641,7 +492,7 @@ _nce_dense_op.register_autograd(_nce_backward, setup_context=_nce_setup_context)
 def _nce_counts_op(idx: torch.Tensor, n: int) -> torch.Tensor:
     if use_triton(idx):
         return nce_counts_triton(idx, n)
-    _check_index_range(idx, n, sync=index_checks())
+    check_index_range(idx, n, sync=index_checks())
     return nce_counts_reference(idx, n)
 
 
@@ -655,7 +506,7 @@ def _nce_partition_op(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Tenso
                       n_data: int) -> torch.Tensor:
     if use_triton(anchor):
         return nce_partition_triton(anchor, bank, idx, tau, n_data)
-    _check_index_range(idx, bank.shape[0], sync=index_checks())
+    check_index_range(idx, bank.shape[0], sync=index_checks())
     z = nce_partition_reference(anchor, bank, idx, tau=tau, n_data=n_data)
     return torch.tensor(z, dtype=torch.float32, device=anchor.device)
 
@@ -663,19 +514,6 @@ def _nce_partition_op(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Tenso
 @_nce_partition_op.register_fake
 def _(anchor, bank, idx, tau, n_data):
     return anchor.new_empty((), dtype=torch.float32)
-
-
-@torch.library.custom_op("cmc_fast::bank_update_", mutates_args=("bank",))
-def _bank_update_op(bank: torch.Tensor, index: torch.Tensor, feats: torch.Tensor, momentum: float) -> None:
-    if use_triton(bank):
-        bank_update_triton_(bank, index, feats, momentum)
-    else:
-        bank_update_reference_(bank, index, feats, momentum)
-
-
-@_bank_update_op.register_fake
-def _(bank, index, feats, momentum):
-    return None
 
 
 # ===================================================================================== public functions
@@ -740,16 +578,3 @@ def nce_partition(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, *
     _check_nce_args(anchor, bank, idx)
     with torch.no_grad():
         return float(_nce_partition_op(anchor.detach(), bank.detach(), idx, float(tau), int(n_data)).item())
-
-
-def bank_update_(bank: torch.Tensor, index: torch.Tensor, feats: torch.Tensor, momentum: float) -> None:
-    """In place: M[i] <- normalize(m * M[i] + (1 - m) * f_i) for each i in ``index``; float32 arithmetic, stored
-    in the bank's dtype. Every row is computed from the pre-call bank; a repeated index: the last occurrence wins.
-    """
-    index = index.reshape(-1)
-    if bank.dim() != 2 or feats.dim() != 2 or feats.shape != (index.numel(), bank.shape[1]):
-        raise ValueError(f"bank must be [N, d], index [n] and feats [n, d]; got {tuple(bank.shape)}, "
-                         f"{tuple(index.shape)}, {tuple(feats.shape)}")
-    if index.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"index must be int64 (or int32), got {index.dtype}")
-    _bank_update_op(bank, index, feats.detach(), float(momentum))

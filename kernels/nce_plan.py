@@ -29,10 +29,13 @@ from __future__ import annotations
 import functools
 import math
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
 
+from .dispatch import triton_interpreted
+from .gpus import DEFAULT_GPU, GPUS, SCHEDULERS_PER_SM, device_resident_blocks, sm_count
 from .utils import cdiv, next_power_of_2
 
 PATHS = ("gather", "dense")
@@ -44,7 +47,7 @@ DENSE_MAX_COUNTS_BYTES = 256 << 20  # the [B, N] int32 histogram above which the
 # one tile of 16 anchors (split tf32 products, bf16 conversions included). Scaled linearly with d elsewhere (a guess).
 GATHER_INSTRUCTIONS_PER_ROW = {4: 20.9, 2: 26.1, 1: 26.1}
 DENSE_INSTRUCTIONS_PER_ROW = {4: 130.3, 2: 121.9, 1: 121.9}
-GPU_SLOTS = 264  # resident programs of the dense kernel on a 132-SM H100/H200 (2 per SM: sm_90 report)
+GPU_SLOTS = 2 * GPUS[DEFAULT_GPU]["sms"]  # resident programs of the dense kernel on an H100/H200 (2 an SM: the report)
 DENSE_BLOCK_B = 16  # anchors per tile of the dense kernel on a GPU (``_dense_launch``): bank reads per call
 
 
@@ -62,13 +65,15 @@ class DeviceProfile:
 
 
 PROFILES = {
-    # H100 SXM: HBM 3.35 TB/s (datasheet); L2 ~10 TB/s ASSUMED (NVIDIA publishes none; issue 21 takes 10-12, owed
-    # to a measurement); FP32 67 TFLOP/s (datasheet) at an assumed 0.5 for the gather's dot/axpy; TF32 tensor
-    # 495 TFLOP/s dense (datasheet), 3xTF32 a third of it, at an ASSUMED 0.5 for 64x64 tiles; terms: 132 SMs x 16
-    # MUFU per clock at 1.98 GHz / 3 MUFU per term, ~1.4e12/s, taken at half (ASSUMED). GPU timings are owed.
-    # Issue: 132 SMs x 4 schedulers x an assumed 1.98 GHz; warp-instructions per row from the sm_90 report below.
-    "cuda": DeviceProfile(10e12, 3.35e12, 0.5 * 67e12, 0.5 * 495e12 / 3, 0.7e12, overlap=True,
-                          warp_instructions_per_s=132 * 4 * 1.98e9),
+    # H100 SXM (``gpus.GPUS``): HBM and FP32 from the datasheet, FP32 at an assumed 0.5 for the gather's dot/axpy;
+    # L2 ~10 TB/s ASSUMED (NVIDIA publishes none; issue 21 takes 10-12, owed to a measurement); TF32 tensor dense,
+    # 3xTF32 a third of it, at an ASSUMED 0.5 for 64x64 tiles; terms: 132 SMs x 16 MUFU per clock at 1.98 GHz / 3 MUFU
+    # per term, ~1.4e12/s, taken at half (ASSUMED). GPU timings are owed. Issue: SMs x 4 schedulers x the clock;
+    # warp-instructions per row from the sm_90 report (kernels/nce_sm90.py).
+    "cuda": DeviceProfile(10e12, GPUS[DEFAULT_GPU]["hbm"], 0.5 * GPUS[DEFAULT_GPU]["fp32"],
+                          0.5 * GPUS[DEFAULT_GPU]["tf32"] / 3, 0.7e12, overlap=True,
+                          warp_instructions_per_s=GPUS[DEFAULT_GPU]["sms"] * SCHEDULERS_PER_SM
+                          * GPUS[DEFAULT_GPU]["clock_hz"]),
     # This project's 2-core x86-64 VM (shared with other work, so rough), fitted to side-by-side timings of the two
     # PyTorch forms (nce_fwd_torch, nce_dense_reference) at B=64, d=128 and (K, N) from (64, 9528) to (16384, 9528)
     # and (256 | 4096, 100000): gathered rows ~0.15 GB/s (advanced indexing + float copy + two bmm), streamed
@@ -193,7 +198,7 @@ def nce_constants(k1: int, n_data: int, eps: float) -> tuple[float, float]:
 
 # ============================================================================ launch configurations
 # The loss kernel's launch (see _FwdLaunch): no autotune -- the configuration follows from d and the bank's element
-# size, and was chosen from the static sm_90 report (``python -m cmc_fast.kernels.hopper_build report --op nce``):
+# size, and was chosen from the static sm_90 report (``python -m cmc_fast.kernels.sm90_report report --op nce``):
 # the warp-instructions per gathered row, registers and spills of each candidate. The number of splits of K+1 then
 # follows from the compiled kernel's occupancy, so the grid fills the GPU's resident slots with no wave tail.
 _ROW_BYTES_PER_THREAD = 128  # bytes of one bank row one thread loads (8 x 16-byte vectors): sets lanes per row
@@ -262,16 +267,6 @@ def _choose_splits(b: int, k1: int, block_k: int, slots: int, splits: int | None
     return best[1], best[2]  # no S reaches the target (short K): the best-filled
 
 
-def _occupancy(regs: int, shared: int, num_warps: int, regs_per_sm: int = 65536, threads_per_sm: int = 2048,
-               shared_per_sm: int = 233472) -> int:
-    """Blocks of ``num_warps`` warps one SM holds at once (the occupancy calculator's rules: registers allocated per
-    warp in units of 256, 1 KB of shared memory reserved per block, at most 32 blocks); defaults: an H100/H200 SM.
-    kernels/hopper_build.resident_blocks computes the same for the static report (a test checks they agree)."""
-    per_warp = cdiv(max(regs, 1) * 32, 256) * 256
-    return max(1, min(32, regs_per_sm // (per_warp * num_warps), threads_per_sm // (32 * num_warps),
-                      shared_per_sm // (shared + 1024)))
-
-
 @dataclass(frozen=True)
 class _DenseLaunch:
     """Tile of the dense kernel: block_b anchors x block_n bank rows per pass, the whole (padded) d at once."""
@@ -305,119 +300,53 @@ def _dense_consts(launch: _DenseLaunch, need_grad: bool, libdevice_log1p: bool) 
             "BLOCK_B": launch.block_b, "BLOCK_N": launch.block_n, "BLOCK_D": launch.block_d}
 
 
-# ======================================================================================= static report
-_BANK_ELEM = {"fp32": 4, "bf16": 2, "fp16": 2}  # bytes per element of each bank dtype the report takes
+# ================================================================================== grid sizing on a GPU
+_CHUNK_ALIGN = 128  # columns per split of the partition kernel are a multiple of this
 
 
-def _fwd_spec_args(d: int, k1: int, chunk: int, bank_type: str) -> tuple[dict, tuple]:
-    """(types, divisible_by_16) of the loss kernel as the JIT specialises a launch: contiguous fp32 anchors, a
-    contiguous [N, d] bank (stride_bd == 1 becomes a constant), int32 indices, torch's 16-byte-aligned pointers."""
-    f32 = "*fp32"
-    types = {"anchor_ptr": f32, "bank_ptr": "*" + bank_type, "idx_ptr": "*i32", "z_ptr": f32,
-             "part_loss_ptr": f32, "part_grad_ptr": f32, "inv_tau": "fp32", "log_c": "fp32",
-             "log_noise_over_c": "fp32"}
-    ints = {"K1": k1, "D": d, "stride_bn": d, "chunk": chunk}
-    divisible = ("anchor_ptr", "bank_ptr", "idx_ptr", "z_ptr", "part_loss_ptr", "part_grad_ptr") + tuple(
-        name for name, v in ints.items() if v % 16 == 0)
-    return types, divisible
+def _block_k(block_d: int, chunk: int, device: torch.device) -> int:
+    """Rows the partition kernel gathers per pass."""
+    if device.type == "cuda" and not triton_interpreted():
+        return max(4, min(64, _TILE // block_d))  # from d > 2048 on, 4 rows is more than _TILE (may spill)
+    return max(16, min(next_power_of_2(chunk), _TILE_INTERPRETED // block_d))
 
 
-def _dense_spec_args(d: int, n: int, k1: int, chunk: int, bank_type: str) -> tuple[dict, tuple]:
-    """(types, divisible_by_16) of the dense kernel as the JIT specialises a launch (as ``_fwd_spec_args``)."""
-    f32 = "*fp32"
-    types = {"anchor_ptr": f32, "bank_ptr": "*" + bank_type, "idx_ptr": "*i32", "counts_ptr": "*i32", "z_ptr": f32,
-             "part_loss_ptr": f32, "part_grad_ptr": f32, "inv_tau": "fp32", "log_c": "fp32",
-             "log_noise_over_c": "fp32"}
-    ints = {"N": n, "K1": k1, "D": d, "stride_bn": d, "chunk": chunk}
-    divisible = ("anchor_ptr", "bank_ptr", "idx_ptr", "counts_ptr", "z_ptr", "part_loss_ptr", "part_grad_ptr") + tuple(
-        name for name, v in ints.items() if v % 16 == 0)
-    return types, divisible
+def _resident_programs(compiled, num_warps: int, device: torch.device) -> int:
+    """Programs of a compiled kernel one SM of ``device`` holds at once, from its registers and shared memory.
+    Where Triton's handle does not say (another handle layout), 2 -- with a warning: the grid may then be sized
+    for half (or double) the programs that really fit."""
+    try:
+        compiled._init_handles()
+        return max(1, device_resident_blocks(int(compiled.n_regs), int(compiled.metadata.shared), num_warps, device))
+    except Exception as e:  # noqa: BLE001 - an older/newer handle layout: a guess, the launch itself still runs
+        warnings.warn(f"kernels/nce_plan.py: cannot read the occupancy of {getattr(compiled, 'name', 'a kernel')} "
+                      f"({type(e).__name__}: {e}); sizing its grid for 2 programs per SM, which may under- or "
+                      "over-fill the GPU", RuntimeWarning, stacklevel=2)
+        return 2
 
 
-def hopper_specs(shape: tuple[int, ...], bank_dtype: str = "fp32", nce_path: str = "gather") -> list:
-    """The specialisations one ``nce_loss`` forward+backward at shape (B, d, K, N) runs on an H100/H200 (132 SMs)
-    with a contiguous bank of ``bank_dtype``, fp32 anchors and int32 indices, by the form ``nce_path``: the gather's
-    loss kernel (its splits chosen from its sm_90 build's occupancy, as the launcher does on the GPU) and finalize;
-    or the dense form's histogram, dense loss kernel (likewise split over the bank) and finalize. For
-    ``python -m cmc_fast.kernels.hopper_build report --op nce [--nce-path dense]``."""
-    from .hopper_build import HOPPER_SMS, Spec, build, resident_blocks  # lazily: imports Triton's compiler
-    from .nce import _nce_counts_kernel, _nce_dense_kernel, _nce_finalize_kernel, _nce_fwd_kernel
-
-    if len(shape) != 4 or min(shape) < 0 or shape[1] < 1:
-        raise ValueError(f"nce shape is B,D,K,N (non-negative, d >= 1), got {shape}")
-    if bank_dtype not in _BANK_ELEM:
-        raise ValueError(f"bank_dtype must be one of {sorted(_BANK_ELEM)}, got {bank_dtype!r}")
-    if nce_path not in PATHS:
-        raise ValueError(f"nce_path must be one of {PATHS}, got {nce_path!r}")
-    b, d, k, n = shape
-    k1 = k + 1
-    bank_type, elem = bank_dtype, _BANK_ELEM[bank_dtype]
-    specs = []
-    if nce_path == "gather":
-        launch = _fwd_launch(d, elem, interpreted=False)
-        consts = {**_fwd_consts(launch, d, need_grad=True, libdevice_log1p=True), "stride_bd": 1}
-        types, divisible = _fwd_spec_args(d, k1, max(16, launch.block_k), bank_type)
-        built = build(_nce_fwd_kernel, types, consts, launch.num_warps, divisible)
-        slots = HOPPER_SMS * resident_blocks(built.registers, built.shared, launch.num_warps)
-        n_split, chunk = _choose_splits(max(b, 1), k1, launch.block_k, slots)
-        types, divisible = _fwd_spec_args(d, k1, chunk, bank_type)
-        path = f"BLOCK_K={launch.block_k} tile={launch.n_chunks}x{launch.block_k}x{launch.chunk_d} S={n_split}"
-        specs.append(Spec(_nce_fwd_kernel, types, consts, launch.num_warps, divisible, path, b * n_split,
-                          launch.block_k, {"splits": n_split, "chunk": chunk}))
-    else:
-        launch = _dense_launch(b, d, n, interpreted=False, elem=elem)
-        consts = {**_dense_consts(launch, need_grad=True, libdevice_log1p=True), "stride_bd": 1}
-        types, divisible = _dense_spec_args(d, n, k1, launch.block_n, bank_type)
-        built = build(_nce_dense_kernel, types, consts, launch.num_warps, divisible)
-        slots = HOPPER_SMS * resident_blocks(built.registers, built.shared, launch.num_warps)
-        b_tiles = cdiv(max(b, 1), launch.block_b)
-        n_split, chunk = _choose_splits(b_tiles, max(n, 1), launch.block_n, slots)
-        types, divisible = _dense_spec_args(d, n, k1, chunk, bank_type)
-        path = f"dense {launch.block_b}x{launch.block_n}x{launch.block_d} {launch.precision} S={n_split}"
-        block = min(1024, next_power_of_2(max(k, 1)))
-        specs.append(Spec(_nce_counts_kernel, {"idx_ptr": "*i32", "counts_ptr": "*i32"}, {"BLOCK_K": block}, 4,
-                          ("idx_ptr", "counts_ptr"), path, b * cdiv(max(k, 1), block)))
-        # rows: bank rows one program scores per pass (against its block_b anchors)
-        specs.append(Spec(_nce_dense_kernel, types, consts, launch.num_warps, divisible, path, b_tiles * n_split,
-                          launch.block_n, {"splits": n_split, "chunk": chunk, "anchors_per_program": launch.block_b,
-                                           "bank_reads": b_tiles}))
-    block_d = next_power_of_2(d)
-    f32 = "*fp32"
-    fin_types = {"part_loss_ptr": f32, "part_grad_ptr": f32, "loss_ptr": f32, "grad_ptr": f32,
-                 "loss_scale": "fp32", "grad_scale": "fp32"}
-    fin_consts = {"COMPUTE_GRAD": True, "BLOCK_S": min(next_power_of_2(n_split), max(1, _TILE // block_d)),
-                  "BLOCK_D": block_d, "BLOCK_P": min(next_power_of_2(b * n_split), 1024)}
-    specs.append(Spec(_nce_finalize_kernel, fin_types, fin_consts, 4,
-                      ("part_loss_ptr", "part_grad_ptr", "loss_ptr", "grad_ptr"), path, b))
-    return specs
+_SLOTS: dict = {}
 
 
-def hopper_floors(shape: tuple[int, ...], bank_dtype: str = "fp32", nce_path: str = "gather") -> dict[str, object]:
-    """Floors of one forward+backward at (B, d, K, N) per GPU (``kernels.hopper_build.GPUS``; int32 indices), both
-    forms side by side whichever ``nce_path`` the report built: the gather's L2 floor (bytes / L2 bandwidth; owed where
-    no L2 bandwidth is known, with an assumed 10 TB/s beside it) and HBM floor; the dense form's bytes (bank once,
-    idx, [B, N] counts, anchors and gradient: all over HBM) and its split-tf32 tensor-core floor; and the ratio of the
-    dense floor to the gather's L2 floor at the assumed L2 bandwidth."""
-    from .hopper_build import GPUS
-
-    b, d, k, n = shape
-    nbytes = floor_bytes(b, d, k, n, _BANK_ELEM[bank_dtype])
-    dense_flops = (2 if _BANK_ELEM[bank_dtype] < 4 else 3) * 4 * b * n * d  # two products, 3 (2) tf32 MMAs each
-    out: dict[str, object] = {"bytes": nbytes, "dense_tf32_flops": dense_flops}
-    assumed_l2 = PROFILES["cuda"].gather_bytes_per_s
-    us = lambda n, rate: round(n / rate * 1e6, 2) if rate else "owed"  # noqa: E731
-    for gpu, bw in GPUS.items():
-        dense_us = max(us(nbytes["dense"], bw["hbm_spec"]), us(dense_flops, _TF32_DENSE_SPEC[gpu]))
-        out[gpu] = {"l2_gather_us": us(nbytes["l2_gather"], bw["l2_measured"]),
-                    "l2_gather_us_at_assumed_10TBps": us(nbytes["l2_gather"], assumed_l2),
-                    "hbm_us_spec": us(nbytes["hbm"], bw["hbm_spec"]),
-                    "hbm_us_measured": us(nbytes["hbm"], bw["hbm_measured"]),
-                    "dense_us_spec": dense_us,
-                    # from the unrounded times: at tiny shapes both round to 0 us
-                    "dense_over_gather_l2": round(max(nbytes["dense"] / bw["hbm_spec"],
-                                                      dense_flops / _TF32_DENSE_SPEC[gpu])
-                                                  / (nbytes["l2_gather"] / assumed_l2), 3)}
-    return out
+def _kernel_slots(kernel, args: tuple, consts: dict, num_warps: int, device: torch.device) -> int:
+    """Resident programs of ``kernel`` on the whole GPU (SMs x per SM), once per specialisation (a compiled launch
+    on CUDA; the interpreter has none). ``args`` end with the integer arguments the JIT specialises on."""
+    ints = tuple((a == 1, a % 16 == 0) for a in args if isinstance(a, int))
+    key = (kernel.__name__, device.index, ints, tuple(a.dtype for a in args if hasattr(a, "dtype")),
+           tuple(sorted(consts.items())))
+    if key not in _SLOTS:
+        compiled = kernel.warmup(*args, grid=(1,), num_warps=num_warps, **consts)
+        _SLOTS[key] = sm_count(device) * _resident_programs(compiled, num_warps, device)
+    return _SLOTS[key]
 
 
-_TF32_DENSE_SPEC = {"H100 SXM": 495e12, "H200": 495e12}  # TF32 tensor-core FLOP/s without sparsity (datasheets)
+def _splits(b: int, k1: int, device: torch.device, splits: int | None) -> tuple[int, int]:
+    """(number of splits S of the K+1 columns, columns per split) of the partition kernel. Enough programs to fill
+    the GPU: with B = 64 rows alone, a 132-SM H100 would sit half idle, so each row's columns are cut into S chunks."""
+    if splits is None:
+        # interpreter: fewer, larger programs are faster
+        splits = max(1, cdiv(4 * sm_count(device), b)) if device.type == "cuda" else 1
+    splits = max(1, min(int(splits), cdiv(k1, 16)))
+    align = _CHUNK_ALIGN if device.type == "cuda" else 16
+    chunk = cdiv(cdiv(k1, splits), align) * align
+    return cdiv(k1, chunk), chunk

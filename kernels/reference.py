@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .dispatch import check_index_range, index_checks
 from .nce_plan import nce_constants
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "nce_partition_reference",
     "nce_counts_reference",
     "nce_dense_reference",
+    "nce_fwd_torch",
     "bank_update_reference_",
     "block_merge_reference",
     "block_merge_sum_reference",
@@ -116,6 +118,29 @@ def nce_dense_reference(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Ten
     if not need_grad:
         return loss, anchor.new_empty(0, dtype=torch.float32)
     return loss, grad / (b * tau)
+
+
+def nce_fwd_torch(anchor: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor, z: torch.Tensor | float, tau: float,
+                  n_data: int, eps: float, need_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference path of ``cmc_fast::nce_fwd``: the loss exactly as ``nce_loss_reference`` computes it, and
+    its anchor gradient in closed form (autograd cannot run inside a custom op's implementation). Checked
+    against autograd of the reference by the tests. An index outside the bank raises a clear IndexError."""
+    check_index_range(idx, bank.shape[0], sync=index_checks())
+    rows = bank.detach()[idx].float()  # [B, K+1, d]
+    b, k1 = idx.shape
+    s = torch.bmm(rows, anchor.float().unsqueeze(2)).squeeze(2) / tau
+    p = torch.exp(s) / z
+    noise = (k1 - 1) / n_data
+    log_pos = torch.log(p[:, 0] / (p[:, 0] + noise + eps))
+    log_neg = torch.log(noise / (p[:, 1:] + noise + eps)).sum(1)
+    loss = -(log_pos + log_neg).mean()
+    if not need_grad:
+        return loss, anchor.new_empty(0, dtype=torch.float32)
+    c = noise + eps
+    w = p / (p + c)
+    w = torch.cat([-c / (p[:, :1] + c), w[:, 1:]], dim=1)
+    grad = torch.bmm(w.unsqueeze(1), rows).squeeze(1) / (b * tau)
+    return loss, grad
 
 
 _DENSE_SLICE = 1 << 22  # elements of one [B, n] slice of the scores (16 MB in float32)

@@ -2,7 +2,7 @@
 
     python scripts/block_static_report.py [--gpu "H100 SXM"] [--out bench/results]   (without TRITON_INTERPRET)
 
-Builds every kernel one forward + backward runs at the 12 benchmark shapes (``kernels.block_plan.BENCH_SHAPES`` x
+Builds every kernel one forward + backward runs at the 12 benchmark shapes (``kernels.block_sm90.BENCH_SHAPES`` x
 ``BENCH_DTYPES``) with Triton's bundled ptxas/cuobjdump and records, per kernel, registers, spills, the SASS
 loads, what one warp executes (every loop weighted by its trips) and the issue bound beside the floor; per call,
 their sums. Counts of the code, not times: GPU timings are owed.
@@ -33,20 +33,19 @@ def _load_widths(sass_file: str) -> dict[str, int]:
 
 def build(gpu: str, sass_root: str) -> list[dict]:
     import triton
-    from cmc_fast.kernels import block_plan as kp
-    from cmc_fast.kernels import hopper_build as hb
+    from cmc_fast.kernels import block_sm90, sm90_report
 
     reports = []
-    for shape in kp.BENCH_SHAPES:
-        for dtype, precision in kp.BENCH_DTYPES:
+    for shape in block_sm90.BENCH_SHAPES:
+        for dtype, precision in block_sm90.BENCH_DTYPES:
             sass_dir = os.path.join(sass_root, f"{'-'.join(map(str, shape))}-{dtype}-{precision}")
-            rows = hb.report("block", shape, sass_dir, dtype=dtype, precision=precision, gpu=gpu)
+            rows = sm90_report.report("block", shape, sass_dir, dtype=dtype, precision=precision, gpu=gpu)
             for r in rows:
                 r["global_loads"] = _load_widths(r["sass"])
                 r["sass"] = os.path.basename(r["sass"])
             b, dim, chunks, rank = shape
             bound = sum(r["issue_bound_us"] for r in rows)
-            floor = kp.hopper_floors(shape, dtype, precision)[f"{gpu} fwd+bwd us"]
+            floor = block_sm90.hopper_floors(shape, dtype, precision)[f"{gpu} fwd+bwd us"]
             reports.append({"shape": ",".join(map(str, shape)), "dtype": dtype, "precision": precision,
                             "gpu": gpu, "triton": triton.__version__, "call_issue_bound_us": round(bound, 3),
                             "call_floor_us": floor, "bound_over_floor": round(bound / floor, 2), "kernels": rows})
@@ -60,9 +59,9 @@ def markdown(reports: list[dict], gpu: str, commit: str) -> str:
              f"`executed/warp`: instructions one warp of a program executes, every SASS loop weighted by its trip "
              f"count (nested loops included; both sides of a branch counted). `bound us`: the issue bound of the "
              f"kernel's launches in one forward+backward on the {gpu} (one instruction a cycle per scheduler, 4 "
-             f"an SM, programs rounded up per SM, clock from `kernels/block_plan.GPUS`): a lower bound, not a "
+             f"an SM, programs rounded up per SM, clock from `kernels/gpus.GPUS`): a lower bound, not a "
              f"prediction. `floor us`: the kernel's share of the merge's floor (FLOPs at the precision's rate, bytes "
-             f"at HBM; `block_plan.kernel_floors`). `call floor`: `block_merge_floor` of the whole forward+backward.",
+             f"at HBM; `block_sm90.kernel_floors`). `call floor`: `block_merge_floor` of the whole forward+backward.",
              "", "| shape B,DIM,CHUNKS,RANK | dtype | precision | call issue bound us | call floor us | ratio |",
              "|---|---|---|---:|---:|---:|"]
     for rep in reports:

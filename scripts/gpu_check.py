@@ -164,7 +164,7 @@ def block_cases(run: Run) -> list[tuple]:
 def nce_launched(taken: list[str], bank, b, d, k1, n) -> str:
     """The NCE form ``nce_loss`` took (``nce_plan.nce_paths_taken``) and, for a Triton launch, its grid as the plan
     module sizes it: the tile, the resident programs (slots) the launcher measured and the splits chosen for them."""
-    from cmc_fast.kernels import nce, nce_plan
+    from cmc_fast.kernels import nce_plan
     from cmc_fast.kernels.dispatch import triton_interpreted, use_triton
 
     form = "gather" if any(t.startswith("gather") for t in taken) else "dense" if taken else "reference"
@@ -177,7 +177,7 @@ def nce_launched(taken: list[str], bank, b, d, k1, n) -> str:
     else:
         launch, kernel = nce_plan._dense_launch(b, d, n, interpreted, elem), "_nce_dense_kernel"
         tiles, width, block = -(-b // launch.block_b), max(n, 1), launch.block_n
-    slots = 1 if interpreted else next((v for key, v in reversed(nce._SLOTS.items()) if key[0] == kernel), None)
+    slots = 1 if interpreted else next((v for key, v in reversed(nce_plan._SLOTS.items()) if key[0] == kernel), None)
     if slots is None:
         return f"{form} (Triton; slots not recorded)"
     splits, chunk = nce_plan._choose_splits(tiles, width, block, slots, 1 if interpreted else None)
@@ -197,7 +197,7 @@ def _gather_sum_kernel(bank_ptr, idx_ptr, out_ptr, ROWS: tl.constexpr, D: tl.con
 
 
 def l2_gather_probe(run: Run, dtype) -> None:
-    """The L2 gather rate ``hopper_build.GPUS`` owes (NVIDIA publishes none), which the NCE gather's floor divides
+    """The L2 gather rate ``kernels/gpus.GPUS`` owes (NVIDIA publishes none), which the NCE gather's floor divides
     by: random rows of the NCE benchmark's 9528 x 128 bank (L2-resident), 256 consecutive indices a program, checked
     against torch's gather. A lower bound of what L2 serves (a simple probe, 4 warps, 32 rows a step)."""
     (n, d), rows = ((9528, 128), 1 << 20) if not run.dry_run else ((64, 16), 1024)
@@ -220,8 +220,8 @@ def l2_gather_probe(run: Run, dtype) -> None:
 
 def time_nce(run: Run, section: str, provider: str, b, d, k, n, dtype, loss_fn: Callable) -> None:
     """One NCE forward + backward of ``loss_fn``; the floor: the L2-gathered bytes (``nce_plan.floor_bytes``) over
-    this run's L2 gather rate, else ``hopper_build.GPUS``'s figure."""
-    from cmc_fast.kernels.hopper_build import GPUS
+    this run's L2 gather rate, else ``kernels/gpus.GPUS``'s figure."""
+    from cmc_fast.kernels.gpus import GPUS
     from cmc_fast.kernels.nce_plan import floor_bytes, nce_paths_taken
 
     anchor, bank, idx, z = hb.nce_case(b, d, k, n, dtype, run.device)
@@ -239,14 +239,15 @@ def time_nce(run: Run, section: str, provider: str, b, d, k, n, dtype, loss_fn: 
 
 
 def time_block(run: Run, section: str, provider: str, config, batch, dtype_id, wrap=None) -> None:
-    from cmc_fast.kernels.block_plan import _gpu_name, block_merge_floor, choose_block_path
+    from cmc_fast.kernels.block_plan import block_merge_floor, choose_block_path
+    from cmc_fast.kernels.gpus import gpu_name
     from cmc_fast.kernels.reference import block_chunk_sizes
 
     dtype, precision = BLOCK_DTYPES[dtype_id]
     sizes, rank = block_chunk_sizes(config[0], config[1]), config[2]
     base = {"compile": "loop", "bmm-compile": "bmm"}.get(provider, provider)
     fn, leaves, grad = hb.block_case(base, batch, sizes, rank, dtype, run.device, wrap or (lambda name, f: f))
-    gpu = _gpu_name(run.device)
+    gpu = gpu_name(run.device)
     floor = block_merge_floor(batch, sizes, rank, dtype=dtype, precision=precision, gpu=gpu, backward=True)
     with hb.env_var("CMC_FAST_KERNELS", "triton" if provider == "fused" else "auto"), \
             hb.matmul_precision(precision):

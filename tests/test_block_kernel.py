@@ -27,7 +27,14 @@ import cmc_fast.kernels.block as kb
 import cmc_fast.kernels.block_plan as kp
 import pytest
 import torch
-from cmc_fast.kernels.reference import block_chunk_sizes, block_merge_bmm, block_merge_reference, block_size_groups
+from cmc_fast.kernels.gpus import GPUS
+from cmc_fast.kernels.reference import (
+    block_chunk_sizes,
+    block_merge_bmm,
+    block_merge_reference,
+    block_merge_sum_reference,
+    block_size_groups,
+)
 
 from cmc_fast import ops
 
@@ -115,7 +122,7 @@ def check_all(sizes, rank, args, grad, dtype=torch.float32, tol=None, **launch):
     against the reference and float64."""
     tol_f, tol_g = tol or TOL[dtype]
     slack = 1e-6 if dtype == torch.float32 else 1e-2
-    plan = kb.block_plan(args[0].shape[0], sizes, rank, **launch) if launch else None
+    plan = kp.block_plan(args[0].shape[0], sizes, rank, **launch) if launch else None
     out, t, norm = kb.block_merge_forward_triton(*args, sizes=sizes, rank=rank, plan=plan)
     grads = kb.block_merge_backward_triton(grad, *args, t, norm, sizes=sizes, rank=rank, plan=plan)
     ref_out, ref_grads = ref_with_grads(args, grad, sizes, rank, fn=lambda *a, **k: kb._reference(
@@ -176,8 +183,8 @@ def test_kernel_split_norm_by_default():
     kernel by default, with several K steps per product, dx/dW outputs as a head tile of 32 and a tail of 16, and a
     shorter last chunk."""
     sizes = [40, 33]
-    plan = kb.block_plan(5, sizes, 15)
-    assert kb._fwd_tiles(plan, sizes) > 1 and plan.rank_p == 16 and (plan.out_head, plan.out_tail) == (32, 16)
+    plan = kp.block_plan(5, sizes, 15)
+    assert kp._fwd_tiles(plan, sizes) > 1 and plan.rank_p == 16 and (plan.out_head, plan.out_tail) == (32, 16)
     assert [kp._out_tiles(s, 1 << (s - 1).bit_length()) for s in (80, 15, 100, 12)] == [
         (64, 16), (16, 0), (128, 0), (16, 0)]
     args, grad = make_inputs(5, sizes, 15, seed=6)
@@ -290,8 +297,8 @@ def test_kernel_without_normalisation():
     out, t, norm = kb.block_merge_forward_triton(*args, sizes=sizes, rank=3, normalize=False)
     assert t.numel() == 0 and norm.numel() == 0  # nothing kept without the epilogue
     grads = kb.block_merge_backward_triton(grad, *args, t, norm, sizes=sizes, rank=3, normalize=False)
-    ref_out, ref_grads = ref_with_grads(args, grad, sizes, 3, fn=kb.block_merge_sum_reference)
-    t_out, t_grads = ref_with_grads(args, grad, sizes, 3, fn=kb.block_merge_sum_reference, dtype=torch.float64)
+    ref_out, ref_grads = ref_with_grads(args, grad, sizes, 3, fn=block_merge_sum_reference)
+    t_out, t_grads = ref_with_grads(args, grad, sizes, 3, fn=block_merge_sum_reference, dtype=torch.float64)
     check_close(out, ref_out, t_out, 1e-5, 1e-6, "z")
     for name, g, rg, tg in zip(NAMES, grads, ref_grads, t_grads):
         check_close(g, rg, tg, 1e-4, 1e-6, f"d{name}")
@@ -317,11 +324,11 @@ def test_launcher_checks():
     sizes = block_chunk_sizes(MM, CHUNKS)
     args, _ = make_inputs(4, sizes, 2, seed=60)
     with pytest.raises(ValueError, match=">= 16"):
-        kb.block_plan(4, sizes, 2, fwd_b=8)
+        kp.block_plan(4, sizes, 2, fwd_b=8)
     with pytest.raises(ValueError, match=">= 16"):
-        kb.block_plan(4, sizes, 2, block_k=24)
+        kp.block_plan(4, sizes, 2, block_k=24)
     with pytest.raises(ValueError, match="largest chunk"):
-        kb.block_plan(4, [40, 43], 2, block_s=32)
+        kp.block_plan(4, [40, 43], 2, block_s=32)
     with pytest.raises(ValueError, match="elements"):
         kb.block_merge_forward_triton(*args, sizes=sizes, rank=3)
     with pytest.raises(ValueError, match="features"):
@@ -354,8 +361,8 @@ def test_kernel_float32_matmul_precisions(precision):
     before = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision(precision)
     try:
-        assert kb.dot_precision(torch.float32) == ("ieee" if precision == "highest" else "tf32")
-        assert kb.dot_precision(torch.bfloat16) == "ieee"  # ignored by 16-bit dots: tensor cores either way
+        assert kp.dot_precision(torch.float32) == ("ieee" if precision == "highest" else "tf32")
+        assert kp.dot_precision(torch.bfloat16) == "ieee"  # ignored by 16-bit dots: tensor cores either way
         sizes = block_chunk_sizes(MM, CHUNKS)
         args, grad = make_inputs(37, sizes, 4, seed=110)
         check_all(sizes, 4, args, grad, tol=TOL_PRECISION[precision])
@@ -368,7 +375,7 @@ def test_kernel_float32_matmul_precisions(precision):
 def test_bmm_path_against_float64(normalize):
     """``block_merge_bmm`` (runs of one chunk size as baddbmm batches) forward and autograd backward against the
     float64 reference, on sizes with several runs: [12]*6 + [11] and [20, 5, 5, 1, 3, 3]."""
-    fn = kb.block_merge_reference if normalize else kb.block_merge_sum_reference
+    fn = block_merge_reference if normalize else block_merge_sum_reference
     for sizes, rank, seed in ((block_chunk_sizes(MM, CHUNKS), 15, 120), ([20, 5, 5, 1, 3, 3], 2, 121)):
         args, grad = make_inputs(29, sizes, rank, seed=seed)
         args = [a.cpu() for a in args]
@@ -493,15 +500,15 @@ def test_floor_formula():
     """Floors per GPU and per rate: FP32 at "highest", TF32 at "high", BF16 dense for 16-bit (datasheet values)."""
     sizes = block_chunk_sizes(1600, 20)
     flops = 4 * 64 * 15 * 20 * 80 * 80
-    assert kb.block_merge_floor(64, sizes, 15) == pytest.approx(flops / 67e12)  # FLOP-bound at FP32
-    assert kb.block_merge_floor(64, sizes, 15, backward=True) == pytest.approx(3 * flops / 67e12)
+    assert kp.block_merge_floor(64, sizes, 15) == pytest.approx(flops / 67e12)  # FLOP-bound at FP32
+    assert kp.block_merge_floor(64, sizes, 15, backward=True) == pytest.approx(3 * flops / 67e12)
     fwd_bytes = 2 * 15 * 128000 * 4 + 2 * 15 * 1600 * 4 + 3 * 64 * 1600 * 4
-    assert kb.block_merge_floor(64, sizes, 15, precision="high") == pytest.approx(fwd_bytes / 3.35e12)  # HBM-bound
-    assert kb.block_merge_floor(64, sizes, 15, precision="high", gpu="H200") == pytest.approx(fwd_bytes / 4.8e12)
-    assert kb.block_merge_floor(64, sizes, 15, dtype=torch.bfloat16) == pytest.approx(fwd_bytes / 2 / 3.35e12)
-    assert kb.GPUS["H100 SXM"]["bf16"] == pytest.approx(2 * kb.GPUS["H100 SXM"]["tf32"], rel=1e-3)
+    assert kp.block_merge_floor(64, sizes, 15, precision="high") == pytest.approx(fwd_bytes / 3.35e12)  # HBM-bound
+    assert kp.block_merge_floor(64, sizes, 15, precision="high", gpu="H200") == pytest.approx(fwd_bytes / 4.8e12)
+    assert kp.block_merge_floor(64, sizes, 15, dtype=torch.bfloat16) == pytest.approx(fwd_bytes / 2 / 3.35e12)
+    assert GPUS["H100 SXM"]["bf16"] == pytest.approx(2 * GPUS["H100 SXM"]["tf32"], rel=1e-3)
     with pytest.raises(ValueError, match="gpu must be one of"):
-        kb.block_merge_floor(64, sizes, 15, gpu="A100")
+        kp.block_merge_floor(64, sizes, 15, gpu="A100")
 
 
 # ------------------------------------------------------------------------------------------- dispatch rule
@@ -511,9 +518,9 @@ def test_dispatch_overrides_and_cpu(monkeypatch):
     sizes = block_chunk_sizes(1600, 20)
     for mode, want in (("reference", "reference"), ("bmm", "bmm"), ("triton", "fused"), ("auto", "reference")):
         monkeypatch.setenv("CMC_FAST_KERNELS", mode)
-        assert kb.choose_block_path(sizes, 15, 64, torch.float32, "cpu") == want, mode
+        assert kp.choose_block_path(sizes, 15, 64, torch.float32, "cpu") == want, mode
     monkeypatch.setenv("CMC_FAST_KERNELS", "triton")
-    assert kb.choose_block_path([300], 15, 64, torch.float32, "cpu") == "reference"  # too wide for the kernels
+    assert kp.choose_block_path([300], 15, 64, torch.float32, "cpu") == "reference"  # too wide for the kernels
 
 
 def test_op_runs_bmm_when_chosen(monkeypatch):
@@ -539,17 +546,17 @@ def test_op_runs_bmm_when_chosen(monkeypatch):
 _HOPPER_REPORT = r"""
 import json, os, sys, tempfile
 os.environ.pop("TRITON_INTERPRET", None)  # code generation does not work in interpreter mode
-from cmc_fast.kernels import hopper_build
+from cmc_fast.kernels import hopper_build, sm90_report
 
 rows = {}
 for dtype, precision in (("bf16", "highest"), ("fp32", "high"), ("fp32", "highest")):
-    out = hopper_build.report("block", (64, 1600, 20, 15), tempfile.mkdtemp(), dtype=dtype, precision=precision)
+    out = sm90_report.report("block", (64, 1600, 20, 15), tempfile.mkdtemp(), dtype=dtype, precision=precision)
     rows[dtype + "-" + precision] = out
 for dtype, precision in (("bf16", "highest"), ("fp32", "high")):
-    out = hopper_build.report("block", (64, 256, 18, 15), tempfile.mkdtemp(), dtype=dtype, precision=precision)
+    out = sm90_report.report("block", (64, 256, 18, 15), tempfile.mkdtemp(), dtype=dtype, precision=precision)
     rows["small-" + dtype + "-" + precision] = out
 # AMP: bf16 activations with fp32 master weights (the kernels cast weight tiles to bf16): must not spill either
-from cmc_fast.kernels.block import hopper_specs
+from cmc_fast.kernels.block_sm90 import hopper_specs
 for spec in hopper_specs((64, 1600, 20, 15), dtype="bf16", w_dtype="fp32"):
     assert spec.types["W0"] == "*fp32" and spec.types["X0"] == "*bf16"
     hopper_build.build_checked(spec.kernel, spec.types, spec.constexprs, spec.num_warps, spec.divisible_by_16)

@@ -1,7 +1,7 @@
 """BLOCK's cost model and dispatch (kernels/block_plan.py) and the static report's loop weighting
-(kernels/hopper_build.py): SASS loops weighted by their trips, the issue bound, and the dispatch's picks at the
-benchmark's 12 shapes against the bounds the report computes (kernels/block_bounds.json, checked against a fresh
-sm_90 build in a child process without the interpreter)."""
+(kernels/hopper_build.py, kernels/gpus.py): SASS loops weighted by their trips, the issue bound, and the dispatch's
+picks at the benchmark's 12 shapes against the bounds the report computes (kernels/block_bounds.json, checked against
+a fresh sm_90 build by kernels/block_sm90.py in a child process without the interpreter)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import json
 import cmc_fast.kernels.block_plan as kp
 import pytest
 import torch
+from cmc_fast.kernels import block_sm90, gpus
 from cmc_fast.kernels import hopper_build as hb
 from cmc_fast.kernels.reference import block_chunk_sizes
 
@@ -58,17 +59,17 @@ def test_sass_loops_unrolled_and_mismatched():
 def test_issue_bound():
     """One instruction a cycle per scheduler, 4 schedulers an SM, programs rounded up per SM: 200 programs of 8 warps
     on 132 SMs put 16 warps on the busiest SM, 4 a scheduler."""
-    assert hb.issue_bound_s(1000, 8, 200, 132, 1e9) == pytest.approx(4 * 1000 / 1e9)
-    assert hb.issue_bound_s(1000, 4, 132, 132, 2e9) == pytest.approx(1000 / 2e9)
-    assert hb.issue_bound_s(1000, 2, 100, 132, 1e9) == pytest.approx(1000 / 1e9)  # 2 warps: 2 schedulers idle
+    assert gpus.issue_bound_s(1000, 8, 200, 132, 1e9) == pytest.approx(4 * 1000 / 1e9)
+    assert gpus.issue_bound_s(1000, 4, 132, 132, 2e9) == pytest.approx(1000 / 2e9)
+    assert gpus.issue_bound_s(1000, 2, 100, 132, 1e9) == pytest.approx(1000 / 1e9)  # 2 warps: 2 schedulers idle
 
 
 def test_kernel_floors_sum_to_the_floor():
     """The kernels' shares of the floor cover the merge's floor (each kernel is bound by its own FLOPs or bytes)."""
     sizes = block_chunk_sizes(1600, 20)
     for dtype, precision in ((torch.float32, "highest"), (torch.float32, "high"), (torch.bfloat16, "highest")):
-        for gpu in kp.GPUS:
-            parts = kp.kernel_floors(64, sizes, 15, dtype, precision, gpu)
+        for gpu in gpus.GPUS:
+            parts = block_sm90.kernel_floors(64, sizes, 15, dtype, precision, gpu)
             floor = kp.block_merge_floor(64, sizes, 15, dtype=dtype, precision=precision, gpu=gpu, backward=True)
             assert floor * (1 - 1e-12) <= sum(parts.values()) <= 3 * floor, (dtype, precision, gpu)
 
@@ -81,8 +82,8 @@ def test_chunk_layout():
 
 # ------------------------------------------------------------------------------------------- the dispatch
 def _bench_cases():
-    for b, dim, chunks, rank in kp.BENCH_SHAPES:
-        for dtype, precision in kp.BENCH_DTYPES:
+    for b, dim, chunks, rank in block_sm90.BENCH_SHAPES:
+        for dtype, precision in block_sm90.BENCH_DTYPES:
             yield b, block_chunk_sizes(dim, chunks), rank, dtype, precision
 
 
@@ -115,14 +116,15 @@ def test_dispatch_picks_follow_the_bounds(monkeypatch, gpu, compiled):
 
 
 def test_dispatch_without_a_bound_takes_bmm(monkeypatch):
-    """No bound for the fused kernels (no compiler here, a chunking the report cannot name): the bmm path; the
-    kernels that do not fit: the bmm path."""
+    """A shape the bounds table does not hold (B=32) has no bound for the fused kernels -- the plan reads the table,
+    it builds nothing -- so the bmm path; the kernels that do not fit: the bmm path."""
     monkeypatch.setenv("CMC_FAST_KERNELS", "auto")
     monkeypatch.setattr(kp, "triton_available", lambda: True)
-    monkeypatch.setattr(kp, "_counts", lambda *a: None)
     kp._cheaper_path.cache_clear()
     sizes = block_chunk_sizes(1600, 20)
-    assert kp.choose_block_path(sizes, 15, 64, torch.bfloat16, "cuda", precision="highest", gpu="H100 SXM") == "bmm"
+    assert kp.fused_issue_bound(32, sizes, 15, torch.bfloat16, "highest") is None
+    assert kp.fused_issue_bound(64, sizes, 15, torch.bfloat16, "highest") > 0  # in the table
+    assert kp.choose_block_path(sizes, 15, 32, torch.bfloat16, "cuda", precision="highest", gpu="H100 SXM") == "bmm"
     kp._cheaper_path.cache_clear()
     assert kp.choose_block_path([300, 20], 15, 64, torch.bfloat16, "cuda", gpu="H100 SXM") == "bmm"
     assert kp.choose_block_path([20], 200, 64, torch.bfloat16, "cuda", gpu="H100 SXM") == "bmm"
@@ -136,23 +138,25 @@ def test_device_timing_reads_the_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA H100 PCIe")
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d=None: Props())
-    kp._gpu_name_of.cache_clear()
-    kp.device_timing.cache_clear()
+    gpus._gpu_name_of.cache_clear()
+    gpus.device_timing.cache_clear()
     try:
-        assert kp._gpu_name("cuda:0") == "H100 PCIe"
-        assert kp.device_timing("cuda:0") == {"sms": 114, "clock_hz": kp.GPUS["H100 PCIe"]["clock_hz"]}
+        assert gpus.gpu_name("cuda:0") == "H100 PCIe"
+        assert gpus.device_timing("cuda:0") == {"sms": 114, "clock_hz": gpus.GPUS["H100 PCIe"]["clock_hz"]}
     finally:
-        kp._gpu_name_of.cache_clear()
-        kp.device_timing.cache_clear()
+        gpus._gpu_name_of.cache_clear()
+        gpus.device_timing.cache_clear()
 
 
 _RECOUNT = r"""
 import json
 from cmc_fast.kernels import block_plan as kp
+from cmc_fast.kernels.block_sm90 import kernel_counts
+from cmc_fast.kernels.reference import block_chunk_sizes
 out = {}
 for shape, dtype, precision in SHAPES:
-    sizes = kp.block_chunk_sizes(shape[1], shape[2])
-    out[kp._bounds_key(shape[0], sizes, shape[3], dtype, precision)] = kp.kernel_counts(shape, dtype, precision)
+    sizes = block_chunk_sizes(shape[1], shape[2])
+    out[kp._bounds_key(shape[0], sizes, shape[3], dtype, precision)] = kernel_counts(shape, dtype, precision)
 print("COUNTS" + json.dumps(out))
 """
 
@@ -174,7 +178,8 @@ def test_bounds_table_is_what_the_report_counts(run_without_interpreter):
 
 @pytest.mark.slow
 def test_bounds_table_is_what_the_report_counts_everywhere(run_without_interpreter):
-    counts = _recount(run_without_interpreter, [(s, d, p) for s in kp.BENCH_SHAPES for d, p in kp.BENCH_DTYPES])
+    counts = _recount(run_without_interpreter, [(s, d, p) for s in block_sm90.BENCH_SHAPES
+                                                for d, p in block_sm90.BENCH_DTYPES])
     table = kp._bounds_table()
     for key, entry in counts.items():
         assert table[key] == entry, key

@@ -304,13 +304,13 @@ def test_dry_run_end_to_end_on_the_cpu(tmp_path):
 def test_launched_reports_the_slots_the_launcher_measured_and_splits_covering_k(monkeypatch):
     """On a GPU (the dispatch stubbed to say Triton runs, not interpreted), the NCE grid reported is built from the
     slots the launcher recorded, and its splits cover the K+1 columns (or the bank's rows) exactly once."""
-    from cmc_fast.kernels import dispatch, nce
+    from cmc_fast.kernels import dispatch, nce_plan
 
     monkeypatch.setattr(dispatch, "use_triton", lambda t: True)
     monkeypatch.setattr(dispatch, "triton_interpreted", lambda: False)
     for form, kernel, width in (("gather", "_nce_fwd_kernel", 16385), ("dense", "_nce_dense_kernel", 9528)):
         slots = random.choice([264, 528, 396])
-        monkeypatch.setitem(nce._SLOTS, (kernel, 0, (), (), ()), slots)
+        monkeypatch.setitem(nce_plan._SLOTS, (kernel, 0, (), (), ()), slots)
         bank = types.SimpleNamespace(device=torch.device("cuda"), element_size=lambda: 4)  # an fp32 bank on CUDA
         text = gc.nce_launched([f"{form} (auto) at ..."], bank, 64, 128, 16385, 9528)
         fields = dict(kv.split("=") for kv in text.split() if "=" in kv)

@@ -1,4 +1,4 @@
-"""The static sm_90 report (``python -m cmc_fast.kernels.hopper_build report``) runs on a CPU: it builds every
+"""The static sm_90 report (``python -m cmc_fast.kernels.sm90_report report``) runs on a CPU: it builds every
 specialisation of an op's launch with Triton's bundled ptxas, writes their SASS and reports the fields issue #11
 lists. Code generation does not work under TRITON_INTERPRET=1, so the CLI runs in a child without it."""
 
@@ -14,7 +14,7 @@ MIX = {"loads", "shuffles", "barriers", "mufu", "fp32", "tensor", "total"}
 
 _CLI = r"""
 import sys
-from cmc_fast.kernels.hopper_build import main
+from cmc_fast.kernels.sm90_report import main
 sys.exit(main(["report", "--op", "nce", "--shape", "{shape}", "--bank-dtype", "{dtype}", "--sass-dir", r"{sass}",
                "--json"]))
 """
@@ -45,25 +45,21 @@ def test_nce_report_json_fields(run_without_interpreter, tmp_path, dtype):
     assert len({r["path"] for r in rows}) == 1  # the two kernels of one launch share its path
 
 
-def test_report_op_without_reporter_and_bad_shape(run_without_interpreter, tmp_path):
-    """An op whose module does not (yet) provide hopper_specs -- block, until its branch is merged -- is reported
-    for that op only (exit status 2, the reason on stderr); a malformed shape is an error naming --shape."""
-    check = r"""
-import contextlib, io
-from cmc_fast.kernels import hopper_build as hb
-hb.REPORTERS["block"] = "cmc_fast.kernels.no_such_module:hopper_specs"
-err = io.StringIO()
-with contextlib.redirect_stderr(err):
-    rc = hb.main(["report", "--op", "block", "--shape", "1,2,3", "--sass-dir", r"SASS"])
-print("RC", rc, err.getvalue())
-try:
-    hb._parse_shape("64,x")
-except Exception as e:
-    print("SHAPE ERROR", e)
-""".replace("SASS", str(tmp_path))
-    out = run_without_interpreter(check)
-    assert "RC 2 op 'block' has no report here: ModuleNotFoundError" in out
-    assert "SHAPE ERROR --shape must be comma-separated integers" in out
+def test_report_refuses_an_unknown_op_and_a_bad_shape(capsys):
+    """The command line names what is wrong: an op without specialisations (argparse's choices, exit status 2), a
+    malformed or negative --shape; ``report`` called directly refuses an unknown op too."""
+    import argparse
+
+    from cmc_fast.kernels import sm90_report
+
+    with pytest.raises(SystemExit) as exit_info:
+        sm90_report.main(["report", "--op", "softmax", "--shape", "1,2,3", "--sass-dir", "sass"])
+    assert exit_info.value.code == 2 and "invalid choice: 'softmax'" in capsys.readouterr().err
+    for bad in ("64,x", "64,-1"):
+        with pytest.raises(argparse.ArgumentTypeError, match="--shape must be"):
+            sm90_report._parse_shape(bad)
+    with pytest.raises(ValueError, match="op must be one of"):
+        sm90_report.report("softmax", (1, 2), "sass")
 
 
 _CLI_DENSE = _CLI.replace('"--json"', '"--nce-path", "dense", "--json"')
@@ -84,7 +80,7 @@ def test_nce_dense_report_tensor_cores_no_spills_and_floor(run_without_interpret
     assert dense["per_gathered_row"]["tensor"] > 0 and dense["loop_instructions_per_warp"]["tensor"] > 0
     assert dense["waves"] <= 1.0 and dense["last_wave_fill"] >= 0.9, dense
     floors = json.loads(run_without_interpreter(
-        "import json\nfrom cmc_fast.kernels.nce import hopper_floors\n"
+        "import json\nfrom cmc_fast.kernels.nce_sm90 import hopper_floors\n"
         f"print(json.dumps(hopper_floors((64, 128, 16384, 9528), '{dtype}', 'dense')))"))
     for gpu in ("H100 SXM", "H200"):
         assert floors[gpu]["dense_over_gather_l2"] <= 0.2, floors[gpu]

@@ -23,6 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from cmc_fast.kernels import nce as nce_mod
+from cmc_fast.kernels import nce_plan
 from cmc_fast.kernels.reference import bank_update_reference_, nce_loss_reference, nce_partition_reference
 
 from cmc_fast import ops
@@ -260,7 +261,7 @@ def test_wide_and_unaligned_d(triton_path, d, bank_dtype):
     b, k1, n = 3, 257, 2000
     anchor, bank, idx = make_inputs(b, d, k1, n, seed=d + 3, bank_dtype=bank_dtype)
     z = torch.tensor(z_of(anchor, bank, idx, n), device=DEVICE)
-    launch = nce_mod._fwd_launch(d, bank.element_size(), interpreted=False)
+    launch = nce_plan._fwd_launch(d, bank.element_size(), interpreted=False)
     loss, grad = nce_mod.nce_fwd_triton(anchor, bank, idx, z, TAU, n, EPS, True, block_k=launch.block_k, splits=3)
     want_loss, want_grad = loss64(anchor, bank, idx, z=z, n=n)
     assert_loss_close(loss, want_loss, LOSS_RTOL_KERNEL, f"d={d}")
@@ -517,23 +518,26 @@ import os
 os.environ.pop("TRITON_INTERPRET", None)  # code generation does not work in interpreter mode
 import torch
 import cmc_fast.kernels.nce as kn
+import cmc_fast.kernels.nce_plan as plan
+from cmc_fast.kernels.bank import _bank_update_kernel
 from cmc_fast.kernels.hopper_build import build_checked
+from cmc_fast.kernels.nce_sm90 import _dense_spec_args, _fwd_spec_args
 
 F = "*fp32"
 # The loss kernel as the launcher configures it on a GPU, specialised as the JIT would specialise that launch on a
-# contiguous bank (nce._fwd_spec_args): fp32 with the gradient (its most registers) and 2-byte banks, aligned and
+# contiguous bank (nce_sm90._fwd_spec_args): fp32 with the gradient (its most registers) and 2-byte banks, aligned and
 # unaligned d, up to 1024.
 for bank_type, elem in (("fp32", 4), ("bf16", 2), ("fp16", 2)):
     for d in (16, 120, 128, 250, 256, 512, 1024):
-        launch = kn._fwd_launch(d, elem, interpreted=False)
+        launch = plan._fwd_launch(d, elem, interpreted=False)
         consts = {"COMPUTE_GRAD": True, "LIBDEVICE": True, "BLOCK_K": launch.block_k, "N_CHUNKS": launch.n_chunks,
                   "CHUNK_D": launch.chunk_d, "EVEN_D": d == launch.n_chunks * launch.chunk_d, "stride_bd": 1}
-        types, divisible = kn._fwd_spec_args(d, 16385, 1024, bank_type)
+        types, divisible = _fwd_spec_args(d, 16385, 1024, bank_type)
         build_checked(kn._nce_fwd_kernel, types, consts, launch.num_warps, divisible)
 PARTITION = {"anchor_ptr": F, "bank_ptr": F, "idx_ptr": "*i64", "part_ptr": F, "inv_tau": "fp32"}
 for block_d in (128, 512, 2048):
     build_checked(kn._nce_partition_kernel, PARTITION,
-                  {"BLOCK_K": kn._block_k(block_d, 1024, torch.device("cuda")), "BLOCK_D": block_d})
+                  {"BLOCK_K": plan._block_k(block_d, 1024, torch.device("cuda")), "BLOCK_D": block_d})
 build_checked(kn._nce_finalize_kernel, {"part_loss_ptr": F, "part_grad_ptr": F, "loss_ptr": F, "grad_ptr": F,
                                         "loss_scale": "fp32", "grad_scale": "fp32"},
               {"COMPUTE_GRAD": True, "BLOCK_S": 16, "BLOCK_D": 128, "BLOCK_P": 1024})
@@ -541,12 +545,12 @@ build_checked(kn._nce_finalize_kernel, {"part_loss_ptr": F, "part_grad_ptr": F, 
 # dtype, and the histogram.
 for bank_type, elem in (("fp32", 4), ("bf16", 2), ("fp16", 2)):
     for d in (16, 50, 64, 128):
-        launch = kn._dense_launch(64, d, 9528, interpreted=False, elem=elem)
-        consts = {**kn._dense_consts(launch, need_grad=True, libdevice_log1p=True), "stride_bd": 1}
-        types, divisible = kn._dense_spec_args(d, 9528, 16385, 1024, bank_type)
+        launch = plan._dense_launch(64, d, 9528, interpreted=False, elem=elem)
+        consts = {**plan._dense_consts(launch, need_grad=True, libdevice_log1p=True), "stride_bd": 1}
+        types, divisible = _dense_spec_args(d, 9528, 16385, 1024, bank_type)
         build_checked(kn._nce_dense_kernel, types, consts, launch.num_warps, divisible)
 build_checked(kn._nce_counts_kernel, {"idx_ptr": "*i32", "counts_ptr": "*i32"}, {"BLOCK_K": 1024})
-build_checked(kn._bank_update_kernel, {"bank_ptr": "*bf16", "index_ptr": "*i64", "feats_ptr": F, "momentum": "fp32"},
+build_checked(_bank_update_kernel, {"bank_ptr": "*bf16", "index_ptr": "*i64", "feats_ptr": F, "momentum": "fp32"},
               {"BLOCK_N": 1024, "BLOCK_D": 128})
 print("BUILD OK")
 """
@@ -561,14 +565,41 @@ def test_kernels_compile_for_hopper_without_spilling(run_without_interpreter):
     assert "BUILD OK" in run_without_interpreter(_HOPPER_BUILD)
 
 
-def test_launcher_occupancy_agrees_with_the_static_report():
-    """The launcher sizes its grid with nce._occupancy; the report counts waves with hopper_build.resident_blocks:
-    the same rules for an H100/H200 SM."""
-    from cmc_fast.kernels.hopper_build import resident_blocks
+def test_launcher_reads_occupancy_from_the_device(monkeypatch):
+    """The launcher sizes its grid by the compiled kernel's registers and shared memory against the device's own SM
+    limits (``gpus.resident_blocks``): worked by hand from the occupancy rules (registers allocated per warp in
+    units of 256, 1 KB of shared memory reserved per block, at most 32 blocks), on an sm_90 SM and on one with half
+    its registers; a handle that says nothing: 2 a SM, with a warning."""
+    from cmc_fast.kernels import gpus
 
-    for regs, shared, warps in [(120, 512, 4), (231, 512, 4), (40, 0, 4), (64, 4096, 8), (255, 100_000, 8),
-                                (32, 16, 1)]:
-        assert nce_mod._occupancy(regs, shared, warps) == resident_blocks(regs, shared, warps), (regs, shared, warps)
+    class Compiled:
+        name = "k"
+        metadata = type("Meta", (), {"shared": 512})()
+
+        def __init__(self, regs):
+            self.n_regs = regs
+
+        def _init_handles(self):
+            pass
+
+    class Props:
+        regs_per_multiprocessor = 65536
+        max_threads_per_multi_processor = 2048
+        shared_memory_per_multiprocessor = 233472
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d=None: Props())
+    cuda = torch.device("cuda", 0)
+    # 120 regs -> 3840 a warp, x 4 warps: 4 blocks by registers; 231 -> 7424 a warp: 2 blocks
+    assert [nce_plan._resident_programs(Compiled(r), 4, cuda) for r in (120, 231)] == [4, 2]
+    assert gpus.resident_blocks(32, 16, 1) == 32  # the block limit (64 by threads and registers)
+    assert gpus.resident_blocks(255, 100_000, 8) == 1  # 8192 registers a warp x 8 warps: the whole SM
+    assert gpus.resident_blocks(40, 150_000, 4) == 1 and gpus.resident_blocks(40, 240_000, 4) == 0  # shared memory
+    Props.regs_per_multiprocessor = 32768
+    assert nce_plan._resident_programs(Compiled(120), 4, cuda) == 2
+    broken = Compiled(120)
+    broken._init_handles = lambda: (_ for _ in ()).throw(AttributeError("no handle"))
+    with pytest.warns(RuntimeWarning, match="cannot read the occupancy"):
+        assert nce_plan._resident_programs(broken, 4, cuda) == 2
 
 
 @pytest.mark.parametrize("b,k1,block_k,slots", [(64, 16385, 32, 528), (64, 16385, 64, 264), (64, 1501, 32, 528),
@@ -576,7 +607,7 @@ def test_launcher_occupancy_agrees_with_the_static_report():
 def test_splits_fill_the_last_wave(b, k1, block_k, slots):
     """The launcher's split count: chunks of whole tiles covering K+1 exactly once, and when K+1 is long enough a
     grid whose last wave fills >= 90% of the resident slots."""
-    n_split, chunk = nce_mod._choose_splits(b, k1, block_k, slots)
+    n_split, chunk = nce_plan._choose_splits(b, k1, block_k, slots)
     assert chunk % block_k == 0 and chunk % 16 == 0
     assert (n_split - 1) * chunk < k1 <= n_split * chunk
     programs = b * n_split
