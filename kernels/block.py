@@ -75,6 +75,7 @@ from .block_plan import (
     BlockPlan,
     _fwd_tiles,
     _ieee_fp32,
+    _tf32x3,
     _sm_count,
     block_merge_floor,
     block_plan,
@@ -259,13 +260,20 @@ def _block_bwd_dx_kernel(
     n_rows, MM, C, R,
     BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
     HEAD: tl.constexpr, TAIL: tl.constexpr, RANK_P: tl.constexpr, NORMALIZE: tl.constexpr, PREC: tl.constexpr,
-    S: tl.constexpr, ALIGN: tl.constexpr,
+    S: tl.constexpr, ALIGN: tl.constexpr, SPLIT: tl.constexpr,
 ):
     # the chunk's width in the dx product is covered by a HEAD and a TAIL tile (64 + 16 for chunks of 80: no
-    # padding, where one power-of-two tile of 128 wasted 37.5%); TAIL = 0: one tile
+    # padding, where one power-of-two tile of 128 wasted 37.5%); TAIL = 0: one tile. SPLIT > 1: SPLIT programs
+    # share a chunk's feature steps (interleaved) and add their partial dx into a zeroed float32 DX atomically;
+    # with SPLIT = 2 that stays deterministic (0 + a + b == 0 + b + a: float addition commutes)
     c = tl.program_id(0)
     pb = tl.program_id(1)
-    side = tl.program_id(2)  # 0: dx0 = sum (dz*y1) W0; 1: dx1 = sum (dz*y0) W1
+    if SPLIT > 1:
+        side = tl.program_id(2) % 2  # 0: dx0 = sum (dz*y1) W0; 1: dx1 = sum (dz*y0) W1
+        part = tl.program_id(2) // 2  # which of the SPLIT programs of this chunk, batch tile and side
+    else:
+        side = tl.program_id(2)
+        part = 0
     if side == 0:
         X_OTHER, W_SELF, W_OTHER, B_OTHER, DX = X1, W0, W1, B1, DX0
     else:
@@ -284,7 +292,7 @@ def _block_bwd_dx_kernel(
         norm = tl.load(NORM + offs_b * C + c, mask=mask_b, other=1.0)
         inv = 1.0 / tl.maximum(norm, 1e-12)
         coef = tl.where(norm >= 1e-12, tl.sum(g * t, axis=1) * inv, 0.0)
-        if side == 0:
+        if (side == 0) & (part == 0):
             tl.store(DZ + x_row[:, None] + offs_s[None, :], _dz_of(g, t, inv[:, None], coef[:, None]), mask=row_mask)
 
     offs_h = tl.arange(0, HEAD)
@@ -292,7 +300,8 @@ def _block_bwd_dx_kernel(
     if TAIL > 0:
         offs_t = HEAD + tl.arange(0, TAIL)
         dx_t = tl.zeros([BLOCK_B, TAIL], dtype=tl.float32)
-    for j0 in range(0, s, BLOCK_J):
+    for j_step in range(0, s, BLOCK_J * SPLIT):  # trips independent of part: a constant S unrolls the same way
+        j0 = j_step + part * BLOCK_J  # >= s (nothing: masked) only where BLOCK_J * SPLIT does not divide s
         w_row, b_idx, mask_n = _tile_rows(s, w_off, b_off, BLOCK_J, RANK_P, R, j0)
         y = tl.zeros([BLOCK_B, BLOCK_J * RANK_P], dtype=tl.float32)
         y = _tile_products(X_OTHER, W_OTHER, B_OTHER, x_row, w_row, b_idx, mask_b, mask_n, s, y, BLOCK_K, S, PREC)
@@ -314,11 +323,18 @@ def _block_bwd_dx_kernel(
             w = tl.load(W_SELF + w_row[:, None] + offs_t[None, :], mask=mask_n[:, None] & (offs_t < s)[None, :],
                         other=0.0)
             dx_t = tl.dot(dy, w.to(X0.dtype.element_ty), dx_t, input_precision=PREC)
-    tl.store(DX + x_row[:, None] + offs_h[None, :], dx_h.to(DX.dtype.element_ty),
-             mask=mask_b[:, None] & (offs_h < s)[None, :])
-    if TAIL > 0:
-        tl.store(DX + x_row[:, None] + offs_t[None, :], dx_t.to(DX.dtype.element_ty),
-                 mask=mask_b[:, None] & (offs_t < s)[None, :])
+    if SPLIT > 1:
+        tl.atomic_add(DX + x_row[:, None] + offs_h[None, :], dx_h, mask=mask_b[:, None] & (offs_h < s)[None, :],
+                      sem="relaxed")
+        if TAIL > 0:
+            tl.atomic_add(DX + x_row[:, None] + offs_t[None, :], dx_t, mask=mask_b[:, None] & (offs_t < s)[None, :],
+                          sem="relaxed")
+    else:
+        tl.store(DX + x_row[:, None] + offs_h[None, :], dx_h.to(DX.dtype.element_ty),
+                 mask=mask_b[:, None] & (offs_h < s)[None, :])
+        if TAIL > 0:
+            tl.store(DX + x_row[:, None] + offs_t[None, :], dx_t.to(DX.dtype.element_ty),
+                     mask=mask_b[:, None] & (offs_t < s)[None, :])
 
 
 @triton.jit
@@ -439,6 +455,7 @@ def block_merge_forward_triton(x0: torch.Tensor, x1: torch.Tensor, w0: torch.Ten
         return out, t, norm
     prec = dot_precision(x0.dtype)
     plan = plan or block_plan(n_rows, sizes, rank, sms=_sm_count(dev), ieee_fp32=_ieee_fp32(x0.dtype, prec),
+                              tf32x3=_tf32x3(x0.dtype, prec),
                               itemsize=max(x0.dtype.itemsize, w0.dtype.itemsize))
     n_j = _fwd_tiles(plan, sizes)
     fused = normalize and n_j == 1
@@ -470,7 +487,13 @@ def block_merge_backward_triton(grad: torch.Tensor, x0: torch.Tensor, x1: torch.
         raise ValueError(f"grad must be {tuple(x0.shape)}, got {tuple(grad.shape)}")
     grad, x0, x1, w0, b0, w1, b1, t, norm = contiguous(grad, x0, x1, w0, b0, w1, b1, t, norm)
     (n_rows, mm), chunks, dev = x0.shape, len(sizes), x0.device
-    dx0, dx1 = (torch.empty_like(v, memory_format=torch.contiguous_format) for v in (x0, x1))
+    prec = dot_precision(x0.dtype)
+    plan = plan or block_plan(n_rows, sizes, rank, sms=_sm_count(dev), ieee_fp32=_ieee_fp32(x0.dtype, prec),
+                              tf32x3=_tf32x3(x0.dtype, prec),
+                              itemsize=max(x0.dtype.itemsize, w0.dtype.itemsize))
+    split = plan.dx_split if x0.dtype == torch.float32 else 1  # the partial sums add up in DX: float32 only
+    new = torch.zeros_like if split > 1 else torch.empty_like
+    dx0, dx1 = (new(v, memory_format=torch.contiguous_format) for v in (x0, x1))
     dw0, db0, dw1, db1 = (torch.empty_like(v, memory_format=torch.contiguous_format) for v in (w0, b0, w1, b1))
     if n_rows == 0:
         return dx0, dx1, dw0.zero_(), db0.zero_(), dw1.zero_(), db1.zero_()
@@ -479,15 +502,12 @@ def block_merge_backward_triton(grad: torch.Tensor, x0: torch.Tensor, x1: torch.
                          f"{tuple(t.shape)} and {tuple(norm.shape)}")
     # dz: written by the dx kernel with the epilogue; the output gradient itself without it
     dz = torch.empty(n_rows, mm, dtype=torch.float32, device=dev) if normalize else grad.float().contiguous()
-    prec = dot_precision(x0.dtype)
-    plan = plan or block_plan(n_rows, sizes, rank, sms=_sm_count(dev), ieee_fp32=_ieee_fp32(x0.dtype, prec),
-                              itemsize=max(x0.dtype.itemsize, w0.dtype.itemsize))
     meta, dummy, layout = _meta(sizes, rank, dev), _scratch(1, dev), chunk_layout(sizes)
-    _block_bwd_dx_kernel[(chunks, cdiv(n_rows, plan.dx_b), 2)](
+    _block_bwd_dx_kernel[(chunks, cdiv(n_rows, plan.dx_b), 2 * split)](
         x0, x1, w0, b0, w1, b1, grad, t if normalize else dummy, norm if normalize else dummy, dx0, dx1, dz, meta,
         n_rows, mm, chunks, int(rank), BLOCK_B=plan.dx_b, BLOCK_J=plan.dx_j, BLOCK_K=plan.block_k,
         BLOCK_S=plan.block_s, HEAD=plan.out_head, TAIL=plan.out_tail, RANK_P=plan.rank_p, NORMALIZE=bool(normalize),
-        PREC=prec, **layout, num_warps=plan.dx_warps)
+        PREC=prec, **layout, SPLIT=split, num_warps=plan.dx_warps)
     _block_bwd_dw_kernel[(chunks, cdiv(max(sizes), plan.dw_j), 2)](
         x0, x1, w0, b0, w1, b1, dz, dw0, db0, dw1, db1, meta, n_rows, mm, chunks, int(rank),
         BLOCK_B=plan.dw_b, BLOCK_J=plan.dw_j, BLOCK_K=plan.block_k, HEAD=plan.out_head, TAIL=plan.out_tail,
