@@ -300,8 +300,7 @@ def _block_bwd_dx_kernel(
     if TAIL > 0:
         offs_t = HEAD + tl.arange(0, TAIL)
         dx_t = tl.zeros([BLOCK_B, TAIL], dtype=tl.float32)
-    for j_step in range(0, s, BLOCK_J * SPLIT):  # trips independent of part: a constant S unrolls the same way
-        j0 = j_step + part * BLOCK_J  # >= s (nothing: masked) only where BLOCK_J * SPLIT does not divide s
+    for j0 in range(part * BLOCK_J, s, BLOCK_J * SPLIT):  # (j0 = j_step + part * BLOCK_J spilled 4 B)
         w_row, b_idx, mask_n = _tile_rows(s, w_off, b_off, BLOCK_J, RANK_P, R, j0)
         y = tl.zeros([BLOCK_B, BLOCK_J * RANK_P], dtype=tl.float32)
         y = _tile_products(X_OTHER, W_OTHER, B_OTHER, x_row, w_row, b_idx, mask_b, mask_n, s, y, BLOCK_K, S, PREC)
