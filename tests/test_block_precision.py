@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 import torch
 from cmc_fast.kernels.reference import block_chunk_sizes
-
 from test_block_kernel import check_all, fro_err, make_inputs, ref_with_grads  # pytest puts tests/ on the path
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="emulates the interpreter's dot (CPU only)")
