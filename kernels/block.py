@@ -22,6 +22,8 @@ above the chunk, 128, wasted 37.5%).
                              recomputed z with a whole extra forward), y_other is recomputed (see Recomputation).
                              Side 0 also writes dz for the dW kernel. The chunk's width in dx is a head and a tail
                              tile (64 + 16 for chunks of 80), not the power of two above it (128: 37.5% padding).
+                             At 3xTF32 two programs share a chunk's features (grid x 2, ``BlockPlan.dx_split``) and
+                             add their partial dx into zeroed float32 outputs atomically (two terms: deterministic).
   * ``_block_bwd_dw_kernel`` grid (chunks, feature tiles of the largest chunk, 2 sides): a program owns
                              dW_side[(j, r), :] for its feature tile and all ranks and loops over the batch:
                              dW0 += (dz*y1)^T x0 (head + tail tiles of the chunk's width, as dx). Deterministic (no
@@ -29,16 +31,16 @@ above the chunk, 128, wasted 37.5%).
                              (the old one by the padded tile: 37.5% of its programs stored nothing).
 Precision: x float32, float16 or bfloat16; weights may be another float dtype than x (AMP: fp32 master weights, bf16
 activations), cast to x's dtype before each ``tl.dot``, which accumulates in fp32. 16-bit inputs run on tensor cores
-(MMA). float32 inputs follow ``torch.get_float32_matmul_precision()`` as cuBLAS does: "highest" (PyTorch's default)
-IEEE fp32 (FFMA, no tensor cores), "high" and "medium" TF32 tensor cores (``input_precision="tf32"``). Rank sum,
+(MMA). float32 inputs follow ``torch.get_float32_matmul_precision()``: "high" and "medium" TF32 tensor cores
+(``input_precision="tf32"``, as cuBLAS), "highest" (PyTorch's default) 3xTF32 (``"tf32x3"``: three TF32 products of
+split operands, float32-class accuracy; FFMA issued 4.1x the floor; ``block_plan.dot_precision``). Rank sum,
 signed sqrt, norm and gradients of them in fp32; out and dx in x's dtype, dW/db in the weights' dtype. W0/W1 (and
 B0/B1) must share a dtype: the backward picks a side's pointers at run time and Triton needs one type for both.
 
 Recomputation. The backward keeps t [B, mm] fp32 and the norms [B, chunks] from the forward (0.4 MB at B=64) and
 recomputes y_other in dx and dW on tensor cores instead of storing y0 and y1: at (1600, 20, 15), B=64 they are
 2 x 6.1 MB in fp32, ~12 MB written and ~25 MB read again = ~11 us of HBM at 3.35 TB/s, against 4 x 0.25 GFLOP of
-recomputation (y1 and y0 in dx, again in dW) = ~2 us of TF32 at 495 TFLOP/s. At "highest" (FP32 FFMA, 67 TFLOP/s)
-the same recomputation costs ~15 us and keeping y would be cheaper: not done (that path is FFMA-bound anyway).
+recomputation (y1 and y0 in dx, again in dW) = ~2 us of TF32 at 495 TFLOP/s (~6 us at "highest": 3xTF32).
 
 Chunk layout. Where every chunk has one size S (1600 / 20: 80) the kernels take it as a compile-time constant
 (``S``): offsets are products of constants, Triton proves 16-byte alignment, loads vectorise and 16-bit tiles
@@ -51,13 +53,14 @@ beyond, ``block_merge`` takes the bmm path on CUDA (the reference under ``CMC_FA
 dimension is >= 16 (``tl.dot``'s minimum on GPUs). Static cost (bench/results/block-sm90-static.md: sm_90 SASS,
 every loop weighted by its trips, issue-bound at one instruction a cycle per scheduler on an H100 SXM): at
 (1600, 20, 15), B=64 one forward + backward issues >= 10.4 us in bf16 (floor 7.5), 15.6 us in fp32 at "high"
-(14.9) and 90 us at "highest" (22: FFMA and the recomputation of y, left open); no dot tile computed twice.
+(14.9) and 47.7 us at "highest" (22 at the FP32 rate; 14.9 for 3xTF32); no dot tile computed twice.
 Padding at chunks of 80: none in the K steps, the dx/dW output tiles or the batch; 6.25% in the rank (15 -> 16).
 
 Floors per GPU (``kernels.block_plan.GPUS``). FLOPs 4*B*R*S2 forward and 8*B*R*S2 backward with S2 = sum_c s_c^2;
 bytes (weights and activations once each) 2*R*S2*wb + 2*R*MM*wb + 3*B*MM*xb forward, 4*R*S2*wb + 4*R*MM*wb +
-5*B*MM*xb backward; floor = max(FLOPs / rate, bytes / HBM). Rates: FP32 (no tensor cores) for float32 at "highest",
-TF32 dense at "high"/"medium", BF16/FP16 dense for 16-bit inputs. At (1600, 20, 15), B=64 on an H100 SXM:
+5*B*MM*xb backward; floor = max(FLOPs / rate, bytes / HBM). Rates: FP32 (FFMA: cuBLAS's "highest") for float32 at
+"highest" (the static report gives the 3xTF32 floor beside it), TF32 dense at "high"/"medium", BF16/FP16 dense for
+16-bit inputs. At (1600, 20, 15), B=64 on an H100 SXM:
 fp32 highest fwd+bwd 1.47 GFLOP / 67 TFLOP/s = 22 us (bytes 49.9 MB / 3.35 TB/s = 14.9 us); fp32 TF32 14.9 us
 (HBM-bound); bf16 25 MB -> 7.5 us (HBM-bound). On an H200 (4.8 TB/s) the HBM-bound floors are 1.43x lower.
 """
