@@ -22,6 +22,8 @@ above the chunk, 128, wasted 37.5%).
                              recomputed z with a whole extra forward), y_other is recomputed (see Recomputation).
                              Side 0 also writes dz for the dW kernel. The chunk's width in dx is a head and a tail
                              tile (64 + 16 for chunks of 80), not the power of two above it (128: 37.5% padding).
+                             At 3xTF32 two programs share a chunk's features (grid x 2, ``BlockPlan.dx_split``) and
+                             add their partial dx into zeroed float32 outputs atomically (two terms: deterministic).
   * ``_block_bwd_dw_kernel`` grid (chunks, feature tiles of the largest chunk, 2 sides): a program owns
                              dW_side[(j, r), :] for its feature tile and all ranks and loops over the batch:
                              dW0 += (dz*y1)^T x0 (head + tail tiles of the chunk's width, as dx). Deterministic (no
@@ -29,16 +31,16 @@ above the chunk, 128, wasted 37.5%).
                              (the old one by the padded tile: 37.5% of its programs stored nothing).
 Precision: x float32, float16 or bfloat16; weights may be another float dtype than x (AMP: fp32 master weights, bf16
 activations), cast to x's dtype before each ``tl.dot``, which accumulates in fp32. 16-bit inputs run on tensor cores
-(MMA). float32 inputs follow ``torch.get_float32_matmul_precision()`` as cuBLAS does: "highest" (PyTorch's default)
-IEEE fp32 (FFMA, no tensor cores), "high" and "medium" TF32 tensor cores (``input_precision="tf32"``). Rank sum,
+(MMA). float32 inputs follow ``torch.get_float32_matmul_precision()``: "high" and "medium" TF32 tensor cores
+(``input_precision="tf32"``, as cuBLAS), "highest" (PyTorch's default) 3xTF32 (``"tf32x3"``: three TF32 products of
+split operands, float32-class accuracy; FFMA issued 4.1x the floor; ``block_plan.dot_precision``). Rank sum,
 signed sqrt, norm and gradients of them in fp32; out and dx in x's dtype, dW/db in the weights' dtype. W0/W1 (and
 B0/B1) must share a dtype: the backward picks a side's pointers at run time and Triton needs one type for both.
 
 Recomputation. The backward keeps t [B, mm] fp32 and the norms [B, chunks] from the forward (0.4 MB at B=64) and
 recomputes y_other in dx and dW on tensor cores instead of storing y0 and y1: at (1600, 20, 15), B=64 they are
 2 x 6.1 MB in fp32, ~12 MB written and ~25 MB read again = ~11 us of HBM at 3.35 TB/s, against 4 x 0.25 GFLOP of
-recomputation (y1 and y0 in dx, again in dW) = ~2 us of TF32 at 495 TFLOP/s. At "highest" (FP32 FFMA, 67 TFLOP/s)
-the same recomputation costs ~15 us and keeping y would be cheaper: not done (that path is FFMA-bound anyway).
+recomputation (y1 and y0 in dx, again in dW) = ~2 us of TF32 at 495 TFLOP/s (~6 us at "highest": 3xTF32).
 
 Chunk layout. Where every chunk has one size S (1600 / 20: 80) the kernels take it as a compile-time constant
 (``S``): offsets are products of constants, Triton proves 16-byte alignment, loads vectorise and 16-bit tiles
@@ -51,13 +53,14 @@ beyond, ``block_merge`` takes the bmm path on CUDA (the reference under ``CMC_FA
 dimension is >= 16 (``tl.dot``'s minimum on GPUs). Static cost (bench/results/block-sm90-static.md: sm_90 SASS,
 every loop weighted by its trips, issue-bound at one instruction a cycle per scheduler on an H100 SXM): at
 (1600, 20, 15), B=64 one forward + backward issues >= 10.4 us in bf16 (floor 7.5), 15.6 us in fp32 at "high"
-(14.9) and 90 us at "highest" (22: FFMA and the recomputation of y, left open); no dot tile computed twice.
+(14.9) and 47.7 us at "highest" (22 at the FP32 rate; 14.9 for 3xTF32); no dot tile computed twice.
 Padding at chunks of 80: none in the K steps, the dx/dW output tiles or the batch; 6.25% in the rank (15 -> 16).
 
 Floors per GPU (``kernels.gpus.GPUS``). FLOPs 4*B*R*S2 forward and 8*B*R*S2 backward with S2 = sum_c s_c^2;
 bytes (weights and activations once each) 2*R*S2*wb + 2*R*MM*wb + 3*B*MM*xb forward, 4*R*S2*wb + 4*R*MM*wb +
-5*B*MM*xb backward; floor = max(FLOPs / rate, bytes / HBM). Rates: FP32 (no tensor cores) for float32 at "highest",
-TF32 dense at "high"/"medium", BF16/FP16 dense for 16-bit inputs. At (1600, 20, 15), B=64 on an H100 SXM:
+5*B*MM*xb backward; floor = max(FLOPs / rate, bytes / HBM). Rates: FP32 (FFMA: cuBLAS's "highest") for float32 at
+"highest" (the static report gives the 3xTF32 floor beside it), TF32 dense at "high"/"medium", BF16/FP16 dense for
+16-bit inputs. At (1600, 20, 15), B=64 on an H100 SXM:
 fp32 highest fwd+bwd 1.47 GFLOP / 67 TFLOP/s = 22 us (bytes 49.9 MB / 3.35 TB/s = 14.9 us); fp32 TF32 14.9 us
 (HBM-bound); bf16 25 MB -> 7.5 us (HBM-bound). On an H200 (4.8 TB/s) the HBM-bound floors are 1.43x lower.
 """
@@ -72,6 +75,7 @@ from .block_plan import (
     BlockPlan,
     _fwd_tiles,
     _ieee_fp32,
+    _tf32x3,
     block_plan,
     choose_block_path,
     chunk_layout,
@@ -240,13 +244,20 @@ def _block_bwd_dx_kernel(
     n_rows, MM, C, R,
     BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
     HEAD: tl.constexpr, TAIL: tl.constexpr, RANK_P: tl.constexpr, NORMALIZE: tl.constexpr, PREC: tl.constexpr,
-    S: tl.constexpr, ALIGN: tl.constexpr,
+    S: tl.constexpr, ALIGN: tl.constexpr, SPLIT: tl.constexpr,
 ):
     # the chunk's width in the dx product is covered by a HEAD and a TAIL tile (64 + 16 for chunks of 80: no
-    # padding, where one power-of-two tile of 128 wasted 37.5%); TAIL = 0: one tile
+    # padding, where one power-of-two tile of 128 wasted 37.5%); TAIL = 0: one tile. SPLIT > 1: SPLIT programs
+    # share a chunk's feature steps (interleaved) and add their partial dx into a zeroed float32 DX atomically;
+    # with SPLIT = 2 that stays deterministic (0 + a + b == 0 + b + a: float addition commutes)
     c = tl.program_id(0)
     pb = tl.program_id(1)
-    side = tl.program_id(2)  # 0: dx0 = sum (dz*y1) W0; 1: dx1 = sum (dz*y0) W1
+    if SPLIT > 1:
+        side = tl.program_id(2) % 2  # 0: dx0 = sum (dz*y1) W0; 1: dx1 = sum (dz*y0) W1
+        part = tl.program_id(2) // 2  # which of the SPLIT programs of this chunk, batch tile and side
+    else:
+        side = tl.program_id(2)
+        part = 0
     if side == 0:
         X_OTHER, W_SELF, W_OTHER, B_OTHER, DX = X1, W0, W1, B1, DX0
     else:
@@ -265,7 +276,7 @@ def _block_bwd_dx_kernel(
         norm = tl.load(NORM + offs_b * C + c, mask=mask_b, other=1.0)
         inv = 1.0 / tl.maximum(norm, 1e-12)
         coef = tl.where(norm >= 1e-12, tl.sum(g * t, axis=1) * inv, 0.0)
-        if side == 0:
+        if (side == 0) & (part == 0):
             tl.store(DZ + x_row[:, None] + offs_s[None, :], _dz_of(g, t, inv[:, None], coef[:, None]), mask=row_mask)
 
     offs_h = tl.arange(0, HEAD)
@@ -273,7 +284,7 @@ def _block_bwd_dx_kernel(
     if TAIL > 0:
         offs_t = HEAD + tl.arange(0, TAIL)
         dx_t = tl.zeros([BLOCK_B, TAIL], dtype=tl.float32)
-    for j0 in range(0, s, BLOCK_J):
+    for j0 in range(part * BLOCK_J, s, BLOCK_J * SPLIT):  # (j0 = j_step + part * BLOCK_J spilled 4 B)
         w_row, b_idx, mask_n = _tile_rows(s, w_off, b_off, BLOCK_J, RANK_P, R, j0)
         y = tl.zeros([BLOCK_B, BLOCK_J * RANK_P], dtype=tl.float32)
         y = _tile_products(X_OTHER, W_OTHER, B_OTHER, x_row, w_row, b_idx, mask_b, mask_n, s, y, BLOCK_K, S, PREC)
@@ -295,11 +306,18 @@ def _block_bwd_dx_kernel(
             w = tl.load(W_SELF + w_row[:, None] + offs_t[None, :], mask=mask_n[:, None] & (offs_t < s)[None, :],
                         other=0.0)
             dx_t = tl.dot(dy, w.to(X0.dtype.element_ty), dx_t, input_precision=PREC)
-    tl.store(DX + x_row[:, None] + offs_h[None, :], dx_h.to(DX.dtype.element_ty),
-             mask=mask_b[:, None] & (offs_h < s)[None, :])
-    if TAIL > 0:
-        tl.store(DX + x_row[:, None] + offs_t[None, :], dx_t.to(DX.dtype.element_ty),
-                 mask=mask_b[:, None] & (offs_t < s)[None, :])
+    if SPLIT > 1:
+        tl.atomic_add(DX + x_row[:, None] + offs_h[None, :], dx_h, mask=mask_b[:, None] & (offs_h < s)[None, :],
+                      sem="relaxed")
+        if TAIL > 0:
+            tl.atomic_add(DX + x_row[:, None] + offs_t[None, :], dx_t, mask=mask_b[:, None] & (offs_t < s)[None, :],
+                          sem="relaxed")
+    else:
+        tl.store(DX + x_row[:, None] + offs_h[None, :], dx_h.to(DX.dtype.element_ty),
+                 mask=mask_b[:, None] & (offs_h < s)[None, :])
+        if TAIL > 0:
+            tl.store(DX + x_row[:, None] + offs_t[None, :], dx_t.to(DX.dtype.element_ty),
+                     mask=mask_b[:, None] & (offs_t < s)[None, :])
 
 
 @triton.jit
@@ -420,6 +438,7 @@ def block_merge_forward_triton(x0: torch.Tensor, x1: torch.Tensor, w0: torch.Ten
         return out, t, norm
     prec = dot_precision(x0.dtype)
     plan = plan or block_plan(n_rows, sizes, rank, sms=_sm_count(dev), ieee_fp32=_ieee_fp32(x0.dtype, prec),
+                              tf32x3=_tf32x3(x0.dtype, prec),
                               itemsize=max(x0.dtype.itemsize, w0.dtype.itemsize))
     n_j = _fwd_tiles(plan, sizes)
     fused = normalize and n_j == 1
@@ -451,7 +470,13 @@ def block_merge_backward_triton(grad: torch.Tensor, x0: torch.Tensor, x1: torch.
         raise ValueError(f"grad must be {tuple(x0.shape)}, got {tuple(grad.shape)}")
     grad, x0, x1, w0, b0, w1, b1, t, norm = contiguous(grad, x0, x1, w0, b0, w1, b1, t, norm)
     (n_rows, mm), chunks, dev = x0.shape, len(sizes), x0.device
-    dx0, dx1 = (torch.empty_like(v, memory_format=torch.contiguous_format) for v in (x0, x1))
+    prec = dot_precision(x0.dtype)
+    plan = plan or block_plan(n_rows, sizes, rank, sms=_sm_count(dev), ieee_fp32=_ieee_fp32(x0.dtype, prec),
+                              tf32x3=_tf32x3(x0.dtype, prec),
+                              itemsize=max(x0.dtype.itemsize, w0.dtype.itemsize))
+    split = plan.dx_split if x0.dtype == torch.float32 else 1  # the partial sums add up in DX: float32 only
+    new = torch.zeros_like if split > 1 else torch.empty_like
+    dx0, dx1 = (new(v, memory_format=torch.contiguous_format) for v in (x0, x1))
     dw0, db0, dw1, db1 = (torch.empty_like(v, memory_format=torch.contiguous_format) for v in (w0, b0, w1, b1))
     if n_rows == 0:
         return dx0, dx1, dw0.zero_(), db0.zero_(), dw1.zero_(), db1.zero_()
@@ -460,15 +485,12 @@ def block_merge_backward_triton(grad: torch.Tensor, x0: torch.Tensor, x1: torch.
                          f"{tuple(t.shape)} and {tuple(norm.shape)}")
     # dz: written by the dx kernel with the epilogue; the output gradient itself without it
     dz = torch.empty(n_rows, mm, dtype=torch.float32, device=dev) if normalize else grad.float().contiguous()
-    prec = dot_precision(x0.dtype)
-    plan = plan or block_plan(n_rows, sizes, rank, sms=_sm_count(dev), ieee_fp32=_ieee_fp32(x0.dtype, prec),
-                              itemsize=max(x0.dtype.itemsize, w0.dtype.itemsize))
     meta, dummy, layout = _meta(sizes, rank, dev), _scratch(1, dev), chunk_layout(sizes)
-    _block_bwd_dx_kernel[(chunks, cdiv(n_rows, plan.dx_b), 2)](
+    _block_bwd_dx_kernel[(chunks, cdiv(n_rows, plan.dx_b), 2 * split)](
         x0, x1, w0, b0, w1, b1, grad, t if normalize else dummy, norm if normalize else dummy, dx0, dx1, dz, meta,
         n_rows, mm, chunks, int(rank), BLOCK_B=plan.dx_b, BLOCK_J=plan.dx_j, BLOCK_K=plan.block_k,
         BLOCK_S=plan.block_s, HEAD=plan.out_head, TAIL=plan.out_tail, RANK_P=plan.rank_p, NORMALIZE=bool(normalize),
-        PREC=prec, **layout, num_warps=plan.dx_warps)
+        PREC=prec, **layout, SPLIT=split, num_warps=plan.dx_warps)
     _block_bwd_dw_kernel[(chunks, cdiv(max(sizes), plan.dw_j), 2)](
         x0, x1, w0, b0, w1, b1, dz, dw0, db0, dw1, db1, meta, n_rows, mm, chunks, int(rank),
         BLOCK_B=plan.dw_b, BLOCK_J=plan.dw_j, BLOCK_K=plan.block_k, HEAD=plan.out_head, TAIL=plan.out_tail,

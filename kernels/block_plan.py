@@ -46,6 +46,7 @@ class BlockPlan:
     dx_b: int  # dx kernel: batch rows, features per step, warps
     dx_j: int
     dx_warps: int
+    dx_split: int  # programs sharing one chunk's features in dx (2: float32 partial sums added atomically)
     dw_b: int  # dW kernel: batch rows per step, features per program, warps
     dw_j: int
     dw_warps: int
@@ -62,13 +63,17 @@ def _block_k(sizes) -> int:
     return best[1]
 
 
-def block_plan(n_rows: int, sizes, rank: int, *, sms: int = 132, ieee_fp32: bool = False, itemsize: int = 4,
-               interpreted: bool | None = None, **overrides) -> BlockPlan:
+def block_plan(n_rows: int, sizes, rank: int, *, sms: int = 132, ieee_fp32: bool = False, tf32x3: bool = False,
+               itemsize: int = 4, interpreted: bool | None = None, **overrides) -> BlockPlan:
     """Tiles for a launch, chosen to (1) keep every dot dimension a power of two >= 16, (2) hold two fp32 [rows, N]
     accumulators without spilling, (3) have no warp compute a dot tile another warp computes, (4) issue the fewest
     instructions by the static report's count (sm_90 SASS, loops x trips: swept by hand at (1600, 20, 15), B=64).
     ``ieee_fp32``: float32 dots at "highest" (FFMA, operands in registers): smaller tiles (the sm_90 build spilled
-    72, 636 and 20 B with the tensor-core tiles). ``itemsize``: the larger element size of x and the weights
+    72, 636 and 20 B with the tensor-core tiles). ``tf32x3``: float32 dots split into three TF32 products (what
+    "highest" runs, see ``dot_precision``): each operand is held twice (big and small halves), so the forward takes
+    half the rows of TF32 (64 spilled 68 B), dx half the features a step (4 spilled 172 B), and dx splits each
+    chunk's features over two programs (``dx_split``: 40 programs at B=64 left 92 of 132 SMs idle). ``itemsize``:
+    the larger element size of x and the weights
     (16-bit: a larger dx tile). Not timed on a GPU yet (owed); checked for spills, tile replication, tensor-core use
     and the issue bound in the sm_90 build (tests/test_block_kernel.py, ``hopper_specs``). At (1600, 20, 15), B=64,
     bf16: rank_p 16, K step 16; forward 64 rows x (8 features x 16 ranks) on 4 warps -> 20 x 1 x 10 = 200 programs +
@@ -84,7 +89,7 @@ def block_plan(n_rows: int, sizes, rank: int, *, sms: int = 132, ieee_fp32: bool
     rows = max(MIN_DOT, min(64, next_power_of_2(n_rows)))  # the interpreter pays per program: few big tiles
     # forward: a whole chunk per tile (normalised in the same launch) while N <= 256, else N = 128
     fwd_j = whole if whole * rank_p <= 256 else max(min_j, 128 // rank_p)
-    fwd_b, budget = rows, 4096 if ieee_fp32 else 8192
+    fwd_b, budget = rows, 4096 if ieee_fp32 or tf32x3 else 8192
     while fwd_b > MIN_DOT and fwd_b * fwd_j * rank_p > budget:
         fwd_b //= 2
     n_j = cdiv(max_s, fwd_j)
@@ -99,7 +104,8 @@ def block_plan(n_rows: int, sizes, rank: int, *, sms: int = 132, ieee_fp32: bool
     # warps of a dot fed by another dot along M ([warps, 1]), so the dx product needs 16 rows a warp -- 64 rows on 4
     # warps (the old 16 rows on 8 warps computed each tile 8 times); FFMA dots (blocked layouts): 32 rows, 4 warps
     dx_budget = 4096 if ieee_fp32 else 16384 if itemsize == 2 else 8192
-    dx_n = 64 if not ieee_fp32 and itemsize == 4 else 128  # TF32 at N = 128 spilled 12 B at chunks of 15
+    # TF32 at N = 128 spilled 12 B at chunks of 15; 3xTF32 at N = 64 spilled 172 B at chunks of 80
+    dx_n = 32 if tf32x3 else 64 if not ieee_fp32 and itemsize == 4 else 128
     dx_j = max(min_j, min(min(dx_n, max(MIN_DOT, dx_budget // block_s)) // rank_p, whole))  # per block_s
     dx_b = rows if interpreted else min(32 if ieee_fp32 else 64, rows)
     dx_warps = 4 if ieee_fp32 else max(1, dx_b // MIN_DOT)
@@ -111,7 +117,7 @@ def block_plan(n_rows: int, sizes, rank: int, *, sms: int = 132, ieee_fp32: bool
         rank_p=rank_p, block_k=_block_k(sizes), block_s=block_s, out_head=out_head, out_tail=out_tail,
         fwd_b=fwd_b, fwd_j=fwd_j, fwd_warps=fwd_warps,
         norm_b=norm_b, dx_b=dx_b, dx_j=dx_j, dx_warps=dx_warps,
-        dw_b=dw_b, dw_j=dw_j, dw_warps=8 if ieee_fp32 else 4)
+        dw_b=dw_b, dw_j=dw_j, dw_warps=8 if ieee_fp32 else 4, dx_split=2 if tf32x3 else 1)
     plan = dataclasses.replace(plan, **overrides)
     _check_plan(plan, max_s, rank)
     return plan
@@ -172,16 +178,30 @@ def chunk_layout(sizes) -> dict[str, int]:
 
 
 def dot_precision(dtype: torch.dtype, precision: str | None = None) -> str:
-    """``tl.dot``'s input_precision: IEEE fp32 for float32 at "highest" (PyTorch's default), TF32 at "high" and
-    "medium" (what cuBLAS uses there); 16-bit inputs ignore it (tensor cores either way)."""
+    """``tl.dot``'s input_precision for x of ``dtype`` under ``torch.get_float32_matmul_precision()``: TF32 at
+    "high" and "medium" (what cuBLAS uses there); at "highest" (PyTorch's default) "tf32x3": each float32 operand
+    split into a TF32 big half and the rest, three TF32 tensor-core products (small*big + big*small + big*big, as
+    cuBLAS's CUBLAS_COMPUTE_32F_FAST_TF32 mode), where FFMA ("ieee") issued 4.1x the floor at (1600, 20, 15), B=64.
+    What it costs in accuracy, measured on the CPU by emulating the split and TF32's rounding in the interpreter's
+    dot (tests/test_block_kernel.py ``test_tf32x3_meets_highest``): the kernels' error against the float64 oracle
+    stays within a small factor of PyTorch's own float32 reference (the "highest" promise; plain TF32 is ~100x
+    further off). The product dropped (small*small) is ~2^-22 relative, below float32's rounding of the inputs;
+    the tensor cores' accumulation order is not modelled there (its GPU check is owed). 16-bit inputs ignore the
+    precision (tensor cores either way): "ieee" names nothing for them."""
     precision = precision or torch.get_float32_matmul_precision()
     if precision not in ("highest", "high", "medium"):
         raise ValueError(f"precision must be 'highest', 'high' or 'medium', got {precision!r}")
-    return "tf32" if dtype == torch.float32 and precision != "highest" else "ieee"
+    if dtype != torch.float32:
+        return "ieee"
+    return "tf32x3" if precision == "highest" else "tf32"
 
 
 def _ieee_fp32(dtype: torch.dtype, prec: str) -> bool:
     return dtype == torch.float32 and prec == "ieee"
+
+
+def _tf32x3(dtype: torch.dtype, prec: str) -> bool:
+    return dtype == torch.float32 and prec == "tf32x3"
 
 
 # --------------------------------------------------------------------------------------- the dispatch rule
@@ -260,7 +280,10 @@ def estimate_fused(batch: int, sizes, rank: int, dtype: torch.dtype, precision: 
     bound = fused_issue_bound(batch, sizes, rank, dtype, precision, gpu, timing)
     if bound is None:
         return None
-    launches = 3 + (_fwd_tiles(block_plan(batch, sizes, rank, interpreted=False), sizes) > 1)
+    prec = dot_precision(dtype, precision)
+    plan = block_plan(batch, sizes, rank, tf32x3=_tf32x3(dtype, prec), interpreted=False)
+    split = plan.dx_split > 1 and dtype == torch.float32  # dx0 and dx1 zeroed first: two fills
+    launches = 3 + (_fwd_tiles(plan, sizes) > 1) + 2 * split
     return launches * LAUNCH_TRITON + bound
 
 

@@ -21,6 +21,7 @@ from .block_plan import (
     _fwd_tiles,
     _ieee_fp32,
     _rate_key,
+    _tf32x3,
     block_merge_floor,
     block_plan,
     chunk_layout,
@@ -65,6 +66,7 @@ def hopper_specs(shape: tuple[int, ...], dtype: str = "fp32", precision: str = "
     if w_dtype not in _DTYPES:
         raise ValueError(f"w_dtype must be one of {sorted(_DTYPES)}, got {w_dtype!r}")
     plan = block_plan(b, sizes, rank, sms=spec_gpu["sms"], ieee_fp32=_ieee_fp32(_DTYPES[dtype], prec),
+                      tf32x3=_tf32x3(_DTYPES[dtype], prec),
                       itemsize=max(_DTYPES[dtype].itemsize, _DTYPES[w_dtype].itemsize), interpreted=False)
     x, w, f32 = "*" + dtype, "*" + w_dtype, "*fp32"
     types = {"X0": x, "X1": x, "OUT": x, "G": x, "DX0": x, "DX1": x, "T": f32, "SQ": f32, "NORM": f32, "DZ": f32,
@@ -102,10 +104,11 @@ def hopper_specs(shape: tuple[int, ...], dtype: str = "fp32", precision: str = "
                                                  "BLOCK_J": plan.fwd_j, "N_JP": next_power_of_2(n_j)}, 4,
                           chunks * cdiv(b, plan.norm_b), (), ("chunk_out",), (), "norm"))
     out = {"HEAD": plan.out_head, "TAIL": plan.out_tail}
-    dx_loops = (Loop("features", cdiv(max_s, plan.dx_j), (k_loop("k y"),), unrollable=const),)
+    split = plan.dx_split if dtype == "fp32" else 1  # as the launcher: partial dx sums in float32 only
+    dx_loops = (Loop("features", cdiv(max_s, plan.dx_j * split), (k_loop("k y"),), unrollable=const),)
     specs.append(spec(block._block_bwd_dx_kernel, {"BLOCK_B": plan.dx_b, "BLOCK_J": plan.dx_j, "BLOCK_S": plan.block_s,
-                                               "NORMALIZE": True, **out}, plan.dx_warps,
-                      chunks * cdiv(b, plan.dx_b) * 2, ("k", "dx_n"), ("chunk_out",), dx_loops, "dx"))
+                                               "NORMALIZE": True, "SPLIT": split, **out}, plan.dx_warps,
+                      chunks * cdiv(b, plan.dx_b) * 2 * split, ("k", "dx_n"), ("chunk_out",), dx_loops, "dx"))
     dw_loops = (Loop("batch", cdiv(b, plan.dw_b), (k_loop("k y"),)),)
     specs.append(spec(block._block_bwd_dw_kernel, {"BLOCK_B": plan.dw_b, "BLOCK_J": plan.dw_j, **out},
                       plan.dw_warps, chunks * cdiv(max_s, plan.dw_j) * 2, ("k", "dw_batch"), ("chunk_out",),

@@ -31,6 +31,28 @@ def _load_widths(sass_file: str) -> dict[str, int]:
     return dict(sorted(out.items()))
 
 
+def split_floor_us(shape, gpu: str) -> float:
+    """The floor of float32 at "highest" as the kernels run it (3xTF32: three TF32 products per product, bytes at
+    HBM), microseconds: below ``block_merge_floor``'s FP32 (FFMA) figure wherever TF32 / 3 > FP32's rate."""
+    from cmc_fast.kernels import block_plan as kp
+    from cmc_fast.kernels.gpus import GPUS
+    from cmc_fast.kernels.reference import block_chunk_sizes
+
+    b, dim, chunks, rank = shape
+    sizes, spec = block_chunk_sizes(dim, chunks), GPUS[gpu]
+    flops = 3 * 12 * b * rank * sum(s * s for s in sizes)
+    nbytes = kp.block_merge_bytes(b, sizes, rank, 4, 4, backward=True)
+    return round(1e6 * max(flops / spec["tf32"], nbytes / spec["hbm"]), 2)
+
+
+def add_split_floor(rep: dict) -> None:
+    """fp32 "highest" entries: the 3xTF32 floor and the bound's ratio to it beside the FP32 one."""
+    if rep["dtype"] == "fp32" and rep["precision"] == "highest":
+        floor = split_floor_us(tuple(int(v) for v in rep["shape"].split(",")), rep["gpu"])
+        rep["call_floor_3xtf32_us"] = floor
+        rep["bound_over_3xtf32_floor"] = round(rep["call_issue_bound_us"] / floor, 2)
+
+
 def build(gpu: str, sass_root: str) -> list[dict]:
     import triton
     from cmc_fast.kernels import block_sm90, sm90_report
@@ -49,6 +71,7 @@ def build(gpu: str, sass_root: str) -> list[dict]:
             reports.append({"shape": ",".join(map(str, shape)), "dtype": dtype, "precision": precision,
                             "gpu": gpu, "triton": triton.__version__, "call_issue_bound_us": round(bound, 3),
                             "call_floor_us": floor, "bound_over_floor": round(bound / floor, 2), "kernels": rows})
+            add_split_floor(reports[-1])
     return reports
 
 
@@ -61,12 +84,17 @@ def markdown(reports: list[dict], gpu: str, commit: str) -> str:
              f"kernel's launches in one forward+backward on the {gpu} (one instruction a cycle per scheduler, 4 "
              f"an SM, programs rounded up per SM, clock from `kernels/gpus.GPUS`): a lower bound, not a "
              f"prediction. `floor us`: the kernel's share of the merge's floor (FLOPs at the precision's rate, bytes "
-             f"at HBM; `block_sm90.kernel_floors`). `call floor`: `block_merge_floor` of the whole forward+backward.",
+             f"at HBM; `block_sm90.kernel_floors`). `call floor`: `block_merge_floor` of the whole forward+backward. "
+             f"float32 at \"highest\" runs 3xTF32 dots (`block_plan.dot_precision`); its floor here is the FP32 "
+             f"(FFMA) rate's, and `3xTF32 floor` beside it is what three TF32 products per product cost (bytes at "
+             f"HBM): the stricter of the two wherever TF32 / 3 outruns FP32.",
              "", "| shape B,DIM,CHUNKS,RANK | dtype | precision | call issue bound us | call floor us | ratio |",
              "|---|---|---|---:|---:|---:|"]
     for rep in reports:
+        split = rep.get("call_floor_3xtf32_us")
+        split = f" (3xTF32 floor {split}: {rep['bound_over_3xtf32_floor']}x)" if split else ""
         lines.append(f"| {rep['shape']} | {rep['dtype']} | {rep['precision']} | {rep['call_issue_bound_us']} | "
-                     f"{rep['call_floor_us']} | {rep['bound_over_floor']} |")
+                     f"{rep['call_floor_us']}{split} | {rep['bound_over_floor']} |")
     for rep in reports:
         lines += ["", f"## {rep['shape']}, {rep['dtype']}, precision {rep['precision']}", "",
                   f"issue bound {rep['call_issue_bound_us']} us against the floor {rep['call_floor_us']} us "

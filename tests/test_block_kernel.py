@@ -12,7 +12,8 @@ run in the same dtype on the same data, and never beyond HARD_CAP; worst element
 reference's worst + slack (1e-6 fp32, 1e-2 fp16/bf16).
   float32  forward 1e-5, gradients 1e-4, FACTOR 5, WORST_FACTOR 10 (float32 matmul precision "highest"; FACTOR was
            4: on test_kernel_forward_backward[15-37]'s data the old kernel's dx1 reached 3.98x the reference's error
-           and this one's 4.1x, rounding order only: near-zero z amplify it as 1/sqrt|z|)
+           and this one's 4.1x, rounding order only: near-zero z amplify it as 1/sqrt|z|). On a GPU "highest" runs
+           3xTF32 dots; the interpreter computes them in fp32 (tests/test_block_precision.py emulates the split)
   float32 under "high"/"medium" (TF32 tensor cores on a GPU; the CPU interpreter computes in fp32, so these only
            bite on a GPU) forward 5e-3, gradients 2e-2, FACTOR 5, WORST_FACTOR 10
   float16  forward 2e-2, gradients 5e-2, FACTOR 2, WORST_FACTOR 3
@@ -219,8 +220,9 @@ _FAST_GPU_PLAN = {("1600-20-15", "fp32-high"), ("256-18-15", "fp16"), ("24-40", 
 def test_kernel_gpu_plan_against_float64(case, precision_id):
     """Each kernel with the tiles a GPU launch takes (``block_plan(interpreted=False)``: what the sm_90 report
     builds) against float64, at BLOCK's default shape and at uneven chunkings, in each precision's plan (IEEE fp32
-    tiles at "highest", tensor-core tiles otherwise; the interpreter computes TF32 dots in fp32, so "high" checks
-    the tiles and indexing, not TF32 rounding). bfloat16 runs on a GPU only (test_kernel_bfloat16_gpu). One
+    3xTF32 tiles at "highest" with dx split over two programs, TF32 tiles at "high"; the interpreter computes
+    TF32 dots in fp32, so these check the tiles and indexing, not TF32 rounding: tests/test_block_precision.py
+    emulates it). bfloat16 runs on a GPU only (test_kernel_bfloat16_gpu). One
     precision per shape by default, all nine with the slow tests (the interpreter takes ~1 CPU minute each)."""
     sizes, rank, batch = _GPU_PLAN_CASES[case]
     dtype, precision = _PRECISIONS[precision_id]
@@ -229,7 +231,7 @@ def test_kernel_gpu_plan_against_float64(case, precision_id):
     try:
         args, grad = make_inputs(batch, sizes, rank, seed=140 + len(sizes), dtype=dtype)
         check_all(sizes, rank, args, grad, dtype=dtype, interpreted=False,
-                  ieee_fp32=dtype == torch.float32 and precision == "highest")
+                  tf32x3=dtype == torch.float32 and precision == "highest")
     finally:
         torch.set_float32_matmul_precision(before)
 
@@ -355,13 +357,13 @@ def test_mismatched_weight_dtypes_named(pair):
 
 @pytest.mark.parametrize("precision", ["highest", "high", "medium"])
 def test_kernel_float32_matmul_precisions(precision):
-    """float32 under each torch.get_float32_matmul_precision(): IEEE dots at "highest", TF32 at "high"/"medium"
+    """float32 under each torch.get_float32_matmul_precision(): 3xTF32 dots at "highest", TF32 at "high"/"medium"
     (the kernels' input_precision), each within its tolerance of float64 (the reference runs under the same
     setting, as F.linear does)."""
     before = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision(precision)
     try:
-        assert kp.dot_precision(torch.float32) == ("ieee" if precision == "highest" else "tf32")
+        assert kp.dot_precision(torch.float32) == ("tf32x3" if precision == "highest" else "tf32")
         assert kp.dot_precision(torch.bfloat16) == "ieee"  # ignored by 16-bit dots: tensor cores either way
         sizes = block_chunk_sizes(MM, CHUNKS)
         args, grad = make_inputs(37, sizes, 4, seed=110)
@@ -568,9 +570,9 @@ print("REPORT" + json.dumps(rows))
 def test_hopper_report_tensor_cores(run_without_interpreter):
     """The fused kernels built for sm_90 (Triton's bundled ptxas and cuobjdump; no GPU): at (1600, 20, 15), B=64,
     the forward, dx and dW kernels run tensor-core instructions (HMMA/HGMMA) for bf16 and for fp32
-    at "high", and none at "highest" (IEEE fp32); no kernel spills; no dot has warps computing one tile twice; the
+    at "high" and "highest" (3xTF32); no kernel spills; no dot has warps computing one tile twice; the
     padding waste of every inner (contraction) dimension is <= 25%; the call's issue bound (its kernels' SASS, loops
-    weighted by their trips) is <= 2x its floor in bf16 and at "high" (issue #22). At (256,
+    weighted by their trips) is <= 2x its floor in bf16 and at "high", <= 3x at "highest" (issue #22). At (256,
     18, 15) one chunk fits one forward tile: no norm kernel (3 launches in all). bf16 activations with fp32 weights
     (AMP) build without spills too."""
     import json
@@ -590,15 +592,12 @@ def test_hopper_report_tensor_cores(run_without_interpreter):
             if r["kernel"] == "_block_norm_kernel":
                 continue
             executed = r["executed_per_warp"]  # the whole kernel as it runs (a K loop of constant trips unrolls)
-            if key == "fp32-highest":
-                assert executed["tensor"] == 0 and executed["fp32"] > 0, (key, r["kernel"])
-            else:
-                assert executed["tensor"] > 0, (key, r["kernel"], executed)
+            assert executed["tensor"] > 0, (key, r["kernel"], executed)
             assert r["padding_waste"] <= 0.25, (key, r["kernel"], r["padding"])
             assert r["dot_replication"] == 1, (key, r["kernel"], r["dots"])  # no warp computes a tile twice
             if big:
                 # chunks of 80: K steps of 16 and the dx/dW outputs as 64 + 16 tiles leave no padding
                 assert r["padding"].get("k", 0) == 0 and r["padding"].get("chunk_out", 0) == 0, (key, r["padding"])
-        if big and key != "fp32-highest":  # issue #22's static goal: the call's issue bound <= 2x its floor
+        if big:  # issue #22's static goals: the call's issue bound <= 2x its floor, 3x at "highest"
             bound, floor = (sum(r[k] for r in report) for k in ("issue_bound_us", "floor_us"))
-            assert bound <= 2 * floor, (key, bound, floor)
+            assert bound <= (3 if key == "fp32-highest" else 2) * floor, (key, bound, floor)
