@@ -147,9 +147,10 @@ def _goal(row: str) -> str:
     return goal + f"within {MAX_GAP} of baseline"
 
 
-def _saved_rows() -> dict:
-    path = DEST.with_suffix(".json")
-    return json.loads(path.read_text()).get("rows", {}) if path.is_file() else {}
+def _saved(key: str) -> dict | list:
+    """``key`` of the saved results (another benchmark may have written since this one started)."""
+    path, empty = DEST.with_suffix(".json"), {} if key == "rows" else []
+    return json.loads(path.read_text()).get(key, empty) if path.is_file() else empty
 
 
 def main() -> int:
@@ -173,7 +174,7 @@ def main() -> int:
         if not Path(root).is_dir():
             ap.error(f"{name}: data not found at {root}")
     results = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, no GPU",
-               "rows": _saved_rows()}
+               "rows": _saved("rows"), "notes": _saved("notes")}
     jobs = [(row, seed) for row in args.rows for seed in args.seeds]
     runs: list[dict] = []
     with ThreadPoolExecutor(max(1, args.parallel)) as pool:
@@ -181,7 +182,8 @@ def main() -> int:
             runs.append(future.result())  # written after every run: a stopped benchmark keeps what finished
             row = runs[-1]["row"]
             mine = sorted((r for r in runs if r["row"] == row), key=lambda r: r["seed"])
-            results["rows"] = {**_saved_rows(), row: {**summarise(mine), "runs": mine, "parallel": args.parallel,
+            results["notes"] = _saved("notes")  # kept by hand: what was not run, and why
+            results["rows"] = {**_saved("rows"), row: {**summarise(mine), "runs": mine, "parallel": args.parallel,
                                                       "threads": args.threads}}  # another benchmark may have written
             DEST.parent.mkdir(parents=True, exist_ok=True)
             DEST.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
