@@ -110,8 +110,9 @@ def markdown(results: dict) -> str:
             continue
         (m, sd), base = s["test_accuracy"], s.get("baseline_test_accuracy")
         gap = f"{m - base[0]:+.3f}" if base else "-"
-        base_s = f"{base[0]:.3f} +- {base[1]:.3f}" if base else "missing"
-        lines.append(f"| {row} | {','.join(map(str, s['seeds']))} | {m:.3f} +- {sd:.3f} | {base_s} | {gap} | "
+        spread = (lambda sd: f" +- {sd:.3f}") if len(s["seeds"]) > 1 else (lambda sd: " (one seed)")
+        base_s = f"{base[0]:.3f}{spread(base[1])}" if base else "missing"
+        lines.append(f"| {row} | {','.join(map(str, s['seeds']))} | {m:.3f}{spread(sd)} | {base_s} | {gap} | "
                      f"{_goal(row)} | {s['wall_s_mean']} |")
     lines += ["", "Recipes that ran and baseline models:", ""]
     for row in ROWS:
@@ -135,7 +136,7 @@ def markdown(results: dict) -> str:
                          f"{r['val_accuracy']:.3f} | {r.get('best_epoch') or '-'} / {r.get('epochs_run') or '-'} | "
                          f"{r['wall_s']} |")
     if results.get("notes"):  # what was not run, and why (kept by hand in the .json)
-        lines += ["", "Not run:", "", *[f"- {n}" for n in results["notes"]]]
+        lines += ["", "Notes (what was not run, and why):", "", *[f"- {n}" for n in results["notes"]]]
     errors = [e for s in results["rows"].values() for e in s.get("errors", [])]
     if errors:
         lines += ["", "Failed runs:", "", *[f"- {e['row']} seed {e['seed']}: {e['error']}" for e in errors]]
