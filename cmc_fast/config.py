@@ -96,6 +96,9 @@ class Config:
     text_weight_decay: float = option(0.0, "text network weight decay (AdamW when > 0, else Adam)")
     min_steps: int = option(0, "minimum optimiser steps of each stage: its epochs are raised to reach them (small "
                             "data sets get enough updates)")
+    max_epochs: int = option(0, "the most epochs --min-steps may raise a stage to (0: no cap): on a few hundred "
+                             "posts the minimum steps would otherwise be tens of passes over the same posts",
+                             metavar="N")
     patience: int = option(0, "stop a stage after N epochs without a better validation score on any head (0: run "
                            "every epoch)", metavar="N")
     select_metric: str = option("accuracy", "validation metric that picks each head's checkpoint and drives "
@@ -146,7 +149,7 @@ class Config:
         need(0.0 <= self.warmup < 1.0, f"--warmup: must be in [0, 1), got {self.warmup}")
         need(0.0 <= self.text_weight_decay < math.inf, f"--text-weight-decay: must be >= 0, got "
              f"{self.text_weight_decay}")
-        for name in ("min_steps", "patience"):
+        for name in ("min_steps", "max_epochs", "patience"):
             need(getattr(self, name) >= 0, f"--{_flag(name)}: must be >= 0, got {getattr(self, name)}")
         for name in ("epochs", "fusion_epochs", "batch_size", "nce_k", "proj_dim", "mm_dim", "chunks", "rank",
                      "tiny_text_dim", "tiny_text_layers", "log_every"):

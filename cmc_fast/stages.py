@@ -74,7 +74,8 @@ class Stage:
     def __init__(self, ctx: StageContext, splits: dict[str, SplitData], epochs: int):
         self.ctx, self.cfg, self.device = ctx, ctx.cfg, ctx.device
         self.train_split, self.val_split, self.test_split = splits["fit"], splits["val"], splits["test"]
-        self.epochs = planned_epochs(epochs, len(self.train_split), ctx.cfg.batch_size, ctx.cfg.min_steps)
+        self.epochs = planned_epochs(epochs, len(self.train_split), ctx.cfg.batch_size, ctx.cfg.min_steps,
+                                     ctx.cfg.max_epochs)
         self.class_weight = class_weight(ctx.cfg.class_weights, self.train_split.labels)
         self.modules: dict[str, nn.Module] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
@@ -157,11 +158,13 @@ class Stage:
         return F.cross_entropy(logits.float(), self.train_split.labels[rows], weight=self.class_weight)
 
 
-def planned_epochs(epochs: int, n_fit: int, batch_size: int, min_steps: int) -> int:
+def planned_epochs(epochs: int, n_fit: int, batch_size: int, min_steps: int, max_epochs: int = 0) -> int:
     """``epochs``, raised until the stage takes ``min_steps`` optimiser steps (``fit`` drops a ragged last batch,
-    so an epoch is max(1, n // batch) steps)."""
+    so an epoch is max(1, n // batch) steps), but by ``min_steps`` to no more than ``max_epochs`` (0: no cap);
+    ``epochs`` itself is never lowered."""
     per_epoch = max(1, n_fit // batch_size)
-    return max(epochs, -(-min_steps // per_epoch))
+    raised = -(-min_steps // per_epoch)
+    return max(epochs, min(raised, max_epochs) if max_epochs else raised)
 
 
 def imbalanced(labels: torch.Tensor, share: float = 0.4) -> bool:

@@ -2,13 +2,16 @@
 carries, over several seeds, on the CPU (issue 26's goals).
 
     python scripts/quality_bench.py [--rows politifact:ngram weibo:ngram ...] [--seeds 0 1 2] [--parallel 2]
+                                    [-- extra train flags, e.g. --tiny-text-dim 64]
 
 Each (row, seed) is one ``cmc-fast train --variant finetune-t --image-weights none`` run with default flags
 otherwise (the recipe of its encoder kind), on the reader's split: FakeNewsNet PolitiFact's stratified 192 / 48
 split (split_seed 0), or Weibo's published 7531 / 1996 split. The seed draws the validation split and the
 initialisation; the test posts are the same for every seed. The baseline row of each run is fitted on that
 run's fit split, so it has a mean +- std too. Results are merged into bench/results/quality-text-cpu.{json,md}
-(rows run before and not run now are kept). Not part of the test suite.
+(rows run before and not run now are kept), with a per-seed table (test accuracy, fake / real F1, validation
+accuracy, the epoch selected, wall time). Extra train flags after ``--`` are given to every run and recorded with
+its row (they are no longer the defaults: the row says so). Not part of the test suite.
 """
 
 from __future__ import annotations
@@ -47,11 +50,11 @@ GOALS = {"politifact:ngram": 0.88, "politifact:minilm": 0.90, "weibo:ngram": 0.8
 MAX_GAP = 0.03  # no default text row below its baseline by more than this
 
 
-def run_one(row: str, seed: int, args: argparse.Namespace) -> dict:
+def run_one(row: str, seed: int, args: argparse.Namespace, extra: list[str]) -> dict:
     dataset, model = row.split(":")
     out = Path(args.out) / f"{dataset}-{model}-seed{seed}"
     cmd = [sys.executable, "-m", "cmc_fast", "train", *DATASETS[dataset], *MODELS[model](), "--image-weights", "none",
-           "--variant", "finetune-t", "--no-progress", "--seed", str(seed), "--out", str(out)]
+           "--variant", "finetune-t", "--no-progress", "--seed", str(seed), "--out", str(out), *extra]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     t0 = time.perf_counter()
@@ -61,8 +64,12 @@ def run_one(row: str, seed: int, args: argparse.Namespace) -> dict:
         return {"row": row, "seed": seed, "error": f"exit {done.returncode}: {done.stderr.strip()[-500:]}"}
     metrics = json.loads((out / "metrics.json").read_text())
     text, base = metrics["results"]["finetune-t"], metrics["results"].get(BASELINE_ROW)
+    history = metrics.get("history", {}).get("finetune-t", [])
+    best = max(history, key=lambda h: h["val_accuracy"]["text"])["epoch"] if history else None
     return {"row": row, "seed": seed, "test_accuracy": text["test"]["accuracy"], "val_accuracy": text["val_accuracy"],
-            "epochs_run": text.get("epochs_run"), "train_s": round(text["train_seconds"], 1),
+            "fake_f1": text["test"].get("fake_f1"), "real_f1": text["test"].get("real_f1"), "best_epoch": best,
+            "epochs_run": text.get("epochs_run") or len(history), "train_s": round(text["train_seconds"], 1),
+            "extra_flags": extra,
             "baseline_test_accuracy": base["test"]["accuracy"] if base else None,
             "baseline_model": base.get("model") if base else None, "wall_s": round(wall, 1),
             "recipe": metrics.get("recipe"), "n_test": text["test"]["n"]}
@@ -82,6 +89,7 @@ def summarise(runs: list[dict]) -> dict:
         out["wall_s_mean"] = round(statistics.mean(r["wall_s"] for r in ok), 1)
         out["recipe"] = ok[0]["recipe"]
         out["baseline_model"] = ok[0]["baseline_model"]
+        out["extra_flags"] = ok[0].get("extra_flags") or []
     return out
 
 
@@ -102,17 +110,33 @@ def markdown(results: dict) -> str:
             continue
         (m, sd), base = s["test_accuracy"], s.get("baseline_test_accuracy")
         gap = f"{m - base[0]:+.3f}" if base else "-"
-        base_s = f"{base[0]:.3f} +- {base[1]:.3f}" if base else "missing"
-        lines.append(f"| {row} | {','.join(map(str, s['seeds']))} | {m:.3f} +- {sd:.3f} | {base_s} | {gap} | "
+        spread = (lambda sd: f" +- {sd:.3f}") if len(s["seeds"]) > 1 else (lambda sd: " (one seed)")
+        base_s = f"{base[0]:.3f}{spread(base[1])}" if base else "missing"
+        lines.append(f"| {row} | {','.join(map(str, s['seeds']))} | {m:.3f}{spread(sd)} | {base_s} | {gap} | "
                      f"{_goal(row)} | {s['wall_s_mean']} |")
     lines += ["", "Recipes that ran and baseline models:", ""]
     for row in ROWS:
         s = results["rows"].get(row)
         if s and s.get("recipe"):
             lines.append(f"- {row} ({s.get('parallel', 1)} run(s) at a time): {s['recipe']} Baseline (seed "
-                         f"{s['seeds'][0]}): {s['baseline_model']}.")
+                         f"{s['seeds'][0]}): {s['baseline_model']}."
+                         + (f" Not the defaults: run with `{' '.join(s['extra_flags'])}`." if s.get("extra_flags")
+                            else ""))
+    lines += ["", "Per seed (test accuracy, fake / real F1 on the test posts, validation accuracy of the selected "
+              "epoch, epochs run, wall time):", "",
+              "| dataset:model | seed | test acc | fake F1 | real F1 | baseline | val acc | epoch / run | wall s |",
+              "|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+    for row in ROWS:
+        for r in results["rows"].get(row, {}).get("runs", []):
+            if "error" in r:
+                continue
+            f1 = " | ".join(f"{r[k]:.3f}" if r.get(k) is not None else "-" for k in ("fake_f1", "real_f1"))
+            base = f"{r['baseline_test_accuracy']:.3f}" if r.get("baseline_test_accuracy") is not None else "-"
+            lines.append(f"| {row} | {r['seed']} | {r['test_accuracy']:.3f} | {f1} | {base} | "
+                         f"{r['val_accuracy']:.3f} | {r.get('best_epoch') or '-'} / {r.get('epochs_run') or '-'} | "
+                         f"{r['wall_s']} |")
     if results.get("notes"):  # what was not run, and why (kept by hand in the .json)
-        lines += ["", "Not run:", "", *[f"- {n}" for n in results["notes"]]]
+        lines += ["", "Notes (what was not run, and why):", "", *[f"- {n}" for n in results["notes"]]]
     errors = [e for s in results["rows"].values() for e in s.get("errors", [])]
     if errors:
         lines += ["", "Failed runs:", "", *[f"- {e['row']} seed {e['seed']}: {e['error']}" for e in errors]]
@@ -124,9 +148,10 @@ def _goal(row: str) -> str:
     return goal + f"within {MAX_GAP} of baseline"
 
 
-def _saved_rows() -> dict:
-    path = DEST.with_suffix(".json")
-    return json.loads(path.read_text()).get("rows", {}) if path.is_file() else {}
+def _saved(key: str) -> dict | list:
+    """``key`` of the saved results (another benchmark may have written since this one started)."""
+    path, empty = DEST.with_suffix(".json"), {} if key == "rows" else []
+    return json.loads(path.read_text()).get(key, empty) if path.is_file() else empty
 
 
 def main() -> int:
@@ -137,7 +162,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads per run (1 when --parallel > 1)")
     ap.add_argument("--out", default=str(ROOT / "runs" / "quality"))
     ap.add_argument("--markdown-only", action="store_true", help="rewrite the .md from the saved .json, run nothing")
-    args = ap.parse_args()
+    args, extra = ap.parse_known_args()
+    extra = [a for a in extra if a != "--"]
     if args.markdown_only:
         saved = json.loads(DEST.with_suffix(".json").read_text())
         DEST.with_suffix(".md").write_text(markdown(saved))
@@ -149,15 +175,16 @@ def main() -> int:
         if not Path(root).is_dir():
             ap.error(f"{name}: data not found at {root}")
     results = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, no GPU",
-               "rows": _saved_rows()}
+               "rows": _saved("rows"), "notes": _saved("notes")}
     jobs = [(row, seed) for row in args.rows for seed in args.seeds]
     runs: list[dict] = []
     with ThreadPoolExecutor(max(1, args.parallel)) as pool:
-        for future in as_completed([pool.submit(run_one, *job, args) for job in jobs]):
+        for future in as_completed([pool.submit(run_one, *job, args, extra) for job in jobs]):
             runs.append(future.result())  # written after every run: a stopped benchmark keeps what finished
             row = runs[-1]["row"]
             mine = sorted((r for r in runs if r["row"] == row), key=lambda r: r["seed"])
-            results["rows"] = {**_saved_rows(), row: {**summarise(mine), "runs": mine, "parallel": args.parallel,
+            results["notes"] = _saved("notes")  # kept by hand: what was not run, and why
+            results["rows"] = {**_saved("rows"), row: {**summarise(mine), "runs": mine, "parallel": args.parallel,
                                                       "threads": args.threads}}  # another benchmark may have written
             DEST.parent.mkdir(parents=True, exist_ok=True)
             DEST.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")

@@ -100,6 +100,61 @@ def test_min_steps_raise_the_epochs():
     assert planned_epochs(2, n_fit=100, batch_size=10, min_steps=0) == 2
 
 
+def _epochs_by_counting(epochs: int, n_fit: int, batch_size: int, min_steps: int, max_epochs: int) -> int:
+    """The planned epochs counted pass by pass: add passes of max(1, n // batch) steps until min_steps are
+    reached or the cap is, never below ``epochs``."""
+    done, steps = 0, 0
+    while steps < min_steps and (not max_epochs or done < max_epochs):
+        done, steps = done + 1, steps + max(1, n_fit // batch_size)
+    return max(epochs, done)
+
+
+def test_the_epoch_cap_bounds_what_min_steps_add_on_small_data():
+    gen = torch.Generator().manual_seed(26)
+    for _ in range(300):
+        epochs, n_fit, batch, min_steps, cap = (int(torch.randint(lo, hi, (1,), generator=gen))
+                                                for lo, hi in ((1, 12), (1, 9000), (1, 65), (0, 600), (0, 30)))
+        assert planned_epochs(epochs, n_fit, batch, min_steps, cap) == _epochs_by_counting(
+            epochs, n_fit, batch, min_steps, cap), (epochs, n_fit, batch, min_steps, cap)
+    # PolitiFact's 172 fit posts: the tiny recipe's minimum steps stop at its cap; Weibo's 6778 reach them in
+    # the recipe's own epochs
+    tiny = TEXT_RECIPES["tiny"]
+    small = planned_epochs(tiny["epochs"], 172, 32, tiny["min_steps"], tiny["max_epochs"])
+    assert small == tiny["max_epochs"] < planned_epochs(tiny["epochs"], 172, 32, tiny["min_steps"])
+    assert planned_epochs(tiny["epochs"], 6778, 32, tiny["min_steps"], tiny["max_epochs"]) == tiny["epochs"]
+
+
+@pytest.mark.parametrize("text_model", ["ngram", "tiny", MINILM])
+def test_the_data_size_cap_comes_with_the_recipe_and_yields_to_flags(text_model):
+    kind = "pretrained" if text_model == MINILM else text_model
+    recipe = TEXT_RECIPES[kind]
+    assert _cli("--dataset", "fakenewsnet", "--text-model", text_model).max_epochs == recipe.get("max_epochs", 0)
+    # the epochs or the minimum steps you type are what runs: the recipe's cap does not cut them
+    assert _cli("--dataset", "fakenewsnet", "--text-model", text_model, "--epochs", "40").max_epochs == 0
+    typed = _cli("--dataset", "fakenewsnet", "--text-model", text_model, "--min-steps", "500")
+    assert (typed.min_steps, typed.max_epochs) == (500, 0)
+    both = _cli("--dataset", "fakenewsnet", "--text-model", text_model, "--min-steps", "500", "--max-epochs", "3")
+    assert (both.min_steps, both.max_epochs) == (500, 3)
+    assert _cli("--dataset", "fakenewsnet", "--text-model", text_model, "--recipe", "none").max_epochs == 0
+
+
+def test_the_synthetic_default_keeps_its_epochs_under_the_cap():
+    synthetic = _cli()
+    # its preset's own minimum steps (none) leave the cap nothing to bound: 6 epochs of 22 steps, as before
+    assert planned_epochs(synthetic.epochs, 720, synthetic.batch_size, synthetic.min_steps,
+                          synthetic.max_epochs) == synthetic.epochs == 6
+
+
+def test_the_epoch_cap_stops_a_run_short_of_its_minimum_steps(tmp_path):
+    out = tmp_path / "run"
+    # 86 fit posts at batch 16 are 5 steps an epoch: 40 steps would need 8 epochs, the cap allows 2
+    assert main(["train", *TINY, "--variant", "finetune-t", "--epochs", "1", "--min-steps", "40", "--max-epochs",
+                 "2", "--no-baseline", "--data-root", str(tmp_path / "data"), "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["history"]["finetune-t"]] == [1, 2]
+    assert metrics["timings"]["finetune-t"]["steps"] == 10
+
+
 def test_class_weights_balance_the_fit_split():
     labels = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1])
     weight = class_weight("balanced", labels)
