@@ -68,6 +68,7 @@ fp32 highest fwd+bwd 1.47 GFLOP / 67 TFLOP/s = 22 us (bytes 49.9 MB / 3.35 TB/s 
 from __future__ import annotations
 
 import functools
+import sys
 
 import torch
 
@@ -79,6 +80,7 @@ from .block_plan import (
     block_plan,
     choose_block_path,
     chunk_layout,
+    count_missing_shapes_with,
     dot_precision,
 )
 from .dispatch import use_triton
@@ -605,3 +607,14 @@ def block_merge_sum(x0: torch.Tensor, x1: torch.Tensor, w0: torch.Tensor, b0: to
                     b1: torch.Tensor, *, sizes: list[int], rank: int) -> torch.Tensor:
     """As ``block_merge`` without the epilogue: the raw rank sums z, [B, mm] (BLOCK's ``pos_norm='after_cat'``)."""
     return _merge(x0, x1, w0, b0, w1, b1, sizes, rank, False)
+
+
+def _count_fused_kernels(shape: tuple[int, int, int, int], dtype: str, precision: str) -> list[dict]:
+    """What this file's kernels execute at a shape the bounds table lacks: built for sm_90 and counted once per shape
+    (the dispatch then weighs their issue bound against the bmm path's estimate, as for the table's shapes)."""
+    from . import block_sm90  # lazily: Triton's compiler and ptxas, only for a shape the table lacks
+
+    return block_sm90.kernel_counts(shape, dtype, precision, kernels=sys.modules[__name__])
+
+
+count_missing_shapes_with(_count_fused_kernels)

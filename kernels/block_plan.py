@@ -12,12 +12,13 @@ import functools
 import json
 import math
 import os
+from collections.abc import Callable
 
 import torch
 
 from .dispatch import kernel_mode, triton_available, triton_interpreted
 from .gpus import GPUS, device_timing, gpu_name, issue_bound_s
-from .reference import block_size_groups
+from .reference import block_chunk_sizes, block_size_groups
 from .utils import cdiv, next_power_of_2
 
 MAX_CHUNK = 256  # largest chunk the fused kernels take (dx/dW hold a [rows, pow2 >= chunk] tile)
@@ -254,10 +255,32 @@ def _bounds_table() -> dict:
         return {}
 
 
+# Counts at a shape the table lacks: the op file (kernels/block.py), which owns the kernels to build, hands in the
+# function that builds them for sm_90 and counts their SASS (``block_sm90.kernel_counts``); the plan cannot import
+# it, since the op file imports the plan.
+_count_missing: Callable[[tuple[int, int, int, int], str, str], list[dict]] | None = None
+
+
+def count_missing_shapes_with(counter: Callable[[tuple[int, int, int, int], str, str], list[dict]] | None) -> None:
+    """Where ``_counts`` finds a shape the bounds table lacks: ``counter(shape, dtype, precision)`` (None: nowhere,
+    such a shape then has no bound and takes the bmm path)."""
+    global _count_missing
+    _count_missing = counter
+    _counts.cache_clear()
+    _cheaper_path.cache_clear()
+
+
 @functools.lru_cache(maxsize=64)
 def _counts(batch: int, sizes: tuple[int, ...], rank: int, dtype: str, precision: str) -> tuple | None:
-    """What the fused kernels execute at a shape, from the bounds table; None where the table has no entry."""
+    """What the fused kernels execute at a shape: the bounds table's entry, else counted once at run time (some
+    seconds of sm_90 compiles, cached per shape); None where neither can say (no compiler or ptxas here, or a
+    chunking the report cannot name by (DIM, CHUNKS))."""
     entry = _bounds_table().get(_bounds_key(batch, sizes, rank, dtype, precision))
+    if entry is None and _count_missing is not None and list(sizes) == block_chunk_sizes(sum(sizes), len(sizes)):
+        try:
+            entry = _count_missing((batch, sum(sizes), len(sizes), rank), dtype, precision)
+        except Exception:  # noqa: BLE001 - no Triton compiler or ptxas here: no bound, so the fused path is not picked
+            entry = None
     return None if entry is None else tuple(tuple(sorted(k.items())) for k in entry)
 
 

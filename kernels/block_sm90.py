@@ -12,7 +12,6 @@ import tempfile
 import torch
 import triton
 
-from . import block
 from .block_plan import (
     BOUNDS_FILE,
     _bounds_key,
@@ -48,14 +47,15 @@ def _report_args(shape, dtype: str, precision: str):
 
 
 def hopper_specs(shape: tuple[int, ...], dtype: str = "fp32", precision: str = "highest",
-                 gpu: str = "H100 SXM", w_dtype: str | None = None) -> list:
+                 gpu: str = "H100 SXM", w_dtype: str | None = None, *, kernels) -> list:
     """The specialisations one ``block_merge`` forward + backward through the fused kernels runs at shape
     (B, DIM, CHUNKS, RANK) on ``gpu`` (a key of ``GPUS``: its SM count sizes the plan, its clock the issue bound),
     x and weights of ``dtype`` (weights of ``w_dtype`` if given: AMP's fp32 master weights), float32 matmul
     precision ``precision``: forward (+ norm where a chunk spans several
     feature tiles), dx, dW, each with its source loops and trip counts (``hopper_build.Loop``) and its share of the
     floor (``kernel_floors``). For ``kernels.sm90_report report``; whether ``block_merge`` picks this path at that
-    shape is ``choose_block_path``'s call."""
+    shape is ``choose_block_path``'s call. ``kernels``: the module holding the @triton.jit kernels
+    (``cmc_fast.kernels.block``), handed in because the op file imports this module to count a shape at run time."""
     b, sizes, rank = _report_args(shape, dtype, precision)
     if gpu not in GPUS:
         raise ValueError(f"gpu must be one of {sorted(GPUS)}, got {gpu!r}")
@@ -96,21 +96,22 @@ def hopper_specs(shape: tuple[int, ...], dtype: str = "fp32", precision: str = "
                     loops=loops, timing={"gpu": gpu, "sms": spec_gpu["sms"], "clock_hz": spec_gpu["clock_hz"],
                                          "floor_us": 1e6 * floors[floor_key]})
 
-    specs = [spec(block._block_fwd_kernel, {"BLOCK_B": plan.fwd_b, "BLOCK_J": plan.fwd_j, "NORMALIZE": True,
+    specs = [spec(kernels._block_fwd_kernel, {"BLOCK_B": plan.fwd_b, "BLOCK_J": plan.fwd_j, "NORMALIZE": True,
                                         "FUSED_NORM": fused}, plan.fwd_warps,
                   chunks * cdiv(b, plan.fwd_b) * n_j, ("k",), ("fwd_n",), (k_loop("k y0"), k_loop("k y1")), "fwd")]
     if not fused:
-        specs.append(spec(block._block_norm_kernel, {"BLOCK_B": plan.norm_b, "BLOCK_S": plan.block_s,
+        specs.append(spec(kernels._block_norm_kernel, {"BLOCK_B": plan.norm_b, "BLOCK_S": plan.block_s,
                                                  "BLOCK_J": plan.fwd_j, "N_JP": next_power_of_2(n_j)}, 4,
                           chunks * cdiv(b, plan.norm_b), (), ("chunk_out",), (), "norm"))
     out = {"HEAD": plan.out_head, "TAIL": plan.out_tail}
     split = plan.dx_split if dtype == "fp32" else 1  # as the launcher: partial dx sums in float32 only
     dx_loops = (Loop("features", cdiv(max_s, plan.dx_j * split), (k_loop("k y"),), unrollable=const),)
-    specs.append(spec(block._block_bwd_dx_kernel, {"BLOCK_B": plan.dx_b, "BLOCK_J": plan.dx_j, "BLOCK_S": plan.block_s,
-                                               "NORMALIZE": True, "SPLIT": split, **out}, plan.dx_warps,
+    specs.append(spec(kernels._block_bwd_dx_kernel, {"BLOCK_B": plan.dx_b, "BLOCK_J": plan.dx_j,
+                                                     "BLOCK_S": plan.block_s, "NORMALIZE": True, "SPLIT": split,
+                                                     **out}, plan.dx_warps,
                       chunks * cdiv(b, plan.dx_b) * 2 * split, ("k", "dx_n"), ("chunk_out",), dx_loops, "dx"))
     dw_loops = (Loop("batch", cdiv(b, plan.dw_b), (k_loop("k y"),)),)
-    specs.append(spec(block._block_bwd_dw_kernel, {"BLOCK_B": plan.dw_b, "BLOCK_J": plan.dw_j, **out},
+    specs.append(spec(kernels._block_bwd_dw_kernel, {"BLOCK_B": plan.dw_b, "BLOCK_J": plan.dw_j, **out},
                       plan.dw_warps, chunks * cdiv(max_s, plan.dw_j) * 2, ("k", "dw_batch"), ("chunk_out",),
                       dw_loops, "dw"))
     return specs
@@ -148,16 +149,17 @@ BENCH_SHAPES = [(b, *config) for config in ((1600, 20, 15), (256, 18, 15)) for b
 BENCH_DTYPES = [("fp32", "highest"), ("fp32", "high"), ("bf16", "highest")]
 
 
-def kernel_counts(shape: tuple[int, int, int, int], dtype: str, precision: str) -> list[dict]:
+def kernel_counts(shape: tuple[int, int, int, int], dtype: str, precision: str, *, kernels) -> list[dict]:
     """What the fused kernels execute at shape (B, DIM, CHUNKS, RANK), from their sm_90 SASS: per kernel, the
     instructions one warp executes (loops x trips), its warps, programs and launches in one forward + backward."""
     with tempfile.TemporaryDirectory() as sass_dir:
-        rows = [report_spec(spec, sass_dir, i) for i, spec in enumerate(hopper_specs(shape, dtype, precision))]
+        rows = [report_spec(spec, sass_dir, i) for i, spec in enumerate(hopper_specs(shape, dtype, precision,
+                                                                                    kernels=kernels))]
     return [{"kernel": r["kernel"], "instructions_per_warp": r["executed_per_warp"]["total"],
              "num_warps": r["num_warps"], "programs": r["programs"], "launches": r["launches"]} for r in rows]
 
 
-def write_bounds_table(path: str = BOUNDS_FILE, shapes=BENCH_SHAPES, dtypes=BENCH_DTYPES) -> dict:
+def write_bounds_table(kernels, path: str = BOUNDS_FILE, shapes=BENCH_SHAPES, dtypes=BENCH_DTYPES) -> dict:
     """Build the fused kernels for sm_90 at every shape and dtype and write what they execute (``kernel_counts``)
     to ``path``: the table the dispatch reads its issue bounds from. Run without TRITON_INTERPRET."""
     entries = {}
@@ -165,7 +167,7 @@ def write_bounds_table(path: str = BOUNDS_FILE, shapes=BENCH_SHAPES, dtypes=BENC
         b, dim, chunks, rank = shape
         for dtype, precision in dtypes:
             key = _bounds_key(b, block_chunk_sizes(dim, chunks), rank, dtype, precision)
-            entries[key] = kernel_counts(shape, dtype, precision)
+            entries[key] = kernel_counts(shape, dtype, precision, kernels=kernels)
     table = {"what": "instructions one warp of each fused BLOCK kernel executes (sm_90 SASS, loops x trips), its "
                      "warps, programs and launches per forward + backward; key 'B,DIM,CHUNKS,RANK dtype precision'",
              "command": "python -m cmc_fast.kernels.sm90_report bounds", "triton": triton.__version__,

@@ -15,18 +15,19 @@ mix (``kernels/hopper_build.report_spec``), then the op's floors per GPU (``hopp
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
 
-from . import block_sm90, nce_sm90
+from . import block, block_sm90, nce_sm90
 from .block_plan import BOUNDS_FILE
 from .hopper_build import report_spec
 
 # op -> (hopper_specs, hopper_floors); options come from the command line (NCE: bank_dtype, nce_path; BLOCK: dtype,
 # precision, gpu)
 REPORTERS = {"nce": (nce_sm90.hopper_specs, nce_sm90.hopper_floors),
-             "block": (block_sm90.hopper_specs, block_sm90.hopper_floors)}
+             "block": (functools.partial(block_sm90.hopper_specs, kernels=block), block_sm90.hopper_floors)}
 
 
 def report(op: str, shape: tuple[int, ...], sass_dir: str, **options) -> list[dict]:
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("bounds", help="rebuild BLOCK's dispatch table kernels/block_bounds.json (the bench shapes)")
     args = parser.parse_args(argv)
     if args.command == "bounds":
-        block_sm90.write_bounds_table()
+        block_sm90.write_bounds_table(block)
         print(f"wrote {BOUNDS_FILE}")
         return 0
     options = {k: v for k, v in (("bank_dtype", args.bank_dtype), ("nce_path", args.nce_path), ("dtype", args.dtype),

@@ -116,18 +116,50 @@ def test_dispatch_picks_follow_the_bounds(monkeypatch, gpu, compiled):
 
 
 def test_dispatch_without_a_bound_takes_bmm(monkeypatch):
-    """A shape the bounds table does not hold (B=32) has no bound for the fused kernels -- the plan reads the table,
-    it builds nothing -- so the bmm path; the kernels that do not fit: the bmm path."""
+    """A shape the bounds table lacks (B=32) is counted once by the op file's counter; where nothing can count it
+    (no counter, or no compiler: the counter raises) it has no bound and takes the bmm path; the kernels that do
+    not fit: the bmm path."""
     monkeypatch.setenv("CMC_FAST_KERNELS", "auto")
     monkeypatch.setattr(kp, "triton_available", lambda: True)
-    kp._cheaper_path.cache_clear()
     sizes = block_chunk_sizes(1600, 20)
-    assert kp.fused_issue_bound(32, sizes, 15, torch.bfloat16, "highest") is None
-    assert kp.fused_issue_bound(64, sizes, 15, torch.bfloat16, "highest") > 0  # in the table
-    assert kp.choose_block_path(sizes, 15, 32, torch.bfloat16, "cuda", precision="highest", gpu="H100 SXM") == "bmm"
-    kp._cheaper_path.cache_clear()
-    assert kp.choose_block_path([300, 20], 15, 64, torch.bfloat16, "cuda", gpu="H100 SXM") == "bmm"
-    assert kp.choose_block_path([20], 200, 64, torch.bfloat16, "cuda", gpu="H100 SXM") == "bmm"
+    table_64 = kp._bounds_table()[kp._bounds_key(64, sizes, 15, "bf16", "highest")]
+    calls = []
+
+    def counter(shape, dtype, precision):  # what the op file's counter returns: B=64's counts, halved programs
+        calls.append((shape, dtype, precision))
+        return [dict(k, programs=max(1, k["programs"] // 2)) for k in table_64]
+
+    def no_compiler(shape, dtype, precision):
+        raise RuntimeError("no ptxas here")
+
+    previous = kp._count_missing
+    try:
+        kp.count_missing_shapes_with(counter)
+        bound_32 = kp.fused_issue_bound(32, sizes, 15, torch.bfloat16, "highest")
+        assert kp.fused_issue_bound(32, sizes, 15, torch.bfloat16, "highest") == bound_32  # counted once, cached
+        assert calls == [((32, 1600, 20, 15), "bf16", "highest")]
+        assert 0 < bound_32 <= kp.fused_issue_bound(64, sizes, 15, torch.bfloat16, "highest")  # 64: the table's
+        assert len(calls) == 1
+        fused, bmm = (kp.estimate_fused(32, sizes, 15, torch.bfloat16, "highest"),
+                      kp.estimate_bmm(32, sizes, 15, torch.bfloat16, "highest"))
+        assert kp.choose_block_path(sizes, 15, 32, torch.bfloat16, "cuda", precision="highest",
+                                    gpu="H100 SXM") == ("fused" if fused < bmm else "bmm")
+        for missing in (None, no_compiler):
+            kp.count_missing_shapes_with(missing)
+            assert kp.fused_issue_bound(32, sizes, 15, torch.bfloat16, "highest") is None
+            assert kp.choose_block_path(sizes, 15, 32, torch.bfloat16, "cuda", precision="highest",
+                                        gpu="H100 SXM") == "bmm"
+        assert kp.choose_block_path([300, 20], 15, 64, torch.bfloat16, "cuda", gpu="H100 SXM") == "bmm"
+        assert kp.choose_block_path([20], 200, 64, torch.bfloat16, "cuda", gpu="H100 SXM") == "bmm"
+    finally:
+        kp.count_missing_shapes_with(previous)
+
+
+def test_the_op_file_counts_missing_shapes():
+    """Importing the op file hands the plan its counter: the sm_90 build of its own kernels."""
+    from cmc_fast.kernels import block
+
+    assert kp._count_missing is block._count_fused_kernels
 
 
 def test_device_timing_reads_the_device(monkeypatch):
@@ -150,13 +182,14 @@ def test_device_timing_reads_the_device(monkeypatch):
 
 _RECOUNT = r"""
 import json
-from cmc_fast.kernels import block_plan as kp
+from cmc_fast.kernels import block, block_plan as kp
 from cmc_fast.kernels.block_sm90 import kernel_counts
 from cmc_fast.kernels.reference import block_chunk_sizes
 out = {}
 for shape, dtype, precision in SHAPES:
     sizes = block_chunk_sizes(shape[1], shape[2])
-    out[kp._bounds_key(shape[0], sizes, shape[3], dtype, precision)] = kernel_counts(shape, dtype, precision)
+    key = kp._bounds_key(shape[0], sizes, shape[3], dtype, precision)
+    out[key] = kernel_counts(shape, dtype, precision, kernels=block)
 print("COUNTS" + json.dumps(out))
 """
 
