@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .cache import cache_root
 from .records import DatasetSplits, Record
-from .registry import cache_root
 
 _FAKE_WORDS = ["shocking", "secret", "miracle", "banned", "exposed", "hoax", "conspiracy", "unbelievable"]
 _REAL_WORDS = ["reported", "official", "according", "statement", "confirmed", "agency", "published", "data"]

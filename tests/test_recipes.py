@@ -81,7 +81,7 @@ def test_the_model_card_command_reproduces_a_recipe_run():
     import dataclasses
     import shlex
 
-    from cmc_fast.bundle import train_command
+    from cmc_fast.export import train_command
 
     cfg, _ = configure("politifact", {"text_model": "ngram", "text_lr": 0.02})
     cfg = dataclasses.replace(cfg, out=None).validate()

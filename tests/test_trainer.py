@@ -207,7 +207,8 @@ def test_every_row_is_scored_on_the_posts_with_an_image_and_all_posts_is_its_own
 def test_each_config_field_is_one_flag_with_its_choices():
     import dataclasses
 
-    from cmc_fast.cli import build_parser, config_flag
+    from cmc_fast.cli import build_parser
+    from cmc_fast.config import config_flag
 
     train = next(a for a in build_parser()._actions if a.dest == "command").choices["train"]
     by_dest = {}
