@@ -17,11 +17,11 @@ from tiny import TINY
 from cmc_fast import detector as detector_module
 from cmc_fast.cli import main
 from cmc_fast.config import Config
-from cmc_fast.variants import CHOICES as VARIANTS
 from cmc_fast.detector import Detector
 from cmc_fast.metrics import classification_metrics
 from cmc_fast.report import pr_curve, roc_curve
 from cmc_fast.trainer import Trainer
+from cmc_fast.variants import CHOICES as VARIANTS
 
 
 @pytest.fixture(scope="module")
@@ -362,8 +362,8 @@ def test_model_card_train_command_parses_back_to_the_run_config(tmp_path):
 
     from tiny import tiny_config
 
-    from cmc_fast.export import train_command
     from cmc_fast.cli import build_parser, config_from_args
+    from cmc_fast.export import train_command
 
     cfg = dataclasses.replace(tiny_config(tmp_path), shared_loss="fused+distill", negatives="opposite-class",
                               amp=True, seed=7)
@@ -382,8 +382,8 @@ def test_model_card_has_no_local_paths_rounded_numbers_a_runnable_command_and_th
     import dataclasses
     from types import SimpleNamespace
 
-    from cmc_fast.export import model_card
     from cmc_fast.config import preset
+    from cmc_fast.export import model_card
 
     cfg = dataclasses.replace(preset("manifest"), data_root=str(tmp_path / "wm" / "manifest.jsonl"),
                               text_model="tiny", image_model="tiny", image_weights=None, threads=1)

@@ -92,14 +92,14 @@ def test_resume_after_an_interrupted_run_matches_an_uninterrupted_one(tmp_path, 
 def test_stage2_leaves_the_frozen_encoders_bit_identical(tmp_path):
     tr = Trainer(tiny_config(tmp_path, variant="cmc"), tmp_path / "run")
     tr.setup()
-    stage1 = tr.fit_and_score(MutualStage(tr.ctx, tr.mm_splits), {"text": "cmc-t", "image": "cmc-v"})
+    stage1 = tr.fit_and_score(MutualStage(tr.ctx, tr.mm_splits))
     text_net, image_net = stage1.text_net, stage1.image_net
 
     def states():
         return {**text_net.state_dict(prefix="t."), **image_net.state_dict(prefix="v.")}
 
     before = {k: v.clone() for k, v in states().items()}
-    tr.fit_and_score(FusionStage(tr.ctx, tr.mm_splits, text_net, image_net), {"fused": "cmc"})
+    tr.fit_and_score(FusionStage(tr.ctx, tr.mm_splits, text_net, image_net))
     after = states()
     assert before.keys() == after.keys()
     for k in before:
@@ -112,7 +112,7 @@ def test_stage1_trains_both_networks_and_the_projections(tmp_path):
     tr.setup()
     torch.manual_seed(0)
     fresh_t, fresh_v = tr.build.text_net(), tr.build.image_net()
-    stage = tr.fit_and_score(MutualStage(tr.ctx, tr.mm_splits), {"text": "cmc-t", "image": "cmc-v"})
+    stage = tr.fit_and_score(MutualStage(tr.ctx, tr.mm_splits))
     state = torch.load(tmp_path / "run" / "checkpoints" / "stage1.last.pt", weights_only=True)
     dist = state["modules"]["distiller"]
     assert dist["z_v2t"] > 0 and dist["z_t2v"] > 0  # Z estimated once and saved with the checkpoint
