@@ -282,9 +282,8 @@ def _run(trainer) -> int:
     console = logging.StreamHandler(sys.stderr)
     console.addFilter(lambda record: record.levelno >= logging.WARNING or getattr(record, "console", False))
     console.setFormatter(_ConsoleFormatter())
-    toolkit_log = logging.getLogger("cmc_fast")
     if distributed.rank_from_env() == 0:
-        toolkit_log.addHandler(console)
+        log.addHandler(console)
     try:
         results = trainer.run()
     except RuntimeError as exc:  # say which rank failed before the group goes (cli.main prints the message)
@@ -292,7 +291,7 @@ def _run(trainer) -> int:
             raise CollectiveFailure(distributed.failure_message(exc)) from exc
         raise
     finally:
-        toolkit_log.removeHandler(console)
+        log.removeHandler(console)
         distributed.shutdown()
     if distributed.rank_from_env() == 0:
         print(text_table(results))

@@ -1,10 +1,15 @@
 """The runner: sets a run up (directory, log, data, builders), runs the variant plan through ``fit`` and writes
 the report. The pieces it drives:
 
+    variants.py            the variants: the stage and head that score each one, the table's order
     models.py              device, precision, networks, optimisers, distiller, BLOCK
     stages.py              one class per stage (finetune, stage 1, stage 2, cmc-shared) with named hooks
     loop.py                ``fit``: the loop, log reads every N steps, validation, resume
     checkpoint_manager.py  last and best checkpoints, their order of writes, random states
+
+The run's inputs are assembled once, in order, and handed on: the device and autocast dtype, the text model and
+its tokenizer, the records, the prepared splits; then one ``ModelBuilder`` and one ``StageContext`` from them.
+``build_stage`` sets a run up the same way and builds one stage without training it.
 
 Every row of the table is scored on the same posts: the test posts with a decodable image (the posts all six
 variants can use). When some posts have no image, the text-only model trained and scored on all posts is its
