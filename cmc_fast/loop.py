@@ -206,10 +206,9 @@ def _resume(stage: Stage, manager: CheckpointManager, schedulers: dict, gen: tor
         sched.load_state_dict(record["schedulers"][key])
     restore_rng(record["rng"], gen)
     result.best, result.history = dict(record["best"]), list(record["history"])
-    result.best_epoch = dict(record.get("best_epoch", {}))
-    result.best_val = dict(record.get("best_val", {}))
-    result.stopped_early = bool(record.get("stopped_early", False))
-    result.clock = StageClock(**record.get("clock", {}))
+    result.best_epoch, result.best_val = dict(record["best_epoch"]), dict(record["best_val"])
+    result.stopped_early = bool(record["stopped_early"])
+    result.clock = StageClock(**record["clock"])
     if result.stopped_early:  # --patience ended it: the stage is finished
         return stage.epochs
     if record["epoch"] < stage.epochs:
