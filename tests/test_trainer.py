@@ -111,7 +111,7 @@ def test_stage1_trains_both_networks_and_the_projections(tmp_path):
     tr = Trainer(tiny_config(tmp_path, variant="cmc-t,cmc-v"), tmp_path / "run")
     tr.setup()
     torch.manual_seed(0)
-    fresh_t, fresh_v = tr.build.text_net(), tr.build.image_net()
+    fresh_t, fresh_v = tr.ctx.build.text_net(), tr.ctx.build.image_net()
     stage = tr.fit_and_score(MutualStage(tr.ctx, tr.mm_splits))
     state = torch.load(tmp_path / "run" / "checkpoints" / "stage1.last.pt", weights_only=True)
     dist = state["modules"]["distiller"]
