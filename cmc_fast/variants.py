@@ -32,7 +32,8 @@ class Variant:
     row: str  # its row in the results table
     stages: tuple[str, ...]  # the stages that train it, in order; the last one's ``head`` scores it
     head: str
-    parts: MappingProxyType  # part ("text", "image", "block") -> Part
+    parts: MappingProxyType  # part ("text", "image", "block") -> Part: the networks a detector loads
+    uses_images: bool  # trained on the posts with an image (cmc-t too: stage 1 trains both networks)
     selectable: bool = True  # a --variant choice (finetune-t-all comes with finetune-t)
     text_branch: str | None = None  # what a post scored by its text branch alone is reported as
 
@@ -40,24 +41,21 @@ class Variant:
     def stage(self) -> str:
         return self.stages[-1]
 
-    @property
-    def uses_images(self) -> bool:
-        return "image" in self.parts
-
 
 def _variant(name: str, stages: tuple[str, ...], head: str, parts: dict[str, tuple[str, str, str]], *,
-             row: str | None = None, selectable: bool = True, text_branch: str | None = None) -> Variant:
+             row: str | None = None, text_only: bool = False, selectable: bool = True,
+             text_branch: str | None = None) -> Variant:
     return Variant(name, row or name, stages, head, MappingProxyType({k: Part(*v) for k, v in parts.items()}),
-                   selectable, text_branch)
+                   not text_only, selectable, text_branch)
 
 
 _STAGE1_NETS = {"text": ("stage1", "text", "text"), "image": ("stage1", "image", "image")}
 
 # in the results table's order
 VARIANTS: MappingProxyType = MappingProxyType({v.name: v for v in (
-    _variant("finetune-t", ("finetune-t",), "text", {"text": ("finetune-t", "text", "net")}),
+    _variant("finetune-t", ("finetune-t",), "text", {"text": ("finetune-t", "text", "net")}, text_only=True),
     _variant("finetune-t-all", ("finetune-t-all",), "text", {"text": ("finetune-t-all", "text", "net")},
-             row="finetune-t (all posts)", selectable=False),
+             row="finetune-t (all posts)", text_only=True, selectable=False),
     _variant("finetune-v", ("finetune-v",), "image", {"image": ("finetune-v", "image", "net")}),
     _variant("cmc-t", ("stage1",), "text", {"text": _STAGE1_NETS["text"]}),
     _variant("cmc-v", ("stage1",), "image", {"image": _STAGE1_NETS["image"]}),
