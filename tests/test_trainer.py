@@ -174,11 +174,11 @@ def test_lr_schedule_warms_up_then_decays_to_zero(schedule):
         assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * f(step))
 
 
-def test_run_directories_from_before_grouped_validation_keep_their_random_split(tmp_path):
-    saved = json.loads(tiny_config(tmp_path).to_json())
-    assert Config.from_dict(saved).val_split == "grouped"
-    del saved["val_split"]  # config.json of a run written before the option existed
+def test_a_saved_config_without_val_split_takes_the_default(tmp_path):
+    saved = json.loads(tiny_config(tmp_path, val_split="random").to_json())
     assert Config.from_dict(saved).val_split == "random"
+    del saved["val_split"]
+    assert Config.from_dict(saved).val_split == "grouped"
 
 
 def test_every_row_is_scored_on_the_posts_with_an_image_and_all_posts_is_its_own_row(tmp_path):
@@ -245,29 +245,3 @@ def test_flags_override_the_preset_only_when_given(tmp_path):
                                                       "--shared-loss", "fused+distill", "--amp", "--no-progress"]))
     assert (cfg.epochs, cfg.nce_k, cfg.shared_loss, cfg.amp, cfg.progress) == (5, 99, "fused+distill", True, False)
     assert cfg.batch_size == 32 and cfg.image_model == "tiny"  # the synthetic preset's
-
-
-def test_a_run_killed_under_the_earlier_checkpoint_format_resumes(tmp_path, monkeypatch):
-    args = [*TINY, "--variant", "finetune-t", "--epochs", "2", "--data-root", str(tmp_path / "data")]
-    assert main(["train", *args, "--out", str(tmp_path / "straight")]) == 0
-    real_save = checkpoint_manager.save_checkpoint
-
-    def killed_after_first_epoch(state, path):
-        real_save(state, path)
-        if path.name == "finetune-t.last.pt":
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(checkpoint_manager, "save_checkpoint", killed_after_first_epoch)
-    assert main(["train", *args, "--out", str(tmp_path / "old")]) == 130
-    monkeypatch.setattr(checkpoint_manager, "save_checkpoint", real_save)
-    last = tmp_path / "old" / "checkpoints" / "finetune-t.last.pt"
-    record = torch.load(last, weights_only=True)
-    record.update(record.pop("rng"))  # the earlier layout: random states at the top level, no clock, no best epoch
-    del record["clock"], record["best_epoch"]
-    torch.save(record, last)
-    for pending in last.parent.glob("*.pending.pt"):  # the earlier trainer wrote best files directly
-        pending.rename(last.parent / "finetune-t.best-text.pt")
-    assert main(["train", "--resume", str(tmp_path / "old")]) == 0
-    straight = json.loads((tmp_path / "straight" / "metrics.json").read_text())["results"]["finetune-t"]
-    resumed = json.loads((tmp_path / "old" / "metrics.json").read_text())["results"]["finetune-t"]
-    assert resumed["test"] == straight["test"] and resumed["val_accuracy"] == straight["val_accuracy"]
