@@ -30,7 +30,7 @@ def _worker(args: argparse.Namespace) -> None:
 
     from cmc_fast import distributed
     from cmc_fast.config import preset
-    from cmc_fast.stages import build_stage
+    from cmc_fast.trainer import build_stage
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cfg = preset("synthetic")

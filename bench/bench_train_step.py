@@ -13,7 +13,7 @@ import torch
 
 from cmc_fast.benchmark import bench_device
 from cmc_fast.config import preset
-from cmc_fast.stages import build_stage
+from cmc_fast.trainer import build_stage
 
 ON_GPU = bench_device().type == "cuda"
 # Compiling the CPU step takes minutes on 2 cores: opt in with CMC_BENCH_CPU_COMPILE=1.

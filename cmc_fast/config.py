@@ -1,7 +1,8 @@
-"""Run configuration: one flat dataclass, with named presets per dataset (gpt-fast style).
+"""Run configuration: one flat dataclass, with a named preset per dataset (gpt-fast style).
 
-The ``weibo``/``politifact``/``gossipcop`` presets hold the authors' released training values (DESIGN
-section 1); ``synthetic`` is sized so the whole six-variant job runs in about two minutes on a 2-core CPU.
+The presets live beside the datasets' readers in ``data_pipeline.registry``: the ``weibo``/``politifact``/
+``gossipcop`` presets hold the authors' released training values (DESIGN section 1). A Config is validated once,
+where it is assembled (the command line, a saved ``config.json``), and changed only by ``dataclasses.replace``.
 """
 
 from __future__ import annotations
@@ -13,15 +14,16 @@ import os
 import typing
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import MappingProxyType
 
-from cmc_fast.data_pipeline import safe_io
+from cmc_fast.data_pipeline import registry, safe_io
 from cmc_fast.data_pipeline.image_files import Limits
 from cmc_fast.errors import UsageError
+from cmc_fast.variants import CHOICES as VARIANT_CHOICES
 
-VARIANTS = ("finetune-t", "finetune-v", "cmc-t", "cmc-v", "cmc-shared", "cmc")
 NEGATIVES = ("uniform", "opposite-class")
 SHARED_LOSSES = ("fused", "fused+distill")
-DATASETS = ("synthetic", "weibo", "politifact", "gossipcop", "fakenewsnet", "manifest")
+DATASETS = tuple(registry.DATASETS)
 
 
 def option(default, help: str = "", *, choices: tuple[str, ...] | None = None, flag: str | None = None,
@@ -31,6 +33,13 @@ def option(default, help: str = "", *, choices: tuple[str, ...] | None = None, f
     boolean that defaults to True); ``cli=False`` keeps a field off the command line."""
     return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "flag": flag,
                                                         "metavar": metavar, "cli": cli})
+
+
+def config_flag(f: dataclasses.Field) -> str:
+    """The command-line flag of a Config field: its metadata's, ``--no-x`` for a boolean x that defaults to True,
+    else ``--x`` (underscores as dashes)."""
+    name = f.name.replace("_", "-")
+    return f.metadata.get("flag") or (f"--no-{name}" if f.default is True else f"--{name}")
 
 
 @dataclass
@@ -71,7 +80,7 @@ class Config:
                                        "first (0: off)")
     text_pretrain_lr: float = option(1e-3, "AdamW learning rate of that pre-training")
     # stage 1 (mutual distillation)
-    variant: str = option("all", f"'all' or a comma list of {', '.join(VARIANTS)}")
+    variant: str = option("all", f"'all' or a comma list of {', '.join(VARIANT_CHOICES)}")
     epochs: int = option(30, "stage-1 (and single-modality, cmc-shared) epochs")
     batch_size: int = option(32, "training batch size")
     text_lr: float = option(2e-5, "text network learning rate (Adam)")
@@ -144,8 +153,9 @@ class Config:
             need(choices is None or value in choices,
                  f"--{f.name.replace('_', '-')}: must be one of {', '.join(choices or ())}, got {value!r}")
         variants = self.variants()
-        need(all(v in VARIANTS for v in variants),
-             f"--variant: unknown variant {self.variant!r}; choose 'all' or a comma list of {', '.join(VARIANTS)}")
+        need(all(v in VARIANT_CHOICES for v in variants),
+             f"--variant: unknown variant {self.variant!r}; choose 'all' or a comma list of "
+             f"{', '.join(VARIANT_CHOICES)}")
         need(0.0 <= self.warmup < 1.0, f"--warmup: must be in [0, 1), got {self.warmup}")
         need(0.0 <= self.text_weight_decay < math.inf, f"--text-weight-decay: must be >= 0, got "
              f"{self.text_weight_decay}")
@@ -204,7 +214,7 @@ class Config:
 
     def variants(self) -> list[str]:
         if self.variant == "all":
-            return list(VARIANTS)
+            return list(VARIANT_CHOICES)
         return [v.strip() for v in self.variant.split(",") if v.strip()]
 
     def to_json(self) -> str:
@@ -223,19 +233,13 @@ class Config:
             raise UsageError(f"{source}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(names)}")
         check_types(data, f"{source}: key ")
         values = dict(data)
-        # a run directory written before grouped validation existed carved its split at random: keep it so
-        values.setdefault("val_split", "random")
-        # and one written before --shared-loss trained cmc-shared with the distillation terms
-        values.setdefault("shared_loss", "fused+distill")
-        # and one written before --class-weights trained unweighted whatever its split
-        values.setdefault("class_weights", "none")
-        if "image_size" in values and values["image_size"] is not None:
+        if values.get("image_size") is not None:
             values["image_size"] = tuple(values["image_size"])
+        if validate and isinstance(values.get("threads"), int) and values["threads"] > usable_cores():
+            values["threads"] = usable_cores()
         cfg = cls(**values)
         if not validate:
             return cfg
-        if cfg.threads is not None and cfg.threads > usable_cores():
-            cfg.threads = usable_cores()
         try:
             return cfg.validate()
         except UsageError as exc:
@@ -277,7 +281,7 @@ def read_run_config(run_dir: str | Path, flag: str, *, resume: bool = False) -> 
         raise UsageError(f"{flag}: {run_dir} is not a cmc-fast run directory (no config.json)")
     cfg = Config.from_dict(read_json_object(path, flag, "config keys"), source=f"{flag}: {path}")
     if cfg.dataset == "synthetic" and not resume:
-        cfg.data_root = None
+        return dataclasses.replace(cfg, data_root=None)
     return cfg
 
 
@@ -365,32 +369,11 @@ def _jsonable(value: object) -> bool:
     return True
 
 
-def _synthetic() -> dict:
-    # Tiny randomly initialised encoders need far larger learning rates than fine-tuning BERT/VGG does.
-    return dict(dataset="synthetic", synthetic_train=800, synthetic_test=400, text_model="tiny", image_model="tiny",
-                image_weights=None, max_len=40,
-                image_size=(64, 64), epochs=6, fusion_epochs=8, batch_size=32, text_lr=1e-3, image_lr=0.03,
-                nce_k=256, fusion_lr=1e-3, mm_dim=128, chunks=8, rank=8, tiny_text_dim=64, min_steps=0)
-
-
-PRESETS: dict[str, dict] = {
-    "synthetic": _synthetic(),
-    # The authors' release for Weibo: Chinese BERT-wwm + VGG19, batch 32, 30 epochs, K = 1500.
-    "weibo": dict(dataset="weibo", text_model="hfl/chinese-bert-wwm-ext", image_model="vgg19", nce_k=1500,
-                  max_len=250),
-    "politifact": dict(dataset="politifact", text_model="bert-base-uncased", image_model="vgg19", nce_k=1000,
-                       max_len=512),
-    "gossipcop": dict(dataset="gossipcop", text_model="bert-base-uncased", image_model="vgg19", nce_k=1000,
-                      max_len=512),
-    "fakenewsnet": dict(dataset="fakenewsnet", text_model="bert-base-uncased", image_model="vgg19", nce_k=1000,
-                        max_len=512),
-    "manifest": dict(dataset="manifest"),
-}
+# dataset -> its preset's values (``registry.DATASETS``' own, read-only)
+PRESETS = MappingProxyType({name: entry.preset for name, entry in registry.DATASETS.items()})
 
 
 def preset(dataset: str) -> Config:
     if dataset not in PRESETS:
         raise UsageError(f"--dataset: unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     return Config(**PRESETS[dataset])
-
-

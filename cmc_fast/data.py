@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cmc_fast.data_pipeline.caches import cache_root
+from cmc_fast.data_pipeline.cache import cache_root
 from cmc_fast.data_pipeline.image_files import Limits
 from cmc_fast.data_pipeline.image_source import CachedImages, ImageSource, StreamingImages
 from cmc_fast.data_pipeline.near_duplicates import group_summary, near_duplicate_groups
@@ -19,6 +19,7 @@ from cmc_fast.data_pipeline.records import DatasetSplits, Record, Skipped, split
 from cmc_fast.data_pipeline.registry import load_dataset
 from cmc_fast.data_pipeline.text import VocabTokenizer, encode_texts
 from cmc_fast.errors import UsageError
+from cmc_fast.variants import VARIANTS
 
 
 @dataclass
@@ -121,7 +122,7 @@ def read_dataset(cfg) -> DatasetSplits:
 def refuse_imageless(cfg, ds: DatasetSplits, variants: list[str]) -> None:
     """Image variants asked of a dataset none of whose posts names an image (e.g. PolitiFact's text release):
     said before image weights are looked for or any image is decoded."""
-    image_variants = [v for v in variants if v != "finetune-t"]
+    image_variants = [v for v in variants if VARIANTS[v].uses_images]
     if image_variants and not any(r.image_paths for r in (*ds.train, *ds.test)):
         raise UsageError(f"--dataset {cfg.dataset}: none of the {len(ds.train) + len(ds.test)} posts under "
                          f"{ds.root or cfg.data_root} names an image, so {', '.join(image_variants)} cannot train; "
@@ -190,7 +191,7 @@ def check_splits(cfg, data: PreparedData, image_splits: dict[str, SplitData] | N
     """Refuse, before any training, a run whose fit, validation or test split is empty for one of its variants
     (text variants: all posts; image variants: the posts whose image decoded), or whose fit split lacks a label;
     the message says which split, for which variants, and why."""
-    image_variants = [v for v in variants if v != "finetune-t"]
+    image_variants = [v for v in variants if VARIANTS[v].uses_images]
     plans = [("posts", {"fit": data.fit, "val": data.val, "test": data.test}, variants)]
     if image_splits is not None and image_variants:
         plans.append(("posts with a decodable image", image_splits, image_variants))

@@ -15,7 +15,8 @@ the test split reproduces ``evaluate``'s metrics. A post whose image is missing 
 by the variant's text branch when it has a trained one (cmc: cmc-t) and says so; otherwise it is not scored.
 
 Loading never unpickles: run checkpoints are read with ``torch.load(weights_only=True)``, bundles are
-safetensors + JSON (``bundle.py``).
+safetensors + JSON (``bundle.py``). The variants and the checkpoints their networks come from are
+``variants.VARIANTS``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from cmc_fast.bundle import read_bundle
 from cmc_fast.checkpoint import load_checkpoint
 from cmc_fast.checkpoint_manager import CheckpointManager
 from cmc_fast.config import Config, read_run_config
@@ -35,33 +37,20 @@ from cmc_fast.data_pipeline.image_files import Limits
 from cmc_fast.data_pipeline.image_source import finish_batch
 from cmc_fast.data_pipeline.images import decode_uint8
 from cmc_fast.data_pipeline.text import VocabTokenizer, encode_texts
-from cmc_fast.encoders import TextEncoder, build_image_encoder, load_text_model
+from cmc_fast.encoders import TextEncoder, load_text_model
 from cmc_fast.errors import UsageError
-from cmc_fast.models import Classifier, amp_dtype, fusion_block, resolve_device, scratch_text_encoder
+from cmc_fast.models import amp_dtype, build_parts, resolve_device
+from cmc_fast.variants import VARIANTS, by_row
 
-# variant -> part -> (stage, head, module key) of the best checkpoint the part is read from
-RUN_PARTS: dict[str, dict[str, tuple[str, str, str]]] = {
-    "finetune-t": {"text": ("finetune-t", "text", "net")},
-    "finetune-t-all": {"text": ("finetune-t-all", "text", "net")},
-    "finetune-v": {"image": ("finetune-v", "image", "net")},
-    "cmc-t": {"text": ("stage1", "text", "text")},
-    "cmc-v": {"image": ("stage1", "image", "image")},
-    "cmc": {"text": ("stage1", "text", "text"), "image": ("stage1", "image", "image"),
-            "block": ("stage2", "fused", "block")},
-    "cmc-shared": {"text": ("cmc-shared", "fused", "text"), "image": ("cmc-shared", "fused", "image"),
-                   "block": ("cmc-shared", "fused", "block")},
-}
-VARIANT_ALIASES = {"finetune-t (all posts)": "finetune-t-all"}
-# the name a post scored by a variant's text branch alone is reported under
-TEXT_BRANCH_NAME = {"cmc": "cmc-t", "cmc-shared": "cmc-shared text branch"}
 VOCAB_FILE = "vocab.json"  # a run's tiny/ngram vocabulary (written by the trainer)
 
 
 def variant_key(variant: str) -> str:
-    key = VARIANT_ALIASES.get(variant, variant)
-    if key not in RUN_PARTS:
-        raise UsageError(f"--variant: unknown variant {variant!r}; choose one of {', '.join(RUN_PARTS)}")
-    return key
+    """The variant's name, given it or its table row (``finetune-t (all posts)``)."""
+    found = by_row(variant)
+    if found is None:
+        raise UsageError(f"--variant: unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    return found.name
 
 
 def branch_heads_trained(cfg: Config, variant: str) -> bool:
@@ -95,69 +84,30 @@ class Prediction:
                    [s for p in parts for s in p.scored_by], [e for p in parts for e in p.image_error])
 
 
-# ------------------------------------------------------------------------------------------ building
-def text_classifier(cfg: Config, tokenizer, hf_config_dir: str | None = None,
-                    pretrained: TextEncoder | None = None) -> Classifier:
-    """The run's text network (its trained weights are loaded after). A Hugging Face model is ``pretrained``
-    when given (a run: loaded with its tokenizer), else built from its config alone in ``hf_config_dir`` (a
-    bundle), else loaded from ``cfg.text_model``."""
-    if cfg.text_model in ("tiny", "ngram"):
-        return Classifier(scratch_text_encoder(cfg, len(tokenizer)))
-    if pretrained is not None:
-        return Classifier(pretrained)
-    if hf_config_dir is None:
-        return Classifier(load_text_model(cfg.text_model)[0])
-    from transformers import AutoConfig, AutoModel
-
-    hf_cfg = AutoConfig.from_pretrained(hf_config_dir, local_files_only=True, trust_remote_code=False)
-    return Classifier(TextEncoder(AutoModel.from_config(hf_cfg, dtype=torch.float32), pooling="pooler"))
-
-
-def build_parts(cfg: Config, variant: str, tokenizer, hf_config_dir: str | None = None,
-                pretrained: TextEncoder | None = None) -> dict[str, nn.Module]:
-    """The variant's networks, before their trained weights are loaded: text / image classifiers and BLOCK."""
-    names = RUN_PARTS[variant]
-    parts: dict[str, nn.Module] = {}
-    if "text" in names:
-        parts["text"] = text_classifier(cfg, tokenizer, hf_config_dir, pretrained)
-    if "image" in names:  # the trained weights replace ImageNet's: none are needed to build it
-        parts["image"] = Classifier(build_image_encoder(cfg.image_model, None, tuple(cfg.image_size)))
-    if "block" in names:
-        parts["block"] = fusion_block(cfg, parts["text"].encoder.out_dim, parts["image"].encoder.out_dim)
-    return parts
-
-
+# ------------------------------------------------------------------------------------------ loading
 def run_tokenizer(run_dir: Path, cfg: Config) -> tuple[object, TextEncoder | None]:
-    """The tokenizer the run encoded its texts with: its saved vocabulary (tiny / ngram), rebuilt from the
-    run's data when an older run did not save one, or the Hugging Face model's own (returned with the model,
-    loaded once)."""
+    """The tokenizer the run encoded its texts with: its saved vocabulary (tiny / ngram), or the Hugging Face
+    model's own (returned with the model, loaded once)."""
     if cfg.text_model not in ("tiny", "ngram"):
         encoder, tokenizer = load_text_model(cfg.text_model)
         return tokenizer, encoder
-    return _vocabulary(run_dir, cfg), None
-
-
-def _vocabulary(run_dir: Path, cfg: Config) -> VocabTokenizer:
-    if os.path.lexists(run_dir / VOCAB_FILE):  # whatever it is, read through safe_io (a pipe: one line)
-        return VocabTokenizer.load(run_dir / VOCAB_FILE)
-    from cmc_fast.data import prepare  # same data, seed and split: the same vocabulary
-
-    return prepare(cfg, tokenizer=None, use_images=False).tokenizer
+    if not os.path.lexists(run_dir / VOCAB_FILE):  # whatever it is, read through safe_io (a pipe: one line)
+        raise UsageError(f"--run: {run_dir / VOCAB_FILE} not found; the run's vocabulary is needed to read its texts")
+    return VocabTokenizer.load(run_dir / VOCAB_FILE), None
 
 
 def run_variants(run_dir: Path) -> list[str]:
     """The variants whose best checkpoints are all in the run (the names the report's table uses)."""
-    names = {v: k for k, v in VARIANT_ALIASES.items()}
-    return [names.get(variant, variant) for variant, parts in RUN_PARTS.items()
-            if all(CheckpointManager(run_dir / "checkpoints", stage).best_path(head).is_file()
-                   for stage, head, _ in parts.values())]
+    return [v.row for v in VARIANTS.values()
+            if all(CheckpointManager(run_dir / "checkpoints", p.stage).best_path(p.head).is_file()
+                   for p in v.parts.values())]
 
 
 def load_run_states(run_dir: Path, variant: str) -> dict[str, dict]:
     """part -> state dict, from the run's best checkpoints, loaded without unpickling."""
     states, cache = {}, {}
-    for part, (stage, head, key) in RUN_PARTS[variant].items():
-        path = CheckpointManager(run_dir / "checkpoints", stage).best_path(head)
+    for part, where in VARIANTS[variant].parts.items():
+        path = CheckpointManager(run_dir / "checkpoints", where.stage).best_path(where.head)
         if not os.path.lexists(path):
             have = run_variants(run_dir)
             raise UsageError(f"--variant {variant}: {path} not found; the run did not train this variant or has not "
@@ -165,7 +115,7 @@ def load_run_states(run_dir: Path, variant: str) -> dict[str, dict]:
                              + (", ".join(have) + f" (pass --variant {have[0]})" if have else "none finished"))
         if path not in cache:
             cache[path] = load_checkpoint(path)  # pickle-free; a damaged or foreign file: one line naming it
-        states[part] = cache[path]["modules"][key]
+        states[part] = cache[path]["modules"][where.module]
     return states
 
 
@@ -196,8 +146,6 @@ class Detector:
 
     @classmethod
     def from_bundle(cls, bundle_dir: str | Path, *, device: str = "auto") -> Detector:
-        from cmc_fast.bundle import read_bundle
-
         cfg, key, tokenizer, parts = read_bundle(Path(bundle_dir))
         return cls(cfg, key, tokenizer, parts, device=device, source=str(bundle_dir))
 
@@ -212,7 +160,7 @@ class Detector:
         if self.image_net is None:
             return None
         if self.text_net is not None and self.branch_heads:
-            return TEXT_BRANCH_NAME.get(self.variant, f"{self.variant} text branch")
+            return VARIANTS[self.variant].text_branch or f"{self.variant} text branch"
         return None
 
     def predict(self, texts, images=None, *, batch_size: int = 64) -> Prediction:

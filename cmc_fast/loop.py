@@ -204,14 +204,11 @@ def _resume(stage: Stage, manager: CheckpointManager, schedulers: dict, gen: tor
         opt.load_state_dict(record["optimizers"][key])
     for key, sched in schedulers.items():
         sched.load_state_dict(record["schedulers"][key])
-    # a record written before the checkpoint manager kept its random states at the top level, and no clock
-    rng = record.get("rng") or {key: record.get(key) for key in ("generator", "torch_rng", "cuda_rng")}
-    restore_rng(rng, gen)
+    restore_rng(record["rng"], gen)
     result.best, result.history = dict(record["best"]), list(record["history"])
-    result.best_epoch = dict(record.get("best_epoch", {}))
-    result.best_val = dict(record.get("best_val", {}))
-    result.stopped_early = bool(record.get("stopped_early", False))
-    result.clock = StageClock(**record.get("clock", {}))
+    result.best_epoch, result.best_val = dict(record["best_epoch"]), dict(record["best_val"])
+    result.stopped_early = bool(record["stopped_early"])
+    result.clock = StageClock(**record["clock"])
     if result.stopped_early:  # --patience ended it: the stage is finished
         return stage.epochs
     if record["epoch"] < stage.epochs:

@@ -20,6 +20,7 @@ from cmc_fast.encoders import NgramEncoder, TextEncoder, build_image_encoder, lo
 from cmc_fast.errors import UsageError
 from cmc_fast.fusion import Block
 from cmc_fast.pretrain import pretrain_mlm
+from cmc_fast.variants import VARIANTS
 
 log = logging.getLogger("cmc_fast")
 
@@ -55,8 +56,8 @@ def resolve_device(name: str) -> torch.device:
 
 def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
     """True when the CPU multiplies bfloat16 matrices in hardware: the ``amx_bf16`` flag (Intel AMX tiles) in
-    /proc/cpuinfo; any other system counts as not native. AVX512-BF16 alone is not counted: on this project's 2-core VM,
-    which has it, issue #14 measured a tiny-BERT step 6.6x slower under bf16 autocast than in float32."""
+    /proc/cpuinfo; any other system counts as not native. AVX512-BF16 alone is not counted: a CPU with it but no
+    AMX runs a tiny-BERT step several times slower under bf16 autocast than in float32."""
     if cpuinfo is None:
         if platform.system() != "Linux":
             return False
@@ -101,26 +102,54 @@ def fusion_block(cfg: Config, text_dim: int, image_dim: int) -> Block:
                  dropout_input=cfg.fusion_dropout)
 
 
-class ModelBuilder:
-    """Builds every network, optimiser, distiller and fusion of a run on one device. The tiny text model's
-    masked-LM pre-training runs once per run (saved to ``checkpoints/text-mlm.pt``) and every text network
-    starts from it."""
+def text_classifier(cfg: Config, tokenizer, hf_config_dir: str | None = None,
+                    pretrained: TextEncoder | None = None) -> Classifier:
+    """A trained run's text network, before its weights are loaded. A Hugging Face model is ``pretrained`` when
+    given (a run: loaded with its tokenizer), else built from its config alone in ``hf_config_dir`` (a bundle),
+    else loaded from ``cfg.text_model``."""
+    if cfg.text_model in ("tiny", "ngram"):
+        return Classifier(scratch_text_encoder(cfg, len(tokenizer)))
+    if pretrained is not None:
+        return Classifier(pretrained)
+    if hf_config_dir is None:
+        return Classifier(load_text_model(cfg.text_model)[0])
+    from transformers import AutoConfig, AutoModel
 
-    def __init__(self, cfg: Config, device: torch.device, ckpt_dir: Path, *, resume: bool, evaluate_only: bool,
-                 notes: list[str]):
+    hf_cfg = AutoConfig.from_pretrained(hf_config_dir, local_files_only=True, trust_remote_code=False)
+    return Classifier(TextEncoder(AutoModel.from_config(hf_cfg, dtype=torch.float32), pooling="pooler"))
+
+
+def build_parts(cfg: Config, variant: str, tokenizer, hf_config_dir: str | None = None,
+                pretrained: TextEncoder | None = None) -> dict[str, nn.Module]:
+    """A trained variant's networks (``variants.VARIANTS[variant].parts``), before their trained weights are
+    loaded: text / image classifiers and BLOCK."""
+    names = VARIANTS[variant].parts
+    parts: dict[str, nn.Module] = {}
+    if "text" in names:
+        parts["text"] = text_classifier(cfg, tokenizer, hf_config_dir, pretrained)
+    if "image" in names:  # the trained weights replace ImageNet's: none are needed to build it
+        parts["image"] = Classifier(build_image_encoder(cfg.image_model, None, tuple(cfg.image_size)))
+    if "block" in names:
+        parts["block"] = fusion_block(cfg, parts["text"].encoder.out_dim, parts["image"].encoder.out_dim)
+    return parts
+
+
+class ModelBuilder:
+    """Builds every network, optimiser, distiller and fusion of a run on one device, from the run's prepared inputs
+    (its tokenizer, its fit and validation texts on the device, a Hugging Face text model loaded up front). The tiny
+    text model's masked-LM pre-training runs once per run (saved to ``checkpoints/text-mlm.pt``) and every text
+    network starts from it."""
+
+    def __init__(self, cfg: Config, device: torch.device, ckpt_dir: Path, *, tokenizer, fit_text: SplitData,
+                 val_text: SplitData, pretrained_text: TextEncoder | None = None, resume: bool = False,
+                 evaluate_only: bool = False, notes: list[str] | None = None):
         self.cfg, self.device, self.ckpt_dir = cfg, device, ckpt_dir
-        self.resume, self.evaluate_only, self.notes = resume, evaluate_only, notes
-        self.tokenizer = None
-        self.fit_text: SplitData | None = None  # the fit texts masked-LM pre-training reads
-        self.val_text: SplitData | None = None
-        self._pretrained_text: TextEncoder | None = None  # loaded once up front, handed to the first stage
+        self.tokenizer, self.fit_text, self.val_text = tokenizer, fit_text, val_text
+        self.resume, self.evaluate_only = resume, evaluate_only
+        self.notes = notes if notes is not None else []
+        self._pretrained_text = pretrained_text  # handed to the first stage that builds a text network
         self._text_mlm_state: dict | None = None
         self.text_mlm_history: list[dict] = []
-
-    def load_pretrained_text(self) -> None:
-        """A Hugging Face text model's weights and tokenizer, before any data work (fails fast when missing)."""
-        if self.cfg.text_model not in ("tiny", "ngram"):
-            self._pretrained_text, self.tokenizer = load_text_model(self.cfg.text_model)
 
     def text_encoder(self) -> TextEncoder | NgramEncoder:
         cfg = self.cfg

@@ -1,4 +1,5 @@
-"""``cmc-fast predict --run DIR|--bundle DIR --input FILE [--variant cmc] [--out FILE.jsonl]``.
+"""Scoring a file of posts with a detector (``cmc-fast predict --run DIR|--bundle DIR --input FILE [--variant cmc]
+[--out FILE.jsonl]``).
 
 The input is the manifest format: JSONL (one object a line) or CSV, with ``text``, ``image`` (a path relative to
 the input file, or absolute inside its folder; one leaving the folder is a bad line unless
@@ -19,8 +20,6 @@ Exit status: 0 every post was scored, 1 some lines were reported and skipped, 2 
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import csv
 import io
 import json
@@ -37,7 +36,6 @@ from tqdm.auto import tqdm
 from cmc_fast.data_pipeline import safe_io
 from cmc_fast.data_pipeline.readers.common import outside_reason, unencodable_key
 from cmc_fast.detector import Detector
-from cmc_fast.errors import UsageError
 
 TEXT_KEYS = ("text", "content")
 MAX_LINE_BYTES = safe_io.LINE_LIMIT  # one post's line (JSONL) or field (CSV); a longer one is reported
@@ -248,62 +246,3 @@ def _report(stream, name: str, bad: BadLine, summary: Summary) -> None:
     summary.failed += 1
     post = f" (id {bad.id})" if bad.id else ""
     print(f"{name}:{bad.line}: skipped{post}: {bad.reason}", file=stream)
-
-
-# ------------------------------------------------------------------------------------------------- CLI
-def add_parser(sub) -> None:
-    pr = sub.add_parser("predict", help="score new posts (JSONL/CSV manifest) with a trained run or bundle")
-    src = pr.add_mutually_exclusive_group(required=True)
-    src.add_argument("--run", metavar="DIR", help="a finished run directory")
-    src.add_argument("--bundle", metavar="DIR", help="a bundle written by `cmc-fast export`")
-    pr.add_argument("--input", required=True, metavar="FILE", help="JSONL or CSV with text, image, optional id")
-    pr.add_argument("--variant", default=None, help="with --run: the variant to score with (default cmc)")
-    pr.add_argument("--out", metavar="FILE.jsonl", help="where the JSON lines go (default stdout)")
-    pr.add_argument("--batch-size", type=int, default=64, help="posts scored at a time (memory is bounded by it)")
-    pr.add_argument("--device", default="auto",
-                    help="auto (default: CUDA when present, as training), cpu or cuda[:N]")
-    pr.add_argument("--no-progress", action="store_true", help="no progress bar")
-    pr.set_defaults(_command=run_predict)
-
-
-def load_detector(args: argparse.Namespace) -> Detector:
-    if args.bundle:
-        if args.variant:
-            raise UsageError("--variant: a bundle holds one variant already; use it with --run")
-        return Detector.from_bundle(args.bundle, device=args.device)
-    return Detector.from_run(args.run, args.variant or "cmc", device=args.device)
-
-
-def _model_files(folder: Path) -> list[Path]:
-    """The files of a run or bundle folder and its sub-folders (one level): none may be ``--out``."""
-    if not folder.is_dir():
-        return []
-    subfolders = [d for d in folder.iterdir() if d.is_dir() and not d.is_symlink()]
-    return [*folder.iterdir(), *(f for d in subfolders for f in d.iterdir())]
-
-
-def run_predict(args: argparse.Namespace) -> int:
-    path = Path(args.input)
-    if not os.path.lexists(path):
-        raise UsageError(f"--input: file not found: {path}")
-    problem = safe_io.file_problem(path, allow_empty=True)  # a pipe, a device, a folder: refused unopened
-    if problem:
-        raise UsageError(f"--input: {problem}")
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size: must be >= 1, got {args.batch_size}")
-    progress = not args.no_progress and sys.stderr.isatty()
-    with contextlib.ExitStack() as stack:
-        # --out is checked before the model loads, written beside itself and renamed once complete: never the
-        # input, never two writers at once, left as it was when the run fails
-        inputs = (path, *_model_files(Path(args.run or args.bundle)))
-        out = (stack.enter_context(safe_io.replacing_output(args.out, "--out", inputs=inputs)) if args.out
-               else sys.stdout)
-        detector = load_detector(args)
-        summary = predict_file(detector, path, out, batch_size=args.batch_size, progress=progress)
-    print(f"{detector.variant} ({detector.source}): {summary.line()}", file=sys.stderr)
-    if detector.uses_images and summary.posts and summary.text_only == summary.posts:
-        print(f"cmc-fast: error: no image of {path} could be used, so no post was scored by {detector.variant} "
-              "itself, only by its text branch (see the lines above; image paths are relative to the input file)",
-              file=sys.stderr)
-        return 1
-    return 1 if summary.failed else 0

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from cmc_fast.config import VARIANTS
 from cmc_fast.metrics import confusion, roc_curve
+from cmc_fast.variants import REPORT_ORDER
 
 _HEAD = ["Variant", "Accuracy", "Fake P", "Fake R", "Fake F1", "Real P", "Real R", "Real F1", "n test", "val acc",
          "time s"]
-# the text-only row on all posts sits under finetune-t
-_ORDER = [*VARIANTS[:1], "finetune-t (all posts)", *VARIANTS[1:], "baseline: tf-idf + logistic regression"]
 _KEYS = ["accuracy", "fake_precision", "fake_recall", "fake_f1", "real_precision", "real_recall", "real_f1"]
 
 
@@ -98,7 +96,7 @@ def _pyplot():
 
 
 def _ordered(scores: dict) -> list[str]:
-    return sorted(scores, key=lambda v: _ORDER.index(v) if v in _ORDER else 99)
+    return sorted(scores, key=lambda v: REPORT_ORDER.index(v) if v in REPORT_ORDER else 99)
 
 
 def plot_confusion(scores: dict[str, dict], path) -> bool:

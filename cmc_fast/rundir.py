@@ -14,6 +14,10 @@ writes:
 
 The lock file appears atomically with its content (written beside it, then hard-linked into place), so a reader
 never sees it half-written.
+
+``log_to(run_dir)`` (a context manager) is the one writer of the folder's ``log.txt``: the toolkit's logger
+(``cmc_fast``) appends every record there through one handler while it is held, the CLI's notes and error line
+among them.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import socket
 import time
@@ -31,6 +36,9 @@ from cmc_fast.data_pipeline import safe_io
 from cmc_fast.errors import UsageError
 
 LOCK_NAME = ".lock"
+LOG_NAME = "log.txt"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+log = logging.getLogger("cmc_fast")
 MAX_PID = 1 << 22  # Linux's pid_max ceiling: a lock naming a larger PID was not written by a process
 
 
@@ -205,3 +213,39 @@ def clear_run(run_dir: Path) -> list[str]:
             path.unlink()
         removed += 1
     return [f"--overwrite: deleted the {removed} entries of the run in {run_dir}"] if removed else []
+
+
+class RunLogHandler(logging.FileHandler):
+    """A run's ``log.txt``, appended through ``safe_io.open_append``: never through a symbolic link, never a
+    pipe or device (refused with one line naming it)."""
+
+    def __init__(self, path: Path):
+        super().__init__(path, encoding="utf-8")
+        self.setFormatter(logging.Formatter(LOG_FORMAT))
+
+    def _open(self):
+        return safe_io.open_append(self.baseFilename)
+
+
+def run_log_handler(run_dir: str | Path) -> RunLogHandler | None:
+    """The handler writing ``run_dir``'s log.txt, when one is attached to the toolkit's logger."""
+    path = os.path.abspath(Path(run_dir) / LOG_NAME)
+    return next((h for h in log.handlers if isinstance(h, RunLogHandler) and h.baseFilename == path), None)
+
+
+@contextlib.contextmanager
+def log_to(run_dir: str | Path) -> Iterator[RunLogHandler]:
+    """The toolkit's log records appended to ``run_dir``'s log.txt for the body (INFO and up). Entered again for
+    the same folder, it reuses the handler already there: one writer of the file at any time."""
+    handler = run_log_handler(run_dir)
+    if handler is not None:
+        yield handler
+        return
+    handler = RunLogHandler(Path(run_dir) / LOG_NAME)
+    log.setLevel(logging.INFO)
+    log.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        log.removeHandler(handler)
+        handler.close()

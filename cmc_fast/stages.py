@@ -11,13 +11,12 @@
     FusionStage     stage 2 (cmc)             both networks frozen, BLOCK trained on their features
     SharedStage     cmc-shared                encoders and BLOCK trained jointly in one stage
 
-``build_stage`` builds one of them for a configured run without training it: what the profiler and the step
-benchmarks drive, so they time exactly the step the trainer runs.
+``trainer.build_stage`` builds one of them for a configured run without training it: what the profiler and the
+step benchmarks drive, so they time exactly the step the trainer runs.
 """
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -32,10 +31,10 @@ from cmc_fast.metrics import classification_metrics, roc_curve
 from cmc_fast.models import Classifier, ModelBuilder
 
 
-@dataclass
+@dataclass(frozen=True)
 class StageContext:
-    """What every stage shares: the configuration, the device, the autocast dtype (None: float32) and the
-    builders."""
+    """What every stage shares, assembled once the run's data is ready: the configuration, the device, the
+    autocast dtype (None: float32) and the builders."""
 
     cfg: Config
     device: torch.device
@@ -209,7 +208,7 @@ def _mutual_loss(stage: MutualStage | SharedStage, t_logits: torch.Tensor, t_fea
     cfg = stage.cfg
     ce_t, ce_v = stage.cross_entropy(t_logits, rows), stage.cross_entropy(v_logits, rows)
     l_v2t, l_t2v = stage.distiller(t_feat.float(), v_feat.float(), rows)
-    start = ce_t if first is None else first + ce_t  # the order of the sum as it always was (bit-equal runs)
+    start = ce_t if first is None else first + ce_t  # summed in this order: float addition is not associative
     return start + cfg.alpha * l_v2t + ce_v + cfg.beta * l_t2v, ce_t, ce_v, l_v2t + l_t2v
 
 
@@ -316,8 +315,7 @@ class FusionStage(Stage):
 class SharedStage(Stage):
     """cmc-shared. ``--shared-loss fused`` (default, the paper's CMC-shared baseline): both encoders' features
     fused by BLOCK, the whole framework trained in one stage on the fused cross-entropy, no distillation.
-    ``fused+distill``: L = CE_fused + CE_T + alpha L_{V->T} + CE_V + beta L_{T->V} (this toolkit's earlier
-    cmc-shared)."""
+    ``fused+distill``: L = CE_fused + CE_T + alpha L_{V->T} + CE_V + beta L_{T->V}."""
 
     name, uses_images = "cmc-shared", True
 
@@ -359,27 +357,3 @@ class SharedStage(Stage):
         _, t = _text_logits_and_features(self.text_net, split, batch.rows)
         _, v = self.image_net(batch.pixels)
         return {"fused": self.block([t, v])}
-
-
-STAGE_VARIANT = {"finetune-t": "finetune-t", "finetune-v": "finetune-v", "stage1": "cmc-t", "stage2": "cmc",
-                 "cmc-shared": "cmc-shared"}
-
-
-def build_stage(cfg: Config, stage: str, run_dir: str | None = None):
-    """(trainer, stage) for ``stage`` in STAGE_VARIANT; stage2 gets freshly initialised (untrained) encoders."""
-    from cmc_fast.trainer import Trainer
-
-    if stage not in STAGE_VARIANT:
-        raise ValueError(f"unknown stage {stage!r}; choose one of {', '.join(STAGE_VARIANT)}")
-    cfg.variant, cfg.progress = STAGE_VARIANT[stage], False
-    tr = Trainer(cfg, run_dir or tempfile.mkdtemp(prefix="cmc-stage-"))
-    tr.setup()
-    ctx, splits = tr.ctx, tr.mm_splits
-    if stage in ("finetune-t", "finetune-v"):
-        modality = "text" if stage == "finetune-t" else "image"
-        return tr, FinetuneStage(ctx, splits if modality == "image" else tr.text_splits, modality, stage)
-    if stage == "stage1":
-        return tr, MutualStage(ctx, splits)
-    if stage == "stage2":
-        return tr, FusionStage(ctx, splits, ctx.build.text_net(), ctx.build.image_net())
-    return tr, SharedStage(ctx, splits)

@@ -1,10 +1,15 @@
 """The runner: sets a run up (directory, log, data, builders), runs the variant plan through ``fit`` and writes
 the report. The pieces it drives:
 
+    variants.py            the variants: the stage and head that score each one, the table's order
     models.py              device, precision, networks, optimisers, distiller, BLOCK
     stages.py              one class per stage (finetune, stage 1, stage 2, cmc-shared) with named hooks
     loop.py                ``fit``: the loop, log reads every N steps, validation, resume
     checkpoint_manager.py  last and best checkpoints, their order of writes, random states
+
+The run's inputs are assembled once, in order, and handed on: the device and autocast dtype, the text model and
+its tokenizer, the records, the prepared splits; then one ``ModelBuilder`` and one ``StageContext`` from them.
+``build_stage`` sets a run up the same way and builds one stage without training it.
 
 Every row of the table is scored on the same posts: the test posts with a decodable image (the posts all six
 variants can use). When some posts have no image, the text-only model trained and scored on all posts is its
@@ -14,8 +19,11 @@ training set and scores the test split once, at the end.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -26,15 +34,15 @@ from cmc_fast.checkpoint import write_json, write_text
 from cmc_fast.checkpoint_manager import CheckpointManager
 from cmc_fast.config import Config
 from cmc_fast.data import PreparedData, SplitData, check_splits, prepare, read_dataset, refuse_imageless
-from cmc_fast.data_pipeline import safe_io
 from cmc_fast.data_pipeline.records import DatasetSplits
 from cmc_fast.data_pipeline.text import VocabTokenizer
-from cmc_fast.encoders import build_image_encoder
+from cmc_fast.encoders import TextEncoder, build_image_encoder, load_text_model
 from cmc_fast.errors import UsageError
 from cmc_fast.loop import fit
 from cmc_fast.models import ModelBuilder, amp_dtype, resolve_device
 from cmc_fast.recipes import describe
 from cmc_fast.report import markdown_report, plot_history, plot_test_figures, text_table
+from cmc_fast.rundir import log_to
 from cmc_fast.stages import (
     FinetuneStage,
     FusionStage,
@@ -45,29 +53,18 @@ from cmc_fast.stages import (
     class_weight,
     imbalanced,
 )
+from cmc_fast.variants import ALL_POSTS_ROW, BASELINE_ROW, STAGE_VARIANT, VARIANTS, rows_of
 
 log = logging.getLogger("cmc_fast")
 
 
-class RunLogHandler(logging.FileHandler):
-    """The run's ``log.txt``, appended through ``safe_io.open_append``: never through a symbolic link, never a
-    pipe or device (refused with one line naming it)."""
-
-    def __init__(self, path: Path):
-        super().__init__(path, encoding="utf-8")
-        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-
-    def _open(self):
-        return safe_io.open_append(self.baseFilename)
-IMAGE_VARIANTS = ("finetune-v", "cmc-t", "cmc-v", "cmc", "cmc-shared")
-ALL_POSTS_ROW = "finetune-t (all posts)"
-BASELINE_ROW = "baseline: tf-idf + logistic regression"
-
-
 class Trainer:
+    """One run of a validated ``Config`` (validated where it was assembled: the command line, a saved
+    ``config.json``, ``build_stage``) into ``run_dir``."""
+
     def __init__(self, cfg: Config, run_dir: str | Path, *, resume: bool = False, evaluate_only: bool = False,
                  figures: bool = False, recipe: dict | None = None):
-        self.cfg = cfg.validate()
+        self.cfg = cfg
         self.recipe = recipe  # how recipes.configure chose the training values (None: as the config says)
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -85,14 +82,15 @@ class Trainer:
         self.history: dict[str, list[dict]] = {}  # stage -> per-epoch train loss and validation accuracy
         self.chosen: dict[str, dict[str, tuple]] = {}  # stage -> variant -> (epoch of its checkpoint, head)
         self.scores: dict[str, dict] = {}  # variant -> test p(fake), predicted and true labels (report figures)
+        self.use_images = any(VARIANTS[v].uses_images for v in cfg.variants())
+        # check_inputs: the dataset as read, and a Hugging Face text model's (encoder, tokenizer)
+        self.records: DatasetSplits | None = None
+        self.pretrained_text: tuple[TextEncoder, object] | None = None
+        # setup: the data, then the context every stage shares, each built once, complete
         self.data: PreparedData | None = None
         self.text_splits: dict[str, SplitData] = {}
         self.mm_splits: dict[str, SplitData] | None = None  # the posts with an image (None: no image variant)
-        self.records: DatasetSplits | None = None  # the dataset as read (check_inputs)
-        self.use_images = False
-        self.build = ModelBuilder(cfg, self.device, self.ckpt_dir, resume=self.resume,
-                                  evaluate_only=evaluate_only, notes=self.notes)
-        self.ctx = StageContext(cfg, self.device, None, self.build)
+        self.ctx: StageContext | None = None
 
     # ---------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -102,15 +100,18 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.ckpt_dir.mkdir(exist_ok=True)
-        main = distributed.is_main()  # rank 0 alone writes the run directory's files
-        if main:
-            self._setup_logging()
-        self.ctx.amp_dtype = amp_dtype(cfg, self.device, self.notes)
-        if main and not self.evaluate_only:  # evaluate writes only evaluate.json (and its lines in log.txt)
+        dtype = amp_dtype(cfg, self.device, self.notes)
+        if distributed.is_main() and not self.evaluate_only:  # evaluate writes only evaluate.json (and log lines)
             write_json(asdict(cfg), self.run_dir / "config.json")
         self.check_inputs()
         with distributed.main_first("data preparation"):  # rank 0 writes the image cache
-            self._prepare_data(self.use_images)
+            self._prepare_data()
+        encoder = self.pretrained_text[0] if self.pretrained_text else None
+        build = ModelBuilder(cfg, self.device, self.ckpt_dir, tokenizer=self.data.tokenizer,
+                             fit_text=self.text_splits["fit"], val_text=self.text_splits["val"],
+                             pretrained_text=encoder, resume=self.resume, evaluate_only=self.evaluate_only,
+                             notes=self.notes)
+        self.ctx = StageContext(cfg, self.device, dtype, build)
 
     def check_inputs(self) -> None:
         """What the run needs that can be checked without its folder (the CLI calls this before making one, so a
@@ -119,19 +120,21 @@ class Trainer:
         if self.records is not None:
             return
         cfg = self.cfg
-        self.build.load_pretrained_text()
+        if cfg.text_model not in ("tiny", "ngram"):  # a Hugging Face model: loaded before any data work
+            self.pretrained_text = load_text_model(cfg.text_model)
         with distributed.main_first("reading the dataset"):  # rank 0 writes the synthetic data
             records = read_dataset(cfg)
-        self.use_images = any(v in IMAGE_VARIANTS for v in cfg.variants())
         if self.use_images:
             refuse_imageless(cfg, records, cfg.variants())
             build_image_encoder(cfg.image_model, cfg.image_weights, tuple(cfg.image_size))
         self.records = records
 
-    def _prepare_data(self, use_images: bool) -> None:
+    def _prepare_data(self) -> None:
+        """Split, tokenise (a Hugging Face model's tokenizer, or the tiny models' vocabulary built from the fit
+        split) and decode the records, once."""
         cfg, t0 = self.cfg, time.perf_counter()
-        self.data = prepare(cfg, tokenizer=self.build.tokenizer, use_images=use_images, ds=self.records)
-        self.build.tokenizer = self.data.tokenizer
+        tokenizer = self.pretrained_text[1] if self.pretrained_text else None
+        self.data = prepare(cfg, tokenizer=tokenizer, use_images=self.use_images, ds=self.records)
         if isinstance(self.data.tokenizer, VocabTokenizer) and not self.evaluate_only and distributed.is_main():
             write_json(self.data.tokenizer.vocab, self.run_dir / "vocab.json")
         log.info("data ready in %.1fs: %s", time.perf_counter() - t0, self.data.summary)
@@ -141,47 +144,37 @@ class Trainer:
             log.info("%d posts skipped or dropped for image variants; see %s", len(self.data.skipped),
                      self.run_dir / "skipped.json")
         self.text_splits = {s.name: s.to(self.device) for s in (self.data.fit, self.data.val, self.data.test)}
-        self.build.fit_text, self.build.val_text = self.text_splits["fit"], self.text_splits["val"]
-        if use_images:
+        if self.use_images:
             self.mm_splits = {n: s.with_images().to(self.device) for n, s in self.text_splits.items()}
         check_splits(cfg, self.data, self.mm_splits, cfg.variants())  # before any training: which split, and why
-
-    def _setup_logging(self) -> None:
-        log.setLevel(logging.INFO)
-        for h in list(log.handlers):
-            if getattr(h, "_cmc_run", False):
-                log.removeHandler(h)
-        fh = RunLogHandler(self.run_dir / "log.txt")
-        fh._cmc_run = True
-        log.addHandler(fh)
 
     # ------------------------------------------------------------------------------------------ plan
     def run(self) -> dict[str, dict]:
         t0 = time.perf_counter()
-        self.setup()
-        self.run_plan()
-        if distributed.is_main():
-            self._write_outputs(time.perf_counter() - t0)
+        with log_to(self.run_dir) if distributed.is_main() else nullcontext():  # rank 0 alone writes log.txt
+            self.setup()
+            self.run_plan()
+            if distributed.is_main():
+                self._write_outputs(time.perf_counter() - t0)
         distributed.barrier("end of run")
         return self.results
 
     def run_plan(self) -> None:
-        """Each requested variant's stage, trained (or reloaded) and scored, in the order that keeps the random
-        stream of every row as it was before the all-posts row existed (that row runs last)."""
+        """Each requested variant's stage, trained (or reloaded) and scored; the all-posts row runs last."""
         variants, ctx = set(self.cfg.variants()), self.ctx
         shared = self.mm_splits or self.text_splits  # the posts every row is scored on
         if "finetune-t" in variants:
-            self.fit_and_score(FinetuneStage(ctx, shared, "text", "finetune-t"), {"text": "finetune-t"})
+            self.fit_and_score(FinetuneStage(ctx, shared, "text", "finetune-t"))
         if "finetune-v" in variants:
-            self.fit_and_score(FinetuneStage(ctx, shared, "image", "finetune-v"), {"image": "finetune-v"})
+            self.fit_and_score(FinetuneStage(ctx, shared, "image", "finetune-v"))
         if {"cmc-t", "cmc-v", "cmc"} & variants:
-            stage1 = self.fit_and_score(MutualStage(ctx, shared), {"text": "cmc-t", "image": "cmc-v"})
+            stage1 = self.fit_and_score(MutualStage(ctx, shared))
             if "cmc" in variants:
-                self.fit_and_score(FusionStage(ctx, shared, stage1.text_net, stage1.image_net), {"fused": "cmc"})
+                self.fit_and_score(FusionStage(ctx, shared, stage1.text_net, stage1.image_net))
         if "cmc-shared" in variants:
-            self.fit_and_score(SharedStage(ctx, shared), {"fused": "cmc-shared"})
+            self.fit_and_score(SharedStage(ctx, shared))
         if "finetune-t" in variants and self._some_posts_lack_an_image():
-            self.fit_and_score(FinetuneStage(ctx, self.text_splits, "text", "finetune-t-all"), {"text": ALL_POSTS_ROW})
+            self.fit_and_score(FinetuneStage(ctx, self.text_splits, "text", "finetune-t-all"))
         keep = variants | ({ALL_POSTS_ROW} if "finetune-t" in variants else set()) | {BASELINE_ROW}
         if self.cfg.baseline and distributed.is_main():
             self.score_baseline(shared)
@@ -202,8 +195,10 @@ class Trainer:
         whole = len(self.text_splits["test"])
         return f"the {n} test posts with an image" + (" (all of them)" if n == whole else f" (of {whole})")
 
-    def fit_and_score(self, stage: Stage, variants: dict[str, str]) -> Stage:
-        """Train (or, resumed, reload) ``stage`` and score each of its heads once on the test split."""
+    def fit_and_score(self, stage: Stage) -> Stage:
+        """Train (or, resumed, reload) ``stage`` and score each of its heads once on the test split, as the rows
+        of the variants it scores."""
+        variants = rows_of(stage.name)
         compile_counters = _graph_break_counters(self.cfg.compile)
         ops.nce_paths_taken(reset=True)
         result = fit(stage, CheckpointManager(self.ckpt_dir, stage.name), resume=self.resume,
@@ -236,7 +231,7 @@ class Trainer:
         None under evaluate, which trains nothing."""
         if self.evaluate_only:
             return None
-        stages = ("stage1", "stage2") if variant == "cmc" else (stage,)
+        stages = VARIANTS[variant].stages if variant in VARIANTS else (stage,)
         return sum(self.timings.get(s, {}).get("train_seconds", float("nan")) for s in stages)
 
     def _note_collapse(self, stage: Stage, history: list[dict], variants: dict[str, str]) -> None:
@@ -310,7 +305,7 @@ class Trainer:
     def _write_outputs(self, seconds: float) -> None:
         name = "evaluate" if self.evaluate_only else "metrics"
         payload = {"results": self.results, "timings": self.timings, "history": self.history,
-                   "text_mlm": self.build.text_mlm_history, "data": self.data.summary, "device": str(self.device),
+                   "text_mlm": self.ctx.build.text_mlm_history, "data": self.data.summary, "device": str(self.device),
                    "shared_loss": self.cfg.shared_loss, "wall_seconds": seconds, "notes": self.notes,
                    "recipe": self.recipe_line(), "select_metric": self.cfg.select_metric}
         if self.evaluate_only and self.figures:
@@ -338,3 +333,23 @@ def _graph_break_counters(compiled: bool):
 
     counters["graph_break"].clear()
     return counters
+
+
+def build_stage(cfg: Config, stage: str, run_dir: str | None = None) -> tuple[Trainer, Stage]:
+    """(trainer, stage) for ``stage`` in ``variants.STAGE_VARIANT``, set up on ``cfg``'s data without training:
+    what the profiler and the step benchmarks drive, so they time exactly the step the trainer runs. stage2 gets
+    freshly initialised (untrained) encoders."""
+    if stage not in STAGE_VARIANT:
+        raise ValueError(f"unknown stage {stage!r}; choose one of {', '.join(STAGE_VARIANT)}")
+    cfg = dataclasses.replace(cfg, variant=STAGE_VARIANT[stage], progress=False).validate()
+    tr = Trainer(cfg, run_dir or tempfile.mkdtemp(prefix="cmc-stage-"))
+    tr.setup()
+    ctx, splits = tr.ctx, tr.mm_splits
+    if stage in ("finetune-t", "finetune-v"):
+        modality = "text" if stage == "finetune-t" else "image"
+        return tr, FinetuneStage(ctx, splits if modality == "image" else tr.text_splits, modality, stage)
+    if stage == "stage1":
+        return tr, MutualStage(ctx, splits)
+    if stage == "stage2":
+        return tr, FusionStage(ctx, splits, ctx.build.text_net(), ctx.build.image_net())
+    return tr, SharedStage(ctx, splits)

@@ -17,7 +17,6 @@ directory). Needs scikit-learn and matplotlib: ``pip install 'cmc-fast[plots]'``
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 
@@ -167,23 +166,3 @@ def make_tsne(run_dir: str | Path, split: str = "test", out: str | Path | None =
                 "rows": list(ROWS), "shared_rows": "text points first, then image points (same order as ids)",
                 "panels": panels}, js)
     return png, js
-
-
-def add_parser(sub) -> None:
-    ts = sub.add_parser("tsne", help="the paper's Fig. 2: t-SNE of fine-tuned vs CMC features (PNG + JSON)")
-    ts.add_argument("--run", required=True, metavar="DIR", help="a finished run (fine-tuned and/or CMC variants)")
-    ts.add_argument("--split", default="test", choices=("test", "train"), help="whose posts (default test)")
-    ts.add_argument("--out", metavar="DIR", help="where tsne.png and tsne.json go (default the run directory)")
-    ts.add_argument("--max-points", type=int, default=1000, help="posts sampled at most (t-SNE is quadratic)")
-    ts.add_argument("--seed", type=int, default=0)
-    ts.add_argument("--device", default="auto", help="auto (default), cpu or cuda[:N]")
-    ts.set_defaults(_command=run_tsne)
-
-
-def run_tsne(args: argparse.Namespace) -> int:
-    if args.max_points < 5:
-        raise UsageError(f"--max-points: must be >= 5, got {args.max_points}")
-    png, js = make_tsne(args.run, args.split, args.out, max_points=args.max_points, seed=args.seed,
-                        device=args.device)
-    print(f"t-SNE written: {png} and {js}")
-    return 0

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .caches import cache_root
+from .cache import cache_root
 from .records import DatasetSplits, Record
 
 _FAKE_WORDS = ["shocking", "secret", "miracle", "banned", "exposed", "hoax", "conspiracy", "unbelievable"]

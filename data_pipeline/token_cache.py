@@ -29,7 +29,7 @@ import torch
 
 from . import safe_io
 from . import text as text_module
-from .caches import cache_root
+from .cache import cache_root
 from .text import VocabTokenizer, encode_texts
 
 log = logging.getLogger(__name__)

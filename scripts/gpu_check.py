@@ -7,7 +7,7 @@ Sections in order (``SECTIONS``): ``env``; ``correctness``: pytest on the kernel
 tests/test_block_kernel.py) on this GPU, counted; ``timings``: the L2 gather probe, NCE (auto/gather/dense/eager)
 and BLOCK (fused/auto/loop/bmm) at bench/'s shapes and names: wall median and IQR, kernel time apart from host
 overhead, peak memory, floors; ``compiled``: torch.compile of the PyTorch references; ``train``: the trainer's own
-stage-1 step via ``stages.build_stage`` (eager fp32, AMP, AMP + compile); ``images``: the Weibo JPEGs
+stage-1 step via ``trainer.build_stage`` (eager fp32, AMP, AMP + compile); ``images``: the Weibo JPEGs
 (CMC_FAST_SHARED_DATA or ../shared/data) through PIL, torchvision on the GPU, and DALI once proven. Each row's
 ``launched`` is what ran, asked of the plan modules (NCE form, slots and splits; BLOCK path).
 
@@ -331,7 +331,7 @@ def section_train(run: Run) -> None:
 def train_variant(run: Run, label: str, cfg) -> None:
     from cmc_fast.kernels.nce_plan import nce_paths_taken
 
-    from cmc_fast.stages import build_stage
+    from cmc_fast.trainer import build_stage
 
     _, stage = build_stage(copy.copy(cfg), "stage1", tempfile.mkdtemp(prefix="gpu-check-", dir=run.out))
     stage.train()

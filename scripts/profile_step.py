@@ -15,7 +15,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from cmc_fast.config import preset
-from cmc_fast.stages import STAGE_VARIANT, build_stage
+from cmc_fast.trainer import build_stage
+from cmc_fast.variants import STAGE_VARIANT
 
 
 def main() -> None:

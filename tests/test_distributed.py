@@ -24,7 +24,8 @@ from tiny import TINY, tiny_config
 from cmc_fast import distributed
 from cmc_fast.distill import CrossModalNCE
 from cmc_fast.loop import batches
-from cmc_fast.stages import Batch, build_stage
+from cmc_fast.stages import Batch
+from cmc_fast.trainer import build_stage
 
 WORLD = 2
 # one step on the same global batch, 2 ranks against 1 process: the same float32 arithmetic on half-batches

@@ -5,19 +5,39 @@ from cmc_fast.encoders import NgramEncoder, TinyCNN, build_image_encoder, tiny_t
 from cmc_fast.errors import UsageError
 
 
+def _gram_counts(enc: NgramEncoder, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """How often each embedding row is used per post, read back through one-hot rows: [posts, rows]."""
+    probe = NgramEncoder(enc.vocab_size, dim=enc.vocab_size + enc.buckets, buckets=enc.buckets, dropout=0.0).eval()
+    with torch.no_grad():
+        probe.embed.weight.copy_(torch.eye(enc.vocab_size + enc.buckets))
+        kept = mask.sum(1)
+        grams = kept + (kept - 1).clamp_min(0) + (kept - 2).clamp_min(0)  # uni-, bi- and trigrams of each post
+        return probe(ids, mask) * grams[:, None]
+
+
 def test_ngram_encoder_is_the_mean_of_its_grams_and_ignores_padding():
     torch.manual_seed(0)
-    enc = NgramEncoder(vocab_size=50, dim=8, buckets=97, dropout=0.0).eval()
-    ids = torch.tensor([[5, 7, 9, 0, 0], [3, 4, 0, 0, 0]])
+    vocab, buckets = 50, 97
+    enc = NgramEncoder(vocab_size=vocab, dim=8, buckets=buckets, dropout=0.0).eval()
+    # posts: [5 7 9], [3 4], and the n-grams of the first one on their own: [5 7], [7 9]
+    ids = torch.tensor([[5, 7, 9, 0, 0], [3, 4, 0, 0, 0], [5, 7, 0, 0, 0], [7, 9, 0, 0, 0]])
     mask = (ids != 0).long()
+    counts = _gram_counts(enc, ids, mask).round()
+    uni, hashed = counts[:, :vocab], counts[:, vocab:]
+    # every real token once in the unigram rows; each bigram and trigram in one of the hashed rows
+    for post, tokens in enumerate(([5, 7, 9], [3, 4], [5, 7], [7, 9])):
+        expected = torch.zeros(vocab)
+        expected[tokens] = 1
+        torch.testing.assert_close(uni[post], expected)
+        n = len(tokens)
+        assert hashed[post].sum() == (n - 1) + max(n - 2, 0) and (hashed[post] >= 0).all()
+    # a bigram hashes to the same row wherever it appears: [5 7 9]'s rows are its two bigrams' and one more
+    rest = hashed[0] - hashed[2] - hashed[3]
+    assert (rest >= 0).all() and rest.sum() == 1
+    # the output is the mean of the embedding rows of those grams, computed from the counts
     out = enc(ids, mask)
-    # computed another way: explicit list of unigram, bigram and trigram rows for the first post
     w = enc.embed.weight
-    bi = lambda a, b: (a * 1000003 + b) % 97 + 50  # noqa: E731
-    tri = lambda a, b, c: (a * 1000003 * 1000003 + b * 1000003 + c) % 97 + 50  # noqa: E731
-    rows = [5, 7, 9, bi(5, 7), bi(7, 9), tri(5, 7, 9)]
-    torch.testing.assert_close(out[0], w[rows].mean(0))
-    torch.testing.assert_close(out[1], w[[3, 4, bi(3, 4)]].mean(0))
+    torch.testing.assert_close(out, (counts @ w) / counts.sum(1, keepdim=True))
     # padding content does not matter
     ids2 = ids.clone()
     ids2[0, 3:] = 11

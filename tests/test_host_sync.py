@@ -19,7 +19,8 @@ import torch
 from tiny import tiny_config
 
 from cmc_fast.loop import StageClock, StepLog, batches, train_epoch
-from cmc_fast.stages import STAGE_VARIANT, build_stage
+from cmc_fast.trainer import build_stage
+from cmc_fast.variants import STAGE_VARIANT
 
 SYNC_METHODS = ("item", "tolist", "cpu", "__float__", "__int__", "__bool__")
 NOT_A_DEVICE_SYNC = {("optimizer.py", "_get_value"), ("reference.py", "nce_partition_reference")}

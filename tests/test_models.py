@@ -3,6 +3,7 @@ float32 whatever the checkpoint's dtype."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
@@ -33,8 +34,7 @@ def test_amp_on_a_cpu_without_native_bf16_is_skipped_with_one_warning(tmp_path, 
     assert len(notes) == 1 and "amx_bf16" in notes[0]
     monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: True)
     assert amp_dtype(cfg, torch.device("cpu"), []) is torch.bfloat16
-    cfg.amp = False
-    assert amp_dtype(cfg, torch.device("cpu"), []) is None
+    assert amp_dtype(dataclasses.replace(cfg, amp=False), torch.device("cpu"), []) is None
 
 
 def test_device_index_is_checked_against_the_devices_present(monkeypatch):

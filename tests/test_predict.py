@@ -12,15 +12,16 @@ import numpy as np
 import pytest
 import torch
 from cmc_fast.data_pipeline.registry import load_dataset
-from tiny import TINY
+from tiny import TINY, one_line_error
 
 from cmc_fast import detector as detector_module
 from cmc_fast.cli import main
-from cmc_fast.config import VARIANTS, Config
+from cmc_fast.config import Config
 from cmc_fast.detector import Detector
 from cmc_fast.metrics import classification_metrics
 from cmc_fast.report import pr_curve, roc_curve
 from cmc_fast.trainer import Trainer
+from cmc_fast.variants import CHOICES as VARIANTS
 
 
 @pytest.fixture(scope="module")
@@ -246,14 +247,15 @@ def test_tsne_without_scikit_learn_says_how_to_install_it(run, monkeypatch, caps
     assert "pip install 'cmc-fast[plots]'" in capsys.readouterr().err
 
 
-def test_a_run_without_its_saved_vocabulary_rebuilds_the_same_one(run, tmp_path):
-    out, _, records, _ = run
-    older = tmp_path / "older-run"  # a run written before vocab.json existed
-    shutil.copytree(out, older)
-    (older / "vocab.json").unlink()
-    texts, images = [r.text for r in records], [r.image_paths[0] for r in records]
-    np.testing.assert_array_equal(Detector.from_run(older, "cmc").predict(texts, images).p_fake,
-                                  Detector.from_run(out, "cmc").predict(texts, images).p_fake)
+def test_a_run_without_its_saved_vocabulary_is_refused_naming_the_file(run, tmp_path, capsys):
+    out, manifest, _, _ = run
+    damaged = tmp_path / "damaged-run"
+    shutil.copytree(out, damaged)
+    (damaged / "vocab.json").unlink()
+    capsys.readouterr()
+    assert main(["predict", "--run", str(damaged), "--input", str(manifest)]) == 2
+    line = one_line_error(capsys)
+    assert str(damaged / "vocab.json") in line and "not found" in line
 
 
 def test_a_hugging_face_text_model_bundles_without_its_checkpoint_or_pickles(tmp_path, monkeypatch):
@@ -361,8 +363,8 @@ def test_model_card_train_command_parses_back_to_the_run_config(tmp_path):
 
     from tiny import tiny_config
 
-    from cmc_fast.bundle import train_command
     from cmc_fast.cli import build_parser, config_from_args
+    from cmc_fast.export import train_command
 
     cfg = dataclasses.replace(tiny_config(tmp_path), shared_loss="fused+distill", negatives="opposite-class",
                               amp=True, seed=7)
@@ -381,8 +383,8 @@ def test_model_card_has_no_local_paths_rounded_numbers_a_runnable_command_and_th
     import dataclasses
     from types import SimpleNamespace
 
-    from cmc_fast.bundle import model_card
     from cmc_fast.config import preset
+    from cmc_fast.export import model_card
 
     cfg = dataclasses.replace(preset("manifest"), data_root=str(tmp_path / "wm" / "manifest.jsonl"),
                               text_model="tiny", image_model="tiny", image_weights=None, threads=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import torch
@@ -72,15 +73,15 @@ def test_trainer_pretrains_once_and_every_text_model_starts_from_it(tmp_path):
 
     tr = Trainer(tiny_config(tmp_path, variant="finetune-t", text_pretrain_epochs=1), tmp_path / "run")
     tr.setup()
-    first, second = tr.build.text_encoder(), tr.build.text_encoder()
+    first, second = tr.ctx.build.text_encoder(), tr.ctx.build.text_encoder()
     saved = load_checkpoint(tmp_path / "run" / "checkpoints" / "text-mlm.pt")["encoder"]
     for enc in (first, second):
         state = enc.model.state_dict()
         assert state.keys() == saved.keys() and all(torch.equal(state[k], saved[k]) for k in saved)
-    tr.build.cfg = tr.cfg.__class__(**{**tr.cfg.__dict__, "text_pretrain_epochs": 0})
-    plain = tr.build.text_encoder().model.state_dict()
+    tr.ctx.build.cfg = dataclasses.replace(tr.cfg, text_pretrain_epochs=0)
+    plain = tr.ctx.build.text_encoder().model.state_dict()
     assert not torch.equal(plain["embeddings.word_embeddings.weight"], saved["embeddings.word_embeddings.weight"])
-    assert len(tr.build.text_mlm_history) == 1
+    assert len(tr.ctx.build.text_mlm_history) == 1
 
 
 def test_cli_run_records_pretraining_and_resume_reuses_it(tmp_path):

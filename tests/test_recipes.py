@@ -81,7 +81,7 @@ def test_the_model_card_command_reproduces_a_recipe_run():
     import dataclasses
     import shlex
 
-    from cmc_fast.bundle import train_command
+    from cmc_fast.export import train_command
 
     cfg, _ = configure("politifact", {"text_model": "ngram", "text_lr": 0.02})
     cfg = dataclasses.replace(cfg, out=None).validate()
@@ -323,12 +323,14 @@ def test_lr_warmup_follows_the_flag():
     assert [f(s) for s in (0, 19)] == pytest.approx([1 / 20, 1.0]) and f(20) == pytest.approx(1.0)
 
 
-def test_run_directories_from_before_class_weights_stay_unweighted(tmp_path):
+def test_a_saved_config_without_class_weights_takes_the_default(tmp_path):
     from tiny import tiny_config
 
     from cmc_fast.config import Config
 
     saved = json.loads(tiny_config(tmp_path).to_json())
     assert Config.from_dict(saved).class_weights == "auto"
-    del saved["class_weights"]
+    saved["class_weights"] = "none"
     assert Config.from_dict(saved).class_weights == "none"
+    del saved["class_weights"]
+    assert Config.from_dict(saved).class_weights == "auto"

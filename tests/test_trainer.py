@@ -92,14 +92,14 @@ def test_resume_after_an_interrupted_run_matches_an_uninterrupted_one(tmp_path, 
 def test_stage2_leaves_the_frozen_encoders_bit_identical(tmp_path):
     tr = Trainer(tiny_config(tmp_path, variant="cmc"), tmp_path / "run")
     tr.setup()
-    stage1 = tr.fit_and_score(MutualStage(tr.ctx, tr.mm_splits), {"text": "cmc-t", "image": "cmc-v"})
+    stage1 = tr.fit_and_score(MutualStage(tr.ctx, tr.mm_splits))
     text_net, image_net = stage1.text_net, stage1.image_net
 
     def states():
         return {**text_net.state_dict(prefix="t."), **image_net.state_dict(prefix="v.")}
 
     before = {k: v.clone() for k, v in states().items()}
-    tr.fit_and_score(FusionStage(tr.ctx, tr.mm_splits, text_net, image_net), {"fused": "cmc"})
+    tr.fit_and_score(FusionStage(tr.ctx, tr.mm_splits, text_net, image_net))
     after = states()
     assert before.keys() == after.keys()
     for k in before:
@@ -111,8 +111,8 @@ def test_stage1_trains_both_networks_and_the_projections(tmp_path):
     tr = Trainer(tiny_config(tmp_path, variant="cmc-t,cmc-v"), tmp_path / "run")
     tr.setup()
     torch.manual_seed(0)
-    fresh_t, fresh_v = tr.build.text_net(), tr.build.image_net()
-    stage = tr.fit_and_score(MutualStage(tr.ctx, tr.mm_splits), {"text": "cmc-t", "image": "cmc-v"})
+    fresh_t, fresh_v = tr.ctx.build.text_net(), tr.ctx.build.image_net()
+    stage = tr.fit_and_score(MutualStage(tr.ctx, tr.mm_splits))
     state = torch.load(tmp_path / "run" / "checkpoints" / "stage1.last.pt", weights_only=True)
     dist = state["modules"]["distiller"]
     assert dist["z_v2t"] > 0 and dist["z_t2v"] > 0  # Z estimated once and saved with the checkpoint
@@ -174,11 +174,11 @@ def test_lr_schedule_warms_up_then_decays_to_zero(schedule):
         assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * f(step))
 
 
-def test_run_directories_from_before_grouped_validation_keep_their_random_split(tmp_path):
-    saved = json.loads(tiny_config(tmp_path).to_json())
-    assert Config.from_dict(saved).val_split == "grouped"
-    del saved["val_split"]  # config.json of a run written before the option existed
+def test_a_saved_config_without_val_split_takes_the_default(tmp_path):
+    saved = json.loads(tiny_config(tmp_path, val_split="random").to_json())
     assert Config.from_dict(saved).val_split == "random"
+    del saved["val_split"]
+    assert Config.from_dict(saved).val_split == "grouped"
 
 
 def test_every_row_is_scored_on_the_posts_with_an_image_and_all_posts_is_its_own_row(tmp_path):
@@ -207,7 +207,8 @@ def test_every_row_is_scored_on_the_posts_with_an_image_and_all_posts_is_its_own
 def test_each_config_field_is_one_flag_with_its_choices():
     import dataclasses
 
-    from cmc_fast.cli import build_parser, config_flag
+    from cmc_fast.cli import build_parser
+    from cmc_fast.config import config_flag
 
     train = next(a for a in build_parser()._actions if a.dest == "command").choices["train"]
     by_dest = {}
@@ -244,29 +245,3 @@ def test_flags_override_the_preset_only_when_given(tmp_path):
                                                       "--shared-loss", "fused+distill", "--amp", "--no-progress"]))
     assert (cfg.epochs, cfg.nce_k, cfg.shared_loss, cfg.amp, cfg.progress) == (5, 99, "fused+distill", True, False)
     assert cfg.batch_size == 32 and cfg.image_model == "tiny"  # the synthetic preset's
-
-
-def test_a_run_killed_under_the_earlier_checkpoint_format_resumes(tmp_path, monkeypatch):
-    args = [*TINY, "--variant", "finetune-t", "--epochs", "2", "--data-root", str(tmp_path / "data")]
-    assert main(["train", *args, "--out", str(tmp_path / "straight")]) == 0
-    real_save = checkpoint_manager.save_checkpoint
-
-    def killed_after_first_epoch(state, path):
-        real_save(state, path)
-        if path.name == "finetune-t.last.pt":
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(checkpoint_manager, "save_checkpoint", killed_after_first_epoch)
-    assert main(["train", *args, "--out", str(tmp_path / "old")]) == 130
-    monkeypatch.setattr(checkpoint_manager, "save_checkpoint", real_save)
-    last = tmp_path / "old" / "checkpoints" / "finetune-t.last.pt"
-    record = torch.load(last, weights_only=True)
-    record.update(record.pop("rng"))  # the earlier layout: random states at the top level, no clock, no best epoch
-    del record["clock"], record["best_epoch"]
-    torch.save(record, last)
-    for pending in last.parent.glob("*.pending.pt"):  # the earlier trainer wrote best files directly
-        pending.rename(last.parent / "finetune-t.best-text.pt")
-    assert main(["train", "--resume", str(tmp_path / "old")]) == 0
-    straight = json.loads((tmp_path / "straight" / "metrics.json").read_text())["results"]["finetune-t"]
-    resumed = json.loads((tmp_path / "old" / "metrics.json").read_text())["results"]["finetune-t"]
-    assert resumed["test"] == straight["test"] and resumed["val_accuracy"] == straight["val_accuracy"]

@@ -2,6 +2,8 @@
 ``from tiny import ...``: pytest puts ``tests/`` on sys.path (no ``__init__.py`` here), under ``pytest`` and
 ``python -m pytest`` alike."""
 
+import dataclasses
+
 from cmc_fast.config import Config, preset
 
 TINY = ["--synthetic-n", "96,40", "--epochs", "1", "--fusion-epochs", "2", "--batch-size", "16", "--nce-k", "16",
@@ -9,14 +11,11 @@ TINY = ["--synthetic-n", "96,40", "--epochs", "1", "--fusion-epochs", "2", "--ba
 
 
 def tiny_config(tmp_path, **overrides) -> Config:
-    cfg = preset("synthetic")
     values = dict(synthetic_train=96, synthetic_test=40, epochs=1, fusion_epochs=2, batch_size=16, nce_k=16,
                   max_len=16, image_size=(32, 32), mm_dim=32, chunks=4, rank=3, progress=False,
                   data_root=str(tmp_path / "data"))
     values.update(overrides)
-    for k, v in values.items():
-        setattr(cfg, k, v)
-    return cfg.validate()
+    return dataclasses.replace(preset("synthetic"), **values).validate()
 
 
 def one_line_error(capsys) -> str:
