@@ -193,11 +193,19 @@ def _duration(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
 
 
+_RESUME_FIELDS = ("modules", "optimizers", "schedulers", "rng", "best", "history", "best_epoch", "best_val",
+                  "stopped_early", "clock", "epoch")
+
+
 def _resume(stage: Stage, manager: CheckpointManager, schedulers: dict, gen: torch.Generator,
             result: FitResult) -> int:
     record = manager.load_last()
     if record is None:
         return 0
+    missing = [k for k in _RESUME_FIELDS if k not in record]
+    if missing:  # a checkpoint from another layout: one line that says what to do, not a KeyError mid-resume
+        raise UsageError(f"{manager.last_path}: cannot resume from this checkpoint (no {', '.join(missing)}: written "
+                         "by another cmc-fast version); start the run again in a new --out folder or with --overwrite")
     for key, mod in stage.modules.items():
         mod.load_state_dict(record["modules"][key])
     for key, opt in stage.optimizers.items():

@@ -11,15 +11,15 @@ Kernels. One tile of the products covers BLOCK_J output features x all ranks: it
 a reduction inside the tile (reshape to [BLOCK_B, BLOCK_J, RANK_P], sum the last axis). The weight tile is gathered
 from the flat layout by pointer arithmetic (row r*s + j, K contiguous): no repacked copy of the weights per call.
 The contraction over a chunk's inputs runs in steps of BLOCK_K (16 for chunks of 80: no padding; the power of two
-above the chunk, 128, wasted 37.5%).
+above the chunk, 128, would waste 37.5%).
   * ``_block_fwd_kernel``    grid (chunks, batch tiles, feature tiles of the largest chunk). Writes t (fp32) for the
                              backward, and either finishes the chunk's norm itself (one feature tile per chunk:
                              FUSED_NORM, one launch) or writes partial sums of t^2 per feature tile.
   * ``_block_norm_kernel``   grid (chunks, batch tiles of NORM_B rows): sums the partials, out = t / max(n, eps),
                              keeps n. Only when a chunk spans several feature tiles (1600/20: 10 tiles of 8).
   * ``_block_bwd_dx_kernel`` grid (chunks, batch tiles, 2 sides): side 0 computes dx0 = sum_{j,r} (dz*y1) W0, side
-                             1 dx1; dz comes from g and what the forward kept (t and the norm; the old kernel
-                             recomputed z with a whole extra forward), y_other is recomputed (see Recomputation).
+                             1 dx1; dz comes from g and what the forward kept (t and the norm), y_other is
+                             recomputed (see Recomputation).
                              Side 0 also writes dz for the dW kernel. The chunk's width in dx is a head and a tail
                              tile (64 + 16 for chunks of 80), not the power of two above it (128: 37.5% padding).
                              At 3xTF32 two programs share a chunk's features (grid x 2, ``BlockPlan.dx_split``) and
@@ -27,13 +27,12 @@ above the chunk, 128, wasted 37.5%).
   * ``_block_bwd_dw_kernel`` grid (chunks, feature tiles of the largest chunk, 2 sides): a program owns
                              dW_side[(j, r), :] for its feature tile and all ranks and loops over the batch:
                              dW0 += (dz*y1)^T x0 (head + tail tiles of the chunk's width, as dx). Deterministic (no
-                             atomics). The grid is sized by the largest chunk
-                             (the old one by the padded tile: 37.5% of its programs stored nothing).
+                             atomics). The grid is sized by the largest chunk, not its padded tile.
 Precision: x float32, float16 or bfloat16; weights may be another float dtype than x (AMP: fp32 master weights, bf16
 activations), cast to x's dtype before each ``tl.dot``, which accumulates in fp32. 16-bit inputs run on tensor cores
 (MMA). float32 inputs follow ``torch.get_float32_matmul_precision()``: "high" and "medium" TF32 tensor cores
 (``input_precision="tf32"``, as cuBLAS), "highest" (PyTorch's default) 3xTF32 (``"tf32x3"``: three TF32 products of
-split operands, float32-class accuracy; FFMA issued 4.1x the floor; ``block_plan.dot_precision``). Rank sum,
+split operands, float32-class accuracy, ``block_plan.dot_precision``). Rank sum,
 signed sqrt, norm and gradients of them in fp32; out and dx in x's dtype, dW/db in the weights' dtype. W0/W1 (and
 B0/B1) must share a dtype: the backward picks a side's pointers at run time and Triton needs one type for both.
 
@@ -55,14 +54,7 @@ every loop weighted by its trips, issue-bound at one instruction a cycle per sch
 (1600, 20, 15), B=64 one forward + backward issues >= 10.4 us in bf16 (floor 7.5), 15.6 us in fp32 at "high"
 (14.9) and 47.7 us at "highest" (22 at the FP32 rate; 14.9 for 3xTF32); no dot tile computed twice.
 Padding at chunks of 80: none in the K steps, the dx/dW output tiles or the batch; 6.25% in the rank (15 -> 16).
-
-Floors per GPU (``kernels.gpus.GPUS``). FLOPs 4*B*R*S2 forward and 8*B*R*S2 backward with S2 = sum_c s_c^2;
-bytes (weights and activations once each) 2*R*S2*wb + 2*R*MM*wb + 3*B*MM*xb forward, 4*R*S2*wb + 4*R*MM*wb +
-5*B*MM*xb backward; floor = max(FLOPs / rate, bytes / HBM). Rates: FP32 (FFMA: cuBLAS's "highest") for float32 at
-"highest" (the static report gives the 3xTF32 floor beside it), TF32 dense at "high"/"medium", BF16/FP16 dense for
-16-bit inputs. At (1600, 20, 15), B=64 on an H100 SXM:
-fp32 highest fwd+bwd 1.47 GFLOP / 67 TFLOP/s = 22 us (bytes 49.9 MB / 3.35 TB/s = 14.9 us); fp32 TF32 14.9 us
-(HBM-bound); bf16 25 MB -> 7.5 us (HBM-bound). On an H200 (4.8 TB/s) the HBM-bound floors are 1.43x lower.
+Floors: ``block_plan.block_merge_floor``.
 """
 
 from __future__ import annotations

@@ -47,6 +47,31 @@ def test_cli_end_to_end_writes_a_complete_run_directory(tmp_path, capsys):
         assert again[variant]["test"] == r["test"]
 
 
+def test_resume_refuses_a_checkpoint_of_another_layout_in_one_line(tmp_path, monkeypatch, capsys):
+    """A last checkpoint without a field resume needs (another version's layout) ends in one line naming the file
+    and what to do, exit code 2, not a KeyError half-way through restoring the stage."""
+    args = [*TINY, "--variant", "finetune-t", "--epochs", "2", "--data-root", str(tmp_path / "data")]
+    real_save = checkpoint_manager.save_checkpoint
+
+    def killed_after_first_epoch(state, path):
+        real_save(state, path)
+        if path.name == "finetune-t.last.pt":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint_manager, "save_checkpoint", killed_after_first_epoch)
+    run = tmp_path / "run"
+    assert main(["train", *args, "--out", str(run)]) == 130
+    monkeypatch.setattr(checkpoint_manager, "save_checkpoint", real_save)
+    last = run / "checkpoints" / "finetune-t.last.pt"
+    state = checkpoint_manager.load_checkpoint(last)
+    del state["clock"]
+    real_save(state, last)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert str(last) in err[-1] and "no clock" in err[-1] and "--overwrite" in err[-1]
+
+
 @pytest.mark.parametrize("variant, epochs, killed_stage, extra", [
     ("finetune-t", "3", "finetune-t", []),
     ("finetune-t", "3", "finetune-t", ["--lr-schedule", "cosine", "--group-sampling", "1"]),
