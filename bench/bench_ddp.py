@@ -12,6 +12,7 @@ DDP and times ``--steps`` global steps after 3 warm-up steps, between two barrie
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -34,8 +35,8 @@ def _worker(args: argparse.Namespace) -> None:
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cfg = preset("synthetic")
-    cfg.data_root, cfg.batch_size, cfg.synthetic_train = args.data_root, args.batch_size, 256
-    cfg.threads = args.threads if not torch.cuda.is_available() else None
+    cfg = dataclasses.replace(cfg, data_root=args.data_root, batch_size=args.batch_size, synthetic_train=256,
+                              threads=args.threads if not torch.cuda.is_available() else None)
     _, stage = build_stage(cfg, args.stage, tempfile.mkdtemp(prefix="cmc-ddp-bench-"))
     distributed.wrap(stage)
     stage.train()

@@ -6,6 +6,7 @@ the GPU. The first (compiling) step is excluded: pytest-benchmark's warm-up roun
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -30,7 +31,7 @@ if ON_GPU:
 def test_train_step(benchmark, record, tmp_path, monkeypatch, stage_name, kernels_mode, label, compiled, amp):
     monkeypatch.setenv("CMC_FAST_KERNELS", kernels_mode)
     cfg = preset("synthetic")
-    cfg.compile, cfg.amp, cfg.data_root = compiled, amp, os.environ.get("CMC_FAST_BENCH_DATA")
+    cfg = dataclasses.replace(cfg, compile=compiled, amp=amp, data_root=os.environ.get("CMC_FAST_BENCH_DATA"))
     torch._dynamo.reset()
     tr, stage = build_stage(cfg, stage_name, str(tmp_path / "run"))
     stage.train()
@@ -55,8 +56,8 @@ def test_stage1_step_nce_forms(benchmark, record, tmp_path, monkeypatch, nce_for
     monkeypatch.setenv("CMC_FAST_KERNELS", "auto")
     monkeypatch.setenv("CMC_FAST_NCE", nce_form)
     cfg = preset("synthetic")
-    cfg.nce_k, cfg.batch_size, cfg.synthetic_train = 16384, 64, 10600  # the fit split keeps ~9.5k of them
-    cfg.data_root = os.environ.get("CMC_FAST_BENCH_DATA")
+    cfg = dataclasses.replace(cfg, nce_k=16384, batch_size=64, synthetic_train=10600,  # the fit split keeps ~9.5k
+                              data_root=os.environ.get("CMC_FAST_BENCH_DATA"))
     torch._dynamo.reset()
     tr, stage = build_stage(cfg, "stage1", str(tmp_path / "run"))
     stage.train()

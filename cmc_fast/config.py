@@ -42,7 +42,7 @@ def config_flag(f: dataclasses.Field) -> str:
     return f.metadata.get("flag") or (f"--no-{name}" if f.default is True else f"--{name}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     # data
     dataset: str = option("synthetic", "the dataset (picks its preset)", choices=DATASETS)

@@ -9,6 +9,7 @@ and BLOCK kernels show up as their own rows (cmc_fast::...).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import torch
@@ -31,7 +32,7 @@ def main() -> None:
     args = ap.parse_args()
 
     cfg = preset(args.dataset)
-    cfg.data_root, cfg.amp, cfg.compile = args.data_root, args.amp, args.compile
+    cfg = dataclasses.replace(cfg, data_root=args.data_root, amp=args.amp, compile=args.compile)
     tr, stage = build_stage(cfg, args.stage)
     gen = torch.Generator().manual_seed(0)
     rows = [torch.randperm(len(stage.train_split), generator=gen)[: cfg.batch_size] for _ in range(args.steps + 3)]
