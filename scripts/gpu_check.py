@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import dataclasses
 import functools
 import importlib.metadata
@@ -333,7 +332,7 @@ def train_variant(run: Run, label: str, cfg) -> None:
 
     from cmc_fast.trainer import build_stage
 
-    _, stage = build_stage(copy.copy(cfg), "stage1", tempfile.mkdtemp(prefix="gpu-check-", dir=run.out))
+    _, stage = build_stage(cfg, "stage1", tempfile.mkdtemp(prefix="gpu-check-", dir=run.out))
     stage.train()
     gen, n = torch.Generator().manual_seed(0), len(stage.train_split)
 
