@@ -77,6 +77,16 @@ __all__ = ["nce_loss", "nce_partition", "nce_counts", "nce_counts_for", "nce_fwd
 
 
 @triton.jit
+def _log1p(e, LIBDEVICE: tl.constexpr):
+    """log1p(e) for e in (0, 1]; the interpreter has no libdevice: Goldberg's log(u) * e / (u - 1), u = 1 + e."""
+    if LIBDEVICE:
+        return libdevice.log1p(e)
+    u = 1.0 + e
+    du = u - 1.0
+    return tl.where(du == 0.0, e, tl.log(u) * (e / tl.where(du == 0.0, 1.0, du)))
+
+
+@triton.jit
 def _nce_fwd_kernel(
     anchor_ptr,  # [B, D] fp32/bf16/fp16, contiguous
     bank_ptr,  # [N, D] fp32/bf16/fp16, strides (stride_bn, stride_bd)
@@ -128,12 +138,7 @@ def _nce_fwd_kernel(
         #   positive  term = -softplus(-t)              = -max(-t, 0) - log1p(e);   w = -c/(P+c) = -sigmoid(-t)
         #   negative  term = log(noise/c) - softplus(t) = log(noise/c) - max(t, 0) - log1p(e);   w = sigmoid(t)
         e = tl.exp(-tl.abs(t))
-        if LIBDEVICE:
-            l1p = libdevice.log1p(e)
-        else:  # the interpreter has no libdevice: Goldberg's log(u) * e / (u - 1), u = 1 + e
-            u = 1.0 + e
-            du = u - 1.0
-            l1p = tl.where(du == 0.0, e, tl.log(u) * (e / tl.where(du == 0.0, 1.0, du)))
+        l1p = _log1p(e, LIBDEVICE)
         is_pos = offs_k == 0
         term = tl.where(is_pos, -tl.maximum(-t, 0.0), log_noise_over_c - tl.maximum(t, 0.0)) - l1p
         acc_l += tl.where(mask_k, term, 0.0)
@@ -279,12 +284,7 @@ def _nce_dense_kernel(
                       other=0).to(tl.float32)
         is_pos = (offs_n.to(tl.int64)[None, :] == pos[:, None]) & mask_n[None, :]
         e = tl.exp(-tl.abs(t))
-        if LIBDEVICE:
-            l1p = libdevice.log1p(e)
-        else:  # the interpreter has no libdevice: Goldberg's log(u) * e / (u - 1), u = 1 + e
-            u = 1.0 + e
-            du = u - 1.0
-            l1p = tl.where(du == 0.0, e, tl.log(u) * (e / tl.where(du == 0.0, 1.0, du)))
+        l1p = _log1p(e, LIBDEVICE)
         # softplus(t) = max(t, 0) + l1p; negative term log(noise/c) - softplus(t), positive -softplus(-t)
         acc_l += tl.sum(cnt * (log_noise_over_c - tl.maximum(t, 0.0) - l1p)
                         + tl.where(is_pos, -tl.maximum(-t, 0.0) - l1p, 0.0), axis=1)
