@@ -83,7 +83,7 @@ class Config:
     variant: str = option("all", f"'all' or a comma list of {', '.join(VARIANT_CHOICES)}")
     epochs: int = option(30, "stage-1 (and single-modality, cmc-shared) epochs")
     batch_size: int = option(32, "training batch size")
-    text_lr: float = option(2e-5, "text network learning rate (Adam)")
+    text_lr: float = option(2e-5, "text network learning rate")
     image_lr: float = option(3e-4, "image network learning rate (SGD)")
     image_momentum: float = option(0.9, "image network SGD momentum")
     image_weight_decay: float = option(5e-4, "image network SGD weight decay")
@@ -102,7 +102,12 @@ class Config:
                               choices=("constant", "linear", "cosine"))
     warmup: float = option(0.06, "share of a stage's optimiser steps spent warming the learning rate up (linear and "
                            "cosine schedules)")
-    text_weight_decay: float = option(0.0, "text network weight decay (AdamW when > 0, else Adam)")
+    text_weight_decay: float = option(0.0, "text network weight decay (Adam: AdamW's decoupled decay when > 0; "
+                                      "SGD: L2)")
+    text_optimizer: str = option("adam", "text network optimiser: adam, or sgd with --text-momentum (fastText's: on a "
+                                 "bag of n-grams Adam's per-weight step gives a rare n-gram the step of a common one)",
+                                 choices=("adam", "sgd"))
+    text_momentum: float = option(0.9, "text network SGD momentum (--text-optimizer sgd)")
     min_steps: int = option(0, "minimum optimiser steps of each stage: its epochs are raised to reach them (small "
                             "data sets get enough updates)")
     max_epochs: int = option(0, "the most epochs --min-steps may raise a stage to (0: no cap): on a few hundred "
@@ -159,6 +164,7 @@ class Config:
         need(0.0 <= self.warmup < 1.0, f"--warmup: must be in [0, 1), got {self.warmup}")
         need(0.0 <= self.text_weight_decay < math.inf, f"--text-weight-decay: must be >= 0, got "
              f"{self.text_weight_decay}")
+        need(0.0 <= self.text_momentum < 1.0, f"--text-momentum: must be in [0, 1), got {self.text_momentum}")
         for name in ("min_steps", "max_epochs", "patience"):
             need(getattr(self, name) >= 0, f"--{_flag(name)}: must be >= 0, got {getattr(self, name)}")
         for name in ("epochs", "fusion_epochs", "batch_size", "nce_k", "proj_dim", "mm_dim", "chunks", "rank",

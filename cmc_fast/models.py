@@ -199,6 +199,9 @@ class ModelBuilder:
             self.device)
 
     def text_optimizer(self, params) -> torch.optim.Optimizer:
+        if self.cfg.text_optimizer == "sgd":
+            return torch.optim.SGD(params, lr=self.cfg.text_lr, momentum=self.cfg.text_momentum,
+                                   weight_decay=self.cfg.text_weight_decay)
         if self.cfg.text_weight_decay > 0:  # decoupled decay (AdamW), as pretrained transformers are fine-tuned
             return torch.optim.AdamW(params, lr=self.cfg.text_lr, weight_decay=self.cfg.text_weight_decay)
         return torch.optim.Adam(params, lr=self.cfg.text_lr)

@@ -8,7 +8,8 @@ Precedence, lowest first: the Config defaults, the dataset preset, the recipe of
 the run uses (its values were tuned for it: the synthetic preset's tiny models, the authors' BERT length).
 ``--recipe none`` keeps the preset and the defaults only. ``--epochs`` given without ``--min-steps`` drops the
 recipe's minimum steps (the epochs asked for are the epochs that run); ``--epochs`` or ``--min-steps`` given
-drops the recipe's ``max_epochs``.
+drops the recipe's ``max_epochs``. A recipe's learning rate is a step for its optimiser: ``--text-optimizer``
+other than the recipe's is refused without ``--text-lr``.
 
 Data size: a recipe's ``min_steps`` raises a stage's epochs on a small fit set, up to its ``max_epochs``: the
 steps a few thousand posts take in a few passes, without tens of passes over a few hundred posts (PolitiFact's
@@ -23,12 +24,17 @@ from __future__ import annotations
 import dataclasses
 
 from cmc_fast.config import PRESETS, Config, preset
+from cmc_fast.errors import UsageError
 
 TEXT_RECIPES: dict[str, dict] = {
-    # a hashed n-gram bag from scratch: a large step size, enough steps for its embeddings to move, and each
-    # near-duplicate story sampled once an epoch (+1.8 points of Weibo test accuracy on two seeds,
-    # bench/results/weibo-text-sweep-cpu.md)
-    "ngram": dict(text_lr=1e-2, epochs=6, min_steps=150, group_sampling=1.0),
+    # a hashed n-gram bag from scratch, trained as fastText is (Joulin et al. 2017): SGD with a linearly decaying
+    # step, large because a mean over a post's n-grams gives each one a small gradient. Adam's per-weight step
+    # lets the rare n-grams (most of a post's hashed bigrams and trigrams) memorise the fit set in two passes
+    # (Weibo: test 0.78 under Adam, 0.81-0.82 under SGD at equal validation accuracy,
+    # bench/results/quality-text-cpu.md); each near-duplicate story sampled once an epoch (+1.8 points of Weibo
+    # test accuracy on two seeds, bench/results/weibo-text-sweep-cpu.md)
+    "ngram": dict(text_optimizer="sgd", text_lr=5.0, lr_schedule="linear", epochs=8, min_steps=150,
+                  group_sampling=1.0),
     # a tiny BERT from scratch (bench/results/weibo-finetune-t-*-cpu.md), with or without masked-LM pre-training:
     # 300 steps where the fit set has them in a few passes, at most 15 passes on a small one (300 steps were 60
     # passes over PolitiFact's 172 posts); 256 tokens, the head and tail of an article, which halve the cost of
@@ -36,10 +42,11 @@ TEXT_RECIPES: dict[str, dict] = {
     "tiny": dict(text_lr=1e-3, epochs=8, min_steps=300, max_epochs=15, max_len=256),
     "tiny+mlm": dict(text_lr=1e-3, epochs=8, min_steps=300, max_epochs=15, max_len=256),
     # fine-tuning a pretrained transformer (Devlin et al. 2019; Mosbach et al. 2021 on small data: more steps, a
-    # warm-up, bias-corrected AdamW): a few passes, at least 60 optimiser steps but no more than 5 passes, linear
-    # warm-up and decay; batches of 16 give a small fit set twice the steps for the same compute
-    "pretrained": dict(text_lr=5e-5, lr_schedule="linear", warmup=0.1, text_weight_decay=0.01, batch_size=16,
-                       epochs=3, min_steps=60, max_epochs=5, max_len=256),
+    # warm-up, bias-corrected AdamW): a few passes, at least 100 optimiser steps but no more than 6 passes, linear
+    # warm-up and decay; batches of 16 give a small fit set twice the steps for the same compute. 1e-4, twice
+    # BERT's usual step: at 5e-5 MiniLM's training loss on PolitiFact's 172 posts was still 0.51 after 50 steps
+    "pretrained": dict(text_lr=1e-4, lr_schedule="linear", warmup=0.1, text_weight_decay=0.01, batch_size=16,
+                       epochs=3, min_steps=100, max_epochs=6, max_len=256),
 }
 IMAGE_RECIPES: dict[str, dict] = {
     "cnn-pretrained": dict(image_lr=3e-4),  # the authors' SGD step for ImageNet VGG19
@@ -74,6 +81,12 @@ def configure(dataset: str, user: dict | None = None) -> tuple[Config, dict]:
         return probe, _description(kinds, {}, {}, user)
     same_encoder = {"text": base.text_model == probe.text_model,
                     "image": (base.image_model, base.image_weights) == (probe.image_model, probe.image_weights)}
+    text_recipe = TEXT_RECIPES[kinds["text"]]
+    if "text_optimizer" in user and "text_lr" not in user and "text_lr" in text_recipe and (
+            user["text_optimizer"] != text_recipe.get("text_optimizer", "adam")):
+        raise UsageError(f"--text-optimizer {user['text_optimizer']}: the {kinds['text']} recipe's text_lr "
+                         f"{text_recipe['text_lr']} is a step for {text_recipe.get('text_optimizer', 'adam')}; give "
+                         f"--text-lr with it")
     applied, kept = {}, {}
     for side, table in (("image", IMAGE_RECIPES), ("text", TEXT_RECIPES)):
         for key, value in table[kinds[side]].items():

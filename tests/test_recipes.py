@@ -11,6 +11,7 @@ from tiny import TINY
 
 from cmc_fast import loop
 from cmc_fast.cli import build_parser, config_from_args, main
+from cmc_fast.errors import UsageError
 from cmc_fast.recipes import IMAGE_RECIPES, TEXT_RECIPES, configure
 from cmc_fast.stages import FinetuneStage, class_weight, planned_epochs
 from cmc_fast.trainer import BASELINE_ROW
@@ -316,6 +317,44 @@ def test_without_scikit_learn_one_line_says_why_the_row_is_missing(tmp_path, mon
     missing = [n for n in metrics["notes"] if "row missing" in n]
     assert len(missing) == 1 and "scikit-learn is not installed" in missing[0]
     assert "scikit-learn is not installed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, kind", [
+    ([], torch.optim.SGD), (["--text-optimizer", "adam", "--text-lr", "0.01"], torch.optim.Adam),
+    (["--text-optimizer", "adam", "--text-lr", "0.01", "--text-weight-decay", "0.1"], torch.optim.AdamW)])
+def test_the_text_optimiser_follows_the_recipe_and_the_flags(argv, kind):
+    from cmc_fast.models import ModelBuilder
+
+    cfg = _cli("--dataset", "fakenewsnet", "--text-model", "ngram", "--text-momentum", "0.5", *argv)
+    builder = ModelBuilder(cfg, torch.device("cpu"), None, tokenizer=None, fit_text=None, val_text=None)
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(5, 3))
+    opt = builder.text_optimizer([weight])
+    assert type(opt) is kind and opt.param_groups[0]["lr"] == cfg.text_lr
+    # two steps of the same gradient, against the update rules written out: SGD with momentum m moves by lr * g,
+    # then lr * (1 + m) * g (PyTorch's heavy ball); Adam's first steps move each weight by lr * sign(g), AdamW's
+    # after shrinking it by (1 - lr * decay)
+    grad, start = torch.randn(5, 3), weight.detach().clone()
+    for _ in range(2):
+        weight.grad = grad.clone()
+        opt.step()
+    moved = start - weight.detach()
+    if kind is torch.optim.SGD:
+        assert cfg.text_optimizer == "sgd" and cfg.text_lr == TEXT_RECIPES["ngram"]["text_lr"]
+        torch.testing.assert_close(moved, cfg.text_lr * (2 + 0.5) * grad)
+    else:
+        shrink = 1 - cfg.text_lr * cfg.text_weight_decay
+        expected = start * (1 - shrink**2) + cfg.text_lr * grad.sign() * (1 + shrink)
+        torch.testing.assert_close(moved, expected, rtol=1e-3, atol=1e-6)
+
+
+def test_another_text_optimiser_needs_its_own_learning_rate():
+    with pytest.raises(UsageError, match="--text-optimizer adam: the ngram recipe's text_lr .* give --text-lr"):
+        _cli("--dataset", "fakenewsnet", "--text-model", "ngram", "--text-optimizer", "adam")
+    assert _cli("--dataset", "fakenewsnet", "--text-model", "ngram", "--text-optimizer", "sgd").text_lr == (
+        TEXT_RECIPES["ngram"]["text_lr"])
+    assert _cli("--dataset", "fakenewsnet", "--text-model", "tiny", "--text-optimizer", "adam").text_lr == (
+        TEXT_RECIPES["tiny"]["text_lr"])
 
 
 def test_lr_warmup_follows_the_flag():
