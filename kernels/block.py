@@ -109,15 +109,30 @@ def _chunk(META, C, c, R, S: tl.constexpr, ALIGN: tl.constexpr):
 
 
 @triton.jit
-def _tile_rows(s, w_off, b_off, BLOCK_J: tl.constexpr, RANK_P: tl.constexpr, R, j0):
-    """Indices of one feature tile x all ranks (the N dimension of a tile: n = jj * RANK_P + r): the flat weight
-    offset of each row r*s + j, the flat bias index, and which n are real (j < s, r < R)."""
+def _tile_rows(s, w_off, b_off, BLOCK_J: tl.constexpr, RANK_P: tl.constexpr, R, j0, RANK_MAJOR: tl.constexpr):
+    """Indices of one feature tile x all ranks (the N dimension of a tile): the flat weight offset of each row
+    r*s + j, the flat bias index, and which n are real (j < s, r < R). RANK_MAJOR: n = r * BLOCK_J + jj, so the
+    bias index runs over BLOCK_J consecutive features a rank (a thread's pair of columns in an MMA tile is one
+    8-byte fp32 load); else n = jj * RANK_P + r (each bias element a separate scalar load)."""
     offs_n = tl.arange(0, BLOCK_J * RANK_P)
-    r = offs_n % RANK_P
-    j = j0 + offs_n // RANK_P
+    if RANK_MAJOR:
+        r = offs_n // BLOCK_J
+        j = j0 + offs_n % BLOCK_J
+    else:
+        r = offs_n % RANK_P
+        j = j0 + offs_n // RANK_P
     mask_n = (j < s) & (r < R)
     row = r * s + j
     return w_off + row.to(tl.int64) * s, b_off + row, mask_n
+
+
+@triton.jit
+def _per_n(v, BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, RANK_P: tl.constexpr, RANK_MAJOR: tl.constexpr):
+    """[BLOCK_B, BLOCK_J] per-feature values broadcast over the ranks, in the tile's N order (see _tile_rows)."""
+    if RANK_MAJOR:
+        return tl.reshape(tl.broadcast_to(v[:, None, :], (BLOCK_B, RANK_P, BLOCK_J)), (BLOCK_B, BLOCK_J * RANK_P))
+    else:
+        return tl.reshape(tl.broadcast_to(v[:, :, None], (BLOCK_B, BLOCK_J, RANK_P)), (BLOCK_B, BLOCK_J * RANK_P))
 
 
 @triton.jit
@@ -161,13 +176,13 @@ def _block_fwd_kernel(
     if j0 < s:  # the grid is sized by the largest chunk: a shorter chunk's last tiles have nothing to do
         offs_b = (pb * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
         mask_b = offs_b < n_rows
-        w_row, b_idx, mask_n = _tile_rows(s, w_off, b_off, BLOCK_J, RANK_P, R, j0)
+        w_row, b_idx, mask_n = _tile_rows(s, w_off, b_off, BLOCK_J, RANK_P, R, j0, True)
         x_row = offs_b * MM + col
         y0 = tl.zeros([BLOCK_B, BLOCK_J * RANK_P], dtype=tl.float32)
         y1 = tl.zeros([BLOCK_B, BLOCK_J * RANK_P], dtype=tl.float32)
         y0 = _tile_products(X0, W0, B0, x_row, w_row, b_idx, mask_b, mask_n, s, y0, BLOCK_K, S, PREC)
         y1 = _tile_products(X1, W1, B1, x_row, w_row, b_idx, mask_b, mask_n, s, y1, BLOCK_K, S, PREC)
-        z = tl.sum(tl.reshape(y0 * y1, (BLOCK_B, BLOCK_J, RANK_P)), axis=2)  # the rank sum, inside the tile
+        z = tl.sum(tl.reshape(y0 * y1, (BLOCK_B, RANK_P, BLOCK_J)), axis=1)  # the rank sum (n = r*BLOCK_J + jj)
         offs_j = j0 + tl.arange(0, BLOCK_J)
         o_idx = x_row[:, None] + offs_j[None, :]
         o_mask = mask_b[:, None] & (offs_j < s)[None, :]
@@ -238,7 +253,7 @@ def _block_bwd_dx_kernel(
     n_rows, MM, C, R,
     BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
     HEAD: tl.constexpr, TAIL: tl.constexpr, RANK_P: tl.constexpr, NORMALIZE: tl.constexpr, PREC: tl.constexpr,
-    S: tl.constexpr, ALIGN: tl.constexpr, SPLIT: tl.constexpr,
+    S: tl.constexpr, ALIGN: tl.constexpr, SPLIT: tl.constexpr, RANK_MAJOR: tl.constexpr,
 ):
     # the chunk's width in the dx product is covered by a HEAD and a TAIL tile (64 + 16 for chunks of 80: no
     # padding, where one power-of-two tile of 128 wasted 37.5%); TAIL = 0: one tile. SPLIT > 1: SPLIT programs
@@ -279,7 +294,7 @@ def _block_bwd_dx_kernel(
         offs_t = HEAD + tl.arange(0, TAIL)
         dx_t = tl.zeros([BLOCK_B, TAIL], dtype=tl.float32)
     for j0 in range(part * BLOCK_J, s, BLOCK_J * SPLIT):  # (j0 = j_step + part * BLOCK_J spilled 4 B)
-        w_row, b_idx, mask_n = _tile_rows(s, w_off, b_off, BLOCK_J, RANK_P, R, j0)
+        w_row, b_idx, mask_n = _tile_rows(s, w_off, b_off, BLOCK_J, RANK_P, R, j0, RANK_MAJOR)
         y = tl.zeros([BLOCK_B, BLOCK_J * RANK_P], dtype=tl.float32)
         y = _tile_products(X_OTHER, W_OTHER, B_OTHER, x_row, w_row, b_idx, mask_b, mask_n, s, y, BLOCK_K, S, PREC)
         offs_j = j0 + tl.arange(0, BLOCK_J)
@@ -291,7 +306,7 @@ def _block_bwd_dx_kernel(
             dz = _dz_of(g_j, t_j, inv[:, None], coef[:, None])
         else:
             dz = tl.load(DZ + j_idx, mask=j_mask, other=0.0)
-        dz_n = tl.reshape(tl.broadcast_to(dz[:, :, None], (BLOCK_B, BLOCK_J, RANK_P)), (BLOCK_B, BLOCK_J * RANK_P))
+        dz_n = _per_n(dz, BLOCK_B, BLOCK_J, RANK_P, RANK_MAJOR)
         dy = (dz_n * y).to(X0.dtype.element_ty)  # zero on padded rows and n (dz, W and the bias are)
         w = tl.load(W_SELF + w_row[:, None] + offs_h[None, :], mask=mask_n[:, None] & (offs_h < s)[None, :],
                     other=0.0)
@@ -323,7 +338,7 @@ def _block_bwd_dw_kernel(
     META,  # [4, C] int64 (see the forward)
     n_rows, MM, C, R,
     BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, HEAD: tl.constexpr, TAIL: tl.constexpr,
-    RANK_P: tl.constexpr, PREC: tl.constexpr, S: tl.constexpr, ALIGN: tl.constexpr,
+    RANK_P: tl.constexpr, PREC: tl.constexpr, S: tl.constexpr, ALIGN: tl.constexpr, RANK_MAJOR: tl.constexpr,
 ):
     c = tl.program_id(0)
     pj = tl.program_id(1)
@@ -335,7 +350,7 @@ def _block_bwd_dw_kernel(
     s, col, w_off, b_off = _chunk(META, C, c, R, S, ALIGN)
     j0 = pj * BLOCK_J
     if j0 < s:  # the grid is sized by the largest chunk
-        w_row, b_idx, mask_n = _tile_rows(s, w_off, b_off, BLOCK_J, RANK_P, R, j0)
+        w_row, b_idx, mask_n = _tile_rows(s, w_off, b_off, BLOCK_J, RANK_P, R, j0, RANK_MAJOR)
         offs_h = tl.arange(0, HEAD)  # the chunk's width as a HEAD and a TAIL tile, as in the dx kernel
         offs_j = j0 + tl.arange(0, BLOCK_J)
         acc_h = tl.zeros([BLOCK_J * RANK_P, HEAD], dtype=tl.float32)
@@ -350,10 +365,11 @@ def _block_bwd_dw_kernel(
             y = tl.zeros([BLOCK_B, BLOCK_J * RANK_P], dtype=tl.float32)
             y = _tile_products(X_OTHER, W_OTHER, B_OTHER, x_row, w_row, b_idx, mask_b, mask_n, s, y, BLOCK_K, S,
                                PREC)
+            # one element a thread ([32, 4] on 128 threads): read broadcast over the ranks instead, 16 bytes a load,
+            # it issued 10-30% more (the [B, N] tile's conversion to the MMA layout) and spilled at chunks of 15
             dz = tl.load(DZ + x_row[:, None] + offs_j[None, :], mask=mask_b[:, None] & (offs_j < s)[None, :],
                          other=0.0)
-            dz_n = tl.reshape(tl.broadcast_to(dz[:, :, None], (BLOCK_B, BLOCK_J, RANK_P)),
-                              (BLOCK_B, BLOCK_J * RANK_P))
+            dz_n = _per_n(dz, BLOCK_B, BLOCK_J, RANK_P, RANK_MAJOR)
             dy = dz_n * y  # zero on padded rows and n
             dy_t = tl.trans(dy.to(X_SELF.dtype.element_ty))
             x = tl.load(X_SELF + x_row[:, None] + offs_h[None, :], mask=mask_b[:, None] & (offs_h < s)[None, :],
@@ -484,11 +500,11 @@ def block_merge_backward_triton(grad: torch.Tensor, x0: torch.Tensor, x1: torch.
         x0, x1, w0, b0, w1, b1, grad, t if normalize else dummy, norm if normalize else dummy, dx0, dx1, dz, meta,
         n_rows, mm, chunks, int(rank), BLOCK_B=plan.dx_b, BLOCK_J=plan.dx_j, BLOCK_K=plan.block_k,
         BLOCK_S=plan.block_s, HEAD=plan.out_head, TAIL=plan.out_tail, RANK_P=plan.rank_p, NORMALIZE=bool(normalize),
-        PREC=prec, **layout, SPLIT=split, num_warps=plan.dx_warps)
+        PREC=prec, **layout, SPLIT=split, RANK_MAJOR=plan.rank_major, num_warps=plan.dx_warps)
     _block_bwd_dw_kernel[(chunks, cdiv(max(sizes), plan.dw_j), 2)](
         x0, x1, w0, b0, w1, b1, dz, dw0, db0, dw1, db1, meta, n_rows, mm, chunks, int(rank),
         BLOCK_B=plan.dw_b, BLOCK_J=plan.dw_j, BLOCK_K=plan.block_k, HEAD=plan.out_head, TAIL=plan.out_tail,
-        RANK_P=plan.rank_p, PREC=prec, **layout, num_warps=plan.dw_warps)
+        RANK_P=plan.rank_p, PREC=prec, **layout, RANK_MAJOR=plan.rank_major, num_warps=plan.dw_warps)
     return dx0, dx1, dw0, db0, dw1, db1
 
 
