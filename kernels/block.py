@@ -6,9 +6,10 @@ Math (per chunk c of size s, rank R; DESIGN section 1): y0 = x0_c W0_c^T + b0_c,
 m index r*s + j; z[b, j] = sum_r y0[b, r*s+j] * y1[b, r*s+j]; t = sqrt(relu(z)) - sqrt(relu(-z));
 out = t / max(||t||_2, 1e-12). Weights use the "flat stacked" layout of ``kernels.reference.block_merge_reference``.
 
-Kernels. One tile of the products covers BLOCK_J output features x all ranks: its N dimension is n = jj * RANK_P + r
-(rank padded to a power of two), so one ``tl.dot`` per K step makes [BLOCK_B, BLOCK_J * RANK_P] and the rank sum is
-a reduction inside the tile (reshape to [BLOCK_B, BLOCK_J, RANK_P], sum the last axis). The weight tile is gathered
+Kernels. One tile of the products covers BLOCK_J output features x all ranks (padded to RANK_P, a power of two):
+its N dimension is rank-major, n = r * BLOCK_J + jj (the dx/dW tiles at 3xTF32: jj * RANK_P + r, ``_tile_rows``),
+so one ``tl.dot`` per K step makes [BLOCK_B, BLOCK_J * RANK_P] and the rank sum is a reduction inside the tile
+(reshape to [BLOCK_B, RANK_P, BLOCK_J], sum axis 1). The weight tile is gathered
 from the flat layout by pointer arithmetic (row r*s + j, K contiguous): no repacked copy of the weights per call.
 The contraction over a chunk's inputs runs in steps of BLOCK_K (16 for chunks of 80: no padding; the power of two
 above the chunk, 128, would waste 37.5%).
@@ -45,14 +46,16 @@ Chunk layout. Where every chunk has one size S (1600 / 20: 80) the kernels take 
 (``S``): offsets are products of constants, Triton proves 16-byte alignment, loads vectorise and 16-bit tiles
 stream through asynchronous copies (LDGSTS) in a pipelined K loop, with no K mask where BLOCK_K divides S.
 Otherwise sizes and offsets come from META, declared multiples of ``ALIGN`` (the largest power of two <= 16
-dividing every size: 8 for chunks of 24 and 40, 1 for BLOCK's (256, 18) chunks of 15 and 1, which stay scalar).
+dividing every size: 8 for chunks of 24 and 40, 1 for BLOCK's (256, 18) chunks of 15 and 1, which stay scalar:
+no row of 15 elements starts 16-byte aligned). Tiles of under 4 elements a thread (dx's [64, 2] g and t at 3xTF32,
+dW's [32, 4] dz) load one element a thread whatever the alignment: Triton's coalescing caps a thread at numel/threads.
 
 Limits: chunk sizes up to MAX_CHUNK = 256 (dx holds a [rows, block_s] row of g and t), rank up to MAX_RANK = 128;
 beyond, ``block_merge`` takes the bmm path on CUDA (the reference under ``CMC_FAST_KERNELS=triton``). Every dot
 dimension is >= 16 (``tl.dot``'s minimum on GPUs). Static cost (bench/results/block-sm90-static.md: sm_90 SASS,
 every loop weighted by its trips, issue-bound at one instruction a cycle per scheduler on an H100 SXM): at
-(1600, 20, 15), B=64 one forward + backward issues >= 10.4 us in bf16 (floor 7.5), 15.6 us in fp32 at "high"
-(14.9) and 47.7 us at "highest" (22 at the FP32 rate; 14.9 for 3xTF32); no dot tile computed twice.
+(1600, 20, 15), B=64 one forward + backward issues >= 8.9 us in bf16 (floor 7.5), 15.0 us in fp32 at "high" (14.9),
+47.6 us at "highest" (22 at the FP32 rate; 14.9 for 3xTF32); no dot tile computed twice.
 Padding at chunks of 80: none in the K steps, the dx/dW output tiles or the batch; 6.25% in the rank (15 -> 16).
 Floors: ``block_plan.block_merge_floor``.
 """
@@ -70,6 +73,7 @@ from .block_plan import (
     _ieee_fp32,
     _tf32x3,
     block_plan,
+    check_merge_args,
     choose_block_path,
     chunk_layout,
     count_missing_shapes_with,
@@ -110,10 +114,9 @@ def _chunk(META, C, c, R, S: tl.constexpr, ALIGN: tl.constexpr):
 
 @triton.jit
 def _tile_rows(s, w_off, b_off, BLOCK_J: tl.constexpr, RANK_P: tl.constexpr, R, j0, RANK_MAJOR: tl.constexpr):
-    """Indices of one feature tile x all ranks (the N dimension of a tile): the flat weight offset of each row
-    r*s + j, the flat bias index, and which n are real (j < s, r < R). RANK_MAJOR: n = r * BLOCK_J + jj, so the
-    bias index runs over BLOCK_J consecutive features a rank (a thread's pair of columns in an MMA tile is one
-    8-byte fp32 load); else n = jj * RANK_P + r (each bias element a separate scalar load)."""
+    """Indices of one feature tile x all ranks (a tile's N): the flat weight offset of each row r*s + j, the flat bias
+    index, and which n are real (j < s, r < R). RANK_MAJOR: n = r * BLOCK_J + jj, BLOCK_J consecutive bias elements a
+    rank (a thread's column pair in an MMA tile is one 8-byte load in fp32); else n = jj * RANK_P + r (scalar)."""
     offs_n = tl.arange(0, BLOCK_J * RANK_P)
     if RANK_MAJOR:
         r = offs_n // BLOCK_J
@@ -365,8 +368,7 @@ def _block_bwd_dw_kernel(
             y = tl.zeros([BLOCK_B, BLOCK_J * RANK_P], dtype=tl.float32)
             y = _tile_products(X_OTHER, W_OTHER, B_OTHER, x_row, w_row, b_idx, mask_b, mask_n, s, y, BLOCK_K, S,
                                PREC)
-            # one element a thread ([32, 4] on 128 threads): read broadcast over the ranks instead, 16 bytes a load,
-            # it issued 10-30% more (the [B, N] tile's conversion to the MMA layout) and spilled at chunks of 15
+            # one element a thread: read broadcast over the ranks (16-byte loads) it issued 10-30% more, and spilled
             dz = tl.load(DZ + x_row[:, None] + offs_j[None, :], mask=mask_b[:, None] & (offs_j < s)[None, :],
                          other=0.0)
             dz_n = _per_n(dz, BLOCK_B, BLOCK_J, RANK_P, RANK_MAJOR)
@@ -406,26 +408,6 @@ def _meta(sizes, rank: int, device: torch.device) -> torch.Tensor:
     return _meta_cached(tuple(int(s) for s in sizes), int(rank), str(device))
 
 
-def _check(x0, x1, w0, b0, w1, b1, sizes, rank) -> None:
-    if x0.dim() != 2 or x0.shape != x1.shape:
-        raise ValueError(f"x0 and x1 must both be [B, mm], got {tuple(x0.shape)} and {tuple(x1.shape)}")
-    if x0.dtype != x1.dtype:
-        raise ValueError(f"x0 and x1 must have one dtype, got {x0.dtype} and {x1.dtype}")
-    if w0.dtype != w1.dtype:
-        raise TypeError(f"w0 and w1 must have one dtype, got w0 {w0.dtype} and w1 {w1.dtype}")
-    if b0.dtype != b1.dtype:
-        raise TypeError(f"b0 and b1 must have one dtype, got b0 {b0.dtype} and b1 {b1.dtype}")
-    if not sizes or min(sizes) < 1 or rank < 1:
-        raise ValueError(f"sizes must be positive chunk sizes and rank >= 1, got sizes={list(sizes)}, rank={rank}")
-    mm = sum(sizes)
-    n_w = rank * sum(s * s for s in sizes)
-    if x0.shape[1] != mm:
-        raise ValueError(f"x0 has {x0.shape[1]} features but the chunk sizes sum to {mm}")
-    for name, t, n in (("w0", w0, n_w), ("b0", b0, rank * mm), ("w1", w1, n_w), ("b1", b1, rank * mm)):
-        if t.numel() != n:
-            raise ValueError(f"{name} must hold {n} elements (flat stacked layout), got {t.numel()}")
-
-
 def _scratch(n: int, device) -> torch.Tensor:
     return torch.empty(n, dtype=torch.float32, device=device)
 
@@ -438,7 +420,7 @@ def block_merge_forward_triton(x0: torch.Tensor, x1: torch.Tensor, w0: torch.Ten
     (out [B, mm] in x's dtype, t [B, mm] fp32, norm [B, chunks] fp32): the normalised merge with the roots and norms
     the backward keeps, or (z, empty, empty) when ``normalize`` is False."""
     sizes = [int(s) for s in sizes]
-    _check(x0, x1, w0, b0, w1, b1, sizes, rank)
+    check_merge_args(x0, x1, w0, b0, w1, b1, sizes, rank)
     x0, x1, w0, b0, w1, b1 = contiguous(x0, x1, w0, b0, w1, b1)
     (n_rows, mm), chunks, dev = x0.shape, len(sizes), x0.device
     out = torch.empty_like(x0, memory_format=torch.contiguous_format)
@@ -475,7 +457,7 @@ def block_merge_backward_triton(grad: torch.Tensor, x0: torch.Tensor, x1: torch.
     (dx0, dx1, dw0, db0, dw1, db1), each shaped and typed as its input. ``grad`` may be any strided view (under
     compile it can arrive expanded, stride 0): it is made contiguous."""
     sizes = [int(s) for s in sizes]
-    _check(x0, x1, w0, b0, w1, b1, sizes, rank)
+    check_merge_args(x0, x1, w0, b0, w1, b1, sizes, rank)
     if grad.shape != x0.shape:
         raise ValueError(f"grad must be {tuple(x0.shape)}, got {tuple(grad.shape)}")
     grad, x0, x1, w0, b0, w1, b1, t, norm = contiguous(grad, x0, x1, w0, b0, w1, b1, t, norm)
@@ -591,7 +573,7 @@ _block_merge_op.register_autograd(_backward, setup_context=_setup_context)
 # ------------------------------------------------------------------------------------------- public API
 def _merge(x0, x1, w0, b0, w1, b1, sizes, rank, normalize) -> torch.Tensor:
     sizes, rank = [int(s) for s in sizes], int(rank)
-    _check(x0, x1, w0, b0, w1, b1, sizes, rank)
+    check_merge_args(x0, x1, w0, b0, w1, b1, sizes, rank)
     path = choose_block_path(sizes, rank, x0.shape[0], x0.dtype, x0.device)
     if path == "bmm":
         return block_merge_bmm(x0, x1, w0, b0, w1, b1, sizes=sizes, rank=rank, normalize=normalize)

@@ -398,3 +398,25 @@ def block_merge_floor(batch: int, sizes, rank: int, *, dtype: torch.dtype = torc
     flops = (12 if backward else 4) * batch * rank * sum(s * s for s in sizes)
     nbytes = block_merge_bytes(batch, sizes, rank, dtype.itemsize, (w_dtype or dtype).itemsize, backward=backward)
     return max(flops / spec[_rate_key(dtype, precision)], nbytes / spec["hbm"])
+
+
+def check_merge_args(x0, x1, w0, b0, w1, b1, sizes, rank) -> None:
+    """The merge's inputs against each other and the chunking (flat stacked weights): ValueError/TypeError naming
+    the argument."""
+    if x0.dim() != 2 or x0.shape != x1.shape:
+        raise ValueError(f"x0 and x1 must both be [B, mm], got {tuple(x0.shape)} and {tuple(x1.shape)}")
+    if x0.dtype != x1.dtype:
+        raise ValueError(f"x0 and x1 must have one dtype, got {x0.dtype} and {x1.dtype}")
+    if w0.dtype != w1.dtype:
+        raise TypeError(f"w0 and w1 must have one dtype, got w0 {w0.dtype} and w1 {w1.dtype}")
+    if b0.dtype != b1.dtype:
+        raise TypeError(f"b0 and b1 must have one dtype, got b0 {b0.dtype} and b1 {b1.dtype}")
+    if not sizes or min(sizes) < 1 or rank < 1:
+        raise ValueError(f"sizes must be positive chunk sizes and rank >= 1, got sizes={list(sizes)}, rank={rank}")
+    mm = sum(sizes)
+    n_w = rank * sum(s * s for s in sizes)
+    if x0.shape[1] != mm:
+        raise ValueError(f"x0 has {x0.shape[1]} features but the chunk sizes sum to {mm}")
+    for name, t, n in (("w0", w0, n_w), ("b0", b0, rank * mm), ("w1", w1, n_w), ("b1", b1, rank * mm)):
+        if t.numel() != n:
+            raise ValueError(f"{name} must hold {n} elements (flat stacked layout), got {t.numel()}")
