@@ -140,10 +140,13 @@ def _per_n(v, BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, RANK_P: tl.constexpr
 
 @triton.jit
 def _tile_products(X, W, BIAS, x_row, w_row, b_idx, mask_b, mask_n, s, y,
-                   BLOCK_K: tl.constexpr, S: tl.constexpr, PREC: tl.constexpr):
-    """y [BLOCK_B, N] += x_c[rows] W[tile rows]^T over the chunk's s inputs in steps of BLOCK_K, plus the bias.
+                   BLOCK_K: tl.constexpr, S: tl.constexpr, PREC: tl.constexpr, BIAS_FIRST: tl.constexpr):
+    """y [BLOCK_B, N] += x_c[rows] W[tile rows]^T over the chunk's s inputs in steps of BLOCK_K, plus the bias
+    (BIAS_FIRST: in the accumulator before the first product, else added after the last; ``BlockPlan.bias_first``).
     x_row [BLOCK_B] int64: offset of each row's chunk start in X; w_row [N] int64: flat offset of each weight row.
     Chunks of a compile-time S that BLOCK_K divides load without a K mask."""
+    if BIAS_FIRST:
+        y += tl.load(BIAS + b_idx, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     for k0 in range(0, s, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         if S > 0 and S % BLOCK_K == 0:  # no K mask: the row and column masks are constant along K (vectors)
@@ -154,8 +157,9 @@ def _tile_products(X, W, BIAS, x_row, w_row, b_idx, mask_b, mask_n, s, y,
             x = tl.load(X + x_row[:, None] + offs_k[None, :], mask=mask_b[:, None] & mask_k[None, :], other=0.0)
             w = tl.load(W + w_row[None, :] + offs_k[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         y = tl.dot(x, w.to(x.dtype), y, input_precision=PREC)  # [BLOCK_K, N]: W^T, gathered row by row
-    bias = tl.load(BIAS + b_idx, mask=mask_n, other=0.0).to(tl.float32)
-    return y + bias[None, :]
+    if not BIAS_FIRST:
+        y += tl.load(BIAS + b_idx, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    return y
 
 
 @triton.jit
@@ -170,6 +174,7 @@ def _block_fwd_kernel(
     n_rows, MM, C, R,  # B, mm_dim, chunks, rank
     BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, RANK_P: tl.constexpr,
     NORMALIZE: tl.constexpr, FUSED_NORM: tl.constexpr, PREC: tl.constexpr, S: tl.constexpr, ALIGN: tl.constexpr,
+    BIAS_FIRST: tl.constexpr,
 ):
     c = tl.program_id(0)
     pb = tl.program_id(1)
@@ -183,8 +188,8 @@ def _block_fwd_kernel(
         x_row = offs_b * MM + col
         y0 = tl.zeros([BLOCK_B, BLOCK_J * RANK_P], dtype=tl.float32)
         y1 = tl.zeros([BLOCK_B, BLOCK_J * RANK_P], dtype=tl.float32)
-        y0 = _tile_products(X0, W0, B0, x_row, w_row, b_idx, mask_b, mask_n, s, y0, BLOCK_K, S, PREC)
-        y1 = _tile_products(X1, W1, B1, x_row, w_row, b_idx, mask_b, mask_n, s, y1, BLOCK_K, S, PREC)
+        y0 = _tile_products(X0, W0, B0, x_row, w_row, b_idx, mask_b, mask_n, s, y0, BLOCK_K, S, PREC, BIAS_FIRST)
+        y1 = _tile_products(X1, W1, B1, x_row, w_row, b_idx, mask_b, mask_n, s, y1, BLOCK_K, S, PREC, BIAS_FIRST)
         z = tl.sum(tl.reshape(y0 * y1, (BLOCK_B, RANK_P, BLOCK_J)), axis=1)  # the rank sum (n = r*BLOCK_J + jj)
         offs_j = j0 + tl.arange(0, BLOCK_J)
         o_idx = x_row[:, None] + offs_j[None, :]
@@ -256,7 +261,7 @@ def _block_bwd_dx_kernel(
     n_rows, MM, C, R,
     BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
     HEAD: tl.constexpr, TAIL: tl.constexpr, RANK_P: tl.constexpr, NORMALIZE: tl.constexpr, PREC: tl.constexpr,
-    S: tl.constexpr, ALIGN: tl.constexpr, SPLIT: tl.constexpr, RANK_MAJOR: tl.constexpr,
+    S: tl.constexpr, ALIGN: tl.constexpr, SPLIT: tl.constexpr, RANK_MAJOR: tl.constexpr, BIAS_FIRST: tl.constexpr,
 ):
     # the chunk's width in the dx product is covered by a HEAD and a TAIL tile (64 + 16 for chunks of 80: no
     # padding, where one power-of-two tile of 128 wasted 37.5%); TAIL = 0: one tile. SPLIT > 1: SPLIT programs
@@ -299,7 +304,8 @@ def _block_bwd_dx_kernel(
     for j0 in range(part * BLOCK_J, s, BLOCK_J * SPLIT):  # (j0 = j_step + part * BLOCK_J spilled 4 B)
         w_row, b_idx, mask_n = _tile_rows(s, w_off, b_off, BLOCK_J, RANK_P, R, j0, RANK_MAJOR)
         y = tl.zeros([BLOCK_B, BLOCK_J * RANK_P], dtype=tl.float32)
-        y = _tile_products(X_OTHER, W_OTHER, B_OTHER, x_row, w_row, b_idx, mask_b, mask_n, s, y, BLOCK_K, S, PREC)
+        y = _tile_products(X_OTHER, W_OTHER, B_OTHER, x_row, w_row, b_idx, mask_b, mask_n, s, y, BLOCK_K, S, PREC,
+                           BIAS_FIRST)
         offs_j = j0 + tl.arange(0, BLOCK_J)
         j_idx = x_row[:, None] + offs_j[None, :]
         j_mask = mask_b[:, None] & (offs_j < s)[None, :]
@@ -342,6 +348,7 @@ def _block_bwd_dw_kernel(
     n_rows, MM, C, R,
     BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, HEAD: tl.constexpr, TAIL: tl.constexpr,
     RANK_P: tl.constexpr, PREC: tl.constexpr, S: tl.constexpr, ALIGN: tl.constexpr, RANK_MAJOR: tl.constexpr,
+    BIAS_FIRST: tl.constexpr,
 ):
     c = tl.program_id(0)
     pj = tl.program_id(1)
@@ -367,7 +374,7 @@ def _block_bwd_dw_kernel(
             x_row = offs_b * MM + col
             y = tl.zeros([BLOCK_B, BLOCK_J * RANK_P], dtype=tl.float32)
             y = _tile_products(X_OTHER, W_OTHER, B_OTHER, x_row, w_row, b_idx, mask_b, mask_n, s, y, BLOCK_K, S,
-                               PREC)
+                               PREC, BIAS_FIRST)
             # one element a thread: read broadcast over the ranks (16-byte loads) it issued 10-30% more, and spilled
             dz = tl.load(DZ + x_row[:, None] + offs_j[None, :], mask=mask_b[:, None] & (offs_j < s)[None, :],
                          other=0.0)
@@ -440,7 +447,7 @@ def block_merge_forward_triton(x0: torch.Tensor, x1: torch.Tensor, w0: torch.Ten
         x0, x1, w0, b0, w1, b1, out, t if normalize else dummy, sq, norm if normalize else dummy, meta,
         n_rows, mm, chunks, int(rank), BLOCK_B=plan.fwd_b, BLOCK_J=plan.fwd_j, BLOCK_K=plan.block_k,
         RANK_P=plan.rank_p, NORMALIZE=bool(normalize), FUSED_NORM=fused, PREC=prec, **layout,
-        num_warps=plan.fwd_warps)
+        BIAS_FIRST=plan.bias_first, num_warps=plan.fwd_warps)
     if normalize and not fused:
         _block_norm_kernel[(chunks, cdiv(n_rows, plan.norm_b))](
             t, sq, out, norm, meta, n_rows, mm, chunks, BLOCK_B=plan.norm_b, BLOCK_S=plan.block_s,
@@ -482,11 +489,13 @@ def block_merge_backward_triton(grad: torch.Tensor, x0: torch.Tensor, x1: torch.
         x0, x1, w0, b0, w1, b1, grad, t if normalize else dummy, norm if normalize else dummy, dx0, dx1, dz, meta,
         n_rows, mm, chunks, int(rank), BLOCK_B=plan.dx_b, BLOCK_J=plan.dx_j, BLOCK_K=plan.block_k,
         BLOCK_S=plan.block_s, HEAD=plan.out_head, TAIL=plan.out_tail, RANK_P=plan.rank_p, NORMALIZE=bool(normalize),
-        PREC=prec, **layout, SPLIT=split, RANK_MAJOR=plan.rank_major, num_warps=plan.dx_warps)
+        PREC=prec, **layout, SPLIT=split, RANK_MAJOR=plan.rank_major,
+        BIAS_FIRST=plan.bias_first, num_warps=plan.dx_warps)
     _block_bwd_dw_kernel[(chunks, cdiv(max(sizes), plan.dw_j), 2)](
         x0, x1, w0, b0, w1, b1, dz, dw0, db0, dw1, db1, meta, n_rows, mm, chunks, int(rank),
         BLOCK_B=plan.dw_b, BLOCK_J=plan.dw_j, BLOCK_K=plan.block_k, HEAD=plan.out_head, TAIL=plan.out_tail,
-        RANK_P=plan.rank_p, PREC=prec, **layout, RANK_MAJOR=plan.rank_major, num_warps=plan.dw_warps)
+        RANK_P=plan.rank_p, PREC=prec, **layout, RANK_MAJOR=plan.rank_major,
+        BIAS_FIRST=plan.bias_first, num_warps=plan.dw_warps)
     return dx0, dx1, dw0, db0, dw1, db1
 
 

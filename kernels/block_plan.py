@@ -52,8 +52,10 @@ class BlockPlan:
     dw_j: int
     dw_warps: int
     # dx/dW tiles' N order (block.py _tile_rows): rank-major n = r * BLOCK_J + jj (8-byte bias loads; the forward
-    # always), else feature-major n = jj * RANK_P + r: at 3xTF32 rank-major issued ~1.4% more in dx and dW
+    # always), else feature-major n = jj * RANK_P + r. The bias in the accumulator before the products (bias_first)
+    # or after them. Both off at 3xTF32, where at (1600, 20, 15) they issued 1-4% more; elsewhere 1-35% less.
     rank_major: bool = True
+    bias_first: bool = True
 
 
 def _block_k(sizes) -> int:
@@ -122,7 +124,7 @@ def block_plan(n_rows: int, sizes, rank: int, *, sms: int = 132, ieee_fp32: bool
         fwd_b=fwd_b, fwd_j=fwd_j, fwd_warps=fwd_warps,
         norm_b=norm_b, dx_b=dx_b, dx_j=dx_j, dx_warps=dx_warps,
         dw_b=dw_b, dw_j=dw_j, dw_warps=8 if ieee_fp32 else 4, dx_split=2 if tf32x3 else 1,
-        rank_major=not tf32x3)
+        rank_major=not tf32x3, bias_first=not tf32x3)
     plan = dataclasses.replace(plan, **overrides)
     _check_plan(plan, max_s, rank)
     return plan

@@ -79,7 +79,7 @@ def hopper_specs(shape: tuple[int, ...], dtype: str = "fp32", precision: str = "
     n_j = _fwd_tiles(plan, sizes)
     fused = n_j == 1
     layout = chunk_layout(sizes)
-    common = {"RANK_P": plan.rank_p, "BLOCK_K": plan.block_k, "PREC": prec, **layout}
+    common = {"RANK_P": plan.rank_p, "BLOCK_K": plan.block_k, "PREC": prec, "BIAS_FIRST": plan.bias_first, **layout}
     floors = kernel_floors(b, sizes, rank, _DTYPES[dtype], precision, gpu)
     # trip counts at the largest chunk (a shorter one runs fewer: the bound is for the longest program)
     const = layout["S"] > 0
