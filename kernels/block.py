@@ -54,7 +54,7 @@ Limits: chunk sizes up to MAX_CHUNK = 256 (dx holds a [rows, block_s] row of g a
 beyond, ``block_merge`` takes the bmm path on CUDA (the reference under ``CMC_FAST_KERNELS=triton``). Every dot
 dimension is >= 16 (``tl.dot``'s minimum on GPUs). Static cost (bench/results/block-sm90-static.md: sm_90 SASS,
 every loop weighted by its trips, issue-bound at one instruction a cycle per scheduler on an H100 SXM): at
-(1600, 20, 15), B=64 one forward + backward issues >= 8.9 us in bf16 (floor 7.5), 15.0 us in fp32 at "high" (14.9),
+(1600, 20, 15), B=64 one forward + backward issues >= 8.8 us in bf16 (floor 7.5), 14.9 us in fp32 at "high" (14.9),
 47.6 us at "highest" (22 at the FP32 rate; 14.9 for 3xTF32); no dot tile computed twice.
 Padding at chunks of 80: none in the K steps, the dx/dW output tiles or the batch; 6.25% in the rank (15 -> 16).
 Floors: ``block_plan.block_merge_floor``.

@@ -53,7 +53,8 @@ class BlockPlan:
     dw_warps: int
     # dx/dW tiles' N order (block.py _tile_rows): rank-major n = r * BLOCK_J + jj (8-byte bias loads; the forward
     # always), else feature-major n = jj * RANK_P + r. The bias in the accumulator before the products (bias_first)
-    # or after them. Both off at 3xTF32, where at (1600, 20, 15) they issued 1-4% more; elsewhere 1-35% less.
+    # or after them. Both off at 3xTF32, where at (1600, 20, 15) they issued 1-4% more; elsewhere up to 24% less
+    # (bf16 dx), no kernel of the 12 report shapes more (bench/results/block-sm90-static.md).
     rank_major: bool = True
     bias_first: bool = True
 
