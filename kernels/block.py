@@ -6,9 +6,10 @@ Math (per chunk c of size s, rank R; DESIGN section 1): y0 = x0_c W0_c^T + b0_c,
 m index r*s + j; z[b, j] = sum_r y0[b, r*s+j] * y1[b, r*s+j]; t = sqrt(relu(z)) - sqrt(relu(-z));
 out = t / max(||t||_2, 1e-12). Weights use the "flat stacked" layout of ``kernels.reference.block_merge_reference``.
 
-Kernels. One tile of the products covers BLOCK_J output features x all ranks: its N dimension is n = jj * RANK_P + r
-(rank padded to a power of two), so one ``tl.dot`` per K step makes [BLOCK_B, BLOCK_J * RANK_P] and the rank sum is
-a reduction inside the tile (reshape to [BLOCK_B, BLOCK_J, RANK_P], sum the last axis). The weight tile is gathered
+Kernels. One tile of the products covers BLOCK_J output features x all ranks (padded to RANK_P, a power of two):
+its N dimension is rank-major, n = r * BLOCK_J + jj (the dx/dW tiles at 3xTF32: jj * RANK_P + r, ``_tile_rows``),
+so one ``tl.dot`` per K step makes [BLOCK_B, BLOCK_J * RANK_P] and the rank sum is a reduction inside the tile
+(reshape to [BLOCK_B, RANK_P, BLOCK_J], sum axis 1). The weight tile is gathered
 from the flat layout by pointer arithmetic (row r*s + j, K contiguous): no repacked copy of the weights per call.
 The contraction over a chunk's inputs runs in steps of BLOCK_K (16 for chunks of 80: no padding; the power of two
 above the chunk, 128, would waste 37.5%).
@@ -45,14 +46,16 @@ Chunk layout. Where every chunk has one size S (1600 / 20: 80) the kernels take 
 (``S``): offsets are products of constants, Triton proves 16-byte alignment, loads vectorise and 16-bit tiles
 stream through asynchronous copies (LDGSTS) in a pipelined K loop, with no K mask where BLOCK_K divides S.
 Otherwise sizes and offsets come from META, declared multiples of ``ALIGN`` (the largest power of two <= 16
-dividing every size: 8 for chunks of 24 and 40, 1 for BLOCK's (256, 18) chunks of 15 and 1, which stay scalar).
+dividing every size: 8 for chunks of 24 and 40, 1 for BLOCK's (256, 18) chunks of 15 and 1, which stay scalar:
+no row of 15 elements starts 16-byte aligned). Tiles of under 4 elements a thread (dx's [64, 2] g and t at 3xTF32,
+dW's [32, 4] dz) load one element a thread whatever the alignment: Triton's coalescing caps a thread at numel/threads.
 
 Limits: chunk sizes up to MAX_CHUNK = 256 (dx holds a [rows, block_s] row of g and t), rank up to MAX_RANK = 128;
 beyond, ``block_merge`` takes the bmm path on CUDA (the reference under ``CMC_FAST_KERNELS=triton``). Every dot
 dimension is >= 16 (``tl.dot``'s minimum on GPUs). Static cost (bench/results/block-sm90-static.md: sm_90 SASS,
 every loop weighted by its trips, issue-bound at one instruction a cycle per scheduler on an H100 SXM): at
-(1600, 20, 15), B=64 one forward + backward issues >= 10.4 us in bf16 (floor 7.5), 15.6 us in fp32 at "high"
-(14.9) and 47.7 us at "highest" (22 at the FP32 rate; 14.9 for 3xTF32); no dot tile computed twice.
+(1600, 20, 15), B=64 one forward + backward issues >= 8.8 us in bf16 (floor 7.5), 14.9 us in fp32 at "high" (14.9),
+47.6 us at "highest" (22 at the FP32 rate; 14.9 for 3xTF32); no dot tile computed twice.
 Padding at chunks of 80: none in the K steps, the dx/dW output tiles or the batch; 6.25% in the rank (15 -> 16).
 Floors: ``block_plan.block_merge_floor``.
 """
@@ -70,6 +73,7 @@ from .block_plan import (
     _ieee_fp32,
     _tf32x3,
     block_plan,
+    check_merge_args,
     choose_block_path,
     chunk_layout,
     count_missing_shapes_with,
@@ -109,23 +113,40 @@ def _chunk(META, C, c, R, S: tl.constexpr, ALIGN: tl.constexpr):
 
 
 @triton.jit
-def _tile_rows(s, w_off, b_off, BLOCK_J: tl.constexpr, RANK_P: tl.constexpr, R, j0):
-    """Indices of one feature tile x all ranks (the N dimension of a tile: n = jj * RANK_P + r): the flat weight
-    offset of each row r*s + j, the flat bias index, and which n are real (j < s, r < R)."""
+def _tile_rows(s, w_off, b_off, BLOCK_J: tl.constexpr, RANK_P: tl.constexpr, R, j0, RANK_MAJOR: tl.constexpr):
+    """Indices of one feature tile x all ranks (a tile's N): the flat weight offset of each row r*s + j, the flat bias
+    index, and which n are real (j < s, r < R). RANK_MAJOR: n = r * BLOCK_J + jj, BLOCK_J consecutive bias elements a
+    rank (a thread's column pair in an MMA tile is one 8-byte load in fp32); else n = jj * RANK_P + r (scalar)."""
     offs_n = tl.arange(0, BLOCK_J * RANK_P)
-    r = offs_n % RANK_P
-    j = j0 + offs_n // RANK_P
+    if RANK_MAJOR:
+        r = offs_n // BLOCK_J
+        j = j0 + offs_n % BLOCK_J
+    else:
+        r = offs_n % RANK_P
+        j = j0 + offs_n // RANK_P
     mask_n = (j < s) & (r < R)
     row = r * s + j
     return w_off + row.to(tl.int64) * s, b_off + row, mask_n
 
 
 @triton.jit
+def _per_n(v, BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, RANK_P: tl.constexpr, RANK_MAJOR: tl.constexpr):
+    """[BLOCK_B, BLOCK_J] per-feature values broadcast over the ranks, in the tile's N order (see _tile_rows)."""
+    if RANK_MAJOR:
+        return tl.reshape(tl.broadcast_to(v[:, None, :], (BLOCK_B, RANK_P, BLOCK_J)), (BLOCK_B, BLOCK_J * RANK_P))
+    else:
+        return tl.reshape(tl.broadcast_to(v[:, :, None], (BLOCK_B, BLOCK_J, RANK_P)), (BLOCK_B, BLOCK_J * RANK_P))
+
+
+@triton.jit
 def _tile_products(X, W, BIAS, x_row, w_row, b_idx, mask_b, mask_n, s, y,
-                   BLOCK_K: tl.constexpr, S: tl.constexpr, PREC: tl.constexpr):
-    """y [BLOCK_B, N] += x_c[rows] W[tile rows]^T over the chunk's s inputs in steps of BLOCK_K, plus the bias.
+                   BLOCK_K: tl.constexpr, S: tl.constexpr, PREC: tl.constexpr, BIAS_FIRST: tl.constexpr):
+    """y [BLOCK_B, N] += x_c[rows] W[tile rows]^T over the chunk's s inputs in steps of BLOCK_K, plus the bias
+    (BIAS_FIRST: in the accumulator before the first product, else added after the last; ``BlockPlan.bias_first``).
     x_row [BLOCK_B] int64: offset of each row's chunk start in X; w_row [N] int64: flat offset of each weight row.
     Chunks of a compile-time S that BLOCK_K divides load without a K mask."""
+    if BIAS_FIRST:
+        y += tl.load(BIAS + b_idx, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     for k0 in range(0, s, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         if S > 0 and S % BLOCK_K == 0:  # no K mask: the row and column masks are constant along K (vectors)
@@ -136,8 +157,9 @@ def _tile_products(X, W, BIAS, x_row, w_row, b_idx, mask_b, mask_n, s, y,
             x = tl.load(X + x_row[:, None] + offs_k[None, :], mask=mask_b[:, None] & mask_k[None, :], other=0.0)
             w = tl.load(W + w_row[None, :] + offs_k[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         y = tl.dot(x, w.to(x.dtype), y, input_precision=PREC)  # [BLOCK_K, N]: W^T, gathered row by row
-    bias = tl.load(BIAS + b_idx, mask=mask_n, other=0.0).to(tl.float32)
-    return y + bias[None, :]
+    if not BIAS_FIRST:
+        y += tl.load(BIAS + b_idx, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    return y
 
 
 @triton.jit
@@ -152,6 +174,7 @@ def _block_fwd_kernel(
     n_rows, MM, C, R,  # B, mm_dim, chunks, rank
     BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, RANK_P: tl.constexpr,
     NORMALIZE: tl.constexpr, FUSED_NORM: tl.constexpr, PREC: tl.constexpr, S: tl.constexpr, ALIGN: tl.constexpr,
+    BIAS_FIRST: tl.constexpr,
 ):
     c = tl.program_id(0)
     pb = tl.program_id(1)
@@ -161,13 +184,13 @@ def _block_fwd_kernel(
     if j0 < s:  # the grid is sized by the largest chunk: a shorter chunk's last tiles have nothing to do
         offs_b = (pb * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
         mask_b = offs_b < n_rows
-        w_row, b_idx, mask_n = _tile_rows(s, w_off, b_off, BLOCK_J, RANK_P, R, j0)
+        w_row, b_idx, mask_n = _tile_rows(s, w_off, b_off, BLOCK_J, RANK_P, R, j0, True)
         x_row = offs_b * MM + col
         y0 = tl.zeros([BLOCK_B, BLOCK_J * RANK_P], dtype=tl.float32)
         y1 = tl.zeros([BLOCK_B, BLOCK_J * RANK_P], dtype=tl.float32)
-        y0 = _tile_products(X0, W0, B0, x_row, w_row, b_idx, mask_b, mask_n, s, y0, BLOCK_K, S, PREC)
-        y1 = _tile_products(X1, W1, B1, x_row, w_row, b_idx, mask_b, mask_n, s, y1, BLOCK_K, S, PREC)
-        z = tl.sum(tl.reshape(y0 * y1, (BLOCK_B, BLOCK_J, RANK_P)), axis=2)  # the rank sum, inside the tile
+        y0 = _tile_products(X0, W0, B0, x_row, w_row, b_idx, mask_b, mask_n, s, y0, BLOCK_K, S, PREC, BIAS_FIRST)
+        y1 = _tile_products(X1, W1, B1, x_row, w_row, b_idx, mask_b, mask_n, s, y1, BLOCK_K, S, PREC, BIAS_FIRST)
+        z = tl.sum(tl.reshape(y0 * y1, (BLOCK_B, RANK_P, BLOCK_J)), axis=1)  # the rank sum (n = r*BLOCK_J + jj)
         offs_j = j0 + tl.arange(0, BLOCK_J)
         o_idx = x_row[:, None] + offs_j[None, :]
         o_mask = mask_b[:, None] & (offs_j < s)[None, :]
@@ -238,7 +261,7 @@ def _block_bwd_dx_kernel(
     n_rows, MM, C, R,
     BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
     HEAD: tl.constexpr, TAIL: tl.constexpr, RANK_P: tl.constexpr, NORMALIZE: tl.constexpr, PREC: tl.constexpr,
-    S: tl.constexpr, ALIGN: tl.constexpr, SPLIT: tl.constexpr,
+    S: tl.constexpr, ALIGN: tl.constexpr, SPLIT: tl.constexpr, RANK_MAJOR: tl.constexpr, BIAS_FIRST: tl.constexpr,
 ):
     # the chunk's width in the dx product is covered by a HEAD and a TAIL tile (64 + 16 for chunks of 80: no
     # padding, where one power-of-two tile of 128 wasted 37.5%); TAIL = 0: one tile. SPLIT > 1: SPLIT programs
@@ -279,9 +302,10 @@ def _block_bwd_dx_kernel(
         offs_t = HEAD + tl.arange(0, TAIL)
         dx_t = tl.zeros([BLOCK_B, TAIL], dtype=tl.float32)
     for j0 in range(part * BLOCK_J, s, BLOCK_J * SPLIT):  # (j0 = j_step + part * BLOCK_J spilled 4 B)
-        w_row, b_idx, mask_n = _tile_rows(s, w_off, b_off, BLOCK_J, RANK_P, R, j0)
+        w_row, b_idx, mask_n = _tile_rows(s, w_off, b_off, BLOCK_J, RANK_P, R, j0, RANK_MAJOR)
         y = tl.zeros([BLOCK_B, BLOCK_J * RANK_P], dtype=tl.float32)
-        y = _tile_products(X_OTHER, W_OTHER, B_OTHER, x_row, w_row, b_idx, mask_b, mask_n, s, y, BLOCK_K, S, PREC)
+        y = _tile_products(X_OTHER, W_OTHER, B_OTHER, x_row, w_row, b_idx, mask_b, mask_n, s, y, BLOCK_K, S, PREC,
+                           BIAS_FIRST)
         offs_j = j0 + tl.arange(0, BLOCK_J)
         j_idx = x_row[:, None] + offs_j[None, :]
         j_mask = mask_b[:, None] & (offs_j < s)[None, :]
@@ -291,7 +315,7 @@ def _block_bwd_dx_kernel(
             dz = _dz_of(g_j, t_j, inv[:, None], coef[:, None])
         else:
             dz = tl.load(DZ + j_idx, mask=j_mask, other=0.0)
-        dz_n = tl.reshape(tl.broadcast_to(dz[:, :, None], (BLOCK_B, BLOCK_J, RANK_P)), (BLOCK_B, BLOCK_J * RANK_P))
+        dz_n = _per_n(dz, BLOCK_B, BLOCK_J, RANK_P, RANK_MAJOR)
         dy = (dz_n * y).to(X0.dtype.element_ty)  # zero on padded rows and n (dz, W and the bias are)
         w = tl.load(W_SELF + w_row[:, None] + offs_h[None, :], mask=mask_n[:, None] & (offs_h < s)[None, :],
                     other=0.0)
@@ -323,7 +347,8 @@ def _block_bwd_dw_kernel(
     META,  # [4, C] int64 (see the forward)
     n_rows, MM, C, R,
     BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, HEAD: tl.constexpr, TAIL: tl.constexpr,
-    RANK_P: tl.constexpr, PREC: tl.constexpr, S: tl.constexpr, ALIGN: tl.constexpr,
+    RANK_P: tl.constexpr, PREC: tl.constexpr, S: tl.constexpr, ALIGN: tl.constexpr, RANK_MAJOR: tl.constexpr,
+    BIAS_FIRST: tl.constexpr,
 ):
     c = tl.program_id(0)
     pj = tl.program_id(1)
@@ -335,7 +360,7 @@ def _block_bwd_dw_kernel(
     s, col, w_off, b_off = _chunk(META, C, c, R, S, ALIGN)
     j0 = pj * BLOCK_J
     if j0 < s:  # the grid is sized by the largest chunk
-        w_row, b_idx, mask_n = _tile_rows(s, w_off, b_off, BLOCK_J, RANK_P, R, j0)
+        w_row, b_idx, mask_n = _tile_rows(s, w_off, b_off, BLOCK_J, RANK_P, R, j0, RANK_MAJOR)
         offs_h = tl.arange(0, HEAD)  # the chunk's width as a HEAD and a TAIL tile, as in the dx kernel
         offs_j = j0 + tl.arange(0, BLOCK_J)
         acc_h = tl.zeros([BLOCK_J * RANK_P, HEAD], dtype=tl.float32)
@@ -349,11 +374,11 @@ def _block_bwd_dw_kernel(
             x_row = offs_b * MM + col
             y = tl.zeros([BLOCK_B, BLOCK_J * RANK_P], dtype=tl.float32)
             y = _tile_products(X_OTHER, W_OTHER, B_OTHER, x_row, w_row, b_idx, mask_b, mask_n, s, y, BLOCK_K, S,
-                               PREC)
+                               PREC, BIAS_FIRST)
+            # one element a thread: read broadcast over the ranks (16-byte loads) it issued 10-30% more, and spilled
             dz = tl.load(DZ + x_row[:, None] + offs_j[None, :], mask=mask_b[:, None] & (offs_j < s)[None, :],
                          other=0.0)
-            dz_n = tl.reshape(tl.broadcast_to(dz[:, :, None], (BLOCK_B, BLOCK_J, RANK_P)),
-                              (BLOCK_B, BLOCK_J * RANK_P))
+            dz_n = _per_n(dz, BLOCK_B, BLOCK_J, RANK_P, RANK_MAJOR)
             dy = dz_n * y  # zero on padded rows and n
             dy_t = tl.trans(dy.to(X_SELF.dtype.element_ty))
             x = tl.load(X_SELF + x_row[:, None] + offs_h[None, :], mask=mask_b[:, None] & (offs_h < s)[None, :],
@@ -390,26 +415,6 @@ def _meta(sizes, rank: int, device: torch.device) -> torch.Tensor:
     return _meta_cached(tuple(int(s) for s in sizes), int(rank), str(device))
 
 
-def _check(x0, x1, w0, b0, w1, b1, sizes, rank) -> None:
-    if x0.dim() != 2 or x0.shape != x1.shape:
-        raise ValueError(f"x0 and x1 must both be [B, mm], got {tuple(x0.shape)} and {tuple(x1.shape)}")
-    if x0.dtype != x1.dtype:
-        raise ValueError(f"x0 and x1 must have one dtype, got {x0.dtype} and {x1.dtype}")
-    if w0.dtype != w1.dtype:
-        raise TypeError(f"w0 and w1 must have one dtype, got w0 {w0.dtype} and w1 {w1.dtype}")
-    if b0.dtype != b1.dtype:
-        raise TypeError(f"b0 and b1 must have one dtype, got b0 {b0.dtype} and b1 {b1.dtype}")
-    if not sizes or min(sizes) < 1 or rank < 1:
-        raise ValueError(f"sizes must be positive chunk sizes and rank >= 1, got sizes={list(sizes)}, rank={rank}")
-    mm = sum(sizes)
-    n_w = rank * sum(s * s for s in sizes)
-    if x0.shape[1] != mm:
-        raise ValueError(f"x0 has {x0.shape[1]} features but the chunk sizes sum to {mm}")
-    for name, t, n in (("w0", w0, n_w), ("b0", b0, rank * mm), ("w1", w1, n_w), ("b1", b1, rank * mm)):
-        if t.numel() != n:
-            raise ValueError(f"{name} must hold {n} elements (flat stacked layout), got {t.numel()}")
-
-
 def _scratch(n: int, device) -> torch.Tensor:
     return torch.empty(n, dtype=torch.float32, device=device)
 
@@ -422,7 +427,7 @@ def block_merge_forward_triton(x0: torch.Tensor, x1: torch.Tensor, w0: torch.Ten
     (out [B, mm] in x's dtype, t [B, mm] fp32, norm [B, chunks] fp32): the normalised merge with the roots and norms
     the backward keeps, or (z, empty, empty) when ``normalize`` is False."""
     sizes = [int(s) for s in sizes]
-    _check(x0, x1, w0, b0, w1, b1, sizes, rank)
+    check_merge_args(x0, x1, w0, b0, w1, b1, sizes, rank)
     x0, x1, w0, b0, w1, b1 = contiguous(x0, x1, w0, b0, w1, b1)
     (n_rows, mm), chunks, dev = x0.shape, len(sizes), x0.device
     out = torch.empty_like(x0, memory_format=torch.contiguous_format)
@@ -442,7 +447,7 @@ def block_merge_forward_triton(x0: torch.Tensor, x1: torch.Tensor, w0: torch.Ten
         x0, x1, w0, b0, w1, b1, out, t if normalize else dummy, sq, norm if normalize else dummy, meta,
         n_rows, mm, chunks, int(rank), BLOCK_B=plan.fwd_b, BLOCK_J=plan.fwd_j, BLOCK_K=plan.block_k,
         RANK_P=plan.rank_p, NORMALIZE=bool(normalize), FUSED_NORM=fused, PREC=prec, **layout,
-        num_warps=plan.fwd_warps)
+        BIAS_FIRST=plan.bias_first, num_warps=plan.fwd_warps)
     if normalize and not fused:
         _block_norm_kernel[(chunks, cdiv(n_rows, plan.norm_b))](
             t, sq, out, norm, meta, n_rows, mm, chunks, BLOCK_B=plan.norm_b, BLOCK_S=plan.block_s,
@@ -459,7 +464,7 @@ def block_merge_backward_triton(grad: torch.Tensor, x0: torch.Tensor, x1: torch.
     (dx0, dx1, dw0, db0, dw1, db1), each shaped and typed as its input. ``grad`` may be any strided view (under
     compile it can arrive expanded, stride 0): it is made contiguous."""
     sizes = [int(s) for s in sizes]
-    _check(x0, x1, w0, b0, w1, b1, sizes, rank)
+    check_merge_args(x0, x1, w0, b0, w1, b1, sizes, rank)
     if grad.shape != x0.shape:
         raise ValueError(f"grad must be {tuple(x0.shape)}, got {tuple(grad.shape)}")
     grad, x0, x1, w0, b0, w1, b1, t, norm = contiguous(grad, x0, x1, w0, b0, w1, b1, t, norm)
@@ -484,11 +489,13 @@ def block_merge_backward_triton(grad: torch.Tensor, x0: torch.Tensor, x1: torch.
         x0, x1, w0, b0, w1, b1, grad, t if normalize else dummy, norm if normalize else dummy, dx0, dx1, dz, meta,
         n_rows, mm, chunks, int(rank), BLOCK_B=plan.dx_b, BLOCK_J=plan.dx_j, BLOCK_K=plan.block_k,
         BLOCK_S=plan.block_s, HEAD=plan.out_head, TAIL=plan.out_tail, RANK_P=plan.rank_p, NORMALIZE=bool(normalize),
-        PREC=prec, **layout, SPLIT=split, num_warps=plan.dx_warps)
+        PREC=prec, **layout, SPLIT=split, RANK_MAJOR=plan.rank_major,
+        BIAS_FIRST=plan.bias_first, num_warps=plan.dx_warps)
     _block_bwd_dw_kernel[(chunks, cdiv(max(sizes), plan.dw_j), 2)](
         x0, x1, w0, b0, w1, b1, dz, dw0, db0, dw1, db1, meta, n_rows, mm, chunks, int(rank),
         BLOCK_B=plan.dw_b, BLOCK_J=plan.dw_j, BLOCK_K=plan.block_k, HEAD=plan.out_head, TAIL=plan.out_tail,
-        RANK_P=plan.rank_p, PREC=prec, **layout, num_warps=plan.dw_warps)
+        RANK_P=plan.rank_p, PREC=prec, **layout, RANK_MAJOR=plan.rank_major,
+        BIAS_FIRST=plan.bias_first, num_warps=plan.dw_warps)
     return dx0, dx1, dw0, db0, dw1, db1
 
 
@@ -575,7 +582,7 @@ _block_merge_op.register_autograd(_backward, setup_context=_setup_context)
 # ------------------------------------------------------------------------------------------- public API
 def _merge(x0, x1, w0, b0, w1, b1, sizes, rank, normalize) -> torch.Tensor:
     sizes, rank = [int(s) for s in sizes], int(rank)
-    _check(x0, x1, w0, b0, w1, b1, sizes, rank)
+    check_merge_args(x0, x1, w0, b0, w1, b1, sizes, rank)
     path = choose_block_path(sizes, rank, x0.shape[0], x0.dtype, x0.device)
     if path == "bmm":
         return block_merge_bmm(x0, x1, w0, b0, w1, b1, sizes=sizes, rank=rank, normalize=normalize)

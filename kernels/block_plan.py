@@ -51,6 +51,12 @@ class BlockPlan:
     dw_b: int  # dW kernel: batch rows per step, features per program, warps
     dw_j: int
     dw_warps: int
+    # dx/dW tiles' N order (block.py _tile_rows): rank-major n = r * BLOCK_J + jj (8-byte bias loads; the forward
+    # always), else feature-major n = jj * RANK_P + r. The bias in the accumulator before the products (bias_first)
+    # or after them. Both off at 3xTF32, where at (1600, 20, 15) they issued 1-4% more; elsewhere up to 24% less
+    # (bf16 dx), no kernel of the 12 report shapes more (bench/results/block-sm90-static.md).
+    rank_major: bool = True
+    bias_first: bool = True
 
 
 def _block_k(sizes) -> int:
@@ -118,7 +124,8 @@ def block_plan(n_rows: int, sizes, rank: int, *, sms: int = 132, ieee_fp32: bool
         rank_p=rank_p, block_k=_block_k(sizes), block_s=block_s, out_head=out_head, out_tail=out_tail,
         fwd_b=fwd_b, fwd_j=fwd_j, fwd_warps=fwd_warps,
         norm_b=norm_b, dx_b=dx_b, dx_j=dx_j, dx_warps=dx_warps,
-        dw_b=dw_b, dw_j=dw_j, dw_warps=8 if ieee_fp32 else 4, dx_split=2 if tf32x3 else 1)
+        dw_b=dw_b, dw_j=dw_j, dw_warps=8 if ieee_fp32 else 4, dx_split=2 if tf32x3 else 1,
+        rank_major=not tf32x3, bias_first=not tf32x3)
     plan = dataclasses.replace(plan, **overrides)
     _check_plan(plan, max_s, rank)
     return plan
@@ -394,3 +401,25 @@ def block_merge_floor(batch: int, sizes, rank: int, *, dtype: torch.dtype = torc
     flops = (12 if backward else 4) * batch * rank * sum(s * s for s in sizes)
     nbytes = block_merge_bytes(batch, sizes, rank, dtype.itemsize, (w_dtype or dtype).itemsize, backward=backward)
     return max(flops / spec[_rate_key(dtype, precision)], nbytes / spec["hbm"])
+
+
+def check_merge_args(x0, x1, w0, b0, w1, b1, sizes, rank) -> None:
+    """The merge's inputs against each other and the chunking (flat stacked weights): ValueError/TypeError naming
+    the argument."""
+    if x0.dim() != 2 or x0.shape != x1.shape:
+        raise ValueError(f"x0 and x1 must both be [B, mm], got {tuple(x0.shape)} and {tuple(x1.shape)}")
+    if x0.dtype != x1.dtype:
+        raise ValueError(f"x0 and x1 must have one dtype, got {x0.dtype} and {x1.dtype}")
+    if w0.dtype != w1.dtype:
+        raise TypeError(f"w0 and w1 must have one dtype, got w0 {w0.dtype} and w1 {w1.dtype}")
+    if b0.dtype != b1.dtype:
+        raise TypeError(f"b0 and b1 must have one dtype, got b0 {b0.dtype} and b1 {b1.dtype}")
+    if not sizes or min(sizes) < 1 or rank < 1:
+        raise ValueError(f"sizes must be positive chunk sizes and rank >= 1, got sizes={list(sizes)}, rank={rank}")
+    mm = sum(sizes)
+    n_w = rank * sum(s * s for s in sizes)
+    if x0.shape[1] != mm:
+        raise ValueError(f"x0 has {x0.shape[1]} features but the chunk sizes sum to {mm}")
+    for name, t, n in (("w0", w0, n_w), ("b0", b0, rank * mm), ("w1", w1, n_w), ("b1", b1, rank * mm)):
+        if t.numel() != n:
+            raise ValueError(f"{name} must hold {n} elements (flat stacked layout), got {t.numel()}")

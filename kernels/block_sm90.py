@@ -79,7 +79,7 @@ def hopper_specs(shape: tuple[int, ...], dtype: str = "fp32", precision: str = "
     n_j = _fwd_tiles(plan, sizes)
     fused = n_j == 1
     layout = chunk_layout(sizes)
-    common = {"RANK_P": plan.rank_p, "BLOCK_K": plan.block_k, "PREC": prec, **layout}
+    common = {"RANK_P": plan.rank_p, "BLOCK_K": plan.block_k, "PREC": prec, "BIAS_FIRST": plan.bias_first, **layout}
     floors = kernel_floors(b, sizes, rank, _DTYPES[dtype], precision, gpu)
     # trip counts at the largest chunk (a shorter one runs fewer: the bound is for the longest program)
     const = layout["S"] > 0
@@ -108,10 +108,11 @@ def hopper_specs(shape: tuple[int, ...], dtype: str = "fp32", precision: str = "
     dx_loops = (Loop("features", cdiv(max_s, plan.dx_j * split), (k_loop("k y"),), unrollable=const),)
     specs.append(spec(kernels._block_bwd_dx_kernel, {"BLOCK_B": plan.dx_b, "BLOCK_J": plan.dx_j,
                                                      "BLOCK_S": plan.block_s, "NORMALIZE": True, "SPLIT": split,
-                                                     **out}, plan.dx_warps,
+                                                     "RANK_MAJOR": plan.rank_major, **out}, plan.dx_warps,
                       chunks * cdiv(b, plan.dx_b) * 2 * split, ("k", "dx_n"), ("chunk_out",), dx_loops, "dx"))
     dw_loops = (Loop("batch", cdiv(b, plan.dw_b), (k_loop("k y"),)),)
-    specs.append(spec(kernels._block_bwd_dw_kernel, {"BLOCK_B": plan.dw_b, "BLOCK_J": plan.dw_j, **out},
+    specs.append(spec(kernels._block_bwd_dw_kernel, {"BLOCK_B": plan.dw_b, "BLOCK_J": plan.dw_j,
+                                                     "RANK_MAJOR": plan.rank_major, **out},
                       plan.dw_warps, chunks * cdiv(max_s, plan.dw_j) * 2, ("k", "dw_batch"), ("chunk_out",),
                       dw_loops, "dw"))
     return specs

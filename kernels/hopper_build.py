@@ -243,21 +243,30 @@ def executed_mix(instructions: list[tuple[int, str]], loops: tuple, where: str =
     """The instruction mix one warp of one program executes: every instruction weighted by the product of the trip
     counts of the loops around it (``loops``: the source's loop trees, see ``Loop``). Both sides of a branch count
     (an upper bound where a branch skips code, e.g. the last tile of a shorter chunk); an unrolled loop's copies
-    count once per enclosing pass, as written. Adds ``loops``: name -> instructions in one pass of its body."""
+    count once per enclosing pass, as written. Adds ``loops``: name -> instructions in one pass of its body, and
+    ``loop_loads``: name -> its passes per program (``runs``) and the global loads and asynchronous copies of its
+    own body (inner loops not included) by opcode with width (LDG.E, LDG.E.128, LDGSTS.E.BYPASS.128, ...)."""
     pairs = _match_loops(sass_loops(instructions), loops, where)
     weights = [1] * len(instructions)
-    body = {}
-    for node, loop in pairs:
+    body, loads, owner = {}, {}, [None] * len(instructions)
+    for node, loop in pairs:  # outermost first: an inner loop's instructions end up owned by the inner loop
         inside = [i for i, (a, _) in enumerate(instructions) if node["start"] <= a <= node["end"]]
         body[loop.name] = len(inside)
+        loads[loop.name] = {"runs": weights[inside[0]] * loop.trips if inside else 0}
         for i in inside:
             weights[i] *= loop.trips
+            owner[i] = loop.name
+    for (_, text), name in zip(instructions, owner):
+        op = text.split()[0] if text else ""
+        if name is not None and op.split(".")[0] in ("LDG", "LDGSTS"):
+            loads[name][op] = loads[name].get(op, 0) + 1
     mix = dict.fromkeys(MIX_CLASSES, 0)
     mix["other"] = 0
     for (_, text), w in zip(instructions, weights):
         mix[_mix_class(text)] += w
     mix["total"] = sum(weights)
     mix["loops"] = body
+    mix["loop_loads"] = loads
     return mix
 
 

@@ -75,6 +75,16 @@ def build(gpu: str, sass_root: str) -> list[dict]:
     return reports
 
 
+def loop_loads(executed: dict) -> str:
+    """Each SASS loop's own global loads by width and how many passes one program makes through it, e.g.
+    ``features x20: LDG.E.128 5, LDG.E.64 10``; loops the compiler unrolled are straight code and not listed."""
+    parts = []
+    for name, ops in executed.get("loop_loads", {}).items():
+        widths = ", ".join(f"{k} {v}" for k, v in sorted(ops.items()) if k != "runs")
+        parts.append(f"{name} x{ops['runs']}: {widths or 'none'}")
+    return "; ".join(parts) or "no loop"
+
+
 def markdown(reports: list[dict], gpu: str, commit: str) -> str:
     lines = ["# BLOCK fused kernels: static sm_90 report", "",
              "Built for sm_90 without a GPU (Triton's bundled ptxas + cuobjdump) by `python scripts/"
@@ -87,7 +97,12 @@ def markdown(reports: list[dict], gpu: str, commit: str) -> str:
              f"at HBM; `block_sm90.kernel_floors`). `call floor`: `block_merge_floor` of the whole forward+backward. "
              f"float32 at \"highest\" runs 3xTF32 dots (`block_plan.dot_precision`); its floor here is the FP32 "
              f"(FFMA) rate's, and `3xTF32 floor` beside it is what three TF32 products per product cost (bytes at "
-             f"HBM): the stricter of the two wherever TF32 / 3 outruns FP32.",
+             f"HBM): the stricter of the two wherever TF32 / 3 outruns FP32. `in loops`: the global loads of each "
+             f"SASS loop's own body by width (`hopper_build.executed_mix`'s `loop_loads`). Scalar ones left in loops "
+             f"that run more than once a program: where a per-step tile gives a thread one element (dx's [64, 2] g "
+             f"and t at 3xTF32, dW's [32, 4] dz, dx's bf16 bias of 128 on 128 threads: Triton's coalescing caps a "
+             f"thread at elements / threads), dx's feature-major bias at 3xTF32 (`BlockPlan.rank_major`: rank-major "
+             f"issued more there), and every load at (256, 18, 15), whose rows of 15 elements start unaligned.",
              "", "| shape B,DIM,CHUNKS,RANK | dtype | precision | call issue bound us | call floor us | ratio |",
              "|---|---|---|---:|---:|---:|"]
     for rep in reports:
@@ -100,14 +115,14 @@ def markdown(reports: list[dict], gpu: str, commit: str) -> str:
                   f"issue bound {rep['call_issue_bound_us']} us against the floor {rep['call_floor_us']} us "
                   f"({rep['bound_over_floor']}x)", "",
                   "| kernel | warps | regs | spill | shared B | programs | executed/warp | tensor | fp32 | loads | "
-                  "bound us | floor us | global loads |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+                  "bound us | floor us | global loads | in loops (passes a program) |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
         for r in rep["kernels"]:
             e = r["executed_per_warp"]
             loads = ", ".join(f"{k} {v}" for k, v in r["global_loads"].items())
             lines.append(f"| {r['kernel']} | {r['num_warps']} | {r['registers']} | {r['spilled']} | {r['shared']} | "
                          f"{r['programs']} | {e['total']} | {e['tensor']} | {e['fp32']} | {e['loads']} | "
-                         f"{r['issue_bound_us']} | {r['floor_us']} | {loads} |")
+                         f"{r['issue_bound_us']} | {r['floor_us']} | {loads} | {loop_loads(e)} |")
     return "\n".join(lines) + "\n"
 
 

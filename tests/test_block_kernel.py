@@ -202,6 +202,19 @@ def test_kernel_irregular_chunk_sizes():
     check_all(sizes, 2, args, grad, dtype=torch.float16)  # the fp32 scratch of a 16-bit output
 
 
+@pytest.mark.parametrize("rank_major, bias_first", [(True, True), (False, False), (True, False)])
+@pytest.mark.parametrize("sizes", [[16, 16, 16], [24, 40], [12, 5, 16, 1]], ids=["equal", "align8", "align1"])
+def test_kernel_tile_orders(sizes, rank_major, bias_first):
+    """Both N orders of the dx/dW tiles (``BlockPlan.rank_major``) and both places of the bias (``bias_first``: in
+    the accumulator before the products or added after them; both on outside 3xTF32, off there) against float64,
+    with chunks of one compile-time size (the aligned path, S > 0), unequal chunks of a common 8 and chunks no power
+    of two above 1 divides (sizes from META, scalar loads); several features a tile (dx_j, dw_j = 4 of chunks up to
+    40) and a padded rank (3 -> 4), B=19 over two batch tiles."""
+    args, grad = make_inputs(19, sizes, 3, seed=30 + sum(sizes) + 2 * rank_major + bias_first)
+    check_all(sizes, 3, args, grad, rank_major=rank_major, bias_first=bias_first, dx_j=4, dw_j=4, dx_b=16, dw_b=16,
+              fwd_b=16)
+
+
 _GPU_PLAN_CASES = {
     "1600-20-15": (block_chunk_sizes(1600, 20), 15, 64),  # S = 80 at compile time, no K mask, ALIGN 16
     "256-18-15": (block_chunk_sizes(256, 18), 15, 64),  # chunks of 15 and a last of 1: META sizes, ALIGN 1

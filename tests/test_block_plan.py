@@ -43,6 +43,8 @@ def test_sass_loops_nest_and_weight_by_trips():
     assert mix["tensor"] == 15 and mix["loads"] == 3 and mix["fp32"] == 3 and mix["barriers"] == 3
     assert mix["stores"] == 3 + 1
     assert mix["loops"] == {"outer": 8, "inner": 3}
+    # the global load is the outer body's own (3 passes), the inner body (15 passes) has none
+    assert mix["loop_loads"] == {"outer": {"runs": 3, "LDG.E.128": 1}, "inner": {"runs": 15}}
 
 
 def test_sass_loops_unrolled_and_mismatched():
