@@ -320,8 +320,8 @@ def test_without_scikit_learn_one_line_says_why_the_row_is_missing(tmp_path, mon
 
 
 @pytest.mark.parametrize("argv, kind", [
-    ([], torch.optim.SGD), (["--text-optimizer", "adam", "--text-lr", "0.01"], torch.optim.Adam),
-    (["--text-optimizer", "adam", "--text-lr", "0.01", "--text-weight-decay", "0.1"], torch.optim.AdamW)])
+    ([], torch.optim.Adam), (["--text-optimizer", "sgd", "--text-lr", "5"], torch.optim.SGD),
+    (["--text-weight-decay", "0.1"], torch.optim.AdamW)])
 def test_the_text_optimiser_follows_the_recipe_and_the_flags(argv, kind):
     from cmc_fast.models import ModelBuilder
 
@@ -340,21 +340,21 @@ def test_the_text_optimiser_follows_the_recipe_and_the_flags(argv, kind):
         opt.step()
     moved = start - weight.detach()
     if kind is torch.optim.SGD:
-        assert cfg.text_optimizer == "sgd" and cfg.text_lr == TEXT_RECIPES["ngram"]["text_lr"]
+        assert cfg.text_lr == 5.0
         torch.testing.assert_close(moved, cfg.text_lr * (2 + 0.5) * grad)
     else:
+        assert cfg.text_optimizer == "adam" and cfg.text_lr == TEXT_RECIPES["ngram"]["text_lr"]
         shrink = 1 - cfg.text_lr * cfg.text_weight_decay
         expected = start * (1 - shrink**2) + cfg.text_lr * grad.sign() * (1 + shrink)
         torch.testing.assert_close(moved, expected, rtol=1e-3, atol=1e-6)
 
 
 def test_another_text_optimiser_needs_its_own_learning_rate():
-    with pytest.raises(UsageError, match="--text-optimizer adam: the ngram recipe's text_lr .* give --text-lr"):
-        _cli("--dataset", "fakenewsnet", "--text-model", "ngram", "--text-optimizer", "adam")
-    assert _cli("--dataset", "fakenewsnet", "--text-model", "ngram", "--text-optimizer", "sgd").text_lr == (
-        TEXT_RECIPES["ngram"]["text_lr"])
-    assert _cli("--dataset", "fakenewsnet", "--text-model", "tiny", "--text-optimizer", "adam").text_lr == (
-        TEXT_RECIPES["tiny"]["text_lr"])
+    with pytest.raises(UsageError, match="--text-optimizer sgd: the ngram recipe's text_lr .* give --text-lr"):
+        _cli("--dataset", "fakenewsnet", "--text-model", "ngram", "--text-optimizer", "sgd")
+    for model in ("ngram", "tiny"):
+        cfg = _cli("--dataset", "fakenewsnet", "--text-model", model, "--text-optimizer", "adam")
+        assert cfg.text_lr == TEXT_RECIPES[model]["text_lr"]
 
 
 def test_lr_warmup_follows_the_flag():
