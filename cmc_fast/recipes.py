@@ -111,7 +111,9 @@ def recipe_base(cfg: Config) -> Config:
 
 
 def _description(kinds: dict, applied: dict, kept: dict, user: dict) -> dict:
-    recipe_keys = {k for side in ("text", "image") for k in {**TEXT_RECIPES, **IMAGE_RECIPES}.get(kinds[side], {})}
+    # what you typed of any recipe's keys or the optimiser's: the report says which optimiser ran and with what step
+    recipe_keys = {k for table in (*TEXT_RECIPES.values(), *IMAGE_RECIPES.values()) for k in table}
+    recipe_keys |= {"text_optimizer", "text_momentum"}
     return {"text_kind": kinds["text"], "image_kind": kinds["image"], "from_recipe": applied,
             "from_preset": kept, "from_user": {k: v for k, v in user.items() if k in recipe_keys}}
 

