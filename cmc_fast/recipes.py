@@ -44,6 +44,7 @@ TEXT_RECIPES: dict[str, dict] = {
     # warm-up, bias-corrected AdamW): a few passes, at least 100 optimiser steps but no more than 6 passes, linear
     # warm-up and decay; batches of 16 give a small fit set twice the steps for the same compute. 1e-4, twice
     # BERT's usual step: at 5e-5 MiniLM's training loss on PolitiFact's 172 posts was still 0.51 after 50 steps
+    # (bench/results/quality-text-cpu.md, whose notes also say why MiniLM stays under TF-IDF there)
     "pretrained": dict(text_lr=1e-4, lr_schedule="linear", warmup=0.1, text_weight_decay=0.01, batch_size=16,
                        epochs=3, min_steps=100, max_epochs=6, max_len=256),
 }
