@@ -82,11 +82,11 @@ def configure(dataset: str, user: dict | None = None) -> tuple[Config, dict]:
     same_encoder = {"text": base.text_model == probe.text_model,
                     "image": (base.image_model, base.image_weights) == (probe.image_model, probe.image_weights)}
     text_recipe = TEXT_RECIPES[kinds["text"]]
-    if "text_optimizer" in user and "text_lr" not in user and "text_lr" in text_recipe and (
-            user["text_optimizer"] != text_recipe.get("text_optimizer", "adam")):
+    recipe_optimizer = text_recipe.get("text_optimizer", "adam")
+    if "text_lr" in text_recipe and "text_lr" not in user and user.get("text_optimizer", recipe_optimizer) != (
+            recipe_optimizer):
         raise UsageError(f"--text-optimizer {user['text_optimizer']}: the {kinds['text']} recipe's text_lr "
-                         f"{text_recipe['text_lr']} is a step for {text_recipe.get('text_optimizer', 'adam')}; give "
-                         f"--text-lr with it")
+                         f"{text_recipe['text_lr']} is a step for {recipe_optimizer}; give --text-lr with it")
     applied, kept = {}, {}
     for side, table in (("image", IMAGE_RECIPES), ("text", TEXT_RECIPES)):
         for key, value in table[kinds[side]].items():
