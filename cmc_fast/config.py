@@ -117,6 +117,10 @@ class Config:
                            "every epoch)", metavar="N")
     select_metric: str = option("accuracy", "validation metric that picks each head's checkpoint and drives "
                                 "--patience", choices=("accuracy", "macro-f1", "auc"))
+    select_min_val: int = option(100, "a validation split of fewer posts keeps each stage's last epoch instead of "
+                                 "choosing one on it (--patience is then off): one post moves its accuracy by more "
+                                 "than 1%%, and the best of a few epochs on so few posts is the luckiest (0: always "
+                                 "choose)", metavar="N")
     class_weights: str = option("auto", "weight the cross-entropy by inverse class frequency of the fit split: "
                                 "balanced, none, or auto (balanced when the rarer class is under 40%% of the fit "
                                 "posts)", choices=("auto", "balanced", "none"))
@@ -165,7 +169,7 @@ class Config:
         need(0.0 <= self.text_weight_decay < math.inf, f"--text-weight-decay: must be >= 0, got "
              f"{self.text_weight_decay}")
         need(0.0 <= self.text_momentum < 1.0, f"--text-momentum: must be in [0, 1), got {self.text_momentum}")
-        for name in ("min_steps", "max_epochs", "patience"):
+        for name in ("min_steps", "max_epochs", "patience", "select_min_val"):
             need(getattr(self, name) >= 0, f"--{_flag(name)}: must be >= 0, got {getattr(self, name)}")
         for name in ("epochs", "fusion_epochs", "batch_size", "nce_k", "proj_dim", "mm_dim", "chunks", "rank",
                      "tiny_text_dim", "tiny_text_layers", "log_every"):

@@ -114,7 +114,7 @@ class StageClock:
 
 @dataclass
 class FitResult:
-    best: dict[str, float]  # head -> best validation score (--select-metric)
+    best: dict[str, float]  # head -> validation score (--select-metric) of the epoch its checkpoint holds
     history: list[dict]
     clock: StageClock
     best_epoch: dict[str, int] = field(default_factory=dict)  # head -> the epoch its best checkpoint holds
@@ -134,7 +134,8 @@ def fit(stage: Stage, manager: CheckpointManager, *, resume: bool = False, evalu
         run_dir: str = "") -> FitResult:
     """Train ``stage`` for its epochs (resuming from its last checkpoint when asked), keep each head's best
     checkpoint by its validation score (``--select-metric``; ``--patience`` epochs without a better one on any
-    head end the stage early), and load every head's best state at the end."""
+    head end the stage early) or, on a validation split under ``--select-min-val`` posts, its last epoch
+    (``stage.selection``), and load every head's kept state at the end."""
     cfg = stage.cfg
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + zlib.crc32(stage.name.encode()) % 1000)
     schedulers = _schedulers(stage, cfg)
@@ -144,6 +145,10 @@ def fit(stage: Stage, manager: CheckpointManager, *, resume: bool = False, evalu
     if evaluate_only and start < stage.epochs:
         raise UsageError(f"--run {run_dir}: stage {stage.name} stopped at epoch {start}/{stage.epochs}; finish it "
                          f"with `cmc-fast train --resume {run_dir}`")
+    if stage.selection == "last" and start < stage.epochs and distributed.is_main():
+        log.info("%s: the validation split has %d posts, under --select-min-val %d: each head keeps the stage's "
+                 "last epoch%s", stage.name, len(stage.val_split), cfg.select_min_val,
+                 " (--patience is off)" if cfg.patience else "", extra={"console": True})
     weights = stage.train_split.sampling_weights(cfg.group_sampling)
     wrapped = distributed.wrap(stage) if start < stage.epochs else {}
     epoch_seconds: list[float] = []  # this process's epochs (a resumed run's ETA counts only these)
@@ -160,7 +165,7 @@ def fit(stage: Stage, manager: CheckpointManager, *, resume: bool = False, evalu
             _end_epoch(stage, manager, schedulers, gen, result, epoch, steplog)
             epoch_seconds.append(time.perf_counter() - t_epoch)
             if distributed.is_main():
-                log.info(epoch_line(stage.name, stage.epochs, result, epoch_seconds, cfg.select_metric),
+                log.info(epoch_line(stage.name, stage.epochs, result, epoch_seconds, stage.selection),
                          extra={"console": True})
             if result.stopped_early:
                 break
@@ -171,14 +176,17 @@ def fit(stage: Stage, manager: CheckpointManager, *, resume: bool = False, evalu
     return result
 
 
-def epoch_line(stage: str, epochs: int, result: FitResult, epoch_seconds: list[float], metric: str) -> str:
+def epoch_line(stage: str, epochs: int, result: FitResult, epoch_seconds: list[float], rule: str) -> str:
     """The console's line for the epoch just ended (the last entry of ``result.history``): training loss, each
-    head's validation accuracy with the best selection score so far (``--select-metric``) and its epoch, the
-    epoch's time and the stage's ETA. The CLI prints it on stderr, terminal or not (``extra={"console": True}``)."""
+    head's validation accuracy with the best selection score so far (``--select-metric``) and its epoch (none
+    where ``rule`` is "last"), the epoch's time and the stage's ETA. The CLI prints it on stderr, terminal or not
+    (``extra={"console": True}``)."""
     last = result.history[-1]
     epoch = last["epoch"]
-    heads = ", ".join(f"{head} val acc {acc:.4f} (best {metric} {result.best[head]:.4f} @ "
-                      f"{result.best_epoch.get(head, '-')})" for head, acc in last["val_accuracy"].items())
+    heads = ", ".join(f"{head} val acc {acc:.4f}" + ("" if rule == "last" else
+                                                     f" (best {rule} {result.best[head]:.4f} @ "
+                                                     f"{result.best_epoch.get(head, '-')})")
+                      for head, acc in last["val_accuracy"].items())
     mean = sum(epoch_seconds) / len(epoch_seconds)
     eta = f", ETA {_duration(mean * (epochs - epoch))}" if epoch < epochs else ""
     return (f"{stage} epoch {epoch}/{epochs}: loss {last['train_loss']:.4f}, {heads}, "
@@ -271,7 +279,7 @@ def _end_epoch(stage: Stage, manager: CheckpointManager, schedulers: dict, gen: 
     new_best = {}
     for head in stage.heads:
         score = selection_score(val[head], stage.cfg.select_metric)
-        if score > result.best[head]:
+        if stage.selection == "last" or score > result.best[head]:
             result.best[head], result.best_val[head] = score, val[head]
             new_best[head] = {"modules": {k: m.state_dict() for k, m in stage.modules.items()}, "epoch": epoch + 1,
                               "val": val[head]}
@@ -282,7 +290,8 @@ def _end_epoch(stage: Stage, manager: CheckpointManager, schedulers: dict, gen: 
                            "val_predicted_fake": {k: v["predicted_fake"] for k, v in val.items()}})
     best_epoch = {head: state["epoch"] for head, state in new_best.items()}
     patience, last_best = stage.cfg.patience, max([*result.best_epoch.values(), *best_epoch.values(), 0])
-    result.stopped_early = bool(patience) and epoch + 1 < stage.epochs and epoch + 1 - last_best >= patience
+    result.stopped_early = (bool(patience) and stage.selection != "last" and epoch + 1 < stage.epochs
+                            and epoch + 1 - last_best >= patience)
     if result.stopped_early and distributed.is_main():
         log.info("%s: stopped after epoch %d/%d: no better validation %s for %d epoch(s)", stage.name, epoch + 1,
                  stage.epochs, stage.cfg.select_metric, patience)

@@ -202,16 +202,31 @@ def baseline_lines(results: dict) -> list[str]:
             results.items() if r.get("stage") == "baseline"]
 
 
+def selection_sentence(config: dict, results: dict) -> str:
+    """How each row's checkpoint was kept: chosen on the validation split by ``--select-metric``, or, for rows whose
+    validation split was under ``--select-min-val`` posts, the last epoch of its stage."""
+    metric, seed = config.get("select_metric", "accuracy"), config.get("seed")
+    last = {v: r["selection"]["val_posts"] for v, r in results.items() if r.get("selection", {}).get("rule") == "last"}
+    if not last:
+        return (f"Test metrics of each variant, scored once on the test split with the checkpoint chosen on the "
+                f"validation split by {metric} (carved from the training set, seed {seed}). Fake = positive class.")
+    chosen = [v for v, r in results.items() if r.get("selection", {}).get("rule") not in (None, "last")]
+    kept = ", ".join(f"{v} ({n} posts)" for v, n in last.items())
+    return ("Test metrics of each variant, scored once on the test split. The validation split (carved from the "
+            f"training set, seed {seed}) is under --select-min-val {config.get('select_min_val')} posts for "
+            f"{kept}: too few to choose an epoch on, so {'that row keeps' if len(last) == 1 else 'those rows keep'} "
+            "the last epoch of its stage"
+            + (f"; {', '.join(chosen)} kept the checkpoint chosen on it by {metric}" if chosen else "")
+            + ". Fake = positive class.")
+
+
 def markdown_report(config: dict, results: dict, data_summary: dict, notes: list[str],
                     timings: dict[str, dict] | None = None, figures: list[str] | None = None,
                     recipe: str | None = None) -> str:
-    metric = config.get("select_metric", "accuracy")
     parts = [
         f"# CMC run: {config.get('dataset')}",
         "",
-        "Test metrics of each variant, scored once on the test split with the checkpoint chosen on the "
-        f"validation split by {metric} (carved from the training set, seed "
-        f"{config.get('seed')}). Fake = positive class.",
+        selection_sentence(config, results),
         "",
         markdown_table(results),
         "",

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from cmc_fast import distributed
 from cmc_fast.config import Config
 from cmc_fast.data import SplitData
-from cmc_fast.metrics import classification_metrics, roc_curve
+from cmc_fast.metrics import classification_metrics, roc_curve, selection_rule
 from cmc_fast.models import Classifier, ModelBuilder
 
 
@@ -76,6 +76,8 @@ class Stage:
         self.epochs = planned_epochs(epochs, len(self.train_split), ctx.cfg.batch_size, ctx.cfg.min_steps,
                                      ctx.cfg.max_epochs)
         self.class_weight = class_weight(ctx.cfg.class_weights, self.train_split.labels)
+        # --select-metric, or "last" where the validation split is too small to choose an epoch on
+        self.selection = selection_rule(ctx.cfg.select_metric, ctx.cfg.select_min_val, len(self.val_split))
         self.modules: dict[str, nn.Module] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.heads: dict[str, tuple[str, ...]] = {}

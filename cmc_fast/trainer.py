@@ -219,7 +219,9 @@ class Trainer:
             chosen = result.best_val.get(head, {})
             self.results[variant] = {"test": test[head], "val_accuracy": chosen.get("accuracy", result.best[head]),
                                      "val_score": {self.cfg.select_metric: result.best[head]},
-                                     "epochs_run": len(result.history), "stopped_early": result.stopped_early,
+                                     "epoch": result.best_epoch.get(head), "epochs_run": len(result.history),
+                                     "selection": {"rule": stage.selection, "val_posts": len(stage.val_split)},
+                                     "stopped_early": result.stopped_early,
                                      "train_seconds": self._pipeline_seconds(variant, stage.name),
                                      "stage": stage.name, "posts": posts}
             self.scores[variant] = stage.scores[head]

@@ -73,9 +73,9 @@ def run_one(row: str, seed: int, args: argparse.Namespace, extra: list[str]) -> 
     metrics = json.loads((out / "metrics.json").read_text())
     text, base = metrics["results"]["finetune-t"], metrics["results"].get(BASELINE_ROW)
     history = metrics.get("history", {}).get("finetune-t", [])
-    best = max(history, key=lambda h: h["val_accuracy"]["text"])["epoch"] if history else None
     return {"row": row, "seed": seed, "test_accuracy": text["test"]["accuracy"], "val_accuracy": text["val_accuracy"],
-            "fake_f1": text["test"].get("fake_f1"), "real_f1": text["test"].get("real_f1"), "best_epoch": best,
+            "fake_f1": text["test"].get("fake_f1"), "real_f1": text["test"].get("real_f1"),
+            "best_epoch": text.get("epoch"), "selection": text.get("selection", {}).get("rule"),
             "epochs_run": text.get("epochs_run") or len(history), "train_s": round(text["train_seconds"], 1),
             "extra_flags": extra,
             "baseline_test_accuracy": base["test"]["accuracy"] if base else None,
@@ -131,8 +131,9 @@ def markdown(results: dict) -> str:
                          f"Baseline (seed {s['seeds'][0]}): {s['baseline_model']}."
                          + (f" Not the defaults: run with `{' '.join(s['extra_flags'])}`." if s.get("extra_flags")
                             else ""))
-    lines += ["", "Per seed (test accuracy, fake / real F1 on the test posts, validation accuracy of the selected "
-              "epoch, epochs run, wall time):", "",
+    lines += ["", "Per seed (test accuracy, fake / real F1 on the test posts, validation accuracy of the epoch kept, "
+              "that epoch (\"last\": kept as the stage's last, the validation split being under --select-min-val) "
+              "and the epochs run, wall time):", "",
               "| dataset:model | seed | test acc | fake F1 | real F1 | baseline | val acc | epoch / run | wall s |",
               "|---|---:|---:|---:|---:|---:|---:|---|---:|"]
     for row in ROWS:
@@ -141,8 +142,9 @@ def markdown(results: dict) -> str:
                 continue
             f1 = " | ".join(f"{r[k]:.3f}" if r.get(k) is not None else "-" for k in ("fake_f1", "real_f1"))
             base = f"{r['baseline_test_accuracy']:.3f}" if r.get("baseline_test_accuracy") is not None else "-"
+            kept = f"{r.get('best_epoch') or '-'}{' last' if r.get('selection') == 'last' else ''}"
             lines.append(f"| {row} | {r['seed']} | {r['test_accuracy']:.3f} | {f1} | {base} | "
-                         f"{r['val_accuracy']:.3f} | {r.get('best_epoch') or '-'} / {r.get('epochs_run') or '-'} | "
+                         f"{r['val_accuracy']:.3f} | {kept} / {r.get('epochs_run') or '-'} | "
                          f"{r['wall_s']} |")
     if results.get("notes"):  # what was not run, and why (kept by hand in the .json)
         lines += ["", "Notes (what was not run, and why):", "", *[f"- {n}" for n in results["notes"]]]

@@ -4,20 +4,26 @@ unknown model name answered with the choices."""
 import sys
 import warnings
 
+import pytest
 from cmc_fast.data_pipeline.readers import DatasetWarning
 from tiny import TINY
 
 from cmc_fast.cli import _dataset_warnings_in_our_words, main
 
 
-def test_every_epoch_is_one_line_on_stderr_when_it_is_not_a_terminal(tmp_path, capsys):
+@pytest.mark.parametrize("select_min_val", ["0", "100"])
+def test_every_epoch_is_one_line_on_stderr_when_it_is_not_a_terminal(tmp_path, capsys, select_min_val):
     assert not sys.stderr.isatty()
     assert main(["train", *TINY, "--variant", "finetune-t", "--epochs", "3", "--data-root", str(tmp_path / "d"),
-                 "--out", str(tmp_path / "run")]) == 0
-    lines = [line for line in capsys.readouterr().err.splitlines() if " epoch " in line]
+                 "--select-min-val", select_min_val, "--out", str(tmp_path / "run")]) == 0
+    err = capsys.readouterr().err.splitlines()
+    lines = [line for line in err if " epoch " in line]
     assert [line.split(":")[1].strip() for line in lines] == [f"finetune-t epoch {e}/3" for e in (1, 2, 3)]
+    choosing = select_min_val == "0"  # the tiny run's ~10 validation posts are under 100: the last epoch is kept
     for line in lines:
-        assert "loss " in line and "text val acc " in line and "(best " in line and " @ " in line
+        assert "loss " in line and "text val acc " in line and (("(best " in line and " @ " in line) == choosing)
+    assert any("under --select-min-val 100: each head keeps the stage's last epoch" in line
+               for line in err) != choosing
     assert "ETA" in lines[0] and "ETA" in lines[1] and "ETA" not in lines[2]  # nothing left after the last
     log = (tmp_path / "run" / "log.txt").read_text()
     assert "finetune-t epoch 3/3: loss" in log

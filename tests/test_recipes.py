@@ -199,7 +199,7 @@ def test_the_selection_metric_picks_the_checkpoint(tmp_path, monkeypatch, metric
                                        dict(accuracy=0.7, macro_f1=0.7, auc=0.9)])
     out = tmp_path / "run"
     assert main(["train", *TINY, "--variant", "finetune-t", "--epochs", "3", "--select-metric", metric,
-                 "--data-root", str(tmp_path / "data"), "--out", str(out)]) == 0
+                 "--select-min-val", "0", "--data-root", str(tmp_path / "data"), "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     row = metrics["results"]["finetune-t"]
     assert row["val_score"] == {metric: [0.9, 0.8, 0.9][chosen - 1]}
@@ -214,12 +214,44 @@ def test_patience_stops_a_stage_and_a_stopped_stage_is_finished(tmp_path, monkey
                                                dict(accuracy=0.95)])
     out = tmp_path / "run"
     assert main(["train", *TINY, "--variant", "finetune-t", "--epochs", "6", "--patience", "2",
-                 "--data-root", str(tmp_path / "data"), "--out", str(out)]) == 0
+                 "--select-min-val", "0", "--data-root", str(tmp_path / "data"), "--out", str(out)]) == 0
     row = json.loads((out / "metrics.json").read_text())["results"]["finetune-t"]
     assert (row["epochs_run"], row["stopped_early"], len(calls)) == (3, True, 3)  # best at 1, none better at 2, 3
     assert main(["evaluate", "--run", str(out)]) == 0  # finished: evaluate does not ask to resume it
     assert main(["train", "--resume", str(out)]) == 0
     assert len(json.loads((out / "metrics.json").read_text())["history"]["finetune-t"]) == 3
+
+
+def test_a_validation_split_under_select_min_val_keeps_the_last_epoch(tmp_path, monkeypatch):
+    scripted = [dict(accuracy=0.9, auc=0.9), dict(accuracy=0.6, auc=0.5), dict(accuracy=0.7, auc=0.6)]
+    calls = _scripted_validation(monkeypatch, scripted)
+    out = tmp_path / "last"
+    # the default --select-min-val (100) is far above the tiny run's validation split; --patience 1 would stop a
+    # choosing stage after epoch 2
+    assert main(["train", *TINY, "--variant", "finetune-t", "--epochs", "3", "--patience", "1",
+                 "--data-root", str(tmp_path / "data"), "--out", str(out)]) == 0
+    row = json.loads((out / "metrics.json").read_text())["results"]["finetune-t"]
+    n_val = row["selection"]["val_posts"]
+    assert 0 < n_val < 100 and row["selection"]["rule"] == "last"
+    assert (row["epoch"], row["epochs_run"], row["stopped_early"], len(calls)) == (3, 3, False, 3)
+    assert row["val_accuracy"] == 0.7 and row["val_score"] == {"accuracy": 0.7}  # the last epoch's, not the best
+    last = torch.load(out / "checkpoints" / "finetune-t.last.pt", weights_only=True)
+    kept = torch.load(out / "checkpoints" / "finetune-t.best-text.pt", weights_only=True)
+    assert last["best_epoch"] == {"text": 3}
+    assert last["modules"] and kept["modules"].keys() == last["modules"].keys()
+    for name, weights in last["modules"].items():
+        assert all(torch.equal(weights[k], kept["modules"][name][k]) for k in weights), name
+    assert f"under --select-min-val 100 posts for finetune-t ({n_val} posts)" in (out / "report.md").read_text()
+
+    # a split of exactly --select-min-val posts is large enough: the stage chooses on it, and patience acts
+    calls.clear()
+    out = tmp_path / "chosen"
+    assert main(["train", *TINY, "--variant", "finetune-t", "--epochs", "3", "--patience", "1", "--select-min-val",
+                 str(n_val), "--data-root", str(tmp_path / "data"), "--out", str(out)]) == 0
+    row = json.loads((out / "metrics.json").read_text())["results"]["finetune-t"]
+    assert row["selection"] == {"rule": "accuracy", "val_posts": n_val}
+    assert (row["epoch"], row["epochs_run"], row["stopped_early"], row["val_accuracy"]) == (1, 2, True, 0.9)
+    assert "validation split by accuracy" in (out / "report.md").read_text()
 
 
 def test_min_steps_train_more_epochs(tmp_path):
