@@ -26,7 +26,7 @@ from cmc_fast.data_pipeline import check as data_check
 from cmc_fast.data_pipeline import safe_io
 from cmc_fast.data_pipeline.safe_io import FileRefused
 from cmc_fast.errors import CollectiveFailure, UsageError
-from cmc_fast.recipes import configure
+from cmc_fast.recipes import configure, sized_by_data
 from cmc_fast.rundir import RunLogHandler, claim, clear_run, log_to, refuse_existing_run
 
 log = logging.getLogger("cmc_fast")
@@ -154,14 +154,15 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return assemble_config(args)[0]
 
 
-def assemble_config(args: argparse.Namespace) -> tuple[Config, dict]:
+def assemble_config(args: argparse.Namespace, train_posts: int | None = None) -> tuple[Config, dict]:
     """The dataset's preset, then ``--config FILE``, then every flag given (the tiny image model, having no
     pretrained weights, implies --image-weights none unless weights were asked for), validated; and how
-    ``recipes.configure`` chose the training values (the report states the recipe that ran)."""
+    ``recipes.configure`` chose the training values (the report states the recipe that ran), for a training split
+    of ``train_posts`` posts where the data has been read."""
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if hasattr(args, f.name)}
     overrides = Config.read_overrides(args.config) if args.config else {}
     dataset = given.get("dataset") or overrides.get("dataset", "synthetic")
-    cfg, recipe = configure(dataset, {**overrides, **given})
+    cfg, recipe = configure(dataset, {**overrides, **given}, train_posts)
     changes: dict = {"progress": cfg.progress and sys.stderr.isatty()}
     no_weights = isinstance(cfg.image_weights, str) and cfg.image_weights.lower() == "none"
     if no_weights or (cfg.image_model == "tiny" and "image_weights" not in given and "image_weights" not in overrides):
@@ -206,6 +207,9 @@ def _train(args: argparse.Namespace, logs: contextlib.ExitStack) -> int:
     refuse_existing_run(run_dir, overwrite=args.overwrite)
     trainer = Trainer(cfg, run_dir, recipe=recipe)
     trainer.check_inputs()  # arguments and data, before any folder is made
+    if sized_by_data(cfg):  # the n-gram recipe follows the size of the training split, read just now
+        sized, recipe = assemble_config(args, train_posts=len(trainer.records.train))
+        trainer.reconfigure(dataclasses.replace(sized, out=cfg.out), recipe)
     with _hold(run_dir, logs, flag="--out") as notes:
         if distributed.rank_from_env() == 0:
             # again, now that no one else can start there

@@ -40,7 +40,7 @@ from cmc_fast.encoders import TextEncoder, build_image_encoder, load_text_model
 from cmc_fast.errors import UsageError
 from cmc_fast.loop import fit
 from cmc_fast.models import ModelBuilder, amp_dtype, resolve_device
-from cmc_fast.recipes import describe
+from cmc_fast.recipes import ENCODER_KEYS, describe
 from cmc_fast.report import markdown_report, plot_history, plot_test_figures, text_table
 from cmc_fast.rundir import log_to
 from cmc_fast.stages import (
@@ -91,6 +91,13 @@ class Trainer:
         self.text_splits: dict[str, SplitData] = {}
         self.mm_splits: dict[str, SplitData] | None = None  # the posts with an image (None: no image variant)
         self.ctx: StageContext | None = None
+
+    def reconfigure(self, cfg: Config, recipe: dict) -> None:
+        """The recipe chosen again once ``check_inputs`` has read the data (``recipes.sized_by_data``): the same
+        encoders and data, other training values. Before ``setup``, which writes config.json."""
+        if self.data is not None or any(getattr(cfg, k) != getattr(self.cfg, k) for k in ENCODER_KEYS):
+            raise RuntimeError("reconfigure: only before setup, and with the same encoders")
+        self.cfg, self.recipe = cfg, recipe
 
     # ---------------------------------------------------------------------------------------- setup
     def setup(self) -> None:

@@ -12,7 +12,7 @@ from tiny import TINY
 from cmc_fast import loop
 from cmc_fast.cli import build_parser, config_from_args, main
 from cmc_fast.errors import UsageError
-from cmc_fast.recipes import IMAGE_RECIPES, TEXT_RECIPES, configure
+from cmc_fast.recipes import IMAGE_RECIPES, NGRAM_SGD_MIN_POSTS, TEXT_RECIPES, configure
 from cmc_fast.stages import FinetuneStage, class_weight, planned_epochs
 from cmc_fast.trainer import BASELINE_ROW
 
@@ -382,11 +382,43 @@ def test_the_text_optimiser_follows_the_recipe_and_the_flags(argv, kind):
 
 
 def test_another_text_optimiser_needs_its_own_learning_rate():
-    with pytest.raises(UsageError, match="--text-optimizer sgd: the ngram recipe's text_lr .* give --text-lr"):
-        _cli("--dataset", "fakenewsnet", "--text-model", "ngram", "--text-optimizer", "sgd")
+    with pytest.raises(UsageError, match="--text-optimizer sgd: the tiny recipe's text_lr .* give --text-lr"):
+        _cli("--dataset", "fakenewsnet", "--text-model", "tiny", "--text-optimizer", "sgd")
     for model in ("ngram", "tiny"):
         cfg = _cli("--dataset", "fakenewsnet", "--text-model", model, "--text-optimizer", "adam")
         assert cfg.text_lr == TEXT_RECIPES[model]["text_lr"]
+    # the n-gram bag has a recipe per optimiser: the one typed picks it
+    cfg = _cli("--dataset", "fakenewsnet", "--text-model", "ngram", "--text-optimizer", "sgd")
+    assert {k: getattr(cfg, k) for k in TEXT_RECIPES["ngram-sgd"]} == TEXT_RECIPES["ngram-sgd"]
+
+
+@pytest.mark.parametrize("train_posts, typed, kind", [
+    (None, None, "ngram"), (NGRAM_SGD_MIN_POSTS - 1, None, "ngram"), (NGRAM_SGD_MIN_POSTS, None, "ngram-sgd"),
+    (10 * NGRAM_SGD_MIN_POSTS, "adam", "ngram"), (10, "sgd", "ngram-sgd")])
+def test_the_ngram_recipe_follows_the_training_split_size_unless_an_optimiser_is_typed(train_posts, typed, kind):
+    user = {"text_model": "ngram", "image_weights": "none", **({"text_optimizer": typed} if typed else {})}
+    cfg, described = configure("weibo", user, train_posts)
+    assert described["text_kind"] == kind and described["train_posts"] == train_posts
+    expected = {"text_optimizer": "adam", **TEXT_RECIPES[kind]}
+    assert {k: getattr(cfg, k) for k in expected} == expected
+    assert (cfg.min_steps == 0) == (kind == "ngram-sgd")  # the SGD recipe counts its passes, not its steps
+
+
+@pytest.mark.parametrize("threshold, optimizer", [(50, "sgd"), (1000, "adam")])
+def test_a_run_chooses_the_ngram_recipe_once_its_data_is_read(tmp_path, monkeypatch, threshold, optimizer):
+    from cmc_fast import recipes
+
+    monkeypatch.setattr(recipes, "NGRAM_SGD_MIN_POSTS", threshold)  # the tiny run has 96 training posts
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--variant", "finetune-t", "--text-model", "ngram", "--epochs", "1",
+                 "--no-baseline", "--data-root", str(tmp_path / "data"), "--out", str(out)]) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["text_optimizer"] == optimizer
+    assert saved["text_lr"] == TEXT_RECIPES["ngram-sgd" if optimizer == "sgd" else "ngram"]["text_lr"]
+    relation = ">=" if optimizer == "sgd" else "<"
+    assert f"(96 training posts, {relation} {threshold})" in (out / "report.md").read_text()
+    assert main(["train", "--resume", str(out)]) == 0  # a resumed run keeps what was chosen
+    assert json.loads((out / "config.json").read_text())["text_optimizer"] == optimizer
 
 
 def test_lr_warmup_follows_the_flag():
