@@ -47,8 +47,8 @@ TEXT_RECIPES: dict[str, dict] = {
     # 300 steps where the fit set has them in a few passes, at most 15 passes on a small one (300 steps were 60
     # passes over PolitiFact's 172 posts); 256 tokens, the head and tail of an article, which halve the cost of
     # the 512 the English presets keep for BERT
-    "tiny": dict(text_lr=1e-3, epochs=8, min_steps=300, max_epochs=15, max_len=256),
-    "tiny+mlm": dict(text_lr=1e-3, epochs=8, min_steps=300, max_epochs=15, max_len=256),
+    "tiny": dict(text_lr=1e-3, lr_schedule="linear", epochs=8, min_steps=300, max_epochs=15, max_len=256),
+    "tiny+mlm": dict(text_lr=1e-3, lr_schedule="linear", epochs=8, min_steps=300, max_epochs=15, max_len=256),
     # fine-tuning a pretrained transformer (Devlin et al. 2019; Mosbach et al. 2021 on small data: more steps, a
     # warm-up, bias-corrected AdamW): a few passes, at least 100 optimiser steps but no more than 6 passes, linear
     # warm-up and decay; batches of 16 give a small fit set twice the steps for the same compute. 1e-4, twice
