@@ -75,7 +75,8 @@ DATASETS: Mapping[str, Dataset] = MappingProxyType({
     "synthetic": Dataset(_synthetic, dict(
         dataset="synthetic", synthetic_train=800, synthetic_test=400, text_model="tiny", image_model="tiny",
         image_weights=None, max_len=40, image_size=(64, 64), epochs=6, fusion_epochs=8, batch_size=32, text_lr=1e-3,
-        image_lr=0.03, nce_k=256, fusion_lr=1e-3, mm_dim=128, chunks=8, rank=8, tiny_text_dim=64, min_steps=0)),
+        image_lr=0.03, nce_k=256, fusion_lr=1e-3, mm_dim=128, chunks=8, rank=8, tiny_text_dim=64, min_steps=0,
+        lr_schedule="constant")),
     "weibo": Dataset(_weibo, dict(dataset="weibo", text_model="hfl/chinese-bert-wwm-ext", image_model="vgg19",
                                   nce_k=1500, max_len=250)),
     "politifact": Dataset(_politifact, dict(dataset="politifact", **_ENGLISH)),
