@@ -146,8 +146,8 @@ def _description(kinds: dict, applied: dict, kept: dict, user: dict, train_posts
 def describe(recipe: dict | None, cfg: Config) -> str:
     """One line of the report: the encoder kinds and where each recipe value came from."""
     if not recipe:
-        return (f"Recipe: text {text_kind(cfg)}, image {image_kind(cfg)}; values as saved in config.json "
-                f"(text_lr {cfg.text_lr}, epochs {cfg.epochs}, min_steps {cfg.min_steps}).")
+        return (f"Recipe: text {text_kind(cfg, optimizer=cfg.text_optimizer)}, image {image_kind(cfg)}; values as "
+                f"saved in config.json (text_lr {cfg.text_lr}, epochs {cfg.epochs}, min_steps {cfg.min_steps}).")
 
     def fmt(values: dict) -> str:
         return ", ".join(f"{k} {v}" for k, v in values.items())

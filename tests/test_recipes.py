@@ -417,8 +417,10 @@ def test_a_run_chooses_the_ngram_recipe_once_its_data_is_read(tmp_path, monkeypa
     assert saved["text_lr"] == TEXT_RECIPES["ngram-sgd" if optimizer == "sgd" else "ngram"]["text_lr"]
     relation = ">=" if optimizer == "sgd" else "<"
     assert f"(96 training posts, {relation} {threshold})" in (out / "report.md").read_text()
-    assert main(["train", "--resume", str(out)]) == 0  # a resumed run keeps what was chosen
+    assert main(["train", "--resume", str(out)]) == 0  # a resumed run keeps what was chosen, and its report says so
     assert json.loads((out / "config.json").read_text())["text_optimizer"] == optimizer
+    kind = "ngram-sgd" if optimizer == "sgd" else "ngram"
+    assert f"Recipe: text {kind}, image cnn-scratch; values as saved" in (out / "report.md").read_text()
 
 
 def test_lr_warmup_follows_the_flag():
