@@ -42,6 +42,9 @@ def config_flag(f: dataclasses.Field) -> str:
     return f.metadata.get("flag") or (f"--no-{name}" if f.default is True else f"--{name}")
 
 
+TEXT_POOLINGS = ("auto", "pooler", "mean", "cls")
+
+
 @dataclass(frozen=True)
 class Config:
     # data
@@ -70,6 +73,10 @@ class Config:
     # models
     text_model: str = option("tiny", "tiny (small BERT), ngram (fastText-style bag of n-grams), a local Hugging Face "
                              "directory, or a cached hub id")
+    text_pooling: str = option("auto", "how a Hugging Face text model's token states become one vector: auto (the "
+                               "pooling a sentence-transformers checkpoint declares, e.g. all-MiniLM-L6-v2's mean; "
+                               "otherwise BERT's pooler output, as the paper), pooler, mean (masked mean) or cls (the "
+                               "first token's state); a run saves what auto chose", choices=TEXT_POOLINGS)
     image_model: str = option("vgg19", "image network (tiny implies --image-weights none)",
                               choices=("tiny", "vgg19", "resnet50"))
     image_weights: str | None = option("imagenet", "imagenet (torch cache), a .pth file, or none")
@@ -289,7 +296,10 @@ def read_run_config(run_dir: str | Path, flag: str, *, resume: bool = False) -> 
     path = run_dir / "config.json"
     if not os.path.lexists(path):
         raise UsageError(f"{flag}: {run_dir} is not a cmc-fast run directory (no config.json)")
-    cfg = Config.from_dict(read_json_object(path, flag, "config keys"), source=f"{flag}: {path}")
+    saved = read_json_object(path, flag, "config keys")
+    # runs saved before --text-pooling pooled a Hugging Face model by its pooler output, whatever it declares
+    saved.setdefault("text_pooling", "pooler")
+    cfg = Config.from_dict(saved, source=f"{flag}: {path}")
     if cfg.dataset == "synthetic" and not resume:
         return dataclasses.replace(cfg, data_root=None)
     return cfg

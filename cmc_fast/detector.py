@@ -89,7 +89,7 @@ def run_tokenizer(run_dir: Path, cfg: Config) -> tuple[object, TextEncoder | Non
     """The tokenizer the run encoded its texts with: its saved vocabulary (tiny / ngram), or the Hugging Face
     model's own (returned with the model, loaded once)."""
     if cfg.text_model not in ("tiny", "ngram"):
-        encoder, tokenizer = load_text_model(cfg.text_model)
+        encoder, tokenizer = load_text_model(cfg.text_model, cfg.text_pooling)
         return tokenizer, encoder
     if not os.path.lexists(run_dir / VOCAB_FILE):  # whatever it is, read through safe_io (a pipe: one line)
         raise UsageError(f"--run: {run_dir / VOCAB_FILE} not found; the run's vocabulary is needed to read its texts")

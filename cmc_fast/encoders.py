@@ -29,12 +29,14 @@ _TRANSFORMERS_TAKES_4D_MASK = _transformers_major() >= 5
 
 # ------------------------------------------------------------------------------------------- text
 class TextEncoder(nn.Module):
-    """A Hugging Face encoder. ``pooling``: "pooler" (BERT's pooled output, as the paper) or "mean" (masked
-    mean of the last hidden states; the better choice for a randomly initialised model)."""
+    """A Hugging Face encoder. ``pooling``: "pooler" (BERT's pooled output, as the paper), "mean" (masked mean of
+    the last hidden states: what a sentence-transformers checkpoint such as all-MiniLM-L6-v2 was trained for, and
+    the better choice for a randomly initialised model) or "cls" (the first token's last hidden state).
+    ``pooling_source`` says where the choice came from, for the report."""
 
-    def __init__(self, model: nn.Module, pooling: str = "pooler"):
+    def __init__(self, model: nn.Module, pooling: str = "pooler", pooling_source: str = ""):
         super().__init__()
-        self.model, self.pooling = model, pooling
+        self.model, self.pooling, self.pooling_source = model, pooling, pooling_source
         self.out_dim = int(model.config.hidden_size)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -42,6 +44,8 @@ class TextEncoder(nn.Module):
         if self.pooling == "pooler" and getattr(out, "pooler_output", None) is not None:
             return out.pooler_output
         hidden = out.last_hidden_state
+        if self.pooling == "cls":
+            return hidden[:, 0]
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
@@ -122,8 +126,55 @@ def _in_hub_cache(name: str) -> bool:
         return False
 
 
-def load_text_model(name: str) -> tuple[TextEncoder, object]:
-    """(encoder, tokenizer) from a local directory or a hub id already in the local cache. Offline only."""
+def _checkpoint_file(source: str, relative: str) -> Path | None:
+    """``relative`` inside a local checkpoint directory or a cached hub id's snapshot, where present."""
+    if Path(source).is_dir():
+        path = Path(source) / relative
+        return path if os.path.lexists(path) else None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(source, relative)
+    except Exception:  # noqa: BLE001 - a malformed id, or no huggingface_hub: nothing cached
+        return None
+    return Path(found) if isinstance(found, str) else None
+
+
+def declared_pooling(source: str) -> tuple[str, str] | None:
+    """The pooling a sentence-transformers checkpoint declares, as (pooling, why): its modules.json names a Pooling
+    module whose config.json asks for the mean (``pooling_mode_mean_tokens``) or the first token
+    (``pooling_mode_cls_token``). None where it declares none, or another mode (max, ...), which is not built here.
+    Both files are read as bounded JSON; a Pooling path leaving the checkpoint is refused."""
+    from cmc_fast.data_pipeline import safe_io
+
+    modules_file = _checkpoint_file(source, "modules.json")
+    if modules_file is None:
+        return None
+    try:
+        modules = safe_io.read_json(modules_file)
+        pooling = next((m for m in modules if isinstance(m, dict) and str(m.get("type", "")).endswith(".Pooling")),
+                       None) if isinstance(modules, list) else None
+        if pooling is None:
+            return None
+        folder = Path(str(pooling.get("path", "")))
+        if folder.is_absolute() or ".." in folder.parts:
+            raise safe_io.FileRefused(f"{modules_file}: the Pooling module's path {str(folder)!r} leaves the "
+                                      "checkpoint")
+        config_file = _checkpoint_file(source, str(folder / "config.json"))
+        conf = safe_io.read_json(config_file) if config_file is not None else {}
+    except safe_io.FileRefused as exc:
+        raise UsageError(f"--text-model: {exc}") from None
+    if not isinstance(conf, dict):
+        raise UsageError(f"--text-model: {config_file}: expected a JSON object of pooling settings")
+    for key, mode in (("pooling_mode_mean_tokens", "mean"), ("pooling_mode_cls_token", "cls")):
+        if conf.get(key) is True:
+            return mode, f"declared by {config_file}"
+    return None
+
+
+def load_text_model(name: str, pooling: str = "auto") -> tuple[TextEncoder, object]:
+    """(encoder, tokenizer) from a local directory or a hub id already in the local cache. Offline only.
+    ``pooling`` "auto": the checkpoint's declared pooling (``declared_pooling``), else BERT's pooler output."""
     from transformers import AutoModel, AutoTokenizer
 
     local = Path(name).expanduser()
@@ -153,7 +204,11 @@ def load_text_model(name: str) -> tuple[TextEncoder, object]:
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise _missing_text_model(name, first[:200]) from None
-    return TextEncoder(model, pooling="pooler"), tokenizer
+    if pooling != "auto":
+        chosen = (pooling, "as configured: --text-pooling, or the run's config.json")
+    else:
+        chosen = declared_pooling(source) or ("pooler", "BERT's pooled output: the checkpoint declares no pooling")
+    return TextEncoder(model, pooling=chosen[0], pooling_source=chosen[1]), tokenizer
 
 
 # ------------------------------------------------------------------------------------------ image

@@ -112,11 +112,13 @@ def text_classifier(cfg: Config, tokenizer, hf_config_dir: str | None = None,
     if pretrained is not None:
         return Classifier(pretrained)
     if hf_config_dir is None:
-        return Classifier(load_text_model(cfg.text_model)[0])
+        return Classifier(load_text_model(cfg.text_model, cfg.text_pooling)[0])
     from transformers import AutoConfig, AutoModel
 
     hf_cfg = AutoConfig.from_pretrained(hf_config_dir, local_files_only=True, trust_remote_code=False)
-    return Classifier(TextEncoder(AutoModel.from_config(hf_cfg, dtype=torch.float32), pooling="pooler"))
+    # a run saves the pooling "auto" chose; "auto" here is a bundle written before --text-pooling: the pooler
+    pooling = "pooler" if cfg.text_pooling == "auto" else cfg.text_pooling
+    return Classifier(TextEncoder(AutoModel.from_config(hf_cfg, dtype=torch.float32), pooling=pooling))
 
 
 def build_parts(cfg: Config, variant: str, tokenizer, hf_config_dir: str | None = None,

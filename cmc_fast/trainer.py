@@ -128,7 +128,11 @@ class Trainer:
             return
         cfg = self.cfg
         if cfg.text_model not in ("tiny", "ngram"):  # a Hugging Face model: loaded before any data work
-            self.pretrained_text = load_text_model(cfg.text_model)
+            self.pretrained_text = load_text_model(cfg.text_model, cfg.text_pooling)
+            encoder = self.pretrained_text[0]
+            # saved as chosen: a resumed run, predict and a bundle build the same encoder whatever "auto" meets
+            self.cfg = dataclasses.replace(cfg, text_pooling=encoder.pooling)
+            self.notes.append(f"text model pooled by {encoder.pooling} ({encoder.pooling_source})")
         with distributed.main_first("reading the dataset"):  # rank 0 writes the synthetic data
             records = read_dataset(cfg)
         if self.use_images:

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -63,3 +65,67 @@ def test_image_encoders_and_missing_weights():
         build_image_encoder("vgg19", "/no/such/vgg19.pth", (64, 32))
     enc = build_image_encoder("vgg19", None, (64, 32))
     assert enc.out_dim == 512 * 2 * 1
+
+
+def _sentence_transformers_dir(tmp_path, modules, pooling_config) -> str:
+    """A checkpoint folder holding only what ``declared_pooling`` reads: modules.json and the Pooling config."""
+    (tmp_path / "modules.json").write_text(json.dumps(modules))
+    if pooling_config is not None:
+        (tmp_path / "1_Pooling").mkdir()
+        (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps(pooling_config))
+    return str(tmp_path)
+
+
+POOLING_MODULE = {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}
+MODES = {"pooling_mode_cls_token": False, "pooling_mode_mean_tokens": False, "pooling_mode_max_tokens": False}
+
+
+@pytest.mark.parametrize("modules, pooling_config, expected", [
+    ([POOLING_MODULE], {**MODES, "pooling_mode_mean_tokens": True}, "mean"),
+    ([POOLING_MODULE], {**MODES, "pooling_mode_cls_token": True}, "cls"),
+    ([POOLING_MODULE], {**MODES, "pooling_mode_max_tokens": True}, None),  # max is not built: the caller's default
+    ([{"path": "", "type": "sentence_transformers.models.Transformer"}], None, None),  # no Pooling module
+    ([POOLING_MODULE], None, None),  # the Pooling folder is missing
+])
+def test_the_pooling_a_checkpoint_declares_is_read(tmp_path, modules, pooling_config, expected):
+    from cmc_fast.encoders import declared_pooling
+
+    found = declared_pooling(_sentence_transformers_dir(tmp_path, modules, pooling_config))
+    assert (found[0] if found else None) == expected
+    if found:
+        assert str(tmp_path / "1_Pooling" / "config.json") in found[1]
+    assert declared_pooling(str(tmp_path / "elsewhere")) is None  # a folder without modules.json declares nothing
+
+
+@pytest.mark.parametrize("modules, pooling_config, message", [
+    ([{**POOLING_MODULE, "path": "../outside"}], None, "leaves the checkpoint"),
+    ([POOLING_MODULE], ["not", "an", "object"], "expected a JSON object"),
+])
+def test_a_bad_pooling_declaration_is_refused_naming_the_file(tmp_path, modules, pooling_config, message):
+    from cmc_fast.encoders import declared_pooling
+
+    with pytest.raises(UsageError, match=message):
+        declared_pooling(_sentence_transformers_dir(tmp_path, modules, pooling_config))
+    (tmp_path / "modules.json").write_text("[{")
+    with pytest.raises(UsageError, match="modules.json:1: invalid JSON"):
+        declared_pooling(str(tmp_path))
+
+
+def test_each_pooling_of_a_hugging_face_encoder_against_its_formula():
+    from transformers import BertConfig, BertModel
+
+    from cmc_fast.encoders import TextEncoder
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=32, max_position_embeddings=16)).eval()
+    ids = torch.randint(1, 50, (3, 7))
+    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [1] * 2 + [0] * 5])
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask)
+        hidden = out.last_hidden_state.double()
+        expected = {"pooler": out.pooler_output.double(), "cls": hidden[:, 0],
+                    "mean": torch.stack([hidden[i, : int(mask[i].sum())].mean(0) for i in range(3)])}
+        for mode, want in expected.items():
+            got = TextEncoder(model, pooling=mode)(ids, mask)
+            torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)

@@ -274,6 +274,7 @@ def test_a_hugging_face_text_model_bundles_without_its_checkpoint_or_pickles(tmp
                  "--val-fraction", "0.2", "--device", "cpu", "--out", str(out), "--no-progress"]) == 0
     assert main(["export", "--run", str(out), "--out", str(bundle), "--variant", "finetune-t"]) == 0
     assert (bundle / "tokenizer" / "tokenizer.json").is_file() and (bundle / "text_model" / "config.json").is_file()
+    assert json.loads((bundle / "config.json").read_text())["config"]["text_pooling"] == "mean"  # as trained
     texts = [json.loads(line)["text"] for line in manifest.read_text().splitlines()]
     expected = Detector.from_run(out, "finetune-t").predict(texts)
 

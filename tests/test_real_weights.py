@@ -77,7 +77,8 @@ def reference(minilm_dir):
         out = model(**batch)
     mask = batch["attention_mask"].unsqueeze(-1).float()
     mean = (out.last_hidden_state * mask).sum(1) / mask.sum(1)
-    return {"input_ids": batch["input_ids"], "mean": mean, "pooler": out.pooler_output}
+    return {"input_ids": batch["input_ids"], "mean": mean, "pooler": out.pooler_output,
+            "cls": out.last_hidden_state[:, 0]}
 
 
 def _cos(x: torch.Tensor) -> torch.Tensor:
@@ -115,18 +116,21 @@ def test_pooled_output_matches_reference_and_is_semantic(loaded, reference):
 
     encoder, tokenizer = loaded
     assert encoder.out_dim == HIDDEN
+    # the checkpoint's sentence-transformers config declares mean pooling, and load_text_model's "auto" follows it
+    assert encoder.pooling == "mean" and "1_Pooling" in encoder.pooling_source
     ids, mask = encode_texts(SENTENCES, tokenizer, max_len=32)  # padded further than the reference: masked out
+    pooled = {}
     with torch.no_grad():
-        pooled = encoder(ids, mask)  # load_text_model's pooling: BERT's pooled output, as the paper
-        encoder.pooling = "mean"
-        try:
-            mean = encoder(ids, mask)
-        finally:
-            encoder.pooling = "pooler"
-    assert pooled.shape == mean.shape == (len(SENTENCES), HIDDEN)
-    assert torch.isfinite(pooled).all() and torch.isfinite(mean).all()
-    torch.testing.assert_close(pooled, reference["pooler"], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(mean, reference["mean"], atol=1e-4, rtol=1e-4)
+        for mode in ("mean", "pooler", "cls"):
+            encoder.pooling = mode
+            try:
+                pooled[mode] = encoder(ids, mask)
+            finally:
+                encoder.pooling = "mean"
+    for mode, got in pooled.items():
+        assert got.shape == (len(SENTENCES), HIDDEN) and torch.isfinite(got).all()
+        torch.testing.assert_close(got, reference[mode], atol=1e-4, rtol=1e-4)
+    mean = pooled["mean"]
 
     # A real sentence encoder: each paraphrase pair is closer than any pair of unrelated sentences. A
     # randomly initialised BERT puts all these sentences at cosine ~0.9+ with no such ordering.
@@ -175,8 +179,10 @@ def test_cli_finetune_t_with_real_weights(minilm_dir, tmp_path, monkeypatch):
     result = metrics["results"]["finetune-t"]
     assert result["test"]["n"] == 8
     assert 0.0 <= result["test"]["accuracy"] <= 1.0 and 0.0 <= result["val_accuracy"] <= 1.0
-    assert json.loads((out / "config.json").read_text())["text_model"] == str(minilm_dir)
-    assert (out / "report.md").is_file()
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["text_model"] == str(minilm_dir)
+    assert saved["text_pooling"] == "mean"  # what "auto" chose, saved: resume, predict and bundles build the same
+    assert "text model pooled by mean (declared by" in (out / "report.md").read_text()
 
     # the trained network is MiniLM (its vocabulary and width), not the tiny fallback, and it moved
     state = load_checkpoint(out / "checkpoints" / "finetune-t.best-text.pt")["modules"]["net"]
