@@ -195,8 +195,9 @@ def load_text_model(name: str, pooling: str = "auto") -> tuple[TextEncoder, obje
         # float32 whatever the checkpoint's dtype (transformers 5 would keep an fp16/bf16 checkpoint's): the heads
         # are float32, and --amp, not the file, decides the compute dtype
         with _quiet_hub_loading():
-            model = AutoModel.from_pretrained(source, local_files_only=True, dtype=torch.float32,
-                                              trust_remote_code=False, weights_only=True)
+            model, loading = AutoModel.from_pretrained(source, local_files_only=True, dtype=torch.float32,
+                                                       trust_remote_code=False, weights_only=True,
+                                                       output_loading_info=True)
     except (pickle.UnpicklingError, EOFError, RuntimeError) as exc:  # a weights file that is not plain tensors
         from cmc_fast.checkpoint import load_error_reason
 
@@ -206,6 +207,9 @@ def load_text_model(name: str, pooling: str = "auto") -> tuple[TextEncoder, obje
         raise _missing_text_model(name, first[:200]) from None
     if pooling != "auto":
         chosen = (pooling, "as configured: --text-pooling, or the run's config.json")
+    elif getattr(model, "pooler", None) is None or any(k.startswith("pooler.") for k in loading["missing_keys"]):
+        # DistilBERT has none; a BERT saved without one gets a randomly initialised pooler from transformers
+        chosen = declared_pooling(source) or ("mean", "the checkpoint has no trained pooler layer")
     else:
         chosen = declared_pooling(source) or ("pooler", "BERT's pooled output: the checkpoint declares no pooling")
     return TextEncoder(model, pooling=chosen[0], pooling_source=chosen[1]), tokenizer

@@ -129,3 +129,27 @@ def test_each_pooling_of_a_hugging_face_encoder_against_its_formula():
         for mode, want in expected.items():
             got = TextEncoder(model, pooling=mode)(ids, mask)
             torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("with_pooler, sentence_transformers, expected", [
+    (True, False, "pooler"), (False, False, "mean"), (True, True, "cls")])
+def test_load_text_model_chooses_the_pooling_its_checkpoint_allows(tmp_path, with_pooler, sentence_transformers,
+                                                                   expected):
+    """A tiny random BERT saved as a local checkpoint: auto pools by its pooler where it has one, by the mean where
+    it has none, and by what a sentence-transformers declaration asks for above both; a pooling given wins."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    from cmc_fast.encoders import load_text_model
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "fake", "news", "real"]) + "\n")
+    BertTokenizer(str(vocab)).save_pretrained(str(tmp_path / "ckpt"))
+    config = BertConfig(vocab_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=16)
+    BertModel(config, add_pooling_layer=with_pooler).save_pretrained(str(tmp_path / "ckpt"))
+    if sentence_transformers:
+        _sentence_transformers_dir(tmp_path / "ckpt", [POOLING_MODULE], {**MODES, "pooling_mode_cls_token": True})
+    encoder, _ = load_text_model(str(tmp_path / "ckpt"))
+    assert encoder.pooling == expected
+    assert ("declared by" in encoder.pooling_source) == sentence_transformers
+    assert load_text_model(str(tmp_path / "ckpt"), "mean")[0].pooling == "mean"
