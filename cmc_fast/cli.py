@@ -200,7 +200,7 @@ def _train(args: argparse.Namespace, logs: contextlib.ExitStack) -> int:
             _say(notes + applied)
             return _run(Trainer(cfg, run_dir, resume=True))
     cfg, recipe = assemble_config(args)
-    if cfg.out is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if cfg.out is None and distributed.launched():
         raise UsageError("--out: required under torchrun (every process must name the same run directory)")
     run_dir = Path(cfg.out or f"runs/{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
     cfg = dataclasses.replace(cfg, out=str(run_dir))

@@ -35,7 +35,12 @@ _BARRIER_GROUP = None  # a gloo group for monitored barriers (the world group wh
 
 def launched() -> bool:
     """True when torchrun (or another launcher) asked for more than one process."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return world_from_env() > 1
+
+
+def world_from_env() -> int:
+    """The number of processes the launcher started (1 without one), known before the group is joined."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def rank_from_env() -> int:

@@ -71,11 +71,12 @@ class Trainer:
         self.resume, self.evaluate_only = resume or evaluate_only, evaluate_only
         self.figures = figures  # evaluate: redraw curves.png and the test figures (train always draws them)
         self.device = resolve_device(distributed.local_device(cfg.device))
-        distributed.init_from_env(self.device)  # torchrun: join the process group (nothing otherwise)
-        world = distributed.world()
+        # refused before joining the group: a rank leaving while another is still connecting would crash it
+        world = distributed.world_from_env()
         if world > 1 and (cfg.batch_size % world or cfg.batch_size < 2 * world):
             raise UsageError(f"--batch-size {cfg.batch_size}: the global batch must split evenly over the {world} "
                              f"processes, at least 2 rows each")
+        distributed.init_from_env(self.device)  # torchrun: join the process group (nothing otherwise)
         self.notes: list[str] = []
         self.results: dict[str, dict] = {}
         self.timings: dict[str, dict] = {}
