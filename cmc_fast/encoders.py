@@ -116,16 +116,6 @@ def _quiet_hub_loading():
             hf_logging.enable_progress_bar()
 
 
-def _in_hub_cache(name: str) -> bool:
-    """A hub id whose config.json is in the local Hugging Face cache (no network)."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        return isinstance(try_to_load_from_cache(name, "config.json"), str)
-    except Exception:  # noqa: BLE001 - a malformed id, or no huggingface_hub: not in the cache
-        return False
-
-
 def _checkpoint_file(source: str, relative: str) -> Path | None:
     """``relative`` inside a local checkpoint directory or a cached hub id's snapshot, where present."""
     if Path(source).is_dir():
@@ -180,7 +170,8 @@ def load_text_model(name: str, pooling: str = "auto") -> tuple[TextEncoder, obje
     local = Path(name).expanduser()
     if name.startswith((".", "/", "~")) and not local.is_dir():
         raise _missing_text_model(name, f"directory {local} does not exist")
-    if not local.is_dir() and not _in_hub_cache(name):  # transformers would answer with a hub-connection error
+    # a hub id whose config.json is not in the local cache: transformers would answer with a hub-connection error
+    if not local.is_dir() and _checkpoint_file(name, "config.json") is None:
         if "/" in name:
             raise _missing_text_model(name, "not in the local Hugging Face cache, and nothing is downloaded")
         close = difflib.get_close_matches(name, ("tiny", "ngram"), n=1)

@@ -155,8 +155,8 @@ def describe(recipe: dict | None, cfg: Config) -> str:
     why = ""
     if recipe["text_kind"].startswith("ngram") and "text_optimizer" not in recipe.get("from_user", {}):
         posts = recipe.get("train_posts")
-        why = (f" ({posts} training posts, {'>=' if posts >= NGRAM_SGD_MIN_POSTS else '<'} {NGRAM_SGD_MIN_POSTS})"
-               if posts is not None else "")
+        relation = ">=" if recipe["text_kind"] == "ngram-sgd" else "<"  # text_kind compared the size already
+        why = f" ({posts} training posts, {relation} {NGRAM_SGD_MIN_POSTS})" if posts is not None else ""
     parts = [f"Recipe: text {recipe['text_kind']}{why}, image {recipe['image_kind']}"]
     for key, what in (("from_recipe", "from the recipe"), ("from_preset", "kept from the dataset preset (tuned for "
                                                                           "this encoder)"),
